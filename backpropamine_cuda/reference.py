@@ -1,0 +1,101 @@
+"""Pure-PyTorch reference of every op: the readable specification (DESIGN.md section 2).
+
+The fused C++/CUDA kernels compute exactly these functions (up to floating-point summation
+order) and their autograd gradients. Shapes: batch ``B``, pre-synaptic size ``P``, post-synaptic
+size ``N`` (``P == N`` for recurrent layers). ``w[i, j]`` is the weight from pre-synaptic ``i`` to
+post-synaptic ``j``; ``hebb[b, i, j]`` the trace of that connection for sample ``b``.
+
+Parameter shapes select the options:
+
+* ``alpha``: ``(P, N)`` "full", ``(N,)`` "neuron" (one per post-synaptic neuron), ``()`` "scalar".
+* modulation: ``eta`` given (shape ``()`` or ``(P, N)``) means "none"; ``h2mod_weight`` (K, N)
+  given without ``fanout_weight`` means "simple" (K == 1); with ``fanout_weight`` (N, K) "fanout".
+* ``rule``: "clip", "softclip", "decay", "oja", "retroactive" (needs ``elig`` and ``elig_rate``).
+"""
+import torch
+import torch.nn.functional as F
+
+RULES = ("clip", "softclip", "decay", "oja", "retroactive")
+
+
+def plastic_matvec(x, w, alpha, hebb):
+    """``u[b, j] = sum_i x[b, i] * (w[i, j] + alpha[i, j] * hebb[b, i, j])``."""
+    # alpha of shape (P, N), (N,) or () broadcasts against hebb (B, P, N) along the right axes.
+    return torch.bmm(x.unsqueeze(1), w + alpha * hebb).squeeze(1)
+
+
+def hebb_update(hebb, pre, post, eta, rule, clip, elig=None, elig_rate=None):
+    """One plasticity step. ``pre`` (B, P), ``post`` (B, N), ``eta`` broadcastable to (B, P, N).
+
+    Returns ``(new_hebb, new_elig)``; ``new_elig`` is None unless ``rule == "retroactive"``.
+    """
+    prod = pre.unsqueeze(2) * post.unsqueeze(1)  # Hebbian product D[b, i, j]
+    if rule == "clip":
+        return torch.clamp(hebb + eta * prod, -clip, clip), None
+    if rule == "softclip":
+        z = eta * prod
+        # max(z,0)*(1-H/c) + min(z,0)*(1+H/c), written with one branch per sign so that the
+        # gradient at z == 0 is that of the z <= 0 branch.
+        soft = torch.where(z > 0, z * (1 - hebb / clip), z * (1 + hebb / clip))
+        return torch.clamp(hebb + soft, -clip, clip), None
+    if rule == "decay":
+        return (1 - eta) * hebb + eta * prod, None
+    if rule == "oja":
+        q = post.unsqueeze(1)
+        return hebb + eta * q * (pre.unsqueeze(2) - hebb * q), None
+    if rule == "retroactive":
+        new_hebb = torch.clamp(hebb + eta * elig, -clip, clip)  # uses E_{t-1}, not this step's D
+        new_elig = (1 - elig_rate) * elig + elig_rate * prod
+        return new_hebb, new_elig
+    raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+
+
+def modulation_of(h2mod_weight, fanout_weight):
+    """The modulation option implied by which modulation parameters are given."""
+    if h2mod_weight is None:
+        return "none"
+    return "simple" if fanout_weight is None else "fanout"
+
+
+def plasticity_rate(post, eta, h2mod_weight, h2mod_bias, fanout_weight, fanout_bias):
+    """``(eta_t broadcastable to (B, P, N), m_t (B, K) or None)`` for the new output ``post``."""
+    if h2mod_weight is None:
+        return eta, None
+    m = torch.tanh(F.linear(post, h2mod_weight, h2mod_bias))
+    if fanout_weight is None:
+        return m[:, :1, None], m  # "simple": one rate per sample
+    return F.linear(m, fanout_weight, fanout_bias).unsqueeze(1), m  # one rate per post neuron
+
+
+def plastic_rnn_step(x, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
+                     fanout_weight, fanout_bias, rule="clip", clip=2.0):
+    """One step of the plastic tanh RNN (DESIGN 2.1). ``x`` is the projected input ``i2h(input_t)``.
+
+    Returns ``(h_new, hebb_new, elig_new, m)``; ``m`` (B, K) is None without modulation.
+    """
+    h_new = torch.tanh(x + plastic_matvec(h, w, alpha, hebb))
+    eta_t, m = plasticity_rate(h_new, eta, h2mod_weight, h2mod_bias, fanout_weight, fanout_bias)
+    hebb_new, elig_new = hebb_update(hebb, h, h_new, eta_t, rule, clip, elig, elig_rate)
+    return h_new, hebb_new, elig_new, m
+
+
+def plastic_rnn_sequence(x, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
+                         fanout_weight, fanout_bias, rule="clip", clip=2.0, checkpoint_every=None):
+    """All T steps: ``x`` (T, B, N) -> ``(out (T, B, N), hebb_T, elig_T, m (T, B, K) or None)``.
+
+    ``checkpoint_every`` only affects the fused op's memory use; it is accepted for symmetry.
+    """
+    outs, mods = [], []
+    for x_t in x.unbind(0):
+        h, hebb, elig, m = plastic_rnn_step(x_t, h, hebb, elig, w, alpha, eta, elig_rate,
+                                            h2mod_weight, h2mod_bias, fanout_weight,
+                                            fanout_bias, rule, clip)
+        outs.append(h)
+        mods.append(m)
+    m_seq = None if mods[0] is None else torch.stack(mods)
+    return torch.stack(outs), hebb, elig, m_seq
+
+
+def rnn_step(x, h, w):
+    """The non-plastic tanh RNN step (``plastic=False``)."""
+    return torch.tanh(x + h @ w)

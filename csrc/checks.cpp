@@ -1,0 +1,212 @@
+#include "checks.h"
+
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <vector>
+
+namespace bp {
+
+namespace {
+
+Rule parse_rule(const char* op, const std::string& rule) {
+  if (rule == "clip") return Rule::Clip;
+  if (rule == "softclip") return Rule::SoftClip;
+  if (rule == "decay") return Rule::Decay;
+  if (rule == "oja") return Rule::Oja;
+  if (rule == "retroactive") return Rule::Retroactive;
+  TORCH_CHECK_VALUE(false, op, ": rule must be one of 'clip', 'softclip', 'decay', 'oja', "
+                    "'retroactive', got '", rule, "'");
+}
+
+void check_clip(const char* op, double clip) {
+  TORCH_CHECK_VALUE(clip > 0 && clip < INFINITY, op, ": clip must be a finite number > 0, got ",
+                    clip);
+}
+
+// dtype, device and contiguity, all relative to `like` (the op's first tensor argument).
+void check_tensor(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like) {
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": expected ", name, " to have dtype ",
+              like.scalar_type(), " (the dtype of the first argument), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), op, ": expected ", name, " on device ", like.device(),
+              " (the device of the first argument), got ", t.device());
+  TORCH_CHECK(t.is_contiguous(), op, ": expected ", name,
+              " to be contiguous, got strides ", t.strides(), " for shape ", t.sizes(),
+              " (call .contiguous())");
+}
+
+void check_shape(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape,
+                 const char* meaning) {
+  TORCH_CHECK(t.sizes() == shape, op, ": expected ", name, " to have shape ", shape, " ", meaning,
+              ", got ", t.sizes());
+}
+
+void check_first(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": expected ",
+              name, " to have dtype float32 or float64, got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), op, ": expected ", name, " to be contiguous, got strides ",
+              t.strides(), " for shape ", t.sizes(), " (call .contiguous())");
+}
+
+AlphaMode check_alpha(const char* op, const at::Tensor& alpha, int64_t P, int64_t N,
+                      const at::Tensor& like) {
+  check_tensor(op, "alpha", alpha, like);
+  if (alpha.dim() == 2) {
+    check_shape(op, "alpha", alpha, {P, N}, "(P, N) for alpha 'full'");
+    return AlphaMode::Full;
+  }
+  if (alpha.dim() == 1) {
+    check_shape(op, "alpha", alpha, {N}, "(N,) for alpha 'neuron'");
+    return AlphaMode::Neuron;
+  }
+  TORCH_CHECK(alpha.dim() == 0, op, ": expected alpha of shape (P, N) ('full'), (N,) ('neuron') "
+              "or () ('scalar') with P, N = ", P, ", ", N, ", got ", alpha.sizes());
+  return AlphaMode::Scalar;
+}
+
+void check_elig(const char* op, Rule rule, const OptTensor& elig, const OptTensor& elig_rate,
+                at::IntArrayRef trace_shape, const at::Tensor& like) {
+  if (rule != Rule::Retroactive) {
+    TORCH_CHECK_VALUE(!elig.has_value() && !elig_rate.has_value(), op,
+                      ": elig and elig_rate are only used by rule 'retroactive'; pass None");
+    return;
+  }
+  TORCH_CHECK_VALUE(elig.has_value(), op, ": rule 'retroactive' needs the eligibility trace elig "
+                    "of shape ", trace_shape, ", got None");
+  TORCH_CHECK_VALUE(elig_rate.has_value(), op, ": rule 'retroactive' needs elig_rate of shape (), "
+                    "got None");
+  check_tensor(op, "elig", *elig, like);
+  check_shape(op, "elig", *elig, trace_shape, "(same as hebb)");
+  check_tensor(op, "elig_rate", *elig_rate, like);
+  check_shape(op, "elig_rate", *elig_rate, {}, "(a scalar)");
+}
+
+}  // namespace
+
+RnnConfig check_rnn_inputs(const char* op, const RnnInputs& in, const std::string& rule,
+                           double clip, bool sequence) {
+  RnnConfig cfg{};
+  cfg.modes.rule = parse_rule(op, rule);
+  check_clip(op, clip);
+  cfg.clip = clip;
+
+  check_first(op, "x", in.x);
+  const int64_t want_dim = sequence ? 3 : 2;
+  TORCH_CHECK(in.x.dim() == want_dim, op, ": expected x of shape ",
+              sequence ? "(T, B, N)" : "(B, N)", ", got ", in.x.sizes());
+  cfg.T = sequence ? in.x.size(0) : 1;
+  cfg.B = in.x.size(want_dim - 2);
+  cfg.N = in.x.size(want_dim - 1);
+  TORCH_CHECK(cfg.T >= 1 && cfg.B >= 1 && cfg.N >= 1, op, ": expected x with at least one ",
+              "time step, sample and neuron, got shape ", in.x.sizes());
+  const int64_t B = cfg.B, N = cfg.N;
+
+  check_tensor(op, "h", in.h, in.x);
+  check_shape(op, "h", in.h, {B, N}, "(B, N)");
+  check_tensor(op, "hebb", in.hebb, in.x);
+  check_shape(op, "hebb", in.hebb, {B, N, N}, "(B, N, N)");
+  check_tensor(op, "w", in.w, in.x);
+  check_shape(op, "w", in.w, {N, N}, "(N, N)");
+  cfg.modes.alpha = check_alpha(op, in.alpha, N, N, in.x);
+
+  cfg.modes.eta = EtaMode::PerPost;
+  if (!in.h2mod_weight.has_value()) {
+    cfg.modulation = Modulation::None;
+    TORCH_CHECK_VALUE(in.eta.has_value(), op, ": without modulation (h2mod_weight None) the "
+                      "learned rate eta is required, got None");
+    TORCH_CHECK_VALUE(!in.fanout_weight.has_value() && !in.h2mod_bias.has_value() &&
+                          !in.fanout_bias.has_value(),
+                      op, ": fanout_weight, h2mod_bias and fanout_bias need h2mod_weight");
+    check_tensor(op, "eta", *in.eta, in.x);
+    TORCH_CHECK(in.eta->dim() == 0 || in.eta->sizes() == at::IntArrayRef({N, N}), op,
+                ": expected eta of shape () ('scalar') or (N, N) ('full') with N = ", N, ", got ",
+                in.eta->sizes());
+    if (in.eta->dim() == 2) cfg.modes.eta = EtaMode::PerConnection;
+    TORCH_CHECK_VALUE(cfg.modes.rule != Rule::Retroactive, op,
+                      ": rule 'retroactive' needs modulation 'simple' or 'fanout' (pass "
+                      "h2mod_weight), got modulation 'none'");
+  } else {
+    TORCH_CHECK_VALUE(!in.eta.has_value(), op, ": pass either eta (modulation 'none') or "
+                      "h2mod_weight (modulation 'simple'/'fanout'), not both");
+    const at::Tensor& hw = *in.h2mod_weight;
+    check_tensor(op, "h2mod_weight", hw, in.x);
+    TORCH_CHECK(hw.dim() == 2 && hw.size(1) == N && hw.size(0) >= 1, op,
+                ": expected h2mod_weight of shape (K, N) with K >= 1 and N = ", N, ", got ",
+                hw.sizes());
+    cfg.K = hw.size(0);
+    TORCH_CHECK_VALUE(in.h2mod_bias.has_value(), op, ": h2mod_bias is required with h2mod_weight");
+    check_tensor(op, "h2mod_bias", *in.h2mod_bias, in.x);
+    check_shape(op, "h2mod_bias", *in.h2mod_bias, {cfg.K}, "(K,)");
+    if (in.fanout_weight.has_value()) {
+      cfg.modulation = Modulation::Fanout;
+      check_tensor(op, "fanout_weight", *in.fanout_weight, in.x);
+      check_shape(op, "fanout_weight", *in.fanout_weight, {N, cfg.K}, "(N, K)");
+      TORCH_CHECK_VALUE(in.fanout_bias.has_value(), op,
+                        ": fanout_bias is required with fanout_weight");
+      check_tensor(op, "fanout_bias", *in.fanout_bias, in.x);
+      check_shape(op, "fanout_bias", *in.fanout_bias, {N}, "(N,)");
+    } else {
+      cfg.modulation = Modulation::Simple;
+      TORCH_CHECK_VALUE(!in.fanout_bias.has_value(), op, ": fanout_bias needs fanout_weight");
+      TORCH_CHECK_VALUE(cfg.K == 1, op, ": modulation 'simple' takes one modulator (h2mod_weight "
+                        "of shape (1, N)), got K = ", cfg.K, "; use 'fanout' for K > 1");
+    }
+  }
+  check_elig(op, cfg.modes.rule, in.elig, in.elig_rate, {B, N, N}, in.x);
+  return cfg;
+}
+
+void check_checkpoint_every(const char* op, int64_t checkpoint_every) {
+  TORCH_CHECK_VALUE(checkpoint_every >= 1, op, ": checkpoint_every must be >= 1, got ",
+                    checkpoint_every);
+}
+
+AlphaMode check_matvec_inputs(const char* op, const at::Tensor& x, const at::Tensor& w,
+                              const at::Tensor& alpha, const at::Tensor& hebb) {
+  check_first(op, "x", x);
+  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(1) >= 1, op,
+              ": expected x of shape (B, P) with B, P >= 1, got ", x.sizes());
+  const int64_t B = x.size(0), P = x.size(1);
+  check_tensor(op, "w", w, x);
+  TORCH_CHECK(w.dim() == 2 && w.size(0) == P && w.size(1) >= 1, op,
+              ": expected w of shape (P, N) with P = ", P, ", got ", w.sizes());
+  const int64_t N = w.size(1);
+  check_tensor(op, "hebb", hebb, x);
+  check_shape(op, "hebb", hebb, {B, P, N}, "(B, P, N)");
+  return check_alpha(op, alpha, P, N, x);
+}
+
+PassModes check_hebb_update_inputs(const char* op, const at::Tensor& hebb, const at::Tensor& pre,
+                                   const at::Tensor& post, const at::Tensor& eta,
+                                   const OptTensor& elig, const OptTensor& elig_rate,
+                                   const std::string& rule, double clip) {
+  PassModes modes{parse_rule(op, rule), AlphaMode::Scalar, EtaMode::PerPost};
+  check_clip(op, clip);
+  check_first(op, "hebb", hebb);
+  TORCH_CHECK(hebb.dim() == 3 && hebb.numel() > 0, op,
+              ": expected hebb of shape (B, P, N) with B, P, N >= 1, got ", hebb.sizes());
+  const int64_t B = hebb.size(0), P = hebb.size(1), N = hebb.size(2);
+  check_tensor(op, "pre", pre, hebb);
+  check_shape(op, "pre", pre, {B, P}, "(B, P)");
+  check_tensor(op, "post", post, hebb);
+  check_shape(op, "post", post, {B, N}, "(B, N)");
+  check_tensor(op, "eta", eta, hebb);
+  if (eta.sizes() == at::IntArrayRef({B, 1, N})) {
+    modes.eta = EtaMode::PerPost;
+  } else {
+    TORCH_CHECK(eta.sizes() == at::IntArrayRef({1, P, N}), op, ": expected eta of shape (B, 1, N) "
+                "= ", at::IntArrayRef({B, 1, N}), " or (1, P, N) = ", at::IntArrayRef({1, P, N}),
+                ", got ", eta.sizes());
+    modes.eta = EtaMode::PerConnection;
+  }
+  check_elig(op, modes.rule, elig, elig_rate, hebb.sizes(), hebb);
+  return modes;
+}
+
+void check_grad(const char* op, const char* name, const at::Tensor& grad, at::IntArrayRef shape,
+                const at::Tensor& like) {
+  check_tensor(op, name, grad, like);
+  check_shape(op, name, grad, shape, "(the shape of the matching output)");
+}
+
+}  // namespace bp

@@ -1,0 +1,61 @@
+// Input validation of every op, in one place. Each check names the argument, the expected and
+// the actual value. Shapes, dtypes, devices and contiguity raise RuntimeError; option values
+// (rule names, clip, checkpoint_every) raise ValueError.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <string>
+
+#include "trace_pass.h"
+
+namespace bp {
+
+enum class Modulation { None, Simple, Fanout };
+
+// Everything the tensors and option strings of a plastic RNN call select.
+struct RnnConfig {
+  PassModes modes;
+  Modulation modulation;
+  int64_t T, B, N, K;  // K: number of modulators (0 without modulation)
+  double clip;
+};
+
+using OptTensor = std::optional<at::Tensor>;
+
+struct RnnInputs {
+  const at::Tensor& x;  // (T, B, N) for sequences, (B, N) for a step
+  const at::Tensor& h;
+  const at::Tensor& hebb;
+  const OptTensor& elig;
+  const at::Tensor& w;
+  const at::Tensor& alpha;
+  const OptTensor& eta;
+  const OptTensor& elig_rate;
+  const OptTensor& h2mod_weight;
+  const OptTensor& h2mod_bias;
+  const OptTensor& fanout_weight;
+  const OptTensor& fanout_bias;
+};
+
+RnnConfig check_rnn_inputs(const char* op, const RnnInputs& in, const std::string& rule,
+                           double clip, bool sequence);
+
+void check_checkpoint_every(const char* op, int64_t checkpoint_every);
+
+// Plastic feed-forward primitives (DESIGN 2.4).
+AlphaMode check_matvec_inputs(const char* op, const at::Tensor& x, const at::Tensor& w,
+                              const at::Tensor& alpha, const at::Tensor& hebb);
+
+// eta: (B, 1, N) -> EtaMode::PerPost, or (1, P, N) -> EtaMode::PerConnection.
+PassModes check_hebb_update_inputs(const char* op, const at::Tensor& hebb, const at::Tensor& pre,
+                                   const at::Tensor& post, const at::Tensor& eta,
+                                   const OptTensor& elig, const OptTensor& elig_rate,
+                                   const std::string& rule, double clip);
+
+// Gradients handed to a backward op: defined, same dtype/device, expected shape, contiguous.
+void check_grad(const char* op, const char* name, const at::Tensor& grad, at::IntArrayRef shape,
+                const at::Tensor& like);
+
+}  // namespace bp

@@ -1,0 +1,57 @@
+// Op schemas (namespace `backpropamine`) and the CPU implementations behind them. Fake (meta)
+// implementations and the autograd glue live in backpropamine_cuda/_ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+// Importing backpropamine_cuda._C registers the ops; the module itself is empty.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace bp {
+
+#define BP_RNN_PARAMS                                                                         \
+  "Tensor w, Tensor alpha, Tensor? eta, Tensor? elig_rate, Tensor? h2mod_weight, "             \
+  "Tensor? h2mod_bias, Tensor? fanout_weight, Tensor? fanout_bias, str rule, float clip"
+#define BP_RNN_GRADS "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, " \
+  "Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+
+TORCH_LIBRARY(backpropamine, m) {
+  m.def("plastic_rnn_sequence(Tensor x, Tensor h0, Tensor hebb0, Tensor? elig0, " BP_RNN_PARAMS
+        ", int checkpoint_every) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("plastic_rnn_sequence_backward(Tensor? grad_out, Tensor? grad_hebb, Tensor? grad_elig, "
+        "Tensor? grad_m, Tensor h0, Tensor hebb0, Tensor? elig0, " BP_RNN_PARAMS
+        ", Tensor out, Tensor m, Tensor eta_seq, Tensor hebb_checkpoints, "
+        "Tensor elig_checkpoints, int checkpoint_every) -> " BP_RNN_GRADS);
+  m.def("plastic_rnn_step(Tensor x, Tensor h, Tensor hebb, Tensor? elig, " BP_RNN_PARAMS
+        ") -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("plastic_rnn_step_backward(Tensor? grad_h_new, Tensor? grad_hebb, Tensor? grad_elig, "
+        "Tensor? grad_m, Tensor h, Tensor hebb, Tensor? elig, " BP_RNN_PARAMS
+        ", Tensor h_new, Tensor m, Tensor eta_t) -> " BP_RNN_GRADS);
+  m.def("plastic_matvec(Tensor x, Tensor w, Tensor alpha, Tensor hebb) -> Tensor");
+  m.def("plastic_matvec_backward(Tensor grad_u, Tensor x, Tensor w, Tensor alpha, Tensor hebb) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("hebb_update(Tensor hebb, Tensor pre, Tensor post, Tensor eta, Tensor? elig, "
+        "Tensor? elig_rate, str rule, float clip) -> (Tensor, Tensor)");
+  m.def("hebb_update_backward(Tensor? grad_hebb_new, Tensor? grad_elig_new, Tensor hebb, "
+        "Tensor pre, Tensor post, Tensor eta, Tensor? elig, Tensor? elig_rate, str rule, "
+        "float clip) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(backpropamine, CPU, m) {
+  m.impl("plastic_rnn_sequence", &plastic_rnn_sequence_cpu);
+  m.impl("plastic_rnn_sequence_backward", &plastic_rnn_sequence_backward_cpu);
+  m.impl("plastic_rnn_step", &plastic_rnn_step_cpu);
+  m.impl("plastic_rnn_step_backward", &plastic_rnn_step_backward_cpu);
+  m.impl("plastic_matvec", &plastic_matvec_cpu);
+  m.impl("plastic_matvec_backward", &plastic_matvec_backward_cpu);
+  m.impl("hebb_update", &hebb_update_cpu);
+  m.impl("hebb_update_backward", &hebb_update_backward_cpu);
+}
+
+}  // namespace bp

@@ -1,0 +1,43 @@
+"""Builds the fused ops ahead of time when torch is importable (pip install --no-build-isolation .),
+and always ships the C++ sources inside the package so they can be compiled at first use."""
+import importlib.util
+import shutil
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location(
+    "_build_config", ROOT / "backpropamine_cuda" / "_build_config.py")
+build_config = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(build_config)
+
+
+class BuildPyWithSources(build_py):
+    """Copies csrc/ into the built package (backpropamine_cuda/csrc) for the first-use build."""
+
+    def run(self):
+        super().run()
+        target = Path(self.build_lib) / "backpropamine_cuda" / "csrc"
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(ROOT / "csrc", target)
+
+
+cmdclass = {"build_py": BuildPyWithSources}
+ext_modules = []
+try:
+    import torch  # noqa: F401
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+except ImportError:
+    print("backpropamine_cuda: torch is not importable at build time; the fused ops will be "
+          "compiled at first use (install with --no-build-isolation to build them now)")
+else:
+    ext_modules.append(CppExtension(
+        "backpropamine_cuda._C",
+        [str(Path(s).relative_to(ROOT)) for s in build_config.cpu_sources(ROOT / "csrc")],
+        extra_compile_args={"cxx": build_config.CXX_FLAGS},
+        extra_link_args=build_config.LD_FLAGS))
+    cmdclass["build_ext"] = BuildExtension
+
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
