@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "ops.h"
+#include "trace_pass.h"
 
 // Importing backpropamine_cuda._C registers the ops; the module itself is empty.
 extern "C" {
@@ -41,6 +42,8 @@ TORCH_LIBRARY(backpropamine, m) {
   m.def("hebb_update_backward(Tensor? grad_hebb_new, Tensor? grad_elig_new, Tensor hebb, "
         "Tensor pre, Tensor post, Tensor eta, Tensor? elig, Tensor? elig_rate, str rule, "
         "float clip) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The instruction set of the CPU kernels in use: "default", "avx2" or "avx512".
+  m.def("cpu_isa() -> str", [] { return std::string(cpu_isa_name(cpu_isa())); });
 }
 
 TORCH_LIBRARY_IMPL(backpropamine, CPU, m) {

@@ -2,10 +2,12 @@
 // Shared by the CPU and CUDA kernels so that the CPU tests exercise the formulas the GPU runs.
 #pragma once
 
+// `static`: every translation unit gets its own copy, so the CPU kernels compiled for several
+// instruction sets (cpu/trace_tasks_*.cpp) never share one through the linker.
 #if defined(__CUDACC__)
-#define BP_HOST_DEVICE __host__ __device__ __forceinline__
+#define BP_HOST_DEVICE static __host__ __device__ __forceinline__
 #else
-#define BP_HOST_DEVICE inline __attribute__((always_inline))
+#define BP_HOST_DEVICE static inline __attribute__((always_inline))
 #endif
 
 namespace bp {
@@ -108,7 +110,7 @@ BP_HOST_DEVICE RuleGrads<T> rule_backward(T g_hebb_out, T g_elig_out, T hebb, T 
 }
 
 template <Rule R>
-constexpr bool has_elig() {
+BP_HOST_DEVICE constexpr bool has_elig() {
   return R == Rule::Retroactive;
 }
 

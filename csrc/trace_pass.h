@@ -90,6 +90,12 @@ struct BackwardPassParams {
 // Size of the g_alpha accumulator for a mode.
 int64_t alpha_acc_size(AlphaMode mode, const Tiling& tiling, int64_t P, int64_t N);
 
+// Instruction sets of the CPU kernels, narrowest first.
+enum class CpuIsa { Default = 0, Avx2 = 1, Avx512 = 2, Invalid = 3 };
+// The one the CPU passes use: the widest this CPU supports, capped by BACKPROPAMINE_CPU_ISA.
+CpuIsa cpu_isa();
+const char* cpu_isa_name(CpuIsa isa);
+
 template <typename T>
 void forward_pass_cpu(const ForwardPassParams<T>& p, const PassModes& modes, const Tiling& tiling);
 

@@ -1,14 +1,13 @@
-// CPU implementation of the trace passes (see trace_pass.h for what they compute).
-//
-// A task is (batch chunk, column tile). Inside a task the loop order is i (pre-synaptic row),
-// then b, then the tile's columns j: the rows of w and alpha are loaded once per i and reused over
-// the chunk, and the innermost loop runs over contiguous columns so the compiler vectorises it.
+// CPU trace passes: the tiling, the choice of instruction set, and the parallel loop over tasks
+// (the task loops themselves are in trace_tasks.h).
 #include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
-#include "../dispatch.h"
 #include "../trace_pass.h"
 
 namespace bp {
@@ -17,191 +16,72 @@ namespace {
 constexpr int64_t kTileCols = 64;
 // Enough tasks to keep the cores busy at small N; fixed so the split never depends on threads.
 constexpr int64_t kTargetTasks = 16;
+}  // namespace
 
-// Row of alpha seen by columns j0.. of pre-synaptic row i.
-template <AlphaMode AM, typename T>
-const T* alpha_row(const T* alpha, int64_t i, int64_t N, int64_t j0) {
-  if constexpr (AM == AlphaMode::Full) return alpha + i * N + j0;
-  if constexpr (AM == AlphaMode::Neuron) return alpha + j0;
-  return alpha;
+#define BP_DECLARE_TASKS(isa)                                                                  \
+  namespace isa {                                                                              \
+  template <typename T>                                                                        \
+  void forward_tasks(const ForwardPassParams<T>&, const PassModes&, const Tiling&, int64_t,    \
+                     int64_t, T*);                                                             \
+  template <typename T>                                                                        \
+  void backward_tasks(const BackwardPassParams<T>&, const PassModes&, const Tiling&, int64_t,  \
+                      int64_t, T*);                                                            \
+  }
+BP_DECLARE_TASKS(isa_default)
+#if defined(__x86_64__) && defined(__GNUC__)
+BP_DECLARE_TASKS(isa_avx2)
+BP_DECLARE_TASKS(isa_avx512)
+#endif
+
+namespace {
+
+// The widest instruction set this CPU runs; BACKPROPAMINE_CPU_ISA=default|avx2|avx512 caps it.
+CpuIsa detect_cpu_isa() {
+  CpuIsa best = CpuIsa::Default;
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = CpuIsa::Avx2;
+  if (best == CpuIsa::Avx2 && __builtin_cpu_supports("avx512f") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512dq"))
+    best = CpuIsa::Avx512;
+#endif
+  const char* cap = std::getenv("BACKPROPAMINE_CPU_ISA");
+  if (cap == nullptr || *cap == '\0') return best;
+  const std::string want(cap);
+  const CpuIsa asked = want == "default" ? CpuIsa::Default
+                       : want == "avx2"  ? CpuIsa::Avx2
+                       : want == "avx512" ? CpuIsa::Avx512
+                                          : CpuIsa::Invalid;
+  TORCH_CHECK_VALUE(asked != CpuIsa::Invalid, "BACKPROPAMINE_CPU_ISA must be one of default, "
+                    "avx2, avx512, got '", want, "'");
+  return std::min(asked, best);
 }
 
-template <AlphaMode AM, typename T>
-BP_HOST_DEVICE T alpha_at(const T* row, int64_t j) {
-  if constexpr (AM == AlphaMode::Scalar) return row[0];
-  return row[j];
-}
-
-template <EtaMode EM, typename T>
-const T* eta_row(const T* eta, int64_t b, int64_t i, int64_t N, int64_t j0) {
-  return EM == EtaMode::PerPost ? eta + b * N + j0 : eta + i * N + j0;
-}
-
-struct TaskRange {
-  int64_t b0, b1, j0, nj;
-};
-
-TaskRange task_range(const Tiling& tl, int64_t B, int64_t N, int64_t task) {
-  const int64_t chunk = task / tl.num_tiles, tile = task % tl.num_tiles;
-  const int64_t b0 = chunk * tl.chunk_size, j0 = tile * tl.tile_cols;
-  return {b0, std::min(B, b0 + tl.chunk_size), j0, std::min(tl.tile_cols, N - j0)};
-}
-
-// Runs task(range, task_index, scratch) over every task in parallel; scratch holds chunk x tile.
-template <typename T, typename F>
-void for_each_task(const Tiling& tl, int64_t B, int64_t N, int64_t scratch_per_row, F&& task) {
+// Runs the tasks of a pass in parallel with the kernels of the selected instruction set.
+template <typename T, typename Params, typename Tasks>
+void run_pass(const Params& p, const PassModes& modes, const Tiling& tl, int64_t scratch_rows,
+              Tasks tasks) {
+  const auto fn = tasks[static_cast<int>(cpu_isa())];
   at::parallel_for(0, tl.num_chunks * tl.num_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> scratch(scratch_per_row * tl.chunk_size * tl.tile_cols);
-    for (int64_t t = begin; t < end; ++t) task(task_range(tl, B, N, t), t, scratch.data());
+    std::vector<T> scratch(scratch_rows * tl.chunk_size * tl.tile_cols);
+    fn(p, modes, tl, begin, end, scratch.data());
   });
 }
 
-template <typename T, Rule R, AlphaMode AM, EtaMode EM, bool UPDATE, bool MATVEC>
-void forward_task(const ForwardPassParams<T>& p, const TaskRange& r, T* acc, int64_t tile_cols) {
-  const int64_t P = p.P, N = p.N;
-  if constexpr (MATVEC) std::fill(acc, acc + (r.b1 - r.b0) * tile_cols, T(0));
-  for (int64_t i = 0; i < P; ++i) {
-    const T* w_row = MATVEC ? p.w + i * N + r.j0 : nullptr;
-    const T* a_row = MATVEC ? alpha_row<AM>(p.alpha, i, N, r.j0) : nullptr;
-    for (int64_t b = r.b0; b < r.b1; ++b) {
-      const int64_t off = (b * P + i) * N + r.j0;
-      const T* hebb = p.hebb + off;
-      T* acc_b = acc + (b - r.b0) * tile_cols;
-      const T x = MATVEC ? p.matvec_in[b * P + i] : T(0);
-      if constexpr (UPDATE) {
-        T* hebb_out = p.hebb_out + off;
-        // Without an eligibility trace the rule ignores `elig`; pointing it at hebb keeps the
-        // loop branch-free.
-        const T* elig = has_elig<R>() ? p.elig + off : hebb;
-        T* elig_out = has_elig<R>() ? p.elig_out + off : nullptr;
-        const T pre = p.pre[b * P + i];
-        const T* post = p.post + b * N + r.j0;
-        const T* eta = eta_row<EM>(p.eta, b, i, N, r.j0);
-#pragma omp simd
-        for (int64_t j = 0; j < r.nj; ++j) {
-          T h_new, e_new;
-          rule_forward<R>(hebb[j], elig[j], pre, post[j], eta[j], p.consts, h_new, e_new);
-          hebb_out[j] = h_new;
-          if constexpr (has_elig<R>()) elig_out[j] = e_new;
-          if constexpr (MATVEC) acc_b[j] += x * (w_row[j] + alpha_at<AM>(a_row, j) * h_new);
-        }
-      } else {
-#pragma omp simd
-        for (int64_t j = 0; j < r.nj; ++j)
-          acc_b[j] += x * (w_row[j] + alpha_at<AM>(a_row, j) * hebb[j]);
-      }
-    }
-  }
-  if constexpr (MATVEC) {
-    for (int64_t b = r.b0; b < r.b1; ++b)
-      std::copy_n(acc + (b - r.b0) * tile_cols, r.nj, p.u + b * N + r.j0);
-  }
-}
+template <typename T>
+using ForwardTasks = void (*)(const ForwardPassParams<T>&, const PassModes&, const Tiling&,
+                              int64_t, int64_t, T*);
+template <typename T>
+using BackwardTasks = void (*)(const BackwardPassParams<T>&, const PassModes&, const Tiling&,
+                               int64_t, int64_t, T*);
 
-template <typename T, Rule R, AlphaMode AM, EtaMode EM>
-void forward_pass_modes(const ForwardPassParams<T>& p, const Tiling& tl) {
-  auto run = [&](auto task_fn) {
-    for_each_task<T>(tl, p.B, p.N, 1, [&](const TaskRange& r, int64_t, T* acc) {
-      task_fn(p, r, acc, tl.tile_cols);
-    });
-  };
-  if (p.update && p.matvec) run(forward_task<T, R, AM, EM, true, true>);
-  else if (p.update) run(forward_task<T, R, AM, EM, true, false>);
-  else if (p.matvec) run(forward_task<T, R, AM, EM, false, true>);
-}
-
-template <typename T, Rule R, AlphaMode AM, EtaMode EM, bool DO_B, bool DO_A>
-void backward_task(const BackwardPassParams<T>& p, const Tiling& tl, const TaskRange& r,
-                   int64_t task, T* scratch) {
-  const int64_t B = p.B, P = p.P, N = p.N, tc = tl.tile_cols;
-  const int64_t chunk = task / tl.num_tiles, tile = task % tl.num_tiles;
-  const int64_t rows = (r.b1 - r.b0) * tc;
-  T* g_post_acc = scratch;        // per (b, j), summed over i
-  T* g_eta_acc = scratch + rows;  // per (b, j), summed over i (EtaMode::PerPost)
-  if constexpr (DO_A) std::fill(scratch, scratch + 2 * rows, T(0));
-  T g_alpha_scalar = 0, g_rate = 0;
-  T* g_alpha_row_acc = nullptr;   // AlphaMode::Neuron: this chunk's (N,) accumulator
-  if constexpr (DO_B && AM == AlphaMode::Neuron) g_alpha_row_acc = p.g_alpha_acc + chunk * N + r.j0;
-
-  for (int64_t i = 0; i < P; ++i) {
-    const T* w_row = DO_B ? p.w + i * N + r.j0 : nullptr;
-    const T* a_row = DO_B ? alpha_row<AM>(p.alpha, i, N, r.j0) : nullptr;
-    T* g_alpha_full = (DO_B && AM == AlphaMode::Full) ? p.g_alpha_acc + (chunk * P + i) * N + r.j0
-                                                      : nullptr;
-    T* g_eta_conn = (DO_A && EM == EtaMode::PerConnection)
-                        ? p.g_eta + (chunk * P + i) * N + r.j0 : nullptr;
-    for (int64_t b = r.b0; b < r.b1; ++b) {
-      const int64_t off = (b * P + i) * N + r.j0;
-      T* g_hebb = p.g_hebb + off;
-      if constexpr (DO_B) {
-        const T* hebb = p.b_hebb + off;
-        const T* g_u = p.g_u + b * N + r.j0;
-        const T x = p.b_in[b * P + i];
-        T g_x = 0, g_a = 0;
-#pragma omp simd reduction(+ : g_x, g_a)
-        for (int64_t j = 0; j < r.nj; ++j) {
-          const T a = alpha_at<AM>(a_row, j);
-          g_x += g_u[j] * (w_row[j] + a * hebb[j]);
-          const T g_aij = g_u[j] * x * hebb[j];
-          if constexpr (AM == AlphaMode::Full) g_alpha_full[j] += g_aij;
-          if constexpr (AM == AlphaMode::Neuron) g_alpha_row_acc[j] += g_aij;
-          if constexpr (AM == AlphaMode::Scalar) g_a += g_aij;
-          g_hebb[j] += g_u[j] * x * a;
-        }
-        p.g_in_partial[(tile * B + b) * P + i] = g_x;
-        g_alpha_scalar += g_a;
-      }
-      if constexpr (DO_A) {
-        const T* hebb = p.a_hebb + off;
-        const T* elig = has_elig<R>() ? p.a_elig + off : hebb;
-        T* g_elig = has_elig<R>() ? p.g_elig + off : g_hebb;
-        const T pre = p.a_pre[b * P + i];
-        const T* post = p.a_post + b * N + r.j0;
-        const T* eta = eta_row<EM>(p.a_eta, b, i, N, r.j0);
-        T* g_post_b = g_post_acc + (b - r.b0) * tc;
-        T* g_eta_b = g_eta_acc + (b - r.b0) * tc;
-        T g_pre = 0, g_r = 0;
-#pragma omp simd reduction(+ : g_pre, g_r)
-        for (int64_t j = 0; j < r.nj; ++j) {
-          const T g_elig_out = has_elig<R>() ? g_elig[j] : T(0);
-          const RuleGrads<T> g =
-              rule_backward<R>(g_hebb[j], g_elig_out, hebb[j], elig[j], pre, post[j], eta[j],
-                               p.consts);
-          g_hebb[j] = g.hebb;
-          if constexpr (has_elig<R>()) g_elig[j] = g.elig;
-          g_post_b[j] += g.post;
-          if constexpr (EM == EtaMode::PerPost) g_eta_b[j] += g.eta;
-          else g_eta_conn[j] += g.eta;
-          g_pre += g.pre;
-          g_r += g.elig_rate;
-        }
-        p.g_pre_partial[(tile * B + b) * P + i] = g_pre;
-        g_rate += g_r;
-      }
-    }
-  }
-  if constexpr (DO_B && AM == AlphaMode::Scalar) p.g_alpha_acc[task] += g_alpha_scalar;
-  if constexpr (DO_A) {
-    if constexpr (has_elig<R>()) p.g_elig_rate_acc[task] += g_rate;
-    for (int64_t b = r.b0; b < r.b1; ++b) {
-      std::copy_n(g_post_acc + (b - r.b0) * tc, r.nj, p.g_post + b * N + r.j0);
-      if constexpr (EM == EtaMode::PerPost)
-        std::copy_n(g_eta_acc + (b - r.b0) * tc, r.nj, p.g_eta + b * N + r.j0);
-    }
-  }
-}
-
-template <typename T, Rule R, AlphaMode AM, EtaMode EM>
-void backward_pass_modes(const BackwardPassParams<T>& p, const Tiling& tl) {
-  auto run = [&](auto task_fn) {
-    for_each_task<T>(tl, p.B, p.N, 2, [&](const TaskRange& r, int64_t task, T* scratch) {
-      task_fn(p, tl, r, task, scratch);
-    });
-  };
-  if (p.do_b && p.do_a) run(backward_task<T, R, AM, EM, true, true>);
-  else if (p.do_b) run(backward_task<T, R, AM, EM, true, false>);
-  else if (p.do_a) run(backward_task<T, R, AM, EM, false, true>);
-}
+#if defined(__x86_64__) && defined(__GNUC__)
+#define BP_TASK_TABLE(kind, T) \
+  {isa_default::kind<T>, isa_avx2::kind<T>, isa_avx512::kind<T>}
+#else
+#define BP_TASK_TABLE(kind, T) {isa_default::kind<T>, isa_default::kind<T>, isa_default::kind<T>}
+#endif
 
 }  // namespace
 
@@ -223,18 +103,29 @@ int64_t alpha_acc_size(AlphaMode mode, const Tiling& tl, int64_t P, int64_t N) {
   }
 }
 
+CpuIsa cpu_isa() {
+  static const CpuIsa isa = detect_cpu_isa();
+  return isa;
+}
+
+const char* cpu_isa_name(CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::Avx2: return "avx2";
+    case CpuIsa::Avx512: return "avx512";
+    default: return "default";
+  }
+}
+
 template <typename T>
 void forward_pass_cpu(const ForwardPassParams<T>& p, const PassModes& modes, const Tiling& tl) {
-  dispatch_modes(modes, [&]<Rule R, AlphaMode AM, EtaMode EM>() {
-    forward_pass_modes<T, R, AM, EM>(p, tl);
-  });
+  static const ForwardTasks<T> tasks[] = BP_TASK_TABLE(forward_tasks, T);
+  run_pass<T>(p, modes, tl, 1, tasks);
 }
 
 template <typename T>
 void backward_pass_cpu(const BackwardPassParams<T>& p, const PassModes& modes, const Tiling& tl) {
-  dispatch_modes(modes, [&]<Rule R, AlphaMode AM, EtaMode EM>() {
-    backward_pass_modes<T, R, AM, EM>(p, tl);
-  });
+  static const BackwardTasks<T> tasks[] = BP_TASK_TABLE(backward_tasks, T);
+  run_pass<T>(p, modes, tl, 2, tasks);
 }
 
 template void forward_pass_cpu<float>(const ForwardPassParams<float>&, const PassModes&,

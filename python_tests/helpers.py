@@ -1,0 +1,184 @@
+"""Shared helpers of the test suite: random inputs for every option combination, running an op
+forward and backward with a loss that weights every output, and comparing two runs.
+
+Option names used by the tests (the ops themselves infer the modulation from which tensors are
+given, see backpropamine_cuda/reference.py):
+
+* alpha: "full" (N, N), "neuron" (N,), "scalar" ().
+* modulation: "none_scalar" (eta ()), "none_full" (eta (N, N)), "simple" (K = 1, no fanout),
+  "fanout1" (K = 1), "fanout3" (K = 3).
+* rule: "clip", "softclip", "decay", "oja", "retroactive" (needs a modulation).
+"""
+import itertools
+import math
+
+import torch
+
+from backpropamine_cuda import reference
+
+ALPHAS = ("full", "neuron", "scalar")
+MODULATIONS = ("none_scalar", "none_full", "simple", "fanout1", "fanout3")
+RULES = reference.RULES
+CLIP_RULES = ("clip", "softclip", "retroactive")  # rules whose trace is clamped to [-clip, clip]
+
+# Argument names of plastic_rnn_sequence / plastic_rnn_step (identical in reference and fused).
+RNN_INPUTS = ("x", "h", "hebb", "elig", "w", "alpha", "eta", "elig_rate", "h2mod_weight",
+              "h2mod_bias", "fanout_weight", "fanout_bias")
+# Tensors the fused kernels reduce themselves (no BLAS): their gradients must not depend on the
+# number of threads.
+KERNEL_GRAD_INPUTS = ("x", "h", "hebb", "elig", "alpha", "eta", "elig_rate")
+
+# Tolerances per dtype of the implementation under test. float32 results are compared with the
+# float64 reference on the same (exactly upcast) inputs; their absolute tolerance is relative to
+# the largest magnitude of the expected tensor (gradients reach O(100) after a few steps).
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-4)}
+
+# One representative (alpha, modulation) per rule, so that a sweep over the rules (sizes,
+# checkpointing, float32) still visits every alpha and modulation.
+RULE_CONFIG = {
+    "clip": ("full", "fanout3"),
+    "softclip": ("neuron", "simple"),
+    "decay": ("scalar", "none_full"),
+    "oja": ("full", "none_scalar"),
+    "retroactive": ("neuron", "fanout1"),
+}
+
+
+def valid_combo(modulation, rule):
+    return not (rule == "retroactive" and modulation.startswith("none"))
+
+
+def all_combos():
+    """Every valid (alpha, modulation, rule)."""
+    return [c for c in itertools.product(ALPHAS, MODULATIONS, RULES) if valid_combo(c[1], c[2])]
+
+
+def n_modulators(modulation):
+    return {"simple": 1, "fanout1": 1, "fanout3": 3}.get(modulation, 0)
+
+
+def rnn_inputs(alpha, modulation, rule, *, B, N, T=None, dtype=torch.float64, seed=0,
+               hebb_scale=1.0, eta_scale=0.5):
+    """Random inputs of plastic_rnn_sequence (T given) or plastic_rnn_step (T None), as a dict
+    keyed by argument name (absent options are None).
+
+    The default scales make the clip engage with clip = 0.5: hebb ~ N(0, 1), |eta * D| ~ 0.5.
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return scale * torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+
+    K = n_modulators(modulation)
+    d = dict.fromkeys(RNN_INPUTS)
+    d["x"] = randn(B, N) if T is None else randn(T, B, N)
+    d["h"] = torch.tanh(randn(B, N))
+    d["hebb"] = randn(B, N, N, scale=hebb_scale)
+    d["w"] = randn(N, N, scale=0.5 / math.sqrt(N))
+    d["alpha"] = {"full": lambda: randn(N, N, scale=0.5), "neuron": lambda: randn(N, scale=0.5),
+                  "scalar": lambda: randn(scale=0.5)}[alpha]()
+    if modulation == "none_scalar":
+        d["eta"] = randn(scale=eta_scale)
+    elif modulation == "none_full":
+        d["eta"] = randn(N, N, scale=eta_scale)
+    else:
+        d["h2mod_weight"] = randn(K, N)
+        d["h2mod_bias"] = randn(K)
+        if modulation.startswith("fanout"):
+            d["fanout_weight"] = randn(N, K, scale=eta_scale)
+            d["fanout_bias"] = randn(N, scale=eta_scale)
+    if rule == "retroactive":
+        d["elig"] = randn(B, N, N, scale=hebb_scale)
+        d["elig_rate"] = (0.1 + 0.8 * torch.rand((), generator=gen, dtype=torch.float64)).to(dtype)
+    return d
+
+
+def with_grad(inputs, requires_grad=True):
+    """Fresh leaf copies of the tensors of `inputs` (requires_grad: True, False, or a set of
+    names)."""
+    out = {}
+    for k, v in inputs.items():
+        if v is None:
+            out[k] = None
+            continue
+        want = requires_grad if isinstance(requires_grad, bool) else k in requires_grad
+        out[k] = v.detach().clone().requires_grad_(want)
+    return out
+
+
+def loss_weights(outputs, seed=1234):
+    """Fixed random weights, one tensor per non-None output (same for every implementation)."""
+    gen = torch.Generator().manual_seed(seed)
+    # float32 values, exactly representable in float64: float32 and float64 runs see the same loss
+    return [None if o is None else
+            torch.randn(o.shape, generator=gen, dtype=torch.float32).to(o.dtype)
+            for o in outputs]
+
+
+def run_forward_backward(fn, inputs, *, use=None, requires_grad=True, seed=1234, **kwargs):
+    """Calls fn(**inputs, **kwargs), backpropagates sum_k <weight_k, output_k> over the outputs
+    whose index is in `use` (all by default).
+
+    Returns (outputs, grads): outputs a tuple with None where the op returned None, grads a dict
+    name -> gradient for every given input that requires grad (zeros where autograd gave None,
+    i.e. the loss does not depend on it).
+    """
+    leaves = with_grad(inputs, requires_grad)
+    outputs = fn(**leaves, **kwargs)
+    weights = loss_weights(outputs, seed)
+    used = range(len(outputs)) if use is None else use
+    terms = [(outputs[k] * weights[k]).sum() for k in used if outputs[k] is not None]
+    assert terms, "the loss uses no output"
+    sum(terms).backward()
+    grads = {k: (torch.zeros_like(v) if v.grad is None else v.grad)
+             for k, v in leaves.items() if v is not None and v.requires_grad}
+    return tuple(None if o is None else o.detach() for o in outputs), grads
+
+
+def upcast(inputs):
+    """float64 copy of a dict of inputs (exact for float32 values)."""
+    return {k: None if v is None else v.double() for k, v in inputs.items()}
+
+
+def assert_tensor_close(actual, expected, name, dtype):
+    """actual (computed in `dtype`) against expected (same or higher precision), TOL[dtype]."""
+    assert actual.dtype == dtype, f"{name}: dtype {actual.dtype}, expected {dtype}"
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    tol = TOL[dtype]
+    atol = tol["atol"]
+    if dtype != torch.float64 and expected.numel():
+        atol *= max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(actual.to(expected.dtype), expected, rtol=tol["rtol"], atol=atol,
+                               msg=lambda m: f"{name}: {m}")
+
+
+def assert_results_close(expected, actual, dtype, names=None):
+    """expected/actual: (outputs tuple, grads dict) from run_forward_backward; `actual` was
+    computed in `dtype`, `expected` in `dtype` or float64."""
+    (out_e, grad_e), (out_a, grad_a) = expected, actual
+    assert len(out_e) == len(out_a)
+    for k, (e, a) in enumerate(zip(out_e, out_a)):
+        name = names[k] if names else f"output {k}"
+        assert (e is None) == (a is None), f"{name}: expected {e is None and 'None'}, got {a}"
+        if e is not None:
+            assert_tensor_close(a, e, name, dtype)
+    assert grad_e.keys() == grad_a.keys()
+    for k in grad_e:
+        assert_tensor_close(grad_a[k], grad_e[k], f"grad of {k}", dtype)
+
+
+def assert_results_equal(expected, actual, keys=None):
+    """Bitwise equality of two run_forward_backward results (grads restricted to `keys`)."""
+    (out_e, grad_e), (out_a, grad_a) = expected, actual
+    for k, (e, a) in enumerate(zip(out_e, out_a)):
+        assert (e is None) == (a is None)
+        assert e is None or torch.equal(e, a), f"output {k} differs bitwise"
+    for k in (grad_e.keys() if keys is None else [k for k in keys if k in grad_e]):
+        assert torch.equal(grad_e[k], grad_a[k]), \
+            f"grad of {k} differs bitwise (max diff {(grad_e[k] - grad_a[k]).abs().max()})"
+
+
+def clamp_engaged(hebb, clip):
+    """True when some entries of the trace sit on the bound and some are strictly inside."""
+    on_bound = hebb.abs() == clip
+    return bool(on_bound.any()) and bool((~on_bound).any())

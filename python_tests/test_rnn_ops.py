@@ -1,0 +1,193 @@
+"""Fused plastic RNN ops (sequence and step) against the pure-PyTorch reference: forward outputs
+and the gradients of every input, for every option combination, checkpointing and odd sizes."""
+import itertools
+
+import pytest
+import torch
+
+from backpropamine_cuda import reference
+from helpers import (CLIP_RULES, RULE_CONFIG, RULES, TOL, all_combos, assert_results_close,
+                     clamp_engaged, rnn_inputs, run_forward_backward, upcast)
+
+CLIP = 0.5
+SEQ_OUTPUTS = ("out", "hebb_T", "elig_T", "m")
+STEP_OUTPUTS = ("h_new", "hebb_new", "elig_new", "m")
+
+
+def compare_sequence(fused, inputs, rule, *, checkpoint_every=None, use=None,
+                     requires_grad=True):
+    """Fused in the inputs' dtype against the reference in float64; returns the reference's
+    (outputs, grads)."""
+    expected = run_forward_backward(reference.plastic_rnn_sequence, upcast(inputs), rule=rule,
+                                    clip=CLIP, use=use, requires_grad=requires_grad)
+    actual = run_forward_backward(fused.plastic_rnn_sequence, inputs, rule=rule, clip=CLIP,
+                                  checkpoint_every=checkpoint_every, use=use,
+                                  requires_grad=requires_grad)
+    assert_results_close(expected, actual, inputs["x"].dtype, names=SEQ_OUTPUTS)
+    return expected
+
+
+def compare_step(fused, inputs, rule, *, use=None, requires_grad=True):
+    expected = run_forward_backward(reference.plastic_rnn_step, upcast(inputs), rule=rule,
+                                    clip=CLIP, use=use, requires_grad=requires_grad)
+    actual = run_forward_backward(fused.plastic_rnn_step, inputs, rule=rule, clip=CLIP, use=use,
+                                  requires_grad=requires_grad)
+    assert_results_close(expected, actual, inputs["x"].dtype, names=STEP_OUTPUTS)
+    return expected
+
+
+def size_ids(sizes):
+    return "-".join(f"{k}{v}" for k, v in sizes.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# Every option combination, float64.
+
+@pytest.mark.parametrize("alpha,modulation,rule", all_combos())
+def test_sequence_every_option(fused, alpha, modulation, rule):
+    inputs = rnn_inputs(alpha, modulation, rule, T=5, B=3, N=7)
+    (out, hebb_T, elig_T, m), grads = compare_sequence(fused, inputs, rule, checkpoint_every=2)
+    assert (m is None) == modulation.startswith("none")
+    assert (elig_T is None) == (rule != "retroactive")
+    if rule in CLIP_RULES:  # the clamp mask is exercised, not just the interior
+        assert clamp_engaged(hebb_T, CLIP)
+    assert set(grads) == {k for k, v in inputs.items() if v is not None}
+
+
+@pytest.mark.parametrize("alpha,modulation,rule", all_combos())
+def test_step_every_option(fused, alpha, modulation, rule):
+    inputs = rnn_inputs(alpha, modulation, rule, B=3, N=7, seed=1)
+    (h_new, hebb_new, elig_new, m), _ = compare_step(fused, inputs, rule)
+    assert (m is None) == modulation.startswith("none")
+    assert (elig_new is None) == (rule != "retroactive")
+    if rule in CLIP_RULES:
+        assert clamp_engaged(hebb_new, CLIP)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpointing of the sequence op (T = 5): every step stored, segments, one segment, default.
+
+@pytest.mark.parametrize("checkpoint_every", [1, 2, 4, 5, 8, None])
+@pytest.mark.parametrize("rule", RULES)
+def test_sequence_checkpoint_every(fused, rule, checkpoint_every):
+    alpha, modulation = RULE_CONFIG[rule]
+    inputs = rnn_inputs(alpha, modulation, rule, T=5, B=3, N=7, seed=2)
+    compare_sequence(fused, inputs, rule, checkpoint_every=checkpoint_every)
+
+
+# ---------------------------------------------------------------------------------------------
+# Odd sizes, including one neuron, one sample and one step.
+
+SIZES = [dict(T=T, B=B, N=N) for T, B, N in itertools.product((1, 5), (1, 3), (1, 7, 33))]
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("sizes", SIZES, ids=size_ids)
+def test_sequence_sizes(fused, sizes, rule):
+    alpha, modulation = RULE_CONFIG[rule]
+    inputs = rnn_inputs(alpha, modulation, rule, seed=3, **sizes)
+    compare_sequence(fused, inputs, rule)
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("sizes", [dict(B=B, N=N) for B in (1, 3) for N in (1, 7, 33)],
+                         ids=size_ids)
+def test_step_sizes(fused, sizes, rule):
+    alpha, modulation = RULE_CONFIG[rule]
+    compare_step(fused, rnn_inputs(alpha, modulation, rule, seed=4, **sizes), rule)
+
+
+@pytest.mark.parametrize("alpha,modulation,rule",
+                         [("full", "fanout3", "retroactive"), ("scalar", "none_full", "oja"),
+                          ("neuron", "simple", "softclip")])
+def test_sequence_several_column_tiles(fused, alpha, modulation, rule):
+    """N > 64 spans several column tiles of the CPU kernels, B = 17 several batch chunks."""
+    inputs = rnn_inputs(alpha, modulation, rule, T=3, B=17, N=70, seed=5)
+    compare_sequence(fused, inputs, rule, checkpoint_every=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# float32: every rule, two configurations each, looser tolerance.
+
+F32_CASES = [(*RULE_CONFIG[r], r) for r in RULES] + [
+    ("scalar", "none_scalar", "clip"), ("full", "none_full", "softclip"),
+    ("neuron", "fanout3", "decay"), ("scalar", "simple", "oja"), ("full", "simple", "retroactive")]
+
+
+@pytest.mark.parametrize("alpha,modulation,rule", F32_CASES)
+def test_sequence_float32(fused, alpha, modulation, rule):
+    inputs = rnn_inputs(alpha, modulation, rule, T=5, B=3, N=33, dtype=torch.float32, seed=6)
+    compare_sequence(fused, inputs, rule, checkpoint_every=2)
+
+
+@pytest.mark.parametrize("alpha,modulation,rule", F32_CASES)
+def test_step_float32(fused, alpha, modulation, rule):
+    inputs = rnn_inputs(alpha, modulation, rule, B=3, N=33, dtype=torch.float32, seed=7)
+    compare_step(fused, inputs, rule)
+
+
+# ---------------------------------------------------------------------------------------------
+# Only some outputs in the loss (the others get no gradient: None in the backward).
+
+def _use_cases(names):
+    """(alpha, modulation, rule, index of the output in the loss), where that output exists."""
+    configs = [("full", "fanout3", "retroactive"), ("neuron", "none_full", "clip"),
+               ("scalar", "simple", "softclip")]
+    return [pytest.param(a, m, r, k, id=f"{a}-{m}-{r}-{names[k]}") for a, m, r in configs
+            for k in range(4)
+            if not (names[k].startswith("elig") and r != "retroactive")
+            and not (names[k] == "m" and m.startswith("none"))]
+
+
+@pytest.mark.parametrize("alpha,modulation,rule,used", _use_cases(SEQ_OUTPUTS))
+def test_sequence_single_output_used(fused, alpha, modulation, rule, used):
+    inputs = rnn_inputs(alpha, modulation, rule, T=4, B=3, N=7, seed=8)
+    _, grads = compare_sequence(fused, inputs, rule, checkpoint_every=2, use=[used])
+    assert any(g.abs().sum() > 0 for g in grads.values())
+
+
+@pytest.mark.parametrize("alpha,modulation,rule,used", _use_cases(STEP_OUTPUTS))
+def test_step_single_output_used(fused, alpha, modulation, rule, used):
+    inputs = rnn_inputs(alpha, modulation, rule, B=3, N=7, seed=9)
+    _, grads = compare_step(fused, inputs, rule, use=[used])
+    assert any(g.abs().sum() > 0 for g in grads.values())
+
+
+@pytest.mark.parametrize("wanted", [{"x"}, {"w", "h2mod_weight"}, {"hebb", "elig", "elig_rate"},
+                                    {"alpha", "fanout_bias", "h"}])
+def test_only_some_inputs_require_grad(fused, wanted):
+    inputs = rnn_inputs("full", "fanout3", "retroactive", T=4, B=2, N=7, seed=10)
+    _, grads = compare_sequence(fused, inputs, "retroactive", requires_grad=wanted)
+    assert set(grads) == wanted
+    step_inputs = dict(inputs, x=inputs["x"][0])
+    _, grads = compare_step(fused, step_inputs, "retroactive", requires_grad=wanted)
+    assert set(grads) == wanted
+
+
+def test_no_input_requires_grad(fused):
+    """Under no_grad-like use (no input requires grad) the fused op returns plain tensors."""
+    inputs = rnn_inputs("full", "fanout1", "clip", T=3, B=2, N=5)
+    out = fused.plastic_rnn_sequence(**inputs, rule="clip", clip=CLIP)
+    ref = reference.plastic_rnn_sequence(**inputs, rule="clip", clip=CLIP)
+    assert not out[0].requires_grad
+    for a, e in zip(out, ref):
+        assert (a is None) == (e is None)
+        if e is not None:
+            torch.testing.assert_close(a, e, **TOL[torch.float64])
+
+
+def test_sequence_equals_step_loop(fused):
+    """T fused steps, each from the previous step's state, give the fused sequence's results."""
+    rule = "retroactive"
+    inputs = rnn_inputs("full", "fanout3", rule, T=5, B=3, N=7, seed=11)
+    out, hebb_T, elig_T, m = fused.plastic_rnn_sequence(**inputs, rule=rule, clip=CLIP,
+                                                        checkpoint_every=2)
+    h, hebb, elig = inputs["h"], inputs["hebb"], inputs["elig"]
+    params = {k: v for k, v in inputs.items() if k not in ("x", "h", "hebb", "elig")}
+    for t in range(5):
+        h, hebb, elig, m_t = fused.plastic_rnn_step(inputs["x"][t], h, hebb, elig, **params,
+                                                    rule=rule, clip=CLIP)
+        torch.testing.assert_close(h, out[t], **TOL[torch.float64])
+        torch.testing.assert_close(m_t, m[t], **TOL[torch.float64])
+    torch.testing.assert_close(hebb, hebb_T, **TOL[torch.float64])
+    torch.testing.assert_close(elig, elig_T, **TOL[torch.float64])
