@@ -58,8 +58,7 @@ def _(x, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fano
 
 def _rnn_param_grads_fake(like, h0, hebb0, elig0, w, alpha, eta, elig_rate, h2mod_weight,
                           h2mod_bias, fanout_weight, fanout_bias):
-    empty = like.new_empty(0)
-    like_or_empty = [empty if t is None else torch.empty_like(t)
+    like_or_empty = [like.new_empty(0) if t is None else torch.empty_like(t)
                      for t in (elig0, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
                                fanout_weight, fanout_bias)]
     return (torch.empty_like(like), torch.empty_like(h0), torch.empty_like(hebb0), *like_or_empty)
@@ -100,10 +99,9 @@ def _(hebb, pre, post, eta, elig, elig_rate, rule, clip):
 @torch.library.register_fake("backpropamine::hebb_update_backward")
 def _(grad_hebb_new, grad_elig_new, hebb, pre, post, eta, elig, elig_rate, rule, clip):
     retro = rule == "retroactive"
-    empty = hebb.new_empty(0)
     return (torch.empty_like(hebb), torch.empty_like(pre), torch.empty_like(post),
-            torch.empty_like(eta), torch.empty_like(hebb) if retro else empty,
-            hebb.new_empty(()) if retro else empty)
+            torch.empty_like(eta), torch.empty_like(hebb) if retro else hebb.new_empty(0),
+            hebb.new_empty(()) if retro else hebb.new_empty(0))
 
 
 # ----------------------------------------------------------------------------------------------

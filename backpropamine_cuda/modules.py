@@ -126,6 +126,9 @@ class _PlasticRNNBase(nn.Module):
                              f"got {got}")
         if not x.is_floating_point():
             raise ValueError(f"input must be a floating-point tensor, got {x.dtype}")
+        if x.numel() == 0:
+            raise ValueError(f"input must have at least one time step and one sample, got shape "
+                             f"{tuple(x.shape)} for {layout}")
 
     def _backend(self, x):
         """reference or fused, per `impl` and the input's device and dtype."""

@@ -24,9 +24,6 @@ CLIP_RULES = ("clip", "softclip", "retroactive")  # rules whose trace is clamped
 # Argument names of plastic_rnn_sequence / plastic_rnn_step (identical in reference and fused).
 RNN_INPUTS = ("x", "h", "hebb", "elig", "w", "alpha", "eta", "elig_rate", "h2mod_weight",
               "h2mod_bias", "fanout_weight", "fanout_bias")
-# Tensors the fused kernels reduce themselves (no BLAS): their gradients must not depend on the
-# number of threads.
-KERNEL_GRAD_INPUTS = ("x", "h", "hebb", "elig", "alpha", "eta", "elig_rate")
 
 # Tolerances per dtype of the implementation under test. float32 results are compared with the
 # float64 reference on the same (exactly upcast) inputs; their absolute tolerance is relative to
@@ -159,7 +156,8 @@ def assert_results_close(expected, actual, dtype, names=None):
     assert len(out_e) == len(out_a)
     for k, (e, a) in enumerate(zip(out_e, out_a)):
         name = names[k] if names else f"output {k}"
-        assert (e is None) == (a is None), f"{name}: expected {e is None and 'None'}, got {a}"
+        assert (e is None) == (a is None), \
+            f"{name}: expected {'None' if e is None else 'a tensor'}, got {type(a).__name__}"
         if e is not None:
             assert_tensor_close(a, e, name, dtype)
     assert grad_e.keys() == grad_a.keys()

@@ -16,6 +16,8 @@ namespace {
 constexpr int64_t kTileCols = 64;
 // Enough tasks to keep the cores busy at small N; fixed so the split never depends on threads.
 constexpr int64_t kTargetTasks = 16;
+// Trace elements below which a pass is not worth splitting across threads.
+constexpr int64_t kMinElemsPerThread = 1 << 15;
 }  // namespace
 
 #define BP_DECLARE_TASKS(isa)                                                                  \
@@ -63,7 +65,10 @@ template <typename T, typename Params, typename Tasks>
 void run_pass(const Params& p, const PassModes& modes, const Tiling& tl, int64_t scratch_rows,
               Tasks tasks) {
   const auto fn = tasks[static_cast<int>(cpu_isa())];
-  at::parallel_for(0, tl.num_chunks * tl.num_tiles, 1, [&](int64_t begin, int64_t end) {
+  // Small passes run on one thread: waking the pool costs more than they take.
+  const int64_t task_elems = p.P * tl.chunk_size * tl.tile_cols;
+  const int64_t grain = std::max<int64_t>(1, kMinElemsPerThread / task_elems);
+  at::parallel_for(0, tl.num_chunks * tl.num_tiles, grain, [&](int64_t begin, int64_t end) {
     std::vector<T> scratch(scratch_rows * tl.chunk_size * tl.tile_cols);
     fn(p, modes, tl, begin, end, scratch.data());
   });

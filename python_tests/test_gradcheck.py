@@ -1,0 +1,150 @@
+"""torch.autograd.gradcheck (float64, tiny sizes) through the fused ops: the hand-written backward
+kernels against finite differences of the fused forward.
+
+Finite differences cannot cross the kink of the clamp (or the z = 0 kink of softclip). Two regimes:
+
+* "free": clip = 50, far above every trace value, so the clamp is inactive;
+* "active": clip = 1 with initial traces ~ N(0, 3^2): many traces saturate. The inputs are
+  chosen (first seed that qualifies) so that every pre-clamp value is at least MARGIN away from
+  the bound, with some traces beyond it and some inside; the test asserts this of its inputs.
+  For softclip a trace that sits on the bound stays exactly on it under a positive push
+  (S - c = (H - c)(1 - z / c)), so its active case uses a single step.
+"""
+import pytest
+import torch
+
+from backpropamine_cuda import reference
+from helpers import CLIP_RULES, RULES, rnn_inputs, valid_combo
+
+MARGIN = 1e-3
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """gradcheck makes thousands of tiny op calls: run them on one thread so that they do not
+    wait on a busy second core (thread counts are covered by test_determinism.py). conftest's
+    fixture restores the thread count."""
+    torch.set_num_threads(1)
+
+MODULATIONS = ("none_scalar", "none_full", "simple", "fanout3")
+ALPHA_FOR = {"none_scalar": "full", "none_full": "neuron", "simple": "scalar", "fanout3": "full"}
+
+
+def clamp_margin(inputs, rule, clip):
+    """(smallest distance of a pre-clamp value to the bound or of a softclip z to 0, number of
+    pre-clamp values beyond the bound, number strictly inside) over all steps, computed with the
+    reference step by step."""
+    x = inputs["x"] if inputs["x"].dim() == 3 else inputs["x"].unsqueeze(0)
+    h, hebb, elig = inputs["h"], inputs["hebb"], inputs["elig"]
+    margin, beyond, inside = float("inf"), 0, 0
+    for x_t in x:
+        h_new = torch.tanh(x_t + reference.plastic_matvec(h, inputs["w"], inputs["alpha"], hebb))
+        eta_t, _ = reference.plasticity_rate(h_new, inputs["eta"], inputs["h2mod_weight"],
+                                             inputs["h2mod_bias"], inputs["fanout_weight"],
+                                             inputs["fanout_bias"])
+        prod = h.unsqueeze(2) * h_new.unsqueeze(1)
+        if rule in CLIP_RULES:
+            if rule == "clip":
+                s = hebb + eta_t * prod
+            elif rule == "retroactive":
+                s = hebb + eta_t * elig
+            else:
+                z = eta_t * prod
+                s = hebb + torch.where(z > 0, z * (1 - hebb / clip), z * (1 + hebb / clip))
+                margin = min(margin, z.abs().min().item())
+            margin = min(margin, (s.abs() - clip).abs().min().item())
+            beyond += int((s.abs() > clip).sum())
+            inside += int((s.abs() < clip).sum())
+        hebb, elig = reference.hebb_update(hebb, h, h_new, eta_t, rule, clip, elig,
+                                           inputs["elig_rate"])
+        h = h_new
+    return margin, beyond, inside
+
+
+def kink_free_inputs(modulation, rule, regime, *, T):
+    """Inputs of the given regime ("free" or "active") whose clamp stays MARGIN from its kinks."""
+    clip = 50.0 if regime == "free" else 1.0
+    for seed in range(20):
+        inputs = rnn_inputs(ALPHA_FOR[modulation], modulation, rule, T=T, B=2, N=3, seed=seed,
+                            hebb_scale=1.0 if regime == "free" else 3.0)
+        margin, beyond, inside = clamp_margin(inputs, rule, clip)
+        if margin < MARGIN:
+            continue
+        if rule in CLIP_RULES and regime == "active" and not (beyond and inside):
+            continue
+        if regime == "free":
+            assert beyond == 0
+        return inputs, clip
+    raise AssertionError(f"no seed gives kink-free inputs for {modulation}, {rule}, {regime}")
+
+
+def gradcheck_op(fn, inputs, **kwargs):
+    names = [k for k, v in inputs.items() if v is not None]
+
+    def call(*tensors):
+        outputs = fn(**dict(inputs, **dict(zip(names, tensors))), **kwargs)
+        return tuple(o for o in outputs if o is not None)
+
+    leaves = tuple(inputs[k].detach().clone().requires_grad_() for k in names)
+    assert torch.autograd.gradcheck(call, leaves, eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+CASES = [pytest.param(m, r, regime, id=f"{m}-{r}-{regime}")
+         for r in RULES for m in MODULATIONS if valid_combo(m, r)
+         for regime in (("free", "active") if r in CLIP_RULES else ("free",))]
+
+
+@pytest.mark.parametrize("modulation,rule,regime", CASES)
+def test_gradcheck_sequence(fused, modulation, rule, regime):
+    T = 1 if (rule == "softclip" and regime == "active") else 3
+    inputs, clip = kink_free_inputs(modulation, rule, regime, T=T)
+    gradcheck_op(fused.plastic_rnn_sequence, inputs, rule=rule, clip=clip, checkpoint_every=2)
+
+
+@pytest.mark.parametrize("modulation,rule,regime", CASES)
+def test_gradcheck_step(fused, modulation, rule, regime):
+    inputs, clip = kink_free_inputs(modulation, rule, regime, T=None)
+    gradcheck_op(fused.plastic_rnn_step, inputs, rule=rule, clip=clip)
+
+
+@pytest.mark.parametrize("alpha_shape", [(3, 4), (4,), ()], ids=["full", "neuron", "scalar"])
+def test_gradcheck_matvec(fused, alpha_shape):
+    gen = torch.Generator().manual_seed(0)
+    args = [torch.randn(s, generator=gen, dtype=torch.float64, requires_grad=True)
+            for s in ((2, 3), (3, 4), alpha_shape, (2, 3, 4))]
+    assert torch.autograd.gradcheck(fused.plastic_matvec, args)
+
+
+@pytest.mark.parametrize("eta_shape", [(), (2, 1, 4), (3, 4), (2, 1, 1)], ids=str)
+@pytest.mark.parametrize("rule,regime", [(r, g) for r in RULES
+                                         for g in (("free", "active") if r in CLIP_RULES
+                                                   else ("free",))])
+def test_gradcheck_hebb_update(fused, rule, regime, eta_shape):
+    B, P, N = 2, 3, 4
+    clip = 50.0 if regime == "free" else 1.0
+    for seed in range(20):
+        gen = torch.Generator().manual_seed(seed)
+        inputs = dict(hebb=torch.randn(B, P, N, generator=gen, dtype=torch.float64) *
+                      (1.0 if regime == "free" else 3.0),
+                      pre=torch.randn(B, P, generator=gen, dtype=torch.float64).tanh(),
+                      post=torch.randn(B, N, generator=gen, dtype=torch.float64).tanh(),
+                      eta=torch.randn(eta_shape, generator=gen, dtype=torch.float64),
+                      elig=None, elig_rate=None)
+        if rule == "retroactive":
+            inputs["elig"] = torch.randn(B, P, N, generator=gen, dtype=torch.float64)
+            inputs["elig_rate"] = torch.tensor(0.3, dtype=torch.float64)
+        # The same kink check as for the RNN: the pre-clamp value of one update.
+        eta = inputs["eta"]
+        z = eta * (inputs["elig"] if rule == "retroactive"
+                   else inputs["pre"].unsqueeze(2) * inputs["post"].unsqueeze(1))
+        hebb = inputs["hebb"]
+        s = hebb + (torch.where(z > 0, z * (1 - hebb / clip), z * (1 + hebb / clip))
+                    if rule == "softclip" else z)
+        margin = min((s.abs() - clip).abs().min().item(),
+                     z.abs().min().item() if rule == "softclip" else float("inf"))
+        saturated = bool((s.abs() > clip).any()) and bool((s.abs() < clip).any())
+        if margin >= MARGIN and (regime == "free" or rule not in CLIP_RULES or saturated):
+            break
+    else:
+        raise AssertionError("no seed gives kink-free inputs")
+    gradcheck_op(fused.hebb_update, inputs, rule=rule, clip=clip)
