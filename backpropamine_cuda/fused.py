@@ -23,6 +23,10 @@ def _none_if_empty(t):
     return None if t.numel() == 0 else t
 
 
+def _needs_grad(*tensors):
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _contiguous(t):
     return None if t is None else t.contiguous()
 
@@ -125,6 +129,7 @@ def _sequence_setup(ctx, inputs, output):
     ctx.modulated = params[7] is not None  # h2mod_weight
     ctx.save_for_backward(*params, out, m, eta_seq, ckpt_h, ckpt_e)
     ctx.mark_non_differentiable(eta_seq, ckpt_h, ckpt_e)
+    ctx.set_materialize_grads(False)  # no zero-filled trace-sized gradients for unused outputs
 
 
 def _sequence_backward(ctx, g_out, g_hebb, g_elig, g_m, *_):
@@ -149,6 +154,7 @@ def _step_setup(ctx, inputs, output):
     ctx.modulated = params[7] is not None
     ctx.save_for_backward(*params, h_new, m, eta_t)
     ctx.mark_non_differentiable(eta_t)
+    ctx.set_materialize_grads(False)
 
 
 def _step_backward(ctx, g_h, g_hebb, g_elig, g_m, _):
@@ -181,6 +187,7 @@ def _update_setup(ctx, inputs, output):
     ctx.options = (rule, clip)
     ctx.has_elig = elig is not None
     ctx.save_for_backward(hebb, pre, post, eta, elig, elig_rate)
+    ctx.set_materialize_grads(False)
 
 
 def _update_backward(ctx, g_hebb, g_elig):
@@ -204,8 +211,13 @@ def plastic_rnn_sequence(x, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weigh
                          fanout_weight, fanout_bias, rule="clip", clip=2.0, checkpoint_every=None):
     """Fused sequence op; see reference.plastic_rnn_sequence. ``checkpoint_every`` defaults to
     ceil(sqrt(T))."""
+    steps = x.shape[0] if x.dim() == 3 else 1
     if checkpoint_every is None:
-        checkpoint_every = default_checkpoint_every(x.shape[0]) if x.dim() == 3 else 1
+        checkpoint_every = default_checkpoint_every(steps)
+    if checkpoint_every >= 1 and not _needs_grad(x, h, hebb, elig, w, alpha, eta, elig_rate,
+                                                 h2mod_weight, h2mod_bias, fanout_weight,
+                                                 fanout_bias):
+        checkpoint_every = steps  # no backward to come: store no checkpoints
     out, hebb_t, elig_t, m, *_ = _ops.plastic_rnn_sequence(
         x, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fanout_weight,
         fanout_bias, rule, float(clip), checkpoint_every)

@@ -13,9 +13,10 @@
 namespace bp {
 
 namespace {
-constexpr int64_t kTileCols = 64;
+constexpr int64_t kMinTileCols = 256;
+constexpr int64_t kMinTasks = 4;
 // Enough tasks to keep the cores busy at small N; fixed so the split never depends on threads.
-constexpr int64_t kTargetTasks = 16;
+constexpr int64_t kTargetTasks = 8;
 // Trace elements below which a pass is not worth splitting across threads.
 constexpr int64_t kMinElemsPerThread = 1 << 15;
 }  // namespace
@@ -91,12 +92,16 @@ using BackwardTasks = void (*)(const BackwardPassParams<T>&, const PassModes&, c
 }  // namespace
 
 Tiling make_tiling(int64_t batch, int64_t post) {
+  // Split the batch first: a task then streams whole trace rows, which the hardware prefetchers
+  // follow (row pieces separated by jumps are much slower). Split the columns too only when there
+  // are fewer than kMinTasks chunks, into tiles of at least kMinTileCols.
   Tiling t;
-  t.tile_cols = kTileCols;
-  t.num_tiles = std::max<int64_t>(1, (post + kTileCols - 1) / kTileCols);
-  const int64_t want_chunks = (kTargetTasks + t.num_tiles - 1) / t.num_tiles;
-  t.chunk_size = std::max<int64_t>(1, (batch + want_chunks - 1) / want_chunks);
-  t.num_chunks = std::max<int64_t>(1, (batch + t.chunk_size - 1) / t.chunk_size);
+  t.chunk_size = std::max<int64_t>(1, batch / kTargetTasks);
+  t.num_chunks = (batch + t.chunk_size - 1) / t.chunk_size;
+  const int64_t want_tiles = (kMinTasks + t.num_chunks - 1) / t.num_chunks;
+  const int64_t cols = (post + want_tiles - 1) / want_tiles;
+  t.tile_cols = std::min(post, std::max(kMinTileCols, (cols + 15) / 16 * 16));
+  t.num_tiles = (post + t.tile_cols - 1) / t.tile_cols;
   return t;
 }
 

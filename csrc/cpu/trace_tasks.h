@@ -24,6 +24,18 @@ BP_HOST_DEVICE void fill_zero(T* dst, int64_t n) {
   for (int64_t k = 0; k < n; ++k) dst[k] = T(0);
 }
 
+// Values per 64-byte vector: the width of the partial sums of row reductions.
+template <typename T>
+constexpr int kLanes = 64 / sizeof(T);
+
+// Pairwise sum of the kLanes partial sums (a fixed order: results stay reproducible).
+template <typename T>
+BP_HOST_DEVICE T sum_lanes(T* lanes) {
+  for (int width = kLanes<T> / 2; width >= 1; width /= 2)
+    for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
+  return lanes[0];
+}
+
 template <typename T>
 BP_HOST_DEVICE void copy_n(const T* src, int64_t n, T* dst) {
   for (int64_t k = 0; k < n; ++k) dst[k] = src[k];
@@ -124,50 +136,62 @@ void backward_task(const BackwardPassParams<T>& p, const Tiling& tl, const TaskR
     for (int64_t b = r.b0; b < r.b1; ++b) {
       const int64_t off = (b * P + i) * N + r.j0;
       T* g_hebb = p.g_hebb + off;
-      if constexpr (DO_B) {
-        const T* hebb = p.b_hebb + off;
-        const T* g_u = p.g_u + b * N + r.j0;
-        const T x = p.b_in[b * P + i];
-        T g_x = 0, g_a = 0;
-#pragma omp simd reduction(+ : g_x, g_a)
-        for (int64_t j = 0; j < r.nj; ++j) {
+      // Part B (matvec adjoint, step t) then part A (rule adjoint, step s) on the same element.
+      const T* hebb_b = DO_B ? p.b_hebb + off : nullptr;
+      const T* g_u = DO_B ? p.g_u + b * N + r.j0 : nullptr;
+      const T x = DO_B ? p.b_in[b * P + i] : T(0);
+      const T* hebb_a = DO_A ? p.a_hebb + off : nullptr;
+      const T* elig_a = (DO_A && has_elig<R>()) ? p.a_elig + off : hebb_a;
+      T* g_elig = (DO_A && has_elig<R>()) ? p.g_elig + off : nullptr;
+      const T pre = DO_A ? p.a_pre[b * P + i] : T(0);
+      const T* post = DO_A ? p.a_post + b * N + r.j0 : nullptr;
+      const T* eta = DO_A ? eta_row<EM>(p.a_eta, b, i, N, r.j0) : nullptr;
+      T* g_post_b = g_post_acc + (b - r.b0) * tc;
+      T* g_eta_b = g_eta_acc + (b - r.b0) * tc;
+      auto element = [&](int64_t j, T& g_x, T& g_a, T& g_pre, T& g_r) {
+        T g = g_hebb[j];
+        if constexpr (DO_B) {
           const T a = alpha_at<AM>(a_row, j);
-          g_x += g_u[j] * (w_row[j] + a * hebb[j]);
-          const T g_aij = g_u[j] * x * hebb[j];
+          g_x += g_u[j] * (w_row[j] + a * hebb_b[j]);
+          const T g_aij = g_u[j] * x * hebb_b[j];
           if constexpr (AM == AlphaMode::Full) g_alpha_full[j] += g_aij;
           if constexpr (AM == AlphaMode::Neuron) g_alpha_row_acc[j] += g_aij;
           if constexpr (AM == AlphaMode::Scalar) g_a += g_aij;
-          g_hebb[j] += g_u[j] * x * a;
+          g += g_u[j] * x * a;
         }
-        p.g_in_partial[(tile * B + b) * P + i] = g_x;
-        g_alpha_scalar += g_a;
+        if constexpr (DO_A) {
+          const T g_elig_out = has_elig<R>() ? g_elig[j] : T(0);
+          const RuleGrads<T> rg = rule_backward<R>(g, g_elig_out, hebb_a[j], elig_a[j], pre,
+                                                   post[j], eta[j], p.consts);
+          g = rg.hebb;
+          if constexpr (has_elig<R>()) {
+            g_elig[j] = rg.elig;
+            g_r += rg.elig_rate;
+          }
+          g_post_b[j] += rg.post;
+          if constexpr (EM == EtaMode::PerPost) g_eta_b[j] += rg.eta;
+          else g_eta_conn[j] += rg.eta;
+          g_pre += rg.pre;
+        }
+        g_hebb[j] = g;
+      };
+      // The row sums keep kLanes partial sums, one per vector lane, added pairwise at the end:
+      // the vectoriser would otherwise add the lanes one after the other, for every row.
+      T lx[kLanes<T>] = {}, la[kLanes<T>] = {}, lp[kLanes<T>] = {}, lr[kLanes<T>] = {};
+      int64_t j = 0;
+      for (; j + kLanes<T> <= r.nj; j += kLanes<T>) {
+#pragma omp simd
+        for (int l = 0; l < kLanes<T>; ++l) element(j + l, lx[l], la[l], lp[l], lr[l]);
+      }
+      T rx = 0, ra = 0, rp = 0, rr = 0;  // the columns left over, in registers
+      for (; j < r.nj; ++j) element(j, rx, ra, rp, rr);
+      if constexpr (DO_B) {
+        p.g_in_partial[(tile * B + b) * P + i] = sum_lanes(lx) + rx;
+        if constexpr (AM == AlphaMode::Scalar) g_alpha_scalar += sum_lanes(la) + ra;
       }
       if constexpr (DO_A) {
-        const T* hebb = p.a_hebb + off;
-        const T* elig = has_elig<R>() ? p.a_elig + off : hebb;
-        T* g_elig = has_elig<R>() ? p.g_elig + off : g_hebb;
-        const T pre = p.a_pre[b * P + i];
-        const T* post = p.a_post + b * N + r.j0;
-        const T* eta = eta_row<EM>(p.a_eta, b, i, N, r.j0);
-        T* g_post_b = g_post_acc + (b - r.b0) * tc;
-        T* g_eta_b = g_eta_acc + (b - r.b0) * tc;
-        T g_pre = 0, g_r = 0;
-#pragma omp simd reduction(+ : g_pre, g_r)
-        for (int64_t j = 0; j < r.nj; ++j) {
-          const T g_elig_out = has_elig<R>() ? g_elig[j] : T(0);
-          const RuleGrads<T> g =
-              rule_backward<R>(g_hebb[j], g_elig_out, hebb[j], elig[j], pre, post[j], eta[j],
-                               p.consts);
-          g_hebb[j] = g.hebb;
-          if constexpr (has_elig<R>()) g_elig[j] = g.elig;
-          g_post_b[j] += g.post;
-          if constexpr (EM == EtaMode::PerPost) g_eta_b[j] += g.eta;
-          else g_eta_conn[j] += g.eta;
-          g_pre += g.pre;
-          g_r += g.elig_rate;
-        }
-        p.g_pre_partial[(tile * B + b) * P + i] = g_pre;
-        g_rate += g_r;
+        p.g_pre_partial[(tile * B + b) * P + i] = sum_lanes(lp) + rp;
+        if constexpr (has_elig<R>()) g_rate += sum_lanes(lr) + rr;
       }
     }
   }
