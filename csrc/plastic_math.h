@@ -28,7 +28,7 @@ BP_HOST_DEVICE T clamp_sym(T s, T c) {
 // torch.clamp's gradient mask: passes where -c <= s <= c (false for NaN).
 template <typename T>
 BP_HOST_DEVICE T clamp_mask(T s, T c) {
-  return (s >= -c && s <= c) ? T(1) : T(0);
+  return ((s >= -c) & (s <= c)) ? T(1) : T(0);  // `&`, not `&&`: no branch
 }
 
 template <typename T>
@@ -45,8 +45,9 @@ BP_HOST_DEVICE void rule_forward(T hebb, T elig, T pre, T post, T eta, RuleConst
   if constexpr (R == Rule::Clip) {
     hebb_out = clamp_sym(hebb + eta * prod, k.clip);
   } else if constexpr (R == Rule::SoftClip) {
-    const T z = eta * prod;
-    const T soft = z > T(0) ? z * (T(1) - hebb / k.clip) : z * (T(1) + hebb / k.clip);
+    // Both branches computed, then selected: keeps the loop free of branches (vectorisable).
+    const T z = eta * prod, h_c = hebb / k.clip;
+    const T soft = z * (z > T(0) ? T(1) - h_c : T(1) + h_c);
     hebb_out = clamp_sym(hebb + soft, k.clip);
   } else if constexpr (R == Rule::Decay) {
     hebb_out = (T(1) - eta) * hebb + eta * prod;
@@ -77,12 +78,12 @@ BP_HOST_DEVICE RuleGrads<T> rule_backward(T g_hebb_out, T g_elig_out, T hebb, T 
     g.pre = g_prod * post;
     g.post = g_prod * pre;
   } else if constexpr (R == Rule::SoftClip) {
-    const T z = eta * prod;
+    const T z = eta * prod, h_c = hebb / k.clip, z_c = z / k.clip;
     const bool positive = z > T(0);
-    const T soft = positive ? z * (T(1) - hebb / k.clip) : z * (T(1) + hebb / k.clip);
-    const T gs = g_hebb_out * clamp_mask(hebb + soft, k.clip);
-    const T g_z = gs * (positive ? T(1) - hebb / k.clip : T(1) + hebb / k.clip);
-    g.hebb = gs * (positive ? T(1) - z / k.clip : T(1) + z / k.clip);
+    const T dsoft_dz = positive ? T(1) - h_c : T(1) + h_c;
+    const T gs = g_hebb_out * clamp_mask(hebb + z * dsoft_dz, k.clip);
+    const T g_z = gs * dsoft_dz;
+    g.hebb = gs * (positive ? T(1) - z_c : T(1) + z_c);
     g.eta = g_z * prod;
     g.pre = g_z * eta * post;
     g.post = g_z * eta * pre;

@@ -8,8 +8,8 @@
 // A task is (batch chunk, column tile). Inside a task the loop order is i (pre-synaptic row),
 // then b, then the tile's columns j: the rows of w and alpha are loaded once per i and reused over
 // the chunk, and the innermost loop runs over contiguous columns so the compiler vectorises it.
-#ifndef BP_CPU_ISA
-#error "define BP_CPU_ISA before including trace_tasks.h"
+#if !defined(BP_CPU_ISA) || !defined(BP_VECTOR_BYTES)
+#error "define BP_CPU_ISA and BP_VECTOR_BYTES before including trace_tasks.h"
 #endif
 
 #include "../dispatch.h"
@@ -24,9 +24,9 @@ BP_HOST_DEVICE void fill_zero(T* dst, int64_t n) {
   for (int64_t k = 0; k < n; ++k) dst[k] = T(0);
 }
 
-// Values per 64-byte vector: the width of the partial sums of row reductions.
+// Values per vector register: the width of the partial sums of row reductions.
 template <typename T>
-constexpr int kLanes = 64 / sizeof(T);
+constexpr int kLanes = BP_VECTOR_BYTES / sizeof(T);
 
 // Pairwise sum of the kLanes partial sums (a fixed order: results stay reproducible).
 template <typename T>

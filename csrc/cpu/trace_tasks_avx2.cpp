@@ -2,5 +2,6 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC target("avx2,fma")
 #define BP_CPU_ISA isa_avx2
+#define BP_VECTOR_BYTES 32
 #include "trace_tasks.h"
 #endif

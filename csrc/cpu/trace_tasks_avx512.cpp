@@ -2,5 +2,6 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
 #define BP_CPU_ISA isa_avx512
+#define BP_VECTOR_BYTES 64
 #include "trace_tasks.h"
 #endif
