@@ -74,6 +74,9 @@ BP_HOST_DEVICE TaskRange task_range(const Tiling& tl, int64_t B, int64_t N, int6
 template <typename T, Rule R, AlphaMode AM, EtaMode EM, bool UPDATE, bool MATVEC>
 void forward_task(const ForwardPassParams<T>& p, const TaskRange& r, T* acc, int64_t tile_cols) {
   const int64_t P = p.P, N = p.N;
+  // A local copy: the compiler cannot keep p.consts in a register across the stores to the
+  // trace, which might alias it.
+  const RuleConsts<T> consts = p.consts;
   if constexpr (MATVEC) fill_zero(acc, (r.b1 - r.b0) * tile_cols);
   for (int64_t i = 0; i < P; ++i) {
     const T* w_row = MATVEC ? p.w + i * N + r.j0 : nullptr;
@@ -95,7 +98,7 @@ void forward_task(const ForwardPassParams<T>& p, const TaskRange& r, T* acc, int
 #pragma omp simd
         for (int64_t j = 0; j < r.nj; ++j) {
           T h_new, e_new;
-          rule_forward<R>(hebb[j], elig[j], pre, post[j], eta[j], p.consts, h_new, e_new);
+          rule_forward<R>(hebb[j], elig[j], pre, post[j], eta[j], consts, h_new, e_new);
           hebb_out[j] = h_new;
           if constexpr (has_elig<R>()) elig_out[j] = e_new;
           if constexpr (MATVEC) acc_b[j] += x * (w_row[j] + alpha_at<AM>(a_row, j) * h_new);
@@ -117,6 +120,7 @@ template <typename T, Rule R, AlphaMode AM, EtaMode EM, bool DO_B, bool DO_A>
 void backward_task(const BackwardPassParams<T>& p, const Tiling& tl, const TaskRange& r,
                    int64_t task, T* scratch) {
   const int64_t B = p.B, P = p.P, N = p.N, tc = tl.tile_cols;
+  const RuleConsts<T> consts = p.consts;  // in a register, see forward_task
   const int64_t chunk = task / tl.num_tiles, tile = task % tl.num_tiles;
   const int64_t rows = (r.b1 - r.b0) * tc;
   T* g_post_acc = scratch;        // per (b, j), summed over i
@@ -162,7 +166,7 @@ void backward_task(const BackwardPassParams<T>& p, const Tiling& tl, const TaskR
         if constexpr (DO_A) {
           const T g_elig_out = has_elig<R>() ? g_elig[j] : T(0);
           const RuleGrads<T> rg = rule_backward<R>(g, g_elig_out, hebb_a[j], elig_a[j], pre,
-                                                   post[j], eta[j], p.consts);
+                                                   post[j], eta[j], consts);
           g = rg.hebb;
           if constexpr (has_elig<R>()) {
             g_elig[j] = rg.elig;
