@@ -9,7 +9,8 @@
 // Importing backpropamine_cuda._C registers the ops; the module itself is empty.
 extern "C" {
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr,
+                                          nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&module_def);
 }
 }

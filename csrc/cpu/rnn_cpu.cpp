@@ -7,8 +7,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
-#include <cmath>
-
 #include "../checks.h"
 #include "../ops.h"
 #include "../trace_pass.h"
@@ -18,21 +16,27 @@ namespace bp {
 
 namespace {
 
+// The parameters the passes and the backward's per-step loops read.
 template <typename T>
 struct RnnParams {
-  const T *w, *alpha, *h2mod_w, *h2mod_b, *fanout_w, *fanout_b;
+  const T *w, *alpha, *h2mod_w, *fanout_w;
   RuleConsts<T> consts;
 };
 
 template <typename T>
 RnnParams<T> rnn_params(const RnnConfig& c, const Tensor& w, const Tensor& alpha,
                         const OptTensor& elig_rate, const OptTensor& h2mod_weight,
-                        const OptTensor& h2mod_bias, const OptTensor& fanout_weight,
-                        const OptTensor& fanout_bias) {
+                        const OptTensor& fanout_weight) {
   const T rate = elig_rate.has_value() ? elig_rate->item<T>() : T(0);
-  return {w.data_ptr<T>(),          alpha.data_ptr<T>(),         data_or_null<T>(h2mod_weight),
-          data_or_null<T>(h2mod_bias), data_or_null<T>(fanout_weight), data_or_null<T>(fanout_bias),
-          RuleConsts<T>{static_cast<T>(c.clip), rate}};
+  return {w.data_ptr<T>(), alpha.data_ptr<T>(), data_or_null<T>(h2mod_weight),
+          data_or_null<T>(fanout_weight), RuleConsts<T>{static_cast<T>(c.clip), rate}};
+}
+
+// Without modulation the rate is the parameter itself: the scalar broadcast to (B, N)
+// (EtaMode::PerPost), or the (N, N) per-connection rates (EtaMode::PerConnection).
+Tensor fixed_rate(const RnnConfig& c, const OptTensor& eta) {
+  if (c.modulation != Modulation::None) return Tensor();
+  return eta->dim() == 0 ? eta->expand({c.B, c.N}).contiguous() : *eta;
 }
 
 // The modulator's parameters (absent without modulation).
@@ -89,9 +93,8 @@ int64_t num_segments(int64_t T, int64_t L) { return (T + L - 1) / L; }
 
 template <typename T>
 Tensors<7> sequence_forward(const RnnConfig& c, const RnnParams<T>& p, const Tensor& x,
-                                     const Tensor& h0, const Tensor& hebb0,
-                                     const OptTensor& elig0, const OptTensor& eta,
-                                     const Modulator& mod, int64_t L) {
+                            const Tensor& h0, const Tensor& hebb0, const OptTensor& elig0,
+                            const OptTensor& eta, const Modulator& mod, int64_t L) {
   const int64_t T_ = c.T, B = c.B, N = c.N, K = c.K, BN = B * N, BNN = B * N * N;
   const bool retro = c.modes.rule == Rule::Retroactive;
   const bool modulated = c.modulation != Modulation::None;
@@ -109,10 +112,7 @@ Tensors<7> sequence_forward(const RnnConfig& c, const RnnParams<T>& p, const Ten
   Tensor work_h = at::empty({T_ > 1 ? B : 0, N, N}, opts);
   Tensor work_e = at::empty({retro && T_ > 1 ? B : 0, N, N}, opts);
   Tensor u = at::empty({B, N}, opts);
-  // Without modulation the rate is the parameter itself: a (B, N) broadcast of the scalar, or
-  // the (N, N) per-connection rates.
-  Tensor eta_fixed;
-  if (!modulated) eta_fixed = eta->dim() == 0 ? eta->expand({B, N}).contiguous() : *eta;
+  const Tensor eta_fixed = fixed_rate(c, eta);
 
   ForwardPassParams<T> fp{};
   fp.B = B; fp.P = N; fp.N = N;
@@ -158,13 +158,12 @@ Tensors<7> sequence_forward(const RnnConfig& c, const RnnParams<T>& p, const Ten
 }
 
 template <typename T>
-Tensors<12> sequence_backward(const RnnConfig& c, const RnnParams<T>& p,
-                                      const OptTensor& grad_out, const OptTensor& grad_hebb,
-                                      const OptTensor& grad_elig, const OptTensor& grad_m,
-                                      const Tensor& h0, const Tensor& hebb0,
-                                      const OptTensor& elig0, const OptTensor& eta,
-                                      const Tensor& out, const Tensor& m, const Tensor& eta_seq,
-                                      const Tensor& ckpt_h, const Tensor& ckpt_e, int64_t L) {
+Tensors<12> sequence_backward(const RnnConfig& c, const RnnParams<T>& p, const OptTensor& grad_out,
+                              const OptTensor& grad_hebb, const OptTensor& grad_elig,
+                              const OptTensor& grad_m, const Tensor& h0, const Tensor& hebb0,
+                              const OptTensor& elig0, const OptTensor& eta, const Tensor& out,
+                              const Tensor& m, const Tensor& eta_seq, const Tensor& ckpt_h,
+                              const Tensor& ckpt_e, int64_t L) {
   const int64_t T_ = c.T, B = c.B, N = c.N, K = c.K, BN = B * N, BNN = B * N * N;
   const bool retro = c.modes.rule == Rule::Retroactive;
   const bool modulated = c.modulation != Modulation::None;
@@ -190,8 +189,7 @@ Tensors<12> sequence_backward(const RnnConfig& c, const RnnParams<T>& p,
   Tensor g_a = at::empty({T_, B, N}, opts);         // dL/du_t == dL/dx_t
   Tensor g_z = at::zeros({T_, B, K}, opts);
   Tensor g_eta_seq = at::empty({c.modulation == Modulation::Fanout ? T_ : 0, B, N}, opts);
-  Tensor eta_fixed;
-  if (!modulated) eta_fixed = eta->dim() == 0 ? eta->expand({B, N}).contiguous() : *eta;
+  const Tensor eta_fixed = fixed_rate(c, eta);
   double g_eta_scalar = 0;
 
   const T* out_p = out.data_ptr<T>();
@@ -367,8 +365,7 @@ Tensors<7> plastic_rnn_sequence_cpu(
            fanout_weight, fanout_bias}, rule, clip, true);
   check_checkpoint_every(op, checkpoint_every);
   return dispatch_float(x, op, [&]<typename T>() {
-    const auto p = rnn_params<T>(c, w, alpha, elig_rate, h2mod_weight, h2mod_bias, fanout_weight,
-                                 fanout_bias);
+    const auto p = rnn_params<T>(c, w, alpha, elig_rate, h2mod_weight, fanout_weight);
     return sequence_forward<T>(c, p, x, h0, hebb0, elig0, eta,
                                {h2mod_weight, h2mod_bias, fanout_weight, fanout_bias},
                                checkpoint_every);
@@ -397,8 +394,7 @@ Tensors<12> plastic_rnn_sequence_backward_cpu(
   const int64_t n_ckpt = num_segments(T_, checkpoint_every) - 1;
   check_grad(op, "hebb_checkpoints", hebb_checkpoints, {n_ckpt, B, N, N}, out);
   return dispatch_float(out, op, [&]<typename T>() {
-    const auto p = rnn_params<T>(c, w, alpha, elig_rate, h2mod_weight, h2mod_bias, fanout_weight,
-                                 fanout_bias);
+    const auto p = rnn_params<T>(c, w, alpha, elig_rate, h2mod_weight, fanout_weight);
     return sequence_backward<T>(c, p, grad_out, grad_hebb, grad_elig, grad_m, h0, hebb0, elig0,
                                 eta, out, m, eta_seq, hebb_checkpoints, elig_checkpoints,
                                 checkpoint_every);
@@ -415,8 +411,7 @@ Tensors<5> plastic_rnn_step_cpu(
       op, {x, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fanout_weight,
            fanout_bias}, rule, clip, false);
   auto [out, hebb_new, elig_new, m, eta_seq, ckpt_h, ckpt_e] = dispatch_float(x, op, [&]<typename T>() {
-    const auto p = rnn_params<T>(c, w, alpha, elig_rate, h2mod_weight, h2mod_bias, fanout_weight,
-                                 fanout_bias);
+    const auto p = rnn_params<T>(c, w, alpha, elig_rate, h2mod_weight, fanout_weight);
     return sequence_forward<T>(c, p, x.unsqueeze(0), h, hebb, elig, eta,
                                {h2mod_weight, h2mod_bias, fanout_weight, fanout_bias}, 1);
   });
@@ -446,8 +441,7 @@ Tensors<12> plastic_rnn_step_backward_cpu(
     return t.has_value() ? OptTensor(t->unsqueeze(0)) : std::nullopt;
   };
   auto grads = dispatch_float(h_new, op, [&]<typename T>() {
-    const auto p = rnn_params<T>(c, w, alpha, elig_rate, h2mod_weight, h2mod_bias, fanout_weight,
-                                 fanout_bias);
+    const auto p = rnn_params<T>(c, w, alpha, elig_rate, h2mod_weight, fanout_weight);
     return sequence_backward<T>(c, p, unsq(grad_h_new), grad_hebb, grad_elig, unsq(grad_m), h,
                                 hebb, elig, eta, h_new.unsqueeze(0), m.unsqueeze(0),
                                 eta_t.numel() > 0 ? eta_t.unsqueeze(0) : eta_t, at::empty({0, B, N, N}, h_new.options()),
