@@ -8,6 +8,7 @@ For each case (sizes of the papers' models) and implementation, in one run:
 Prints a markdown table and the performance targets, writes CSV, JSON and a PNG plot.
 
     PYTHONPATH=. python benchmarks/bench_rnn.py --quick            # smoke test, tiny sizes
+    PYTHONPATH=. python benchmarks/bench_rnn.py --quick --impls fused,eager   # ... without compiles
     PYTHONPATH=. python benchmarks/bench_rnn.py                    # all cases, CPU
     PYTHONPATH=. python benchmarks/bench_rnn.py --device cuda --cases ptb,ptb-mem
 
@@ -16,11 +17,15 @@ Implementations:
   eager     backpropamine_cuda.reference.plastic_rnn_sequence (pure PyTorch, autograd)
   compiled  a Python loop over T calling torch.compile(reference.plastic_rnn_step, dynamic=False)
 
-Every (case, implementation) runs in a fresh subprocess (see common.run_worker).
+Every (case, implementation) is measured by two fresh subprocesses, one for peak memory and one
+for times (see measure and common.run_worker), so implementations share no allocator state.
+Timings on a shared machine suffer from other processes (OpenMP waits for its slowest thread): the
+1-min load average is printed and stored per row, and the JSON keeps every run and the minimum.
 """
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -132,14 +137,13 @@ def sequence_fn(impl):
 
 
 def worker(spec):
-    """Measures one (case, implementation); returns a JSON-able dict."""
+    """Measures one (case, implementation): its peak memory (spec["measure"] == "memory") or its
+    times ("time"). Returns a JSON-able dict."""
     device, dtype = spec["device"], getattr(torch, spec["dtype"])
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    cfg = spec["cfg"]
-    inp = make_inputs(cfg, device, dtype)
+    inp = make_inputs(spec["cfg"], device, dtype)
     grad_inputs = list(inp.values())
-    result = {}
     try:
         seq = sequence_fn(spec["impl"])
     except Exception as err:  # e.g. the extension does not build
@@ -161,26 +165,44 @@ def worker(spec):
         torch.autograd.grad(loss, grad_inputs)
 
     x_full, x_warm = inp["x"], inp["x"][:2]
+    result = {}
     for mode, fn in (("fwd", forward), ("fwdbwd", forward_backward)):
         try:
             # Warm-up on 2 steps: compiles the step (its shapes do not depend on T), starts
-            # thread pools and loads kernels, so none of it lands in the memory figure.
+            # thread pools and loads kernels, so none of it lands in the measurements.
             t0 = time.perf_counter()
             fn(x_warm)
             common.sync(device)
-            result[f"{mode}_warmup_s"] = time.perf_counter() - t0
-            # The first full-size call measures peak memory and doubles as the timing warm-up.
-            t0 = time.perf_counter()
-            result[f"{mode}_peak_mb"] = common.peak_memory_mb(lambda: fn(x_full), device)
-            first_s = time.perf_counter() - t0
-            timing = common.time_fn(lambda: fn(x_full), device, spec["repeats"], spec["budget"],
-                                    warm_s=first_s)
-            result[f"{mode}_ms"] = timing["ms"]
-            result[f"{mode}_runs"] = timing["runs"]
-            result[f"{mode}_all_ms"] = timing["all_ms"]
+            if spec["measure"] == "memory":
+                result[f"{mode}_warmup_s"] = time.perf_counter() - t0
+                result[f"{mode}_peak_mb"] = common.peak_memory_mb(lambda: fn(x_full), device)
+            else:
+                timing = common.time_fn(lambda: fn(x_full), device, spec["repeats"],
+                                        spec["budget"])
+                result[f"{mode}_ms"] = timing["ms"]
+                result[f"{mode}_min_ms"] = timing["min_ms"]  # less sensitive to other processes
+                result[f"{mode}_runs"] = timing["runs"]
+                result[f"{mode}_all_ms"] = timing["all_ms"]
         except Exception as err:  # a failing compile or op is reported, not fatal
             result[f"{mode}_error"] = common.short_error(err)
     return result
+
+
+def measure(script, spec):
+    """Runs the memory worker, then the timing worker, each in a fresh process; merges them."""
+    # glibc serves allocations below its (adaptive, up to 32 MB) mmap threshold from the heap and
+    # keeps freed heap pages resident, so peak RSS would include allocator history. A fixed small
+    # threshold gives every tensor its own mapping, returned on free: peak RSS ~ live memory.
+    # Timing runs use the default allocator behaviour, as users get it.
+    mem = common.run_worker(script, dict(spec, measure="memory"),
+                            env={"MALLOC_MMAP_THRESHOLD_": "65536"})
+    tim = common.run_worker(script, dict(spec, measure="time"))
+    merged = {**mem, **tim}
+    for key in ("error", "fwd_error", "fwdbwd_error"):
+        errors = list(dict.fromkeys(e for e in (mem.get(key), tim.get(key)) if e))
+        if errors:
+            merged[key] = " / ".join(errors)
+    return merged
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,7 +215,7 @@ def parse_args():
     p.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {list(IMPLS)}")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
     p.add_argument("--budget", type=float, default=20.0,
-                   help="seconds of timed runs per measurement: slow ones get fewer repeats (>= 1)")
+                   help="stop repeating a measurement once its runs took this long (>= 1 run)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -321,10 +343,12 @@ def main():
     info = common.machine_info(args.device)
     info["cpu_peak_memory_method"] = (common.cpu_memory_method() if args.device == "cpu"
                                       else "torch.cuda.max_memory_allocated")
+    load_start = os.getloadavg()[0]
     bw_mb = min(args.bw_mb, 64) if args.quick else args.bw_mb
     bw = common.measure_bandwidth(args.device, bw_mb)
     print(f"memory bandwidth: {bw['gbs']:.1f} GB/s (add {bw['add_gbs']:.1f}, "
-          f"copy {bw['copy_gbs']:.1f}; {bw_mb} MB arrays)", file=sys.stderr, flush=True)
+          f"copy {bw['copy_gbs']:.1f}, in place {bw['inplace_gbs']:.1f}; {bw_mb} MB arrays)",
+          file=sys.stderr, flush=True)
 
     records = []
     script = Path(__file__).resolve()
@@ -334,9 +358,11 @@ def main():
             t0 = time.time()
             spec = dict(case=case, cfg=cfg, impl=impl, device=args.device, dtype=args.dtype,
                         repeats=args.repeats, budget=args.budget, threads=args.threads)
-            res = common.run_worker(script, spec)
+            res = measure(script, spec)
             sizes_txt = f"B={cfg['B']} N={cfg['N']} T={cfg['T']} alpha={cfg['alpha']}"
-            records.append(dict(case=case, impl=impl, sizes=sizes_txt, **cfg, **res))
+            # 1-min load average after the worker: ~threads when nothing else ran meanwhile
+            records.append(dict(case=case, impl=impl, sizes=sizes_txt, **cfg, **res,
+                                loadavg=os.getloadavg()[0]))
             print(f"[{time.time() - start:6.0f} s] {case:8s} {impl:9s} "
                   f"fwd {common.fmt_num(res.get('fwd_ms'))} ms, "
                   f"fwd+bwd {common.fmt_num(res.get('fwdbwd_ms'))} ms "
@@ -350,12 +376,16 @@ def main():
     threads = args.threads or info["torch_threads"]
     machine = (f"{info.get('gpu', info['cpu'])}, {threads} threads, torch {info['torch']}, "
                f"{args.device}, {args.dtype}; measured memory bandwidth {bw['gbs']:.1f} GB/s "
-               f"(add {bw['add_gbs']:.1f}, copy {bw['copy_gbs']:.1f} GB/s on {bw_mb} MB arrays)")
+               f"(add {bw['add_gbs']:.1f}, copy {bw['copy_gbs']:.1f}, in place "
+               f"{bw['inplace_gbs']:.1f} GB/s on {bw_mb} MB arrays)")
     if "cache_L3" in info:
         machine += f"; L2 {info.get('cache_L2', '?')}, L3 {info['cache_L3']}"
+    # Other processes competing for the cores distort timings (OpenMP waits for every thread).
+    info["loadavg_1min_start_end"] = (load_start, os.getloadavg()[0])
+    machine += f"; 1-min load average {load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end"
     footnotes = [
         f"Median of up to {args.repeats} runs after a warm-up ('runs' column, fwd / fwd+bwd; "
-        f"fewer when a measurement would exceed {args.budget:g} s). fwd runs under no_grad; "
+        f"fewer once a measurement has used {args.budget:g} s). fwd runs under no_grad; "
         "fwd+bwd is loss = out.sum() + hebb_T.sum() and torch.autograd.grad to all inputs.",
         "Modulation fanout (K=1), rule clip 2.0; 'compiled' loops over T calling "
         "torch.compile(reference.plastic_rnn_step, dynamic=False).",
@@ -363,18 +393,21 @@ def main():
         "speedup = impl time / fused time, mem fraction = fused peak / impl peak.",
         "Peak memory: " + ("torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus "
                            "memory allocated before the call." if args.device == "cuda" else
-                           "peak resident set size of the worker process (one process per case "
-                           "and impl) during the first full-size call, minus its resident size "
-                           "just before (peak reset via /proc/self/clear_refs, freed heap "
-                           "returned with malloc_trim): every page the call touched, including "
-                           "allocator slack; inputs are excluded, outputs and gradients included."),
+                           "peak resident set size of a fresh worker process during the first "
+                           "full-size call, minus its resident size just before (peak reset via "
+                           "/proc/self/clear_refs). That worker runs with MALLOC_MMAP_THRESHOLD_="
+                           "65536 so that freed tensors leave no resident heap behind: the figure "
+                           "is the memory live at the peak; inputs excluded, outputs and "
+                           "gradients included. Timings come from a second worker with default "
+                           "malloc settings."),
         "Bandwidth floor = bytes the fused op must move / measured bandwidth; bytes = T x "
         "(2 fwd, 7 fwd+bwd) x B*N*N*itemsize for the trace plus the per-step vectors "
         "(rnn_floor_bytes). A ratio < 1 means the trace stayed in cache.",
     ]
     report = "\n".join([
         f"## bench_rnn ({'quick sizes' if args.quick else 'full sizes'})", "", machine, "",
-        table, "", "Targets:", "", targets, "",
+        table, "", "Targets" + (" (they apply to the full sizes, not to --quick)"
+                                if args.quick else "") + ":", "", targets, "",
         *[f"- {f}" for f in footnotes], "", f"Whole run: {total_s:.0f} s.",
     ])
     print(report)

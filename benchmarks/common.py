@@ -73,28 +73,24 @@ def machine_info(device):
 # Timing
 
 
-def time_fn(fn, device, repeats=5, budget_s=30.0, warm_s=None):
-    """Median wall time of `fn()` in ms, after one warm-up call.
+def time_fn(fn, device, repeats=5, budget_s=30.0, warmup=True):
+    """Median wall time of `fn()` in ms over up to `repeats` timed runs.
 
-    The warm-up call's time sets how many timed runs fit in `budget_s` (at least 1, at most
-    `repeats`), so slow baselines are not run 5 times for minutes. Pass `warm_s` (the time of a
-    call just made) to use that call as the warm-up. Returns a dict with the median, all timed
-    runs and their count.
+    Runs stop early once they have used `budget_s` seconds (at least one run is always made), so
+    slow baselines are not run 5 times for minutes. `warmup=False` when the caller has just made
+    a full-size call (that call is the warm-up). Returns the median, all runs and their count.
     """
-    if warm_s is None:
-        sync(device)
-        t0 = time.perf_counter()
+    if warmup:
         fn()
         sync(device)
-        warm_s = time.perf_counter() - t0
-    n = max(1, min(repeats, int(budget_s / max(warm_s, 1e-9))))
     times = []
-    for _ in range(n):
+    while len(times) < repeats and sum(times) < budget_s * 1e3:
         t0 = time.perf_counter()
         fn()
         sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
-    return {"ms": statistics.median(times), "runs": n, "all_ms": times}
+    n = len(times)
+    return {"ms": statistics.median(times), "min_ms": min(times), "runs": n, "all_ms": times}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,9 +101,10 @@ def time_fn(fn, device, repeats=5, budget_s=30.0, warm_s=None):
 # size (VmHWM in /proc/self/status), which Linux lets us reset to the current RSS by writing "5"
 # to /proc/self/clear_refs. Before each measurement we return freed heap memory to the OS
 # (malloc_trim) and reset the high-water mark; the reported peak is VmHWM - VmRSS at the start.
-# It counts every page the run touched (tensors, autograd buffers, allocator slack), i.e. what the
-# machine must provide. Without clear_refs (non-Linux) we fall back to ru_maxrss, which cannot be
-# reset and is then only a lower bound if an earlier step of the process peaked higher.
+# It counts every page the run touched (tensors, autograd buffers, allocator slack); run the
+# process with MALLOC_MMAP_THRESHOLD_=65536 to leave glibc's heap slack out (bench_rnn.measure).
+# Without clear_refs (non-Linux) we fall back to ru_maxrss, which cannot be reset and then
+# undercounts if something earlier in the process peaked higher.
 
 _LIBC = None
 
@@ -177,17 +174,19 @@ def peak_memory_mb(fn, device):
 def measure_bandwidth(device, mb_per_array=1024, repeats=7):
     """Achievable memory bandwidth in GB/s (1e9 bytes/s), median over `repeats`.
 
-    Two streaming kernels on float32 arrays of `mb_per_array` MB each (choose it well above the
-    last-level cache): `c = a + b` (counts 3 arrays: 2 read + 1 written) and `c.copy_(a)`
-    (2 arrays). Both use all intra-op threads. Write-allocate traffic (reading c's lines before
+    Three streaming kernels on float32 arrays of `mb_per_array` MB each (choose it well above the
+    last-level cache): `c = a + b` (counts 3 arrays: 2 read + 1 written), `c.copy_(a)`
+    (2 arrays) and `a *= s` in place (2). All use all intra-op threads. Write-allocate traffic (reading c's lines before
     writing them) is not counted, as is customary, so this is the bandwidth a kernel that reads
-    and writes each byte once can expect. Returns the better kernel's figure and both.
+    and writes each byte once can expect. Returns the best kernel's figure and each.
     """
     n = mb_per_array * 2**20 // 4
     a = torch.rand(n, device=device)
     b = torch.rand(n, device=device)
     c = torch.empty(n, device=device)
-    kernels = {"add": (lambda: torch.add(a, b, out=c), 3), "copy": (lambda: c.copy_(a), 2)}
+    kernels = {"add": (lambda: torch.add(a, b, out=c), 3), "copy": (lambda: c.copy_(a), 2),
+               # In place (read a, write a): no write-allocate reads, as the trace updates.
+               "inplace": (lambda: a.mul_(1.0000001), 2)}
     result = {}
     for name, (fn, arrays) in kernels.items():
         fn()  # touch every page / warm up
@@ -200,7 +199,7 @@ def measure_bandwidth(device, mb_per_array=1024, repeats=7):
             times.append(time.perf_counter() - t0)
         result[f"{name}_gbs"] = arrays * n * 4 / statistics.median(times) / 1e9
     del a, b, c
-    result["gbs"] = max(result["add_gbs"], result["copy_gbs"])
+    result["gbs"] = max(result[f"{name}_gbs"] for name in kernels)
     result["mb_per_array"] = mb_per_array
     return result
 
@@ -209,12 +208,14 @@ def measure_bandwidth(device, mb_per_array=1024, repeats=7):
 # Worker subprocesses
 
 
-def run_worker(script, spec, timeout_s=3600):
-    """Runs `python script --worker JSON` in a fresh process; returns the dict it prints as its
-    last stdout line, or {"error": ...} when it crashes (e.g. killed for memory) or times out."""
+def run_worker(script, spec, env=None, timeout_s=3600):
+    """Runs `python script --worker JSON` in a fresh process (with `env` added to the
+    environment); returns the dict it prints as its last stdout line, or {"error": ...} when it
+    crashes (e.g. killed for memory) or times out."""
     cmd = [sys.executable, str(script), "--worker", json.dumps(spec)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
+                              env={**os.environ, **(env or {})})
     except subprocess.TimeoutExpired:
         return {"error": f"worker timed out after {timeout_s} s"}
     lines = proc.stdout.strip().splitlines()
@@ -285,9 +286,9 @@ def grouped_bars(ax, groups, series, values, log=True, ylabel="", markers=None):
     for k, s in enumerate(series):
         heights = [values[g].get(s) for g in groups]
         pos = x - 0.4 + width * (k + 0.5)
-        bars = ax.bar([p for p, h in zip(pos, heights) if h], [h for h in heights if h], width,
-                      label=s)
-        ax.bar_label(bars, fmt="%.3g", fontsize=7, rotation=90, padding=2)
+        shown = [h for h in heights if h]
+        bars = ax.bar([p for p, h in zip(pos, heights) if h], shown, width, label=s)
+        ax.bar_label(bars, labels=[fmt_num(h) for h in shown], fontsize=7, rotation=90, padding=2)
     if markers:
         for i, g in enumerate(groups):
             if markers.get(g):
