@@ -2,6 +2,8 @@
 build it, otherwise a build at first use with torch.utils.cpp_extension (ninja), cached under
 TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions)."""
 import functools
+import os
+import sys
 from pathlib import Path
 
 from . import _build_config
@@ -23,13 +25,21 @@ def load() -> str:
         return "prebuilt"
     except ImportError:
         pass
-    from torch.utils.cpp_extension import load as jit_load
+    import torch
+    from torch.utils.cpp_extension import get_default_build_root, load as jit_load
 
     csrc = _csrc_dir()
+    name = "backpropamine_cuda_C"
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    build_dir = root / f"{name}-torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    if not (build_dir / f"{name}.so").exists():
+        print(f"backpropamine_cuda: compiling the fused ops on first use (about a minute; cached "
+              f"in {build_dir})", file=sys.stderr, flush=True)
     try:
-        jit_load(name="backpropamine_cuda_C", sources=_build_config.cpu_sources(csrc),
+        jit_load(name=name, sources=_build_config.cpu_sources(csrc),
                  extra_cflags=_build_config.CXX_FLAGS, extra_ldflags=_build_config.LD_FLAGS,
-                 is_python_module=False)
+                 build_directory=str(build_dir), is_python_module=False)
     except Exception as err:
         raise RuntimeError(
             "backpropamine_cuda: building the fused ops failed (see the compiler output above). "
