@@ -35,8 +35,9 @@ def test_isa_matches_reference(fused, isa):
     best = torch.ops.backpropamine.cpu_isa()  # the widest this CPU runs (the suite's own)
     env = dict(os.environ, BACKPROPAMINE_CPU_ISA=isa)
     script = SCRIPT.format(tests=str(Path(__file__).parent))
+    # cwd: the tests' folder, so `-c` imports the same package as the tests (not a checkout).
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                            text=True, timeout=300)
+                            text=True, timeout=300, cwd=Path(__file__).parent)
     assert result.returncode == 0, result.stderr
     used, *lines = result.stdout.split("\n")
     # The request is capped by what the CPU supports.
