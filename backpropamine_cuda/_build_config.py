@@ -3,7 +3,10 @@ first-use build of _extension.py. Imports nothing from torch so setup.py can rea
 from pathlib import Path
 
 # -fopenmp: at::parallel_for is an inline OpenMP loop; without it the kernels run on one thread.
-CXX_FLAGS = ["-O3", "-fopenmp", "-DNDEBUG"]
+# -fno-trapping-math: floating-point operations may be computed speculatively (nothing enables FP
+# exceptions), so the vectoriser can turn the rules' selects into blends on CPUs without AVX-512
+# masks (2.5x faster backward with AVX2). Results are unchanged.
+CXX_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math", "-DNDEBUG"]
 LD_FLAGS = ["-fopenmp"]
 
 
