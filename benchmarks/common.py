@@ -283,6 +283,7 @@ def grouped_bars(ax, groups, series, values, log=True, ylabel="", markers=None):
 
     x = np.arange(len(groups))
     width = 0.8 / max(1, len(series))
+    log = log and any(values[g].get(s) for g in groups for s in series)  # nothing ran: linear
     for k, s in enumerate(series):
         heights = [values[g].get(s) for g in groups]
         pos = x - 0.4 + width * (k + 0.5)

@@ -11,9 +11,12 @@ given, see backpropamine_cuda/reference.py):
 """
 import itertools
 import math
+import os
+from pathlib import Path
 
 import torch
 
+import backpropamine_cuda
 from backpropamine_cuda import reference
 
 ALPHAS = ("full", "neuron", "scalar")
@@ -190,3 +193,11 @@ def clamp_engaged(hebb, clip):
     """True when some entries of the trace sit on the bound and some are strictly inside."""
     on_bound = hebb.abs() == clip
     return bool(on_bound.any()) and bool((~on_bound).any())
+
+
+def subprocess_env(**extra):
+    """Environment for a Python subprocess that imports the same backpropamine_cuda as the tests
+    (also from a source checkout on a relative PYTHONPATH), plus `extra` variables."""
+    root = str(Path(backpropamine_cuda.__file__).resolve().parent.parent)
+    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    return dict(os.environ, PYTHONPATH=path, **extra)

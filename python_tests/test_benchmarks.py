@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import subprocess_env
+
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_rnn.py"
 
 
@@ -16,7 +18,7 @@ def test_bench_rnn_quick(tmp_path):
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--quick", "--impls", "fused,eager", "--repeats", "1",
          "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, env=subprocess_env())
     assert result.returncode == 0, result.stderr[-3000:]
     with open(tmp_path / "bench_rnn.csv") as f:
         rows = list(csv.DictReader(f))

@@ -1,13 +1,14 @@
 """The CPU kernels are compiled for several instruction sets and one is picked at run time; the
 suite runs with the widest. Here each narrower one, forced with BACKPROPAMINE_CPU_ISA in a
 subprocess, runs a sweep of every rule against the reference."""
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from helpers import subprocess_env
 
 ISAS = ("default", "avx2", "avx512")
 
@@ -33,9 +34,9 @@ for rule, (alpha, modulation) in RULE_CONFIG.items():
 @pytest.mark.parametrize("isa", ISAS)
 def test_isa_matches_reference(fused, isa):
     best = torch.ops.backpropamine.cpu_isa()  # the widest this CPU runs (the suite's own)
-    env = dict(os.environ, BACKPROPAMINE_CPU_ISA=isa)
+    env = subprocess_env(BACKPROPAMINE_CPU_ISA=isa)
     script = SCRIPT.format(tests=str(Path(__file__).parent))
-    # cwd: the tests' folder, so `-c` imports the same package as the tests (not a checkout).
+    # cwd: not a checkout, whose package `-c` would import instead of the one under test.
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                             text=True, timeout=300, cwd=Path(__file__).parent)
     assert result.returncode == 0, result.stderr
