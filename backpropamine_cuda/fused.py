@@ -243,15 +243,15 @@ def _canonical_eta(eta, hebb):
     B, P, N = hebb.shape
     if not isinstance(eta, torch.Tensor):
         eta = torch.tensor(float(eta), dtype=hebb.dtype, device=hebb.device)
+    not_broadcastable = ValueError(f"hebb_update: eta must be broadcastable to (B, P, N) = "
+                                   f"{(B, P, N)}, got shape {tuple(eta.shape)}")
     if eta.dim() > 3:
-        raise ValueError(f"hebb_update: eta must be broadcastable to (B, P, N) = {(B, P, N)}, "
-                         f"got shape {tuple(eta.shape)}")
+        raise not_broadcastable
     eta3 = eta.reshape((1,) * (3 - eta.dim()) + tuple(eta.shape))
     try:
         torch.broadcast_shapes(eta3.shape, (B, P, N))
     except RuntimeError:
-        raise ValueError(f"hebb_update: eta must be broadcastable to (B, P, N) = {(B, P, N)}, "
-                         f"got shape {tuple(eta.shape)}") from None
+        raise not_broadcastable from None
     if eta3.shape[1] == 1:
         return eta3.expand(B, 1, N).contiguous()
     if eta3.shape[0] == 1:
