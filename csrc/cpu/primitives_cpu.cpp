@@ -41,8 +41,7 @@ Tensors<4> plastic_matvec_backward_cpu(const Tensor& grad_u, const Tensor& x,
   Tensor g_x_part = at::empty({tl.num_tiles, B, P}, x.options());
   Tensor g_alpha_acc = at::zeros({alpha_acc_size(am, tl, P, N)}, x.options());
   Tensor g_x = at::empty({B, P}, x.options());
-  Tensor g_alpha = at::empty({am == AlphaMode::Scalar ? 1 : g_alpha_acc.numel() / tl.num_chunks},
-                             x.options());
+  Tensor g_alpha;
   dispatch_float(x, op, [&]<typename T>() {
     BackwardPassParams<T> p{};
     p.B = B; p.P = P; p.N = N;
@@ -57,10 +56,9 @@ Tensors<4> plastic_matvec_backward_cpu(const Tensor& grad_u, const Tensor& x,
     p.g_alpha_acc = g_alpha_acc.data_ptr<T>();
     backward_pass_cpu(p, {Rule::Clip, am, EtaMode::PerPost}, tl);
     sum_rows(g_x_part.data_ptr<T>(), tl.num_tiles, B * P, g_x.data_ptr<T>());
-    sum_rows(g_alpha_acc.data_ptr<T>(), g_alpha_acc.numel() / g_alpha.numel(), g_alpha.numel(),
-             g_alpha.data_ptr<T>());
+    g_alpha = reduce_alpha_acc<T>(g_alpha_acc, am, tl, alpha.sizes());
   });
-  return {g_x, at::mm(x.t(), grad_u), g_alpha.view(alpha.sizes()), g_hebb};
+  return {g_x, at::mm(x.t(), grad_u), g_alpha, g_hebb};
 }
 
 Tensors<2> hebb_update_cpu(const Tensor& hebb, const Tensor& pre, const Tensor& post,

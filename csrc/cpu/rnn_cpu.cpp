@@ -7,6 +7,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <vector>
+
 #include "../checks.h"
 #include "../ops.h"
 #include "../trace_pass.h"
@@ -312,13 +314,11 @@ Tensors<12> sequence_backward(const RnnConfig& c, const RnnParams<T>& p, const O
   Tensor pre_seq = at::cat({h0.unsqueeze(0), out.narrow(0, 0, T_ - 1)}).reshape({T_ * B, N});
   Tensor g_a_flat = g_a.reshape({T_ * B, N});
   Tensor g_w = at::mm(pre_seq.t(), g_a_flat);
-  // g_alpha_acc is (chunks, P*N) or (chunks, N) summed over chunks, or per-task scalars.
-  const int64_t alpha_rows =
-      c.modes.alpha == AlphaMode::Scalar ? g_alpha_acc.numel() : tl.num_chunks;
-  Tensor g_alpha = at::empty({g_alpha_acc.numel() / alpha_rows}, opts);
-  sum_rows(g_alpha_acc.data_ptr<T>(), alpha_rows, g_alpha.numel(), g_alpha.data_ptr<T>());
-  if (c.modes.alpha == AlphaMode::Full) g_alpha = g_alpha.view({N, N});
-  else if (c.modes.alpha == AlphaMode::Scalar) g_alpha = g_alpha.squeeze(0);
+  const std::vector<int64_t> alpha_shape =
+      c.modes.alpha == AlphaMode::Full     ? std::vector<int64_t>{N, N}
+      : c.modes.alpha == AlphaMode::Neuron ? std::vector<int64_t>{N}
+                                           : std::vector<int64_t>{};
+  Tensor g_alpha = reduce_alpha_acc<T>(g_alpha_acc, c.modes.alpha, tl, alpha_shape);
 
   Tensor g_eta = at::empty({0}, opts);
   if (!modulated) {
