@@ -410,7 +410,8 @@ Tensors<5> plastic_rnn_step_cpu(
   const RnnConfig c = check_rnn_inputs(
       op, {x, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fanout_weight,
            fanout_bias}, rule, clip, false);
-  auto [out, hebb_new, elig_new, m, eta_seq, ckpt_h, ckpt_e] = dispatch_float(x, op, [&]<typename T>() {
+  auto [out, hebb_new, elig_new, m, eta_seq, ckpt_h, ckpt_e] =
+      dispatch_float(x, op, [&]<typename T>() {
     const auto p = rnn_params<T>(c, w, alpha, elig_rate, h2mod_weight, fanout_weight);
     return sequence_forward<T>(c, p, x.unsqueeze(0), h, hebb, elig, eta,
                                {h2mod_weight, h2mod_bias, fanout_weight, fanout_bias}, 1);
@@ -444,7 +445,8 @@ Tensors<12> plastic_rnn_step_backward_cpu(
     const auto p = rnn_params<T>(c, w, alpha, elig_rate, h2mod_weight, fanout_weight);
     return sequence_backward<T>(c, p, unsq(grad_h_new), grad_hebb, grad_elig, unsq(grad_m), h,
                                 hebb, elig, eta, h_new.unsqueeze(0), m.unsqueeze(0),
-                                eta_t.numel() > 0 ? eta_t.unsqueeze(0) : eta_t, at::empty({0, B, N, N}, h_new.options()),
+                                eta_t.numel() > 0 ? eta_t.unsqueeze(0) : eta_t,
+                                at::empty({0, B, N, N}, h_new.options()),
                                 at::empty({0}, h_new.options()), 1);
   });
   std::get<0>(grads) = std::get<0>(grads).squeeze(0);
