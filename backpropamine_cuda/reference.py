@@ -11,11 +11,17 @@ Parameter shapes select the options:
 * modulation: ``eta`` given (shape ``()`` or ``(P, N)``) means "none"; ``h2mod_weight`` (K, N)
   given without ``fanout_weight`` means "simple" (K == 1); with ``fanout_weight`` (N, K) "fanout".
 * ``rule``: "clip", "softclip", "decay", "oja", "retroactive" (needs ``elig`` and ``elig_rate``).
+
+The plastic LSTM (DESIGN 2.3) takes ``x = i2g(input)`` of width 4N (gates i, f, g, o), ``h2g``
+(weight (3N, N), bias (3N,), gates i, f, o) and makes only the h -> g path plastic: ``w``,
+``alpha`` and the trace belong to it, the Hebbian product is ``h_{t-1}[i] * g_t[j]``, and the
+modulator reads ``h_t`` (``modulator_input="h"``) or the cell state ``c_t`` (``"c"``).
 """
 import torch
 import torch.nn.functional as F
 
 RULES = ("clip", "softclip", "decay", "oja", "retroactive")
+MODULATOR_INPUTS = ("h", "c")
 
 
 def plastic_matvec(x, w, alpha, hebb):
@@ -99,3 +105,54 @@ def plastic_rnn_sequence(x, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weigh
 def rnn_step(x, h, w):
     """The non-plastic tanh RNN step (``plastic=False``)."""
     return torch.tanh(x + h @ w)
+
+
+def lstm_gates(x, h, h2g_weight, h2g_bias, u):
+    """The four gates (i, f, g, o) from ``x`` (B, 4N), the previous ``h`` and ``u``, the h -> g
+    drive (``h @ w``, plus the plastic part when plastic)."""
+    x_i, x_f, x_g, x_o = x.chunk(4, dim=1)
+    r_i, r_f, r_o = F.linear(h, h2g_weight, h2g_bias).chunk(3, dim=1)
+    return (torch.sigmoid(x_i + r_i), torch.sigmoid(x_f + r_f), torch.tanh(x_g + u),
+            torch.sigmoid(x_o + r_o))
+
+
+def lstm_step(x, h, c, h2g_weight, h2g_bias, w):
+    """The non-plastic LSTM step (``plastic=False``): ``(h_new, c_new)``."""
+    i, f, g, o = lstm_gates(x, h, h2g_weight, h2g_bias, h @ w)
+    c_new = f * c + i * g
+    return o * torch.tanh(c_new), c_new
+
+
+def plastic_lstm_step(x, h, c, hebb, elig, h2g_weight, h2g_bias, w, alpha, eta, elig_rate,
+                      h2mod_weight, h2mod_bias, fanout_weight, fanout_bias, rule="clip", clip=2.0,
+                      modulator_input="h"):
+    """One step of the plastic LSTM (DESIGN 2.3). ``x`` is the projected input ``i2g(input_t)``.
+
+    Returns ``(h_new, c_new, hebb_new, elig_new, m)``; ``m`` (B, K) is None without modulation.
+    """
+    if modulator_input not in MODULATOR_INPUTS:
+        raise ValueError(f"modulator_input must be one of {MODULATOR_INPUTS}, got "
+                         f"{modulator_input!r}")
+    i, f, g, o = lstm_gates(x, h, h2g_weight, h2g_bias, plastic_matvec(h, w, alpha, hebb))
+    c_new = f * c + i * g
+    h_new = o * torch.tanh(c_new)
+    eta_t, m = plasticity_rate(h_new if modulator_input == "h" else c_new, eta, h2mod_weight,
+                               h2mod_bias, fanout_weight, fanout_bias)
+    hebb_new, elig_new = hebb_update(hebb, h, g, eta_t, rule, clip, elig, elig_rate)
+    return h_new, c_new, hebb_new, elig_new, m
+
+
+def plastic_lstm_sequence(x, h, c, hebb, elig, h2g_weight, h2g_bias, w, alpha, eta, elig_rate,
+                          h2mod_weight, h2mod_bias, fanout_weight, fanout_bias, rule="clip",
+                          clip=2.0, modulator_input="h", checkpoint_every=None):
+    """All T steps: ``x`` (T, B, 4N) -> ``(out (T, B, N), c_T, hebb_T, elig_T, m (T, B, K) or
+    None)``. ``checkpoint_every`` only affects the fused op's memory use."""
+    outs, mods = [], []
+    for x_t in x.unbind(0):
+        h, c, hebb, elig, m = plastic_lstm_step(
+            x_t, h, c, hebb, elig, h2g_weight, h2g_bias, w, alpha, eta, elig_rate, h2mod_weight,
+            h2mod_bias, fanout_weight, fanout_bias, rule, clip, modulator_input)
+        outs.append(h)
+        mods.append(m)
+    m_seq = None if mods[0] is None else torch.stack(mods)
+    return torch.stack(outs), c, hebb, elig, m_seq

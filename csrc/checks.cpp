@@ -81,33 +81,42 @@ void check_elig(const char* op, Rule rule, const OptTensor& elig, const OptTenso
   check_shape(op, "elig_rate", *elig_rate, {}, "(a scalar)");
 }
 
-}  // namespace
+// Shape (T, B, width * N) of x, or (B, width * N) for a step: returns T, B and N.
+struct XSizes {
+  int64_t T, B, N;
+};
+XSizes check_x(const char* op, const at::Tensor& x, int64_t width, bool sequence) {
+  check_first(op, "x", x);
+  const char* layout = sequence ? (width == 1 ? "(T, B, N)" : "(T, B, 4N)")
+                                : (width == 1 ? "(B, N)" : "(B, 4N)");
+  const int64_t want_dim = sequence ? 3 : 2;
+  TORCH_CHECK(x.dim() == want_dim, op, ": expected x of shape ", layout, ", got ", x.sizes());
+  const int64_t cols = x.size(want_dim - 1);
+  XSizes s{sequence ? x.size(0) : 1, x.size(want_dim - 2), cols / width};
+  TORCH_CHECK(s.T >= 1 && s.B >= 1 && cols >= 1, op, ": expected x with at least one time step, "
+              "sample and neuron, got shape ", x.sizes());
+  TORCH_CHECK(cols == width * s.N, op, ": expected x of shape ", layout,
+              " (the four gates' inputs), got ", x.sizes());
+  return s;
+}
 
-RnnConfig check_rnn_inputs(const char* op, const RnnInputs& in, const std::string& rule,
-                           double clip, bool sequence) {
-  RnnConfig cfg{};
+PlasticConfig check_plastic_inputs(const char* op, const at::Tensor& x, const XSizes& sizes,
+                                   const PlasticInputs& in, const std::string& rule,
+                                   double clip) {
+  PlasticConfig cfg{};
   cfg.modes.rule = parse_rule(op, rule);
   check_clip(op, clip);
   cfg.clip = clip;
-
-  check_first(op, "x", in.x);
-  const int64_t want_dim = sequence ? 3 : 2;
-  TORCH_CHECK(in.x.dim() == want_dim, op, ": expected x of shape ",
-              sequence ? "(T, B, N)" : "(B, N)", ", got ", in.x.sizes());
-  cfg.T = sequence ? in.x.size(0) : 1;
-  cfg.B = in.x.size(want_dim - 2);
-  cfg.N = in.x.size(want_dim - 1);
-  TORCH_CHECK(cfg.T >= 1 && cfg.B >= 1 && cfg.N >= 1, op, ": expected x with at least one ",
-              "time step, sample and neuron, got shape ", in.x.sizes());
+  cfg.T = sizes.T;
+  cfg.B = sizes.B;
+  cfg.N = sizes.N;
   const int64_t B = cfg.B, N = cfg.N;
 
-  check_tensor(op, "h", in.h, in.x);
-  check_shape(op, "h", in.h, {B, N}, "(B, N)");
-  check_tensor(op, "hebb", in.hebb, in.x);
+  check_tensor(op, "hebb", in.hebb, x);
   check_shape(op, "hebb", in.hebb, {B, N, N}, "(B, N, N)");
-  check_tensor(op, "w", in.w, in.x);
+  check_tensor(op, "w", in.w, x);
   check_shape(op, "w", in.w, {N, N}, "(N, N)");
-  cfg.modes.alpha = check_alpha(op, in.alpha, N, N, in.x);
+  cfg.modes.alpha = check_alpha(op, in.alpha, N, N, x);
 
   cfg.modes.eta = EtaMode::PerPost;
   if (!in.h2mod_weight.has_value()) {
@@ -117,7 +126,7 @@ RnnConfig check_rnn_inputs(const char* op, const RnnInputs& in, const std::strin
     TORCH_CHECK_VALUE(!in.fanout_weight.has_value() && !in.h2mod_bias.has_value() &&
                           !in.fanout_bias.has_value(),
                       op, ": fanout_weight, h2mod_bias and fanout_bias need h2mod_weight");
-    check_tensor(op, "eta", *in.eta, in.x);
+    check_tensor(op, "eta", *in.eta, x);
     TORCH_CHECK(in.eta->dim() == 0 || in.eta->sizes() == at::IntArrayRef({N, N}), op,
                 ": expected eta of shape () ('scalar') or (N, N) ('full') with N = ", N, ", got ",
                 in.eta->sizes());
@@ -129,21 +138,21 @@ RnnConfig check_rnn_inputs(const char* op, const RnnInputs& in, const std::strin
     TORCH_CHECK_VALUE(!in.eta.has_value(), op, ": pass either eta (modulation 'none') or "
                       "h2mod_weight (modulation 'simple'/'fanout'), not both");
     const at::Tensor& hw = *in.h2mod_weight;
-    check_tensor(op, "h2mod_weight", hw, in.x);
+    check_tensor(op, "h2mod_weight", hw, x);
     TORCH_CHECK(hw.dim() == 2 && hw.size(1) == N && hw.size(0) >= 1, op,
                 ": expected h2mod_weight of shape (K, N) with K >= 1 and N = ", N, ", got ",
                 hw.sizes());
     cfg.K = hw.size(0);
     TORCH_CHECK_VALUE(in.h2mod_bias.has_value(), op, ": h2mod_bias is required with h2mod_weight");
-    check_tensor(op, "h2mod_bias", *in.h2mod_bias, in.x);
+    check_tensor(op, "h2mod_bias", *in.h2mod_bias, x);
     check_shape(op, "h2mod_bias", *in.h2mod_bias, {cfg.K}, "(K,)");
     if (in.fanout_weight.has_value()) {
       cfg.modulation = Modulation::Fanout;
-      check_tensor(op, "fanout_weight", *in.fanout_weight, in.x);
+      check_tensor(op, "fanout_weight", *in.fanout_weight, x);
       check_shape(op, "fanout_weight", *in.fanout_weight, {N, cfg.K}, "(N, K)");
       TORCH_CHECK_VALUE(in.fanout_bias.has_value(), op,
                         ": fanout_bias is required with fanout_weight");
-      check_tensor(op, "fanout_bias", *in.fanout_bias, in.x);
+      check_tensor(op, "fanout_bias", *in.fanout_bias, x);
       check_shape(op, "fanout_bias", *in.fanout_bias, {N}, "(N,)");
     } else {
       cfg.modulation = Modulation::Simple;
@@ -152,8 +161,39 @@ RnnConfig check_rnn_inputs(const char* op, const RnnInputs& in, const std::strin
                         "of shape (1, N)), got K = ", cfg.K, "; use 'fanout' for K > 1");
     }
   }
-  check_elig(op, cfg.modes.rule, in.elig, in.elig_rate, {B, N, N}, in.x);
+  check_elig(op, cfg.modes.rule, in.elig, in.elig_rate, {B, N, N}, x);
   return cfg;
+}
+
+}  // namespace
+
+PlasticConfig check_rnn_inputs(const char* op, const at::Tensor& x, const at::Tensor& h,
+                               const PlasticInputs& in, const std::string& rule, double clip,
+                               bool sequence) {
+  const XSizes sizes = check_x(op, x, 1, sequence);
+  check_tensor(op, "h", h, x);
+  check_shape(op, "h", h, {sizes.B, sizes.N}, "(B, N)");
+  return check_plastic_inputs(op, x, sizes, in, rule, clip);
+}
+
+LstmConfig check_lstm_inputs(const char* op, const at::Tensor& x, const at::Tensor& h,
+                             const at::Tensor& c, const at::Tensor& h2g_weight,
+                             const at::Tensor& h2g_bias, const PlasticInputs& in,
+                             const std::string& rule, double clip,
+                             const std::string& modulator_input, bool sequence) {
+  TORCH_CHECK_VALUE(modulator_input == "h" || modulator_input == "c", op,
+                    ": modulator_input must be 'h' or 'c', got '", modulator_input, "'");
+  const XSizes sizes = check_x(op, x, 4, sequence);
+  const int64_t B = sizes.B, N = sizes.N;
+  check_tensor(op, "h", h, x);
+  check_shape(op, "h", h, {B, N}, "(B, N) with N = x.shape[-1] / 4");
+  check_tensor(op, "c", c, x);
+  check_shape(op, "c", c, {B, N}, "(B, N)");
+  check_tensor(op, "h2g_weight", h2g_weight, x);
+  check_shape(op, "h2g_weight", h2g_weight, {3 * N, N}, "(3N, N)");
+  check_tensor(op, "h2g_bias", h2g_bias, x);
+  check_shape(op, "h2g_bias", h2g_bias, {3 * N}, "(3N,)");
+  return {check_plastic_inputs(op, x, sizes, in, rule, clip), modulator_input == "c"};
 }
 
 void check_checkpoint_every(const char* op, int64_t checkpoint_every) {

@@ -14,8 +14,8 @@ namespace bp {
 
 enum class Modulation { None, Simple, Fanout };
 
-// Everything the tensors and option strings of a plastic RNN call select.
-struct RnnConfig {
+// Everything the tensors and option strings of a plastic recurrent call select.
+struct PlasticConfig {
   PassModes modes;
   Modulation modulation;
   int64_t T, B, N, K;  // K: number of modulators (0 without modulation)
@@ -24,9 +24,8 @@ struct RnnConfig {
 
 using OptTensor = std::optional<at::Tensor>;
 
-struct RnnInputs {
-  const at::Tensor& x;  // (T, B, N) for sequences, (B, N) for a step
-  const at::Tensor& h;
+// The plastic part of a recurrent layer: the trace state, its parameters and the modulator.
+struct PlasticInputs {
   const at::Tensor& hebb;
   const OptTensor& elig;
   const at::Tensor& w;
@@ -39,8 +38,22 @@ struct RnnInputs {
   const OptTensor& fanout_bias;
 };
 
-RnnConfig check_rnn_inputs(const char* op, const RnnInputs& in, const std::string& rule,
-                           double clip, bool sequence);
+// x (T, B, N) for sequences, (B, N) for a step; h (B, N).
+PlasticConfig check_rnn_inputs(const char* op, const at::Tensor& x, const at::Tensor& h,
+                               const PlasticInputs& in, const std::string& rule, double clip,
+                               bool sequence);
+
+struct LstmConfig {
+  PlasticConfig plastic;
+  bool modulate_c;  // the modulator reads c_t (modulator_input "c"), else h_t
+};
+
+// x (T, B, 4N) for sequences, (B, 4N) for a step; h, c (B, N); h2g_weight (3N, N), bias (3N,).
+LstmConfig check_lstm_inputs(const char* op, const at::Tensor& x, const at::Tensor& h,
+                             const at::Tensor& c, const at::Tensor& h2g_weight,
+                             const at::Tensor& h2g_bias, const PlasticInputs& in,
+                             const std::string& rule, double clip,
+                             const std::string& modulator_input, bool sequence);
 
 void check_checkpoint_every(const char* op, int64_t checkpoint_every);
 

@@ -1,0 +1,387 @@
+// The plastic-trace half of a recurrent sequence op, shared by the tanh RNN and the LSTM: the
+// order of the trace passes, the checkpoints, the segment recompute in backward, the modulator
+// and the gradients of the plastic parameters. The cell supplies the per-step work around it.
+//
+// In the terms of both cells, step t = 1..T reads u_t = h_{t-1} @ (w + A * H_{t-1}) and makes
+// h_t, the trace's post-synaptic term post_t (h_t for the RNN, the candidate g_t for the LSTM) and
+// the modulator's input (h_t, or c_t for an LSTM with modulator_input "c"); the trace update of
+// step t uses pre = h_{t-1}, post_t and eta_t.
+//
+// Forward, per step the trace is swept once: update H_t and compute u_{t+1} together. Backward,
+// per step once for the adjoints (matvec of step t and rule of step t-1 together) and once to
+// recompute the segment's traces from its checkpoint.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../checks.h"
+#include "../ops.h"
+#include "../trace_pass.h"
+#include "cpu_utils.h"
+
+namespace bp {
+
+// The plastic parameters, as tensors and as the pointers the passes and per-step loops read.
+template <typename T>
+struct PlasticParams {
+  const PlasticInputs& in;
+  const T *w, *alpha, *h2mod_w, *fanout_w;
+  RuleConsts<T> consts;
+
+  PlasticParams(const PlasticConfig& c, const PlasticInputs& in)
+      : in(in),
+        w(in.w.data_ptr<T>()),
+        alpha(in.alpha.data_ptr<T>()),
+        h2mod_w(data_or_null<T>(in.h2mod_weight)),
+        fanout_w(data_or_null<T>(in.fanout_weight)),
+        consts{static_cast<T>(c.clip),
+               in.elig_rate.has_value() ? in.elig_rate->item<T>() : T(0)} {}
+};
+
+inline int64_t num_segments(int64_t T, int64_t L) { return (T + L - 1) / L; }
+
+// Step t's slice (B, N) of a per-step sequence (T, B, N) whose steps may be strided, as the
+// candidate gate inside the LSTM's (T, 4, B, N) gates.
+template <typename T>
+T* step_ptr(const at::Tensor& seq, int64_t t) {
+  return seq.data_ptr<T>() + (t - 1) * seq.stride(0);
+}
+
+// h_0 .. h_{T-1}, the pre-synaptic terms of steps 1..T, as (T B, N).
+inline at::Tensor previous_h(const at::Tensor& h0, const at::Tensor& out) {
+  const int64_t T = out.size(0);
+  return at::cat({h0.unsqueeze(0), out.narrow(0, 0, T - 1)}).reshape({T * h0.size(0), -1});
+}
+
+// Without modulation the rate is the parameter itself: the scalar broadcast to (B, N)
+// (EtaMode::PerPost), or the (N, N) per-connection rates (EtaMode::PerConnection).
+inline at::Tensor fixed_rate(const PlasticConfig& c, const OptTensor& eta) {
+  if (c.modulation != Modulation::None) return at::Tensor();
+  return eta->dim() == 0 ? eta->expand({c.B, c.N}).contiguous() : *eta;
+}
+
+// The per-step sequences of a cell: h (T, B, N), the trace's post-synaptic terms and the
+// modulator's input (each (T, B, N), possibly strided over steps).
+struct CellSequences {
+  const at::Tensor& h0;
+  const at::Tensor& out;
+  const at::Tensor& post;
+  const at::Tensor& mod_in;
+};
+
+// Forward outputs of the trace half. m and eta_seq are filled step by step.
+struct TraceForward {
+  at::Tensor m, eta_seq, hebb_T, elig_T, ckpt_h, ckpt_e;
+};
+
+// Runs a whole sequence. `step(t, u)` must fill step t of seq.out, seq.post and seq.mod_in from
+// u = u_t; the modulator and the trace pass of step t follow. The trace is stored every L steps.
+template <typename T, typename Step>
+TraceForward trace_forward(const PlasticConfig& c, const PlasticParams<T>& p,
+                           const CellSequences& seq, int64_t L, Step&& step) {
+  const int64_t T_ = c.T, B = c.B, N = c.N, K = c.K, BNN = B * N * N;
+  const bool retro = c.modes.rule == Rule::Retroactive;
+  const bool modulated = c.modulation != Modulation::None;
+  const auto opts = seq.out.options();
+  const Tiling tl = make_tiling(B, N);
+
+  TraceForward r;
+  r.m = at::empty({T_, B, K}, opts);
+  r.eta_seq = at::empty({modulated ? T_ : 0, B, N}, opts);
+  r.hebb_T = at::empty({B, N, N}, opts);
+  r.elig_T = at::empty({retro ? B : 0, N, N}, opts);
+  const int64_t n_ckpt = num_segments(T_, L) - 1;
+  r.ckpt_h = at::empty({n_ckpt, B, N, N}, opts);
+  r.ckpt_e = at::empty({retro ? n_ckpt : 0, B, N, N}, opts);
+  Tensor work_h = at::empty({T_ > 1 ? B : 0, N, N}, opts);
+  Tensor work_e = at::empty({retro && T_ > 1 ? B : 0, N, N}, opts);
+  Tensor u = at::empty({B, N}, opts);
+  const Tensor eta_fixed = fixed_rate(c, p.in.eta);
+  const PlasticInputs& a = p.in;
+
+  ForwardPassParams<T> fp{};
+  fp.B = B; fp.P = N; fp.N = N;
+  fp.w = p.w; fp.alpha = p.alpha; fp.consts = p.consts; fp.u = u.data_ptr<T>();
+  fp.update = false; fp.matvec = true;
+  fp.hebb = a.hebb.data_ptr<T>();
+  fp.matvec_in = seq.h0.data_ptr<T>();
+  forward_pass_cpu(fp, c.modes, tl);
+
+  const T* hebb_in = a.hebb.data_ptr<T>();
+  const T* elig_in = retro ? a.elig->data_ptr<T>() : nullptr;
+  for (int64_t t = 1; t <= T_; ++t) {
+    step(t, u);
+    if (modulated) {  // m_t = tanh(h2mod(mod_in_t)); eta_t from m_t, "simple" or "fanout"
+      Tensor m_t = r.m.select(0, t - 1), eta_t = r.eta_seq.select(0, t - 1);
+      at::addmm_out(m_t, *a.h2mod_bias, seq.mod_in.select(0, t - 1), a.h2mod_weight->t());
+      m_t.tanh_();
+      if (c.modulation == Modulation::Simple) eta_t.copy_(m_t.expand({B, N}));
+      else at::addmm_out(eta_t, *a.fanout_bias, m_t, a.fanout_weight->t());
+    }
+    T* hebb_out;
+    T* elig_out = nullptr;
+    if (t == T_) {
+      hebb_out = r.hebb_T.data_ptr<T>();
+      if (retro) elig_out = r.elig_T.data_ptr<T>();
+    } else if (t % L == 0) {  // start of segment t / L: keep the trace as its checkpoint
+      hebb_out = r.ckpt_h.data_ptr<T>() + (t / L - 1) * BNN;
+      if (retro) elig_out = r.ckpt_e.data_ptr<T>() + (t / L - 1) * BNN;
+    } else {
+      hebb_out = work_h.data_ptr<T>();
+      if (retro) elig_out = work_e.data_ptr<T>();
+    }
+    T* h_t = step_ptr<T>(seq.out, t);
+    fp.update = true;
+    fp.matvec = t < T_;
+    fp.hebb = hebb_in; fp.hebb_out = hebb_out;
+    fp.elig = elig_in; fp.elig_out = elig_out;
+    fp.pre = t == 1 ? seq.h0.data_ptr<T>() : step_ptr<T>(seq.out, t - 1);
+    fp.post = step_ptr<T>(seq.post, t);
+    fp.eta = modulated ? step_ptr<T>(r.eta_seq, t) : eta_fixed.data_ptr<T>();
+    fp.matvec_in = h_t;
+    forward_pass_cpu(fp, c.modes, tl);
+    hebb_in = hebb_out;
+    elig_in = elig_out;
+  }
+  return r;
+}
+
+// What reaches step s's outputs from the trace half, for the cell's backward of step s.
+template <typename T>
+struct StepGrads {
+  const T* post;    // dL/dpost_s through the rule of step s
+  const T* h;       // dL/dh_s through the matvec and the rule of step s + 1 (zeros for s = T)
+  const T* mod_in;  // dL/d(mod_in_s) through the modulator; null without modulation
+};
+
+// Gradients of the trace half: of h_0 through step 1's matvec and rule, of the initial traces and
+// of the plastic parameters (empty for absent ones).
+struct TraceBackward {
+  at::Tensor g_h0, g_hebb, g_elig, g_w, g_alpha, g_eta, g_rate, g_h2mod_w, g_h2mod_b, g_fan_w,
+      g_fan_b;
+};
+
+// The forward's saved tensors and the gradients of its trace outputs.
+struct TraceSaved {
+  const at::Tensor& m;
+  const at::Tensor& eta_seq;
+  const at::Tensor& ckpt_h;
+  const at::Tensor& ckpt_e;
+  const OptTensor& grad_hebb;
+  const OptTensor& grad_elig;
+  const OptTensor& grad_m;
+};
+
+// `finish(s, grads)`, called for s = T down to 1, must write dL/du_s into step s of g_u
+// (T, B, N) from everything that reaches step s: grads from the trace half, its own sequences.
+template <typename T, typename Finish>
+TraceBackward trace_backward(const PlasticConfig& c, const PlasticParams<T>& p,
+                             const CellSequences& seq, const TraceSaved& saved, int64_t L,
+                             const at::Tensor& g_u, Finish&& finish) {
+  const int64_t T_ = c.T, B = c.B, N = c.N, K = c.K, BN = B * N, BNN = B * N * N;
+  const bool retro = c.modes.rule == Rule::Retroactive;
+  const bool modulated = c.modulation != Modulation::None;
+  const bool eta_conn = c.modes.eta == EtaMode::PerConnection;
+  const auto opts = seq.out.options();
+  const Tiling tl = make_tiling(B, N);
+  const PlasticInputs& a = p.in;
+
+  Tensor g_hebb = saved.grad_hebb.has_value() ? saved.grad_hebb->clone()
+                                              : at::zeros({B, N, N}, opts);
+  Tensor g_elig = !retro ? at::empty({0}, opts)
+                  : saved.grad_elig.has_value() ? saved.grad_elig->clone()
+                                                : at::zeros({B, N, N}, opts);
+  Tensor seg_h = at::empty({L - 1, B, N, N}, opts);
+  Tensor seg_e = at::empty({retro ? L - 1 : 0, B, N, N}, opts);
+  Tensor g_alpha_acc = at::zeros({alpha_acc_size(c.modes.alpha, tl, N, N)}, opts);
+  Tensor g_eta_conn = at::zeros({eta_conn ? tl.num_chunks : 0, N, N}, opts);
+  Tensor g_rate_acc = at::zeros({tl.num_chunks * tl.num_tiles}, opts);
+  Tensor g_in_part = at::empty({tl.num_tiles, B, N}, opts);
+  Tensor g_pre_part = at::empty({tl.num_tiles, B, N}, opts);
+  Tensor g_post = at::empty({B, N}, opts);
+  Tensor g_eta_bj = at::empty({B, N}, opts);
+  Tensor g_in = at::empty({B, N}, opts);           // dL/d(pre of step t) through B(t)
+  Tensor g_pre_pending = at::zeros({B, N}, opts);  // dL/d(pre of step s+1) through A(s+1)
+  Tensor g_h = at::zeros({B, N}, opts);            // their sum, StepGrads::h
+  Tensor g_mod_in = at::empty({modulated ? B : 0, N}, opts);
+  Tensor g_z = at::zeros({T_, B, K}, opts);        // dL/d(pre-activation of m)
+  Tensor g_eta_seq = at::empty({c.modulation == Modulation::Fanout ? T_ : 0, B, N}, opts);
+  const Tensor eta_fixed = fixed_rate(c, a.eta);
+  double g_eta_scalar = 0;
+
+  auto h_at = [&](int64_t t) -> const T* {
+    return t == 0 ? seq.h0.data_ptr<T>() : step_ptr<T>(seq.out, t);
+  };
+  auto eta_at = [&](int64_t t) -> const T* {
+    return modulated ? step_ptr<T>(saved.eta_seq, t) : eta_fixed.data_ptr<T>();
+  };
+
+  // The segment in memory: traces H_s .. H_{e-1}, H_s being its checkpoint.
+  int64_t seg = -1, seg_start = 0;
+  auto hebb_at = [&](int64_t t) -> T* {
+    if (t == seg_start)
+      return seg == 0 ? a.hebb.data_ptr<T>() : saved.ckpt_h.data_ptr<T>() + (seg - 1) * BNN;
+    return seg_h.data_ptr<T>() + (t - seg_start - 1) * BNN;
+  };
+  auto elig_at = [&](int64_t t) -> T* {
+    if (!retro) return nullptr;
+    if (t == seg_start)
+      return seg == 0 ? a.elig->data_ptr<T>() : saved.ckpt_e.data_ptr<T>() + (seg - 1) * BNN;
+    return seg_e.data_ptr<T>() + (t - seg_start - 1) * BNN;
+  };
+  auto load_segment = [&](int64_t k) {
+    seg = k;
+    seg_start = k * L;
+    const int64_t end = std::min(seg_start + L, T_);
+    ForwardPassParams<T> fp{};
+    fp.B = B; fp.P = N; fp.N = N;
+    fp.update = true; fp.matvec = false; fp.consts = p.consts;
+    for (int64_t t = seg_start + 1; t < end; ++t) {
+      fp.hebb = hebb_at(t - 1); fp.hebb_out = hebb_at(t);
+      fp.elig = elig_at(t - 1); fp.elig_out = elig_at(t);
+      fp.pre = h_at(t - 1); fp.post = step_ptr<T>(seq.post, t); fp.eta = eta_at(t);
+      forward_pass_cpu(fp, c.modes, tl);
+    }
+  };
+
+  BackwardPassParams<T> bp{};
+  bp.B = B; bp.P = N; bp.N = N;
+  bp.g_hebb = g_hebb.data_ptr<T>();
+  bp.g_elig = retro ? g_elig.data_ptr<T>() : nullptr;
+  bp.w = p.w; bp.alpha = p.alpha; bp.consts = p.consts;
+  bp.g_in_partial = g_in_part.data_ptr<T>();
+  bp.g_alpha_acc = g_alpha_acc.data_ptr<T>();
+  bp.g_pre_partial = g_pre_part.data_ptr<T>();
+  bp.g_post = g_post.data_ptr<T>();
+  bp.g_eta = eta_conn ? g_eta_conn.data_ptr<T>() : g_eta_bj.data_ptr<T>();
+  bp.g_elig_rate_acc = g_rate_acc.data_ptr<T>();
+  auto set_b = [&](int64_t t) {  // adjoint of the matvec of step t
+    bp.do_b = true;
+    bp.g_u = step_ptr<T>(g_u, t);
+    bp.b_in = h_at(t - 1);
+    bp.b_hebb = hebb_at(t - 1);
+  };
+  auto set_a = [&](int64_t s) {  // adjoint of the rule of step s
+    bp.do_a = true;
+    bp.a_hebb = hebb_at(s - 1);
+    bp.a_elig = elig_at(s - 1);
+    bp.a_pre = h_at(s - 1);
+    bp.a_post = step_ptr<T>(seq.post, s);
+    bp.a_eta = eta_at(s);
+  };
+  auto run = [&] {
+    backward_pass_cpu(bp, c.modes, tl);
+    bp.do_a = bp.do_b = false;
+  };
+
+  const T* g_m_p = saved.grad_m.has_value() ? saved.grad_m->data_ptr<T>() : nullptr;
+  // Once A(s) has run: the rate's gradient, through the modulator, then the cell's step s.
+  auto finish_step = [&](int64_t s) {
+    const T* ge = g_eta_bj.data_ptr<T>();
+    if (!modulated && !eta_conn) {
+      for (int64_t e = 0; e < BN; ++e) g_eta_scalar += ge[e];
+    }
+    if (c.modulation == Modulation::Fanout)
+      std::copy_n(ge, BN, g_eta_seq.data_ptr<T>() + (s - 1) * BN);
+    if (modulated) {
+      const T* m = saved.m.data_ptr<T>() + (s - 1) * B * K;
+      const T* gm_in = g_m_p ? g_m_p + (s - 1) * B * K : nullptr;
+      T* gz = g_z.data_ptr<T>() + (s - 1) * B * K;
+      T* gmod = g_mod_in.data_ptr<T>();
+      std::fill_n(gmod, BN, T(0));
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t k = 0; k < K; ++k) {
+          T gm = gm_in ? gm_in[b * K + k] : T(0);
+          if (c.modulation == Modulation::Simple) {
+            for (int64_t j = 0; j < N; ++j) gm += ge[b * N + j];
+          } else {
+            for (int64_t j = 0; j < N; ++j) gm += ge[b * N + j] * p.fanout_w[j * K + k];
+          }
+          const T mk = m[b * K + k];
+          const T z = gm * (T(1) - mk * mk);
+          gz[b * K + k] = z;
+          const T* row = p.h2mod_w + k * N;
+          for (int64_t j = 0; j < N; ++j) gmod[b * N + j] += z * row[j];
+        }
+      }
+    }
+    finish(s, StepGrads<T>{g_post.data_ptr<T>(), g_h.data_ptr<T>(),
+                           modulated ? g_mod_in.data_ptr<T>() : nullptr});
+  };
+  auto sum_h_grads = [&] {  // g_h = g_in + g_pre_pending
+    at::add_out(g_h, g_in, g_pre_pending);
+  };
+
+  load_segment((T_ - 1) / L);
+  set_a(T_);
+  run();
+  finish_step(T_);
+  sum_rows(g_pre_part.data_ptr<T>(), tl.num_tiles, BN, g_pre_pending.data_ptr<T>());
+  for (int64_t t = T_; t >= 1; --t) {
+    const int64_t s = t - 1;
+    set_b(t);
+    if (s >= 1 && s - 1 >= seg_start) {
+      set_a(s);
+      run();
+    } else {
+      run();
+      if (s >= 1) {
+        load_segment(seg - 1);
+        set_a(s);
+        run();
+      }
+    }
+    sum_rows(g_in_part.data_ptr<T>(), tl.num_tiles, BN, g_in.data_ptr<T>());
+    sum_h_grads();
+    if (s >= 1) {
+      finish_step(s);
+      sum_rows(g_pre_part.data_ptr<T>(), tl.num_tiles, BN, g_pre_pending.data_ptr<T>());
+    }
+  }
+
+  // Parameter gradients: sums over steps and samples, as GEMMs or fixed-order sums.
+  TraceBackward r;
+  r.g_h0 = g_h;
+  r.g_hebb = g_hebb;
+  r.g_elig = g_elig;
+  r.g_w = at::mm(previous_h(seq.h0, seq.out).t(), g_u.reshape({T_ * B, N}));
+  const std::vector<int64_t> alpha_shape =
+      c.modes.alpha == AlphaMode::Full     ? std::vector<int64_t>{N, N}
+      : c.modes.alpha == AlphaMode::Neuron ? std::vector<int64_t>{N}
+                                           : std::vector<int64_t>{};
+  r.g_alpha = reduce_alpha_acc<T>(g_alpha_acc, c.modes.alpha, tl, alpha_shape);
+  r.g_eta = at::empty({0}, opts);
+  if (!modulated) {
+    if (eta_conn) {
+      r.g_eta = at::empty({N, N}, opts);
+      sum_rows(g_eta_conn.data_ptr<T>(), tl.num_chunks, N * N, r.g_eta.data_ptr<T>());
+    } else {
+      r.g_eta = at::full({}, g_eta_scalar, opts);
+    }
+  }
+  r.g_rate = at::empty({0}, opts);
+  if (retro) {
+    r.g_rate = at::empty({}, opts);
+    sum_rows(g_rate_acc.data_ptr<T>(), g_rate_acc.numel(), 1, r.g_rate.data_ptr<T>());
+  }
+  for (Tensor* g : {&r.g_h2mod_w, &r.g_h2mod_b, &r.g_fan_w, &r.g_fan_b})
+    *g = at::empty({0}, opts);  // distinct tensors: op outputs must not alias
+  if (modulated) {
+    Tensor g_z_flat = g_z.reshape({T_ * B, K});
+    r.g_h2mod_w = at::mm(g_z_flat.t(), seq.mod_in.reshape({T_ * B, N}));
+    r.g_h2mod_b = at::empty({K}, opts);
+    sum_rows(g_z_flat.data_ptr<T>(), T_ * B, K, r.g_h2mod_b.data_ptr<T>());
+    if (c.modulation == Modulation::Fanout) {
+      Tensor g_e_flat = g_eta_seq.reshape({T_ * B, N});
+      r.g_fan_w = at::mm(g_e_flat.t(), saved.m.reshape({T_ * B, K}));
+      r.g_fan_b = at::empty({N}, opts);
+      sum_rows(g_e_flat.data_ptr<T>(), T_ * B, N, r.g_fan_b.data_ptr<T>());
+    }
+  }
+  return r;
+}
+
+}  // namespace bp
