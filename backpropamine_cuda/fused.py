@@ -38,49 +38,98 @@ def _n_modulators(h2mod_weight):
     return 0 if h2mod_weight is None else h2mod_weight.shape[0]
 
 
+def _trace_fakes(new, T, B, N, K, rule, checkpoint_every):
+    """(hebb_T, elig_T, m, eta_seq, hebb_checkpoints, elig_checkpoints) of a sequence op."""
+    retro = rule == "retroactive"
+    n_ckpt = -(-T // checkpoint_every) - 1
+    return (new(B, N, N), new(B if retro else 0, N, N), new(T, B, K), new(T if K else 0, B, N),
+            new(n_ckpt, B, N, N), new(n_ckpt if retro else 0, B, N, N))
+
+
+def _step_trace_fakes(new, B, N, K, rule):
+    """(hebb_new, elig_new, m, eta_t) of a step op; eta_t is empty without modulation."""
+    return (new(B, N, N), new(B if rule == "retroactive" else 0, N, N), new(B, K),
+            new(B, N) if K else new(0))
+
+
 @torch.library.register_fake("backpropamine::plastic_rnn_sequence")
 def _(x, h0, hebb0, elig0, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fanout_weight,
       fanout_bias, rule, clip, checkpoint_every):
     T, B, N = x.shape
-    K = _n_modulators(h2mod_weight)
-    retro = rule == "retroactive"
-    n_ckpt = -(-T // checkpoint_every) - 1
-    new = x.new_empty
-    return (new(T, B, N), new(B, N, N), new(B if retro else 0, N, N), new(T, B, K),
-            new(T if K else 0, B, N), new(n_ckpt, B, N, N), new(n_ckpt if retro else 0, B, N, N))
+    hebb_t, elig_t, m, eta_seq, ckpt_h, ckpt_e = _trace_fakes(
+        x.new_empty, T, B, N, _n_modulators(h2mod_weight), rule, checkpoint_every)
+    return x.new_empty(T, B, N), hebb_t, elig_t, m, eta_seq, ckpt_h, ckpt_e
 
 
 @torch.library.register_fake("backpropamine::plastic_rnn_step")
 def _(x, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fanout_weight,
       fanout_bias, rule, clip):
     B, N = x.shape
-    K = _n_modulators(h2mod_weight)
+    return (x.new_empty(B, N),
+            *_step_trace_fakes(x.new_empty, B, N, _n_modulators(h2mod_weight), rule))
+
+
+@torch.library.register_fake("backpropamine::plastic_lstm_sequence")
+def _(x, h0, c0, hebb0, elig0, h2g_weight, h2g_bias, w, alpha, eta, elig_rate, h2mod_weight,
+      h2mod_bias, fanout_weight, fanout_bias, rule, clip, modulator_input, checkpoint_every):
+    T, B, N = x.shape[0], x.shape[1], x.shape[2] // 4
+    hebb_t, elig_t, m, eta_seq, ckpt_h, ckpt_e = _trace_fakes(
+        x.new_empty, T, B, N, _n_modulators(h2mod_weight), rule, checkpoint_every)
     new = x.new_empty
-    return (new(B, N), new(B, N, N), new(B if rule == "retroactive" else 0, N, N), new(B, K),
-            new(B, N) if K else new(0))
+    return (new(T, B, N), new(T, B, N), hebb_t, elig_t, m, eta_seq, new(T, 4, B, N), ckpt_h,
+            ckpt_e)
 
 
-def _rnn_param_grads_fake(like, h0, hebb0, elig0, w, alpha, eta, elig_rate, h2mod_weight,
-                          h2mod_bias, fanout_weight, fanout_bias):
-    like_or_empty = [like.new_empty(0) if t is None else torch.empty_like(t)
-                     for t in (elig0, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
-                               fanout_weight, fanout_bias)]
-    return (torch.empty_like(like), torch.empty_like(h0), torch.empty_like(hebb0), *like_or_empty)
+@torch.library.register_fake("backpropamine::plastic_lstm_step")
+def _(x, h, c, hebb, elig, h2g_weight, h2g_bias, w, alpha, eta, elig_rate, h2mod_weight,
+      h2mod_bias, fanout_weight, fanout_bias, rule, clip, modulator_input):
+    B, N = x.shape[0], x.shape[1] // 4
+    new = x.new_empty
+    return (new(B, N), new(B, N), *_step_trace_fakes(new, B, N, _n_modulators(h2mod_weight), rule),
+            new(4, B, N))
+
+
+def _grads_fake(grad_x, inputs):
+    """The backward op's outputs: grad_x, then one per input (empty where it is None)."""
+    return (grad_x, *[grad_x.new_empty(0) if t is None else torch.empty_like(t) for t in inputs])
 
 
 @torch.library.register_fake("backpropamine::plastic_rnn_sequence_backward")
 def _(grad_out, grad_hebb, grad_elig, grad_m, h0, hebb0, elig0, w, alpha, eta, elig_rate,
       h2mod_weight, h2mod_bias, fanout_weight, fanout_bias, rule, clip, out, m, eta_seq,
       hebb_checkpoints, elig_checkpoints, checkpoint_every):
-    return _rnn_param_grads_fake(out, h0, hebb0, elig0, w, alpha, eta, elig_rate, h2mod_weight,
-                                 h2mod_bias, fanout_weight, fanout_bias)
+    return _grads_fake(torch.empty_like(out), (h0, hebb0, elig0, w, alpha, eta, elig_rate,
+                                               h2mod_weight, h2mod_bias, fanout_weight,
+                                               fanout_bias))
 
 
 @torch.library.register_fake("backpropamine::plastic_rnn_step_backward")
 def _(grad_h_new, grad_hebb, grad_elig, grad_m, h, hebb, elig, w, alpha, eta, elig_rate,
       h2mod_weight, h2mod_bias, fanout_weight, fanout_bias, rule, clip, h_new, m, eta_t):
-    return _rnn_param_grads_fake(h_new, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight,
-                                 h2mod_bias, fanout_weight, fanout_bias)
+    return _grads_fake(torch.empty_like(h_new), (h, hebb, elig, w, alpha, eta, elig_rate,
+                                                 h2mod_weight, h2mod_bias, fanout_weight,
+                                                 fanout_bias))
+
+
+@torch.library.register_fake("backpropamine::plastic_lstm_sequence_backward")
+def _(grad_out, grad_c, grad_hebb, grad_elig, grad_m, h0, c0, hebb0, elig0, h2g_weight, h2g_bias,
+      w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fanout_weight, fanout_bias, rule, clip,
+      modulator_input, out, c_seq, m, eta_seq, gates, hebb_checkpoints, elig_checkpoints,
+      checkpoint_every):
+    T, B, N = out.shape
+    return _grads_fake(out.new_empty(T, B, 4 * N), (h0, c0, hebb0, elig0, h2g_weight, h2g_bias,
+                                                    w, alpha, eta, elig_rate, h2mod_weight,
+                                                    h2mod_bias, fanout_weight, fanout_bias))
+
+
+@torch.library.register_fake("backpropamine::plastic_lstm_step_backward")
+def _(grad_h_new, grad_c_new, grad_hebb, grad_elig, grad_m, h, c, hebb, elig, h2g_weight,
+      h2g_bias, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fanout_weight, fanout_bias,
+      rule, clip, modulator_input, h_new, c_new, m, eta_t, gates):
+    B, N = h_new.shape
+    return _grads_fake(h_new.new_empty(B, 4 * N), (h, c, hebb, elig, h2g_weight, h2g_bias, w,
+                                                   alpha, eta, elig_rate, h2mod_weight,
+                                                   h2mod_bias, fanout_weight, fanout_bias))
 
 
 @torch.library.register_fake("backpropamine::plastic_matvec")
@@ -111,63 +160,50 @@ def _(grad_hebb_new, grad_elig_new, hebb, pre, post, eta, elig, elig_rate, rule,
 # ----------------------------------------------------------------------------------------------
 # Autograd: the backward of each op is its hand-written backward op.
 
-_RNN_INPUTS = ("h0", "hebb0", "elig0", "w", "alpha", "eta", "elig_rate", "h2mod_weight",
-               "h2mod_bias", "fanout_weight", "fanout_bias")
+def _register_recurrent_autograd(name, n_grads, n_options, n_tail):
+    """Autograd of a recurrent op (RNN or LSTM, sequence or step) through its backward op.
+
+    The op's inputs are (x, *params, *options) with `n_options` non-tensor options, rule first.
+    Its outputs are (*states, hebb, elig, m, *extras): the first `n_grads` are differentiable,
+    the extras (eta, gates, checkpoints) are saved for the backward. The backward op takes
+    (grads of the n_grads outputs, *params, options but the last n_tail, *states, m, *extras,
+    the last n_tail options) and returns the gradients of x and of every param.
+    """
+    backward_op = getattr(_ops, name + "_backward")
+    n_states = n_grads - 3
+
+    def setup_context(ctx, inputs, output):
+        _, *rest = inputs
+        params, ctx.options = rest[:-n_options], rest[-n_options:]
+        ctx.n_params = len(params)
+        ctx.retro = ctx.options[0] == "retroactive"
+        ctx.modulated = params[-4] is not None  # h2mod_weight
+        ctx.save_for_backward(*params, *output[:n_states], *output[n_grads - 1:])
+        ctx.mark_non_differentiable(*output[n_grads:])
+        ctx.set_materialize_grads(False)  # no zero-filled trace-sized gradients for unused outputs
+
+    def backward(ctx, *grads):
+        params, saved = ctx.saved_tensors[:ctx.n_params], ctx.saved_tensors[ctx.n_params:]
+        g = [_contiguous(t) for t in grads[:n_grads]]
+        if not ctx.retro:
+            g[-2] = None  # elig
+        if not ctx.modulated:
+            g[-1] = None  # m
+        split = len(ctx.options) - n_tail
+        g_x, *g_params = backward_op(*g, *params, *ctx.options[:split], *saved,
+                                     *ctx.options[split:])
+        # None for the inputs that were None, and for the options
+        return (g_x, *[None if t is None else gp for gp, t in zip(g_params, params)],
+                *[None] * n_options)
+
+    torch.library.register_autograd("backpropamine::" + name, backward,
+                                    setup_context=setup_context)
 
 
-def _rnn_grads(grads, inputs):
-    """Maps the backward op's outputs to the op's inputs: None where an input was None."""
-    gx, *rest = grads
-    return (gx, *[None if t is None else g for g, t in zip(rest, inputs)])
-
-
-def _sequence_setup(ctx, inputs, output):
-    x, *params, rule, clip, checkpoint_every = inputs
-    out, _, _, m, eta_seq, ckpt_h, ckpt_e = output
-    ctx.options = (rule, clip, checkpoint_every)
-    ctx.retro = rule == "retroactive"
-    ctx.modulated = params[7] is not None  # h2mod_weight
-    ctx.save_for_backward(*params, out, m, eta_seq, ckpt_h, ckpt_e)
-    ctx.mark_non_differentiable(eta_seq, ckpt_h, ckpt_e)
-    ctx.set_materialize_grads(False)  # no zero-filled trace-sized gradients for unused outputs
-
-
-def _sequence_backward(ctx, g_out, g_hebb, g_elig, g_m, *_):
-    *params, out, m, eta_seq, ckpt_h, ckpt_e = ctx.saved_tensors
-    rule, clip, checkpoint_every = ctx.options
-    grads = _ops.plastic_rnn_sequence_backward(
-        _contiguous(g_out), _contiguous(g_hebb), _contiguous(g_elig) if ctx.retro else None,
-        _contiguous(g_m) if ctx.modulated else None, *params, rule, clip, out, m, eta_seq, ckpt_h,
-        ckpt_e, checkpoint_every)
-    return (*_rnn_grads(grads, params), None, None, None)
-
-
-torch.library.register_autograd("backpropamine::plastic_rnn_sequence", _sequence_backward,
-                                setup_context=_sequence_setup)
-
-
-def _step_setup(ctx, inputs, output):
-    x, *params, rule, clip = inputs
-    h_new, _, _, m, eta_t = output
-    ctx.options = (rule, clip)
-    ctx.retro = rule == "retroactive"
-    ctx.modulated = params[7] is not None
-    ctx.save_for_backward(*params, h_new, m, eta_t)
-    ctx.mark_non_differentiable(eta_t)
-    ctx.set_materialize_grads(False)
-
-
-def _step_backward(ctx, g_h, g_hebb, g_elig, g_m, _):
-    *params, h_new, m, eta_t = ctx.saved_tensors
-    rule, clip = ctx.options
-    grads = _ops.plastic_rnn_step_backward(
-        _contiguous(g_h), _contiguous(g_hebb), _contiguous(g_elig) if ctx.retro else None,
-        _contiguous(g_m) if ctx.modulated else None, *params, rule, clip, h_new, m, eta_t)
-    return (*_rnn_grads(grads, params), None, None)
-
-
-torch.library.register_autograd("backpropamine::plastic_rnn_step", _step_backward,
-                                setup_context=_step_setup)
+_register_recurrent_autograd("plastic_rnn_sequence", n_grads=4, n_options=3, n_tail=1)
+_register_recurrent_autograd("plastic_rnn_step", n_grads=4, n_options=2, n_tail=0)
+_register_recurrent_autograd("plastic_lstm_sequence", n_grads=5, n_options=4, n_tail=1)
+_register_recurrent_autograd("plastic_lstm_step", n_grads=5, n_options=3, n_tail=0)
 
 
 def _matvec_setup(ctx, inputs, output):
@@ -207,21 +243,30 @@ torch.library.register_autograd("backpropamine::hebb_update", _update_backward,
 # ----------------------------------------------------------------------------------------------
 # Public functions, with the signatures of backpropamine_cuda.reference.
 
+def _sequence_checkpoint_every(x, checkpoint_every, tensors):
+    """The checkpoint interval to pass: ceil(sqrt(T)) by default, and no checkpoints (T) when
+    no backward is to come."""
+    steps = x.shape[0] if x.dim() == 3 else 1
+    if checkpoint_every is None:
+        checkpoint_every = default_checkpoint_every(steps)
+    if checkpoint_every >= 1 and not _needs_grad(*tensors):
+        checkpoint_every = steps
+    return checkpoint_every
+
+
+def _modulation_output(m, h2mod_weight):
+    return None if h2mod_weight is None else m
+
+
 def plastic_rnn_sequence(x, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
                          fanout_weight, fanout_bias, rule="clip", clip=2.0, checkpoint_every=None):
     """Fused sequence op; see reference.plastic_rnn_sequence. ``checkpoint_every`` defaults to
     ceil(sqrt(T))."""
-    steps = x.shape[0] if x.dim() == 3 else 1
-    if checkpoint_every is None:
-        checkpoint_every = default_checkpoint_every(steps)
-    if checkpoint_every >= 1 and not _needs_grad(x, h, hebb, elig, w, alpha, eta, elig_rate,
-                                                 h2mod_weight, h2mod_bias, fanout_weight,
-                                                 fanout_bias):
-        checkpoint_every = steps  # no backward to come: store no checkpoints
+    tensors = (x, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
+               fanout_weight, fanout_bias)
     out, hebb_t, elig_t, m, *_ = _ops.plastic_rnn_sequence(
-        x, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fanout_weight,
-        fanout_bias, rule, float(clip), checkpoint_every)
-    return out, hebb_t, _none_if_empty(elig_t), (None if h2mod_weight is None else m)
+        *tensors, rule, float(clip), _sequence_checkpoint_every(x, checkpoint_every, tensors))
+    return out, hebb_t, _none_if_empty(elig_t), _modulation_output(m, h2mod_weight)
 
 
 def plastic_rnn_step(x, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
@@ -230,7 +275,30 @@ def plastic_rnn_step(x, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h
     h_new, hebb_new, elig_new, m, _ = _ops.plastic_rnn_step(
         x, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fanout_weight,
         fanout_bias, rule, float(clip))
-    return h_new, hebb_new, _none_if_empty(elig_new), (None if h2mod_weight is None else m)
+    return h_new, hebb_new, _none_if_empty(elig_new), _modulation_output(m, h2mod_weight)
+
+
+def plastic_lstm_sequence(x, h, c, hebb, elig, h2g_weight, h2g_bias, w, alpha, eta, elig_rate,
+                          h2mod_weight, h2mod_bias, fanout_weight, fanout_bias, rule="clip",
+                          clip=2.0, modulator_input="h", checkpoint_every=None):
+    """Fused plastic LSTM sequence op; see reference.plastic_lstm_sequence.
+    ``checkpoint_every`` defaults to ceil(sqrt(T))."""
+    tensors = (x, h, c, hebb, elig, h2g_weight, h2g_bias, w, alpha, eta, elig_rate, h2mod_weight,
+               h2mod_bias, fanout_weight, fanout_bias)
+    out, c_seq, hebb_t, elig_t, m, *_ = _ops.plastic_lstm_sequence(
+        *tensors, rule, float(clip), modulator_input,
+        _sequence_checkpoint_every(x, checkpoint_every, tensors))
+    return out, c_seq[-1], hebb_t, _none_if_empty(elig_t), _modulation_output(m, h2mod_weight)
+
+
+def plastic_lstm_step(x, h, c, hebb, elig, h2g_weight, h2g_bias, w, alpha, eta, elig_rate,
+                      h2mod_weight, h2mod_bias, fanout_weight, fanout_bias, rule="clip", clip=2.0,
+                      modulator_input="h"):
+    """Fused plastic LSTM step op; see reference.plastic_lstm_step."""
+    h_new, c_new, hebb_new, elig_new, m, *_ = _ops.plastic_lstm_step(
+        x, h, c, hebb, elig, h2g_weight, h2g_bias, w, alpha, eta, elig_rate, h2mod_weight,
+        h2mod_bias, fanout_weight, fanout_bias, rule, float(clip), modulator_input)
+    return h_new, c_new, hebb_new, _none_if_empty(elig_new), _modulation_output(m, h2mod_weight)
 
 
 def plastic_matvec(x, w, alpha, hebb):

@@ -176,17 +176,18 @@ PlasticConfig check_rnn_inputs(const char* op, const at::Tensor& x, const at::Te
   return check_plastic_inputs(op, x, sizes, in, rule, clip);
 }
 
-LstmConfig check_lstm_inputs(const char* op, const at::Tensor& x, const at::Tensor& h,
+LstmConfig check_lstm_inputs(const char* op, const at::Tensor& x, int64_t x_width,
+                             const at::Tensor& h,
                              const at::Tensor& c, const at::Tensor& h2g_weight,
                              const at::Tensor& h2g_bias, const PlasticInputs& in,
                              const std::string& rule, double clip,
                              const std::string& modulator_input, bool sequence) {
   TORCH_CHECK_VALUE(modulator_input == "h" || modulator_input == "c", op,
                     ": modulator_input must be 'h' or 'c', got '", modulator_input, "'");
-  const XSizes sizes = check_x(op, x, 4, sequence);
+  const XSizes sizes = check_x(op, x, x_width, sequence);
   const int64_t B = sizes.B, N = sizes.N;
   check_tensor(op, "h", h, x);
-  check_shape(op, "h", h, {B, N}, "(B, N) with N = x.shape[-1] / 4");
+  check_shape(op, "h", h, {B, N}, "(B, N)");
   check_tensor(op, "c", c, x);
   check_shape(op, "c", c, {B, N}, "(B, N)");
   check_tensor(op, "h2g_weight", h2g_weight, x);

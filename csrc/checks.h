@@ -48,8 +48,11 @@ struct LstmConfig {
   bool modulate_c;  // the modulator reads c_t (modulator_input "c"), else h_t
 };
 
-// x (T, B, 4N) for sequences, (B, 4N) for a step; h, c (B, N); h2g_weight (3N, N), bias (3N,).
-LstmConfig check_lstm_inputs(const char* op, const at::Tensor& x, const at::Tensor& h,
+// x: the gates' inputs (T, B, 4N) for sequences, (B, 4N) for a step (x_width 4), or, for the
+// backward ops, the output (T, B, N) or (B, N) (x_width 1); h, c (B, N); h2g_weight (3N, N),
+// h2g_bias (3N,).
+LstmConfig check_lstm_inputs(const char* op, const at::Tensor& x, int64_t x_width,
+                             const at::Tensor& h,
                              const at::Tensor& c, const at::Tensor& h2g_weight,
                              const at::Tensor& h2g_bias, const PlasticInputs& in,
                              const std::string& rule, double clip,
