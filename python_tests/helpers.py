@@ -27,6 +27,8 @@ CLIP_RULES = ("clip", "softclip", "retroactive")  # rules whose trace is clamped
 # Argument names of plastic_rnn_sequence / plastic_rnn_step (identical in reference and fused).
 RNN_INPUTS = ("x", "h", "hebb", "elig", "w", "alpha", "eta", "elig_rate", "h2mod_weight",
               "h2mod_bias", "fanout_weight", "fanout_bias")
+# ... and of plastic_lstm_sequence / plastic_lstm_step.
+LSTM_INPUTS = ("x", "h", "c", "hebb", "elig", "h2g_weight", "h2g_bias", *RNN_INPUTS[4:])
 
 # Tolerances per dtype of the implementation under test. float32 results are compared with the
 # float64 reference on the same (exactly upcast) inputs; their absolute tolerance is relative to
@@ -91,6 +93,22 @@ def rnn_inputs(alpha, modulation, rule, *, B, N, T=None, dtype=torch.float64, se
         d["elig"] = randn(B, N, N, scale=hebb_scale)
         d["elig_rate"] = (0.1 + 0.8 * torch.rand((), generator=gen, dtype=torch.float64)).to(dtype)
     return d
+
+
+def lstm_inputs(alpha, modulation, rule, *, B, N, T=None, dtype=torch.float64, seed=0,
+                hebb_scale=1.0, eta_scale=0.5):
+    """Random inputs of plastic_lstm_sequence (T given) or plastic_lstm_step (T None): those of
+    rnn_inputs for the plastic part, plus x (.., B, 4N), c and the h2g Linear."""
+    rnn = rnn_inputs(alpha, modulation, rule, B=B, N=N, T=T, dtype=dtype, seed=seed,
+                     hebb_scale=hebb_scale, eta_scale=eta_scale)
+    gen = torch.Generator().manual_seed(seed + 7919)
+
+    def randn(*shape, scale=1.0):
+        return scale * torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+
+    extra = dict(x=randn(*rnn["x"].shape[:-1], 4 * N), c=randn(B, N),
+                 h2g_weight=randn(3 * N, N, scale=1 / math.sqrt(N)), h2g_bias=randn(3 * N))
+    return {k: extra[k] if k in extra else rnn[k] for k in LSTM_INPUTS}
 
 
 def with_grad(inputs, requires_grad=True):

@@ -10,7 +10,8 @@ over the threads.
 import pytest
 import torch
 
-from helpers import RULE_CONFIG, RULES, assert_results_equal, rnn_inputs, run_forward_backward
+from helpers import (RULE_CONFIG, RULES, assert_results_equal, lstm_inputs, rnn_inputs,
+                     run_forward_backward)
 
 CLIP = 0.5
 # Inputs whose gradients the fused kernels reduce themselves (no BLAS).
@@ -66,6 +67,38 @@ def test_checkpoint_interval_does_not_change_results(fused, rule):
                for k in (1, 2, 4, 6, 10)]
     for other in results[1:]:
         assert_results_equal(results[0], other)
+
+
+# The LSTM also runs a BLAS GEMM per step (h2g), forward and backward, whose rounding may depend
+# on the thread count: everything downstream of it may then differ across thread counts. Runs
+# with the same thread count must still agree bitwise, and so must checkpoint intervals.
+LSTM_CASES = [("neuron", "fanout1", "clip", "h"), ("full", "fanout3", "retroactive", "c"),
+              ("scalar", "none_full", "softclip", "h")]
+
+
+def run_lstm(fused, inputs, rule, modulator_input, threads, checkpoint_every=2):
+    torch.set_num_threads(threads)
+    return run_forward_backward(fused.plastic_lstm_sequence, inputs, rule=rule, clip=CLIP,
+                                modulator_input=modulator_input, checkpoint_every=checkpoint_every)
+
+
+@pytest.mark.parametrize("alpha,modulation,rule,modulator_input", LSTM_CASES)
+def test_lstm_repeatable_and_checkpoint_interval(fused, alpha, modulation, rule, modulator_input):
+    inputs = lstm_inputs(alpha, modulation, rule, T=5, dtype=torch.float32, **SIZES)
+    first = run_lstm(fused, inputs, rule, modulator_input, threads=2)
+    for k in (2, 1, 3, 5):
+        assert_results_equal(first, run_lstm(fused, inputs, rule, modulator_input, threads=2,
+                                             checkpoint_every=k))
+
+
+@pytest.mark.parametrize("alpha,modulation,rule,modulator_input", LSTM_CASES)
+def test_lstm_step_repeatable(fused, alpha, modulation, rule, modulator_input):
+    inputs = lstm_inputs(alpha, modulation, rule, dtype=torch.float32, **SIZES)
+
+    def run():
+        return run_forward_backward(fused.plastic_lstm_step, inputs, rule=rule, clip=CLIP,
+                                    modulator_input=modulator_input)
+    assert_results_equal(run(), run())
 
 
 @pytest.mark.parametrize("rule", RULES)

@@ -10,11 +10,13 @@ Finite differences cannot cross the kink of the clamp (or the z = 0 kink of soft
   For softclip a trace that sits on the bound stays exactly on it under a positive push
   (S - c = (H - c)(1 - z / c)), so its active case uses a single step.
 """
+from unittest import mock
+
 import pytest
 import torch
 
 from backpropamine_cuda import reference
-from helpers import CLIP_RULES, RULES, rnn_inputs, valid_combo
+from helpers import CLIP_RULES, RULES, lstm_inputs, rnn_inputs, valid_combo
 
 MARGIN = 1e-3
 
@@ -30,44 +32,48 @@ MODULATIONS = ("none_scalar", "none_full", "simple", "fanout3")
 ALPHA_FOR = {"none_scalar": "full", "none_full": "neuron", "simple": "scalar", "fanout3": "full"}
 
 
-def clamp_margin(inputs, rule, clip):
+def pre_clamp(hebb, pre, post, eta, elig, rule, clip):
+    """(pre-clamp value S of one update, kink distance of softclip's z or inf)."""
+    z = eta * (elig if rule == "retroactive" else pre.unsqueeze(2) * post.unsqueeze(1))
+    if rule == "softclip":
+        return hebb + torch.where(z > 0, z * (1 - hebb / clip), z * (1 + hebb / clip)), \
+            z.abs().min().item()
+    return hebb + z, float("inf")
+
+
+def clamp_margin(op, inputs, rule, clip, **options):
     """(smallest distance of a pre-clamp value to the bound or of a softclip z to 0, number of
-    pre-clamp values beyond the bound, number strictly inside) over all steps, computed with the
-    reference step by step."""
-    x = inputs["x"] if inputs["x"].dim() == 3 else inputs["x"].unsqueeze(0)
-    h, hebb, elig = inputs["h"], inputs["hebb"], inputs["elig"]
+    pre-clamp values beyond the bound, number strictly inside) over every trace update of the
+    reference `op` (recorded by wrapping reference.hebb_update)."""
+    updates = []
+    hebb_update = reference.hebb_update
+
+    def recording(hebb, pre, post, eta, rule, clip, elig=None, elig_rate=None):
+        updates.append((hebb, pre, post, eta, elig))
+        return hebb_update(hebb, pre, post, eta, rule, clip, elig, elig_rate)
+
+    with mock.patch.object(reference, "hebb_update", recording), torch.no_grad():
+        op(**inputs, rule=rule, clip=clip, **options)
     margin, beyond, inside = float("inf"), 0, 0
-    for x_t in x:
-        h_new = torch.tanh(x_t + reference.plastic_matvec(h, inputs["w"], inputs["alpha"], hebb))
-        eta_t, _ = reference.plasticity_rate(h_new, inputs["eta"], inputs["h2mod_weight"],
-                                             inputs["h2mod_bias"], inputs["fanout_weight"],
-                                             inputs["fanout_bias"])
-        prod = h.unsqueeze(2) * h_new.unsqueeze(1)
-        if rule in CLIP_RULES:
-            if rule == "clip":
-                s = hebb + eta_t * prod
-            elif rule == "retroactive":
-                s = hebb + eta_t * elig
-            else:
-                z = eta_t * prod
-                s = hebb + torch.where(z > 0, z * (1 - hebb / clip), z * (1 + hebb / clip))
-                margin = min(margin, z.abs().min().item())
-            margin = min(margin, (s.abs() - clip).abs().min().item())
+    if rule in CLIP_RULES:
+        for update in updates:
+            s, z_margin = pre_clamp(*update, rule, clip)
+            margin = min(margin, z_margin, (s.abs() - clip).abs().min().item())
             beyond += int((s.abs() > clip).sum())
             inside += int((s.abs() < clip).sum())
-        hebb, elig = reference.hebb_update(hebb, h, h_new, eta_t, rule, clip, elig,
-                                           inputs["elig_rate"])
-        h = h_new
     return margin, beyond, inside
 
 
-def kink_free_inputs(modulation, rule, regime, *, T):
+def kink_free_inputs(modulation, rule, regime, *, T, lstm=False):
     """Inputs of the given regime ("free" or "active") whose clamp stays MARGIN from its kinks."""
     clip = 50.0 if regime == "free" else 1.0
+    make = lstm_inputs if lstm else rnn_inputs
+    kind = "lstm" if lstm else "rnn"
+    op = getattr(reference, f"plastic_{kind}_{'step' if T is None else 'sequence'}")
     for seed in range(20):
-        inputs = rnn_inputs(ALPHA_FOR[modulation], modulation, rule, T=T, B=2, N=3, seed=seed,
-                            hebb_scale=1.0 if regime == "free" else 3.0)
-        margin, beyond, inside = clamp_margin(inputs, rule, clip)
+        inputs = make(ALPHA_FOR[modulation], modulation, rule, T=T, B=2, N=3, seed=seed,
+                      hebb_scale=1.0 if regime == "free" else 3.0)
+        margin, beyond, inside = clamp_margin(op, inputs, rule, clip)
         if margin < MARGIN:
             continue
         if rule in CLIP_RULES and regime == "active" and not (beyond and inside):
@@ -107,6 +113,21 @@ def test_gradcheck_step(fused, modulation, rule, regime):
     gradcheck_op(fused.plastic_rnn_step, inputs, rule=rule, clip=clip)
 
 
+@pytest.mark.parametrize("modulator_input", ["h", "c"])
+@pytest.mark.parametrize("modulation,rule,regime", CASES)
+def test_gradcheck_lstm_sequence(fused, modulation, rule, regime, modulator_input):
+    T = 1 if (rule == "softclip" and regime == "active") else 3
+    inputs, clip = kink_free_inputs(modulation, rule, regime, T=T, lstm=True)
+    gradcheck_op(fused.plastic_lstm_sequence, inputs, rule=rule, clip=clip,
+                 modulator_input=modulator_input, checkpoint_every=2)
+
+
+@pytest.mark.parametrize("modulation,rule,regime", CASES)
+def test_gradcheck_lstm_step(fused, modulation, rule, regime):
+    inputs, clip = kink_free_inputs(modulation, rule, regime, T=None, lstm=True)
+    gradcheck_op(fused.plastic_lstm_step, inputs, rule=rule, clip=clip, modulator_input="c")
+
+
 @pytest.mark.parametrize("alpha_shape", [(3, 4), (4,), ()], ids=["full", "neuron", "scalar"])
 def test_gradcheck_matvec(fused, alpha_shape):
     gen = torch.Generator().manual_seed(0)
@@ -133,15 +154,9 @@ def test_gradcheck_hebb_update(fused, rule, regime, eta_shape):
         if rule == "retroactive":
             inputs["elig"] = torch.randn(B, P, N, generator=gen, dtype=torch.float64)
             inputs["elig_rate"] = torch.tensor(0.3, dtype=torch.float64)
-        # The same kink check as for the RNN: the pre-clamp value of one update.
-        eta = inputs["eta"]
-        z = eta * (inputs["elig"] if rule == "retroactive"
-                   else inputs["pre"].unsqueeze(2) * inputs["post"].unsqueeze(1))
-        hebb = inputs["hebb"]
-        s = hebb + (torch.where(z > 0, z * (1 - hebb / clip), z * (1 + hebb / clip))
-                    if rule == "softclip" else z)
-        margin = min((s.abs() - clip).abs().min().item(),
-                     z.abs().min().item() if rule == "softclip" else float("inf"))
+        s, z_margin = pre_clamp(inputs["hebb"], inputs["pre"], inputs["post"], inputs["eta"],
+                                inputs["elig"], rule, clip)
+        margin = min((s.abs() - clip).abs().min().item(), z_margin)
         saturated = bool((s.abs() > clip).any()) and bool((s.abs() < clip).any())
         if margin >= MARGIN and (regime == "free" or rule not in CLIP_RULES or saturated):
             break

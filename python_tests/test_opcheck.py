@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import backpropamine_cuda as bp
-from helpers import RNN_INPUTS, TOL, rnn_inputs
+from helpers import LSTM_INPUTS, RNN_INPUTS, TOL, lstm_inputs, rnn_inputs
 
 OPS = torch.ops.backpropamine
 # opcheck's internals (torch.jit) warn about their own deprecation; not ours to fix.
@@ -16,9 +16,14 @@ def _ops_loaded(fused):
     """torch.ops.backpropamine exists once the fused module has loaded the extension."""
 
 
-def raw_rnn_args(inputs, rule, clip, requires_grad=True):
+def raw_args(inputs, names, options, requires_grad=True):
+    """The op's positional arguments: the tensors in `names` order, then the options."""
     return [None if inputs[k] is None else inputs[k].clone().requires_grad_(requires_grad)
-            for k in RNN_INPUTS] + [rule, clip]
+            for k in names] + list(options)
+
+
+def raw_rnn_args(inputs, rule, clip, requires_grad=True):
+    return raw_args(inputs, RNN_INPUTS, (rule, clip), requires_grad)
 
 
 RNN_CONFIGS = [("full", "fanout3", "retroactive", torch.float64),
@@ -87,6 +92,44 @@ def test_opcheck_step_backward(alpha, modulation, rule, dtype):
     params = [inputs[k] for k in RNN_INPUTS[1:]]
     torch.library.opcheck(OPS.plastic_rnn_step_backward.default,
                           [*grads, *params, rule, 0.5, h_new, m, eta_t])
+
+
+LSTM_CONFIGS = [(*c, mi) for c, mi in zip(RNN_CONFIGS, "hchch")]
+LSTM_IDS = [f"{i}-{c[-1]}" for i, c in zip(RNN_IDS, LSTM_CONFIGS)]
+
+
+@pytest.mark.parametrize("alpha,modulation,rule,dtype,modulator_input", LSTM_CONFIGS, ids=LSTM_IDS)
+def test_opcheck_lstm_sequence_and_backward(alpha, modulation, rule, dtype, modulator_input):
+    inputs = lstm_inputs(alpha, modulation, rule, T=3, B=2, N=5, dtype=dtype)
+    options = (rule, 0.5, modulator_input)
+    torch.library.opcheck(OPS.plastic_lstm_sequence.default,
+                          raw_args(inputs, LSTM_INPUTS, (*options, 2)))
+    out, c_seq, hebb_T, elig_T, m, eta_seq, gates, ckpt_h, ckpt_e = OPS.plastic_lstm_sequence(
+        *raw_args(inputs, LSTM_INPUTS, (*options, 2), False))
+    retro, modulated = rule == "retroactive", not modulation.startswith("none")
+    grads = [torch.randn_like(out), None, torch.randn_like(hebb_T),
+             torch.randn_like(elig_T) if retro else None,
+             torch.randn_like(m) if modulated else None]
+    params = [inputs[k] for k in LSTM_INPUTS[1:]]
+    torch.library.opcheck(OPS.plastic_lstm_sequence_backward.default,
+                          [*grads, *params, *options, out, c_seq, m, eta_seq, gates, ckpt_h,
+                           ckpt_e, 2])
+
+
+@pytest.mark.parametrize("alpha,modulation,rule,dtype,modulator_input", LSTM_CONFIGS, ids=LSTM_IDS)
+def test_opcheck_lstm_step_and_backward(alpha, modulation, rule, dtype, modulator_input):
+    inputs = lstm_inputs(alpha, modulation, rule, B=2, N=5, dtype=dtype)
+    options = (rule, 0.5, modulator_input)
+    torch.library.opcheck(OPS.plastic_lstm_step.default, raw_args(inputs, LSTM_INPUTS, options))
+    h_new, c_new, hebb_new, elig_new, m, eta_t, gates = OPS.plastic_lstm_step(
+        *raw_args(inputs, LSTM_INPUTS, options, False))
+    retro, modulated = rule == "retroactive", not modulation.startswith("none")
+    grads = [None, torch.randn_like(c_new), torch.randn_like(hebb_new),
+             torch.randn_like(elig_new) if retro else None,
+             torch.randn_like(m) if modulated else None]
+    params = [inputs[k] for k in LSTM_INPUTS[1:]]
+    torch.library.opcheck(OPS.plastic_lstm_step_backward.default,
+                          [*grads, *params, *options, h_new, c_new, m, eta_t, gates])
 
 
 def test_opcheck_matvec_backward():

@@ -13,7 +13,7 @@ import torch
 
 import backpropamine_cuda as bp
 from backpropamine_cuda import reference
-from helpers import RNN_INPUTS, TOL, rnn_inputs, run_forward_backward
+from helpers import LSTM_INPUTS, RNN_INPUTS, TOL, lstm_inputs, rnn_inputs, run_forward_backward
 
 OPS = torch.ops.backpropamine
 B, N, K, T = 2, 5, 3, 3
@@ -733,3 +733,100 @@ def test_non_finite_inputs_propagate_like_the_reference(fused, rule):
             if e is not None:
                 assert torch.equal(a.isnan(), e.isnan())
                 torch.testing.assert_close(a, e, equal_nan=True, **TOL[torch.float64])
+
+
+# ---------------------------------------------------------------------------------------------
+# The LSTM ops: their own inputs (x of width 4N, c, h2g) and options; the plastic part shares
+# the RNN ops' checks (one sample of them here).
+
+def lstm_case(op, modulation="fanout3", rule="retroactive"):
+    """(function, valid kwargs) of the fused LSTM sequence or step op."""
+    inputs = lstm_inputs("full", modulation, rule, B=B, N=N, T=T if op == "sequence" else None)
+    fn = bp.fused.plastic_lstm_sequence if op == "sequence" else bp.fused.plastic_lstm_step
+    return fn, dict(inputs, rule=rule, clip=1.0, modulator_input="c")
+
+
+@OPS_PARAM
+def test_lstm_valid_inputs_pass(op):
+    fn, kwargs = lstm_case(op)
+    fn(**kwargs)
+
+
+LSTM_SHAPE_CASES = [
+    ("h", (B, N + 1), f"{shape_str((B, N))} (B, N)"),
+    ("c", (B - 1, N), f"{shape_str((B, N))} (B, N)"),
+    ("h2g_weight", (4 * N, N), f"{shape_str((3 * N, N))} (3N, N)"),
+    ("h2g_bias", (N,), f"{shape_str((3 * N,))} (3N,)"),
+    ("hebb", (B, N, N + 1), f"{shape_str((B, N, N))} (B, N, N)"),
+    ("fanout_bias", (N - 1,), f"{shape_str((N,))} (N,)"),
+]
+
+
+@OPS_PARAM
+@pytest.mark.parametrize("name,shape,expected", LSTM_SHAPE_CASES,
+                         ids=[f"{c[0]}{c[1]}" for c in LSTM_SHAPE_CASES])
+def test_lstm_wrong_shape(op, name, shape, expected):
+    fn, kwargs = lstm_case(op)
+    kwargs[name] = torch.zeros(shape, dtype=torch.float64)
+    with raises(RuntimeError, f"plastic_lstm_{op}: expected {name} to have shape {expected}",
+                f"got {shape_str(shape)}"):
+        fn(**kwargs)
+
+
+@OPS_PARAM
+def test_lstm_x_width_not_four_gates(op):
+    fn, kwargs = lstm_case(op)
+    kwargs["x"] = kwargs["x"][..., :-1].contiguous()
+    layout = "(T, B, 4N)" if op == "sequence" else "(B, 4N)"
+    with raises(RuntimeError, f"plastic_lstm_{op}: expected x of shape {layout} (the four gates' "
+                "inputs)", f"got {shape_str(kwargs['x'].shape)}"):
+        fn(**kwargs)
+
+
+@OPS_PARAM
+def test_lstm_x_width_mismatch_with_h(op):
+    """x of width 4M with M != N: h (and c, h2g) name the mismatch."""
+    fn, kwargs = lstm_case(op)
+    kwargs["x"] = torch.cat([kwargs["x"]] * 2, dim=-1)
+    with raises(RuntimeError, f"plastic_lstm_{op}: expected h to have shape "
+                f"{shape_str((B, 2 * N))} (B, N)", f"got {shape_str((B, N))}"):
+        fn(**kwargs)
+
+
+@OPS_PARAM
+@pytest.mark.parametrize("modulator_input", ["x", "", "H", "cell"])
+def test_lstm_bad_modulator_input(op, modulator_input):
+    fn, kwargs = lstm_case(op)
+    kwargs["modulator_input"] = modulator_input
+    with raises(ValueError, f"plastic_lstm_{op}: modulator_input must be 'h' or 'c', got "
+                f"'{modulator_input}'"):
+        fn(**kwargs)
+
+
+@OPS_PARAM
+@pytest.mark.parametrize("name", ["c", "h2g_weight", "h2g_bias"])
+def test_lstm_dtype_mismatch_and_non_contiguous(op, name):
+    fn, kwargs = lstm_case(op)
+    good = kwargs[name]
+    kwargs[name] = good.float()
+    with raises(RuntimeError, f"plastic_lstm_{op}: expected {name} to have dtype Double",
+                "got Float"):
+        fn(**kwargs)
+    if good.dim() == 2:
+        kwargs[name] = non_contiguous(good)
+        with raises(RuntimeError, f"plastic_lstm_{op}: expected {name} to be contiguous"):
+            fn(**kwargs)
+
+
+def test_lstm_sequence_backward_wrong_grad_shape():
+    fn, kwargs = lstm_case("sequence")
+    options = (kwargs["rule"], kwargs["clip"], kwargs["modulator_input"])
+    tensors = [kwargs[k] for k in LSTM_INPUTS]
+    out, c_seq, hebb_T, elig_T, m, eta_seq, gates, ckpt_h, ckpt_e = \
+        torch.ops.backpropamine.plastic_lstm_sequence(*tensors, *options, 2)
+    bad = torch.zeros(T, B, N + 1, dtype=torch.float64)
+    with raises(RuntimeError, "plastic_lstm_sequence_backward: expected grad_c to have shape "
+                f"{shape_str((T, B, N))}", f"got {shape_str(bad.shape)}"):
+        torch.ops.backpropamine.plastic_lstm_sequence_backward(
+            None, bad, None, None, None, *tensors[1:], *options, out, c_seq, m, eta_seq, gates,
+            ckpt_h, ckpt_e, 2)

@@ -1,0 +1,204 @@
+"""Fused plastic LSTM ops (sequence and step) against the pure-PyTorch reference: forward outputs
+and the gradients of every input (x, h, c, the traces, h2g and the plastic parameters), for every
+option combination and modulator input, checkpointing, odd sizes and float32."""
+import itertools
+
+import pytest
+import torch
+
+from backpropamine_cuda import reference
+from helpers import (CLIP_RULES, RULE_CONFIG, RULES, TOL, all_combos, assert_results_close,
+                     clamp_engaged, lstm_inputs, run_forward_backward, upcast)
+
+CLIP = 0.5
+SEQ_OUTPUTS = ("out", "c_T", "hebb_T", "elig_T", "m")
+STEP_OUTPUTS = ("h_new", "c_new", "hebb_new", "elig_new", "m")
+MODULATOR_INPUTS = reference.MODULATOR_INPUTS
+
+
+def compare(fused, name, inputs, rule, modulator_input, *, use=None, requires_grad=True,
+            **kwargs):
+    """fused.<name> in the inputs' dtype against reference.<name> in float64 (and, for float32,
+    the reference in float32 as the baseline of its own rounding); returns the reference's
+    (outputs, grads)."""
+    options = dict(rule=rule, clip=CLIP, modulator_input=modulator_input, use=use,
+                   requires_grad=requires_grad)
+    ref_fn = getattr(reference, name)
+    expected = run_forward_backward(ref_fn, upcast(inputs), **options)
+    actual = run_forward_backward(getattr(fused, name), inputs, **options, **kwargs)
+    dtype = inputs["x"].dtype
+    baseline = None if dtype == torch.float64 else run_forward_backward(ref_fn, inputs, **options)
+    names = SEQ_OUTPUTS if name.endswith("sequence") else STEP_OUTPUTS
+    assert_results_close(expected, actual, dtype, names=names, baseline=baseline)
+    return expected
+
+
+def compare_sequence(fused, inputs, rule, modulator_input="h", **kwargs):
+    return compare(fused, "plastic_lstm_sequence", inputs, rule, modulator_input, **kwargs)
+
+
+def compare_step(fused, inputs, rule, modulator_input="h", **kwargs):
+    return compare(fused, "plastic_lstm_step", inputs, rule, modulator_input, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every option combination, both modulator inputs, float64.
+
+@pytest.mark.parametrize("modulator_input", MODULATOR_INPUTS)
+@pytest.mark.parametrize("alpha,modulation,rule", all_combos())
+def test_sequence_every_option(fused, alpha, modulation, rule, modulator_input):
+    inputs = lstm_inputs(alpha, modulation, rule, T=5, B=3, N=7)
+    (out, c_T, hebb_T, elig_T, m), grads = compare_sequence(fused, inputs, rule, modulator_input,
+                                                            checkpoint_every=2)
+    assert (m is None) == modulation.startswith("none")
+    assert (elig_T is None) == (rule != "retroactive")
+    if rule in CLIP_RULES:  # the clamp mask is exercised, not just the interior
+        assert clamp_engaged(hebb_T, CLIP)
+    assert set(grads) == {k for k, v in inputs.items() if v is not None}
+
+
+@pytest.mark.parametrize("modulator_input", MODULATOR_INPUTS)
+@pytest.mark.parametrize("alpha,modulation,rule", all_combos())
+def test_step_every_option(fused, alpha, modulation, rule, modulator_input):
+    inputs = lstm_inputs(alpha, modulation, rule, B=3, N=7, seed=1)
+    (h_new, c_new, hebb_new, elig_new, m), _ = compare_step(fused, inputs, rule, modulator_input)
+    assert (m is None) == modulation.startswith("none")
+    assert (elig_new is None) == (rule != "retroactive")
+    if rule in CLIP_RULES:
+        assert clamp_engaged(hebb_new, CLIP)
+
+
+def test_modulator_input_matters(fused):
+    """Modulation from c differs from modulation from h (the option is not ignored)."""
+    inputs = lstm_inputs("neuron", "fanout1", "clip", T=4, B=2, N=5)
+    from_h, from_c = (fused.plastic_lstm_sequence(**inputs, rule="clip", clip=CLIP,
+                                                  modulator_input=mi) for mi in ("h", "c"))
+    assert not torch.allclose(from_h[4], from_c[4])
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpointing (T = 5) and odd sizes, including one neuron, one sample and one step.
+
+@pytest.mark.parametrize("checkpoint_every", [1, 2, 4, 5, 8, None])
+@pytest.mark.parametrize("rule", RULES)
+def test_sequence_checkpoint_every(fused, rule, checkpoint_every):
+    alpha, modulation = RULE_CONFIG[rule]
+    inputs = lstm_inputs(alpha, modulation, rule, T=5, B=3, N=7, seed=2)
+    compare_sequence(fused, inputs, rule, "c", checkpoint_every=checkpoint_every)
+
+
+SIZES = [dict(T=T, B=B, N=N) for T, B, N in itertools.product((1, 5), (1, 3), (1, 7, 33))]
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("sizes", SIZES, ids=lambda s: "-".join(f"{k}{v}" for k, v in s.items()))
+def test_sequence_sizes(fused, sizes, rule):
+    alpha, modulation = RULE_CONFIG[rule]
+    compare_sequence(fused, lstm_inputs(alpha, modulation, rule, seed=3, **sizes), rule)
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("B,N", [(1, 1), (1, 7), (3, 33)])
+def test_step_sizes(fused, B, N, rule):
+    alpha, modulation = RULE_CONFIG[rule]
+    compare_step(fused, lstm_inputs(alpha, modulation, rule, B=B, N=N, seed=4), rule)
+
+
+def test_sequence_several_column_tiles(fused):
+    """N > 64 spans several column tiles of the CPU kernels, B = 17 several batch chunks."""
+    inputs = lstm_inputs("full", "fanout3", "retroactive", T=3, B=17, N=70, seed=5)
+    compare_sequence(fused, inputs, "retroactive", "c", checkpoint_every=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# float32
+
+F32_CASES = [(*RULE_CONFIG[r], r) for r in RULES] + [("neuron", "fanout1", "clip")]
+
+
+@pytest.mark.parametrize("alpha,modulation,rule", F32_CASES)
+def test_sequence_float32(fused, alpha, modulation, rule):
+    inputs = lstm_inputs(alpha, modulation, rule, T=5, B=3, N=33, dtype=torch.float32, seed=6)
+    compare_sequence(fused, inputs, rule, checkpoint_every=2)
+
+
+@pytest.mark.parametrize("alpha,modulation,rule", F32_CASES)
+def test_step_float32(fused, alpha, modulation, rule):
+    inputs = lstm_inputs(alpha, modulation, rule, B=3, N=33, dtype=torch.float32, seed=7)
+    compare_step(fused, inputs, rule, "c")
+
+
+# ---------------------------------------------------------------------------------------------
+# Only some outputs in the loss, only some inputs requiring grad.
+
+def _use_cases(names):
+    configs = [("full", "fanout3", "retroactive"), ("neuron", "none_full", "clip"),
+               ("scalar", "simple", "softclip")]
+    return [pytest.param(a, m, r, k, id=f"{a}-{m}-{r}-{names[k]}") for a, m, r in configs
+            for k in range(len(names))
+            if not (names[k].startswith("elig") and r != "retroactive")
+            and not (names[k] == "m" and m.startswith("none"))]
+
+
+@pytest.mark.parametrize("alpha,modulation,rule,used", _use_cases(SEQ_OUTPUTS))
+def test_sequence_single_output_used(fused, alpha, modulation, rule, used):
+    inputs = lstm_inputs(alpha, modulation, rule, T=4, B=3, N=7, seed=8)
+    _, grads = compare_sequence(fused, inputs, rule, checkpoint_every=2, use=[used])
+    assert any(g.abs().sum() > 0 for g in grads.values())
+
+
+@pytest.mark.parametrize("alpha,modulation,rule,used", _use_cases(STEP_OUTPUTS))
+def test_step_single_output_used(fused, alpha, modulation, rule, used):
+    inputs = lstm_inputs(alpha, modulation, rule, B=3, N=7, seed=9)
+    _, grads = compare_step(fused, inputs, rule, "c", use=[used])
+    assert any(g.abs().sum() > 0 for g in grads.values())
+
+
+@pytest.mark.parametrize("wanted", [{"x"}, {"c"}, {"h2g_weight", "w"}, {"hebb", "elig", "h"},
+                                    {"alpha", "h2g_bias", "elig_rate", "fanout_weight"}])
+def test_only_some_inputs_require_grad(fused, wanted):
+    inputs = lstm_inputs("full", "fanout3", "retroactive", T=4, B=2, N=7, seed=10)
+    _, grads = compare_sequence(fused, inputs, "retroactive", requires_grad=wanted)
+    assert set(grads) == wanted
+    _, grads = compare_step(fused, dict(inputs, x=inputs["x"][0]), "retroactive",
+                            requires_grad=wanted)
+    assert set(grads) == wanted
+
+
+def test_no_input_requires_grad(fused):
+    inputs = lstm_inputs("neuron", "fanout1", "clip", T=3, B=2, N=5)
+    out = fused.plastic_lstm_sequence(**inputs, rule="clip", clip=CLIP)
+    ref = reference.plastic_lstm_sequence(**inputs, rule="clip", clip=CLIP)
+    assert not out[0].requires_grad
+    for a, e in zip(out, ref):
+        torch.testing.assert_close(a, e, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("modulator_input", MODULATOR_INPUTS)
+def test_sequence_equals_step_loop(fused, modulator_input):
+    rule = "retroactive"
+    inputs = lstm_inputs("full", "fanout3", rule, T=5, B=3, N=7, seed=11)
+    kw = dict(rule=rule, clip=CLIP, modulator_input=modulator_input)
+    out, c_T, hebb_T, elig_T, m = fused.plastic_lstm_sequence(**inputs, **kw, checkpoint_every=2)
+    state = {k: inputs[k] for k in ("h", "c", "hebb", "elig")}
+    params = {k: v for k, v in inputs.items() if k not in state and k != "x"}
+    for t in range(5):
+        h, c, hebb, elig, m_t = fused.plastic_lstm_step(inputs["x"][t], **state, **params, **kw)
+        state = dict(h=h, c=c, hebb=hebb, elig=elig)
+        torch.testing.assert_close(h, out[t], **TOL[torch.float64])
+        torch.testing.assert_close(m_t, m[t], **TOL[torch.float64])
+    for a, e in ((state["c"], c_T), (state["hebb"], hebb_T), (state["elig"], elig_T)):
+        torch.testing.assert_close(a, e, **TOL[torch.float64])
+
+
+def test_non_plastic_limit_is_an_lstm(fused):
+    """With alpha = 0 the plastic LSTM is the ordinary LSTM of reference.lstm_step."""
+    inputs = lstm_inputs("scalar", "fanout1", "clip", T=4, B=2, N=6, seed=12)
+    inputs["alpha"] = torch.zeros((), dtype=torch.float64)
+    out, c_T, *_ = fused.plastic_lstm_sequence(**inputs, rule="clip", clip=CLIP)
+    h, c = inputs["h"], inputs["c"]
+    for t in range(4):
+        h, c = reference.lstm_step(inputs["x"][t], h, c, inputs["h2g_weight"],
+                                   inputs["h2g_bias"], inputs["w"])
+        torch.testing.assert_close(out[t], h, **TOL[torch.float64])
+    torch.testing.assert_close(c_T, c, **TOL[torch.float64])
