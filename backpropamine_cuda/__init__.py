@@ -3,6 +3,8 @@
     import backpropamine_cuda as bp
     rnn = bp.PlasticRNN(input_size, hidden_size, alpha="full", modulation="fanout", rule="clip")
     out, state = rnn(x)
+    lstm = bp.PlasticLSTM(input_size, hidden_size, alpha="neuron", modulation="fanout")
+    out, state = lstm(x)  # state: bp.PlasticLSTMState(h, c, hebb, elig)
 
 ``bp.reference`` is the pure-PyTorch specification of every op; ``bp.fused`` the same functions on
 the compiled kernels (imported on first use, which builds the extension if pip did not).
@@ -10,9 +12,11 @@ the compiled kernels (imported on first use, which builds the extension if pip d
 import importlib
 
 from . import reference
-from .modules import PlasticRNN, PlasticRNNCell, PlasticState
+from .modules import (PlasticLSTM, PlasticLSTMCell, PlasticLSTMState, PlasticRNN, PlasticRNNCell,
+                      PlasticState)
 
-__all__ = ["PlasticRNN", "PlasticRNNCell", "PlasticState", "reference", "fused"]
+__all__ = ["PlasticRNN", "PlasticRNNCell", "PlasticState", "PlasticLSTM", "PlasticLSTMCell",
+           "PlasticLSTMState", "reference", "fused"]
 __version__ = "0.1.0"
 
 

@@ -10,12 +10,22 @@ ALPHA_OPTIONS = ("full", "neuron", "scalar")
 MODULATION_OPTIONS = ("none", "simple", "fanout")
 ETA_SHAPES = ("scalar", "full")
 IMPLS = ("auto", "fused", "reference")
+TRACES = ("hebb", "elig")  # the (B, N, N) fields of a state, always its last two
 
 
 class PlasticState(NamedTuple):
     """Recurrent state: h (B, N); hebb (B, N, N); elig (B, N, N) for rule 'retroactive', else None.
     For plastic=False layers hebb and elig are None."""
     h: torch.Tensor
+    hebb: Optional[torch.Tensor] = None
+    elig: Optional[torch.Tensor] = None
+
+
+class PlasticLSTMState(NamedTuple):
+    """LSTM state: h and the cell state c (B, N); hebb and elig as in PlasticState (the traces of
+    the plastic h -> g weights)."""
+    h: torch.Tensor
+    c: torch.Tensor
     hebb: Optional[torch.Tensor] = None
     elig: Optional[torch.Tensor] = None
 
@@ -33,13 +43,15 @@ def _fused_module(x):
     return fused
 
 
-class _PlasticRNNBase(nn.Module):
-    """Parameters and options shared by PlasticRNN and PlasticRNNCell.
+class _PlasticBase(nn.Module):
+    """Options, plastic parameters, state checks and backend choice of every plastic layer.
 
-    Initialisation (as the Backpropamine simplemaze network): ``w`` and ``alpha`` uniform in
-    [0, 0.001); ``eta`` (modulation "none") = ``eta_init``; ``elig_rate`` = ``elig_rate_init``;
-    ``i2h``, ``h2mod`` and ``fanout`` keep PyTorch's Linear initialisation.
+    A layer kind (RNN, LSTM) sets ``_state_type`` (its state NamedTuple), ``_op`` (the prefix of
+    its ops in ``reference`` and ``fused``) and ``_alpha_init``, and defines ``_make_weights``
+    (the non-plastic weights), ``_op_inputs`` (the ops' tensor arguments), ``_fixed_step`` and
+    ``_native_sequence`` (the ``plastic=False`` layer).
     """
+    _alpha_init = 0.001  # alpha ~ U[0, _alpha_init)
 
     def __init__(self, input_size, hidden_size, alpha="full", modulation="fanout", rule="clip",
                  clip=2.0, n_modulators=1, eta_shape="scalar", plastic=True, impl="auto",
@@ -62,18 +74,19 @@ class _PlasticRNNBase(nn.Module):
             raise ValueError(f"modulation 'simple' takes n_modulators=1, got {n_modulators}; "
                              "use modulation='fanout' for several modulators")
         self.input_size, self.hidden_size = input_size, hidden_size
-        self.alpha_mode, self.modulation, self.rule, self.clip = alpha, modulation, rule, float(clip)
+        self.alpha_mode, self.modulation, self.rule = alpha, modulation, rule
+        self.clip = float(clip)
         self.n_modulators, self.eta_shape, self.plastic, self.impl = (
             n_modulators, eta_shape, plastic, impl)
         N = hidden_size
-        self.i2h = nn.Linear(input_size, N)
-        self.w = nn.Parameter(0.001 * torch.rand(N, N))
+        self._make_weights(input_size, N)
         if not plastic:
             return
         alpha_shape = {"full": (N, N), "neuron": (N,), "scalar": ()}[alpha]
-        self.alpha = nn.Parameter(0.001 * torch.rand(alpha_shape))
+        self.alpha = nn.Parameter(self._alpha_init * torch.rand(alpha_shape))
         if modulation == "none":
-            self.eta = nn.Parameter(torch.full((N, N) if eta_shape == "full" else (), float(eta_init)))
+            eta_size = (N, N) if eta_shape == "full" else ()
+            self.eta = nn.Parameter(torch.full(eta_size, float(eta_init)))
         else:
             self.h2mod = nn.Linear(N, n_modulators)
             if modulation == "fanout":
@@ -81,34 +94,39 @@ class _PlasticRNNBase(nn.Module):
         if rule == "retroactive":
             self.elig_rate = nn.Parameter(torch.tensor(float(elig_rate_init)))
 
+    def _options(self):
+        """(name, value) of the plastic options, for extra_repr."""
+        return [("alpha", self.alpha_mode), ("modulation", self.modulation), ("rule", self.rule),
+                ("clip", self.clip), ("n_modulators", self.n_modulators),
+                ("eta_shape", self.eta_shape)]
+
     def extra_repr(self):
-        if not self.plastic:
-            return f"{self.input_size}, {self.hidden_size}, plastic=False, impl={self.impl!r}"
-        return (f"{self.input_size}, {self.hidden_size}, alpha={self.alpha_mode!r}, "
-                f"modulation={self.modulation!r}, rule={self.rule!r}, clip={self.clip}, "
-                f"n_modulators={self.n_modulators}, eta_shape={self.eta_shape!r}, "
-                f"impl={self.impl!r}")
+        options = [("plastic", False)] if not self.plastic else self._options()
+        return ", ".join([f"{self.input_size}, {self.hidden_size}"]
+                         + [f"{k}={v!r}" for k, v in options + [("impl", self.impl)]])
 
     def initial_state(self, batch_size, like):
         """Zeros: the state at the start of an episode."""
         N = self.hidden_size
-        h = like.new_zeros(batch_size, N)
+        vectors = [like.new_zeros(batch_size, N)
+                   for name in self._state_type._fields if name not in TRACES]
         if not self.plastic:
-            return PlasticState(h)
+            return self._state_type(*vectors)
         elig = like.new_zeros(batch_size, N, N) if self.rule == "retroactive" else None
-        return PlasticState(h, like.new_zeros(batch_size, N, N), elig)
+        return self._state_type(*vectors, like.new_zeros(batch_size, N, N), elig)
 
     def _check_state(self, state, batch_size, x):
-        if not isinstance(state, tuple) or len(state) != 3:
-            raise ValueError("state must be a PlasticState(h, hebb, elig) or None, got "
-                             f"{type(state).__name__}")
+        fields = self._state_type._fields
+        if not isinstance(state, tuple) or len(state) != len(fields):
+            raise ValueError(f"state must be a {self._state_type.__name__}({', '.join(fields)}) "
+                             f"or None, got {type(state).__name__}")
         N = self.hidden_size
-        want = {"h": (batch_size, N)}
+        want = {name: (batch_size, N) for name in fields if name not in TRACES}
         if self.plastic:
             want["hebb"] = (batch_size, N, N)
             if self.rule == "retroactive":
                 want["elig"] = (batch_size, N, N)
-        for name, t in zip(PlasticState._fields, state):
+        for name, t in zip(fields, state):
             if name not in want:
                 continue
             if not isinstance(t, torch.Tensor) or tuple(t.shape) != want[name]:
@@ -117,7 +135,7 @@ class _PlasticRNNBase(nn.Module):
             if t.dtype != x.dtype or t.device != x.device:
                 raise ValueError(f"state.{name} must have dtype {x.dtype} on {x.device} like the "
                                  f"input, got {t.dtype} on {t.device}")
-        return PlasticState(*(None if t is None else t.contiguous() for t in state))
+        return self._state_type(*(None if t is None else t.contiguous() for t in state))
 
     def _check_input(self, x, dims, layout):
         if not isinstance(x, torch.Tensor) or x.dim() != dims or x.shape[-1] != self.input_size:
@@ -140,6 +158,13 @@ class _PlasticRNNBase(nn.Module):
                                f"{x.device}; use impl='auto' or 'reference'")
         return fused or reference
 
+    def _prepare(self, x, state):
+        """(the checked state, or zeros for None; the backend) for x (..., B, input_size)."""
+        batch = x.shape[-2]
+        if state is None:
+            return self.initial_state(batch, x), self._backend(x)
+        return self._check_state(state, batch, x), self._backend(x)
+
     def _plastic_args(self):
         mod = self.modulation
         return (self.w, self.alpha,
@@ -150,22 +175,20 @@ class _PlasticRNNBase(nn.Module):
                 self.fanout.weight if mod == "fanout" else None,
                 self.fanout.bias if mod == "fanout" else None)
 
+    def _op_options(self):
+        """Keyword arguments of the plastic ops."""
+        return dict(rule=self.rule, clip=self.clip)
 
-class PlasticRNN(_PlasticRNNBase):
-    """Plastic tanh RNN over a whole sequence (DESIGN 2.1).
 
-    ``out, state = rnn(x, state=None)`` with x (T, B, I) (or (B, T, I) when ``batch_first``);
-    ``out, state, m = rnn(x, state, return_modulation=True)`` also returns the neuromodulator
-    outputs m (T, B, K) (None when modulation is "none"). ``checkpoint_every`` sets how often the
-    fused op stores the trace for its backward (default ceil(sqrt(T))).
-    """
+class _Sequence(_PlasticBase):
+    """forward over a whole sequence (PlasticRNN, PlasticLSTM)."""
 
-    def __init__(self, input_size, hidden_size, *, batch_first=False, checkpoint_every=None,
-                 **options):
-        super().__init__(input_size, hidden_size, **options)
+    def __init__(self, *args, batch_first=False, checkpoint_every=None, **options):
+        super().__init__(*args, **options)
         if checkpoint_every is not None and (not isinstance(checkpoint_every, int)
                                              or checkpoint_every < 1):
-            raise ValueError(f"checkpoint_every must be None or an int >= 1, got {checkpoint_every!r}")
+            raise ValueError("checkpoint_every must be None or an int >= 1, got "
+                             f"{checkpoint_every!r}")
         self.batch_first = batch_first
         self.checkpoint_every = checkpoint_every
 
@@ -173,59 +196,174 @@ class PlasticRNN(_PlasticRNNBase):
         self._check_input(x, 3, "(B, T, input_size)" if self.batch_first else "(T, B, input_size)")
         if self.batch_first:
             x = x.transpose(0, 1)
-        batch = x.shape[1]
-        state = self.initial_state(batch, x) if state is None else self._check_state(state, batch, x)
-        backend = self._backend(x)
+        state, backend = self._prepare(x, state)
         m = None
         if not self.plastic:
-            out = self._rnn_sequence(x, state.h, backend)
-            new_state = PlasticState(out[-1])
+            out, new_state = self._fixed_sequence(x, state, backend)
         else:
-            out, hebb, elig, m = backend.plastic_rnn_sequence(
-                self.i2h(x), state.h, state.hebb, state.elig, *self._plastic_args(),
-                rule=self.rule, clip=self.clip, checkpoint_every=self.checkpoint_every)
-            new_state = PlasticState(out[-1], hebb, elig)
+            op = getattr(backend, self._op + "_sequence")
+            # The op returns out, the final values of the state's other fields, then m.
+            out, *rest, m = op(*self._op_inputs(x, state), **self._op_options(),
+                               checkpoint_every=self.checkpoint_every)
+            new_state = self._state_type(out[-1], *rest)
         if self.batch_first:
             out = out.transpose(0, 1)
             m = None if m is None else m.transpose(0, 1)
         return (out, new_state, m) if return_modulation else (out, new_state)
 
-    def _rnn_sequence(self, x, h, backend):
-        if backend is reference:
-            outs = []
-            for x_t in self.i2h(x).unbind(0):
-                h = reference.rnn_step(x_t, h, self.w)
-                outs.append(h)
-            return torch.stack(outs)
-        # PyTorch's own fused tanh RNN; w is (pre, post), nn.RNN's weight_hh is (post, pre).
-        params = [self.i2h.weight, self.w.t(), self.i2h.bias, torch.zeros_like(self.i2h.bias)]
-        out, _ = torch.rnn_tanh(x, h.unsqueeze(0), params, True, 1, 0.0, self.training, False,
-                                False)
-        return out
+    def _fixed_sequence(self, x, state, backend):
+        """The plastic=False layer over the sequence: (out, final state)."""
+        if backend is not reference:
+            return self._native_sequence(x, state)
+        outs = []
+        for x_t in x.unbind(0):
+            state = self._fixed_step(x_t, state, reference)
+            outs.append(state.h)
+        return torch.stack(outs), state
 
 
-class PlasticRNNCell(_PlasticRNNBase):
-    """One step of the plastic tanh RNN, for loops that interact with an environment.
-
-    ``h, state = cell(x, state=None)`` with x (B, I); ``h, state, m = cell(x, state,
-    return_modulation=True)``.
-    """
+class _Step(_PlasticBase):
+    """forward of one time step (PlasticRNNCell, PlasticLSTMCell)."""
 
     def forward(self, x, state=None, return_modulation=False):
         self._check_input(x, 2, "(B, input_size)")
-        batch = x.shape[0]
-        state = self.initial_state(batch, x) if state is None else self._check_state(state, batch, x)
-        backend = self._backend(x)
+        state, backend = self._prepare(x, state)
         m = None
         if not self.plastic:
-            if backend is reference:
-                h = reference.rnn_step(self.i2h(x), state.h, self.w)
-            else:
-                h = torch.rnn_tanh_cell(x, state.h, self.i2h.weight, self.w.t(), self.i2h.bias)
-            new_state = PlasticState(h)
+            new_state = self._fixed_step(x, state, backend)
         else:
-            h, hebb, elig, m = backend.plastic_rnn_step(
-                self.i2h(x), state.h, state.hebb, state.elig, *self._plastic_args(),
-                rule=self.rule, clip=self.clip)
-            new_state = PlasticState(h, hebb, elig)
-        return (h, new_state, m) if return_modulation else (h, new_state)
+            op = getattr(backend, self._op + "_step")
+            *new, m = op(*self._op_inputs(x, state), **self._op_options())  # new state, then m
+            new_state = self._state_type(*new)
+        return (new_state.h, new_state, m) if return_modulation else (new_state.h, new_state)
+
+
+class _RNN(_PlasticBase):
+    """The plastic tanh RNN (DESIGN 2.1); initialisation as documented in PlasticRNN."""
+    _state_type = PlasticState
+    _op = "plastic_rnn"
+
+    def _make_weights(self, input_size, N):
+        self.i2h = nn.Linear(input_size, N)
+        self.w = nn.Parameter(0.001 * torch.rand(N, N))
+
+    def _op_inputs(self, x, state):
+        return (self.i2h(x), state.h, state.hebb, state.elig, *self._plastic_args())
+
+    def _fixed_step(self, x, state, backend):
+        if backend is reference:
+            return PlasticState(reference.rnn_step(self.i2h(x), state.h, self.w))
+        return PlasticState(torch.rnn_tanh_cell(x, state.h, self.i2h.weight, self.w.t(),
+                                                self.i2h.bias))
+
+    def _native_sequence(self, x, state):
+        # PyTorch's own fused tanh RNN; w is (pre, post), nn.RNN's weight_hh is (post, pre).
+        params = [self.i2h.weight, self.w.t(), self.i2h.bias, torch.zeros_like(self.i2h.bias)]
+        out, _ = torch.rnn_tanh(x, state.h.unsqueeze(0), params, True, 1, 0.0, self.training,
+                                False, False)
+        return out, PlasticState(out[-1])
+
+
+class _LSTM(_PlasticBase):
+    """The LSTM with plastic h -> g weights (DESIGN 2.3); initialisation as in PlasticLSTM."""
+    _state_type = PlasticLSTMState
+    _op = "plastic_lstm"
+    _alpha_init = 0.0001
+
+    def __init__(self, input_size, hidden_size, alpha="neuron", modulation="fanout",
+                 modulator_input="h", *args, **options):
+        _check_choice("modulator_input", modulator_input, reference.MODULATOR_INPUTS)
+        super().__init__(input_size, hidden_size, alpha, modulation, *args, **options)
+        self.modulator_input = modulator_input
+
+    def _make_weights(self, input_size, N):
+        self.i2g = nn.Linear(input_size, 4 * N)  # gates i, f, g, o
+        self.h2g = nn.Linear(N, 3 * N)  # gates i, f, o; the h -> g weight is w
+        self.w = nn.Parameter(0.02 * torch.rand(N, N) - 0.01)
+
+    def _options(self):
+        options = super()._options()
+        options.insert(2, ("modulator_input", self.modulator_input))
+        return options
+
+    def _op_options(self):
+        return dict(super()._op_options(), modulator_input=self.modulator_input)
+
+    def _op_inputs(self, x, state):
+        return (self.i2g(x), state.h, state.c, state.hebb, state.elig, self.h2g.weight,
+                self.h2g.bias, *self._plastic_args())
+
+    def _torch_lstm_weights(self):
+        """(w_ih, w_hh, b_ih, b_hh) of torch.nn.LSTM computing this (non-plastic) layer: the h -> g
+        rows of w_hh are w (pre, post) transposed; our h -> g path has no bias of its own."""
+        N = self.hidden_size
+        w_hh = torch.cat([self.h2g.weight[:2 * N], self.w.t(), self.h2g.weight[2 * N:]])
+        b_hh = torch.cat([self.h2g.bias[:2 * N], self.h2g.bias.new_zeros(N),
+                          self.h2g.bias[2 * N:]])
+        return self.i2g.weight, w_hh, self.i2g.bias, b_hh
+
+    def _fixed_step(self, x, state, backend):
+        if backend is reference:
+            return PlasticLSTMState(*reference.lstm_step(self.i2g(x), state.h, state.c,
+                                                         self.h2g.weight, self.h2g.bias, self.w))
+        return PlasticLSTMState(*torch.lstm_cell(x, (state.h, state.c),
+                                                 *self._torch_lstm_weights()))
+
+    def _native_sequence(self, x, state):
+        out, _, c = torch.lstm(x, (state.h.unsqueeze(0), state.c.unsqueeze(0)),
+                               list(self._torch_lstm_weights()), True, 1, 0.0, self.training,
+                               False, False)
+        return out, PlasticLSTMState(out[-1], c[0])
+
+
+class PlasticRNN(_Sequence, _RNN):
+    """Plastic tanh RNN over a whole sequence (DESIGN 2.1).
+
+    ``out, state = rnn(x, state=None)`` with x (T, B, I) (or (B, T, I) when ``batch_first``);
+    ``out, state, m = rnn(x, state, return_modulation=True)`` also returns the neuromodulator
+    outputs m (T, B, K) (None when modulation is "none"). ``checkpoint_every`` sets how often the
+    fused op stores the trace for its backward (default ceil(sqrt(T))).
+
+    Initialisation (as the Backpropamine simplemaze network): ``w`` and ``alpha`` uniform in
+    [0, 0.001); ``eta`` (modulation "none") = ``eta_init``; ``elig_rate`` = ``elig_rate_init``;
+    ``i2h``, ``h2mod`` and ``fanout`` keep PyTorch's Linear initialisation.
+    """
+
+
+class PlasticRNNCell(_Step, _RNN):
+    """One step of the plastic tanh RNN, for loops that interact with an environment.
+
+    ``h, state = cell(x, state=None)`` with x (B, I); ``h, state, m = cell(x, state,
+    return_modulation=True)``. Options, parameters and initialisation as PlasticRNN.
+    """
+
+
+class PlasticLSTM(_Sequence, _LSTM):
+    """LSTM with plastic, neuromodulated h -> g weights over a whole sequence (DESIGN 2.3).
+
+    ``PlasticLSTM(input_size, hidden_size, alpha="neuron", modulation="fanout",
+    modulator_input="h", rule="clip", clip=2.0, n_modulators=1, eta_shape="scalar",
+    plastic=True, impl="auto", eta_init=0.01, elig_rate_init=0.1, *, batch_first=False,
+    checkpoint_every=None)``. ``modulator_input`` ("h" or "c") is what the neuromodulator reads.
+
+    ``out, state = lstm(x, state=None)`` with x (T, B, I) (or (B, T, I) when ``batch_first``) and
+    state a ``PlasticLSTMState(h, c, hebb, elig)``; ``out, state, m = lstm(x, state,
+    return_modulation=True)`` also returns m (T, B, K) (None when modulation is "none").
+
+    Parameters: ``i2g`` (Linear I -> 4N, gates i, f, g, o), ``h2g`` (Linear N -> 3N, gates i, f,
+    o), ``w`` (N, N, the h -> g weights, no bias), and the plastic ones of PlasticRNN. With
+    ``plastic=False`` this is an ordinary LSTM with 7N gate biases, where torch.nn.LSTM and the
+    Backpropamine PTB code have 8N: their h -> g bias only adds to i2g's g bias, so the function
+    class is the same with N fewer parameters per layer.
+
+    Initialisation (as Backpropamine's plastic LSTM): ``w`` uniform in [-0.01, 0.01); ``alpha``
+    uniform in [0, 0.0001); ``eta`` (modulation "none") = ``eta_init``; ``elig_rate`` =
+    ``elig_rate_init``; ``i2g``, ``h2g``, ``h2mod`` and ``fanout`` keep PyTorch's Linear
+    initialisation.
+    """
+
+
+class PlasticLSTMCell(_Step, _LSTM):
+    """One step of the plastic LSTM: ``h, state = cell(x, state=None)`` with x (B, I);
+    ``h, state, m = cell(x, state, return_modulation=True)``. Options, parameters and
+    initialisation as PlasticLSTM (without batch_first and checkpoint_every)."""

@@ -1,12 +1,16 @@
 """Shared benchmark harness: timing, peak memory, memory bandwidth, worker subprocesses, output.
 
-Used by bench_rnn.py (and meant for the LSTM benchmark). Plain functions, no framework.
+Used by bench_rnn.py and bench_lstm.py. Plain functions: a benchmark script defines its cases,
+implementations, targets, inputs (`setup`) and bandwidth floor, and hands them to `run_benchmark`,
+which parses the command line common to both scripts, measures and writes the results.
 
-Each (case, implementation) pair runs in a fresh worker subprocess (`run_worker`), so that the
+Each (case, implementation) pair runs in fresh worker subprocesses (`measure`), so that the
 implementations do not share allocator caches, compiled-kernel caches or a peak-memory counter.
 """
+import argparse
 import csv
 import ctypes
+import importlib
 import json
 import os
 import platform
@@ -102,7 +106,7 @@ def time_fn(fn, device, repeats=5, budget_s=30.0, warmup=True):
 # to /proc/self/clear_refs. Before each measurement we return freed heap memory to the OS
 # (malloc_trim) and reset the high-water mark; the reported peak is VmHWM - VmRSS at the start.
 # It counts every page the run touched (tensors, autograd buffers, allocator slack); run the
-# process with MALLOC_MMAP_THRESHOLD_=65536 to leave glibc's heap slack out (bench_rnn.measure).
+# process with MALLOC_MMAP_THRESHOLD_=65536 to leave glibc's heap slack out (measure).
 # Without clear_refs (non-Linux) we fall back to ru_maxrss, which cannot be reset and then
 # undercounts if something earlier in the process peaked higher.
 
@@ -167,6 +171,37 @@ def peak_memory_mb(fn, device):
     return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * scale / 2**20
 
 
+MEMORY_FRACTION = 0.7  # a measurement may use at most this share of the memory available
+
+
+def available_mb(device):
+    """Memory a new allocation can get now, in MB: free GPU memory, or the kernel's MemAvailable
+    (None where neither is known)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.mem_get_info(torch.device(device))[0] / 2**20
+    kb = None
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                kb = int(line.split()[1])
+    except OSError:
+        pass
+    return None if kb is None else kb / 2**10
+
+
+def memory_shortfall(need_mb, device):
+    """Why a measurement estimated to need `need_mb` MB must not run (None: it may run).
+
+    On a shared machine an out-of-memory run can take other processes down with it, so a run is
+    refused beyond MEMORY_FRACTION of what is available, checked just before it starts.
+    """
+    avail = available_mb(device)
+    if need_mb is None or avail is None or need_mb <= MEMORY_FRACTION * avail:
+        return None
+    return (f"skipped: needs ~{need_mb / 2**10:.1f} GB (estimate), more than "
+            f"{MEMORY_FRACTION:.0%} of the {avail / 2**10:.1f} GB available")
+
+
 # ----------------------------------------------------------------------------------------------
 # Memory bandwidth
 
@@ -176,9 +211,10 @@ def measure_bandwidth(device, mb_per_array=1024, repeats=7):
 
     Three streaming kernels on float32 arrays of `mb_per_array` MB each (choose it well above the
     last-level cache): `c = a + b` (counts 3 arrays: 2 read + 1 written), `c.copy_(a)`
-    (2 arrays) and `a *= s` in place (2). All use all intra-op threads. Write-allocate traffic (reading c's lines before
-    writing them) is not counted, as is customary, so this is the bandwidth a kernel that reads
-    and writes each byte once can expect. Returns the best kernel's figure and each.
+    (2 arrays) and `a *= s` in place (2). All use all intra-op threads. Write-allocate traffic
+    (reading c's lines before writing them) is not counted, as is customary, so this is the
+    bandwidth a kernel that reads and writes each byte once can expect. Returns the best
+    kernel's figure and each.
     """
     n = mb_per_array * 2**20 // 4
     a = torch.rand(n, device=device)
@@ -202,6 +238,28 @@ def measure_bandwidth(device, mb_per_array=1024, repeats=7):
     result["gbs"] = max(result[f"{name}_gbs"] for name in kernels)
     result["mb_per_array"] = mb_per_array
     return result
+
+
+def trace_floor_bytes(T, B, N, itemsize, vec_fwd, vec_bwd):
+    """Lower bound on the bytes a fused plastic sequence op must move: (forward, forward+backward).
+
+    The trace (B, N, N) is the only large tensor. Model, per step:
+      forward:  read H_{t-1}, write H_t (its update and the next step's matvec share one sweep)
+                                                                              -> 2 trace passes
+      backward: recompute H_t from the segment checkpoint (read + write)     -> 2
+                read H_{t-1} for the adjoints, read + write dL/dH            -> 3
+    i.e. 2 trace passes per step forward and 7 forward+backward. The per-step vectors are added:
+    forward reads or writes `vec_fwd` (B, N) vectors, backward `vec_bwd` more (the caller counts
+    them for its op); they are < 1 % at the papers' sizes. Left out on purpose: the (N, N)
+    parameters (read once per step per direction, but small enough to stay in cache) and the
+    checkpoint writes (T / sqrt(T) traces); leaving them out keeps this a lower bound. Revise
+    here if the kernels' data flow changes.
+    """
+    trace = B * N * N * itemsize
+    vec = B * N * itemsize
+    fwd = T * (2 * trace + vec_fwd * vec)
+    fwd_bwd = T * (7 * trace + (vec_fwd + vec_bwd) * vec)
+    return fwd, fwd_bwd
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,6 +291,94 @@ def short_error(err, limit=80):
     text = f"{type(err).__name__}: {err}" if isinstance(err, BaseException) else str(err)
     text = text.strip().splitlines()[0] if text.strip() else text
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def tensor_makers(device, dtype, seed=0):
+    """`randn(*shape, scale=1.0)` and `zeros(*shape)`: leaf tensors that require grad, drawn from
+    one seeded CPU generator so that every implementation gets the same values."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=dtype) * scale).to(device).requires_grad_()
+
+    def zeros(*shape):
+        return torch.zeros(*shape, dtype=dtype, device=device, requires_grad=True)
+
+    return randn, zeros
+
+
+def package_op(impl, name):
+    """The op `name` of backpropamine_cuda.fused (impl "fused") or .reference ("eager"). Imported
+    here, in the worker: importing fused builds the extension where pip did not."""
+    module = {"fused": "fused", "eager": "reference"}[impl]
+    return getattr(importlib.import_module(f"backpropamine_cuda.{module}"), name)
+
+
+def worker(spec, setup):
+    """Measures one (case, implementation) in this process: its peak memory (spec["measure"] ==
+    "memory") or its times ("time"), forward under no_grad ("fwd") and forward+backward ("fwdbwd").
+
+    `setup(cfg, impl, device, dtype)` returns `(call, loss, x, grad_inputs)`: `call(x)` runs the
+    implementation on the input sequence `x` (T first), `loss(call(x))` is what fwd+bwd
+    differentiates with respect to `grad_inputs`. A mode whose estimated need
+    (spec["need_mb"][mode], MB) exceeds the memory available is skipped. Returns a JSON-able dict.
+    """
+    device, dtype = spec["device"], getattr(torch, spec["dtype"])
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    try:
+        call, loss, x_full, grad_inputs = setup(spec["cfg"], spec["impl"], device, dtype)
+    except Exception as err:  # e.g. the extension does not build, or lacks the op
+        return {"error": short_error(err)}
+
+    def forward(x):
+        with torch.no_grad():
+            call(x)
+
+    def forward_backward(x):
+        torch.autograd.grad(loss(call(x)), grad_inputs)
+
+    result = {}
+    for mode, fn in (("fwd", forward), ("fwdbwd", forward_backward)):
+        skipped = memory_shortfall(spec.get("need_mb", {}).get(mode), device)
+        if skipped:
+            result[f"{mode}_skipped"] = skipped
+            continue
+        try:
+            # Warm-up on 2 steps: compiles (shapes that do not depend on T), starts thread pools
+            # and loads kernels, so none of it lands in the measurements.
+            t0 = time.perf_counter()
+            fn(x_full[:2])
+            sync(device)
+            if spec["measure"] == "memory":
+                result[f"{mode}_warmup_s"] = time.perf_counter() - t0
+                result[f"{mode}_peak_mb"] = peak_memory_mb(lambda: fn(x_full), device)
+            else:
+                timing = time_fn(lambda: fn(x_full), device, spec["repeats"], spec["budget"])
+                result[f"{mode}_ms"] = timing["ms"]
+                result[f"{mode}_min_ms"] = timing["min_ms"]  # less sensitive to other processes
+                result[f"{mode}_runs"] = timing["runs"]
+                result[f"{mode}_all_ms"] = timing["all_ms"]
+        except Exception as err:  # a failing compile or op is reported, not fatal
+            result[f"{mode}_error"] = short_error(err)
+    return result
+
+
+def measure(script, spec):
+    """Runs the memory worker, then the timing worker, each in a fresh process; merges them."""
+    # glibc serves allocations below its (adaptive, up to 32 MB) mmap threshold from the heap and
+    # keeps freed heap pages resident, so peak RSS would include allocator history. A fixed small
+    # threshold gives every tensor its own mapping, returned on free: peak RSS ~ live memory.
+    # Timing runs use the default allocator behaviour, as users get it.
+    mem = run_worker(script, dict(spec, measure="memory"),
+                     env={"MALLOC_MMAP_THRESHOLD_": "65536"})
+    tim = run_worker(script, dict(spec, measure="time"))
+    merged = {**mem, **tim}
+    for key in ("error", "fwd_error", "fwdbwd_error"):
+        errors = list(dict.fromkeys(e for e in (mem.get(key), tim.get(key)) if e))
+        if errors:
+            merged[key] = " / ".join(errors)
+    return merged
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,3 +446,261 @@ def grouped_bars(ax, groups, series, values, log=True, ylabel="", markers=None):
         ax.margins(y=0.25)
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Results: ratios, tables, targets, plot
+
+
+def ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def summarize(records, light=None):
+    """Adds to every record (in place) the ratios to fused and to the bandwidth floor and, with
+    `light` (a non-plastic implementation), the reference time: light's time + the floor."""
+    fused = {r["case"]: r for r in records if r["impl"] == "fused"}
+    lights = {r["case"]: r for r in records if r["impl"] == light}
+    for r in records:
+        f = fused.get(r["case"], {})
+        for m in ("fwd", "fwdbwd"):
+            # > 1 means fused is faster
+            r[f"fused_speedup_{m}"] = ratio(r.get(f"{m}_ms"), f.get(f"{m}_ms"))
+            r[f"x_floor_{m}"] = ratio(r.get(f"{m}_ms"), r[f"floor_{m}_ms"])
+            if light:
+                base = lights.get(r["case"], {}).get(f"{m}_ms")
+                r[f"ref_{m}_ms"] = None if base is None else base + r[f"floor_{m}_ms"]
+                r[f"x_ref_{m}"] = ratio(r.get(f"{m}_ms"), r[f"ref_{m}_ms"])
+        # < 1 means fused is smaller
+        r["fused_mem_fraction"] = ratio(f.get("fwdbwd_peak_mb"), r.get("fwdbwd_peak_mb"))
+
+
+def results_table(records, light=None):
+    def pair(r, key):  # "fwd / fwd+bwd" of a ratio
+        return f"{fmt_ratio(r[key.format('fwd')])} / {fmt_ratio(r[key.format('fwdbwd')])}"
+
+    headers = ["case", "sizes", "impl", "fwd ms", "fwd+bwd ms", "fused speedup fwd / fwd+bwd",
+               "peak MB fwd / fwd+bwd", "fused mem fraction", "fused / floor fwd / fwd+bwd",
+               *([f"fused / ({light} + floor) fwd / fwd+bwd"] if light else []), "runs", "notes"]
+    rows = []
+    for r in records:
+        is_fused = r["impl"] == "fused"
+        notes = [f"{m}: {r[m + '_' + what]}" for m in ("fwd", "fwdbwd")
+                 for what in ("error", "skipped") if r.get(m + "_" + what)]
+        if r.get("error"):
+            notes.append(r["error"])
+        if r["impl"] == "compiled" and r.get("fwdbwd_warmup_s"):
+            notes.append(f"compile+warm-up {r.get('fwd_warmup_s', 0) + r['fwdbwd_warmup_s']:.0f} s")
+        rows.append([
+            r["case"], r["sizes"], r["impl"],
+            fmt_num(r.get("fwd_ms")), fmt_num(r.get("fwdbwd_ms")),
+            "" if is_fused else pair(r, "fused_speedup_{}"),
+            f"{fmt_num(r.get('fwd_peak_mb'))} / {fmt_num(r.get('fwdbwd_peak_mb'))}",
+            "" if is_fused else fmt_num(r["fused_mem_fraction"]),
+            pair(r, "x_floor_{}") if is_fused else "",
+            *([pair(r, "x_ref_{}") if is_fused else ""] if light else []),
+            f"{r.get('fwd_runs', '-')} / {r.get('fwdbwd_runs', '-')}",
+            "; ".join(notes),
+        ])
+    return markdown_table(headers, rows)
+
+
+def check_targets(records, targets):
+    """Rows of the target table, and the same as dicts for the JSON.
+
+    `targets`: (case, what, impl compared with, threshold), checked on fused's fwd+bwd:
+      speedup: time is >= threshold times faster than impl's
+      floor:   time <= threshold x the bandwidth floor (impl None) or x the reference time, impl's
+               time + the floor (impl is then summarize's `light`)
+      memory:  peak memory <= threshold x impl's
+    """
+    by = {(r["case"], r["impl"]): r for r in records}
+    rows, checks = [], []
+    for case, what, other, threshold in targets:
+        f, o = by.get((case, "fused")), by.get((case, other))
+        if f is None or (other and o is None):
+            continue
+        if what == "speedup":
+            label = f"fused fwd+bwd >= {threshold:g}x faster than {other}"
+            value, ok = o["fused_speedup_fwdbwd"], lambda v: v >= threshold
+        elif what == "floor" and other:
+            label = f"fused fwd+bwd <= {threshold:g}x ({other} fwd+bwd + bandwidth floor)"
+            value, ok = f["x_ref_fwdbwd"], lambda v: v <= threshold
+        elif what == "floor":
+            label = f"fused fwd+bwd <= {threshold:g}x the bandwidth floor"
+            value, ok = f["x_floor_fwdbwd"], lambda v: v <= threshold
+        else:
+            label = f"fused fwd+bwd peak memory <= {threshold:g} x {other}'s"
+            value, ok = o["fused_mem_fraction"], lambda v: v <= threshold
+        status = "n/a" if value is None else "met" if ok(value) else "NOT met"
+        shown = fmt_ratio(value) if what != "memory" else fmt_num(value)
+        rows.append([case, label, shown, status])
+        checks.append(dict(case=case, target=label, value=value, status=status))
+    return markdown_table(["case", "target", "measured", "status"], rows), checks
+
+
+def plot(records, path, impls):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys(r["case"] for r in records))
+    by = {c: {r["impl"]: r for r in records if r["case"] == c} for c in cases}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    times = {c: {i: by[c].get(i, {}).get("fwdbwd_ms") for i in impls} for c in cases}
+    floors = {c: next(iter(by[c].values()))["floor_fwdbwd_ms"] for c in cases}
+    grouped_bars(axes[0], cases, impls, times, ylabel="forward+backward time (ms)",
+                 markers=floors)
+    axes[0].set_title("fwd+bwd time (dashed: bandwidth floor)")
+    mems = {c: {i: by[c].get(i, {}).get("fwdbwd_peak_mb") for i in impls} for c in cases}
+    grouped_bars(axes[1], cases, impls, mems, ylabel="peak memory (MB)")
+    axes[1].set_title("fwd+bwd peak memory")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver
+
+
+def parse_args(doc, cases, impls):
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--cases", default=",".join(cases), help=f"comma list of {list(cases)}")
+    p.add_argument("--impls", default=",".join(impls), help=f"comma list of {list(impls)}")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
+    p.add_argument("--budget", type=float, default=20.0,
+                   help="stop repeating a measurement once its runs took this long (>= 1 run)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--bw-mb", type=int, default=1024,
+                   help="MB per array of the bandwidth measurement (well above the LLC)")
+    p.add_argument("--out", default="benchmarks/results", help="folder for CSV/JSON/PNG")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in seconds")
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: JSON spec of one measurement
+    return p.parse_args()
+
+
+def describe(cfg):
+    """'B=6 N=1149 T=70 alpha=neuron' for a table cell; lists as '400-1149-400'."""
+    return " ".join(f"{k}={'-'.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+                    for k, v in cfg.items())
+
+
+def run_benchmark(name, doc, script, *, cases, quick_cases, impls, targets, setup, floor_bytes,
+                  notes, need_mb=None, light=None):
+    """The whole benchmark script `script` (named `name`, documented by `doc`): parses its
+    command line, then either is a worker (see `worker`) or measures every selected (case, impl)
+    in workers, prints the table and targets and writes name.csv / .json / .png.
+
+    cases, quick_cases: {case: cfg}, full and --quick sizes; impls: implementation names;
+    targets: see check_targets; setup: see worker; floor_bytes(cfg, itemsize): (fwd, fwd+bwd)
+    bytes the fused op must move; notes: the script's footnotes; need_mb(cfg, impl, itemsize):
+    estimated MB per mode ({} if unknown), a mode that will not fit is skipped; light: the
+    non-plastic implementation of the reference time (see summarize).
+    """
+    args = parse_args(doc, cases, impls)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker), setup)))
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = quick_cases if args.quick else cases
+    case_names = [c for c in args.cases.split(",") if c]
+    impl_names = [i for i in args.impls.split(",") if i]
+    for case in case_names:
+        if case not in sizes:
+            sys.exit(f"unknown case {case!r}; choose from {list(sizes)}")
+    for impl in impl_names:
+        if impl not in impls:
+            sys.exit(f"unknown implementation {impl!r}; choose from {list(impls)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device visible to torch")
+    itemsize = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
+
+    start = time.time()
+    info = machine_info(args.device)
+    info["cpu_peak_memory_method"] = (cpu_memory_method() if args.device == "cpu"
+                                      else "torch.cuda.max_memory_allocated")
+    load_start = os.getloadavg()[0]
+    bw_mb = min(args.bw_mb, 64) if args.quick else args.bw_mb
+    bw = measure_bandwidth(args.device, bw_mb)
+    print(f"memory bandwidth: {bw['gbs']:.1f} GB/s (add {bw['add_gbs']:.1f}, "
+          f"copy {bw['copy_gbs']:.1f}, in place {bw['inplace_gbs']:.1f}; {bw_mb} MB arrays)",
+          file=sys.stderr, flush=True)
+
+    records = []
+    for case in case_names:
+        cfg = sizes[case]
+        floor_fwd, floor_fwdbwd = (b / (bw["gbs"] * 1e9) * 1e3 for b in floor_bytes(cfg, itemsize))
+        for impl in impl_names:
+            t0 = time.time()
+            spec = dict(case=case, cfg=cfg, impl=impl, device=args.device, dtype=args.dtype,
+                        repeats=args.repeats, budget=args.budget, threads=args.threads,
+                        need_mb=need_mb(cfg, impl, itemsize) if need_mb else {})
+            res = measure(script, spec)
+            # 1-min load average after the worker: ~threads when nothing else ran meanwhile
+            records.append(dict(case=case, impl=impl, sizes=describe(cfg), **cfg, **res,
+                                loadavg=os.getloadavg()[0], floor_fwd_ms=floor_fwd,
+                                floor_fwdbwd_ms=floor_fwdbwd))
+            trouble = [res[k] for k in ("error", "fwd_skipped", "fwdbwd_skipped") if k in res]
+            print(f"[{time.time() - start:6.0f} s] {case:8s} {impl:9s} "
+                  f"fwd {fmt_num(res.get('fwd_ms'))} ms, "
+                  f"fwd+bwd {fmt_num(res.get('fwdbwd_ms'))} ms "
+                  f"({time.time() - t0:.0f} s)" + "".join(f"  {t}" for t in trouble),
+                  file=sys.stderr, flush=True)
+
+    summarize(records, light)
+    total_s = time.time() - start
+    table = results_table(records, light)
+    target_table, checks = check_targets(records, targets)
+    threads = args.threads or info["torch_threads"]
+    machine = (f"{info.get('gpu', info['cpu'])}, {threads} threads, torch {info['torch']}, "
+               f"{args.device}, {args.dtype}; measured memory bandwidth {bw['gbs']:.1f} GB/s "
+               f"(add {bw['add_gbs']:.1f}, copy {bw['copy_gbs']:.1f}, in place "
+               f"{bw['inplace_gbs']:.1f} GB/s on {bw_mb} MB arrays)")
+    if "cache_L3" in info:
+        machine += f"; L2 {info.get('cache_L2', '?')}, L3 {info['cache_L3']}"
+    # Other processes competing for the cores distort timings (OpenMP waits for every thread).
+    info["loadavg_1min_start_end"] = (load_start, os.getloadavg()[0])
+    machine += f"; 1-min load average {load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end"
+    footnotes = [
+        f"Median of up to {args.repeats} runs after a warm-up ('runs' column, fwd / fwd+bwd; "
+        f"fewer once a measurement has used {args.budget:g} s). fwd runs under no_grad; fwd+bwd "
+        "is the loss below and torch.autograd.grad to all inputs.",
+        *notes,
+        "Speedup and mem fraction are relative to fused on the same row's case: "
+        "speedup = impl time / fused time, mem fraction = fused peak / impl peak.",
+        "Peak memory: " + ("torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus "
+                           "memory allocated before the call." if args.device == "cuda" else
+                           "peak resident set size of a fresh worker process during the first "
+                           "full-size call, minus its resident size just before (peak reset via "
+                           "/proc/self/clear_refs). That worker runs with MALLOC_MMAP_THRESHOLD_="
+                           "65536 so that freed tensors leave no resident heap behind: the figure "
+                           "is the memory live at the peak; inputs excluded, outputs and "
+                           "gradients included. Timings come from a second worker with default "
+                           "malloc settings."),
+        "Bandwidth floor = bytes the fused op must move / measured bandwidth; bytes = T x "
+        "(2 fwd, 7 fwd+bwd) x B*N*N*itemsize for the trace plus the per-step vectors "
+        "(common.trace_floor_bytes). A ratio < 1 means the trace stayed in cache.",
+        *([f"Reference time = {light} time + bandwidth floor: a non-plastic layer plus the "
+           "trace traffic that plasticity cannot avoid."] if light else []),
+    ]
+    report = "\n".join([
+        f"## {name} ({'quick sizes' if args.quick else 'full sizes'})", "", machine, "",
+        table, "", "Targets" + (" (they apply to the full sizes, not to --quick)"
+                                if args.quick else "") + ":", "", target_table, "",
+        *[f"- {f}" for f in footnotes], "", f"Whole run: {total_s:.0f} s.",
+    ])
+    print(report)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    flat = [{k: v for k, v in r.items() if not k.endswith("_all_ms")} for r in records]
+    write_csv(out / f"{name}.csv", flat)
+    write_json(out / f"{name}.json", dict(
+        machine=info, bandwidth=bw, args=vars(args), total_s=total_s, results=records,
+        targets=checks))
+    plot(records, out / f"{name}.png", impl_names)
+    print(f"\nwrote {out / name}.csv, .json, .png", file=sys.stderr)

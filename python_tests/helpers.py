@@ -219,3 +219,53 @@ def subprocess_env(**extra):
     root = str(Path(backpropamine_cuda.__file__).resolve().parent.parent)
     path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
     return dict(os.environ, PYTHONPATH=path, **extra)
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules (test_modules.py, test_lstm_modules.py): small layers, I inputs and N neurons.
+
+I, N = 4, 6
+
+
+def opt_id(options):
+    return "-".join(f"{v}" for v in options.values())
+
+
+def expected_param_shapes(alpha, modulation, rule, n_modulators, eta_shape, plastic=True):
+    shapes = {"i2h.weight": (N, I), "i2h.bias": (N,), "w": (N, N)}
+    if not plastic:
+        return shapes
+    shapes["alpha"] = {"full": (N, N), "neuron": (N,), "scalar": ()}[alpha]
+    if modulation == "none":
+        shapes["eta"] = (N, N) if eta_shape == "full" else ()
+    else:
+        shapes["h2mod.weight"] = (n_modulators, N)
+        shapes["h2mod.bias"] = (n_modulators,)
+        if modulation == "fanout":
+            shapes["fanout.weight"] = (N, n_modulators)
+            shapes["fanout.bias"] = (N,)
+    if rule == "retroactive":
+        shapes["elig_rate"] = ()
+    return shapes
+
+
+def make(cls, options, impl="fused", seed=0, **kwargs):
+    torch.manual_seed(seed)
+    module = cls(I, N, impl=impl, **options, **kwargs).double()
+    with torch.no_grad():  # larger plastic parameters than the init, so that plasticity matters
+        for name, p in module.named_parameters():
+            if name in ("alpha", "w"):
+                p.normal_(0, 0.5)
+            elif name == "eta":
+                p.normal_(0, 0.3)
+    return module
+
+
+def grads_of(module):
+    return {k: p.grad.clone() for k, p in module.named_parameters() if p.grad is not None}
+
+
+def assert_dicts_close(actual, expected, **tol):
+    assert actual.keys() == expected.keys()
+    for k in expected:
+        torch.testing.assert_close(actual[k], expected[k], **tol, msg=lambda m, k=k: f"{k}: {m}")

@@ -1,5 +1,5 @@
-"""Smoke test of the benchmark script at tiny sizes (its numbers are not checked here: targets
-live in the benchmark, not in timed tests)."""
+"""Smoke tests of the benchmark scripts at tiny sizes (their numbers are not checked here: targets
+live in the benchmarks, not in timed tests)."""
 import csv
 import subprocess
 import sys
@@ -9,20 +9,39 @@ import pytest
 
 from helpers import subprocess_env
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_rnn.py"
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-@pytest.mark.skipif(not SCRIPT.is_file(), reason="benchmarks/ is not next to the tests")
-def test_bench_rnn_quick(tmp_path):
+def run_quick(name, impls, tmp_path):
+    """Runs benchmarks/<name>.py --quick on `impls`; returns its stdout and its CSV's rows."""
+    script = BENCHMARKS / f"{name}.py"
+    if not script.is_file():
+        pytest.skip("benchmarks/ is not next to the tests")
     pytest.importorskip("matplotlib")
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--impls", "fused,eager", "--repeats", "1",
+        [sys.executable, str(script), "--quick", "--impls", ",".join(impls), "--repeats", "1",
          "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=600, cwd=tmp_path, env=subprocess_env())
     assert result.returncode == 0, result.stderr[-3000:]
-    with open(tmp_path / "bench_rnn.csv") as f:
+    with open(tmp_path / f"{name}.csv") as f:
         rows = list(csv.DictReader(f))
+    assert (tmp_path / f"{name}.png").stat().st_size > 0
+    return result.stdout, rows
+
+
+def test_bench_rnn_quick(tmp_path):
+    stdout, rows = run_quick("bench_rnn", ("fused", "eager"), tmp_path)
     assert {(r["case"], r["impl"]) for r in rows} == {
         (case, impl) for case in ("maze", "ptb", "ptb-mem") for impl in ("fused", "eager")}
-    assert (tmp_path / "bench_rnn.png").stat().st_size > 0
-    assert "| maze" in result.stdout
+    assert "| maze" in stdout
+
+
+def test_bench_lstm_quick(tmp_path):
+    impls = ("fused", "eager", "nnlstm")
+    stdout, rows = run_quick("bench_lstm", impls, tmp_path)
+    assert {(r["case"], r["impl"]) for r in rows} == {
+        (case, impl) for case in ("layer", "stack") for impl in impls}
+    assert all(r["fwdbwd_ms"] for r in rows), "an implementation failed or was skipped"
+    # fused is compared with the reference time, nnlstm's time + the bandwidth floor
+    assert all(r["x_ref_fwdbwd"] for r in rows if r["impl"] == "fused")
+    assert "| layer" in stdout

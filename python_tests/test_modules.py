@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import backpropamine_cuda as bp
-from helpers import TOL
+from helpers import (I, N, TOL, assert_dicts_close, expected_param_shapes, grads_of, make,
+                     opt_id)
 
-I, N = 4, 6
 OPTION_GRID = [dict(alpha=a, modulation=m, rule=r, n_modulators=k, eta_shape=e)
                for a, m, r, k, e in itertools.product(
                    ("full", "neuron", "scalar"), ("none", "simple", "fanout"),
@@ -24,50 +24,6 @@ COMPARE_OPTIONS = [
     dict(alpha="neuron", modulation="fanout", rule="retroactive", n_modulators=2),
     dict(alpha="scalar", modulation="simple", rule="retroactive"),
 ]
-
-
-def opt_id(options):
-    return "-".join(f"{v}" for v in options.values())
-
-
-def expected_param_shapes(alpha, modulation, rule, n_modulators, eta_shape, plastic=True):
-    shapes = {"i2h.weight": (N, I), "i2h.bias": (N,), "w": (N, N)}
-    if not plastic:
-        return shapes
-    shapes["alpha"] = {"full": (N, N), "neuron": (N,), "scalar": ()}[alpha]
-    if modulation == "none":
-        shapes["eta"] = (N, N) if eta_shape == "full" else ()
-    else:
-        shapes["h2mod.weight"] = (n_modulators, N)
-        shapes["h2mod.bias"] = (n_modulators,)
-        if modulation == "fanout":
-            shapes["fanout.weight"] = (N, n_modulators)
-            shapes["fanout.bias"] = (N,)
-    if rule == "retroactive":
-        shapes["elig_rate"] = ()
-    return shapes
-
-
-def make(cls, options, impl="fused", seed=0, **kwargs):
-    torch.manual_seed(seed)
-    module = cls(I, N, impl=impl, **options, **kwargs).double()
-    with torch.no_grad():  # larger plastic parameters than the init, so that plasticity matters
-        for name, p in module.named_parameters():
-            if name in ("alpha", "w"):
-                p.normal_(0, 0.5)
-            elif name == "eta":
-                p.normal_(0, 0.3)
-    return module
-
-
-def grads_of(module):
-    return {k: p.grad.clone() for k, p in module.named_parameters() if p.grad is not None}
-
-
-def assert_dicts_close(actual, expected, **tol):
-    assert actual.keys() == expected.keys()
-    for k in expected:
-        torch.testing.assert_close(actual[k], expected[k], **tol, msg=lambda m, k=k: f"{k}: {m}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,16 +276,20 @@ def test_non_plastic_cell_matches_hand_written(impl):
 # ---------------------------------------------------------------------------------------------
 # Dtypes, devices and serialisation
 
-def test_float32_module_fused_matches_reference():
+@pytest.mark.parametrize("cls,options", [(bp.PlasticRNN, {}),
+                                         (bp.PlasticLSTM, dict(modulator_input="c"))],
+                         ids=["rnn", "lstm"])
+def test_float32_module_fused_matches_reference(cls, options):
     torch.manual_seed(0)
-    rnn = bp.PlasticRNN(I, N, rule="retroactive", n_modulators=2, impl="fused")
+    layer = cls(I, N, rule="retroactive", n_modulators=2, impl="fused", **options)
     x = torch.randn(5, 3, I)
-    out_f, state_f = rnn(x)
+    out_f, state_f = layer(x)
     assert out_f.dtype == torch.float32
-    rnn.impl = "reference"
-    out_r, state_r = rnn(x)
+    layer.impl = "reference"
+    out_r, state_r = layer(x)
     torch.testing.assert_close(out_f, out_r, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(state_f.hebb, state_r.hebb, rtol=1e-5, atol=1e-6)
+    for a, e in zip(state_f, state_r):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
 
 
 def test_auto_falls_back_to_reference_for_unsupported_dtype():
