@@ -38,14 +38,17 @@ import common  # noqa: E402
 
 # The Backpropamine large PTB model (DESIGN 2.5): alpha per neuron, modulation fanout (K = 1)
 # from h, rule clip 2. `layer`: one layer, its input already projected (x = i2g(input)).
-# `stack`: the 3 layers (embedding 400 -> 1149 -> 1149 -> 400), each with its i2g projection.
+# `stack`: the 3 layers (embedding 400 -> 1149 -> 1149 -> 400), each with its i2g projection;
+# `stack-t35`: the same at half the BPTT length, where the eager reference still fits in memory.
 CASES = {
     "layer": dict(B=6, N=1149, T=70, alpha="neuron"),
     "stack": dict(B=6, T=70, widths=[400, 1149, 1149, 400], alpha="neuron"),
+    "stack-t35": dict(B=6, T=35, widths=[400, 1149, 1149, 400], alpha="neuron"),
 }
 QUICK_CASES = {
     "layer": dict(B=2, N=48, T=10, alpha="neuron"),
     "stack": dict(B=2, T=6, widths=[16, 48, 48, 16], alpha="neuron"),
+    "stack-t35": dict(B=2, T=3, widths=[16, 48, 48, 16], alpha="neuron"),
 }
 K, RULE, CLIP = 1, "clip", 2.0
 IMPLS = ("fused", "eager", "nnlstm")

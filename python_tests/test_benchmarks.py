@@ -40,7 +40,7 @@ def test_bench_lstm_quick(tmp_path):
     impls = ("fused", "eager", "nnlstm")
     stdout, rows = run_quick("bench_lstm", impls, tmp_path)
     assert {(r["case"], r["impl"]) for r in rows} == {
-        (case, impl) for case in ("layer", "stack") for impl in impls}
+        (case, impl) for case in ("layer", "stack", "stack-t35") for impl in impls}
     assert all(r["fwdbwd_ms"] for r in rows), "an implementation failed or was skipped"
     # fused is compared with the reference time, nnlstm's time + the bandwidth floor
     assert all(r["x_ref_fwdbwd"] for r in rows if r["impl"] == "fused")

@@ -187,6 +187,16 @@ def test_compile_aot_eager(options):
     assert_same_results(eager, compiled, torch.float64)
 
 
+@pytest.mark.parametrize("modulator_input", ["h", "c"])
+def test_compile_lstm_aot_eager(modulator_input):
+    torch._dynamo.reset()
+    lstm = bp.PlasticLSTM(4, 6, impl="fused", modulator_input=modulator_input, rule="retroactive",
+                          checkpoint_every=2).double()
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    eager, compiled = eager_and_compiled(lstm, x, "aot_eager", fullgraph=True)
+    assert_same_results(eager, compiled, torch.float64)
+
+
 def test_compile_inductor():
     """The default backend (inductor generates and compiles C++ for the surrounding ops)."""
     torch._dynamo.reset()
