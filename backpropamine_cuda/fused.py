@@ -4,6 +4,7 @@ C++ (and, where built, CUDA) kernels registered under ``torch.ops.backpropamine`
 This file holds the glue that makes the ops first-class PyTorch ops: fake implementations (for
 torch.compile and meta tensors) and autograd formulas that call the hand-written backward ops.
 """
+import functools
 import math
 
 import torch
@@ -11,7 +12,15 @@ import torch
 from . import _extension
 
 _extension.load()
-_ops = torch.ops.backpropamine
+# The ops' namespaces: the real ones (CPU and, where built, CUDA kernels), and the CUDA kernels
+# run by the CPU emulator on CPU tensors (for the tests; see csrc/cpu/emulated_cuda_ops.cpp).
+NAMESPACES = ("backpropamine", "backpropamine_emulated")
+
+
+def has_cuda_kernels() -> bool:
+    """Whether this build registered CUDA kernels (torch with CUDA and nvcc at build time)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(
+        "backpropamine::plastic_rnn_sequence", "CUDA")
 
 
 def default_checkpoint_every(steps: int) -> int:
@@ -34,6 +43,14 @@ def _contiguous(t):
 # ----------------------------------------------------------------------------------------------
 # Fake implementations: output shapes and dtypes only.
 
+def _register_fake(name):
+    def register(fn):
+        for namespace in NAMESPACES:
+            torch.library.register_fake(f"{namespace}::{name}")(fn)
+        return fn
+    return register
+
+
 def _n_modulators(h2mod_weight):
     return 0 if h2mod_weight is None else h2mod_weight.shape[0]
 
@@ -52,7 +69,7 @@ def _step_trace_fakes(new, B, N, K, rule):
             new(B, N) if K else new(0))
 
 
-@torch.library.register_fake("backpropamine::plastic_rnn_sequence")
+@_register_fake("plastic_rnn_sequence")
 def _(x, h0, hebb0, elig0, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fanout_weight,
       fanout_bias, rule, clip, checkpoint_every):
     T, B, N = x.shape
@@ -61,7 +78,7 @@ def _(x, h0, hebb0, elig0, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, f
     return x.new_empty(T, B, N), hebb_t, elig_t, m, eta_seq, ckpt_h, ckpt_e
 
 
-@torch.library.register_fake("backpropamine::plastic_rnn_step")
+@_register_fake("plastic_rnn_step")
 def _(x, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fanout_weight,
       fanout_bias, rule, clip):
     B, N = x.shape
@@ -69,7 +86,7 @@ def _(x, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fano
             *_step_trace_fakes(x.new_empty, B, N, _n_modulators(h2mod_weight), rule))
 
 
-@torch.library.register_fake("backpropamine::plastic_lstm_sequence")
+@_register_fake("plastic_lstm_sequence")
 def _(x, h0, c0, hebb0, elig0, h2g_weight, h2g_bias, w, alpha, eta, elig_rate, h2mod_weight,
       h2mod_bias, fanout_weight, fanout_bias, rule, clip, modulator_input, checkpoint_every):
     T, B, N = x.shape[0], x.shape[1], x.shape[2] // 4
@@ -80,7 +97,7 @@ def _(x, h0, c0, hebb0, elig0, h2g_weight, h2g_bias, w, alpha, eta, elig_rate, h
             ckpt_e)
 
 
-@torch.library.register_fake("backpropamine::plastic_lstm_step")
+@_register_fake("plastic_lstm_step")
 def _(x, h, c, hebb, elig, h2g_weight, h2g_bias, w, alpha, eta, elig_rate, h2mod_weight,
       h2mod_bias, fanout_weight, fanout_bias, rule, clip, modulator_input):
     B, N = x.shape[0], x.shape[1] // 4
@@ -94,7 +111,7 @@ def _grads_fake(grad_x, inputs):
     return (grad_x, *[grad_x.new_empty(0) if t is None else torch.empty_like(t) for t in inputs])
 
 
-@torch.library.register_fake("backpropamine::plastic_rnn_sequence_backward")
+@_register_fake("plastic_rnn_sequence_backward")
 def _(grad_out, grad_hebb, grad_elig, grad_m, h0, hebb0, elig0, w, alpha, eta, elig_rate,
       h2mod_weight, h2mod_bias, fanout_weight, fanout_bias, rule, clip, out, m, eta_seq,
       hebb_checkpoints, elig_checkpoints, checkpoint_every):
@@ -103,7 +120,7 @@ def _(grad_out, grad_hebb, grad_elig, grad_m, h0, hebb0, elig0, w, alpha, eta, e
                                                fanout_bias))
 
 
-@torch.library.register_fake("backpropamine::plastic_rnn_step_backward")
+@_register_fake("plastic_rnn_step_backward")
 def _(grad_h_new, grad_hebb, grad_elig, grad_m, h, hebb, elig, w, alpha, eta, elig_rate,
       h2mod_weight, h2mod_bias, fanout_weight, fanout_bias, rule, clip, h_new, m, eta_t):
     return _grads_fake(torch.empty_like(h_new), (h, hebb, elig, w, alpha, eta, elig_rate,
@@ -111,7 +128,7 @@ def _(grad_h_new, grad_hebb, grad_elig, grad_m, h, hebb, elig, w, alpha, eta, el
                                                  fanout_bias))
 
 
-@torch.library.register_fake("backpropamine::plastic_lstm_sequence_backward")
+@_register_fake("plastic_lstm_sequence_backward")
 def _(grad_out, grad_c, grad_hebb, grad_elig, grad_m, h0, c0, hebb0, elig0, h2g_weight, h2g_bias,
       w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fanout_weight, fanout_bias, rule, clip,
       modulator_input, out, c_seq, m, eta_seq, gates, hebb_checkpoints, elig_checkpoints,
@@ -122,7 +139,7 @@ def _(grad_out, grad_c, grad_hebb, grad_elig, grad_m, h0, c0, hebb0, elig0, h2g_
                                                     h2mod_bias, fanout_weight, fanout_bias))
 
 
-@torch.library.register_fake("backpropamine::plastic_lstm_step_backward")
+@_register_fake("plastic_lstm_step_backward")
 def _(grad_h_new, grad_c_new, grad_hebb, grad_elig, grad_m, h, c, hebb, elig, h2g_weight,
       h2g_bias, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fanout_weight, fanout_bias,
       rule, clip, modulator_input, h_new, c_new, m, eta_t, gates):
@@ -132,24 +149,24 @@ def _(grad_h_new, grad_c_new, grad_hebb, grad_elig, grad_m, h, c, hebb, elig, h2
                                                    h2mod_bias, fanout_weight, fanout_bias))
 
 
-@torch.library.register_fake("backpropamine::plastic_matvec")
+@_register_fake("plastic_matvec")
 def _(x, w, alpha, hebb):
     return x.new_empty(x.shape[0], w.shape[1])
 
 
-@torch.library.register_fake("backpropamine::plastic_matvec_backward")
+@_register_fake("plastic_matvec_backward")
 def _(grad_u, x, w, alpha, hebb):
     return (torch.empty_like(x), torch.empty_like(w), torch.empty_like(alpha),
             torch.empty_like(hebb))
 
 
-@torch.library.register_fake("backpropamine::hebb_update")
+@_register_fake("hebb_update")
 def _(hebb, pre, post, eta, elig, elig_rate, rule, clip):
     return torch.empty_like(hebb), (torch.empty_like(hebb) if rule == "retroactive"
                                     else hebb.new_empty(0))
 
 
-@torch.library.register_fake("backpropamine::hebb_update_backward")
+@_register_fake("hebb_update_backward")
 def _(grad_hebb_new, grad_elig_new, hebb, pre, post, eta, elig, elig_rate, rule, clip):
     retro = rule == "retroactive"
     return (torch.empty_like(hebb), torch.empty_like(pre), torch.empty_like(post),
@@ -169,7 +186,6 @@ def _register_recurrent_autograd(name, n_grads, n_options, n_tail):
     (grads of the n_grads outputs, *params, options but the last n_tail, *states, m, *extras,
     the last n_tail options) and returns the gradients of x and of every param.
     """
-    backward_op = getattr(_ops, name + "_backward")
     n_states = n_grads - 3
 
     def setup_context(ctx, inputs, output):
@@ -182,7 +198,7 @@ def _register_recurrent_autograd(name, n_grads, n_options, n_tail):
         ctx.mark_non_differentiable(*output[n_grads:])
         ctx.set_materialize_grads(False)  # no zero-filled trace-sized gradients for unused outputs
 
-    def backward(ctx, *grads):
+    def backward(backward_op, ctx, *grads):
         params, saved = ctx.saved_tensors[:ctx.n_params], ctx.saved_tensors[ctx.n_params:]
         g = [_contiguous(t) for t in grads[:n_grads]]
         if not ctx.retro:
@@ -196,8 +212,11 @@ def _register_recurrent_autograd(name, n_grads, n_options, n_tail):
         return (g_x, *[None if t is None else gp for gp, t in zip(g_params, params)],
                 *[None] * n_options)
 
-    torch.library.register_autograd("backpropamine::" + name, backward,
-                                    setup_context=setup_context)
+    for namespace in NAMESPACES:
+        backward_op = getattr(getattr(torch.ops, namespace), name + "_backward")
+        torch.library.register_autograd(f"{namespace}::{name}",
+                                        functools.partial(backward, backward_op),
+                                        setup_context=setup_context)
 
 
 _register_recurrent_autograd("plastic_rnn_sequence", n_grads=4, n_options=3, n_tail=1)
@@ -210,12 +229,8 @@ def _matvec_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-def _matvec_backward(ctx, g_u):
-    return _ops.plastic_matvec_backward(g_u.contiguous(), *ctx.saved_tensors)
-
-
-torch.library.register_autograd("backpropamine::plastic_matvec", _matvec_backward,
-                                setup_context=_matvec_setup)
+def _matvec_backward(ops, ctx, g_u):
+    return ops.plastic_matvec_backward(g_u.contiguous(), *ctx.saved_tensors)
 
 
 def _update_setup(ctx, inputs, output):
@@ -226,9 +241,9 @@ def _update_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _update_backward(ctx, g_hebb, g_elig):
+def _update_backward(ops, ctx, g_hebb, g_elig):
     hebb, pre, post, eta, elig, elig_rate = ctx.saved_tensors
-    g = _ops.hebb_update_backward(_contiguous(g_hebb), _contiguous(g_elig) if ctx.has_elig else None,
+    g = ops.hebb_update_backward(_contiguous(g_hebb), _contiguous(g_elig) if ctx.has_elig else None,
                                   hebb, pre, post, eta, elig, elig_rate, *ctx.options)
     g_hebb_old, g_pre, g_post, g_eta, g_elig_old, g_rate = g
     if not ctx.has_elig:
@@ -236,8 +251,14 @@ def _update_backward(ctx, g_hebb, g_elig):
     return g_hebb_old, g_pre, g_post, g_eta, g_elig_old, g_rate, None, None
 
 
-torch.library.register_autograd("backpropamine::hebb_update", _update_backward,
-                                setup_context=_update_setup)
+for _namespace in NAMESPACES:
+    _ops = getattr(torch.ops, _namespace)
+    torch.library.register_autograd(f"{_namespace}::plastic_matvec",
+                                    functools.partial(_matvec_backward, _ops),
+                                    setup_context=_matvec_setup)
+    torch.library.register_autograd(f"{_namespace}::hebb_update",
+                                    functools.partial(_update_backward, _ops),
+                                    setup_context=_update_setup)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,54 +277,6 @@ def _sequence_checkpoint_every(x, checkpoint_every, tensors):
 
 def _modulation_output(m, h2mod_weight):
     return None if h2mod_weight is None else m
-
-
-def plastic_rnn_sequence(x, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
-                         fanout_weight, fanout_bias, rule="clip", clip=2.0, checkpoint_every=None):
-    """Fused sequence op; see reference.plastic_rnn_sequence. ``checkpoint_every`` defaults to
-    ceil(sqrt(T))."""
-    tensors = (x, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
-               fanout_weight, fanout_bias)
-    out, hebb_t, elig_t, m, *_ = _ops.plastic_rnn_sequence(
-        *tensors, rule, float(clip), _sequence_checkpoint_every(x, checkpoint_every, tensors))
-    return out, hebb_t, _none_if_empty(elig_t), _modulation_output(m, h2mod_weight)
-
-
-def plastic_rnn_step(x, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
-                     fanout_weight, fanout_bias, rule="clip", clip=2.0):
-    """Fused step op; see reference.plastic_rnn_step."""
-    h_new, hebb_new, elig_new, m, _ = _ops.plastic_rnn_step(
-        x, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fanout_weight,
-        fanout_bias, rule, float(clip))
-    return h_new, hebb_new, _none_if_empty(elig_new), _modulation_output(m, h2mod_weight)
-
-
-def plastic_lstm_sequence(x, h, c, hebb, elig, h2g_weight, h2g_bias, w, alpha, eta, elig_rate,
-                          h2mod_weight, h2mod_bias, fanout_weight, fanout_bias, rule="clip",
-                          clip=2.0, modulator_input="h", checkpoint_every=None):
-    """Fused plastic LSTM sequence op; see reference.plastic_lstm_sequence.
-    ``checkpoint_every`` defaults to ceil(sqrt(T))."""
-    tensors = (x, h, c, hebb, elig, h2g_weight, h2g_bias, w, alpha, eta, elig_rate, h2mod_weight,
-               h2mod_bias, fanout_weight, fanout_bias)
-    out, c_seq, hebb_t, elig_t, m, *_ = _ops.plastic_lstm_sequence(
-        *tensors, rule, float(clip), modulator_input,
-        _sequence_checkpoint_every(x, checkpoint_every, tensors))
-    return out, c_seq[-1], hebb_t, _none_if_empty(elig_t), _modulation_output(m, h2mod_weight)
-
-
-def plastic_lstm_step(x, h, c, hebb, elig, h2g_weight, h2g_bias, w, alpha, eta, elig_rate,
-                      h2mod_weight, h2mod_bias, fanout_weight, fanout_bias, rule="clip", clip=2.0,
-                      modulator_input="h"):
-    """Fused plastic LSTM step op; see reference.plastic_lstm_step."""
-    h_new, c_new, hebb_new, elig_new, m, *_ = _ops.plastic_lstm_step(
-        x, h, c, hebb, elig, h2g_weight, h2g_bias, w, alpha, eta, elig_rate, h2mod_weight,
-        h2mod_bias, fanout_weight, fanout_bias, rule, float(clip), modulator_input)
-    return h_new, c_new, hebb_new, _none_if_empty(elig_new), _modulation_output(m, h2mod_weight)
-
-
-def plastic_matvec(x, w, alpha, hebb):
-    """Fused ``x @ (w + alpha * hebb)`` per sample; see reference.plastic_matvec."""
-    return _ops.plastic_matvec(x, w, alpha, hebb)
 
 
 def _canonical_eta(eta, hebb):
@@ -328,10 +301,74 @@ def _canonical_eta(eta, hebb):
                      f"both; got shape {tuple(eta.shape)} for (B, P, N) = {(B, P, N)}")
 
 
-def hebb_update(hebb, pre, post, eta, rule, clip, elig=None, elig_rate=None):
-    """Fused plasticity step; see reference.hebb_update. Returns ``(new_hebb, new_elig)``."""
-    if elig_rate is not None and not isinstance(elig_rate, torch.Tensor):
-        elig_rate = torch.tensor(float(elig_rate), dtype=hebb.dtype, device=hebb.device)
-    new_hebb, new_elig = _ops.hebb_update(hebb, pre, post, _canonical_eta(eta, hebb), elig,
-                                          elig_rate, rule, float(clip))
-    return new_hebb, (new_elig if elig is not None else None)
+class FusedOps:
+    """The fused functions, with the signatures and results of backpropamine_cuda.reference, on
+    the ops of one namespace."""
+
+    def __init__(self, namespace):
+        self._ops = getattr(torch.ops, namespace)
+
+    def plastic_rnn_sequence(self, x, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight,
+                             h2mod_bias, fanout_weight, fanout_bias, rule="clip", clip=2.0,
+                             checkpoint_every=None):
+        """Fused sequence op; see reference.plastic_rnn_sequence. ``checkpoint_every`` defaults
+        to ceil(sqrt(T))."""
+        tensors = (x, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
+                   fanout_weight, fanout_bias)
+        out, hebb_t, elig_t, m, *_ = self._ops.plastic_rnn_sequence(
+            *tensors, rule, float(clip), _sequence_checkpoint_every(x, checkpoint_every, tensors))
+        return out, hebb_t, _none_if_empty(elig_t), _modulation_output(m, h2mod_weight)
+
+    def plastic_rnn_step(self, x, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight,
+                         h2mod_bias, fanout_weight, fanout_bias, rule="clip", clip=2.0):
+        """Fused step op; see reference.plastic_rnn_step."""
+        h_new, hebb_new, elig_new, m, _ = self._ops.plastic_rnn_step(
+            x, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fanout_weight,
+            fanout_bias, rule, float(clip))
+        return h_new, hebb_new, _none_if_empty(elig_new), _modulation_output(m, h2mod_weight)
+
+    def plastic_lstm_sequence(self, x, h, c, hebb, elig, h2g_weight, h2g_bias, w, alpha, eta,
+                              elig_rate, h2mod_weight, h2mod_bias, fanout_weight, fanout_bias,
+                              rule="clip", clip=2.0, modulator_input="h", checkpoint_every=None):
+        """Fused plastic LSTM sequence op; see reference.plastic_lstm_sequence.
+        ``checkpoint_every`` defaults to ceil(sqrt(T))."""
+        tensors = (x, h, c, hebb, elig, h2g_weight, h2g_bias, w, alpha, eta, elig_rate,
+                   h2mod_weight, h2mod_bias, fanout_weight, fanout_bias)
+        out, c_seq, hebb_t, elig_t, m, *_ = self._ops.plastic_lstm_sequence(
+            *tensors, rule, float(clip), modulator_input,
+            _sequence_checkpoint_every(x, checkpoint_every, tensors))
+        return (out, c_seq[-1], hebb_t, _none_if_empty(elig_t),
+                _modulation_output(m, h2mod_weight))
+
+    def plastic_lstm_step(self, x, h, c, hebb, elig, h2g_weight, h2g_bias, w, alpha, eta,
+                          elig_rate, h2mod_weight, h2mod_bias, fanout_weight, fanout_bias,
+                          rule="clip", clip=2.0, modulator_input="h"):
+        """Fused plastic LSTM step op; see reference.plastic_lstm_step."""
+        h_new, c_new, hebb_new, elig_new, m, *_ = self._ops.plastic_lstm_step(
+            x, h, c, hebb, elig, h2g_weight, h2g_bias, w, alpha, eta, elig_rate, h2mod_weight,
+            h2mod_bias, fanout_weight, fanout_bias, rule, float(clip), modulator_input)
+        return (h_new, c_new, hebb_new, _none_if_empty(elig_new),
+                _modulation_output(m, h2mod_weight))
+
+    def plastic_matvec(self, x, w, alpha, hebb):
+        """Fused ``x @ (w + alpha * hebb)`` per sample; see reference.plastic_matvec."""
+        return self._ops.plastic_matvec(x, w, alpha, hebb)
+
+    def hebb_update(self, hebb, pre, post, eta, rule, clip, elig=None, elig_rate=None):
+        """Fused plasticity step; see reference.hebb_update. Returns ``(new_hebb, new_elig)``."""
+        if elig_rate is not None and not isinstance(elig_rate, torch.Tensor):
+            elig_rate = torch.tensor(float(elig_rate), dtype=hebb.dtype, device=hebb.device)
+        new_hebb, new_elig = self._ops.hebb_update(hebb, pre, post, _canonical_eta(eta, hebb),
+                                                   elig, elig_rate, rule, float(clip))
+        return new_hebb, (new_elig if elig is not None else None)
+
+
+_fused = FusedOps("backpropamine")
+plastic_rnn_sequence = _fused.plastic_rnn_sequence
+plastic_rnn_step = _fused.plastic_rnn_step
+plastic_lstm_sequence = _fused.plastic_lstm_sequence
+plastic_lstm_step = _fused.plastic_lstm_step
+plastic_matvec = _fused.plastic_matvec
+hebb_update = _fused.hebb_update
+# The CUDA kernels run by the CPU emulator, on CPU tensors: what the tests check them with.
+emulated_cuda = FusedOps("backpropamine_emulated")

@@ -37,10 +37,10 @@ def _check_choice(name, value, choices):
 
 def _fused_module(x):
     """The fused implementation when it has kernels for x's device and dtype, else None."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+    if x.device.type not in ("cpu", "cuda") or x.dtype not in (torch.float32, torch.float64):
         return None
     from . import fused  # builds or loads the extension; raises if that fails
-    return fused
+    return fused if x.device.type == "cpu" or fused.has_cuda_kernels() else None
 
 
 class _PlasticBase(nn.Module):

@@ -1,6 +1,9 @@
 // Runtime option values -> compile-time template arguments of the trace kernels.
 #pragma once
 
+#include <ATen/core/TensorBody.h>
+#include <c10/util/Exception.h>
+
 #include "trace_pass.h"
 
 namespace bp {
@@ -30,6 +33,14 @@ void dispatch_modes(const PassModes& m, F&& f) {
     case Rule::Oja: return dispatch_alpha<Rule::Oja>(m, f);
     case Rule::Retroactive: return dispatch_alpha<Rule::Retroactive>(m, f);
   }
+}
+
+// Calls f.template operator()<float or double>() for the dtype of `like` (validated before).
+template <typename F>
+auto dispatch_float(const at::Tensor& like, const char* op, F&& f) {
+  if (like.scalar_type() == at::kDouble) return f.template operator()<double>();
+  TORCH_CHECK(like.scalar_type() == at::kFloat, op, ": unsupported dtype ", like.scalar_type());
+  return f.template operator()<float>();
 }
 
 }  // namespace bp

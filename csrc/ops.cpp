@@ -1,11 +1,12 @@
-// Op schemas (namespace `backpropamine`) and the CPU implementations behind them. Fake (meta)
-// implementations and the autograd glue live in backpropamine_cuda/_ops.py.
+// Op schemas (namespace `backpropamine`) and their CPU implementations. Fake (meta)
+// implementations and the autograd glue live in backpropamine_cuda/fused.py.
 #include <Python.h>
 #include <torch/library.h>
 
 #include <string>
 
-#include "ops.h"
+#include "cpu/cpu_backend.h"
+#include "ops/register.h"
 #include "trace_pass.h"
 
 // Importing backpropamine_cuda._C registers the ops; the module itself is empty.
@@ -17,75 +18,10 @@ PyObject* PyInit__C(void) {
 }
 }
 
-namespace bp {
-
-#define BP_RNN_PARAMS                                                                         \
-  "Tensor w, Tensor alpha, Tensor? eta, Tensor? elig_rate, Tensor? h2mod_weight, "             \
-  "Tensor? h2mod_bias, Tensor? fanout_weight, Tensor? fanout_bias, str rule, float clip"
-// "<signature> -> (Tensor, ..., Tensor)": the schema of an op with n outputs.
-static std::string returning(const std::string& signature, int n) {
-  std::string schema = signature + " -> (Tensor";
-  for (int k = 1; k < n; ++k) schema += ", Tensor";
-  return schema + ")";
-}
-
 TORCH_LIBRARY(backpropamine, m) {
-  m.def("plastic_rnn_sequence(Tensor x, Tensor h0, Tensor hebb0, Tensor? elig0, " BP_RNN_PARAMS
-      ", int checkpoint_every) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def(returning(
-      "plastic_rnn_sequence_backward(Tensor? grad_out, Tensor? grad_hebb, Tensor? grad_elig, "
-      "Tensor? grad_m, Tensor h0, Tensor hebb0, Tensor? elig0, " BP_RNN_PARAMS
-      ", Tensor out, Tensor m, Tensor eta_seq, Tensor hebb_checkpoints, "
-      "Tensor elig_checkpoints, int checkpoint_every)", 12).c_str());
-  m.def("plastic_rnn_step(Tensor x, Tensor h, Tensor hebb, Tensor? elig, " BP_RNN_PARAMS
-      ") -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def(returning(
-      "plastic_rnn_step_backward(Tensor? grad_h_new, Tensor? grad_hebb, Tensor? grad_elig, "
-      "Tensor? grad_m, Tensor h, Tensor hebb, Tensor? elig, " BP_RNN_PARAMS
-      ", Tensor h_new, Tensor m, Tensor eta_t)", 12).c_str());
-  m.def(returning(
-      "plastic_lstm_sequence(Tensor x, Tensor h0, Tensor c0, Tensor hebb0, Tensor? elig0, "
-      "Tensor h2g_weight, Tensor h2g_bias, " BP_RNN_PARAMS ", str modulator_input, "
-      "int checkpoint_every)", 9).c_str());
-  m.def(returning(
-      "plastic_lstm_sequence_backward(Tensor? grad_out, Tensor? grad_c, Tensor? grad_hebb, "
-      "Tensor? grad_elig, Tensor? grad_m, Tensor h0, Tensor c0, Tensor hebb0, Tensor? elig0, "
-      "Tensor h2g_weight, Tensor h2g_bias, " BP_RNN_PARAMS ", str modulator_input, "
-      "Tensor out, Tensor c_seq, Tensor m, Tensor eta_seq, Tensor gates, "
-      "Tensor hebb_checkpoints, Tensor elig_checkpoints, int checkpoint_every)", 15).c_str());
-  m.def(returning(
-      "plastic_lstm_step(Tensor x, Tensor h, Tensor c, Tensor hebb, Tensor? elig, "
-      "Tensor h2g_weight, Tensor h2g_bias, " BP_RNN_PARAMS ", str modulator_input)", 7).c_str());
-  m.def(returning(
-      "plastic_lstm_step_backward(Tensor? grad_h_new, Tensor? grad_c_new, Tensor? grad_hebb, "
-      "Tensor? grad_elig, Tensor? grad_m, Tensor h, Tensor c, Tensor hebb, Tensor? elig, "
-      "Tensor h2g_weight, Tensor h2g_bias, " BP_RNN_PARAMS ", str modulator_input, "
-      "Tensor h_new, Tensor c_new, Tensor m, Tensor eta_t, Tensor gates)", 15).c_str());
-  m.def("plastic_matvec(Tensor x, Tensor w, Tensor alpha, Tensor hebb) -> Tensor");
-  m.def("plastic_matvec_backward(Tensor grad_u, Tensor x, Tensor w, Tensor alpha, Tensor hebb) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("hebb_update(Tensor hebb, Tensor pre, Tensor post, Tensor eta, Tensor? elig, "
-      "Tensor? elig_rate, str rule, float clip) -> (Tensor, Tensor)");
-  m.def("hebb_update_backward(Tensor? grad_hebb_new, Tensor? grad_elig_new, Tensor hebb, "
-      "Tensor pre, Tensor post, Tensor eta, Tensor? elig, Tensor? elig_rate, str rule, "
-      "float clip) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  bp::define_ops(m);
   // The instruction set of the CPU kernels in use: "default", "avx2" or "avx512".
-  m.def("cpu_isa() -> str", [] { return std::string(cpu_isa_name(cpu_isa())); });
+  m.def("cpu_isa() -> str", [] { return std::string(bp::cpu_isa_name(bp::cpu_isa())); });
 }
 
-TORCH_LIBRARY_IMPL(backpropamine, CPU, m) {
-  m.impl("plastic_rnn_sequence", &plastic_rnn_sequence_cpu);
-  m.impl("plastic_rnn_sequence_backward", &plastic_rnn_sequence_backward_cpu);
-  m.impl("plastic_rnn_step", &plastic_rnn_step_cpu);
-  m.impl("plastic_rnn_step_backward", &plastic_rnn_step_backward_cpu);
-  m.impl("plastic_lstm_sequence", &plastic_lstm_sequence_cpu);
-  m.impl("plastic_lstm_sequence_backward", &plastic_lstm_sequence_backward_cpu);
-  m.impl("plastic_lstm_step", &plastic_lstm_step_cpu);
-  m.impl("plastic_lstm_step_backward", &plastic_lstm_step_backward_cpu);
-  m.impl("plastic_matvec", &plastic_matvec_cpu);
-  m.impl("plastic_matvec_backward", &plastic_matvec_backward_cpu);
-  m.impl("hebb_update", &hebb_update_cpu);
-  m.impl("hebb_update_backward", &hebb_update_backward_cpu);
-}
-
-}  // namespace bp
+TORCH_LIBRARY_IMPL(backpropamine, CPU, m) { bp::impl_ops<bp::CpuBackend>(m); }

@@ -18,7 +18,39 @@ def _seed_and_threads():
 
 
 @pytest.fixture(scope="session")
-def fused():
+def fused_cpu():
     """The fused implementation (building the extension on first use)."""
     from backpropamine_cuda import fused as module
     return module
+
+
+class OnCuda:
+    """The fused functions of `ops` with every tensor argument moved to the GPU and every result
+    moved back (differentiably), so that tests written for CPU tensors run the CUDA kernels."""
+
+    def __init__(self, ops):
+        self._ops = ops
+
+    def __getattr__(self, name):
+        fn = getattr(self._ops, name)
+
+        def on_cuda(*args, **kwargs):
+            move = lambda v: v.cuda() if isinstance(v, torch.Tensor) else v  # noqa: E731
+            out = fn(*map(move, args), **{k: move(v) for k, v in kwargs.items()})
+            return tuple(o.cpu() if isinstance(o, torch.Tensor) else o for o in out) \
+                if isinstance(out, tuple) else out.cpu()
+        return on_cuda
+
+
+@pytest.fixture(scope="session", params=["cpu", "emulated_cuda", "cuda"])
+def fused(request, fused_cpu):
+    """The fused functions on the CPU kernels; on the CUDA kernels run by the CPU emulator
+    (csrc/cuda/emulate.h, every memory access bounds-checked); and on the GPU when there is one.
+    Every op test thereby checks the CUDA kernels against the reference, with or without a GPU."""
+    if request.param == "cpu":
+        return fused_cpu
+    if request.param == "emulated_cuda":
+        return fused_cpu.emulated_cuda
+    if not torch.cuda.is_available() or not fused_cpu.has_cuda_kernels():
+        pytest.skip("no CUDA device or no CUDA kernels built")
+    return OnCuda(fused_cpu)

@@ -32,7 +32,7 @@ for rule, (alpha, modulation) in RULE_CONFIG.items():
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_isa_matches_reference(fused, isa):
+def test_isa_matches_reference(fused_cpu, isa):
     best = torch.ops.backpropamine.cpu_isa()  # the widest this CPU runs (the suite's own)
     env = subprocess_env(BACKPROPAMINE_CPU_ISA=isa)
     script = SCRIPT.format(tests=str(Path(__file__).parent))

@@ -1,8 +1,8 @@
 """CUDA: the modules on the GPU against the CPU, device checks. Skipped without a GPU.
 
-Until the CUDA kernels exist (no CUDA kernel registered for the ops), impl="auto" on CUDA runs
-the reference and impl="fused" raises RuntimeError; once they are registered, the same tests
-check the fused CUDA path instead.
+The op tests (test_rnn_ops.py, test_lstm_ops.py, test_primitives.py, ...) run on the GPU too,
+through the `fused` fixture of conftest.py. Without CUDA kernels in the build, impl="auto" on
+CUDA runs the reference and impl="fused" raises RuntimeError.
 """
 import pytest
 import torch
@@ -19,9 +19,7 @@ OPTIONS = [dict(alpha="full", modulation="fanout", n_modulators=3, rule="clip"),
 
 
 def has_cuda_kernels():
-    bp.fused  # loads the extension  # noqa: B018
-    return torch._C._dispatch_has_kernel_for_dispatch_key(
-        "backpropamine::plastic_rnn_sequence", "CUDA")
+    return bp.fused.has_cuda_kernels()
 
 
 requires_cuda_kernels = pytest.mark.skipif(
@@ -48,11 +46,13 @@ def assert_same(a, b, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(map(str, o.values())))
-@pytest.mark.parametrize("cls", [bp.PlasticRNN, bp.PlasticRNNCell])
+@pytest.mark.parametrize("cls", [bp.PlasticRNN, bp.PlasticRNNCell, bp.PlasticLSTM,
+                                 bp.PlasticLSTMCell])
 def test_module_cuda_matches_cpu(cls, options, dtype):
     torch.manual_seed(0)
     module = cls(I, N, **options).to(dtype)
-    x = torch.randn(*((5,) if cls is bp.PlasticRNN else ()), 3, I, dtype=dtype)
+    sequence = cls in (bp.PlasticRNN, bp.PlasticLSTM)
+    x = torch.randn(*((5,) if sequence else ()), 3, I, dtype=dtype)
     cpu = forward_backward(module, x)  # fused CPU kernels
     cuda = forward_backward(module.cuda(), x.cuda())  # impl="auto" on the GPU
     assert_same(cuda, cpu, dtype)

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is dep
 
 
 @pytest.fixture(autouse=True)
-def _ops_loaded(fused):
+def _ops_loaded(fused_cpu):
     """torch.ops.backpropamine exists once the fused module has loaded the extension."""
 
 

@@ -20,7 +20,7 @@ B, N, K, T = 2, 5, 3, 3
 
 
 @pytest.fixture(autouse=True)
-def _ops_loaded(fused):
+def _ops_loaded(fused_cpu):
     """torch.ops.backpropamine exists once the fused module has loaded the extension."""
 
 

@@ -10,6 +10,9 @@
 // Forward, per step the trace is swept once: update H_t and compute u_{t+1} together. Backward,
 // per step once for the adjoints (matvec of step t and rule of step t-1 together) and once to
 // recompute the segment's traces from its checkpoint.
+//
+// Device-agnostic: the trace passes and the fixed-order partial sums come from a Backend
+// (cpu/cpu_backend.h, cuda/gpu_backend.h); everything else is ATen, on the tensors' device.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -20,7 +23,6 @@
 #include "../checks.h"
 #include "../ops.h"
 #include "../trace_pass.h"
-#include "cpu_utils.h"
 
 namespace bp {
 
@@ -35,13 +37,23 @@ struct PlasticParams {
       : in(in),
         w(in.w.data_ptr<T>()),
         alpha(in.alpha.data_ptr<T>()),
-        h2mod_w(data_or_null<T>(in.h2mod_weight)),
-        fanout_w(data_or_null<T>(in.fanout_weight)),
+        h2mod_w(in.h2mod_weight.has_value() ? in.h2mod_weight->data_ptr<T>() : nullptr),
+        fanout_w(in.fanout_weight.has_value() ? in.fanout_weight->data_ptr<T>() : nullptr),
         consts{static_cast<T>(c.clip),
                in.elig_rate.has_value() ? in.elig_rate->item<T>() : T(0)} {}
 };
 
 inline int64_t num_segments(int64_t T, int64_t L) { return (T + L - 1) / L; }
+
+// dst = the sum of src's rows of dst.numel() values each, in row order (src contiguous).
+template <class Backend>
+void sum_all_rows(const Backend& be, const at::Tensor& src, const at::Tensor& dst) {
+  const int64_t cols = dst.numel();
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "sum_all_rows", [&] {
+    be.sum_rows(src.data_ptr<scalar_t>(), cols ? src.numel() / cols : 0, cols,
+                dst.data_ptr<scalar_t>());
+  });
+}
 
 // Step t's slice (B, N) of a per-step sequence (T, B, N) whose steps may be strided, as the
 // candidate gate inside the LSTM's (T, 4, B, N) gates.
@@ -79,14 +91,14 @@ struct TraceForward {
 
 // Runs a whole sequence. `step(t, u)` must fill step t of seq.out, seq.post and seq.mod_in from
 // u = u_t; the modulator and the trace pass of step t follow. The trace is stored every L steps.
-template <typename T, typename Step>
-TraceForward trace_forward(const PlasticConfig& c, const PlasticParams<T>& p,
+template <typename T, class Backend, typename Step>
+TraceForward trace_forward(const Backend& be, const PlasticConfig& c, const PlasticParams<T>& p,
                            const CellSequences& seq, int64_t L, Step&& step) {
   const int64_t T_ = c.T, B = c.B, N = c.N, K = c.K, BNN = B * N * N;
   const bool retro = c.modes.rule == Rule::Retroactive;
   const bool modulated = c.modulation != Modulation::None;
   const auto opts = seq.out.options();
-  const Tiling tl = make_tiling(B, N);
+  const auto tl = be.tiling(B, N, N);
 
   TraceForward r;
   r.m = at::empty({T_, B, K}, opts);
@@ -108,7 +120,7 @@ TraceForward trace_forward(const PlasticConfig& c, const PlasticParams<T>& p,
   fp.update = false; fp.matvec = true;
   fp.hebb = a.hebb.data_ptr<T>();
   fp.matvec_in = seq.h0.data_ptr<T>();
-  forward_pass_cpu(fp, c.modes, tl);
+  be.forward(fp, c.modes, tl);
 
   const T* hebb_in = a.hebb.data_ptr<T>();
   const T* elig_in = retro ? a.elig->data_ptr<T>() : nullptr;
@@ -142,7 +154,7 @@ TraceForward trace_forward(const PlasticConfig& c, const PlasticParams<T>& p,
     fp.post = step_ptr<T>(seq.post, t);
     fp.eta = modulated ? step_ptr<T>(r.eta_seq, t) : eta_fixed.data_ptr<T>();
     fp.matvec_in = h_t;
-    forward_pass_cpu(fp, c.modes, tl);
+    be.forward(fp, c.modes, tl);
     hebb_in = hebb_out;
     elig_in = elig_out;
   }
@@ -150,11 +162,10 @@ TraceForward trace_forward(const PlasticConfig& c, const PlasticParams<T>& p,
 }
 
 // What reaches step s's outputs from the trace half, for the cell's backward of step s.
-template <typename T>
 struct StepGrads {
-  const T* post;    // dL/dpost_s through the rule of step s
-  const T* h;       // dL/dh_s through the matvec and the rule of step s + 1 (zeros for s = T)
-  const T* mod_in;  // dL/d(mod_in_s) through the modulator; null without modulation
+  const at::Tensor& post;    // dL/dpost_s (B, N) through the rule of step s
+  const at::Tensor& h;       // dL/dh_s through the matvec and rule of step s + 1 (0 for s = T)
+  const at::Tensor& mod_in;  // dL/d(mod_in_s) through the modulator; undefined without one
 };
 
 // Gradients of the trace half: of h_0 through step 1's matvec and rule, of the initial traces and
@@ -177,8 +188,8 @@ struct TraceSaved {
 
 // `finish(s, grads)`, called for s = T down to 1, must write dL/du_s into step s of g_u
 // (T, B, N) from everything that reaches step s: grads from the trace half, its own sequences.
-template <typename T, typename Finish>
-TraceBackward trace_backward(const PlasticConfig& c, const PlasticParams<T>& p,
+template <typename T, class Backend, typename Finish>
+TraceBackward trace_backward(const Backend& be, const PlasticConfig& c, const PlasticParams<T>& p,
                              const CellSequences& seq, const TraceSaved& saved, int64_t L,
                              const at::Tensor& g_u, Finish&& finish) {
   const int64_t T_ = c.T, B = c.B, N = c.N, K = c.K, BN = B * N, BNN = B * N * N;
@@ -186,7 +197,8 @@ TraceBackward trace_backward(const PlasticConfig& c, const PlasticParams<T>& p,
   const bool modulated = c.modulation != Modulation::None;
   const bool eta_conn = c.modes.eta == EtaMode::PerConnection;
   const auto opts = seq.out.options();
-  const Tiling tl = make_tiling(B, N);
+  const auto tl = be.tiling(B, N, N);
+  const int64_t tiles = be.column_tiles(tl);
   const PlasticInputs& a = p.in;
 
   Tensor g_hebb = saved.grad_hebb.has_value() ? saved.grad_hebb->clone()
@@ -196,21 +208,21 @@ TraceBackward trace_backward(const PlasticConfig& c, const PlasticParams<T>& p,
                                                 : at::zeros({B, N, N}, opts);
   Tensor seg_h = at::empty({L - 1, B, N, N}, opts);
   Tensor seg_e = at::empty({retro ? L - 1 : 0, B, N, N}, opts);
-  Tensor g_alpha_acc = at::zeros({alpha_acc_size(c.modes.alpha, tl, N, N)}, opts);
-  Tensor g_eta_conn = at::zeros({eta_conn ? tl.num_chunks : 0, N, N}, opts);
-  Tensor g_rate_acc = at::zeros({tl.num_chunks * tl.num_tiles}, opts);
-  Tensor g_in_part = at::empty({tl.num_tiles, B, N}, opts);
-  Tensor g_pre_part = at::empty({tl.num_tiles, B, N}, opts);
+  Tensor g_alpha_acc = at::zeros({be.alpha_acc_size(c.modes.alpha, tl, N, N)}, opts);
+  Tensor g_eta_conn = at::zeros({eta_conn ? be.eta_acc_rows(tl) : 0, N, N}, opts);
+  Tensor g_rate_acc = at::zeros({be.rate_acc_size(tl)}, opts);
+  Tensor g_in_part = at::empty({tiles, B, N}, opts);
+  Tensor g_pre_part = at::empty({tiles, B, N}, opts);
   Tensor g_post = at::empty({B, N}, opts);
   Tensor g_eta_bj = at::empty({B, N}, opts);
   Tensor g_in = at::empty({B, N}, opts);           // dL/d(pre of step t) through B(t)
   Tensor g_pre_pending = at::zeros({B, N}, opts);  // dL/d(pre of step s+1) through A(s+1)
   Tensor g_h = at::zeros({B, N}, opts);            // their sum, StepGrads::h
-  Tensor g_mod_in = at::empty({modulated ? B : 0, N}, opts);
+  Tensor g_mod_in;                                 // dL/d(modulator input) of one step
   Tensor g_z = at::zeros({T_, B, K}, opts);        // dL/d(pre-activation of m)
   Tensor g_eta_seq = at::empty({c.modulation == Modulation::Fanout ? T_ : 0, B, N}, opts);
+  Tensor g_eta_sum = at::zeros({B, N}, opts);      // scalar eta: dL/deta_t summed over steps
   const Tensor eta_fixed = fixed_rate(c, a.eta);
-  double g_eta_scalar = 0;
 
   auto h_at = [&](int64_t t) -> const T* {
     return t == 0 ? seq.h0.data_ptr<T>() : step_ptr<T>(seq.out, t);
@@ -243,7 +255,7 @@ TraceBackward trace_backward(const PlasticConfig& c, const PlasticParams<T>& p,
       fp.hebb = hebb_at(t - 1); fp.hebb_out = hebb_at(t);
       fp.elig = elig_at(t - 1); fp.elig_out = elig_at(t);
       fp.pre = h_at(t - 1); fp.post = step_ptr<T>(seq.post, t); fp.eta = eta_at(t);
-      forward_pass_cpu(fp, c.modes, tl);
+      be.forward(fp, c.modes, tl);
     }
   };
 
@@ -273,43 +285,25 @@ TraceBackward trace_backward(const PlasticConfig& c, const PlasticParams<T>& p,
     bp.a_eta = eta_at(s);
   };
   auto run = [&] {
-    backward_pass_cpu(bp, c.modes, tl);
+    be.backward(bp, c.modes, tl);
     bp.do_a = bp.do_b = false;
   };
 
-  const T* g_m_p = saved.grad_m.has_value() ? saved.grad_m->data_ptr<T>() : nullptr;
   // Once A(s) has run: the rate's gradient, through the modulator, then the cell's step s.
   auto finish_step = [&](int64_t s) {
-    const T* ge = g_eta_bj.data_ptr<T>();
-    if (!modulated && !eta_conn) {
-      for (int64_t e = 0; e < BN; ++e) g_eta_scalar += ge[e];
-    }
-    if (c.modulation == Modulation::Fanout)
-      std::copy_n(ge, BN, g_eta_seq.data_ptr<T>() + (s - 1) * BN);
+    if (!modulated && !eta_conn) g_eta_sum.add_(g_eta_bj);
+    if (c.modulation == Modulation::Fanout) g_eta_seq.select(0, s - 1).copy_(g_eta_bj);
     if (modulated) {
-      const T* m = saved.m.data_ptr<T>() + (s - 1) * B * K;
-      const T* gm_in = g_m_p ? g_m_p + (s - 1) * B * K : nullptr;
-      T* gz = g_z.data_ptr<T>() + (s - 1) * B * K;
-      T* gmod = g_mod_in.data_ptr<T>();
-      std::fill_n(gmod, BN, T(0));
-      for (int64_t b = 0; b < B; ++b) {
-        for (int64_t k = 0; k < K; ++k) {
-          T gm = gm_in ? gm_in[b * K + k] : T(0);
-          if (c.modulation == Modulation::Simple) {
-            for (int64_t j = 0; j < N; ++j) gm += ge[b * N + j];
-          } else {
-            for (int64_t j = 0; j < N; ++j) gm += ge[b * N + j] * p.fanout_w[j * K + k];
-          }
-          const T mk = m[b * K + k];
-          const T z = gm * (T(1) - mk * mk);
-          gz[b * K + k] = z;
-          const T* row = p.h2mod_w + k * N;
-          for (int64_t j = 0; j < N; ++j) gmod[b * N + j] += z * row[j];
-        }
-      }
+      // dL/dm_s = grad_m + dL/deta_s through eta = m ("simple") or fanout(m).
+      Tensor g_m = c.modulation == Modulation::Simple ? g_eta_bj.sum(1, true)
+                                                      : at::mm(g_eta_bj, *a.fanout_weight);
+      if (saved.grad_m.has_value()) g_m.add_(saved.grad_m->select(0, s - 1));
+      const Tensor m_s = saved.m.select(0, s - 1);
+      Tensor g_z_s = g_z.select(0, s - 1);
+      at::mul_out(g_z_s, g_m, 1 - m_s * m_s);
+      g_mod_in = at::mm(g_z_s, *a.h2mod_weight);
     }
-    finish(s, StepGrads<T>{g_post.data_ptr<T>(), g_h.data_ptr<T>(),
-                           modulated ? g_mod_in.data_ptr<T>() : nullptr});
+    finish(s, StepGrads{g_post, g_h, g_mod_in});
   };
   auto sum_h_grads = [&] {  // g_h = g_in + g_pre_pending
     at::add_out(g_h, g_in, g_pre_pending);
@@ -319,7 +313,7 @@ TraceBackward trace_backward(const PlasticConfig& c, const PlasticParams<T>& p,
   set_a(T_);
   run();
   finish_step(T_);
-  sum_rows(g_pre_part.data_ptr<T>(), tl.num_tiles, BN, g_pre_pending.data_ptr<T>());
+  be.sum_rows(g_pre_part.data_ptr<T>(), tiles, BN, g_pre_pending.data_ptr<T>());
   for (int64_t t = T_; t >= 1; --t) {
     const int64_t s = t - 1;
     set_b(t);
@@ -334,11 +328,11 @@ TraceBackward trace_backward(const PlasticConfig& c, const PlasticParams<T>& p,
         run();
       }
     }
-    sum_rows(g_in_part.data_ptr<T>(), tl.num_tiles, BN, g_in.data_ptr<T>());
+    be.sum_rows(g_in_part.data_ptr<T>(), tiles, BN, g_in.data_ptr<T>());
     sum_h_grads();
     if (s >= 1) {
       finish_step(s);
-      sum_rows(g_pre_part.data_ptr<T>(), tl.num_tiles, BN, g_pre_pending.data_ptr<T>());
+      be.sum_rows(g_pre_part.data_ptr<T>(), tiles, BN, g_pre_pending.data_ptr<T>());
     }
   }
 
@@ -348,24 +342,18 @@ TraceBackward trace_backward(const PlasticConfig& c, const PlasticParams<T>& p,
   r.g_hebb = g_hebb;
   r.g_elig = g_elig;
   r.g_w = at::mm(previous_h(seq.h0, seq.out).t(), g_u.reshape({T_ * B, N}));
-  const std::vector<int64_t> alpha_shape =
-      c.modes.alpha == AlphaMode::Full     ? std::vector<int64_t>{N, N}
-      : c.modes.alpha == AlphaMode::Neuron ? std::vector<int64_t>{N}
-                                           : std::vector<int64_t>{};
-  r.g_alpha = reduce_alpha_acc<T>(g_alpha_acc, c.modes.alpha, tl, alpha_shape);
+  r.g_alpha = at::empty(a.alpha.sizes(), opts);
+  sum_all_rows(be, g_alpha_acc, r.g_alpha);
   r.g_eta = at::empty({0}, opts);
   if (!modulated) {
-    if (eta_conn) {
-      r.g_eta = at::empty({N, N}, opts);
-      sum_rows(g_eta_conn.data_ptr<T>(), tl.num_chunks, N * N, r.g_eta.data_ptr<T>());
-    } else {
-      r.g_eta = at::full({}, g_eta_scalar, opts);
-    }
+    r.g_eta = at::empty(a.eta->sizes(), opts);
+    if (eta_conn) sum_all_rows(be, g_eta_conn, r.g_eta);
+    else sum_all_rows(be, g_eta_sum, r.g_eta);
   }
   r.g_rate = at::empty({0}, opts);
   if (retro) {
     r.g_rate = at::empty({}, opts);
-    sum_rows(g_rate_acc.data_ptr<T>(), g_rate_acc.numel(), 1, r.g_rate.data_ptr<T>());
+    sum_all_rows(be, g_rate_acc, r.g_rate);
   }
   for (Tensor* g : {&r.g_h2mod_w, &r.g_h2mod_b, &r.g_fan_w, &r.g_fan_b})
     *g = at::empty({0}, opts);  // distinct tensors: op outputs must not alias
@@ -373,12 +361,12 @@ TraceBackward trace_backward(const PlasticConfig& c, const PlasticParams<T>& p,
     Tensor g_z_flat = g_z.reshape({T_ * B, K});
     r.g_h2mod_w = at::mm(g_z_flat.t(), seq.mod_in.reshape({T_ * B, N}));
     r.g_h2mod_b = at::empty({K}, opts);
-    sum_rows(g_z_flat.data_ptr<T>(), T_ * B, K, r.g_h2mod_b.data_ptr<T>());
+    sum_all_rows(be, g_z_flat, r.g_h2mod_b);
     if (c.modulation == Modulation::Fanout) {
       Tensor g_e_flat = g_eta_seq.reshape({T_ * B, N});
       r.g_fan_w = at::mm(g_e_flat.t(), saved.m.reshape({T_ * B, K}));
       r.g_fan_b = at::empty({N}, opts);
-      sum_rows(g_e_flat.data_ptr<T>(), T_ * B, N, r.g_fan_b.data_ptr<T>());
+      sum_all_rows(be, g_e_flat, r.g_fan_b);
     }
   }
   return r;

@@ -1,18 +1,22 @@
-// Plastic LSTM on the CPU (DESIGN 2.3): the sequence op and the step op (the sequence op with
-// T = 1). Only the h -> g path is plastic: the trace half (trace_sequence.h) computes
+// Plastic LSTM ops (DESIGN 2.3), for any Backend: the sequence op and the step op (the sequence
+// op with T = 1). Only the h -> g path is plastic: the trace half (trace_sequence.h) computes
 // u_t = h_{t-1} @ (w + A * H_{t-1}) and updates the trace with post = g_t. This file adds the
 // gates around it: the input projection of all steps arrives precomputed (x = i2g(input), one
 // GEMM), the recurrent products of gates i, f, o are one GEMM per step (h2g, through ATen's
-// BLAS), and the rest is pointwise.
+// BLAS), and the rest is pointwise ATen on the tensors' device.
+#pragma once
+
 #include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
 
 #include "../checks.h"
+#include "../dispatch.h"
 #include "../ops.h"
 #include "trace_sequence.h"
 
 namespace bp {
 
-namespace {
+namespace lstm_detail {
 
 // The gates are stored gate-major, (T, 4, B, N), so that each gate of a step is a contiguous
 // (B, N) block: g_t is read by the trace passes as their post-synaptic term.
@@ -30,13 +34,14 @@ struct LstmWeights {
   const Tensor& h2g_bias;    // (3N,)
 };
 
-CellSequences cell_sequences(const LstmConfig& lc, const Tensor& h0, const LstmSequences& seq,
+inline CellSequences cell_sequences(const LstmConfig& lc, const Tensor& h0, const LstmSequences& seq,
                              const Tensor& post) {
   return {h0, seq.out, post, lc.modulate_c ? seq.c_seq : seq.out};
 }
 
-template <typename T>
-Tensors<9> sequence_forward(const LstmConfig& lc, const PlasticParams<T>& p, const Tensor& x,
+template <typename T, class Backend>
+Tensors<9> sequence_forward(const Backend& be, const LstmConfig& lc, const PlasticParams<T>& p,
+                            const Tensor& x,
                             const Tensor& h0, const Tensor& c0, const LstmWeights& lw,
                             int64_t L) {
   const PlasticConfig& c = lc.plastic;
@@ -65,79 +70,67 @@ Tensors<9> sequence_forward(const LstmConfig& lc, const PlasticParams<T>& p, con
   };
   const LstmSequences seq{out, c_seq, gates};
   TraceForward r =
-      trace_forward<T>(c, p, cell_sequences(lc, h0, seq, gates.select(1, kG)), L, step);
+      trace_forward<T>(be, c, p, cell_sequences(lc, h0, seq, gates.select(1, kG)), L, step);
   return {out, c_seq, r.hebb_T, r.elig_T, r.m, r.eta_seq, gates, r.ckpt_h, r.ckpt_e};
 }
 
-template <typename T>
-Tensors<15> sequence_backward(const LstmConfig& lc, const PlasticParams<T>& p,
+template <typename T, class Backend>
+Tensors<15> sequence_backward(const Backend& be, const LstmConfig& lc, const PlasticParams<T>& p,
                               const OptTensor& grad_out, const OptTensor& grad_c,
                               const TraceSaved& saved, const Tensor& h0, const Tensor& c0,
                               const LstmWeights& lw, const LstmSequences& seq, int64_t L) {
   const PlasticConfig& c = lc.plastic;
-  const int64_t T_ = c.T, B = c.B, N = c.N, BN = B * N;
+  const int64_t T_ = c.T, B = c.B, N = c.N;
   const auto opts = seq.out.options();
   const Tensor tanh_c = at::tanh(seq.c_seq);
   Tensor g_u = at::empty({T_, B, N}, opts);        // dL/d(pre-activation of g) == dL/du
   Tensor g_ifo = at::empty({T_, B, 3 * N}, opts);  // dL/d(pre-activations of i, f, o)
-  Tensor g_h_rec = at::empty({B, N}, opts);        // dL/dh_s through step s + 1's i, f, o
-  Tensor g_c = at::empty({B, N}, opts);            // dL/dc_s, carried down to step s - 1
-  const T* gates = seq.gates.data_ptr<T>();
-  const T* g_out = grad_out.has_value() ? grad_out->data_ptr<T>() : nullptr;
-  const T* g_c_out = grad_c.has_value() ? grad_c->data_ptr<T>() : nullptr;
+  Tensor g_c;                                      // dL/dc_s, carried down to step s - 1
 
-  auto finish = [&](int64_t s, const StepGrads<T>& g) {
+  auto finish = [&](int64_t s, const StepGrads& g) {
     const bool last = s == T_;
-    if (!last) at::mm_out(g_h_rec, g_ifo.select(0, s), lw.h2g_weight);
-    const T* gi = gates + (s - 1) * 4 * BN;
-    const T *gf = gi + BN, *gg = gi + 2 * BN, *go = gi + 3 * BN;
-    const T* f_next = last ? nullptr : gi + 5 * BN;
-    const T* tc = tanh_c.data_ptr<T>() + (s - 1) * BN;
-    const T* c_prev = s == 1 ? c0.data_ptr<T>() : seq.c_seq.data_ptr<T>() + (s - 2) * BN;
-    const T* ghr = g_h_rec.data_ptr<T>();
-    const T* g_mod_h = lc.modulate_c ? nullptr : g.mod_in;
-    const T* g_mod_c = lc.modulate_c ? g.mod_in : nullptr;
-    T* gc = g_c.data_ptr<T>();
-    T* gu = g_u.data_ptr<T>() + (s - 1) * BN;
-    T* gz = g_ifo.data_ptr<T>() + (s - 1) * 3 * BN;
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t j = 0; j < N; ++j) {
-        const int64_t e = b * N + j;
-        T dh = g.h[e];
-        if (!last) dh += ghr[e];
-        if (g_out) dh += g_out[(s - 1) * BN + e];
-        if (g_mod_h) dh += g_mod_h[e];
-        T dc = dh * go[e] * (T(1) - tc[e] * tc[e]);
-        if (!last) dc += gc[e] * f_next[e];
-        if (g_c_out) dc += g_c_out[(s - 1) * BN + e];
-        if (g_mod_c) dc += g_mod_c[e];
-        const T dg = dc * gi[e] + g.post[e];
-        gu[e] = dg * (T(1) - gg[e] * gg[e]);
-        T* z = gz + b * 3 * N + j;
-        z[0] = dc * gg[e] * gi[e] * (T(1) - gi[e]);
-        z[N] = dc * c_prev[e] * gf[e] * (T(1) - gf[e]);
-        z[2 * N] = dh * tc[e] * go[e] * (T(1) - go[e]);
-        gc[e] = dc;
-      }
-    }
+    const Tensor gates = seq.gates.select(0, s - 1);
+    const Tensor i = gates.select(0, kI), f = gates.select(0, kF), gg = gates.select(0, kG),
+                 o = gates.select(0, kO);
+    const Tensor tc = tanh_c.select(0, s - 1);
+    const Tensor c_prev = s == 1 ? c0 : seq.c_seq.select(0, s - 2);
+    // dL/dh_s: later steps (trace, and step s + 1's gates i, f, o), the output, the modulator.
+    Tensor dh = last ? g.h.clone() : at::addmm(g.h, g_ifo.select(0, s), lw.h2g_weight);
+    if (grad_out.has_value()) dh.add_(grad_out->select(0, s - 1));
+    if (g.mod_in.defined() && !lc.modulate_c) dh.add_(g.mod_in);
+    // dL/dc_s: through h_s, through c_{s+1}, the output c, the modulator.
+    Tensor dc = dh * o * (1 - tc * tc);
+    if (!last) dc.addcmul_(g_c, seq.gates.select(0, s).select(0, kF));
+    if (grad_c.has_value()) dc.add_(grad_c->select(0, s - 1));
+    if (g.mod_in.defined() && lc.modulate_c) dc.add_(g.mod_in);
+    Tensor g_u_s = g_u.select(0, s - 1);
+    at::mul_out(g_u_s, at::addcmul(g.post, dc, i), 1 - gg * gg);
+    const Tensor g_ifo_s = g_ifo.select(0, s - 1);
+    Tensor g_i = g_ifo_s.narrow(1, 0, N), g_f = g_ifo_s.narrow(1, N, N),
+           g_o = g_ifo_s.narrow(1, 2 * N, N);
+    at::mul_out(g_i, dc * gg, i * (1 - i));
+    at::mul_out(g_f, dc * c_prev, f * (1 - f));
+    at::mul_out(g_o, dh * tc, o * (1 - o));
+    g_c = dc;
   };
-  TraceBackward r = trace_backward<T>(c, p, cell_sequences(lc, h0, seq, seq.gates.select(1, kG)),
-                                      saved, L, g_u, finish);
+  TraceBackward r = trace_backward<T>(be, c, p,
+                                      cell_sequences(lc, h0, seq, seq.gates.select(1, kG)), saved,
+                                      L, g_u, finish);
 
   // h_0 also feeds step 1's gates i, f, o, and c_0 its cell.
-  Tensor g_h0 = r.g_h0 + at::mm(g_ifo.select(0, 0), lw.h2g_weight);
+  Tensor g_h0 = at::addmm(r.g_h0, g_ifo.select(0, 0), lw.h2g_weight);
   Tensor g_c0 = g_c * seq.gates.select(0, 0).select(0, kF);
   Tensor g_x = at::cat({g_ifo.narrow(2, 0, 2 * N), g_u, g_ifo.narrow(2, 2 * N, N)}, 2);
   Tensor g_ifo_flat = g_ifo.reshape({T_ * B, 3 * N});
   Tensor g_h2g_w = at::mm(g_ifo_flat.t(), previous_h(h0, seq.out));
   Tensor g_h2g_b = at::empty({3 * N}, opts);
-  sum_rows(g_ifo_flat.data_ptr<T>(), T_ * B, 3 * N, g_h2g_b.data_ptr<T>());
+  sum_all_rows(be, g_ifo_flat, g_h2g_b);
   return {g_x,     g_h0,    g_c0,     r.g_hebb, r.g_elig,    g_h2g_w,     g_h2g_b,   r.g_w,
           r.g_alpha, r.g_eta, r.g_rate, r.g_h2mod_w, r.g_h2mod_b, r.g_fan_w, r.g_fan_b};
 }
 
 // The backward op's checks of the saved tensors and incoming gradients.
-void check_lstm_saved(const char* op, const PlasticConfig& c, const OptTensor& grad_out,
+inline void check_lstm_saved(const char* op, const PlasticConfig& c, const OptTensor& grad_out,
                       const OptTensor& grad_c, const OptTensor& grad_hebb,
                       const OptTensor& grad_elig, const OptTensor& grad_m, const Tensor& out,
                       const Tensor& c_seq, const Tensor& gates) {
@@ -152,13 +145,14 @@ void check_lstm_saved(const char* op, const PlasticConfig& c, const OptTensor& g
   check_grad(op, "gates", gates, {T_, 4, B, N}, out);
 }
 
-OptTensor unsqueeze0(const OptTensor& t) {
+inline OptTensor unsqueeze0(const OptTensor& t) {
   return t.has_value() ? OptTensor(t->unsqueeze(0)) : std::nullopt;
 }
 
-}  // namespace
+}  // namespace lstm_detail
 
-Tensors<9> plastic_lstm_sequence_cpu(
+template <class Backend>
+Tensors<9> plastic_lstm_sequence(
     const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& hebb0,
     const OptTensor& elig0, const Tensor& h2g_weight, const Tensor& h2g_bias, const Tensor& w,
     const Tensor& alpha, const OptTensor& eta, const OptTensor& elig_rate,
@@ -166,18 +160,21 @@ Tensors<9> plastic_lstm_sequence_cpu(
     const OptTensor& fanout_bias, const std::string& rule, double clip,
     const std::string& modulator_input, int64_t checkpoint_every) {
   const char* op = "plastic_lstm_sequence";
+  const c10::DeviceGuard guard(x.device());
   const PlasticInputs in{hebb0, elig0, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
                          fanout_weight, fanout_bias};
   const LstmConfig lc = check_lstm_inputs(op, x, 4, h0, c0, h2g_weight, h2g_bias, in, rule, clip,
                                           modulator_input, true);
   check_checkpoint_every(op, checkpoint_every);
   return dispatch_float(x, op, [&]<typename T>() {
-    return sequence_forward<T>(lc, PlasticParams<T>(lc.plastic, in), x, h0, c0,
-                               {h2g_weight, h2g_bias}, checkpoint_every);
+    return lstm_detail::sequence_forward<T>(Backend(x.options()), lc,
+                                            PlasticParams<T>(lc.plastic, in), x, h0, c0,
+                                            {h2g_weight, h2g_bias}, checkpoint_every);
   });
 }
 
-Tensors<15> plastic_lstm_sequence_backward_cpu(
+template <class Backend>
+Tensors<15> plastic_lstm_sequence_backward(
     const OptTensor& grad_out, const OptTensor& grad_c, const OptTensor& grad_hebb,
     const OptTensor& grad_elig, const OptTensor& grad_m, const Tensor& h0, const Tensor& c0,
     const Tensor& hebb0, const OptTensor& elig0, const Tensor& h2g_weight, const Tensor& h2g_bias,
@@ -188,38 +185,44 @@ Tensors<15> plastic_lstm_sequence_backward_cpu(
     const Tensor& eta_seq, const Tensor& gates, const Tensor& hebb_checkpoints,
     const Tensor& elig_checkpoints, int64_t checkpoint_every) {
   const char* op = "plastic_lstm_sequence_backward";
+  const c10::DeviceGuard guard(h0.device());
   const PlasticInputs in{hebb0, elig0, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
                          fanout_weight, fanout_bias};
   const LstmConfig lc = check_lstm_inputs(op, out, 1, h0, c0, h2g_weight, h2g_bias, in, rule,
                                           clip, modulator_input, true);
   check_checkpoint_every(op, checkpoint_every);
   const PlasticConfig& c = lc.plastic;
-  check_lstm_saved(op, c, grad_out, grad_c, grad_hebb, grad_elig, grad_m, out, c_seq, gates);
+  lstm_detail::check_lstm_saved(op, c, grad_out, grad_c, grad_hebb, grad_elig, grad_m, out, c_seq, gates);
   const int64_t n_ckpt = num_segments(c.T, checkpoint_every) - 1;
   check_grad(op, "hebb_checkpoints", hebb_checkpoints, {n_ckpt, c.B, c.N, c.N}, out);
   const TraceSaved saved{m, eta_seq, hebb_checkpoints, elig_checkpoints,
                          grad_hebb, grad_elig, grad_m};
   return dispatch_float(out, op, [&]<typename T>() {
-    return sequence_backward<T>(lc, PlasticParams<T>(c, in), grad_out, grad_c, saved, h0, c0,
-                                {h2g_weight, h2g_bias}, {out, c_seq, gates}, checkpoint_every);
+    return lstm_detail::sequence_backward<T>(Backend(out.options()), lc, PlasticParams<T>(c, in),
+                                             grad_out, grad_c, saved, h0, c0,
+                                             {h2g_weight, h2g_bias}, {out, c_seq, gates},
+                                             checkpoint_every);
   });
 }
 
-Tensors<7> plastic_lstm_step_cpu(
+template <class Backend>
+Tensors<7> plastic_lstm_step(
     const Tensor& x, const Tensor& h, const Tensor& c, const Tensor& hebb, const OptTensor& elig,
     const Tensor& h2g_weight, const Tensor& h2g_bias, const Tensor& w, const Tensor& alpha,
     const OptTensor& eta, const OptTensor& elig_rate, const OptTensor& h2mod_weight,
     const OptTensor& h2mod_bias, const OptTensor& fanout_weight, const OptTensor& fanout_bias,
     const std::string& rule, double clip, const std::string& modulator_input) {
   const char* op = "plastic_lstm_step";
+  const c10::DeviceGuard guard(x.device());
   const PlasticInputs in{hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
                          fanout_weight, fanout_bias};
   const LstmConfig lc = check_lstm_inputs(op, x, 4, h, c, h2g_weight, h2g_bias, in, rule, clip,
                                           modulator_input, false);
   auto [out, c_seq, hebb_new, elig_new, m, eta_seq, gates, ckpt_h, ckpt_e] =
       dispatch_float(x, op, [&]<typename T>() {
-    return sequence_forward<T>(lc, PlasticParams<T>(lc.plastic, in), x.unsqueeze(0), h, c,
-                               {h2g_weight, h2g_bias}, 1);
+    return lstm_detail::sequence_forward<T>(Backend(x.options()), lc,
+                                            PlasticParams<T>(lc.plastic, in), x.unsqueeze(0), h,
+                                            c, {h2g_weight, h2g_bias}, 1);
   });
   // eta_t (B, N) is kept for the backward only when the rate is computed by the modulator.
   Tensor eta_t = eta_seq.numel() > 0 ? eta_seq.squeeze(0) : at::empty({0}, x.options());
@@ -227,7 +230,8 @@ Tensors<7> plastic_lstm_step_cpu(
           gates.squeeze(0)};
 }
 
-Tensors<15> plastic_lstm_step_backward_cpu(
+template <class Backend>
+Tensors<15> plastic_lstm_step_backward(
     const OptTensor& grad_h_new, const OptTensor& grad_c_new, const OptTensor& grad_hebb,
     const OptTensor& grad_elig, const OptTensor& grad_m, const Tensor& h, const Tensor& c,
     const Tensor& hebb, const OptTensor& elig, const Tensor& h2g_weight, const Tensor& h2g_bias,
@@ -237,6 +241,7 @@ Tensors<15> plastic_lstm_step_backward_cpu(
     const std::string& modulator_input, const Tensor& h_new, const Tensor& c_new,
     const Tensor& m, const Tensor& eta_t, const Tensor& gates) {
   const char* op = "plastic_lstm_step_backward";
+  const c10::DeviceGuard guard(h.device());
   const PlasticInputs in{hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
                          fanout_weight, fanout_bias};
   const LstmConfig lc = check_lstm_inputs(op, h_new, 1, h, c, h2g_weight, h2g_bias, in, rule,
@@ -244,15 +249,16 @@ Tensors<15> plastic_lstm_step_backward_cpu(
   const PlasticConfig& pc = lc.plastic;
   const Tensor out = h_new.unsqueeze(0), c_seq = c_new.unsqueeze(0), m_seq = m.unsqueeze(0);
   const Tensor gates_seq = gates.unsqueeze(0);
-  const OptTensor g_out = unsqueeze0(grad_h_new), g_c = unsqueeze0(grad_c_new),
-                  g_m = unsqueeze0(grad_m);
-  check_lstm_saved(op, pc, g_out, g_c, grad_hebb, grad_elig, g_m, out, c_seq, gates_seq);
+  const OptTensor g_out = lstm_detail::unsqueeze0(grad_h_new),
+                  g_c = lstm_detail::unsqueeze0(grad_c_new), g_m = lstm_detail::unsqueeze0(grad_m);
+  lstm_detail::check_lstm_saved(op, pc, g_out, g_c, grad_hebb, grad_elig, g_m, out, c_seq, gates_seq);
   const Tensor no_ckpt = at::empty({0, pc.B, pc.N, pc.N}, h_new.options());
   const Tensor eta_seq = eta_t.numel() > 0 ? eta_t.unsqueeze(0) : eta_t;
   const TraceSaved saved{m_seq, eta_seq, no_ckpt, no_ckpt, grad_hebb, grad_elig, g_m};
   auto grads = dispatch_float(h_new, op, [&]<typename T>() {
-    return sequence_backward<T>(lc, PlasticParams<T>(pc, in), g_out, g_c, saved, h, c,
-                                {h2g_weight, h2g_bias}, {out, c_seq, gates_seq}, 1);
+    return lstm_detail::sequence_backward<T>(Backend(h_new.options()), lc,
+                                             PlasticParams<T>(pc, in), g_out, g_c, saved, h, c,
+                                             {h2g_weight, h2g_bias}, {out, c_seq, gates_seq}, 1);
   });
   std::get<0>(grads) = std::get<0>(grads).squeeze(0);
   return grads;

@@ -1,69 +1,74 @@
-// Plastic tanh RNN on the CPU: the sequence op and the step op (the sequence op with T = 1).
-// The trace passes, checkpoints and plastic-parameter gradients are in trace_sequence.h; this
-// file adds the cell: h_t = tanh(x_t + u_t), the trace's post-synaptic term and the modulator's
-// input both being h_t.
+// Plastic tanh RNN ops, for any Backend (the device's trace passes): the sequence op and the
+// step op (the sequence op with T = 1). The trace passes, checkpoints and plastic-parameter
+// gradients are in trace_sequence.h; this file adds the cell: h_t = tanh(x_t + u_t), the trace's
+// post-synaptic term and the modulator's input both being h_t.
+#pragma once
+
 #include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
 
 #include "../checks.h"
+#include "../dispatch.h"
 #include "../ops.h"
 #include "trace_sequence.h"
 
 namespace bp {
 
-namespace {
+namespace rnn_detail {
 
-template <typename T>
-Tensors<7> sequence_forward(const PlasticConfig& c, const PlasticParams<T>& p, const Tensor& x,
-                            const Tensor& h0, int64_t L) {
+template <typename T, class Backend>
+Tensors<7> sequence_forward(const Backend& be, const PlasticConfig& c, const PlasticParams<T>& p,
+                            const Tensor& x, const Tensor& h0, int64_t L) {
   Tensor out = at::empty({c.T, c.B, c.N}, x.options());
-  auto r = trace_forward<T>(c, p, {h0, out, out, out}, L, [&](int64_t t, const Tensor& u) {
+  auto r = trace_forward<T>(be, c, p, {h0, out, out, out}, L, [&](int64_t t, const Tensor& u) {
     Tensor h_t = out.select(0, t - 1);
     at::add_out(h_t, x.select(0, t - 1), u).tanh_();
   });
   return {out, r.hebb_T, r.elig_T, r.m, r.eta_seq, r.ckpt_h, r.ckpt_e};
 }
 
-template <typename T>
-Tensors<12> sequence_backward(const PlasticConfig& c, const PlasticParams<T>& p,
-                              const OptTensor& grad_out, const TraceSaved& saved,
-                              const Tensor& h0, const Tensor& out, int64_t L) {
-  const int64_t BN = c.B * c.N;
+template <typename T, class Backend>
+Tensors<12> sequence_backward(const Backend& be, const PlasticConfig& c,
+                              const PlasticParams<T>& p, const OptTensor& grad_out,
+                              const TraceSaved& saved, const Tensor& h0, const Tensor& out,
+                              int64_t L) {
   Tensor g_x = at::empty({c.T, c.B, c.N}, out.options());  // dL/du_t == dL/dx_t
-  const T* g_out = grad_out.has_value() ? grad_out->data_ptr<T>() : nullptr;
   // dL/dh_s from every path, then through the tanh.
-  auto finish = [&](int64_t s, const StepGrads<T>& g) {
-    const T* h = out.data_ptr<T>() + (s - 1) * BN;
-    T* gx = g_x.data_ptr<T>() + (s - 1) * BN;
-    for (int64_t e = 0; e < BN; ++e) {
-      T gh = g.post[e] + g.h[e];
-      if (g_out) gh += g_out[(s - 1) * BN + e];
-      if (g.mod_in) gh += g.mod_in[e];
-      gx[e] = gh * (T(1) - h[e] * h[e]);
-    }
+  auto finish = [&](int64_t s, const StepGrads& g) {
+    Tensor g_h = g.post + g.h;
+    if (grad_out.has_value()) g_h.add_(grad_out->select(0, s - 1));
+    if (g.mod_in.defined()) g_h.add_(g.mod_in);
+    const Tensor h = out.select(0, s - 1);
+    Tensor g_x_s = g_x.select(0, s - 1);
+    at::mul_out(g_x_s, g_h, 1 - h * h);
   };
-  TraceBackward r = trace_backward<T>(c, p, {h0, out, out, out}, saved, L, g_x, finish);
+  TraceBackward r = trace_backward<T>(be, c, p, {h0, out, out, out}, saved, L, g_x, finish);
   return {g_x,     r.g_h0,   r.g_hebb,    r.g_elig,    r.g_w,     r.g_alpha,
           r.g_eta, r.g_rate, r.g_h2mod_w, r.g_h2mod_b, r.g_fan_w, r.g_fan_b};
 }
 
-}  // namespace
+}  // namespace rnn_detail
 
-Tensors<7> plastic_rnn_sequence_cpu(
+template <class Backend>
+Tensors<7> plastic_rnn_sequence(
     const Tensor& x, const Tensor& h0, const Tensor& hebb0, const OptTensor& elig0,
     const Tensor& w, const Tensor& alpha, const OptTensor& eta, const OptTensor& elig_rate,
     const OptTensor& h2mod_weight, const OptTensor& h2mod_bias, const OptTensor& fanout_weight,
     const OptTensor& fanout_bias, const std::string& rule, double clip, int64_t checkpoint_every) {
   const char* op = "plastic_rnn_sequence";
+  const c10::DeviceGuard guard(x.device());
   const PlasticInputs in{hebb0, elig0, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
                          fanout_weight, fanout_bias};
   const PlasticConfig c = check_rnn_inputs(op, x, h0, in, rule, clip, true);
   check_checkpoint_every(op, checkpoint_every);
   return dispatch_float(x, op, [&]<typename T>() {
-    return sequence_forward<T>(c, PlasticParams<T>(c, in), x, h0, checkpoint_every);
+    return rnn_detail::sequence_forward<T>(Backend(x.options()), c, PlasticParams<T>(c, in), x,
+                                           h0, checkpoint_every);
   });
 }
 
-Tensors<12> plastic_rnn_sequence_backward_cpu(
+template <class Backend>
+Tensors<12> plastic_rnn_sequence_backward(
     const OptTensor& grad_out, const OptTensor& grad_hebb, const OptTensor& grad_elig,
     const OptTensor& grad_m, const Tensor& h0, const Tensor& hebb0, const OptTensor& elig0,
     const Tensor& w, const Tensor& alpha, const OptTensor& eta, const OptTensor& elig_rate,
@@ -72,6 +77,7 @@ Tensors<12> plastic_rnn_sequence_backward_cpu(
     const Tensor& m, const Tensor& eta_seq, const Tensor& hebb_checkpoints,
     const Tensor& elig_checkpoints, int64_t checkpoint_every) {
   const char* op = "plastic_rnn_sequence_backward";
+  const c10::DeviceGuard guard(h0.device());
   const PlasticInputs in{hebb0, elig0, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
                          fanout_weight, fanout_bias};
   const PlasticConfig c = check_rnn_inputs(op, out, h0, in, rule, clip, true);
@@ -87,30 +93,34 @@ Tensors<12> plastic_rnn_sequence_backward_cpu(
   const TraceSaved saved{m, eta_seq, hebb_checkpoints, elig_checkpoints,
                          grad_hebb, grad_elig, grad_m};
   return dispatch_float(out, op, [&]<typename T>() {
-    return sequence_backward<T>(c, PlasticParams<T>(c, in), grad_out, saved, h0, out,
-                                checkpoint_every);
+    return rnn_detail::sequence_backward<T>(Backend(out.options()), c, PlasticParams<T>(c, in),
+                                            grad_out, saved, h0, out, checkpoint_every);
   });
 }
 
-Tensors<5> plastic_rnn_step_cpu(
+template <class Backend>
+Tensors<5> plastic_rnn_step(
     const Tensor& x, const Tensor& h, const Tensor& hebb, const OptTensor& elig, const Tensor& w,
     const Tensor& alpha, const OptTensor& eta, const OptTensor& elig_rate,
     const OptTensor& h2mod_weight, const OptTensor& h2mod_bias, const OptTensor& fanout_weight,
     const OptTensor& fanout_bias, const std::string& rule, double clip) {
   const char* op = "plastic_rnn_step";
+  const c10::DeviceGuard guard(x.device());
   const PlasticInputs in{hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
                          fanout_weight, fanout_bias};
   const PlasticConfig c = check_rnn_inputs(op, x, h, in, rule, clip, false);
   auto [out, hebb_new, elig_new, m, eta_seq, ckpt_h, ckpt_e] =
       dispatch_float(x, op, [&]<typename T>() {
-    return sequence_forward<T>(c, PlasticParams<T>(c, in), x.unsqueeze(0), h, 1);
+    return rnn_detail::sequence_forward<T>(Backend(x.options()), c, PlasticParams<T>(c, in),
+                                           x.unsqueeze(0), h, 1);
   });
   // eta_t (B, N) is kept for the backward only when the rate is computed by the modulator.
   Tensor eta_t = eta_seq.numel() > 0 ? eta_seq.squeeze(0) : at::empty({0}, x.options());
   return {out.squeeze(0), hebb_new, elig_new, m.squeeze(0), eta_t};
 }
 
-Tensors<12> plastic_rnn_step_backward_cpu(
+template <class Backend>
+Tensors<12> plastic_rnn_step_backward(
     const OptTensor& grad_h_new, const OptTensor& grad_hebb, const OptTensor& grad_elig,
     const OptTensor& grad_m, const Tensor& h, const Tensor& hebb, const OptTensor& elig,
     const Tensor& w, const Tensor& alpha, const OptTensor& eta, const OptTensor& elig_rate,
@@ -118,6 +128,7 @@ Tensors<12> plastic_rnn_step_backward_cpu(
     const OptTensor& fanout_bias, const std::string& rule, double clip, const Tensor& h_new,
     const Tensor& m, const Tensor& eta_t) {
   const char* op = "plastic_rnn_step_backward";
+  const c10::DeviceGuard guard(h.device());
   const PlasticInputs in{hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
                          fanout_weight, fanout_bias};
   const PlasticConfig c = check_rnn_inputs(op, h_new, h, in, rule, clip, false);
@@ -136,8 +147,9 @@ Tensors<12> plastic_rnn_step_backward_cpu(
   const OptTensor grad_m_seq = unsq(grad_m);
   const TraceSaved saved{m_seq, eta_seq, no_ckpt, no_ckpt, grad_hebb, grad_elig, grad_m_seq};
   auto grads = dispatch_float(h_new, op, [&]<typename T>() {
-    return sequence_backward<T>(c, PlasticParams<T>(c, in), unsq(grad_h_new), saved, h,
-                                h_new.unsqueeze(0), 1);
+    return rnn_detail::sequence_backward<T>(Backend(h_new.options()), c,
+                                            PlasticParams<T>(c, in), unsq(grad_h_new), saved, h,
+                                            h_new.unsqueeze(0), 1);
   });
   std::get<0>(grads) = std::get<0>(grads).squeeze(0);
   return grads;

@@ -1,0 +1,46 @@
+// The CPU trace passes behind the interface the op drivers (csrc/ops/) use; the CUDA one is
+// csrc/cuda/gpu_backend.h.
+#pragma once
+
+#include <ATen/core/TensorBody.h>
+
+#include <algorithm>
+
+#include "../trace_pass.h"
+
+namespace bp {
+
+struct CpuBackend {
+  using Tiling = bp::Tiling;
+
+  explicit CpuBackend(const at::TensorOptions&) {}
+
+  Tiling tiling(int64_t B, int64_t /*P*/, int64_t N) const { return make_tiling(B, N); }
+  // Rows of the partial sums over columns (g_in_partial, g_pre_partial).
+  int64_t column_tiles(const Tiling& tl) const { return tl.num_tiles; }
+  int64_t alpha_acc_size(AlphaMode mode, const Tiling& tl, int64_t P, int64_t N) const {
+    return bp::alpha_acc_size(mode, tl, P, N);
+  }
+  // Rows of the (rows, P, N) accumulator of a per-connection rate's gradient.
+  int64_t eta_acc_rows(const Tiling& tl) const { return tl.num_chunks; }
+  int64_t rate_acc_size(const Tiling& tl) const { return tl.num_chunks * tl.num_tiles; }
+
+  template <typename T>
+  void forward(const ForwardPassParams<T>& p, const PassModes& m, const Tiling& tl) const {
+    forward_pass_cpu(p, m, tl);
+  }
+  template <typename T>
+  void backward(const BackwardPassParams<T>& p, const PassModes& m, const Tiling& tl) const {
+    backward_pass_cpu(p, m, tl);
+  }
+  // dst[k] = sum over r of src[r * cols + k], in row order: the fixed-order reduction of the
+  // passes' partial buffers.
+  template <typename T>
+  void sum_rows(const T* src, int64_t rows, int64_t cols, T* dst) const {
+    std::fill(dst, dst + cols, T(0));
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) dst[c] += src[r * cols + c];
+  }
+};
+
+}  // namespace bp

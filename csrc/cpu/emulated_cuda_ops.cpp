@@ -1,0 +1,46 @@
+// The CUDA kernels run by the CPU emulator (cuda/emulate.h), registered for CPU tensors as the
+// ops of namespace `backpropamine_emulated`: the same drivers and the same kernel sources as the
+// CUDA ops (cuda/ops_cuda.cu), with every memory access bounds-checked. The test suite runs the
+// whole op test matrix through them (python_tests/conftest.py, fixture `fused`).
+#include <torch/library.h>
+
+#include "../cuda/emulate.h"
+#include "../cuda/gpu_backend.h"
+#include "../ops/register.h"
+
+namespace bp {
+
+struct EmulatedLaunch {
+  template <class K>
+  void operator()(const K& k) const {
+    kern::emulate(k);
+  }
+};
+
+}  // namespace bp
+
+namespace {
+
+// A probe of the emulator itself: the column sums of `src` read as a (rows, cols) matrix, with
+// rows and cols taken as given, so that a test can check that an access past the end of `src`
+// raises instead of reading memory.
+at::Tensor emulator_column_sums(const at::Tensor& src, int64_t rows, int64_t cols) {
+  TORCH_CHECK(src.scalar_type() == at::kFloat && src.is_contiguous() && rows >= 0 && cols >= 0,
+              "emulator_column_sums: expected a contiguous float32 src and rows, cols >= 0");
+  at::Tensor dst = at::empty({cols}, src.options());
+  bp::kern::emulate(bp::kern::ColumnSumKernel<float>{
+      {src.data_ptr<float>(), src.numel()}, {dst.data_ptr<float>(), cols}, rows, cols});
+  return dst;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(backpropamine_emulated, m) {
+  bp::define_ops(m);
+  m.def("emulator_column_sums(Tensor src, int rows, int cols) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(backpropamine_emulated, CPU, m) {
+  bp::impl_ops<bp::GpuBackend<bp::EmulatedLaunch>>(m);
+  m.impl("emulator_column_sums", &emulator_column_sums);
+}
