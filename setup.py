@@ -1,6 +1,8 @@
 """Builds the fused ops ahead of time when torch is importable (pip install --no-build-isolation .),
-and always ships the C++ sources inside the package so they can be compiled at first use."""
+with the CUDA kernels when torch is a CUDA build and nvcc is found, and always ships the C++/CUDA
+sources inside the package so they can be compiled at first use."""
 import importlib.util
+import os
 import shutil
 from pathlib import Path
 
@@ -28,16 +30,29 @@ cmdclass = {"build_py": BuildPyWithSources}
 ext_modules = []
 try:
     import torch  # noqa: F401
-    from torch.utils.cpp_extension import BuildExtension, CppExtension
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 except ImportError:
     print("backpropamine_cuda: torch is not importable at build time; the fused ops will be "
           "compiled at first use (install with --no-build-isolation to build them now)")
 else:
-    ext_modules.append(CppExtension(
-        "backpropamine_cuda._C",
-        [str(Path(s).relative_to(ROOT)) for s in build_config.cpu_sources(ROOT / "csrc")],
-        extra_compile_args={"cxx": build_config.CXX_FLAGS},
-        extra_link_args=build_config.LD_FLAGS))
+    csrc = ROOT / "csrc"
+    sources = build_config.cpu_sources(csrc)
+    toolkit, why_not = build_config.cuda_toolkit()
+    if why_not:
+        print(f"backpropamine_cuda: {why_not}")
+    flags = {"cxx": build_config.CXX_FLAGS}
+    extension = CppExtension
+    if toolkit:
+        # torch's build helpers read the architectures from the environment.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = build_config.cuda_arch_list()
+        print(f"backpropamine_cuda: building the CUDA kernels too (nvcc from {toolkit}, "
+              f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})")
+        sources += build_config.cuda_sources(csrc)
+        flags["nvcc"] = build_config.NVCC_FLAGS
+        extension = CUDAExtension
+    ext_modules.append(extension(
+        "backpropamine_cuda._C", [str(Path(s).relative_to(ROOT)) for s in sources],
+        extra_compile_args=flags, extra_link_args=build_config.LD_FLAGS))
     cmdclass["build_ext"] = BuildExtension
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

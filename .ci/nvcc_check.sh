@@ -1,26 +1,83 @@
 #!/usr/bin/env bash
 # Compile-checks every CUDA source with nvcc for sm_80 and sm_90 against the installed torch's
-# headers, on machines without a GPU. A CPU-only torch lacks one generated header
-# (c10/cuda/impl/cuda_cmake_macros.h), which a one-line stub in a temporary directory provides.
+# headers, on machines without a GPU, with the flags of the real build (_build_config.NVCC_FLAGS
+# and torch's own nvcc flags). Fails on any error and on any warning located in our sources
+# (csrc/): torch's headers are included as system headers, so their own warnings stay quiet.
+# A CPU-only torch lacks one generated header (c10/cuda/impl/cuda_cmake_macros.h), which a
+# one-line stub in a temporary directory provides.
+#
+#   bash .ci/nvcc_check.sh                           every csrc/**/*.cu
+#   NVCC_CHECK_SOURCES="a.cu b.cu" bash .ci/nvcc_check.sh   only these (paths from the repo root)
+#   NVCC=/path/to/nvcc bash .ci/nvcc_check.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mapfile -t sources < <(find csrc -name '*.cu' | sort)
+if [ -n "${NVCC_CHECK_SOURCES:-}" ]; then
+  read -r -a sources <<< "$NVCC_CHECK_SOURCES"
+else
+  mapfile -t sources < <(find csrc -name '*.cu' | sort)
+fi
 if [ ${#sources[@]} -eq 0 ]; then
   echo "nvcc check: no CUDA sources yet"
   exit 0
 fi
 nvcc=${NVCC:-nvcc}
 command -v "$nvcc" >/dev/null || { echo "nvcc check: nvcc not found" >&2; exit 1; }
-stub=$(mktemp -d)
-trap 'rm -rf "$stub"' EXIT
-mkdir -p "$stub/c10/cuda/impl"
-echo '#pragma once' > "$stub/c10/cuda/impl/cuda_cmake_macros.h"
-torch_inc=$(python -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I' + p for p in include_paths()))")
-py_inc=$(python -c "import sysconfig; print(sysconfig.get_paths()['include'])")
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
+# The flags of the real build, one per line: ours, torch's, and -isystem for torch's headers.
+mapfile -t flags < <(python - <<'EOF'
+import sysconfig
+from pathlib import Path
+
+from torch.utils.cpp_extension import COMMON_NVCC_FLAGS, include_paths
+
+spec = {}
+exec(Path("backpropamine_cuda/_build_config.py").read_text(), spec)
+print(*spec["NVCC_FLAGS"], *COMMON_NVCC_FLAGS, "-DTORCH_API_INCLUDE_EXTENSION_H", sep="\n")
+for path in [*include_paths(), sysconfig.get_paths()["include"]]:
+    print("-isystem", path, sep="\n")
+if not (Path(include_paths()[0]) / "c10/cuda/impl/cuda_cmake_macros.h").exists():
+    print("NEEDS_STUB")
+EOF
+)
+if [ "${flags[-1]}" = NEEDS_STUB ]; then
+  unset 'flags[-1]'
+  mkdir -p "$tmp/stub/c10/cuda/impl"
+  echo '#pragma once' > "$tmp/stub/c10/cuda/impl/cuda_cmake_macros.h"
+  flags+=(-isystem "$tmp/stub")
+fi
+
+# A warning in our code: gcc's "csrc/x.cu:12:5: warning: ..." or nvcc front end's
+# "csrc/x.cu(12): warning #177-D: ..." (paths as given, or absolute under this checkout).
+ours="^(\./|$(pwd)/)?csrc/[^ :(]*(:[0-9]+(:[0-9]+)?:|\([0-9]+\):) warning"
+# The first lines of a compiler log: the first diagnostics matter, later ones often repeat them.
+show() {
+  head -n 150 "$1"
+  local n
+  n=$(wc -l < "$1")
+  if [ "$n" -gt 150 ]; then echo "... ($((n - 150)) more lines)"; fi
+}
+
+failed=0
 for src in "${sources[@]}"; do
   echo "nvcc check: $src"
-  "$nvcc" -c "$src" -o "$stub/out.o" -std=c++20 -Xcompiler -fPIC \
-    -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
-    -I"$stub" $torch_inc -I"$py_inc" -Icsrc
+  log="$tmp/$(basename "$src").log"
+  # -t 0: the two architectures compile in parallel.
+  if ! "$nvcc" -c "$src" -o "$tmp/out.o" "${flags[@]}" -Xcompiler -fPIC,-Wall -t 0 \
+      -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
+      > "$log" 2>&1; then
+    show "$log"
+    echo "nvcc check: $src FAILED to compile"
+    failed=1
+  elif grep -Eq "$ours|ptxas warning" "$log"; then
+    show "$log"
+    echo "nvcc check: $src compiles, with warnings in our code:"
+    grep -E "$ours|ptxas warning" "$log" | sort | uniq -c
+    failed=1
+  else
+    cat "$log"  # warnings outside csrc/, if any (nvcc's own notes)
+  fi
 done
-echo "nvcc check: ${#sources[@]} file(s) compiled"
+[ "$failed" -eq 0 ] || exit 1
+echo "nvcc check: ${#sources[@]} file(s) compiled for sm_80 and sm_90, no warnings in csrc/"

@@ -1,5 +1,7 @@
-"""Sources and compiler flags of the extension, shared by setup.py (ahead-of-time build) and the
-first-use build of _extension.py. Imports nothing from torch so setup.py can read it anywhere."""
+"""Sources and compiler flags of the extension, shared by setup.py (ahead-of-time build), the
+first-use build of _extension.py and .ci/nvcc_check.sh. Imports nothing from torch at module level
+so setup.py can read it anywhere; the functions that look at torch import it when called."""
+import os
 from pathlib import Path
 
 # -fopenmp: at::parallel_for is an inline OpenMP loop; without it the kernels run on one thread.
@@ -8,8 +10,54 @@ from pathlib import Path
 # masks (2.5x faster backward with AVX2). Results are unchanged.
 CXX_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math", "-DNDEBUG"]
 LD_FLAGS = ["-fopenmp"]
+# The CUDA sources include the same C++20 headers as the CPU ones; --expt-relaxed-constexpr lets
+# device code call constexpr host functions (std::numeric_limits, ...); the host half of the .cu
+# files is compiled like the C++ files (OpenMP).
+NVCC_FLAGS = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-DNDEBUG",
+              "-Xcompiler", "-fopenmp"]
+# TORCH_CUDA_ARCH_LIST when it is unset and no GPU is visible: A100 (sm_80) and H100/H200
+# (sm_90), plus sm_90 PTX that the driver compiles for newer GPUs.
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+# BACKPROPAMINE_BUILD_CUDA=0 builds the CPU ops only, even with a CUDA torch and nvcc.
+BUILD_CUDA_ENV = "BACKPROPAMINE_BUILD_CUDA"
 
 
 def cpu_sources(csrc: Path):
-    """The C++ sources of the CPU build, relative to the folder `csrc`."""
-    return sorted(str(p) for p in [*csrc.glob("*.cpp"), *csrc.glob("cpu/*.cpp")])
+    """The C++ sources of every build (the CPU ops and the emulated CUDA kernels)."""
+    return sorted(str(p) for p in csrc.rglob("*.cpp"))
+
+
+def cuda_sources(csrc: Path):
+    """The CUDA sources, compiled by nvcc in CUDA builds only."""
+    return sorted(str(p) for p in csrc.rglob("*.cu"))
+
+
+def cuda_toolkit():
+    """(CUDA_HOME, None) when the CUDA kernels are to be built: torch is a CUDA build and nvcc
+    is found. Otherwise (None, why not), `why` None for a CPU-only torch (nothing to say)."""
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if torch.version.cuda is None:
+        return None, None
+    if os.environ.get(BUILD_CUDA_ENV) == "0":
+        return None, f"{BUILD_CUDA_ENV}=0: building the CPU ops only"
+    if CUDA_HOME is None or not (Path(CUDA_HOME) / "bin" / "nvcc").exists():
+        return None, (f"torch {torch.__version__} is a CUDA build but nvcc was not found (set "
+                      "CUDA_HOME or put nvcc on PATH): building the CPU ops only")
+    return CUDA_HOME, None
+
+
+def cuda_arch_list():
+    """The architectures to compile for: TORCH_CUDA_ARCH_LIST if set, else those of the visible
+    GPUs, else DEFAULT_CUDA_ARCHS. torch's build helpers read TORCH_CUDA_ARCH_LIST: callers set it
+    to this for the build (torch's own default fails when no GPU is visible)."""
+    import torch
+
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return os.environ["TORCH_CUDA_ARCH_LIST"]
+    if torch.cuda.is_available():
+        caps = sorted({torch.cuda.get_device_capability(i)
+                       for i in range(torch.cuda.device_count())})
+        return ";".join(f"{major}.{minor}" for major, minor in caps)
+    return DEFAULT_CUDA_ARCHS

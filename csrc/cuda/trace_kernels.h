@@ -3,7 +3,7 @@
 //
 // Tiling: a block is (batch chunk, column tile, row block). Its kThreads threads own one column
 // j each (coalesced trace rows) and walk the block's pre-synaptic rows i, the chunk's samples
-// inside. The row blocks are what fills a large GPU at small B and N (B = 6, N = 1149: 6 x 9 x 5
+// inside. The row blocks are what fills a large GPU at small B and N (B = 6, N = 1149: 1 x 9 x 30
 // = 270 blocks); their partial sums over i go to per-row-block buffers that ColumnSumKernel adds
 // in a fixed order, and sums over j (the adjoint of the matvec input and of the rule's pre term)
 // go through shared memory, staged a few rows at a time. No atomics: every output element and

@@ -1,0 +1,535 @@
+"""Verifies the CUDA kernels on a machine with a GPU, in one command:
+
+    python -m backpropamine_cuda.selftest                 # tests, accuracy, speed
+    python -m backpropamine_cuda.selftest --quick         # tiny sizes: a minute
+    python -m backpropamine_cuda.selftest --benchmarks    # ... and benchmarks/bench_{rnn,lstm}.py
+
+1. Tests: `pytest python_tests -k "cuda and not emulat"` (the tests on the GPU), when this
+   package runs from a source checkout.
+2. Accuracy: the fused ops on the GPU and on the CPU against the eager reference in float64 on
+   the GPU, at the papers' sizes (maze: the RNN op at B=30 N=100 T=200, alpha full; PTB: the RNN
+   and the LSTM op at B=6 N=1149 T=70, alpha neuron; modulation fanout K=1, rule clip 2), forward
+   outputs and the gradients of every input, in float32 and float64. The float32 reference's own
+   error is the yardstick of the float32 rows.
+3. Speed: forward and forward+backward of the fused ops against the eager reference on the same
+   GPU and against the HBM bandwidth floor (the trace bytes the op must move / the bandwidth of a
+   large device-to-device copy); peak memory; the 3-layer PTB stack at batch 20.
+4. --benchmarks: benchmarks/bench_rnn.py and bench_lstm.py on the GPU (benchmarks/results/cuda/,
+   or results/cuda-quick/ with --quick).
+
+Prints a markdown report. Exit status: 0 all checks passed, 1 a test or an accuracy check
+failed (timings are reported, not judged), 2 no CUDA device (only with --require-gpu; without it,
+no device is exit 0 after saying so). `--device cpu` runs steps 2 and 3 for the CPU kernels and
+the emulated CUDA kernels against the reference: a check of this script on machines without a GPU
+(use --quick; the emulator is slow).
+"""
+import argparse
+import dataclasses
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import backpropamine_cuda as bp
+from backpropamine_cuda import _extension, reference
+
+RULE, CLIP = "clip", 2.0
+PACKAGE_PARENT = Path(bp.__file__).resolve().parent.parent
+# Normalised error (max |a - e| / max |e|) allowed in float64, and in float32: FLOAT32_FACTOR
+# times that of the float32 reference, or FLOAT32_FLOOR (the test suite's float32 tolerance),
+# whichever is larger.
+FLOAT64_LIMIT, FLOAT32_FACTOR, FLOAT32_FLOOR = 1e-9, 10.0, 1e-4
+# Trace passes (B x N x N) per step the fused ops must make: forward 2 (read H_{t-1}, write H_t);
+# forward+backward 7 (backward: recompute H_t from the checkpoint 2, read H_{t-1} 1, read and
+# write dL/dH 2). benchmarks/common.py trace_floor_bytes is the same model, plus the per-step
+# (B, N) vectors (< 1 % here).
+FLOOR_PASSES = {"fwd": 2, "fwdbwd": 7}
+PTB_TARGETS = {"floor": 2.0, "speedup": 10.0}  # issue 4, checked at B=6 N=1149 T=70
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    op: str  # "rnn" or "lstm"
+    B: int
+    N: int
+    T: int
+    alpha: str  # "full" (N, N) or "neuron" (N,)
+
+    def sizes(self):
+        return f"B={self.B} N={self.N} T={self.T} alpha={self.alpha}"
+
+
+CASES = [Case("maze", "rnn", 30, 100, 200, "full"), Case("ptb-rnn", "rnn", 6, 1149, 70, "neuron"),
+         Case("ptb-lstm", "lstm", 6, 1149, 70, "neuron")]
+QUICK_CASES = [Case("maze", "rnn", 4, 20, 12, "full"), Case("ptb-rnn", "rnn", 2, 33, 6, "neuron"),
+               Case("ptb-lstm", "lstm", 2, 33, 6, "neuron")]
+# The Backpropamine PTB stack (embedding 400 -> 1149 -> 1149 -> 400) at batch 20: issue 4 asks
+# that it fit in GPU memory with room to spare.
+STACK = dict(B=20, T=70, widths=(400, 1149, 1149, 400))
+QUICK_STACK = dict(B=3, T=5, widths=(16, 33, 33, 16))
+OUTPUTS = {"rnn": ("out", "hebb_T", "elig_T", "m"), "lstm": ("out", "c_T", "hebb_T", "elig_T", "m")}
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs and runs
+
+
+def make_inputs(case, seed=0):
+    """Keyword arguments of the case's sequence op, in float64 on the CPU, with values exact in
+    float32 (so every dtype sees the same inputs), and one cotangent per output."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (scale * torch.randn(shape, generator=gen)).double()
+
+    B, N, T = case.B, case.N, case.T
+    # Recurrent weights small enough that the RNN's gradients do not explode over T = 200 steps
+    # (there float32 rounding alone would give errors of 1 %); the trace saturates at the clip.
+    s = 0.5 / math.sqrt(N)
+    d = dict(x=randn(T, B, 4 * N if case.op == "lstm" else N),
+             h=torch.tanh(randn(B, N).float()).double())
+    if case.op == "lstm":
+        d["c"] = randn(B, N, scale=0.5)
+    d.update(hebb=randn(B, N, N, scale=0.5), elig=None)
+    if case.op == "lstm":
+        d.update(h2g_weight=randn(3 * N, N, scale=s), h2g_bias=randn(3 * N, scale=0.1))
+    d.update(w=randn(N, N, scale=s), alpha=randn(*((N, N) if case.alpha == "full" else (N,)),
+                                                  scale=s),
+             eta=None, elig_rate=None, h2mod_weight=randn(1, N, scale=s),
+             h2mod_bias=randn(1, scale=0.1), fanout_weight=randn(N, 1, scale=0.5),
+             fanout_bias=randn(N, scale=0.1))
+    out_shapes = {"out": (T, B, N), "c_T": (B, N), "hebb_T": (B, N, N), "m": (T, B, 1)}
+    cotangents = {k: randn(*shape) for k, shape in out_shapes.items()
+                  if k in OUTPUTS[case.op]}
+    return d, cotangents
+
+
+def to_leaves(inputs, device, dtype):
+    return {k: None if v is None else v.to(device, dtype).requires_grad_()
+            for k, v in inputs.items()}
+
+
+def sequence_op(ops, case):
+    return ops.plastic_lstm_sequence if case.op == "lstm" else ops.plastic_rnn_sequence
+
+
+def outputs_and_grads(ops, case, inputs, cotangents, device, dtype):
+    """The op's outputs and the gradients of every input of the loss sum(output * cotangent),
+    as float64 CPU tensors keyed by name."""
+    leaves = to_leaves(inputs, device, dtype)
+    outs = dict(zip(OUTPUTS[case.op], sequence_op(ops, case)(**leaves, rule=RULE, clip=CLIP)))
+    loss = sum((outs[k] * c.to(device, dtype)).sum() for k, c in cotangents.items())
+    given = {k: v for k, v in leaves.items() if v is not None}
+    grads = torch.autograd.grad(loss, list(given.values()))
+    result = {k: v.detach().to("cpu", torch.float64) for k, v in outs.items() if v is not None}
+    result.update({f"grad {k}": g.to("cpu", torch.float64) for k, g in zip(given, grads)})
+    return result
+
+
+def errors(result, truth):
+    """{"fwd": ..., "grad": ...}: (max abs error, normalised error max|a-e| / max|e|, name of the
+    tensor with the largest normalised error) over the outputs and over the gradients. NaN, a
+    missing tensor or a wrong shape count as an infinite error."""
+    worst = {}
+    for name, expected in truth.items():
+        got = result.get(name)
+        if got is None or got.shape != expected.shape:
+            err = math.inf
+        else:
+            err = torch.nan_to_num((got - expected).abs(), nan=math.inf).max().item()
+        rel = err / max(torch.nan_to_num(expected.abs()).max().item(), 1e-300)
+        kind = "grad" if name.startswith("grad ") else "fwd"
+        max_err, max_rel, max_name = worst.get(kind, (0.0, -1.0, ""))
+        worst[kind] = (max(max_err, err), *((rel, name) if rel > max_rel else (max_rel, max_name)))
+    return worst
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Accuracy
+
+
+def attempt(what, fn):
+    """(fn(), None), or (None, the error) after logging it: one failing implementation (an
+    exception, out of memory, a CUDA error) must not hide the results of the others."""
+    try:
+        return fn(), None
+    except Exception as err:
+        log(f"{what}: {type(err).__name__}: {err}")
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        return None, f"{type(err).__name__}: {first[:80]}"
+
+
+def accuracy(cases, impls, device):
+    """Rows of the accuracy table and whether every row passed. impls: {name: (ops, device)}."""
+    rows, ok = [], True
+    for case in cases:
+        inputs, cotangents = make_inputs(case)
+        log(f"accuracy: {case.name} ({case.sizes()}): reference float64 on {device}")
+        truth, error = attempt(case.name, lambda: outputs_and_grads(
+            reference, case, inputs, cotangents, device, torch.float64))
+        if truth is None:
+            rows.append(failed_row(case, "float64", f"reference ({device.type})", error))
+            ok = False
+            continue
+        for dtype in (torch.float32, torch.float64):
+            dname = str(dtype).removeprefix("torch.")
+            limit = FLOAT64_LIMIT
+            results = {}
+            if dtype == torch.float32:
+                log(f"accuracy: {case.name} {dname}: reference on {device}")
+                base, error = attempt(case.name, lambda: outputs_and_grads(
+                    reference, case, inputs, cotangents, device, dtype))
+                if base is None:
+                    rows.append(failed_row(case, dname, f"reference ({device.type})", error))
+                    ok = False
+                    continue
+                base = errors(base, truth)
+                limit = max(FLOAT32_FLOOR, FLOAT32_FACTOR * max(e[1] for e in base.values()))
+                rows.append(row(case, dname, f"reference ({device.type})", "reference float64",
+                                base, "baseline"))
+            for name, (ops, dev) in impls.items():
+                log(f"accuracy: {case.name} {dname}: {name}")
+                result, error = attempt(f"{case.name} {name}", lambda: outputs_and_grads(
+                    ops, case, inputs, cotangents, dev, dtype))
+                if result is None:
+                    rows.append(failed_row(case, dname, name, error))
+                    ok = False
+                    continue
+                results[name] = result
+                err = errors(result, truth)
+                passed = all(e[1] <= limit for e in err.values())
+                ok &= passed
+                rows.append(row(case, dname, name, "reference float64", err,
+                                f"{'ok' if passed else 'FAILED'} (<= {limit:.1e})"))
+            if len(results) == 2:  # the two fused implementations against each other
+                (a, ra), (b, rb) = results.items()
+                rows.append(row(case, dname, a, b, errors(ra, rb), "(summation order)"))
+    return rows, ok
+
+
+def failed_row(case, dtype, impl, error):
+    return [case.name, case.sizes(), dtype, impl, "", "-", "-", "-", "-", "", f"FAILED: {error}"]
+
+
+def row(case, dtype, impl, against, err, status):
+    fmt = "{:.2e}".format
+    return [case.name, case.sizes(), dtype, impl, against, fmt(err["fwd"][0]), fmt(err["fwd"][1]),
+            fmt(err["grad"][0]), fmt(err["grad"][1]), max(err.values(), key=lambda e: e[1])[2],
+            status]
+
+
+ACCURACY_HEADERS = ["case", "sizes", "dtype", "impl", "against", "fwd max abs", "fwd max rel",
+                    "grad max abs", "grad max rel", "worst tensor", "status"]
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Speed
+
+
+def median_ms(fn, device, repeats):
+    fn()  # warm-up
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_mb(fn, device):
+    """Peak device memory of one call above what was allocated before it (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    sync(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+def copy_bandwidth_gbs(device, mb, repeats=10):
+    """Device memory bandwidth in GB/s (1e9 B/s): a copy of `mb` MB reads and writes it once."""
+    src = torch.rand(mb * 2**20 // 4, device=device)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device, repeats)
+    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+
+
+def timed(call, leaves, device, repeats):
+    """{"fwd": ms, "fwdbwd": ms, "peak_mb": MB of forward+backward} of call(leaves)."""
+    given = [v for v in leaves.values() if v is not None]
+
+    def fwd():
+        with torch.no_grad():
+            call(leaves)
+
+    def fwdbwd():
+        outs = call(leaves)
+        torch.autograd.grad(sum(o.sum() for o in outs if o is not None), given)
+
+    return dict(fwd=median_ms(fwd, device, repeats), fwdbwd=median_ms(fwdbwd, device, repeats),
+                peak_mb=peak_mb(fwdbwd, device))
+
+
+def speed(cases, stack, fused_ops, device, repeats, bandwidth):
+    """Rows of the speed table, and of the issue's targets (CUDA, full sizes); float32."""
+    rows, target_rows = [], []
+    for case in cases:
+        inputs, _ = make_inputs(case)
+        leaves = to_leaves(inputs, device, torch.float32)
+        trace_bytes = case.T * case.B * case.N ** 2 * 4
+        floor = {m: p * trace_bytes / (bandwidth * 1e9) * 1e3 for m, p in FLOOR_PASSES.items()}
+        res = {}
+        for impl, ops in (("fused", fused_ops), ("eager", reference)):
+            log(f"speed: {case.name} {impl}")
+            op = sequence_op(ops, case)
+            res[impl] = attempt(f"{case.name} {impl}", lambda: timed(
+                lambda kw: op(**kw, rule=RULE, clip=CLIP), leaves, device, repeats))
+        del leaves
+        (f, f_error), (e, e_error) = res["fused"], res["eager"]
+        floor_cell = f"{floor['fwd']:.3g} / {floor['fwdbwd']:.3g}"
+        rows.append([case.name, case.sizes(), "fused", *ms_cells(f, f_error),
+                     ratio_cells(e, f), ratio_cells(f, floor), floor_cell])
+        rows.append([case.name, case.sizes(), "eager", *ms_cells(e, e_error), "", "", floor_cell])
+        if (case.B, case.N, case.T) == (6, 1149, 70) and device.type == "cuda" and f and e:
+            x_floor, x_eager = f["fwdbwd"] / floor["fwdbwd"], e["fwdbwd"] / f["fwdbwd"]
+            target_rows += [
+                [case.name, f"fused fwd+bwd <= {PTB_TARGETS['floor']:g}x the HBM floor",
+                 f"{x_floor:.2f}x", met(x_floor <= PTB_TARGETS["floor"])],
+                [case.name, f"fused fwd+bwd >= {PTB_TARGETS['speedup']:g}x faster than eager",
+                 f"{x_eager:.1f}x", met(x_eager >= PTB_TARGETS["speedup"])]]
+    log("speed: PTB stack, fused")
+    r, error = attempt("stack", lambda: stack_run(stack, fused_ops, device, repeats))
+    name = f"stack B={stack['B']} T={stack['T']} widths={'-'.join(map(str, stack['widths']))}"
+    rows.append(["ptb-stack", name, "fused", *ms_cells(r, error), "", "", ""])
+    if device.type == "cuda" and r:
+        total = torch.cuda.get_device_properties(device).total_memory / 2**20
+        target_rows.append(["ptb-stack", "fused fwd+bwd fits in GPU memory with room to spare "
+                            "(peak < half)", f"peak {r['peak_mb'] / 2**10:.1f} of "
+                            f"{total / 2**10:.0f} GiB", met(r["peak_mb"] < 0.5 * total)])
+    return rows, target_rows
+
+
+def stack_run(cfg, ops, device, repeats):
+    """Times the plastic LSTM stack (each layer with its input projection i2g)."""
+    gen = torch.Generator().manual_seed(1)
+
+    def leaf(*shape, scale):
+        return (scale * torch.randn(shape, generator=gen)).to(device).requires_grad_()
+
+    B, T, widths = cfg["B"], cfg["T"], cfg["widths"]
+    layers = []
+    for P, N in zip(widths[:-1], widths[1:]):
+        s = 1 / math.sqrt(N)
+        layers.append(dict(
+            i2g_weight=leaf(4 * N, P, scale=1 / math.sqrt(P)), i2g_bias=leaf(4 * N, scale=0.1),
+            h=leaf(B, N, scale=0.5), c=leaf(B, N, scale=0.5), hebb=leaf(B, N, N, scale=0.5),
+            h2g_weight=leaf(3 * N, N, scale=s), h2g_bias=leaf(3 * N, scale=0.1),
+            w=leaf(N, N, scale=s), alpha=leaf(N, scale=s), h2mod_weight=leaf(1, N, scale=s),
+            h2mod_bias=leaf(1, scale=0.1), fanout_weight=leaf(N, 1, scale=0.5),
+            fanout_bias=leaf(N, scale=0.1)))
+    leaves = {f"{i}.{k}": v for i, layer in enumerate(layers) for k, v in layer.items()}
+    leaves["x"] = leaf(T, B, widths[0], scale=1.0)
+
+    def call(_):
+        x, outs = leaves["x"], []
+        for p in layers:
+            kw = {k: v for k, v in p.items() if not k.startswith("i2g")}
+            out = ops.plastic_lstm_sequence(F.linear(x, p["i2g_weight"], p["i2g_bias"]), **kw,
+                                            elig=None, eta=None, elig_rate=None, rule=RULE,
+                                            clip=CLIP)
+            x = out[0]
+            outs += [o for o in out[1:] if o is not None]
+        return [x, *outs]
+
+    return timed(call, leaves, device, repeats)
+
+
+def ms_cells(r, error):
+    if r is None:
+        return [f"FAILED: {error}", "", ""]
+    mb = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
+    return [f"{r['fwd']:.3g}", f"{r['fwdbwd']:.3g}", mb]
+
+
+def ratio_cells(num, den):
+    if not num or not den:
+        return ""
+    return f"{num['fwd'] / den['fwd']:.2f}x / {num['fwdbwd'] / den['fwdbwd']:.2f}x"
+
+
+def met(ok):
+    return "met" if ok else "NOT met"
+
+
+SPEED_HEADERS = ["case", "sizes", "impl", "fwd ms", "fwd+bwd ms", "peak MB fwd+bwd",
+                 "speedup vs eager fwd / fwd+bwd", "x floor fwd / fwd+bwd",
+                 "floor ms fwd / fwd+bwd"]
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. and 4.: the test suite and the benchmarks, in subprocesses on this same package
+
+
+def run_logged(cmd, cwd):
+    """Runs cmd with this package first on the path, echoing its output to stderr; returns
+    (exit status, last output line)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(PACKAGE_PARENT), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    log(f"$ {' '.join(map(str, cmd))}")
+    last = ""
+    with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True) as proc:
+        for line in proc.stdout:
+            print(line, end="", file=sys.stderr, flush=True)
+            last = line.strip() or last
+    return proc.returncode, last
+
+
+def run_tests(k):
+    tests = PACKAGE_PARENT / "python_tests"
+    if not tests.is_dir():
+        return True, "skipped: not a source checkout (no python_tests next to the package)"
+    # From inside python_tests, so that the checkout root is not on the path ahead of
+    # PACKAGE_PARENT (they are the same folder when this package is the checkout's).
+    rc, last = run_logged([sys.executable, "-m", "pytest", str(tests), "-q", "-k", k], tests)
+    return rc == 0, f"{'passed' if rc == 0 else f'FAILED (exit {rc})'}: {last}"
+
+
+def run_benchmarks(device, quick):
+    out = PACKAGE_PARENT / "benchmarks" / "results" / (device.type + ("-quick" if quick else ""))
+    lines = []
+    for name in ("bench_rnn.py", "bench_lstm.py"):
+        script = PACKAGE_PARENT / "benchmarks" / name
+        if not script.is_file():
+            lines.append(f"- {name}: skipped (no {script})")
+            continue
+        rc, _ = run_logged([sys.executable, str(script), "--device", device.type, "--out", str(out),
+                            *(["--quick"] if quick else [])], PACKAGE_PARENT)
+        lines.append(f"- {name}: exit {rc}; results in {out}")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver
+
+
+def markdown(headers, rows):
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def has_kernels(namespace, dispatch_key):
+    return torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"{namespace}::plastic_rnn_sequence", dispatch_key)
+
+
+def describe(device):
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        return (f"{p.name} (sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, "
+                f"{p.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}")
+    return f"CPU, {torch.get_num_threads()} threads"
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                   help="cpu: the CPU and emulated CUDA kernels (a check of this script)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes")
+    p.add_argument("--require-gpu", action="store_true", help="exit 2 when no GPU is visible")
+    p.add_argument("--benchmarks", action="store_true", help="also run the benchmark scripts")
+    p.add_argument("--no-tests", action="store_true", help="skip the test suite")
+    # The tests on the GPU have "cuda" in their ids; those of the CPU emulator, which every CPU
+    # machine runs already, "emulated_cuda" or test_cuda_emulation.
+    p.add_argument("--pytest-k", default="cuda and not emulat",
+                   help="tests to run (pytest -k expression; default: %(default)r)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
+    return p.parse_args()
+
+
+def main():
+    args = parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(f"backpropamine_cuda selftest: no CUDA device visible to torch {torch.__version__} "
+              f"(CUDA build: {torch.version.cuda or 'no'}); nothing to verify. On a machine with "
+              "a GPU, install with a CUDA torch and nvcc and run this again; `--device cpu "
+              "--quick` checks this script on the CPU.")
+        return 2 if args.require_gpu else 0
+    device = torch.device(args.device)
+    how = _extension.load()
+    key = "CUDA" if device.type == "cuda" else "CPU"
+    if not has_kernels("backpropamine", key):
+        print(f"backpropamine_cuda selftest: the extension ({how}, from "
+              f"{Path(bp.__file__).parent}) has no {key} kernels. Reinstall with a CUDA build of "
+              "torch and nvcc on PATH or CUDA_HOME (README, Install).")
+        return 1
+    started = time.time()
+    cases, stack = (QUICK_CASES, QUICK_STACK) if args.quick else (CASES, STACK)
+    ok, report = True, []
+
+    if args.no_tests:
+        tests = "skipped (--no-tests)"
+    else:
+        passed, tests = run_tests(args.pytest_k)
+        ok &= passed
+
+    if device.type == "cuda":
+        impls = {"fused cuda": (bp.fused, device), "fused cpu": (bp.fused, torch.device("cpu"))}
+    else:
+        impls = {"fused cpu": (bp.fused, device)}
+        if hasattr(bp.fused, "emulated_cuda") and has_kernels("backpropamine_emulated", "CPU"):
+            impls["emulated cuda"] = (bp.fused.emulated_cuda, device)
+    acc_rows, acc_ok = accuracy(cases, impls, device)
+    ok &= acc_ok
+
+    bandwidth = copy_bandwidth_gbs(device, 64 if args.quick else 1024)
+    speed_rows, target_rows = speed(cases, stack, bp.fused, device, args.repeats, bandwidth)
+
+    report += [f"## backpropamine_cuda selftest ({'quick' if args.quick else 'full'} sizes)", "",
+               f"{describe(device)}; torch {torch.__version__}; extension {how} from "
+               f"{Path(bp.__file__).parent}; measured copy bandwidth {bandwidth:.0f} GB/s.", "",
+               f"Tests (pytest -k '{args.pytest_k}'): {tests}", "",
+               "### Accuracy", "", markdown(ACCURACY_HEADERS, acc_rows), "",
+               "Errors against the eager reference in float64 on the same inputs; rel = max |a - "
+               "e| / max |e| per tensor, the worst tensor named. Loss: sum of every output times a "
+               "fixed random tensor; gradients of every input. The float32 limit is "
+               f"{FLOAT32_FACTOR:g}x the float32 reference's error (at least {FLOAT32_FLOOR:g}).",
+               "", "### Speed (float32)", "", markdown(SPEED_HEADERS, speed_rows), "",
+               f"Median of {args.repeats} runs after a warm-up; fwd under no_grad, fwd+bwd = loss "
+               "sum of the outputs and autograd.grad to every input. Floor = trace bytes / "
+               f"measured copy bandwidth, with {FLOOR_PASSES['fwd']} (fwd) and "
+               f"{FLOOR_PASSES['fwdbwd']} (fwd+bwd) passes over the B x N x N trace per step."]
+    if target_rows:
+        report += ["", markdown(["case", "target (issue 4)", "measured", "status"], target_rows)]
+    if args.benchmarks:
+        report += ["", "### Benchmarks", "", *run_benchmarks(device, args.quick)]
+    report += ["", f"Selftest {'PASSED' if ok else 'FAILED'} in {time.time() - started:.0f} s."]
+    print("\n".join(report))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
