@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from backpropamine_cuda import reference
-from helpers import (RULE_CONFIG, RULES, TOL, assert_results_close, lstm_inputs, rnn_inputs,
-                     run_forward_backward, upcast)
+from helpers import (RULE_CONFIG, RULES, TOL, assert_results_close, assert_results_equal,
+                     lstm_inputs, rnn_inputs, run_forward_backward, upcast)
 
 CLIP = 0.5
 KERNEL_THREADS = 128  # columns per block in csrc/cuda/trace_kernels.h (kThreads)
@@ -65,3 +65,29 @@ def test_emulator_checks_bounds(fused_cpu):
     with pytest.raises(IndexError, match="bp kernel emulator: memory index 12 out of bounds "
                        "for size 12"):
         column_sums(src, 4, 4)  # one row past the end
+
+
+@pytest.fixture
+def reverse_thread_order(fused_cpu):
+    torch.ops.backpropamine_emulated.emulator_reverse_thread_order(True)
+    yield
+    torch.ops.backpropamine_emulated.emulator_reverse_thread_order(False)
+
+
+def _race_cases():
+    rnn = [("rnn", *RULE_CONFIG[r], r) for r in RULES]
+    return rnn + [("lstm", "full", "fanout3", "retroactive"), ("lstm", "neuron", "none_full", "clip")]
+
+
+@pytest.mark.parametrize("kind,alpha,modulation,rule", _race_cases())
+def test_kernels_do_not_depend_on_thread_order(emulated, kind, alpha, modulation, rule,
+                                               request):
+    """Threads of a phase run in reverse order give the same bits: no thread reads, within a
+    phase, what another one writes in it (a race on a GPU)."""
+    make = rnn_inputs if kind == "rnn" else lstm_inputs
+    op = getattr(emulated, f"plastic_{kind}_sequence")
+    inputs = make(alpha, modulation, rule, T=3, B=9, N=KERNEL_THREADS + 3, seed=22)
+    in_order = run_forward_backward(op, inputs, rule=rule, clip=CLIP, checkpoint_every=2)
+    request.getfixturevalue("reverse_thread_order")
+    reversed_order = run_forward_backward(op, inputs, rule=rule, clip=CLIP, checkpoint_every=2)
+    assert_results_equal(in_order, reversed_order)

@@ -33,11 +33,16 @@ at::Tensor emulator_column_sums(const at::Tensor& src, int64_t rows, int64_t col
   return dst;
 }
 
+// Runs the threads of each phase in reverse order from now on (or again in order): results that
+// change are a race between threads of one phase.
+void emulator_reverse_thread_order(bool reverse) { bp::kern::reverse_thread_order() = reverse; }
+
 }  // namespace
 
 TORCH_LIBRARY(backpropamine_emulated, m) {
   bp::define_ops(m);
   m.def("emulator_column_sums(Tensor src, int rows, int cols) -> Tensor");
+  m.def("emulator_reverse_thread_order(bool reverse) -> ()", &emulator_reverse_thread_order);
 }
 
 TORCH_LIBRARY_IMPL(backpropamine_emulated, CPU, m) {
