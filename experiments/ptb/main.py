@@ -1,0 +1,562 @@
+"""Word-level language modelling on Penn Treebank with plastic LSTMs (Backpropamine, Miconi et al.
+ICLR 2019) on the fused ops of backpropamine_cuda: awd-lstm-lm's training (Merity et al. 2018) as
+Backpropamine's fork ran it, with its command lines unchanged, and the paper's small model
+(Table 1) behind --preset small. See experiments/ptb/README.md.
+
+    python main.py --batch_size 6 --data data/penn --dropouti 0.4 --dropouth 0.25 --epoch 500 \
+        --save PTB.pt --wdrop 0 --model PLASTICLSTM --modultype modplasth2mod --modulout fanout \
+        --nhid 1149 --alphatype perneuron --asgdtime 125 --agdiv 1149
+    python main.py --data data/penn --preset small --variant retroactive
+    torchrun --nproc_per_node 2 main.py ...        # data parallel, each process its own streams
+"""
+import argparse
+import csv
+import math
+import os
+import random
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from data import Corpus, batchify, get_batch
+from model import LanguageModel, count_parameters, detach_state
+
+EVAL_BATCH_SIZE, TEST_BATCH_SIZE = 10, 1  # as awd-lstm-lm
+LOG_FIELDS = ("epoch", "train_ppl", "valid_ppl", "lr", "seconds", "tokens_per_s")
+# What a checkpoint taken at the end of an epoch relies on to resume exactly.
+HIDDEN_STATE_POLICY = ("hidden states and traces reset at the start of every training epoch and "
+                       "evaluation, carried detached across BPTT segments")
+# Options a resumed run must share with the run that wrote the checkpoint.
+RESUME_MUST_MATCH = ("model", "emsize", "nhid", "nlayers", "tied", "modultype", "modulout",
+                     "alphatype", "etatype", "cliptype", "clipval", "preset", "variant",
+                     "batch_size", "bptt", "seed")
+
+# The paper's small model (Table 1): defaults of --preset small, and its four variants, each a
+# set of the model flags. Every variant gets the hidden size (embedding = hidden) that brings it
+# closest to SMALL_TARGET_PARAMS parameters on the Penn Treebank vocabulary.
+SMALL_PRESET = dict(
+    emsize=None, nhid=None, nlayers=2, tied=False, init_range=0.1, dropout=0.0, dropouth=0.0,
+    dropouti=0.0, dropoute=0.0, wdrop=0.0, alpha=0.0, beta=0.0, batch_size=20, bptt=20,
+    variable_bptt=False, lr=1.0, clip=5.0, epochs=13, wdecay=1e-5, lr_decay=0.33,
+    lr_decay_start=5, asgdtime=-1)
+SMALL_VARIANTS = {
+    "baseline": dict(model="MYLSTM"),
+    "plastic": dict(model="PLASTICLSTM", modultype="none", modulout="none", alphatype="full",
+                    etatype="full", cliptype="clip"),
+    "simple": dict(model="PLASTICLSTM", modultype="modplasth2mod", modulout="single",
+                   alphatype="full", cliptype="clip"),
+    "retroactive": dict(model="PLASTICLSTM", modultype="modplasth2mod", modulout="single",
+                        alphatype="full", cliptype="retroactive"),
+}
+SMALL_TARGET_PARAMS, PTB_VOCABULARY = 4_800_000, 10_000
+ALPHA_SHAPES = {"full": "full", "perneuron": "neuron", "single": "scalar"}
+
+
+def make_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = p.add_argument
+    add("--data", default="data/penn", help="folder with train.txt, valid.txt, test.txt")
+    add("--preset", choices=("large", "small"), default="large",
+        help="large: awd-lstm-lm defaults; small: the paper's Table 1 model (see README)")
+    add("--variant", choices=tuple(SMALL_VARIANTS),
+        help="--preset small only: which Table 1 model (default baseline); sets the model flags")
+    # model
+    add("--model", choices=("PLASTICLSTM", "MYLSTM"), default="PLASTICLSTM",
+        help="MYLSTM: the non-plastic LSTM baseline")
+    add("--modultype", choices=("none", "modplasth2mod", "modplastc2mod"),
+        default="modplasth2mod",
+        help="none: learned plasticity rate eta; modplasth2mod / modplastc2mod: neuromodulation "
+             "computed from h_t / c_t")
+    add("--modulout", choices=("none", "single", "fanout"), default="fanout",
+        help="single: one rate per sample; fanout: one per post-synaptic neuron")
+    add("--alphatype", choices=tuple(ALPHA_SHAPES), default="perneuron",
+        help="plasticity coefficients: one per connection, per post-synaptic neuron, or one")
+    add("--etatype", choices=("scalar", "full"), default="scalar",
+        help="shape of the learned eta with --modultype none")
+    add("--cliptype", choices=("clip", "decay", "retroactive"), default="clip",
+        help="plasticity rule (retroactive: eligibility traces, needs neuromodulation)")
+    add("--clipval", type=float, default=2.0, help="bound of the Hebbian traces")
+    add("--emsize", type=int, default=400, help="embedding size (small preset: = nhid)")
+    add("--nhid", type=int, default=1150,
+        help="units per layer (small preset: the variant's matched size)")
+    add("--nlayers", type=int, default=3)
+    add("--tied", action=argparse.BooleanOptionalAction, default=True,
+        help="decoder weight = embedding table")
+    add("--init-range", type=float, default=0.0,
+        help="> 0: all but plastic parameters uniform in +-this; 0: awd-lstm-lm's init")
+    add("--dropout", type=float, default=0.4, help="locked dropout on the last layer's output")
+    add("--dropouth", type=float, default=0.3, help="locked dropout between layers")
+    add("--dropouti", type=float, default=0.65, help="locked dropout on the embeddings")
+    add("--dropoute", type=float, default=0.1, help="dropout of whole word embeddings")
+    add("--wdrop", type=float, default=0.5, help="DropConnect on the recurrent weights")
+    add("--impl", choices=("fused", "reference"), default="fused",
+        help="plastic LSTM implementation: fused kernels or the pure-PyTorch reference")
+    # training
+    add("--lr", type=float, default=30.0)
+    add("--clip", type=float, default=0.25, help="gradient norm clip (0: none)")
+    add("--epochs", type=int, default=8000)
+    add("--batch_size", type=int, default=80, help="training streams, over all processes")
+    add("--bptt", type=int, default=70, help="truncated backpropagation length")
+    add("--variable-bptt", action=argparse.BooleanOptionalAction, default=True,
+        help="awd-lstm-lm's random BPTT lengths, the learning rate scaled by length / bptt")
+    add("--alpha", type=float, default=2.0, help="activation regularisation (AR) weight")
+    add("--beta", type=float, default=1.0, help="temporal activation regularisation (TAR)")
+    add("--wdecay", type=float, default=1.2e-6, help="L2 penalty (SGD weight decay)")
+    add("--lr-decay", type=float, default=1.0, help="learning rate factor per epoch ...")
+    add("--lr-decay-start", type=int, default=1, help="... from this epoch on")
+    add("--asgdtime", type=int, default=0,
+        help="> 0: switch to averaged SGD at the end of epoch asgdtime + 1; 0: when validation "
+             "stops improving (--nonmono); < 0: never")
+    add("--nonmono", type=int, default=5, help="epochs of the non-monotone ASGD trigger")
+    add("--agdiv", type=float, default=1.0,
+        help="divide the gradients of alpha by this with --alphatype perneuron or single")
+    add("--seed", type=int, default=1111)
+    # running
+    add("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    add("--save", default="PTB.pt", help="best model (by validation); the last checkpoint goes "
+                                         "to <save stem>.checkpoint.pt")
+    add("--log", help="CSV of the epochs (default <save stem>.csv), plotted to the same name .png")
+    add("--resume", action="store_true", help="continue from the last checkpoint")
+    add("--max-batches", type=int, default=0,
+        help="> 0: end every epoch and evaluation after this many batches (quick runs)")
+    add("--time-limit", type=float, default=0.0,
+        help="> 0: stop training after this many seconds; --resume continues from the last "
+             "completed epoch")
+    return p
+
+
+def parse_args(argv=None):
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if args.preset == "small":  # the preset's defaults; flags given explicitly still win
+        parser.set_defaults(**SMALL_PRESET, **SMALL_VARIANTS[args.variant or "baseline"])
+        args = parser.parse_args(argv)
+        args.variant = args.variant or "baseline"
+        if args.nhid is None:
+            args.nhid = small_hidden_sizes(args)[args.variant][0]
+    elif args.variant:
+        parser.error("--variant needs --preset small")
+    if args.emsize is None:
+        args.emsize = args.nhid
+    if args.model == "PLASTICLSTM":
+        if (args.modultype == "none") != (args.modulout == "none"):
+            parser.error(f"--modultype {args.modultype} with --modulout {args.modulout}: "
+                         "neuromodulation needs both set (modulout single or fanout) or both none")
+        if args.cliptype == "retroactive" and args.modultype == "none":
+            parser.error("--cliptype retroactive needs neuromodulation (--modultype "
+                         "modplasth2mod or modplastc2mod)")
+    for name in ("emsize", "nhid", "nlayers", "batch_size", "bptt", "epochs", "nonmono"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.agdiv <= 0:
+        parser.error(f"--agdiv must be > 0, got {args.agdiv}")
+    return args
+
+
+def layer_options(args):
+    """bp.PlasticLSTM options of the Backpropamine flags."""
+    if args.model == "MYLSTM":
+        return dict(plastic=False, impl=args.impl)
+    modulation = {"none": "none", "single": "simple", "fanout": "fanout"}[args.modulout]
+    return dict(alpha=ALPHA_SHAPES[args.alphatype], modulation=modulation,
+                modulator_input="c" if args.modultype == "modplastc2mod" else "h",
+                rule=args.cliptype, clip=args.clipval, eta_shape=args.etatype, impl=args.impl)
+
+
+def build_model(args, ntokens, shard=(0, 1)):
+    return LanguageModel(ntokens, args.emsize, args.nhid, args.nlayers, layer_options(args),
+                         tied=args.tied, dropout=args.dropout, dropouth=args.dropouth,
+                         dropouti=args.dropouti, dropoute=args.dropoute, wdrop=args.wdrop,
+                         init_range=args.init_range, shard=shard)
+
+
+def small_hidden_sizes(args):
+    """{variant: (hidden size, parameters)}: for each small variant the size (embedding = hidden)
+    whose parameter count on the PTB vocabulary is closest to SMALL_TARGET_PARAMS."""
+    def count(variant, n):
+        options = argparse.Namespace(**{**vars(args), **SMALL_VARIANTS[variant],
+                                        "nhid": n, "emsize": n})
+        with torch.device("meta"):  # shapes only, no memory
+            return count_parameters(build_model(options, PTB_VOCABULARY))
+
+    sizes = {}
+    for variant in SMALL_VARIANTS:
+        low, high = 1, 4096  # the count grows with n: bisect for the first n at or above target
+        while low < high:
+            mid = (low + high) // 2
+            low, high = (mid + 1, high) if count(variant, mid) < SMALL_TARGET_PARAMS else (low, mid)
+        sizes[variant] = min(((n, count(variant, n)) for n in (low - 1, low)),
+                             key=lambda nc: abs(nc[1] - SMALL_TARGET_PARAMS))
+    return sizes
+
+
+# ----------------------------------------------------------------------------------------------
+# Training and evaluation
+
+
+def bptt_length(args):
+    """Length of the next training segment: awd-lstm-lm's variable BPTT (bptt, or bptt / 2 with
+    probability 0.05, normal jitter of sd 5, at least 5 and at most bptt + 10)."""
+    if not args.variable_bptt:
+        return args.bptt
+    bptt = args.bptt if np.random.random() < 0.95 else args.bptt / 2
+    return min(max(5, int(np.random.normal(bptt, 5))), args.bptt + 10)
+
+
+def epoch_lr(args, epoch):
+    return args.lr * args.lr_decay ** max(0, epoch - args.lr_decay_start + 1)
+
+
+def divided_alphas(model, args):
+    """The alphas whose gradients --agdiv divides: per-neuron or single ones, whose gradients
+    sum over the N (or N * N) connections each coefficient serves (Backpropamine: agdiv N)."""
+    if args.model == "MYLSTM" or args.alphatype == "full":
+        return []
+    return [rnn.alpha for rnn in model.rnns]
+
+
+def train_step(model, optimizer, data, targets, hidden, args, alphas):
+    """One optimiser step on a BPTT segment (data (T, B) -> targets (T * B)); returns the
+    cross-entropy before the penalties (detached) and the new hidden state."""
+    optimizer.zero_grad()
+    logits, hidden, raw, dropped = model(data, hidden)
+    raw_loss = F.cross_entropy(logits, targets)
+    loss = raw_loss
+    if args.alpha:  # AR: large activations, after the output dropout
+        loss = loss + args.alpha * dropped.pow(2).mean()
+    if args.beta and raw.size(0) > 1:  # TAR: fast changes (undefined on a 1-step segment)
+        loss = loss + args.beta * (raw[1:] - raw[:-1]).pow(2).mean()
+    loss.backward()
+    for alpha in alphas:
+        alpha.grad /= args.agdiv
+    if args.clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+    optimizer.step()
+    return raw_loss.detach(), hidden
+
+
+def time_is_up(deadline, world, device):
+    """Whether --time-limit has passed; every process takes the same decision."""
+    if deadline is None:
+        return False
+    up = torch.tensor(float(time.time() > deadline), device=device)
+    if world > 1:
+        dist.all_reduce(up, op=dist.ReduceOp.MAX)
+    return bool(up)
+
+
+def train_epoch(model, module, optimizer, train_data, lr, args, deadline, world, show):
+    """One pass over this process's streams from fresh hidden states. Returns (summed
+    cross-entropy, tokens) of this process, and False when --time-limit cut the epoch short."""
+    module.train()
+    alphas = divided_alphas(module, args)
+    hidden = [None] * len(module.rnns)
+    loss_sum = torch.zeros((), device=train_data.device)
+    tokens = batches = i = 0
+    complete = True
+    bar = tqdm(total=train_data.size(0) - 1, unit="tok", unit_scale=args.batch_size,
+               desc="train", disable=not show, leave=False)
+    while i < train_data.size(0) - 2:
+        seq_len = bptt_length(args)
+        for group in optimizer.param_groups:  # a short segment makes a small step
+            group["lr"] = lr * seq_len / args.bptt
+        data, targets = get_batch(train_data, i, seq_len)
+        raw_loss, hidden = train_step(model, optimizer, data, targets, detach_state(hidden),
+                                      args, alphas)
+        loss_sum += raw_loss * targets.numel()
+        tokens += targets.numel()
+        i, batches = i + seq_len, batches + 1
+        bar.update(data.size(0))
+        if batches % 10 == 1:
+            bar.set_postfix(ppl=f"{math.exp(loss_sum.item() / tokens):.1f}")
+        if batches == args.max_batches:
+            break
+        if time_is_up(deadline, world, train_data.device):
+            complete = False
+            break
+    bar.close()
+    return loss_sum, tokens, complete
+
+
+@torch.no_grad()
+def evaluate(model, source, args, show, desc):
+    """Mean cross-entropy per token over the streams of `source`, from fresh hidden states."""
+    model.eval()
+    hidden = [None] * len(model.rnns)
+    loss_sum, tokens = 0.0, 0
+    starts = range(0, source.size(0) - 1, args.bptt)[:args.max_batches or None]
+    for i in tqdm(starts, desc=desc, disable=not show, leave=False):
+        data, targets = get_batch(source, i, args.bptt)
+        logits, hidden, _, _ = model(data, hidden)
+        loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
+        tokens += targets.numel()
+    return loss_sum / tokens
+
+
+@contextmanager
+def averaged_weights(model, optimizer):
+    """Inside: the model has ASGD's averaged weights (none before ASGD has made a step)."""
+    if not isinstance(optimizer, torch.optim.ASGD) or not optimizer.state:
+        yield
+        return
+    params = list(model.parameters())
+    current = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p in params:
+            p.copy_(optimizer.state[p]["ax"])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, saved in zip(params, current):
+                p.copy_(saved)
+
+
+def averaging_starts(args, epoch, valid_loss, history):
+    """Whether to switch to averaged SGD after this epoch: at the end of epoch asgdtime + 1, or
+    with asgdtime 0 by Merity's non-monotone trigger: the validation loss is worse than the best
+    of the epochs before the last `nonmono` (`history`: the earlier epochs' losses)."""
+    if args.asgdtime != 0:
+        return 0 < args.asgdtime < epoch
+    return len(history) > args.nonmono and valid_loss > min(history[:-args.nonmono])
+
+
+def averaged_sgd(model, args):
+    # As awd-lstm-lm: averaging from the first step on, no decay. torch's ASGD applies the rate
+    # it stored at the previous step, so the BPTT length scaling lags by one step (as there).
+    return torch.optim.ASGD(model.parameters(), lr=args.lr, t0=0, lambd=0.0,
+                            weight_decay=args.wdecay)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints, log, plot
+
+
+def atomic_save(obj, path):
+    """Write to a temporary file, then rename: an interrupted save leaves the old file intact."""
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_states():
+    """Python's, NumPy's (its key array as a tensor: weights_only loading accepts tensors, not
+    arrays), torch's and CUDA's random generator states."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return dict(python=random.getstate(), torch=torch.get_rng_state(),
+                numpy=(kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def set_rng_states(states):
+    random.setstate(states["python"])
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def output_paths(args):
+    save = Path(args.save)
+    log = Path(args.log) if args.log else save.with_suffix(".csv")
+    return dict(save=save, checkpoint=save.with_name(save.stem + ".checkpoint.pt"), log=log,
+                plot=log.with_suffix(".png"))
+
+
+def load_checkpoint(path, args, model):
+    """Restores the model and the RNG states from `path`; returns the checkpoint."""
+    if not path.is_file():
+        raise SystemExit(f"--resume: no checkpoint at {path} (it is written at the end of every "
+                         "epoch, next to --save)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)  # RNG states stay on the CPU
+    differ = [f"--{k} {ckpt['args'][k]} there, {getattr(args, k)} here"
+              for k in RESUME_MUST_MATCH if ckpt["args"][k] != getattr(args, k)]
+    if differ:
+        raise SystemExit(f"--resume: {path} was written with other options: {'; '.join(differ)}")
+    if ckpt["hidden_state_policy"] != HIDDEN_STATE_POLICY:
+        raise SystemExit(f"--resume: {path} assumes another hidden-state policy: "
+                         f"{ckpt['hidden_state_policy']!r}")
+    model.load_state_dict(ckpt["model"])
+    set_rng_states(ckpt["rng"])
+    return ckpt
+
+
+def start_log(path, up_to_epoch):
+    """(Re)writes the CSV log with its rows up to `up_to_epoch` (those of a resumed run)."""
+    rows = []
+    if up_to_epoch and path.is_file():
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= up_to_epoch]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def log_epoch(paths, row):
+    with open(paths["log"], "a", newline="") as f:
+        csv.DictWriter(f, fieldnames=LOG_FIELDS).writerow(row)
+    with open(paths["log"], newline="") as f:
+        rows = list(csv.DictReader(f))
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    epochs = [int(r["epoch"]) for r in rows]
+    for key, label in (("train_ppl", "train"), ("valid_ppl", "valid")):
+        ax.plot(epochs, [float(r[key]) for r in rows], marker=".", label=label)
+    ax.set(xlabel="epoch", ylabel="perplexity", yscale="log", title=paths["log"].stem)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    for set_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+        set_formatter(matplotlib.ticker.LogFormatter(labelOnlyBase=False))  # 20, not 2x10^1
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(paths["plot"], dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def init_distributed(args):
+    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) joins the process group:
+    nccl on GPUs (one per local rank), gloo on CPUs."""
+    device = torch.device(args.device if args.device != "auto" else
+                          "cuda" if torch.cuda.is_available() else "cpu")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = init_distributed(args)
+    try:
+        return run(args, rank, world, device)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def run(args, rank, world, device):
+    show = rank == 0
+
+    def say(*text):
+        if show:
+            print(*text, flush=True)
+
+    if args.batch_size % world:
+        raise SystemExit(f"--batch_size {args.batch_size} must be divisible by the number of "
+                         f"processes, {world}: each process trains on an equal slice of streams")
+    say("args:", " ".join(f"{k}={v}" for k, v in vars(args).items()))
+    if args.preset == "small":
+        say("small preset: hidden size matched to", f"{SMALL_TARGET_PARAMS:,}", "parameters:",
+            ", ".join(f"{v} {n} ({c:,})" for v, (n, c) in small_hidden_sizes(args).items()))
+    # The same seed everywhere: every process draws the same BPTT lengths and dropout masks.
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    try:
+        corpus = Corpus(args.data)
+    except FileNotFoundError as err:
+        raise SystemExit(str(err))
+    streams = args.batch_size // world
+    train_data = batchify(corpus.train, args.batch_size)[:, rank * streams:(rank + 1) * streams]
+    train_data = train_data.to(device)
+    valid_data = batchify(corpus.valid, EVAL_BATCH_SIZE).to(device)
+    test_data = batchify(corpus.test, TEST_BATCH_SIZE).to(device)
+
+    model = build_model(args, len(corpus), shard=(rank, world)).to(device)
+    say(f"vocabulary {len(corpus):,}, train {corpus.train.numel():,}, valid "
+        f"{corpus.valid.numel():,}, test {corpus.test.numel():,} tokens; "
+        f"{count_parameters(model):,} parameters; {world} process(es) on {device}")
+    trained = model if world == 1 else DistributedDataParallel(
+        model, device_ids=[device] if device.type == "cuda" else None)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, weight_decay=args.wdecay)
+    paths = output_paths(args)
+    first_epoch, best_valid, valid_history = 1, math.inf, []
+    if args.resume:
+        ckpt = load_checkpoint(paths["checkpoint"], args, model)
+        if ckpt["asgd"]:
+            optimizer = averaged_sgd(model, args)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        first_epoch, best_valid = ckpt["epoch"] + 1, ckpt["best_valid"]
+        valid_history = ckpt["valid_history"]
+        say(f"resumed from {paths['checkpoint']} after epoch {ckpt['epoch']}")
+    if show:
+        start_log(paths["log"], first_epoch - 1)
+
+    deadline = time.time() + args.time_limit if args.time_limit else None
+    for epoch in range(first_epoch, args.epochs + 1):
+        start = time.time()
+        lr = epoch_lr(args, epoch)
+        loss_sum, tokens, complete = train_epoch(trained, model, optimizer, train_data, lr, args,
+                                                 deadline, world, show)
+        if not complete:
+            say(f"time limit: stopped during epoch {epoch}; --resume restarts it from the "
+                f"checkpoint of epoch {epoch - 1}")
+            break
+        train_seconds = time.time() - start
+        totals = torch.tensor([loss_sum.item(), tokens], dtype=torch.float64, device=device)
+        if world > 1:
+            dist.all_reduce(totals)
+        with averaged_weights(model, optimizer):
+            valid_loss = evaluate(model, valid_data, args, show, "valid")
+            if valid_loss < best_valid:
+                best_valid = valid_loss
+                if show:
+                    atomic_save(dict(model=model.state_dict(), args=vars(args)), paths["save"])
+        averaging = isinstance(optimizer, torch.optim.ASGD)
+        switch = not averaging and averaging_starts(args, epoch, valid_loss, valid_history)
+        if not averaging:
+            valid_history.append(valid_loss)
+        loss_total, token_total = totals.tolist()
+        row = dict(epoch=epoch, train_ppl=math.exp(loss_total / token_total),
+                   valid_ppl=math.exp(valid_loss), lr=lr, seconds=time.time() - start,
+                   tokens_per_s=token_total / train_seconds)
+        say(f"| epoch {epoch:3d} | {row['seconds']:6.0f} s | {row['tokens_per_s']:7.0f} tok/s | "
+            f"lr {lr:.3g} | train ppl {row['train_ppl']:8.2f} | valid ppl {row['valid_ppl']:8.2f}"
+            + (" (averaged weights)" if averaging else ""))
+        if switch:
+            say("switching to averaged SGD")
+            optimizer = averaged_sgd(model, args)
+        if show:
+            atomic_save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                             asgd=isinstance(optimizer, torch.optim.ASGD), epoch=epoch,
+                             best_valid=best_valid, valid_history=valid_history, rng=rng_states(),
+                             args=vars(args), hidden_state_policy=HIDDEN_STATE_POLICY),
+                        paths["checkpoint"])
+            log_epoch(paths, row)
+        if time_is_up(deadline, world, device):
+            break
+
+    if not show:  # the test runs in one process
+        return None
+    if best_valid < math.inf:
+        model.load_state_dict(torch.load(paths["save"], map_location=device,
+                                         weights_only=True)["model"])
+        which = f"best model ({paths['save']})"
+    else:
+        which = "last weights (no epoch completed)"
+    test_loss = evaluate(model, test_data, args, show, "test")
+    say(f"| end of training | test ppl {math.exp(test_loss):8.2f} | {which}")
+    return dict(test_ppl=math.exp(test_loss), best_valid_ppl=math.exp(best_valid))
+
+
+if __name__ == "__main__":
+    main()

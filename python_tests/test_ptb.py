@@ -1,0 +1,256 @@
+"""The Penn Treebank experiment (experiments/ptb): model sizes, training end to end on a tiny
+synthetic corpus for every model type and preset, the Backpropamine README's command lines,
+exact resume, evaluation at batch size 1, data parallelism on 2 processes, the real corpus when
+BACKPROPAMINE_DATA is set, and the benchmark's smoke test."""
+import csv
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import subprocess_env
+
+ROOT = Path(__file__).resolve().parent.parent
+PTB = ROOT / "experiments" / "ptb"
+if not PTB.is_dir():
+    pytest.skip("experiments/ is not next to the tests", allow_module_level=True)
+sys.path.insert(0, str(PTB))
+import data as ptb_data  # noqa: E402
+import main as ptb_main  # noqa: E402
+
+# Backpropamine's awd-lstm README commands (the third: the non-plastic baseline), with the data
+# path replaced by the tiny corpus.
+ORIGINAL_COMMANDS = {
+    "plastic-fanout": "--batch_size 6 --data DATA --dropouti 0.4 --dropouth 0.25 --epoch 500 "
+                      "--save PTB.pt --wdrop 0 --model PLASTICLSTM --modultype modplasth2mod "
+                      "--modulout fanout --nhid 1149 --alphatype perneuron --asgdtime 125 "
+                      "--agdiv 1149",
+    "plastic-none": "--batch_size 6 --data DATA --dropouti 0.4 --dropouth 0.25 --epoch 500 "
+                    "--save PTB.pt --wdrop 0 --model PLASTICLSTM --modultype none --modulout none "
+                    "--nhid 1149 --alphatype perneuron --asgdtime 125 --agdiv 1149",
+    "lstm": "--batch_size 6 --data DATA --dropouti 0.4 --dropouth 0.25 --epoch 500 --save PTB.pt "
+            "--wdrop 0 --model MYLSTM --modultype modplasth2mod --modulout fanout --nhid 1150 "
+            "--alphatype full --asgdtime 125 --agdiv 1150",
+}
+# Their parameter counts on the PTB vocabulary. The plastic model's is the original's; "none"
+# has a learned eta per layer instead of h2mod and fanout; the baseline has 7N gate biases per
+# layer where the original has 8N (see bp.PlasticLSTM): 24,221,600 - (1150 + 1150 + 400).
+ORIGINAL_PARAMETERS = {"plastic-fanout": 24_198_893, "plastic-none": 24_190_799,
+                       "lstm": 24_218_900}
+TINY = ["--emsize", "16", "--nhid", "24", "--batch_size", "4", "--bptt", "10"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A tiny corpus: sentences from a Markov chain in which each of 20 words has 2 successors
+    (a model that learns it reaches a perplexity near 2; the unigram perplexity is near 18)."""
+    folder = tmp_path_factory.mktemp("tiny_corpus")
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(20)]
+    successors = {w: rng.sample(words, 2) for w in words}
+    for split, lines in (("train", 500), ("valid", 60), ("test", 60)):
+        with open(folder / f"{split}.txt", "w") as f:
+            for _ in range(lines):
+                sentence = [rng.choice(words)]
+                for _ in range(rng.randint(4, 10)):
+                    sentence.append(rng.choice(successors[sentence[-1]]))
+                f.write(" " + " ".join(sentence) + " \n")
+    return folder
+
+
+def run(corpus, out, *flags):
+    """main.py on the tiny corpus, outputs in `out`; returns its result and its CSV rows."""
+    result = ptb_main.main(["--data", str(corpus), "--save", str(out / "m.pt"), *flags])
+    with open(out / "m.csv") as f:
+        return result, list(csv.DictReader(f))
+
+
+def command(name, corpus):
+    return ORIGINAL_COMMANDS[name].replace("DATA", str(corpus)).split()
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes
+
+
+@pytest.mark.parametrize("name", list(ORIGINAL_COMMANDS))
+def test_original_commands_parameter_counts(name):
+    args = ptb_main.parse_args(command(name, "unused"))
+    with torch.device("meta"):
+        model = ptb_main.build_model(args, ptb_main.PTB_VOCABULARY)
+    assert ptb_main.count_parameters(model) == ORIGINAL_PARAMETERS[name]
+
+
+def test_small_preset_variants_have_matched_sizes():
+    args = ptb_main.parse_args(["--preset", "small"])
+    sizes = ptb_main.small_hidden_sizes(args)
+    assert set(sizes) == {"baseline", "plastic", "simple", "retroactive"}
+    for variant, (hidden, params) in sizes.items():
+        assert 190 <= hidden <= 215, variant
+        assert abs(params / 4.8e6 - 1) < 0.005, (variant, params)
+    assert args.nhid == args.emsize == sizes["baseline"][0]
+    retro = ptb_main.parse_args(["--preset", "small", "--variant", "retroactive"])
+    assert (retro.nhid, retro.cliptype, retro.modulout, retro.alphatype) == (
+        sizes["retroactive"][0], "retroactive", "single", "full")
+    with torch.device("meta"):
+        model = ptb_main.build_model(retro, ptb_main.PTB_VOCABULARY)
+    assert ptb_main.count_parameters(model) == sizes["retroactive"][1]
+    assert model.rnns[0].rule == "retroactive" and model.decoder.weight is not model.encoder.weight
+
+
+def test_flags_are_checked(corpus, tmp_path):
+    with pytest.raises(SystemExit):
+        ptb_main.parse_args(["--modultype", "none", "--modulout", "fanout"])
+    with pytest.raises(SystemExit):
+        ptb_main.parse_args(["--variant", "simple"])  # needs --preset small
+    with pytest.raises(SystemExit, match=r"nowhere.*train\.txt.*getdata\.sh"):
+        ptb_main.main(["--data", str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit, match="--batch_size 4 must be divisible .* 3"):
+        ptb_main.run(ptb_main.parse_args(["--data", str(corpus), *TINY]), 0, 3, "cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training end to end
+
+
+@pytest.mark.parametrize("flags", [
+    [],  # Backpropamine's large model: fanout from h, alpha per neuron, with DropConnect
+    ["--modultype", "modplastc2mod", "--modulout", "single", "--cliptype", "decay",
+     "--alphatype", "single", "--impl", "reference"],
+    ["--modultype", "none", "--modulout", "none"],
+    ["--model", "MYLSTM"],
+    ["--preset", "small", "--variant", "baseline"],
+    ["--preset", "small", "--variant", "plastic"],
+    ["--preset", "small", "--variant", "simple"],
+    ["--preset", "small", "--variant", "retroactive"],
+], ids=["fanout-h", "single-c-decay-reference", "none", "lstm", "small-baseline", "small-plastic",
+        "small-simple", "small-retroactive"])
+def test_training_lowers_the_loss(corpus, tmp_path, flags):
+    result, rows = run(corpus, tmp_path, *TINY, "--lr", "2", "--epochs", "3",
+                       "--max-batches", "15", *flags)
+    train = [float(r["train_ppl"]) for r in rows]
+    valid = [float(r["valid_ppl"]) for r in rows]
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert train[-1] < train[0] and valid[-1] < valid[0], rows
+    assert valid[-1] < 21  # below the vocabulary size, the perplexity of a uniform guess
+    assert math.isfinite(result["test_ppl"]) and result["best_valid_ppl"] == min(valid)
+    assert all(float(r["tokens_per_s"]) > 0 for r in rows)
+    for name in ("m.pt", "m.checkpoint.pt", "m.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+@pytest.mark.parametrize("name", list(ORIGINAL_COMMANDS))
+def test_original_commands_run(corpus, tmp_path, monkeypatch, capsys, name):
+    monkeypatch.chdir(tmp_path)  # the commands write PTB.pt
+    result = ptb_main.main(command(name, corpus) + ["--max-batches", "2", "--epochs", "1"])
+    assert math.isfinite(result["test_ppl"])
+    assert (tmp_path / "PTB.pt").is_file() and (tmp_path / "PTB.csv").is_file()
+    assert "parameters" in capsys.readouterr().out
+
+
+def test_resume_continues_exactly(corpus, tmp_path):
+    # Dropout, DropConnect and variable BPTT draw random numbers; the switch to averaged SGD at
+    # the end of epoch 2 makes the resumed epoch depend on the averages in the checkpoint.
+    flags = [*TINY, "--lr", "2", "--asgdtime", "1", "--max-batches", "6"]
+    whole, interrupted = tmp_path / "whole", tmp_path / "interrupted"
+    whole.mkdir(), interrupted.mkdir()
+    _, rows = run(corpus, whole, *flags, "--epochs", "4")
+    run(corpus, interrupted, *flags, "--epochs", "3")
+    _, resumed_rows = run(corpus, interrupted, *flags, "--epochs", "4", "--resume")
+    results = ("epoch", "train_ppl", "valid_ppl", "lr")  # all but the timings
+    assert [[r[k] for k in results] for r in resumed_rows] == [[r[k] for k in results]
+                                                               for r in rows]
+    a, b = (torch.load(d / "m.checkpoint.pt", weights_only=True) for d in (whole, interrupted))
+    assert a["asgd"] and b["asgd"] and a["epoch"] == b["epoch"] == 4
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    for state_a, state_b in zip(a["optimizer"]["state"].values(),
+                                b["optimizer"]["state"].values()):
+        assert torch.equal(state_a["ax"], state_b["ax"])
+
+
+def test_batch_size_one_uses_a_rate_per_neuron(corpus):
+    """At B = 1 the fanout still gives every post-synaptic neuron its own plasticity rate (the
+    original code lost it at batch size 1), and each stream is computed as in a larger batch."""
+    args = ptb_main.parse_args(["--data", str(corpus), *TINY])
+    model = ptb_main.build_model(args, 21).eval()
+    with torch.no_grad():
+        for rnn in model.rnns:  # plastic terms large enough to matter (alpha starts < 1e-4)
+            rnn.alpha.normal_()
+        words = torch.randint(0, 21, (12, 2))
+        logits_pair, *_ = model(words, [None] * 3)
+        logits_single, *_ = model(words[:, :1], [None] * 3)
+        torch.testing.assert_close(logits_single, logits_pair.view(12, 2, -1)[:, 0])
+        x = torch.randn(12, 1, args.emsize)
+        _, _, m = model.rnns[0](x, return_modulation=True)
+        eta = model.rnns[0].fanout(m)  # (T, 1, N): the rate of each post-synaptic neuron
+    assert eta.shape == (12, 1, args.nhid)
+    assert (eta.std(dim=-1) > 0.1).all()
+
+
+def test_two_processes_match_one(corpus, tmp_path):
+    """torchrun with 2 CPU processes (gloo), each on half of the streams, trains as 1 process."""
+    flags = [*TINY, "--lr", "2", "--epochs", "1", "--max-batches", "5"]
+    single, double = tmp_path / "single", tmp_path / "double"
+    single.mkdir(), double.mkdir()
+    _, rows = run(corpus, single, *flags)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(PTB / "main.py"), "--data", str(corpus), "--save", str(double / "m.pt"), *flags],
+        capture_output=True, text=True, timeout=300, env=subprocess_env(OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout
+    with open(double / "m.csv") as f:
+        ddp_rows = list(csv.DictReader(f))
+    for key in ("train_ppl", "valid_ppl"):
+        assert float(ddp_rows[0][key]) == pytest.approx(float(rows[0][key]), rel=1e-5)
+    a, b = (torch.load(d / "m.checkpoint.pt", weights_only=True)["model"]
+            for d in (single, double))
+    for key, value in a.items():
+        torch.testing.assert_close(b[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def test_batchify_and_get_batch():
+    streams = ptb_data.batchify(torch.arange(11), 2)  # the 11th token does not fill a row
+    assert streams.tolist() == [[0, 5], [1, 6], [2, 7], [3, 8], [4, 9]]
+    inputs, targets = ptb_data.get_batch(streams, 3, 70)  # shortened at the end
+    assert inputs.tolist() == [[3, 8]] and targets.tolist() == [4, 9]
+
+
+def test_penn_treebank_corpus():
+    root = os.environ.get("BACKPROPAMINE_DATA")
+    if not root or not (Path(root) / "penn").is_dir():
+        pytest.skip("set BACKPROPAMINE_DATA to a folder with penn/{train,valid,test}.txt")
+    corpus = ptb_data.Corpus(Path(root) / "penn")
+    assert (corpus.train.numel(), corpus.valid.numel(), corpus.test.numel()) == (
+        929_589, 73_760, 82_430)
+    assert len(corpus) == 10_000 and corpus.words.count("<eos>") == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark
+
+
+def test_bench_ptb_quick(tmp_path):
+    pytest.importorskip("matplotlib")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_ptb.py"), "--quick", "--cases",
+         "b6-t70", "--repeats", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=subprocess_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(tmp_path / "bench_ptb.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["impl"] for r in rows} == {"fused", "reference"}
+    assert all(float(r["tokens_per_s"]) > 0 and float(r["peak_mb"]) > 0 for r in rows)
+    assert all(int(r["max_batch"]) >= 1 for r in rows)  # a tiny model's step fits in 16 MB
+    assert "fused tokens/s >= 3x reference" in proc.stdout
+    assert (tmp_path / "bench_ptb.png").stat().st_size > 0
