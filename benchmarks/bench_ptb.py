@@ -21,7 +21,6 @@ The reference keeps about 4 traces (B, N, N) per step and layer for autograd (be
 ~19 GB at B=6, T=70. A measurement whose estimate exceeds 70 % of the memory available is
 skipped, with the reason in the table; B=6, T=35 is there to compare where the reference fits.
 """
-import argparse
 import json
 import os
 import sys
@@ -223,28 +222,14 @@ def plot(records, path):
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cases", default=",".join(CASES), help=f"comma list of {list(CASES)}")
-    p.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {list(IMPLS)}")
-    p.add_argument("--repeats", type=int, default=3, help="timed training steps (median)")
-    p.add_argument("--budget", type=float, default=60.0,
-                   help="stop repeating once the timed steps took this many seconds (>= 1 step)")
+    p = common.benchmark_parser(__doc__, CASES, IMPLS, repeats=3, budget=60.0)
     p.add_argument("--budget-mb", type=float, default=8192.0,
                    help="memory budget of the largest-batch search (quick: 16)")
     p.add_argument("--max-batch", type=int, default=1024, help="search no further (quick: 16)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--out", default=str(HERE / "results"), help="folder for CSV/JSON/PNG")
-    p.add_argument("--quick", action="store_true", help="tiny model: a smoke test in seconds")
-    p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: JSON spec of one measurement
     args = p.parse_args()
     if args.quick:
         args.budget_mb, args.max_batch = min(args.budget_mb, 16.0), min(args.max_batch, 16)
-    for name, choices in (("cases", CASES), ("impls", IMPLS)):
-        unknown = set(getattr(args, name).split(",")) - set(choices)
-        if unknown:
-            p.error(f"--{name}: unknown {sorted(unknown)}; choose from {list(choices)}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device visible to torch")
+    common.check_selection(p, args, CASES, IMPLS)
     return args
 
 

@@ -564,22 +564,41 @@ def plot(records, path, impls):
 # Driver
 
 
-def parse_args(doc, cases, impls):
+def benchmark_parser(doc, cases, impls, *, repeats, budget):
+    """The command line every benchmark script shares: what to run, how often, where to write."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--cases", default=",".join(cases), help=f"comma list of {list(cases)}")
     p.add_argument("--impls", default=",".join(impls), help=f"comma list of {list(impls)}")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
-    p.add_argument("--budget", type=float, default=20.0,
+    p.add_argument("--repeats", type=int, default=repeats, help="timed runs per measurement (median)")
+    p.add_argument("--budget", type=float, default=budget,
                    help="stop repeating a measurement once its runs took this long (>= 1 run)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"),
+                   help="folder for CSV/JSON/PNG")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in seconds")
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: JSON spec of one measurement
+    return p
+
+
+def check_selection(parser, args, cases, impls):
+    """Exits with a usage error for an unknown case or implementation, or a missing GPU."""
+    for name, choices in (("cases", cases), ("impls", impls)):
+        unknown = set(getattr(args, name).split(",")) - set(choices) - {""}
+        if unknown:
+            parser.error(f"--{name}: unknown {sorted(unknown)}; choose from {list(choices)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device visible to torch")
+
+
+def parse_args(doc, cases, impls):
+    p = benchmark_parser(doc, cases, impls, repeats=5, budget=20.0)
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--bw-mb", type=int, default=1024,
                    help="MB per array of the bandwidth measurement (well above the LLC)")
-    p.add_argument("--out", default="benchmarks/results", help="folder for CSV/JSON/PNG")
-    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in seconds")
-    p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: JSON spec of one measurement
-    return p.parse_args()
+    args = p.parse_args()
+    check_selection(p, args, cases, impls)
+    return args
 
 
 def describe(cfg):
@@ -609,14 +628,6 @@ def run_benchmark(name, doc, script, *, cases, quick_cases, impls, targets, setu
     sizes = quick_cases if args.quick else cases
     case_names = [c for c in args.cases.split(",") if c]
     impl_names = [i for i in args.impls.split(",") if i]
-    for case in case_names:
-        if case not in sizes:
-            sys.exit(f"unknown case {case!r}; choose from {list(sizes)}")
-    for impl in impl_names:
-        if impl not in impls:
-            sys.exit(f"unknown implementation {impl!r}; choose from {list(impls)}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: no CUDA device visible to torch")
     itemsize = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
 
     start = time.time()

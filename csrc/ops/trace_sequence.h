@@ -18,7 +18,6 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
-#include <vector>
 
 #include "../checks.h"
 #include "../ops.h"
@@ -26,19 +25,17 @@
 
 namespace bp {
 
-// The plastic parameters, as tensors and as the pointers the passes and per-step loops read.
+// The plastic parameters, as tensors and as the pointers and constants the passes read.
 template <typename T>
 struct PlasticParams {
   const PlasticInputs& in;
-  const T *w, *alpha, *h2mod_w, *fanout_w;
+  const T *w, *alpha;
   RuleConsts<T> consts;
 
   PlasticParams(const PlasticConfig& c, const PlasticInputs& in)
       : in(in),
         w(in.w.data_ptr<T>()),
         alpha(in.alpha.data_ptr<T>()),
-        h2mod_w(in.h2mod_weight.has_value() ? in.h2mod_weight->data_ptr<T>() : nullptr),
-        fanout_w(in.fanout_weight.has_value() ? in.fanout_weight->data_ptr<T>() : nullptr),
         consts{static_cast<T>(c.clip),
                in.elig_rate.has_value() ? in.elig_rate->item<T>() : T(0)} {}
 };
