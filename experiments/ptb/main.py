@@ -44,8 +44,8 @@ RESUME_MUST_MATCH = ("model", "emsize", "nhid", "nlayers", "tied", "modultype", 
 SMALL_PRESET = dict(
     emsize=None, nhid=None, nlayers=2, tied=False, init_range=0.1, dropout=0.0, dropouth=0.0,
     dropouti=0.0, dropoute=0.0, wdrop=0.0, alpha=0.0, beta=0.0, batch_size=20, bptt=20,
-    variable_bptt=False, lr=1.0, clip=5.0, epochs=13, wdecay=1e-5, lr_decay=0.33,
-    lr_decay_start=5, asgdtime=-1)
+    variable_bptt=False, loss="time-sum", lr=1.0, clip=5.0, epochs=13, wdecay=1e-5, lr_decay=0.4,
+    lr_decay_start=6, asgdtime=-1)
 SMALL_VARIANTS = {
     "baseline": dict(model="MYLSTM"),
     "plastic": dict(model="PLASTICLSTM", modultype="none", modulout="none", alphatype="full",
@@ -101,6 +101,11 @@ def make_parser():
         help="plastic LSTM implementation: fused kernels or the pure-PyTorch reference")
     # training
     add("--lr", type=float, default=30.0)
+    add("--loss", choices=("mean", "time-sum"), default="mean",
+        help="what the gradient step sees: the cross-entropy averaged over the segment's tokens "
+             "(awd-lstm-lm), or summed over its time steps and averaged over the streams "
+             "(Zaremba et al. 2014, for whom lr 1 and clip 5 were tuned); perplexities are per "
+             "token either way")
     add("--clip", type=float, default=0.25, help="gradient norm clip (0: none)")
     add("--epochs", type=int, default=8000)
     add("--batch_size", type=int, default=80, help="training streams, over all processes")
@@ -234,6 +239,8 @@ def train_step(model, optimizer, data, targets, hidden, args, alphas):
         loss = loss + args.alpha * dropped.pow(2).mean()
     if args.beta and raw.size(0) > 1:  # TAR: fast changes (undefined on a 1-step segment)
         loss = loss + args.beta * (raw[1:] - raw[:-1]).pow(2).mean()
+    if args.loss == "time-sum":
+        loss = loss * data.size(0)
     loss.backward()
     for alpha in alphas:
         alpha.grad /= args.agdiv
