@@ -10,7 +10,6 @@ Backpropamine's fork ran it, with its command lines unchanged, and the paper's s
     torchrun --nproc_per_node 2 main.py ...        # data parallel, each process its own streams
 """
 import argparse
-import csv
 import math
 import os
 import random
@@ -25,6 +24,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from backpropamine_cuda.training import (append_csv, atomic_save, rng_states, set_rng_states,
+                                          start_csv)
 from data import Corpus, batchify, get_batch
 from model import LanguageModel, count_parameters, detach_state
 
@@ -347,31 +348,6 @@ def averaged_sgd(model, args):
 # Checkpoints, log, plot
 
 
-def atomic_save(obj, path):
-    """Write to a temporary file, then rename: an interrupted save leaves the old file intact."""
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def rng_states():
-    """Python's, NumPy's (its key array as a tensor: weights_only loading accepts tensors, not
-    arrays), torch's and CUDA's random generator states."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return dict(python=random.getstate(), torch=torch.get_rng_state(),
-                numpy=(kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-
-
-def set_rng_states(states):
-    random.setstate(states["python"])
-    torch.set_rng_state(states["torch"])
-    kind, keys, pos, has_gauss, gauss = states["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    if states["cuda"]:
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
 def output_paths(args):
     save = Path(args.save)
     log = Path(args.log) if args.log else save.with_suffix(".csv")
@@ -397,23 +373,8 @@ def load_checkpoint(path, args, model):
     return ckpt
 
 
-def start_log(path, up_to_epoch):
-    """(Re)writes the CSV log with its rows up to `up_to_epoch` (those of a resumed run)."""
-    rows = []
-    if up_to_epoch and path.is_file():
-        with open(path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= up_to_epoch]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def log_epoch(paths, row):
-    with open(paths["log"], "a", newline="") as f:
-        csv.DictWriter(f, fieldnames=LOG_FIELDS).writerow(row)
-    with open(paths["log"], newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = append_csv(paths["log"], LOG_FIELDS, [row])
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -505,8 +466,8 @@ def run(args, rank, world, device):
         first_epoch, best_valid = ckpt["epoch"] + 1, ckpt["best_valid"]
         valid_history = ckpt["valid_history"]
         say(f"resumed from {paths['checkpoint']} after epoch {ckpt['epoch']}")
-    if show:
-        start_log(paths["log"], first_epoch - 1)
+    if show:  # a resumed run keeps the rows of the epochs it resumes after
+        start_csv(paths["log"], LOG_FIELDS, keep=lambda row: int(row["epoch"]) < first_epoch)
 
     deadline = time.time() + args.time_limit if args.time_limit else None
     for epoch in range(first_epoch, args.epochs + 1):

@@ -1,0 +1,337 @@
+"""Advantage actor-critic (A2C) as in the Backpropamine and differentiable-plasticity RL tasks,
+and the training loop that the task scripts (maze.py, cue_reward.py) share.
+
+Loss of a batch of episodes of length T, as the papers: with Monte-Carlo returns
+R_t = r_t + gamma * R_{t+1},
+
+    loss = mean over episodes of  1/T * sum_t [ -log pi(a_t) * (R_t - V_t)      (policy, V_t detached)
+                                                + value_coef * (R_t - V_t)^2      (critic)
+                                                + entropy_coef * sum_a pi(a)^2 ]  (entropy term)
+
+--legacy-baseline reproduces the original code, which used batch element 0's value V_t as every
+element's baseline.
+
+Why it is fast: acting needs no gradient, so an episode is first played with the fused op one
+step at a time under no_grad, recording the observations; the environment's dynamics depend only
+on the recorded actions, so replaying the observations through the sequence op in one call gives
+the same logits and values with gradients (`rollout` + `Agent.forward`). The papers' way, a
+per-step loop that builds the autograd graph while acting (`play(..., grad=True)`), is what
+--impl reference runs and what the tests compare the replay with.
+"""
+import argparse
+import csv
+import math
+import time
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from agents import MODULATED, Agent, count_parameters, matched_size
+from backpropamine_cuda.training import (append_csv, atomic_save, rng_states, set_rng_states,
+                                         start_csv)
+
+LOG_FIELDS = ("iteration", "episodes", "reward", "loss", "seconds")
+
+
+class Episode(NamedTuple):
+    """A batch of episodes: observations (T, B, obs_size), actions and rewards (T, B); logits
+    (T, B, A), values (T, B) and modulation (T, B, K) as computed while acting (with gradients
+    when played with grad=True)."""
+    observations: torch.Tensor
+    actions: torch.Tensor
+    rewards: torch.Tensor
+    logits: torch.Tensor
+    values: torch.Tensor
+    modulation: Optional[torch.Tensor]
+
+
+def play(agent, env, grad=False):
+    """One episode of every sample of `env`, actions sampled from the agent's policy."""
+    observations, actions, rewards, logits, values, modulation = [], [], [], [], [], []
+    obs, state = env.reset(), None
+    with torch.set_grad_enabled(grad):
+        for _ in range(env.episode_length):
+            logit, value, state, m = agent.step(obs, state)
+            action = torch.multinomial(F.softmax(logit.detach(), -1), 1).squeeze(1)
+            observations.append(obs)
+            actions.append(action)
+            logits.append(logit)
+            values.append(value)
+            modulation.append(m)
+            obs, reward = env.step(action)
+            rewards.append(reward)
+    return Episode(torch.stack(observations), torch.stack(actions), torch.stack(rewards),
+                   torch.stack(logits), torch.stack(values),
+                   None if modulation[0] is None else torch.stack(modulation))
+
+
+def rollout_and_replay(agent, env):
+    """`play` without gradients, then the recorded observations through the sequence op: the
+    same episode as play(grad=True), its logits and values with gradients."""
+    episode = play(agent, env, grad=False)
+    logits, values, modulation = agent(episode.observations)
+    return episode._replace(logits=logits, values=values, modulation=modulation)
+
+
+def returns(rewards, gamma):
+    """Monte-Carlo returns R_t = r_t + gamma * R_{t+1} of rewards (T, B), R_T = 0."""
+    out = torch.empty_like(rewards)
+    running = torch.zeros_like(rewards[0])
+    for t in range(rewards.size(0) - 1, -1, -1):
+        running = rewards[t] + gamma * running
+        out[t] = running
+    return out
+
+
+def a2c_loss(episode, gamma, value_coef, entropy_coef, legacy_baseline=False):
+    """The papers' A2C loss of a batch of episodes (see the module docstring)."""
+    R = returns(episode.rewards.to(episode.values.dtype), gamma)
+    values = episode.values
+    if legacy_baseline:  # the original code's bug: one baseline for the whole batch
+        values = values[:, :1].expand_as(values)
+    advantage = R - values
+    log_probs = F.log_softmax(episode.logits, -1)
+    chosen = log_probs.gather(-1, episode.actions.unsqueeze(-1)).squeeze(-1)
+    per_step = (-chosen * advantage.detach() + value_coef * advantage.pow(2)
+                + entropy_coef * log_probs.exp().pow(2).sum(-1))
+    return per_step.sum(0).mean() / episode.rewards.size(0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line and training loop shared by the task scripts
+
+
+def make_parser(description, types, presets):
+    """The flags every task shares. `types`: the task's network types; `presets`: {name: flag
+    defaults}, the first one the default preset."""
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = p.add_argument
+    add("--preset", choices=tuple(presets), default=next(iter(presets)),
+        help="defaults of the flags below: " + "; ".join(
+            f"{name}: " + ", ".join(f"{k}={v}" for k, v in d.items())
+            for name, d in presets.items()))
+    add("--types", nargs="+", choices=types, default=list(types), help="network types to train")
+    add("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per type and seed")
+    add("--hidden", type=int, default=100,
+        help="neurons of the modulated types; the others get the size that matches their "
+             "parameter count")
+    add("--iterations", type=int, default=1000, help="training iterations (batches of episodes)")
+    add("--batch-size", type=int, default=30, help="episodes per iteration")
+    add("--lr", type=float, default=1e-4, help="Adam learning rate")
+    add("--eps", type=float, default=1e-4, help="Adam epsilon")
+    add("--gamma", type=float, default=0.9, help="discount of the Monte-Carlo returns")
+    add("--value-coef", type=float, default=0.1, help="weight of the critic's squared error")
+    add("--entropy-coef", type=float, default=0.03, help="weight of the sum(p^2) penalty")
+    add("--clip-grad", type=float, default=4.0, help="gradient norm clip (0: none)")
+    add("--legacy-baseline", action="store_true",
+        help="the original code's baseline: batch element 0's value for every element")
+    add("--impl", choices=("fused", "reference"), default="fused",
+        help="fused: roll out without gradients, replay through the fused sequence op; "
+             "reference: the papers' per-step autograd loop on the pure-PyTorch reference")
+    add("--stepwise", action="store_true",
+        help="with --impl fused: build the autograd graph while acting, as the papers' loop")
+    add("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    add("--out", default="runs", help="folder of the CSV logs, checkpoints and plots")
+    add("--log-every", type=int, default=10, help="iterations per CSV row (mean reward)")
+    add("--save-every", type=int, default=100, help="iterations between checkpoints")
+    add("--resume", action="store_true",
+        help="continue every run from its checkpoint in --out (finished runs are skipped)")
+    return p
+
+
+def parse_args(parser, presets, argv=None):
+    """Parses with the chosen preset's defaults (flags given explicitly still win)."""
+    args = parser.parse_args(argv)
+    parser.set_defaults(**presets[args.preset])
+    args = parser.parse_args(argv)
+    for name in ("hidden", "iterations", "batch_size", "log_every", "save_every"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.save_every % args.log_every:  # a checkpoint must not cut a CSV row in two
+        parser.error(f"--save-every must be a multiple of --log-every ({args.log_every}), got "
+                     f"{args.save_every}")
+    return args
+
+
+def hidden_sizes(args, obs_size, n_actions):
+    """{type: hidden size}: the modulated types get --hidden, the others the size with the
+    closest parameter count."""
+    target = count_parameters(Agent(obs_size, n_actions, "simple", args.hidden, impl="reference"))
+    return {t: args.hidden if t in MODULATED else matched_size(t, target, obs_size, n_actions)
+            for t in args.types}
+
+
+def run_name(network_type, seed):
+    return f"{network_type}-seed{seed}"
+
+
+def train_iteration(agent, optimizer, env, args):
+    """One A2C step on a batch of episodes; returns (mean reward per episode, loss)."""
+    if args.stepwise or args.impl == "reference":
+        episode = play(agent, env, grad=True)
+    else:
+        episode = rollout_and_replay(agent, env)
+    loss = a2c_loss(episode, args.gamma, args.value_coef, args.entropy_coef, args.legacy_baseline)
+    optimizer.zero_grad()
+    loss.backward()
+    if args.clip_grad:
+        torch.nn.utils.clip_grad_norm_(agent.parameters(), args.clip_grad)
+    optimizer.step()
+    return episode.rewards.sum(0).mean().item(), loss.item()
+
+
+RESUME_MUST_MATCH = ("preset", "hidden", "batch_size", "lr", "eps", "gamma", "value_coef",
+                     "entropy_coef", "clip_grad", "legacy_baseline")
+
+
+def train_run(args, make_env, network_type, hidden, seed, out):
+    """Trains one agent; returns it. Writes <out>/<type>-seed<k>.csv and .checkpoint.pt."""
+    name = run_name(network_type, seed)
+    log, checkpoint = out / f"{name}.csv", out / f"{name}.checkpoint.pt"
+    torch.manual_seed(seed)
+    generator = torch.Generator(args.device).manual_seed(seed)
+    env = make_env(args, generator)
+    agent = Agent(env.obs_size, env.n_actions, network_type, hidden, impl=args.impl)
+    agent.to(args.device)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.lr, eps=args.eps)
+    done = 0
+    if args.resume and checkpoint.is_file():
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        differ = [f"--{k} {ckpt['args'][k]} there, {getattr(args, k)} here"
+                  for k in RESUME_MUST_MATCH if ckpt["args"][k] != getattr(args, k)]
+        if differ:
+            raise SystemExit(f"--resume: {checkpoint} was written with other options: "
+                             + "; ".join(differ))
+        agent.load_state_dict(ckpt["agent"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        generator.set_state(ckpt["env_generator"])
+        set_rng_states(ckpt["rng"])
+        done = ckpt["iteration"]
+    start_csv(log, LOG_FIELDS, keep=lambda row: int(row["iteration"]) <= done)
+    if done >= args.iterations:
+        return agent
+
+    def save(iteration):
+        atomic_save(dict(agent=agent.state_dict(), optimizer=optimizer.state_dict(),
+                         env_generator=generator.get_state(), rng=rng_states(),
+                         iteration=iteration, args=vars(args), hidden=hidden), checkpoint)
+
+    rewards, losses, start = [], [], time.time()
+    bar = tqdm(range(done + 1, args.iterations + 1), desc=name, initial=done,
+               total=args.iterations, leave=False)
+    for iteration in bar:
+        reward, loss = train_iteration(agent, optimizer, env, args)
+        rewards.append(reward)
+        losses.append(loss)
+        if iteration % args.log_every == 0 or iteration == args.iterations:
+            row = dict(iteration=iteration, episodes=iteration * args.batch_size,
+                       reward=sum(rewards) / len(rewards), loss=sum(losses) / len(losses),
+                       seconds=time.time() - start)
+            append_csv(log, LOG_FIELDS, [row])
+            bar.set_postfix(reward=f"{row['reward']:.2f}")
+            rewards, losses = [], []
+        if iteration % args.save_every == 0 or iteration == args.iterations:
+            save(iteration)
+    bar.close()
+    return agent
+
+
+def main(args, make_env):
+    """Trains every (type, seed) of args, then plots the learning curves (curves.png) and, for
+    each trained type, one episode of its first seed (episode-<type>.png)."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    probe = make_env(args, torch.Generator(args.device).manual_seed(0))
+    sizes = hidden_sizes(args, probe.obs_size, probe.n_actions)
+    print("network sizes (parameters matched):", ", ".join(
+        f"{t} {n} ({count_parameters(Agent(probe.obs_size, probe.n_actions, t, n, 'reference')):,})"
+        for t, n in sizes.items()), flush=True)
+    for network_type in args.types:
+        for seed in args.seeds:
+            agent = train_run(args, make_env, network_type, sizes[network_type], seed, out)
+            if seed == args.seeds[0]:
+                env = make_env(args, torch.Generator(args.device).manual_seed(10_000 + seed))
+                plot_episode(agent, env, out / f"episode-{network_type}.png")
+    plot_curves(out, args.types, args.seeds, out / "curves.png")
+    summary = final_rewards(out, args.types, args.seeds)
+    for network_type, (median, low, high) in summary.items():
+        print(f"{network_type:12s} reward over the last 10% of training: median {median:.2f} "
+              f"(IQR {low:.2f} to {high:.2f})")
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Results: learning curves over seeds
+
+
+def load_curve(path):
+    """(episodes, mean reward per episode) of one run's CSV log."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return ([int(r["episodes"]) for r in rows], [float(r["reward"]) for r in rows])
+
+
+def final_rewards(out, types, seeds, fraction=0.1):
+    """{type: (median, 25th, 75th percentile) over seeds of the mean reward in the last
+    `fraction` of each run's log}."""
+    result = {}
+    for network_type in types:
+        finals = []
+        for seed in seeds:
+            _, reward = load_curve(out / f"{run_name(network_type, seed)}.csv")
+            tail = reward[-max(1, math.ceil(len(reward) * fraction)):]
+            finals.append(sum(tail) / len(tail))
+        q = torch.tensor(finals).quantile(torch.tensor([0.5, 0.25, 0.75])).tolist()
+        result[network_type] = tuple(q)
+    return result
+
+
+def plot_curves(out, types, seeds, path):
+    """Median and inter-quartile range over seeds of the reward per episode against episodes
+    trained, one line per network type (the papers' Figures 1 and 2)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for network_type in types:
+        curves = [load_curve(out / f"{run_name(network_type, seed)}.csv") for seed in seeds]
+        length = min(len(c[0]) for c in curves)
+        episodes = curves[0][0][:length]
+        rewards = torch.tensor([c[1][:length] for c in curves])
+        low, median, high = rewards.quantile(torch.tensor([0.25, 0.5, 0.75]), dim=0)
+        (line,) = ax.plot(episodes, median, label=f"{network_type} ({len(seeds)} seeds)")
+        ax.fill_between(episodes, low, high, color=line.get_color(), alpha=0.2)
+    ax.set(xlabel="episodes", ylabel="reward per episode", title=path.parent.name)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_episode(agent, env, path):
+    """Reward and neuromodulator output over one episode of the first sample (the
+    Backpropamine paper's Figure 3); the modulator panel is left out for unmodulated types."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    episode = play(agent, env)
+    steps = torch.arange(env.episode_length)
+    panels = 2 if episode.modulation is not None else 1
+    fig, axes = plt.subplots(panels, 1, figsize=(8, 2.2 * panels + 0.6), sharex=True,
+                             squeeze=False)
+    axes[0, 0].bar(steps.tolist(), episode.rewards[:, 0].tolist(), color="tab:green")
+    axes[0, 0].set(ylabel="reward", title=f"{agent.network_type}: one episode, sample 0")
+    if episode.modulation is not None:
+        axes[1, 0].plot(steps.tolist(), episode.modulation[:, 0, 0].tolist(), color="tab:purple")
+        axes[1, 0].axhline(0, color="grey", lw=0.5)
+        axes[1, 0].set(ylabel="modulator output")
+    axes[-1, 0].set(xlabel="step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,83 @@
+"""Actor-critic agents of the Backpropamine and differentiable-plasticity RL tasks: one recurrent
+layer (bp.PlasticRNN) read out by a policy (softmax over actions) and a value head.
+
+The network types, as the papers name them:
+
+| type          | layer                                                              | paper            |
+|---------------|--------------------------------------------------------------------|------------------|
+| `rnn`         | non-plastic tanh RNN                                               | both             |
+| `plastic`     | plastic, alpha per connection, learned scalar eta, clip 1          | Backpropamine    |
+| `simple`      | simple neuromodulation (eta = tanh(h2mod(h_t)) per sample), clip 1 | Backpropamine    |
+| `retroactive` | simple neuromodulation of eligibility traces, clip 1               | Backpropamine    |
+| `fanout`      | neuromodulation fanned out per neuron (K = 1), clip 2              | simplemaze       |
+| `oja`         | Oja's rule, learned scalar eta, alpha per connection               | diff. plasticity |
+| `oja-scalar`  | Oja's rule, one alpha for all connections                          | diff. plasticity |
+
+Sizes are matched by parameter count (`matched_size`): in the maze, 100 neurons for the
+modulated types give 139 for the RNN and 100 for `plastic` (the paper used 101).
+"""
+import torch
+from torch import nn
+
+import backpropamine_cuda as bp
+
+NETWORK_TYPES = {
+    "rnn": dict(plastic=False),
+    "plastic": dict(alpha="full", modulation="none", rule="clip", clip=1.0),
+    "simple": dict(alpha="full", modulation="simple", rule="clip", clip=1.0),
+    "retroactive": dict(alpha="full", modulation="simple", rule="retroactive", clip=1.0),
+    "fanout": dict(alpha="full", modulation="fanout", rule="clip", clip=2.0),
+    "oja": dict(alpha="full", modulation="none", rule="oja"),
+    "oja-scalar": dict(alpha="scalar", modulation="none", rule="oja"),
+}
+MODULATED = tuple(t for t, options in NETWORK_TYPES.items()
+                  if options.get("modulation", "none") != "none")
+
+
+class Agent(nn.Module):
+    """Plastic RNN -> (policy logits, value). Steps one observation at a time while acting
+    (`step`), and runs a recorded episode's observations in one call of the fused sequence op
+    for the loss (`forward`): both go through the same layer and parameters."""
+
+    def __init__(self, obs_size, n_actions, network_type, hidden_size, impl="auto"):
+        super().__init__()
+        if network_type not in NETWORK_TYPES:
+            raise ValueError(f"network_type must be one of {tuple(NETWORK_TYPES)}, got "
+                             f"{network_type!r}")
+        self.network_type = network_type
+        self.rnn = bp.PlasticRNN(obs_size, hidden_size, impl=impl, **NETWORK_TYPES[network_type])
+        self.policy = nn.Linear(hidden_size, n_actions)
+        self.value = nn.Linear(hidden_size, 1)
+
+    def _heads(self, h):
+        return self.policy(h), self.value(h).squeeze(-1)
+
+    def step(self, obs, state=None):
+        """obs (B, obs_size) -> logits (B, A), value (B,), the new state, modulation (B, K) or
+        None."""
+        out, state, m = self.rnn(obs.unsqueeze(0).to(self.policy.weight.dtype), state,
+                                 return_modulation=True)
+        return *self._heads(out[0]), state, None if m is None else m[0]
+
+    def forward(self, observations):
+        """observations (T, B, obs_size) of whole episodes from zero state -> logits (T, B, A),
+        values (T, B), modulation (T, B, K) or None."""
+        out, _, m = self.rnn(observations.to(self.policy.weight.dtype), return_modulation=True)
+        return *self._heads(out), m
+
+
+def count_parameters(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def matched_size(network_type, target, obs_size, n_actions):
+    """The hidden size whose agent's parameter count is closest to `target`."""
+    def count(n):
+        with torch.device("meta"):  # shapes only
+            return count_parameters(Agent(obs_size, n_actions, network_type, n, impl="reference"))
+
+    low, high = 1, 4096  # the count grows with n: bisect for the first n at or above target
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (mid + 1, high) if count(mid) < target else (low, mid)
+    return min((n for n in (max(1, low - 1), low)), key=lambda n: abs(count(n) - target))

@@ -1,0 +1,39 @@
+"""Cue-reward association (Backpropamine Task 1): each episode has four new random cues, one of
+them rewarded; in every trial two cues are shown, then a GO signal, at which the agent must answer
+whether the rewarded cue was among them. The association must be learned within the episode, from
+rewards: A2C on plastic RNN agents.
+
+    python experiments/rl/cue_reward.py                 # quick: 4 network types x 3 seeds
+    python experiments/rl/cue_reward.py --preset paper --out runs/cue-paper
+
+See experiments/rl/README.md.
+"""
+import a2c
+from envs import CueReward
+
+TYPES = ("rnn", "plastic", "simple", "retroactive")
+PRESETS = {
+    "quick": dict(hidden=50, iterations=1500, lr=1e-3, out="runs/cue-reward"),
+    "paper": dict(hidden=200, iterations=20_000, lr=1e-4, out="runs/cue-reward-paper"),
+}
+
+
+def make_parser():
+    parser = a2c.make_parser(__doc__.split("\n\n")[0], TYPES, PRESETS)
+    add = parser.add_argument
+    add("--episode-length", type=int, default=120)
+    parser.set_defaults(entropy_coef=0.1, eps=1e-6, clip_grad=2.0)
+    return parser
+
+
+def make_env(args, generator):
+    return CueReward(args.batch_size, episode_length=args.episode_length, device=args.device,
+                     generator=generator)
+
+
+def main(argv=None):
+    return a2c.main(a2c.parse_args(make_parser(), PRESETS, argv), make_env)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""Grid maze (Backpropamine Task 2 and its simplemaze code; differentiable plasticity's maze): an
+agent looks for an invisible reward in a grid maze, is teleported away each time it finds it, and
+must remember where it was to come back fast within the episode. A2C on plastic RNN agents.
+
+    python experiments/rl/maze.py                       # quick: 4 network types x 3 seeds
+    python experiments/rl/maze.py --preset paper --out runs/maze-paper
+    python experiments/rl/maze.py --preset diffplast    # Oja's rule, N = 200 (ICML 2018 maze)
+
+See experiments/rl/README.md.
+"""
+import a2c
+from envs import GridMaze
+
+TYPES = ("rnn", "plastic", "simple", "retroactive", "fanout", "oja", "oja-scalar")
+PRESETS = {
+    "quick": dict(types=["rnn", "plastic", "simple", "retroactive"], size=9, hidden=50,
+                  iterations=1500, lr=1e-3, out="runs/maze"),
+    "paper": dict(types=["rnn", "plastic", "simple", "retroactive"], size=11, hidden=100,
+                  iterations=20_000, lr=1e-4, out="runs/maze-paper"),
+    "simplemaze": dict(types=["fanout", "rnn"], size=11, hidden=100, iterations=20_000, lr=1e-4,
+                       out="runs/simplemaze"),
+    "diffplast": dict(types=["oja", "oja-scalar", "rnn"], size=9, hidden=200, iterations=20_000,
+                      lr=1e-4, out="runs/maze-diffplast"),
+}
+
+
+def make_parser():
+    parser = a2c.make_parser(__doc__.split("\n\n")[0], TYPES, PRESETS)
+    add = parser.add_argument
+    add("--size", type=int, default=11, help="maze side (odd)")
+    add("--rew", type=float, default=10.0, help="reward for reaching the reward cell")
+    add("--wp", type=float, default=0.0, help="penalty for bumping into a wall")
+    add("--episode-length", type=int, default=200)
+    parser.set_defaults(entropy_coef=0.03, eps=1e-4, clip_grad=4.0)
+    return parser
+
+
+def make_env(args, generator):
+    return GridMaze(args.batch_size, size=args.size, reward=args.rew, wall_penalty=args.wp,
+                    episode_length=args.episode_length, device=args.device, generator=generator)
+
+
+def main(argv=None):
+    return a2c.main(a2c.parse_args(make_parser(), PRESETS, argv), make_env)
+
+
+if __name__ == "__main__":
+    main()

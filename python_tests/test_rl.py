@@ -1,0 +1,164 @@
+"""The RL experiments (experiments/rl): A2C's returns and loss, the agents and their matched
+sizes, rollout-then-replay against the papers' per-step autograd loop, one training iteration of
+every network type on both tasks, exact resume, and the scripts end to end with their plots."""
+import csv
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RL = ROOT / "experiments" / "rl"
+if not RL.is_dir():
+    pytest.skip("experiments/ is not next to the tests", allow_module_level=True)
+sys.path.insert(0, str(RL))
+import a2c  # noqa: E402
+import agents  # noqa: E402
+import cue_reward  # noqa: E402
+import envs  # noqa: E402
+import maze  # noqa: E402
+
+TASKS = {"maze": maze, "cue_reward": cue_reward}
+# A small, fast setting of either task's flags.
+TINY = ["--hidden", "12", "--batch-size", "4", "--episode-length", "15", "--log-every", "2",
+        "--save-every", "4"]
+
+
+def task_args(task, *flags):
+    return a2c.parse_args(TASKS[task].make_parser(), TASKS[task].PRESETS, [*TINY, *flags])
+
+
+def make_env(task, args, seed=0):
+    return TASKS[task].make_env(args, torch.Generator().manual_seed(seed))
+
+
+def test_returns_by_hand():
+    rewards = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0]])
+    expected = torch.tensor([[1 + 0.5 * 0 + 0.25 * 3, 0 + 0.5 * 2], [0 + 0.5 * 3, 2.0], [3.0, 0.0]])
+    torch.testing.assert_close(a2c.returns(rewards, 0.5), expected)
+
+
+def test_a2c_loss_by_hand():
+    """One step, two actions: every term of the loss against its formula."""
+    logits = torch.tensor([[[0.0, 1.0], [2.0, 0.0]]])  # (T=1, B=2, A=2)
+    values = torch.tensor([[0.5, -1.0]])
+    episode = a2c.Episode(None, torch.tensor([[1, 0]]), torch.tensor([[2.0, 0.0]]), logits,
+                          values, None)
+    p = logits.softmax(-1)
+    adv = torch.tensor([2.0 - 0.5, 0.0 + 1.0])
+    chosen = torch.stack([p[0, 0, 1], p[0, 1, 0]]).log()
+    expected = (-chosen * adv + 0.1 * adv ** 2 + 0.03 * (p[0] ** 2).sum(-1)).mean()
+    torch.testing.assert_close(a2c.a2c_loss(episode, 0.9, 0.1, 0.03), expected)
+    # the original code's baseline: element 0's value for both
+    adv = torch.tensor([2.0 - 0.5, 0.0 - 0.5])
+    expected = (-chosen * adv + 0.1 * adv ** 2 + 0.03 * (p[0] ** 2).sum(-1)).mean()
+    torch.testing.assert_close(a2c.a2c_loss(episode, 0.9, 0.1, 0.03, legacy_baseline=True),
+                               expected)
+
+
+def test_matched_sizes_of_the_maze():
+    """The Backpropamine maze: 100 modulated neurons match 139 non-plastic ones."""
+    args = task_args("maze", "--hidden", "100", "--types", *maze.TYPES)
+    sizes = a2c.hidden_sizes(args, envs.GridMaze.obs_size, 4)
+    assert sizes["rnn"] == 139 and sizes["simple"] == sizes["retroactive"] == 100
+    target = agents.count_parameters(agents.Agent(16, 4, "simple", 100))
+    for network_type, n in sizes.items():
+        count = agents.count_parameters(agents.Agent(16, 4, network_type, n))
+        assert abs(count - target) / target < 0.02, network_type
+
+
+def test_agent_validation():
+    with pytest.raises(ValueError, match="network_type must be one of"):
+        agents.Agent(16, 4, "hebbian", 10)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_replay_equals_the_per_step_autograd_loop(task):
+    """Rolling out without gradients and replaying through the sequence op gives the loss and
+    the gradients of the papers' loop, which builds the graph while acting."""
+    args = task_args(task, *(["--size", "5", "--wp", "0.1"] if task == "maze" else []))
+    for network_type in ("simple", "retroactive", "plastic"):
+        agent = agents.Agent(make_env(task, args).obs_size, make_env(task, args).n_actions,
+                             network_type, 12).double()
+        with torch.no_grad():
+            agent.rnn.alpha.normal_(0, 0.5)  # plasticity that matters
+            if hasattr(agent.rnn, "h2mod"):
+                agent.rnn.h2mod.bias.fill_(0.5)
+        results = []
+        for run in (a2c.rollout_and_replay, lambda ag, env: a2c.play(ag, env, grad=True)):
+            torch.manual_seed(3)
+            episode = run(agent, make_env(task, args, seed=5))
+            loss = a2c.a2c_loss(episode, 0.9, 0.1, 0.03)
+            agent.zero_grad()
+            loss.backward()
+            results.append((episode, loss, {n: p.grad.clone() for n, p in
+                                            agent.named_parameters()}))
+        (replayed, loss_a, grads_a), (stepped, loss_b, grads_b) = results
+        assert torch.equal(replayed.actions, stepped.actions)
+        assert replayed.rewards.abs().sum() > 0, "no reward: a weak test"
+        torch.testing.assert_close(replayed.logits, stepped.logits, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(loss_a, loss_b, rtol=1e-12, atol=1e-12)
+        for name in grads_a:
+            torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-10, atol=1e-12,
+                                       msg=f"{network_type} {name}")
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("impl", ("fused", "reference"))
+@pytest.mark.parametrize("network_type", maze.TYPES)
+def test_one_iteration_changes_every_parameter(task, impl, network_type):
+    if network_type not in TASKS[task].TYPES:
+        pytest.skip(f"{network_type} is not a {task} type")
+    args = task_args(task, "--impl", impl)
+    env = make_env(task, args)
+    agent = agents.Agent(env.obs_size, env.n_actions, network_type, 12, impl=impl)
+    before = {n: p.clone() for n, p in agent.named_parameters()}
+    optimizer = torch.optim.Adam(agent.parameters(), lr=1e-3)
+    reward, loss = a2c.train_iteration(agent, optimizer, env, args)
+    assert torch.isfinite(torch.tensor([reward, loss])).all()
+    for name, p in agent.named_parameters():
+        assert not torch.equal(p, before[name]), f"{name} did not change"
+
+
+def read_log(path):
+    with open(path, newline="") as f:
+        return [{k: r[k] for k in ("iteration", "episodes", "reward", "loss")}
+                for r in csv.DictReader(f)]
+
+
+def test_resume_continues_exactly(tmp_path):
+    whole, interrupted = tmp_path / "whole", tmp_path / "interrupted"
+    common = ["--types", "retroactive", "--seeds", "1"]
+    maze.main([*TINY, *common, "--iterations", "12", "--out", str(whole)])
+    maze.main([*TINY, *common, "--iterations", "8", "--out", str(interrupted)])
+    maze.main([*TINY, *common, "--iterations", "12", "--out", str(interrupted), "--resume"])
+    name = "retroactive-seed1"
+    assert read_log(whole / f"{name}.csv") == read_log(interrupted / f"{name}.csv")
+    a, b = (torch.load(d / f"{name}.checkpoint.pt", weights_only=True)
+            for d in (whole, interrupted))
+    assert a["iteration"] == b["iteration"] == 12
+    for key, value in a["agent"].items():
+        assert torch.equal(value, b["agent"][key]), key
+    with pytest.raises(SystemExit, match="--lr"):
+        maze.main([*TINY, *common, "--iterations", "14", "--out", str(interrupted), "--resume",
+                   "--lr", "0.5"])
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_script_end_to_end(task, tmp_path):
+    """Two types and two seeds: logs, checkpoints, the learning-curve plot and the episode plots."""
+    summary = TASKS[task].main([*TINY, "--types", "rnn", "retroactive", "--seeds", "0", "1",
+                                "--iterations", "4", "--out", str(tmp_path)])
+    assert set(summary) == {"rnn", "retroactive"}
+    for name in ("curves.png", "episode-rnn.png", "episode-retroactive.png",
+                 "rnn-seed1.csv", "retroactive-seed0.checkpoint.pt"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert len(read_log(tmp_path / "rnn-seed0.csv")) == 2
+
+
+def test_flag_validation():
+    with pytest.raises(SystemExit):
+        task_args("maze", "--save-every", "3")  # not a multiple of --log-every 2
+    with pytest.raises(SystemExit):
+        task_args("cue_reward", "--types", "fanout")  # not a cue-reward type
