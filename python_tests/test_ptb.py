@@ -43,6 +43,8 @@ ORIGINAL_COMMANDS = {
 ORIGINAL_PARAMETERS = {"plastic-fanout": 24_198_893, "plastic-none": 24_190_799,
                        "lstm": 24_218_900}
 TINY = ["--emsize", "16", "--nhid", "24", "--batch_size", "4", "--bptt", "10"]
+# The small preset's loss sums over the 10 steps of a TINY segment: lr 0.2 there is lr 2 here.
+SMALL_LR = ["--lr", "0.2"]
 
 
 @pytest.fixture(scope="module")
@@ -124,10 +126,10 @@ def test_flags_are_checked(corpus, tmp_path):
      "--alphatype", "single", "--impl", "reference"],
     ["--modultype", "none", "--modulout", "none"],
     ["--model", "MYLSTM"],
-    ["--preset", "small", "--variant", "baseline"],
-    ["--preset", "small", "--variant", "plastic"],
-    ["--preset", "small", "--variant", "simple"],
-    ["--preset", "small", "--variant", "retroactive"],
+    ["--preset", "small", "--variant", "baseline", *SMALL_LR],
+    ["--preset", "small", "--variant", "plastic", *SMALL_LR],
+    ["--preset", "small", "--variant", "simple", *SMALL_LR],
+    ["--preset", "small", "--variant", "retroactive", *SMALL_LR],
 ], ids=["fanout-h", "single-c-decay-reference", "none", "lstm", "small-baseline", "small-plastic",
         "small-simple", "small-retroactive"])
 def test_training_lowers_the_loss(corpus, tmp_path, flags):
@@ -172,6 +174,26 @@ def test_resume_continues_exactly(corpus, tmp_path):
     for state_a, state_b in zip(a["optimizer"]["state"].values(),
                                 b["optimizer"]["state"].values()):
         assert torch.equal(state_a["ax"], state_b["ax"])
+
+
+def test_time_sum_loss_scales_the_gradient_by_the_segment_length(corpus):
+    """--loss time-sum (the small preset's, Zaremba's) steps on the cross-entropy summed over the
+    segment's time steps: T times the gradient of --loss mean, the same reported loss."""
+    grads = {}
+    for loss in ("mean", "time-sum"):
+        args = ptb_main.parse_args(["--data", str(corpus), *TINY, "--loss", loss, "--clip", "0",
+                                    "--dropout", "0", "--dropouth", "0", "--dropouti", "0",
+                                    "--dropoute", "0", "--wdrop", "0", "--wdecay", "0"])
+        torch.manual_seed(0)
+        model = ptb_main.build_model(args, 21)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # gradients only
+        words = torch.randint(0, 21, (8, 4))
+        raw_loss, _ = ptb_main.train_step(model, optimizer, words[:-1], words[1:].reshape(-1),
+                                          [None] * 3, args, [])
+        grads[loss] = (raw_loss, [p.grad.clone() for p in model.parameters()])
+    assert torch.equal(grads["mean"][0], grads["time-sum"][0])
+    for mean, summed in zip(grads["mean"][1], grads["time-sum"][1]):
+        torch.testing.assert_close(summed, 7 * mean)
 
 
 def test_batch_size_one_uses_a_rate_per_neuron(corpus):
