@@ -45,3 +45,13 @@ def test_bench_lstm_quick(tmp_path):
     # fused is compared with the reference time, nnlstm's time + the bandwidth floor
     assert all(r["x_ref_fwdbwd"] for r in rows if r["impl"] == "fused")
     assert "| layer" in stdout
+
+
+def test_bench_rl_quick(tmp_path):
+    impls = ("fused", "fused-stepwise", "reference")
+    stdout, rows = run_quick("bench_rl", impls, tmp_path)
+    assert {(r["case"], r["impl"]) for r in rows} == {
+        (case, impl) for case in ("maze", "cue-reward") for impl in impls}
+    assert all(float(r["iterations_per_s"]) > 0 for r in rows), "an implementation failed"
+    assert all(r["fused_speedup"] for r in rows if r["impl"] == "reference")
+    assert "| maze" in stdout
