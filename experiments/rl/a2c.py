@@ -184,8 +184,10 @@ def train_iteration(agent, optimizer, env, args):
     return episode.rewards.sum(0).mean().item(), loss.item()
 
 
-RESUME_MUST_MATCH = ("preset", "hidden", "batch_size", "lr", "eps", "gamma", "value_coef",
-                     "entropy_coef", "clip_grad", "legacy_baseline")
+# Flags a resumed run may change; all others (the task, the network, the hyperparameters, the
+# logging interval) must be those of the run that wrote the checkpoint.
+RESUME_MAY_CHANGE = ("preset", "types", "seeds", "iterations", "impl", "stepwise", "device", "out",
+                     "save_every", "resume")
 
 
 def train_run(args, make_env, network_type, hidden, seed, out):
@@ -201,8 +203,9 @@ def train_run(args, make_env, network_type, hidden, seed, out):
     done = 0
     if args.resume and checkpoint.is_file():
         ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        differ = [f"--{k} {ckpt['args'][k]} there, {getattr(args, k)} here"
-                  for k in RESUME_MUST_MATCH if ckpt["args"][k] != getattr(args, k)]
+        differ = [f"--{k.replace('_', '-')} {v} there, {getattr(args, k, None)} here"
+                  for k, v in ckpt["args"].items()
+                  if k not in RESUME_MAY_CHANGE and v != getattr(args, k, None)]
         if differ:
             raise SystemExit(f"--resume: {checkpoint} was written with other options: "
                              + "; ".join(differ))
