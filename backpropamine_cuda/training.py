@@ -56,3 +56,52 @@ def append_csv(path, fields, rows):
         csv.DictWriter(f, fieldnames=fields).writerows(rows)
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def load_checkpoint(path, args, may_change=()):
+    """The checkpoint dict at `path`, saved with the run's options as "args" (vars of its
+    argparse namespace) and rng_states() as "rng", after checking that `args` has the same
+    value for every option but those in `may_change`; restores the random states. A mismatch
+    exits with a message naming each option, its value there and here."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)  # RNG states stay on the CPU
+    differ = [f"--{k.replace('_', '-')} {v} there, {getattr(args, k, None)} here"
+              for k, v in saved["args"].items()
+              if k not in may_change and v != getattr(args, k, None)]
+    if differ:
+        raise SystemExit(f"--resume: {path} was written with other options: " + "; ".join(differ))
+    set_rng_states(saved["rng"])
+    return saved
+
+
+class RunCheckpoint:
+    """The checkpoint of one training run at `path`: the model's and the optimizer's state, the
+    data generator's (a torch.Generator that draws the episodes), every random state, the
+    iteration reached and the run's options (`args`, an argparse namespace with `iterations`).
+
+        checkpoint = RunCheckpoint(path, args, may_change, model, optimizer, generator)
+        done = checkpoint.resume() if args.resume else 0   # iterations already trained
+        ... checkpoint.save(iteration)
+    """
+
+    def __init__(self, path, args, may_change, model, optimizer, generator):
+        self.path, self.args, self.may_change = path, args, may_change
+        self.model, self.optimizer, self.generator = model, optimizer, generator
+
+    def save(self, iteration):
+        atomic_save(dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                         generator=self.generator.get_state(), rng=rng_states(),
+                         iteration=iteration, args=vars(self.args)), self.path)
+
+    def resume(self):
+        """Restores the run from the checkpoint (load_checkpoint's option check) and returns its
+        iteration; 0 when there is no checkpoint yet. A checkpoint past --iterations exits."""
+        if not self.path.is_file():
+            return 0
+        saved = load_checkpoint(self.path, self.args, self.may_change)
+        if saved["iteration"] > self.args.iterations:
+            raise SystemExit(f"--resume: {self.path} is at iteration {saved['iteration']}, past "
+                             f"--iterations {self.args.iterations}")
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.generator.set_state(saved["generator"])
+        return saved["iteration"]

@@ -138,8 +138,8 @@ def test_resume_continues_exactly(tmp_path):
     a, b = (torch.load(d / f"{name}.checkpoint.pt", weights_only=True)
             for d in (whole, interrupted))
     assert a["iteration"] == b["iteration"] == 12
-    for key, value in a["agent"].items():
-        assert torch.equal(value, b["agent"][key]), key
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
     with pytest.raises(SystemExit, match="--lr"):
         maze.main([*TINY, *common, "--iterations", "14", "--out", str(interrupted), "--resume",
                    "--lr", "0.5"])

@@ -30,8 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from agents import MODULATED, Agent, count_parameters, matched_size
-from backpropamine_cuda.training import (append_csv, atomic_save, rng_states, set_rng_states,
-                                         start_csv)
+from backpropamine_cuda.training import RunCheckpoint, append_csv, start_csv
 
 LOG_FIELDS = ("iteration", "episodes", "reward", "loss", "seconds")
 
@@ -193,35 +192,17 @@ RESUME_MAY_CHANGE = ("preset", "types", "seeds", "iterations", "impl", "stepwise
 def train_run(args, make_env, network_type, hidden, seed, out):
     """Trains one agent; returns it. Writes <out>/<type>-seed<k>.csv and .checkpoint.pt."""
     name = run_name(network_type, seed)
-    log, checkpoint = out / f"{name}.csv", out / f"{name}.checkpoint.pt"
+    log = out / f"{name}.csv"
     torch.manual_seed(seed)
     generator = torch.Generator(args.device).manual_seed(seed)
     env = make_env(args, generator)
     agent = Agent(env.obs_size, env.n_actions, network_type, hidden, impl=args.impl)
     agent.to(args.device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.lr, eps=args.eps)
-    done = 0
-    if args.resume and checkpoint.is_file():
-        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        differ = [f"--{k.replace('_', '-')} {v} there, {getattr(args, k, None)} here"
-                  for k, v in ckpt["args"].items()
-                  if k not in RESUME_MAY_CHANGE and v != getattr(args, k, None)]
-        if differ:
-            raise SystemExit(f"--resume: {checkpoint} was written with other options: "
-                             + "; ".join(differ))
-        agent.load_state_dict(ckpt["agent"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        generator.set_state(ckpt["env_generator"])
-        set_rng_states(ckpt["rng"])
-        done = ckpt["iteration"]
+    checkpoint = RunCheckpoint(out / f"{name}.checkpoint.pt", args, RESUME_MAY_CHANGE, agent,
+                               optimizer, generator)
+    done = checkpoint.resume() if args.resume else 0
     start_csv(log, LOG_FIELDS, keep=lambda row: int(row["iteration"]) <= done)
-    if done >= args.iterations:
-        return agent
-
-    def save(iteration):
-        atomic_save(dict(agent=agent.state_dict(), optimizer=optimizer.state_dict(),
-                         env_generator=generator.get_state(), rng=rng_states(),
-                         iteration=iteration, args=vars(args), hidden=hidden), checkpoint)
 
     rewards, losses, start = [], [], time.time()
     bar = tqdm(range(done + 1, args.iterations + 1), desc=name, initial=done,
@@ -238,7 +219,7 @@ def train_run(args, make_env, network_type, hidden, seed, out):
             bar.set_postfix(reward=f"{row['reward']:.2f}")
             rewards, losses = [], []
         if iteration % args.save_every == 0 or iteration == args.iterations:
-            save(iteration)
+            checkpoint.save(iteration)
     bar.close()
     return agent
 
