@@ -3,6 +3,7 @@ generators' states (so that a resumed run continues exactly), and CSV logs.
 
     from backpropamine_cuda.training import atomic_save, rng_states, set_rng_states
 """
+import argparse
 import csv
 import os
 import random
@@ -105,3 +106,45 @@ class RunCheckpoint:
         self.optimizer.load_state_dict(saved["optimizer"])
         self.generator.set_state(saved["generator"])
         return saved["iteration"]
+
+
+def read_csv_columns(path):
+    """{column: list of floats} of a CSV log (for plots)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {k: [float(r[k]) for r in rows] for k in (rows[0] if rows else {})}
+
+
+def preset_parser(description, presets):
+    """An ArgumentParser (defaults shown in --help) with --preset: the name of one of `presets`
+    ({name: {dest: value}}, the first the default), whose values parse_with_preset makes the
+    defaults of the other flags."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--preset", choices=tuple(presets), default=next(iter(presets)),
+                        help="defaults of the flags below: " + "; ".join(
+                            f"{name}: " + ", ".join(f"{k}={v}" for k, v in values.items())
+                            for name, values in presets.items()))
+    return parser
+
+
+def parse_with_preset(parser, presets, argv=None):
+    """Parses the command line with the defaults of the chosen --preset ({name: {dest: value}}),
+    flags given explicitly still winning; checks that checkpoints (--save-every) fall on CSV
+    rows (--log-every) where the parser has both."""
+    args = parser.parse_args(argv)
+    parser.set_defaults(**presets[args.preset])
+    args = parser.parse_args(argv)
+    if hasattr(args, "save_every") and hasattr(args, "log_every") and (
+            args.save_every % args.log_every):  # a checkpoint must not cut a CSV row in two
+        parser.error(f"--save-every must be a multiple of --log-every ({args.log_every}), got "
+                     f"{args.save_every}")
+    return args
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only; no display needed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt

@@ -9,11 +9,13 @@ given, see backpropamine_cuda/reference.py):
   "fanout1" (K = 1), "fanout3" (K = 3).
 * rule: "clip", "softclip", "decay", "oja", "retroactive" (needs a modulation).
 """
+import csv
 import itertools
 import math
 import os
 from pathlib import Path
 
+import pytest
 import torch
 
 import backpropamine_cuda
@@ -269,3 +271,21 @@ def assert_dicts_close(actual, expected, **tol):
     assert actual.keys() == expected.keys()
     for k in expected:
         torch.testing.assert_close(actual[k], expected[k], **tol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Experiments (test_rl.py, test_patterns.py, test_omniglot.py)
+
+
+def log_rows_without_timings(path):
+    """The rows of an experiment's CSV log, without the "seconds" column (a resumed run
+    reproduces every other field exactly)."""
+    with open(path, newline="") as f:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+
+
+def assert_parser_error(parse, flags, message, capsys):
+    """parse(flags) exits with a usage error whose text contains `message`."""
+    with pytest.raises(SystemExit):
+        parse(flags)
+    assert message in capsys.readouterr().err

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import assert_parser_error, log_rows_without_timings
+
 import backpropamine_cuda as bp
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,11 +143,6 @@ def test_a_few_dozen_iterations_learn_completion():
     assert error_after < 0.5 * error_before
 
 
-def read_log(path):
-    with open(path, newline="") as f:
-        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
-
-
 def test_resume_continues_exactly(tmp_path):
     whole, interrupted = tmp_path / "whole", tmp_path / "interrupted"
     patterns.main([*TINY, "--iterations", "8", "--out", str(whole)])
@@ -153,7 +150,7 @@ def test_resume_continues_exactly(tmp_path):
     patterns.main([*TINY, "--iterations", "8", "--out", str(interrupted), "--resume"])
     for network_type in patterns.TYPES:
         name = f"{network_type}-seed0"
-        assert read_log(whole / f"{name}.csv") == read_log(interrupted / f"{name}.csv")
+        assert log_rows_without_timings(whole / f"{name}.csv") == log_rows_without_timings(interrupted / f"{name}.csv")
         a, b = (torch.load(d / f"{name}.checkpoint.pt", weights_only=True)
                 for d in (whole, interrupted))
         assert a["iteration"] == b["iteration"] == 8
@@ -172,7 +169,7 @@ def test_script_end_to_end(tmp_path):
     for name in ("curves.png", "episode-plastic.png", "episode-rnn.png", "episode-lstm.png",
                  "plastic-seed3.checkpoint.pt", "lstm-seed3.csv", "evaluation.csv"):
         assert (tmp_path / name).stat().st_size > 0, name
-    assert [row["iteration"] for row in read_log(tmp_path / "rnn-seed3.csv")] == ["2", "4", "5"]
+    assert [row["iteration"] for row in log_rows_without_timings(tmp_path / "rnn-seed3.csv")] == ["2", "4", "5"]
     # a second run sharing --out replaces its own evaluation rows and keeps the others'
     patterns.main([*TINY, "--iterations", "2", "--seed", "3", "--types", "rnn", "--impl",
                    "reference", "--out", str(tmp_path)])
@@ -205,9 +202,7 @@ def test_presets():
     (["--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
 ])
 def test_flag_validation(flags, message, capsys):
-    with pytest.raises(SystemExit):
-        tiny_args(*flags)
-    assert message in capsys.readouterr().err
+    assert_parser_error(lambda flags: tiny_args(*flags), flags, message, capsys)
 
 
 def test_unknown_network_type():

@@ -1,12 +1,13 @@
 """The RL experiments (experiments/rl): A2C's returns and loss, the agents and their matched
 sizes, rollout-then-replay against the papers' per-step autograd loop, one training iteration of
 every network type on both tasks, exact resume, and the scripts end to end with their plots."""
-import csv
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from helpers import log_rows_without_timings
 
 ROOT = Path(__file__).resolve().parent.parent
 RL = ROOT / "experiments" / "rl"
@@ -121,12 +122,6 @@ def test_one_iteration_changes_every_parameter(task, impl, network_type):
         assert not torch.equal(p, before[name]), f"{name} did not change"
 
 
-def read_log(path):
-    with open(path, newline="") as f:
-        return [{k: r[k] for k in ("iteration", "episodes", "reward", "loss")}
-                for r in csv.DictReader(f)]
-
-
 def test_resume_continues_exactly(tmp_path):
     whole, interrupted = tmp_path / "whole", tmp_path / "interrupted"
     common = ["--types", "retroactive", "--seeds", "1"]
@@ -134,7 +129,7 @@ def test_resume_continues_exactly(tmp_path):
     maze.main([*TINY, *common, "--iterations", "8", "--out", str(interrupted)])
     maze.main([*TINY, *common, "--iterations", "12", "--out", str(interrupted), "--resume"])
     name = "retroactive-seed1"
-    assert read_log(whole / f"{name}.csv") == read_log(interrupted / f"{name}.csv")
+    assert log_rows_without_timings(whole / f"{name}.csv") == log_rows_without_timings(interrupted / f"{name}.csv")
     a, b = (torch.load(d / f"{name}.checkpoint.pt", weights_only=True)
             for d in (whole, interrupted))
     assert a["iteration"] == b["iteration"] == 12
@@ -154,7 +149,7 @@ def test_script_end_to_end(task, tmp_path):
     for name in ("curves.png", "episode-rnn.png", "episode-retroactive.png",
                  "rnn-seed1.csv", "retroactive-seed0.checkpoint.pt"):
         assert (tmp_path / name).stat().st_size > 0, name
-    assert len(read_log(tmp_path / "rnn-seed0.csv")) == 2
+    assert len(log_rows_without_timings(tmp_path / "rnn-seed0.csv")) == 2
 
 
 def test_flag_validation():

@@ -17,7 +17,6 @@ backward (BOHP needed O(N^4) memory for hand-derived gradients of this network).
 See experiments/patterns/README.md.
 """
 import argparse
-import csv
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -28,7 +27,9 @@ from torch import nn
 from tqdm import tqdm
 
 import backpropamine_cuda as bp
-from backpropamine_cuda.training import RunCheckpoint, append_csv, start_csv
+from backpropamine_cuda.training import (RunCheckpoint, append_csv, parse_with_preset,
+                                         preset_parser, pyplot, read_csv_columns,
+                                         start_csv)
 
 TYPES = ("plastic", "rnn", "lstm")
 PRESETS = {
@@ -255,13 +256,8 @@ def number(kind, minimum, strict=False):
 
 
 def make_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = preset_parser(__doc__.split("\n\n")[0], PRESETS)
     add = p.add_argument
-    add("--preset", choices=tuple(PRESETS), default="quick",
-        help="defaults of the flags below: " + "; ".join(
-            f"{name}: " + ", ".join(f"{k}={v}" for k, v in d.items())
-            for name, d in PRESETS.items()))
     add("--types", nargs="+", choices=TYPES, default=list(TYPES), help="networks to train")
     add("--seed", type=int, default=0, help="seed of the initialisation and the episodes")
     add("--bits", type=number(int, 2), default=50, help="bits per pattern")
@@ -295,14 +291,7 @@ def make_parser():
 
 def parse_args(argv=None):
     """Parses with the chosen preset's defaults (flags given explicitly still win)."""
-    parser = make_parser()
-    args = parser.parse_args(argv)
-    parser.set_defaults(**PRESETS[args.preset])
-    args = parser.parse_args(argv)
-    if args.save_every % args.log_every:  # a checkpoint must not cut a CSV row in two
-        parser.error(f"--save-every must be a multiple of --log-every ({args.log_every}), got "
-                     f"{args.save_every}")
-    return args
+    return parse_with_preset(make_parser(), PRESETS, argv)
 
 
 def main(argv=None):
@@ -338,26 +327,12 @@ def main(argv=None):
 # Plots
 
 
-def pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def read_log(path):
-    """{column: list of floats} of one run's CSV log."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    return {k: [float(r[k]) for r in rows] for k in LOG_FIELDS}
-
-
 def plot_curves(out, args, path):
     """Bit error rate on the zeroed bits and loss against iterations, one line per type."""
     plt = pyplot()
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
     for network_type in args.types:
-        log = read_log(out / f"{run_name(network_type, args.seed)}.csv")
+        log = read_csv_columns(out / f"{run_name(network_type, args.seed)}.csv")
         top.plot(log["iteration"], log["error_zeroed"], label=network_type)
         bottom.plot(log["iteration"], log["loss"], label=network_type)
     top.set(ylabel="bit error rate (zeroed bits)",

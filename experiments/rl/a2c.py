@@ -18,8 +18,6 @@ the same logits and values with gradients (`rollout` + `Agent.forward`). The pap
 per-step loop that builds the autograd graph while acting (`play(..., grad=True)`), is what
 --impl reference runs and what the tests compare the replay with.
 """
-import argparse
-import csv
 import math
 import time
 from pathlib import Path
@@ -30,7 +28,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from agents import MODULATED, Agent, count_parameters, matched_size
-from backpropamine_cuda.training import RunCheckpoint, append_csv, start_csv
+from backpropamine_cuda.training import (RunCheckpoint, append_csv, parse_with_preset,
+                                         preset_parser, pyplot, read_csv_columns,
+                                         start_csv)
 
 LOG_FIELDS = ("iteration", "episodes", "reward", "loss", "seconds")
 
@@ -106,13 +106,8 @@ def a2c_loss(episode, gamma, value_coef, entropy_coef, legacy_baseline=False):
 def make_parser(description, types, presets):
     """The flags every task shares. `types`: the task's network types; `presets`: {name: flag
     defaults}, the first one the default preset."""
-    p = argparse.ArgumentParser(description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = preset_parser(description, presets)
     add = p.add_argument
-    add("--preset", choices=tuple(presets), default=next(iter(presets)),
-        help="defaults of the flags below: " + "; ".join(
-            f"{name}: " + ", ".join(f"{k}={v}" for k, v in d.items())
-            for name, d in presets.items()))
     add("--types", nargs="+", choices=types, default=list(types), help="network types to train")
     add("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per type and seed")
     add("--hidden", type=int, default=100,
@@ -144,15 +139,10 @@ def make_parser(description, types, presets):
 
 def parse_args(parser, presets, argv=None):
     """Parses with the chosen preset's defaults (flags given explicitly still win)."""
-    args = parser.parse_args(argv)
-    parser.set_defaults(**presets[args.preset])
-    args = parser.parse_args(argv)
+    args = parse_with_preset(parser, presets, argv)
     for name in ("hidden", "iterations", "batch_size", "log_every", "save_every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.save_every % args.log_every:  # a checkpoint must not cut a CSV row in two
-        parser.error(f"--save-every must be a multiple of --log-every ({args.log_every}), got "
-                     f"{args.save_every}")
     return args
 
 
@@ -254,9 +244,8 @@ def main(args, make_env):
 
 def load_curve(path):
     """(episodes, mean reward per episode) of one run's CSV log."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    return ([int(r["episodes"]) for r in rows], [float(r["reward"]) for r in rows])
+    log = read_csv_columns(path)
+    return log["episodes"], log["reward"]
 
 
 def final_rewards(out, types, seeds, fraction=0.1):
@@ -277,10 +266,7 @@ def final_rewards(out, types, seeds, fraction=0.1):
 def plot_curves(out, types, seeds, path):
     """Median and inter-quartile range over seeds of the reward per episode against episodes
     trained, one line per network type (the papers' Figures 1 and 2)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for network_type in types:
         curves = [load_curve(out / f"{run_name(network_type, seed)}.csv") for seed in seeds]
@@ -300,10 +286,7 @@ def plot_curves(out, types, seeds, path):
 def plot_episode(agent, env, path):
     """Reward and neuromodulator output over one episode of the first sample (the
     Backpropamine paper's Figure 3); the modulator panel is left out for unmodulated types."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     episode = play(agent, env)
     steps = torch.arange(env.episode_length)
     panels = 2 if episode.modulation is not None else 1
