@@ -105,6 +105,15 @@ class _PlasticBase(nn.Module):
         return ", ".join([f"{self.input_size}, {self.hidden_size}"]
                          + [f"{k}={v!r}" for k, v in options + [("impl", self.impl)]])
 
+    @torch.no_grad()
+    def clamp_elig_rate_(self):
+        """Clamps ``elig_rate`` into [0, 1] (rule "retroactive"; otherwise does nothing). Only
+        there is the eligibility trace E_t = (1 - elig_rate) E_{t-1} + elig_rate D_t a running
+        average; outside it the trace grows geometrically to inf. Call it after each optimizer
+        step when large steps can push the rate out (projected gradient descent)."""
+        if self.plastic and self.rule == "retroactive":
+            self.elig_rate.clamp_(0.0, 1.0)
+
     def initial_state(self, batch_size, like):
         """Zeros: the state at the start of an episode."""
         N = self.hidden_size

@@ -80,6 +80,23 @@ def test_module_defaults_eta_and_elig_rate():
                        torch.tensor(0.1))
 
 
+def test_clamp_elig_rate_keeps_the_eligibility_trace_an_average():
+    """Out of [0, 1] the eligibility trace diverges; clamp_elig_rate_ projects the rate back and
+    leaves layers without eligibility traces alone."""
+    for cls in (bp.PlasticRNN, bp.PlasticLSTM):
+        layer = cls(I, N, modulation="simple", rule="retroactive")
+        for rate, expected in ((-0.3, 0.0), (0.4, 0.4), (1.7, 1.0)):
+            with torch.no_grad():
+                layer.elig_rate.fill_(rate)
+            layer.clamp_elig_rate_()
+            assert layer.elig_rate.item() == pytest.approx(expected)
+        assert layer.elig_rate.requires_grad
+        for other in (cls(I, N, rule="clip"), cls(I, N, plastic=False)):
+            before = [p.clone() for p in other.parameters()]
+            other.clamp_elig_rate_()
+            assert all(torch.equal(a, b) for a, b in zip(before, other.parameters()))
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward: state, batch_first, return_modulation
 

@@ -279,6 +279,8 @@ def train_epoch(model, module, optimizer, train_data, lr, args, deadline, world,
         data, targets = get_batch(train_data, i, seq_len)
         raw_loss, hidden = train_step(model, optimizer, data, targets, detach_state(hidden),
                                       args, alphas)
+        for rnn in module.rnns:  # a rate outside [0, 1] makes the eligibility trace diverge
+            rnn.clamp_elig_rate_()
         loss_sum += raw_loss * targets.numel()
         tokens += targets.numel()
         i, batches = i + seq_len, batches + 1

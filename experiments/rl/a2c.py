@@ -170,6 +170,7 @@ def train_iteration(agent, optimizer, env, args):
     if args.clip_grad:
         torch.nn.utils.clip_grad_norm_(agent.parameters(), args.clip_grad)
     optimizer.step()
+    agent.rnn.clamp_elig_rate_()  # a rate outside [0, 1] makes the eligibility trace diverge
     return episode.rewards.sum(0).mean().item(), loss.item()
 
 
