@@ -14,6 +14,7 @@ benchmarks/results/bench_rl.{csv,json,png}.
 
     PYTHONPATH=. python benchmarks/bench_rl.py --quick      # smoke test, tiny sizes
     PYTHONPATH=. python benchmarks/bench_rl.py              # a few minutes on 2 cores
+    PYTHONPATH=. python benchmarks/bench_rl.py --threads 1 --out benchmarks/results/threads1
 """
 import json
 import os
@@ -52,6 +53,8 @@ def task_args(spec):
 
 def worker(spec):
     """In a fresh process: the median time of a training iteration."""
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
     try:
         args = task_args(spec)
         torch.manual_seed(0)
@@ -70,6 +73,7 @@ def worker(spec):
 
 def main():
     parser = common.benchmark_parser(__doc__, CASES, IMPLS, repeats=10, budget=30.0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
     common.check_selection(parser, args, CASES, IMPLS)
     if args.worker:
@@ -82,7 +86,7 @@ def main():
     for case in args.cases.split(","):
         for impl in args.impls.split(","):
             spec = dict(case=case, impl=impl, device=args.device, quick=args.quick,
-                        repeats=args.repeats, budget=args.budget)
+                        repeats=args.repeats, budget=args.budget, threads=args.threads)
             result = common.run_worker(script, spec)
             records.append(dict(case=case, impl=impl, **result, loadavg=os.getloadavg()[0]))
             print(f"[{time.time() - start:6.0f} s] {case} {impl}: "
@@ -106,7 +110,8 @@ def main():
             label = f"fused iterations/s >= {TARGET_SPEEDUP:g}x reference"
             target_rows.append([r["case"], label, common.fmt_num(value), status])
             checks.append(dict(case=r["case"], target=label, value=value, status=status))
-    machine = (f"{info.get('gpu', info['cpu'])}, {info['torch_threads']} threads, torch "
+    threads = args.threads or info["torch_threads"]
+    machine = (f"{info.get('gpu', info['cpu'])}, {threads} threads, torch "
                f"{info['torch']}, {args.device}, float32; 1-min load average {load_start:.1f} at "
                f"start, {os.getloadavg()[0]:.1f} at end")
     report = "\n".join([
