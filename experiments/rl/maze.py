@@ -2,7 +2,7 @@
 agent looks for an invisible reward in a grid maze, is teleported away each time it finds it, and
 must remember where it was to come back fast within the episode. A2C on plastic RNN agents.
 
-    python experiments/rl/maze.py                       # quick: 4 network types x 3 seeds
+    python experiments/rl/maze.py                       # quick: 4 network types x 2 seeds
     python experiments/rl/maze.py --preset paper --out runs/maze-paper
     python experiments/rl/maze.py --preset diffplast    # Oja's rule, N = 200 (ICML 2018 maze)
 
@@ -13,8 +13,8 @@ from envs import GridMaze
 
 TYPES = ("rnn", "plastic", "simple", "retroactive", "fanout", "oja", "oja-scalar")
 PRESETS = {
-    "quick": dict(types=["rnn", "plastic", "simple", "retroactive"], size=9, hidden=50,
-                  iterations=1500, lr=1e-3, out="runs/maze"),
+    "quick": dict(types=["rnn", "plastic", "simple", "retroactive"], seeds=[0, 1], size=9,
+                  hidden=50, iterations=700, lr=1e-3, out="runs/maze"),
     "paper": dict(types=["rnn", "plastic", "simple", "retroactive"], size=11, hidden=100,
                   iterations=20_000, lr=1e-4, out="runs/maze-paper"),
     "simplemaze": dict(types=["fanout", "rnn"], size=11, hidden=100, iterations=20_000, lr=1e-4,
