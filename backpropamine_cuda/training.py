@@ -1,7 +1,8 @@
-"""What the experiments' training scripts share: checkpoints written atomically, the random
-generators' states (so that a resumed run continues exactly), and CSV logs.
+"""What the experiments' training scripts share: checkpoints written atomically with the
+random generators' states (so that a resumed run continues exactly), CSV logs, command lines
+with presets, plots, and sizing networks by parameter count.
 
-    from backpropamine_cuda.training import atomic_save, rng_states, set_rng_states
+    from backpropamine_cuda.training import RunCheckpoint, start_csv, append_csv
 """
 import argparse
 import csv
@@ -140,6 +141,22 @@ def parse_with_preset(parser, presets, argv=None):
         parser.error(f"--save-every must be a multiple of --log-every ({args.log_every}), got "
                      f"{args.save_every}")
     return args
+
+
+def count_parameters(module):
+    """Trainable parameters; a weight shared by two layers (a tied embedding) counts once."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def closest_size(count, target, largest=4096):
+    """The size n in [1, largest] whose count(n) is closest to `target`, for a count that grows
+    with n (e.g. the parameters of a network with n hidden units): a bisection for the first n
+    with count(n) >= target, then the nearer of it and n - 1."""
+    low, high = 1, largest
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (mid + 1, high) if count(mid) < target else (low, mid)
+    return min((max(1, low - 1), low), key=lambda n: abs(count(n) - target))
 
 
 def pyplot():

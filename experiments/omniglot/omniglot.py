@@ -29,9 +29,9 @@ from torch import nn
 from tqdm import tqdm
 
 import backpropamine_cuda as bp
-from backpropamine_cuda.training import (RunCheckpoint, append_csv, parse_with_preset,
-                                         preset_parser, pyplot, read_csv_columns,
-                                         start_csv)
+from backpropamine_cuda.training import (RunCheckpoint, append_csv, count_parameters,
+                                         parse_with_preset, preset_parser, pyplot,
+                                         read_csv_columns, start_csv)
 
 IMAGE_SIZE = 31  # four stride-2 3x3 convolutions: 31 -> 15 -> 7 -> 3 -> 1
 SPLITS = ("background-evaluation", "paper-1200")
@@ -262,10 +262,6 @@ class OmniglotNet(nn.Module):
 
 def make_model(args):
     return OmniglotNet(args.ways, args.channels, args.alpha, args.label_scale, args.impl)
-
-
-def count_parameters(module):
-    return sum(p.numel() for p in module.parameters())
 
 
 # ----------------------------------------------------------------------------------------------

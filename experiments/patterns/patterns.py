@@ -27,9 +27,9 @@ from torch import nn
 from tqdm import tqdm
 
 import backpropamine_cuda as bp
-from backpropamine_cuda.training import (RunCheckpoint, append_csv, parse_with_preset,
-                                         preset_parser, pyplot, read_csv_columns,
-                                         start_csv)
+from backpropamine_cuda.training import (RunCheckpoint, append_csv, count_parameters,
+                                         parse_with_preset, preset_parser, pyplot,
+                                         read_csv_columns, start_csv)
 
 TYPES = ("plastic", "rnn", "lstm")
 PRESETS = {
@@ -152,10 +152,6 @@ def make_network(network_type, args):
         return PlasticNet(args.bits, args.input_scale, args.impl)
     hidden = args.rnn_hidden if network_type == "rnn" else args.lstm_hidden
     return BaselineNet(network_type, args.bits, hidden, args.impl)
-
-
-def count_parameters(module):
-    return sum(p.numel() for p in module.parameters())
 
 
 # ----------------------------------------------------------------------------------------------

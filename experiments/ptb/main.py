@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from backpropamine_cuda.training import (append_csv, atomic_save, rng_states, set_rng_states,
-                                          start_csv)
+from backpropamine_cuda.training import (append_csv, atomic_save, closest_size, count_parameters,
+                                          pyplot, rng_states, set_rng_states, start_csv)
 from data import Corpus, batchify, get_batch
-from model import LanguageModel, count_parameters, detach_state
+from model import LanguageModel, detach_state
 
 EVAL_BATCH_SIZE, TEST_BATCH_SIZE = 10, 1  # as awd-lstm-lm
 LOG_FIELDS = ("epoch", "train_ppl", "valid_ppl", "lr", "seconds", "tokens_per_s")
@@ -195,12 +195,8 @@ def small_hidden_sizes(args):
 
     sizes = {}
     for variant in SMALL_VARIANTS:
-        low, high = 1, 4096  # the count grows with n: bisect for the first n at or above target
-        while low < high:
-            mid = (low + high) // 2
-            low, high = (mid + 1, high) if count(variant, mid) < SMALL_TARGET_PARAMS else (low, mid)
-        sizes[variant] = min(((n, count(variant, n)) for n in (low - 1, low)),
-                             key=lambda nc: abs(nc[1] - SMALL_TARGET_PARAMS))
+        n = closest_size(lambda n: count(variant, n), SMALL_TARGET_PARAMS)
+        sizes[variant] = (n, count(variant, n))
     return sizes
 
 
@@ -377,18 +373,17 @@ def load_checkpoint(path, args, model):
 
 def log_epoch(paths, row):
     rows = append_csv(paths["log"], LOG_FIELDS, [row])
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    from matplotlib import ticker
 
     fig, ax = plt.subplots(figsize=(6, 4))
     epochs = [int(r["epoch"]) for r in rows]
     for key, label in (("train_ppl", "train"), ("valid_ppl", "valid")):
         ax.plot(epochs, [float(r[key]) for r in rows], marker=".", label=label)
     ax.set(xlabel="epoch", ylabel="perplexity", yscale="log", title=paths["log"].stem)
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     for set_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
-        set_formatter(matplotlib.ticker.LogFormatter(labelOnlyBase=False))  # 20, not 2x10^1
+        set_formatter(ticker.LogFormatter(labelOnlyBase=False))  # 20, not 2x10^1
     ax.legend()
     fig.tight_layout()
     fig.savefig(paths["plot"], dpi=100)

@@ -113,7 +113,3 @@ def detach_state(hidden):
     return [None if s is None else type(s)(*(None if t is None else t.detach() for t in s))
             for s in hidden]
 
-
-def count_parameters(model):
-    """Trainable parameters; the tied embedding/decoder weight counts once."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 import backpropamine_cuda as bp
+from backpropamine_cuda.training import closest_size, count_parameters
 
 NETWORK_TYPES = {
     "rnn": dict(plastic=False),
@@ -66,18 +67,10 @@ class Agent(nn.Module):
         return *self._heads(out), m
 
 
-def count_parameters(module):
-    return sum(p.numel() for p in module.parameters())
-
-
 def matched_size(network_type, target, obs_size, n_actions):
     """The hidden size whose agent's parameter count is closest to `target`."""
     def count(n):
         with torch.device("meta"):  # shapes only
             return count_parameters(Agent(obs_size, n_actions, network_type, n, impl="reference"))
 
-    low, high = 1, 4096  # the count grows with n: bisect for the first n at or above target
-    while low < high:
-        mid = (low + high) // 2
-        low, high = (mid + 1, high) if count(mid) < target else (low, mid)
-    return min((n for n in (max(1, low - 1), low)), key=lambda n: abs(count(n) - target))
+    return closest_size(count, target)
