@@ -71,7 +71,7 @@ def _step_trace_fakes(new, B, N, K, rule):
 
 @_register_fake("plastic_rnn_sequence")
 def _(x, h0, hebb0, elig0, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fanout_weight,
-      fanout_bias, rule, clip, checkpoint_every):
+      fanout_bias, rule, clip, checkpoint_every, clamp=None):
     T, B, N = x.shape
     hebb_t, elig_t, m, eta_seq, ckpt_h, ckpt_e = _trace_fakes(
         x.new_empty, T, B, N, _n_modulators(h2mod_weight), rule, checkpoint_every)
@@ -80,7 +80,7 @@ def _(x, h0, hebb0, elig0, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, f
 
 @_register_fake("plastic_rnn_step")
 def _(x, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fanout_weight,
-      fanout_bias, rule, clip):
+      fanout_bias, rule, clip, clamp=None):
     B, N = x.shape
     return (x.new_empty(B, N),
             *_step_trace_fakes(x.new_empty, B, N, _n_modulators(h2mod_weight), rule))
@@ -114,7 +114,7 @@ def _grads_fake(grad_x, inputs):
 @_register_fake("plastic_rnn_sequence_backward")
 def _(grad_out, grad_hebb, grad_elig, grad_m, h0, hebb0, elig0, w, alpha, eta, elig_rate,
       h2mod_weight, h2mod_bias, fanout_weight, fanout_bias, rule, clip, out, m, eta_seq,
-      hebb_checkpoints, elig_checkpoints, checkpoint_every):
+      hebb_checkpoints, elig_checkpoints, checkpoint_every, clamp=None):
     return _grads_fake(torch.empty_like(out), (h0, hebb0, elig0, w, alpha, eta, elig_rate,
                                                h2mod_weight, h2mod_bias, fanout_weight,
                                                fanout_bias))
@@ -122,7 +122,8 @@ def _(grad_out, grad_hebb, grad_elig, grad_m, h0, hebb0, elig0, w, alpha, eta, e
 
 @_register_fake("plastic_rnn_step_backward")
 def _(grad_h_new, grad_hebb, grad_elig, grad_m, h, hebb, elig, w, alpha, eta, elig_rate,
-      h2mod_weight, h2mod_bias, fanout_weight, fanout_bias, rule, clip, h_new, m, eta_t):
+      h2mod_weight, h2mod_bias, fanout_weight, fanout_bias, rule, clip, h_new, m, eta_t,
+      clamp=None):
     return _grads_fake(torch.empty_like(h_new), (h, hebb, elig, w, alpha, eta, elig_rate,
                                                  h2mod_weight, h2mod_bias, fanout_weight,
                                                  fanout_bias))
@@ -177,29 +178,35 @@ def _(grad_hebb_new, grad_elig_new, hebb, pre, post, eta, elig, elig_rate, rule,
 # ----------------------------------------------------------------------------------------------
 # Autograd: the backward of each op is its hand-written backward op.
 
-def _register_recurrent_autograd(name, n_grads, n_options, n_tail):
+def _register_recurrent_autograd(name, n_grads, n_options, n_tail, clamp=False):
     """Autograd of a recurrent op (RNN or LSTM, sequence or step) through its backward op.
 
-    The op's inputs are (x, *params, *options) with `n_options` non-tensor options, rule first.
-    Its outputs are (*states, hebb, elig, m, *extras): the first `n_grads` are differentiable,
-    the extras (eta, gates, checkpoints) are saved for the backward. The backward op takes
-    (grads of the n_grads outputs, *params, options but the last n_tail, *states, m, *extras,
-    the last n_tail options) and returns the gradients of x and of every param.
+    The op's inputs are (x, *params, *options) with `n_options` non-tensor options, rule first,
+    then, for the RNN ops (`clamp` True), the optional bool mask clamp. Its outputs are (*states,
+    hebb, elig, m, *extras): the first `n_grads` are differentiable, the extras (eta, gates,
+    checkpoints) are saved for the backward. The backward op takes (grads of the n_grads outputs,
+    *params, options but the last n_tail, *states, m, *extras, the last n_tail options, clamp)
+    and returns the gradients of x and of every param.
     """
     n_states = n_grads - 3
+    n_clamp = int(clamp)
 
     def setup_context(ctx, inputs, output):
         _, *rest = inputs
+        masks = rest[len(rest) - n_clamp:]
+        rest = rest[:len(rest) - n_clamp]
         params, ctx.options = rest[:-n_options], rest[-n_options:]
         ctx.n_params = len(params)
         ctx.retro = ctx.options[0] == "retroactive"
         ctx.modulated = params[-4] is not None  # h2mod_weight
-        ctx.save_for_backward(*params, *output[:n_states], *output[n_grads - 1:])
+        ctx.save_for_backward(*params, *output[:n_states], *output[n_grads - 1:], *masks)
         ctx.mark_non_differentiable(*output[n_grads:])
         ctx.set_materialize_grads(False)  # no zero-filled trace-sized gradients for unused outputs
 
     def backward(backward_op, ctx, *grads):
         params, saved = ctx.saved_tensors[:ctx.n_params], ctx.saved_tensors[ctx.n_params:]
+        masks = saved[len(saved) - n_clamp:]
+        saved = saved[:len(saved) - n_clamp]
         g = [_contiguous(t) for t in grads[:n_grads]]
         if not ctx.retro:
             g[-2] = None  # elig
@@ -207,10 +214,10 @@ def _register_recurrent_autograd(name, n_grads, n_options, n_tail):
             g[-1] = None  # m
         split = len(ctx.options) - n_tail
         g_x, *g_params = backward_op(*g, *params, *ctx.options[:split], *saved,
-                                     *ctx.options[split:])
-        # None for the inputs that were None, and for the options
+                                     *ctx.options[split:], *masks)
+        # None for the inputs that were None, and for the options and the mask
         return (g_x, *[None if t is None else gp for gp, t in zip(g_params, params)],
-                *[None] * n_options)
+                *[None] * (n_options + n_clamp))
 
     for namespace in NAMESPACES:
         backward_op = getattr(getattr(torch.ops, namespace), name + "_backward")
@@ -219,8 +226,8 @@ def _register_recurrent_autograd(name, n_grads, n_options, n_tail):
                                         setup_context=setup_context)
 
 
-_register_recurrent_autograd("plastic_rnn_sequence", n_grads=4, n_options=3, n_tail=1)
-_register_recurrent_autograd("plastic_rnn_step", n_grads=4, n_options=2, n_tail=0)
+_register_recurrent_autograd("plastic_rnn_sequence", n_grads=4, n_options=3, n_tail=1, clamp=True)
+_register_recurrent_autograd("plastic_rnn_step", n_grads=4, n_options=2, n_tail=0, clamp=True)
 _register_recurrent_autograd("plastic_lstm_sequence", n_grads=5, n_options=4, n_tail=1)
 _register_recurrent_autograd("plastic_lstm_step", n_grads=5, n_options=3, n_tail=0)
 
@@ -310,21 +317,23 @@ class FusedOps:
 
     def plastic_rnn_sequence(self, x, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight,
                              h2mod_bias, fanout_weight, fanout_bias, rule="clip", clip=2.0,
-                             checkpoint_every=None):
+                             checkpoint_every=None, clamp=None):
         """Fused sequence op; see reference.plastic_rnn_sequence. ``checkpoint_every`` defaults
         to ceil(sqrt(T))."""
         tensors = (x, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
                    fanout_weight, fanout_bias)
         out, hebb_t, elig_t, m, *_ = self._ops.plastic_rnn_sequence(
-            *tensors, rule, float(clip), _sequence_checkpoint_every(x, checkpoint_every, tensors))
+            *tensors, rule, float(clip), _sequence_checkpoint_every(x, checkpoint_every, tensors),
+            clamp)
         return out, hebb_t, _none_if_empty(elig_t), _modulation_output(m, h2mod_weight)
 
     def plastic_rnn_step(self, x, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight,
-                         h2mod_bias, fanout_weight, fanout_bias, rule="clip", clip=2.0):
+                         h2mod_bias, fanout_weight, fanout_bias, rule="clip", clip=2.0,
+                         clamp=None):
         """Fused step op; see reference.plastic_rnn_step."""
         h_new, hebb_new, elig_new, m, _ = self._ops.plastic_rnn_step(
             x, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fanout_weight,
-            fanout_bias, rule, float(clip))
+            fanout_bias, rule, float(clip), clamp)
         return h_new, hebb_new, _none_if_empty(elig_new), _modulation_output(m, h2mod_weight)
 
     def plastic_lstm_sequence(self, x, h, c, hebb, elig, h2g_weight, h2g_bias, w, alpha, eta,

@@ -11,6 +11,9 @@ Parameter shapes select the options:
 * modulation: ``eta`` given (shape ``()`` or ``(P, N)``) means "none"; ``h2mod_weight`` (K, N)
   given without ``fanout_weight`` means "simple" (K == 1); with ``fanout_weight`` (N, K) "fanout".
 * ``rule``: "clip", "softclip", "decay", "oja", "retroactive" (needs ``elig`` and ``elig_rate``).
+* ``clamp`` (RNN only): a bool mask shaped like ``x``; where it is True the neuron's output is
+  ``x`` itself instead of ``tanh(x + u)`` (input neurons pinned to their input, as in the
+  differentiable-plasticity image task). Its Hebbian terms and the modulator then read ``x``.
 
 The plastic LSTM (DESIGN 2.3) takes ``x = i2g(input)`` of width 4N (gates i, f, g, o), ``h2g``
 (weight (3N, N), bias (3N,), gates i, f, o) and makes only the h -> g path plastic: ``w``,
@@ -74,28 +77,34 @@ def plasticity_rate(post, eta, h2mod_weight, h2mod_bias, fanout_weight, fanout_b
 
 
 def plastic_rnn_step(x, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
-                     fanout_weight, fanout_bias, rule="clip", clip=2.0):
-    """One step of the plastic tanh RNN (DESIGN 2.1). ``x`` is the projected input ``i2h(input_t)``.
+                     fanout_weight, fanout_bias, rule="clip", clip=2.0, clamp=None):
+    """One step of the plastic tanh RNN (DESIGN 2.1). ``x`` is the projected input ``i2h(input_t)``;
+    ``clamp`` (B, N) bool, optional, pins the neurons where it is True to ``x``.
 
     Returns ``(h_new, hebb_new, elig_new, m)``; ``m`` (B, K) is None without modulation.
     """
     h_new = torch.tanh(x + plastic_matvec(h, w, alpha, hebb))
+    if clamp is not None:
+        h_new = torch.where(clamp, x, h_new)
     eta_t, m = plasticity_rate(h_new, eta, h2mod_weight, h2mod_bias, fanout_weight, fanout_bias)
     hebb_new, elig_new = hebb_update(hebb, h, h_new, eta_t, rule, clip, elig, elig_rate)
     return h_new, hebb_new, elig_new, m
 
 
 def plastic_rnn_sequence(x, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
-                         fanout_weight, fanout_bias, rule="clip", clip=2.0, checkpoint_every=None):
-    """All T steps: ``x`` (T, B, N) -> ``(out (T, B, N), hebb_T, elig_T, m (T, B, K) or None)``.
+                         fanout_weight, fanout_bias, rule="clip", clip=2.0, checkpoint_every=None,
+                         clamp=None):
+    """All T steps: ``x`` (T, B, N) -> ``(out (T, B, N), hebb_T, elig_T, m (T, B, K) or None)``;
+    ``clamp`` (T, B, N) bool, optional, as in plastic_rnn_step.
 
     ``checkpoint_every`` only affects the fused op's memory use; it is accepted for symmetry.
     """
     outs, mods = [], []
-    for x_t in x.unbind(0):
+    for t, x_t in enumerate(x.unbind(0)):
         h, hebb, elig, m = plastic_rnn_step(x_t, h, hebb, elig, w, alpha, eta, elig_rate,
                                             h2mod_weight, h2mod_bias, fanout_weight,
-                                            fanout_bias, rule, clip)
+                                            fanout_bias, rule, clip,
+                                            None if clamp is None else clamp[t])
         outs.append(h)
         mods.append(m)
     m_seq = None if mods[0] is None else torch.stack(mods)

@@ -197,6 +197,17 @@ LstmConfig check_lstm_inputs(const char* op, const at::Tensor& x, int64_t x_widt
   return {check_plastic_inputs(op, x, sizes, in, rule, clip), modulator_input == "c"};
 }
 
+void check_clamp(const char* op, const OptTensor& clamp, const at::Tensor& x) {
+  if (!clamp.has_value()) return;
+  TORCH_CHECK(clamp->scalar_type() == at::kBool, op, ": expected clamp to have dtype bool, got ",
+              clamp->scalar_type());
+  TORCH_CHECK(clamp->device() == x.device(), op, ": expected clamp on device ", x.device(),
+              " (the device of the first argument), got ", clamp->device());
+  check_shape(op, "clamp", *clamp, x.sizes(), "(the shape of x)");
+  TORCH_CHECK(clamp->is_contiguous(), op, ": expected clamp to be contiguous, got strides ",
+              clamp->strides(), " for shape ", clamp->sizes(), " (call .contiguous())");
+}
+
 void check_checkpoint_every(const char* op, int64_t checkpoint_every) {
   TORCH_CHECK_VALUE(checkpoint_every >= 1, op, ": checkpoint_every must be >= 1, got ",
                     checkpoint_every);

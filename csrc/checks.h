@@ -58,6 +58,9 @@ LstmConfig check_lstm_inputs(const char* op, const at::Tensor& x, int64_t x_widt
                              const std::string& rule, double clip,
                              const std::string& modulator_input, bool sequence);
 
+// The RNN's optional clamp mask: bool, on x's device, x's shape ((T, B, N) or (B, N)).
+void check_clamp(const char* op, const OptTensor& clamp, const at::Tensor& x);
+
 void check_checkpoint_every(const char* op, int64_t checkpoint_every);
 
 // Plastic feed-forward primitives (DESIGN 2.4).

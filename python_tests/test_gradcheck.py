@@ -113,6 +113,18 @@ def test_gradcheck_step(fused, modulation, rule, regime):
     gradcheck_op(fused.plastic_rnn_step, inputs, rule=rule, clip=clip)
 
 
+@pytest.mark.parametrize("rule", RULES)
+def test_gradcheck_clamp(fused, rule):
+    """Sequence and step with some neurons clamped to x (free regime: no trace at the bound)."""
+    modulation = "fanout3" if rule == "retroactive" else "none_scalar"
+    inputs, clip = kink_free_inputs(modulation, rule, "free", T=3)
+    clamp = torch.rand(inputs["x"].shape, generator=torch.Generator().manual_seed(0)) < 0.5
+    gradcheck_op(fused.plastic_rnn_sequence, inputs, rule=rule, clip=clip, checkpoint_every=2,
+                 clamp=clamp)
+    gradcheck_op(fused.plastic_rnn_step, dict(inputs, x=inputs["x"][1]), rule=rule, clip=clip,
+                 clamp=clamp[1])
+
+
 @pytest.mark.parametrize("modulator_input", ["h", "c"])
 @pytest.mark.parametrize("modulation,rule,regime", CASES)
 def test_gradcheck_lstm_sequence(fused, modulation, rule, regime, modulator_input):

@@ -47,6 +47,17 @@ def test_opcheck_step(alpha, modulation, rule, dtype):
     torch.library.opcheck(OPS.plastic_rnn_step.default, raw_rnn_args(inputs, rule, 0.5))
 
 
+@pytest.mark.parametrize("alpha,modulation,rule,dtype", RNN_CONFIGS[:2], ids=RNN_IDS[:2])
+def test_opcheck_clamp(alpha, modulation, rule, dtype):
+    inputs = rnn_inputs(alpha, modulation, rule, T=3, B=2, N=5, dtype=dtype)
+    clamp = torch.rand(3, 2, 5, generator=torch.Generator().manual_seed(0)) < 0.5
+    torch.library.opcheck(OPS.plastic_rnn_sequence.default,
+                          raw_rnn_args(inputs, rule, 0.5) + [2, clamp])
+    step_inputs = dict(inputs, x=inputs["x"][0])
+    torch.library.opcheck(OPS.plastic_rnn_step.default,
+                          raw_rnn_args(step_inputs, rule, 0.5) + [clamp[0]])
+
+
 @pytest.mark.parametrize("alpha_shape", [(4, 5), (5,), ()], ids=["full", "neuron", "scalar"])
 def test_opcheck_matvec(alpha_shape):
     args = [torch.randn(s, dtype=torch.float64, requires_grad=True)

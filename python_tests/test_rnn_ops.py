@@ -7,7 +7,8 @@ import torch
 
 from backpropamine_cuda import reference
 from helpers import (CLIP_RULES, RULE_CONFIG, RULES, TOL, all_combos, assert_results_close,
-                     clamp_engaged, rnn_inputs, run_forward_backward, upcast)
+                     assert_results_equal, clamp_engaged, rnn_inputs, run_forward_backward,
+                     upcast)
 
 CLIP = 0.5
 SEQ_OUTPUTS = ("out", "hebb_T", "elig_T", "m")
@@ -15,28 +16,29 @@ STEP_OUTPUTS = ("h_new", "hebb_new", "elig_new", "m")
 
 
 def compare_sequence(fused, inputs, rule, *, checkpoint_every=None, use=None,
-                     requires_grad=True):
+                     requires_grad=True, clamp=None):
     """Fused in the inputs' dtype against the reference in float64; returns the reference's
     (outputs, grads)."""
     expected = run_forward_backward(reference.plastic_rnn_sequence, upcast(inputs), rule=rule,
-                                    clip=CLIP, use=use, requires_grad=requires_grad)
+                                    clip=CLIP, use=use, requires_grad=requires_grad, clamp=clamp)
     actual = run_forward_backward(fused.plastic_rnn_sequence, inputs, rule=rule, clip=CLIP,
                                   checkpoint_every=checkpoint_every, use=use,
-                                  requires_grad=requires_grad)
+                                  requires_grad=requires_grad, clamp=clamp)
     baseline = None
     if inputs["x"].dtype != torch.float64:
         baseline = run_forward_backward(reference.plastic_rnn_sequence, inputs, rule=rule,
-                                        clip=CLIP, use=use, requires_grad=requires_grad)
+                                        clip=CLIP, use=use, requires_grad=requires_grad,
+                                        clamp=clamp)
     assert_results_close(expected, actual, inputs["x"].dtype, names=SEQ_OUTPUTS,
                          baseline=baseline)
     return expected
 
 
-def compare_step(fused, inputs, rule, *, use=None, requires_grad=True):
+def compare_step(fused, inputs, rule, *, use=None, requires_grad=True, clamp=None):
     expected = run_forward_backward(reference.plastic_rnn_step, upcast(inputs), rule=rule,
-                                    clip=CLIP, use=use, requires_grad=requires_grad)
+                                    clip=CLIP, use=use, requires_grad=requires_grad, clamp=clamp)
     actual = run_forward_backward(fused.plastic_rnn_step, inputs, rule=rule, clip=CLIP, use=use,
-                                  requires_grad=requires_grad)
+                                  requires_grad=requires_grad, clamp=clamp)
     assert_results_close(expected, actual, inputs["x"].dtype, names=STEP_OUTPUTS)
     return expected
 
@@ -181,18 +183,73 @@ def test_no_input_requires_grad(fused):
             torch.testing.assert_close(a, e, **TOL[torch.float64])
 
 
-def test_sequence_equals_step_loop(fused):
+@pytest.mark.parametrize("clamped", [False, True], ids=["free", "clamped"])
+def test_sequence_equals_step_loop(fused, clamped):
     """T fused steps, each from the previous step's state, give the fused sequence's results."""
     rule = "retroactive"
     inputs = rnn_inputs("full", "fanout3", rule, T=5, B=3, N=7, seed=11)
+    clamp = random_mask(inputs["x"].shape, seed=11) if clamped else None
     out, hebb_T, elig_T, m = fused.plastic_rnn_sequence(**inputs, rule=rule, clip=CLIP,
-                                                        checkpoint_every=2)
+                                                        checkpoint_every=2, clamp=clamp)
     h, hebb, elig = inputs["h"], inputs["hebb"], inputs["elig"]
     params = {k: v for k, v in inputs.items() if k not in ("x", "h", "hebb", "elig")}
     for t in range(5):
         h, hebb, elig, m_t = fused.plastic_rnn_step(inputs["x"][t], h, hebb, elig, **params,
-                                                    rule=rule, clip=CLIP)
+                                                    rule=rule, clip=CLIP,
+                                                    clamp=None if clamp is None else clamp[t])
         torch.testing.assert_close(h, out[t], **TOL[torch.float64])
         torch.testing.assert_close(m_t, m[t], **TOL[torch.float64])
     torch.testing.assert_close(hebb, hebb_T, **TOL[torch.float64])
     torch.testing.assert_close(elig, elig_T, **TOL[torch.float64])
+
+
+# ---------------------------------------------------------------------------------------------
+# Clamped neurons: where the bool mask `clamp` is set, h_t = x_t (and dL/dx_t = dL/dh_t).
+
+def random_mask(shape, seed, p=0.4):
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed)) < p
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_sequence_clamp(fused, rule):
+    alpha, modulation = RULE_CONFIG[rule]
+    inputs = rnn_inputs(alpha, modulation, rule, T=5, B=3, N=7, seed=12)
+    clamp = random_mask(inputs["x"].shape, seed=12)
+    (out, *_), grads = compare_sequence(fused, inputs, rule, checkpoint_every=2, clamp=clamp)
+    assert torch.equal(out[clamp], inputs["x"][clamp])
+    assert not torch.equal(out[~clamp], inputs["x"][~clamp])
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_step_clamp(fused, rule):
+    alpha, modulation = RULE_CONFIG[rule]
+    inputs = rnn_inputs(alpha, modulation, rule, B=3, N=7, seed=13)
+    clamp = random_mask(inputs["x"].shape, seed=13)
+    (h_new, *_), _ = compare_step(fused, inputs, rule, clamp=clamp)
+    assert torch.equal(h_new[clamp], inputs["x"][clamp])
+
+
+@pytest.mark.parametrize("sizes", [dict(T=1, B=1, N=1), dict(T=5, B=1, N=33),
+                                   dict(T=3, B=17, N=70)], ids=size_ids)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_sequence_clamp_sizes(fused, sizes, dtype):
+    inputs = rnn_inputs("full", "none_scalar", "decay", dtype=dtype, seed=14, **sizes)
+    compare_sequence(fused, inputs, "decay", checkpoint_every=2,
+                     clamp=random_mask(inputs["x"].shape, seed=14, p=0.7))
+
+
+@pytest.mark.parametrize("fill", [False, True])
+def test_sequence_clamp_uniform_mask(fused, fill):
+    """An all-False mask changes nothing (bitwise); an all-True one makes out == x, its gradient
+    the loss's weights on out plus what reaches x through the trace and the modulator."""
+    rule = "retroactive"
+    inputs = rnn_inputs("neuron", "fanout1", rule, T=4, B=2, N=5, seed=15)
+    clamp = torch.full(inputs["x"].shape, fill)
+    (out, *_), _ = compare_sequence(fused, inputs, rule, clamp=clamp)
+    if fill:
+        assert torch.equal(out, inputs["x"])
+    else:
+        plain = run_forward_backward(fused.plastic_rnn_sequence, inputs, rule=rule, clip=CLIP)
+        masked = run_forward_backward(fused.plastic_rnn_sequence, inputs, rule=rule, clip=CLIP,
+                                      clamp=clamp)
+        assert_results_equal(plain, masked)

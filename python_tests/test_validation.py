@@ -220,6 +220,30 @@ def test_rnn_eta_non_contiguous(op):
         fn(**kwargs)
 
 
+@OPS_PARAM
+def test_rnn_clamp_not_bool(op):
+    fn, kwargs = rnn_case(op)
+    with raises(RuntimeError, f"{op_name(op)}: expected clamp to have dtype bool, got Double"):
+        fn(**kwargs, clamp=torch.ones_like(kwargs["x"]))
+
+
+@OPS_PARAM
+def test_rnn_clamp_wrong_shape(op):
+    fn, kwargs = rnn_case(op)
+    shape = (*kwargs["x"].shape[:-1], N + 1)
+    with raises(RuntimeError, f"{op_name(op)}: expected clamp to have shape "
+                f"{shape_str(kwargs['x'].shape)} (the shape of x), got {shape_str(shape)}"):
+        fn(**kwargs, clamp=torch.ones(shape, dtype=torch.bool))
+
+
+@OPS_PARAM
+def test_rnn_clamp_non_contiguous(op):
+    fn, kwargs = rnn_case(op)
+    clamp = non_contiguous(torch.ones_like(kwargs["x"], dtype=torch.bool))
+    with raises(RuntimeError, f"{op_name(op)}: expected clamp to be contiguous"):
+        fn(**kwargs, clamp=clamp)
+
+
 # Option values and missing/extra optional arguments: ValueError.
 
 @OPS_PARAM

@@ -145,10 +145,6 @@ inline void check_lstm_saved(const char* op, const PlasticConfig& c, const OptTe
   check_grad(op, "gates", gates, {T_, 4, B, N}, out);
 }
 
-inline OptTensor unsqueeze0(const OptTensor& t) {
-  return t.has_value() ? OptTensor(t->unsqueeze(0)) : std::nullopt;
-}
-
 }  // namespace lstm_detail
 
 template <class Backend>
@@ -249,8 +245,8 @@ Tensors<15> plastic_lstm_step_backward(
   const PlasticConfig& pc = lc.plastic;
   const Tensor out = h_new.unsqueeze(0), c_seq = c_new.unsqueeze(0), m_seq = m.unsqueeze(0);
   const Tensor gates_seq = gates.unsqueeze(0);
-  const OptTensor g_out = lstm_detail::unsqueeze0(grad_h_new),
-                  g_c = lstm_detail::unsqueeze0(grad_c_new), g_m = lstm_detail::unsqueeze0(grad_m);
+  const OptTensor g_out = unsqueeze0(grad_h_new),
+                  g_c = unsqueeze0(grad_c_new), g_m = unsqueeze0(grad_m);
   lstm_detail::check_lstm_saved(op, pc, g_out, g_c, grad_hebb, grad_elig, g_m, out, c_seq, gates_seq);
   const Tensor no_ckpt = at::empty({0, pc.B, pc.N, pc.N}, h_new.options());
   const Tensor eta_seq = eta_t.numel() > 0 ? eta_t.unsqueeze(0) : eta_t;

@@ -26,18 +26,19 @@ inline std::string returning(const std::string& signature, int n) {
 // Every op's schema (the autograd glue and fake implementations are in fused.py).
 inline void define_ops(torch::Library& m) {
   m.def("plastic_rnn_sequence(Tensor x, Tensor h0, Tensor hebb0, Tensor? elig0, " BP_RNN_PARAMS
-      ", int checkpoint_every) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      ", int checkpoint_every, Tensor? clamp=None) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(returning(
       "plastic_rnn_sequence_backward(Tensor? grad_out, Tensor? grad_hebb, Tensor? grad_elig, "
       "Tensor? grad_m, Tensor h0, Tensor hebb0, Tensor? elig0, " BP_RNN_PARAMS
       ", Tensor out, Tensor m, Tensor eta_seq, Tensor hebb_checkpoints, "
-      "Tensor elig_checkpoints, int checkpoint_every)", 12).c_str());
+      "Tensor elig_checkpoints, int checkpoint_every, Tensor? clamp=None)", 12).c_str());
   m.def("plastic_rnn_step(Tensor x, Tensor h, Tensor hebb, Tensor? elig, " BP_RNN_PARAMS
-      ") -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      ", Tensor? clamp=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(returning(
       "plastic_rnn_step_backward(Tensor? grad_h_new, Tensor? grad_hebb, Tensor? grad_elig, "
       "Tensor? grad_m, Tensor h, Tensor hebb, Tensor? elig, " BP_RNN_PARAMS
-      ", Tensor h_new, Tensor m, Tensor eta_t)", 12).c_str());
+      ", Tensor h_new, Tensor m, Tensor eta_t, Tensor? clamp=None)", 12).c_str());
   m.def(returning(
       "plastic_lstm_sequence(Tensor x, Tensor h0, Tensor c0, Tensor hebb0, Tensor? elig0, "
       "Tensor h2g_weight, Tensor h2g_bias, " BP_RNN_PARAMS ", str modulator_input, "

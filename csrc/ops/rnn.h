@@ -1,7 +1,8 @@
 // Plastic tanh RNN ops, for any Backend (the device's trace passes): the sequence op and the
 // step op (the sequence op with T = 1). The trace passes, checkpoints and plastic-parameter
 // gradients are in trace_sequence.h; this file adds the cell: h_t = tanh(x_t + u_t), the trace's
-// post-synaptic term and the modulator's input both being h_t.
+// post-synaptic term and the modulator's input both being h_t. Where the optional bool mask
+// `clamp` is set, h_t = x_t instead (input neurons pinned to their input).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -18,11 +19,14 @@ namespace rnn_detail {
 
 template <typename T, class Backend>
 Tensors<7> sequence_forward(const Backend& be, const PlasticConfig& c, const PlasticParams<T>& p,
-                            const Tensor& x, const Tensor& h0, int64_t L) {
+                            const Tensor& x, const Tensor& h0, const OptTensor& clamp,
+                            int64_t L) {
   Tensor out = at::empty({c.T, c.B, c.N}, x.options());
   auto r = trace_forward<T>(be, c, p, {h0, out, out, out}, L, [&](int64_t t, const Tensor& u) {
     Tensor h_t = out.select(0, t - 1);
-    at::add_out(h_t, x.select(0, t - 1), u).tanh_();
+    const Tensor x_t = x.select(0, t - 1);
+    at::add_out(h_t, x_t, u).tanh_();
+    if (clamp.has_value()) h_t.copy_(at::where(clamp->select(0, t - 1), x_t, h_t));
   });
   return {out, r.hebb_T, r.elig_T, r.m, r.eta_seq, r.ckpt_h, r.ckpt_e};
 }
@@ -31,18 +35,25 @@ template <typename T, class Backend>
 Tensors<12> sequence_backward(const Backend& be, const PlasticConfig& c,
                               const PlasticParams<T>& p, const OptTensor& grad_out,
                               const TraceSaved& saved, const Tensor& h0, const Tensor& out,
-                              int64_t L) {
-  Tensor g_x = at::empty({c.T, c.B, c.N}, out.options());  // dL/du_t == dL/dx_t
-  // dL/dh_s from every path, then through the tanh.
+                              const OptTensor& clamp, int64_t L) {
+  Tensor g_u = at::empty({c.T, c.B, c.N}, out.options());  // dL/du_t
+  // dL/dx_t is dL/du_t, except on clamped neurons: there h_t = x_t and u_t is not used.
+  Tensor g_x = clamp.has_value() ? at::empty_like(g_u) : g_u;
+  // dL/dh_s from every path, then through the tanh (or the clamp).
   auto finish = [&](int64_t s, const StepGrads& g) {
     Tensor g_h = g.post + g.h;
     if (grad_out.has_value()) g_h.add_(grad_out->select(0, s - 1));
     if (g.mod_in.defined()) g_h.add_(g.mod_in);
     const Tensor h = out.select(0, s - 1);
-    Tensor g_x_s = g_x.select(0, s - 1);
-    at::mul_out(g_x_s, g_h, 1 - h * h);
+    Tensor g_u_s = g_u.select(0, s - 1);
+    at::mul_out(g_u_s, g_h, 1 - h * h);
+    if (clamp.has_value()) {
+      const Tensor clamp_s = clamp->select(0, s - 1);
+      g_u_s.masked_fill_(clamp_s, 0);
+      g_x.select(0, s - 1).copy_(at::where(clamp_s, g_h, g_u_s));
+    }
   };
-  TraceBackward r = trace_backward<T>(be, c, p, {h0, out, out, out}, saved, L, g_x, finish);
+  TraceBackward r = trace_backward<T>(be, c, p, {h0, out, out, out}, saved, L, g_u, finish);
   return {g_x,     r.g_h0,   r.g_hebb,    r.g_elig,    r.g_w,     r.g_alpha,
           r.g_eta, r.g_rate, r.g_h2mod_w, r.g_h2mod_b, r.g_fan_w, r.g_fan_b};
 }
@@ -54,16 +65,18 @@ Tensors<7> plastic_rnn_sequence(
     const Tensor& x, const Tensor& h0, const Tensor& hebb0, const OptTensor& elig0,
     const Tensor& w, const Tensor& alpha, const OptTensor& eta, const OptTensor& elig_rate,
     const OptTensor& h2mod_weight, const OptTensor& h2mod_bias, const OptTensor& fanout_weight,
-    const OptTensor& fanout_bias, const std::string& rule, double clip, int64_t checkpoint_every) {
+    const OptTensor& fanout_bias, const std::string& rule, double clip, int64_t checkpoint_every,
+    const OptTensor& clamp) {
   const char* op = "plastic_rnn_sequence";
   const c10::DeviceGuard guard(x.device());
   const PlasticInputs in{hebb0, elig0, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
                          fanout_weight, fanout_bias};
   const PlasticConfig c = check_rnn_inputs(op, x, h0, in, rule, clip, true);
   check_checkpoint_every(op, checkpoint_every);
+  check_clamp(op, clamp, x);
   return dispatch_float(x, op, [&]<typename T>() {
     return rnn_detail::sequence_forward<T>(Backend(x.options()), c, PlasticParams<T>(c, in), x,
-                                           h0, checkpoint_every);
+                                           h0, clamp, checkpoint_every);
   });
 }
 
@@ -75,13 +88,14 @@ Tensors<12> plastic_rnn_sequence_backward(
     const OptTensor& h2mod_weight, const OptTensor& h2mod_bias, const OptTensor& fanout_weight,
     const OptTensor& fanout_bias, const std::string& rule, double clip, const Tensor& out,
     const Tensor& m, const Tensor& eta_seq, const Tensor& hebb_checkpoints,
-    const Tensor& elig_checkpoints, int64_t checkpoint_every) {
+    const Tensor& elig_checkpoints, int64_t checkpoint_every, const OptTensor& clamp) {
   const char* op = "plastic_rnn_sequence_backward";
   const c10::DeviceGuard guard(h0.device());
   const PlasticInputs in{hebb0, elig0, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
                          fanout_weight, fanout_bias};
   const PlasticConfig c = check_rnn_inputs(op, out, h0, in, rule, clip, true);
   check_checkpoint_every(op, checkpoint_every);
+  check_clamp(op, clamp, out);
   const int64_t T_ = c.T, B = c.B, N = c.N;
   if (grad_out.has_value()) check_grad(op, "grad_out", *grad_out, {T_, B, N}, out);
   if (grad_hebb.has_value()) check_grad(op, "grad_hebb", *grad_hebb, {B, N, N}, out);
@@ -94,7 +108,7 @@ Tensors<12> plastic_rnn_sequence_backward(
                          grad_hebb, grad_elig, grad_m};
   return dispatch_float(out, op, [&]<typename T>() {
     return rnn_detail::sequence_backward<T>(Backend(out.options()), c, PlasticParams<T>(c, in),
-                                            grad_out, saved, h0, out, checkpoint_every);
+                                            grad_out, saved, h0, out, clamp, checkpoint_every);
   });
 }
 
@@ -103,16 +117,17 @@ Tensors<5> plastic_rnn_step(
     const Tensor& x, const Tensor& h, const Tensor& hebb, const OptTensor& elig, const Tensor& w,
     const Tensor& alpha, const OptTensor& eta, const OptTensor& elig_rate,
     const OptTensor& h2mod_weight, const OptTensor& h2mod_bias, const OptTensor& fanout_weight,
-    const OptTensor& fanout_bias, const std::string& rule, double clip) {
+    const OptTensor& fanout_bias, const std::string& rule, double clip, const OptTensor& clamp) {
   const char* op = "plastic_rnn_step";
   const c10::DeviceGuard guard(x.device());
   const PlasticInputs in{hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
                          fanout_weight, fanout_bias};
   const PlasticConfig c = check_rnn_inputs(op, x, h, in, rule, clip, false);
+  check_clamp(op, clamp, x);
   auto [out, hebb_new, elig_new, m, eta_seq, ckpt_h, ckpt_e] =
       dispatch_float(x, op, [&]<typename T>() {
     return rnn_detail::sequence_forward<T>(Backend(x.options()), c, PlasticParams<T>(c, in),
-                                           x.unsqueeze(0), h, 1);
+                                           x.unsqueeze(0), h, unsqueeze0(clamp), 1);
   });
   // eta_t (B, N) is kept for the backward only when the rate is computed by the modulator.
   Tensor eta_t = eta_seq.numel() > 0 ? eta_seq.squeeze(0) : at::empty({0}, x.options());
@@ -126,30 +141,28 @@ Tensors<12> plastic_rnn_step_backward(
     const Tensor& w, const Tensor& alpha, const OptTensor& eta, const OptTensor& elig_rate,
     const OptTensor& h2mod_weight, const OptTensor& h2mod_bias, const OptTensor& fanout_weight,
     const OptTensor& fanout_bias, const std::string& rule, double clip, const Tensor& h_new,
-    const Tensor& m, const Tensor& eta_t) {
+    const Tensor& m, const Tensor& eta_t, const OptTensor& clamp) {
   const char* op = "plastic_rnn_step_backward";
   const c10::DeviceGuard guard(h.device());
   const PlasticInputs in{hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
                          fanout_weight, fanout_bias};
   const PlasticConfig c = check_rnn_inputs(op, h_new, h, in, rule, clip, false);
+  check_clamp(op, clamp, h_new);
   const int64_t B = c.B, N = c.N;
   if (grad_h_new.has_value()) check_grad(op, "grad_h_new", *grad_h_new, {B, N}, h_new);
   if (grad_hebb.has_value()) check_grad(op, "grad_hebb", *grad_hebb, {B, N, N}, h_new);
   if (grad_elig.has_value() && c.modes.rule == Rule::Retroactive)
     check_grad(op, "grad_elig", *grad_elig, {B, N, N}, h_new);
   if (grad_m.has_value()) check_grad(op, "grad_m", *grad_m, {B, c.K}, h_new);
-  auto unsq = [](const OptTensor& t) -> OptTensor {
-    return t.has_value() ? OptTensor(t->unsqueeze(0)) : std::nullopt;
-  };
   const Tensor no_ckpt = at::empty({0, B, N, N}, h_new.options());
   const Tensor eta_seq = eta_t.numel() > 0 ? eta_t.unsqueeze(0) : eta_t;
   const Tensor m_seq = m.unsqueeze(0);
-  const OptTensor grad_m_seq = unsq(grad_m);
+  const OptTensor grad_m_seq = unsqueeze0(grad_m);
   const TraceSaved saved{m_seq, eta_seq, no_ckpt, no_ckpt, grad_hebb, grad_elig, grad_m_seq};
   auto grads = dispatch_float(h_new, op, [&]<typename T>() {
     return rnn_detail::sequence_backward<T>(Backend(h_new.options()), c,
-                                            PlasticParams<T>(c, in), unsq(grad_h_new), saved, h,
-                                            h_new.unsqueeze(0), 1);
+                                            PlasticParams<T>(c, in), unsqueeze0(grad_h_new),
+                                            saved, h, h_new.unsqueeze(0), unsqueeze0(clamp), 1);
   });
   std::get<0>(grads) = std::get<0>(grads).squeeze(0);
   return grads;

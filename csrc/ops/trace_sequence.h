@@ -40,6 +40,11 @@ struct PlasticParams {
                in.elig_rate.has_value() ? in.elig_rate->item<T>() : T(0)} {}
 };
 
+// A step op's optional per-step tensor as a sequence of one step.
+inline OptTensor unsqueeze0(const OptTensor& t) {
+  return t.has_value() ? OptTensor(t->unsqueeze(0)) : std::nullopt;
+}
+
 inline int64_t num_segments(int64_t T, int64_t L) { return (T + L - 1) / L; }
 
 // dst = the sum of src's rows of dst.numel() values each, in row order (src contiguous).
