@@ -13,10 +13,10 @@ import importlib
 
 from . import reference
 from .modules import (PlasticLSTM, PlasticLSTMCell, PlasticLSTMState, PlasticRNN, PlasticRNNCell,
-                      PlasticState)
+                      PlasticState, RolloutState)
 
-__all__ = ["PlasticRNN", "PlasticRNNCell", "PlasticState", "PlasticLSTM", "PlasticLSTMCell",
-           "PlasticLSTMState", "reference", "fused"]
+__all__ = ["PlasticRNN", "PlasticRNNCell", "PlasticState", "RolloutState", "PlasticLSTM",
+           "PlasticLSTMCell", "PlasticLSTMState", "reference", "fused"]
 __version__ = "0.1.0"
 
 

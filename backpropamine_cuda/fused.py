@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from . import _extension
+from . import _extension, reference
 
 _extension.load()
 # The ops' namespaces: the real ones (CPU and, where built, CUDA kernels), and the CUDA kernels
@@ -84,6 +84,13 @@ def _(x, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fano
     B, N = x.shape
     return (x.new_empty(B, N),
             *_step_trace_fakes(x.new_empty, B, N, _n_modulators(h2mod_weight), rule))
+
+
+@_register_fake("plastic_rnn_rollout_step")
+def _(x, u, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fanout_weight,
+      fanout_bias, rule, clip, clamp=None):
+    B, N = x.shape
+    return x.new_empty(B, N), x.new_empty(B, N), x.new_empty(B, _n_modulators(h2mod_weight))
 
 
 @_register_fake("plastic_lstm_sequence")
@@ -336,6 +343,16 @@ class FusedOps:
             fanout_bias, rule, float(clip), clamp)
         return h_new, hebb_new, _none_if_empty(elig_new), _modulation_output(m, h2mod_weight)
 
+    def plastic_rnn_rollout_step(self, x, u, h, hebb, elig, w, alpha, eta, elig_rate,
+                                 h2mod_weight, h2mod_bias, fanout_weight, fanout_bias,
+                                 rule="clip", clip=2.0, clamp=None):
+        """Fused rollout step, no autograd; see reference.plastic_rnn_rollout_step."""
+        tensors = (x, u, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
+                   fanout_weight, fanout_bias)
+        reference.check_no_grad("plastic_rnn_rollout_step", tensors)
+        h_new, u_next, m = self._ops.plastic_rnn_rollout_step(*tensors, rule, float(clip), clamp)
+        return h_new, u_next, _modulation_output(m, h2mod_weight)
+
     def plastic_lstm_sequence(self, x, h, c, hebb, elig, h2g_weight, h2g_bias, w, alpha, eta,
                               elig_rate, h2mod_weight, h2mod_bias, fanout_weight, fanout_bias,
                               rule="clip", clip=2.0, modulator_input="h", checkpoint_every=None):
@@ -375,6 +392,7 @@ class FusedOps:
 _fused = FusedOps("backpropamine")
 plastic_rnn_sequence = _fused.plastic_rnn_sequence
 plastic_rnn_step = _fused.plastic_rnn_step
+plastic_rnn_rollout_step = _fused.plastic_rnn_rollout_step
 plastic_lstm_sequence = _fused.plastic_lstm_sequence
 plastic_lstm_step = _fused.plastic_lstm_step
 plastic_matvec = _fused.plastic_matvec

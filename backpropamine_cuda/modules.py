@@ -21,6 +21,15 @@ class PlasticState(NamedTuple):
     elig: Optional[torch.Tensor] = None
 
 
+class RolloutState(NamedTuple):
+    """State of ``rollout_step``: those of PlasticState, whose traces it updates in place, and the
+    next step's recurrent drive ``h @ (w + alpha * hebb)`` (B, N), None for plastic=False."""
+    h: torch.Tensor
+    hebb: Optional[torch.Tensor] = None
+    elig: Optional[torch.Tensor] = None
+    drive: Optional[torch.Tensor] = None
+
+
 class PlasticLSTMState(NamedTuple):
     """LSTM state: h and the cell state c (B, N); hebb and elig as in PlasticState (the traces of
     the plastic h -> g weights)."""
@@ -258,6 +267,35 @@ class _RNN(_PlasticBase):
 
     def _op_inputs(self, x, state):
         return (self.i2h(x), state.h, state.hebb, state.elig, *self._plastic_args())
+
+    @torch.no_grad()
+    def rollout_step(self, x, state=None, return_modulation=False):
+        """One step for acting without gradients (e.g. RL rollouts; runs under no_grad).
+
+        ``h, state = layer.rollout_step(x, state=None)`` with x (B, I), or ``h, state, m =
+        ...(x, state, return_modulation=True)``; ``state`` is None (zeros), a PlasticState (its
+        traces are copied) or the RolloutState of the previous call, whose traces are updated in
+        place. Same results as the step-by-step forward, but the next step's recurrent drive
+        travels in the state, so that the fused kernels sweep the trace once per step, as a
+        sequence does, where a one-step forward sweeps it twice and allocates new traces.
+        """
+        self._check_input(x, 2, "(B, input_size)")
+        drive = None
+        if isinstance(state, RolloutState):
+            drive = state.drive
+            state = PlasticState(*state[:3])
+        elif state is not None:  # the caller's traces are not to be overwritten
+            state = PlasticState(*(None if t is None else t.clone() for t in state))
+        state, backend = self._prepare(x, state)
+        if not self.plastic:
+            h, m = self._fixed_step(x, state, backend).h, None
+            new_state = RolloutState(h)
+        else:
+            h, drive, m = backend.plastic_rnn_rollout_step(
+                self.i2h(x), drive, state.h, state.hebb, state.elig, *self._plastic_args(),
+                **self._op_options())
+            new_state = RolloutState(h, state.hebb, state.elig, drive)
+        return (h, new_state, m) if return_modulation else (h, new_state)
 
     def _fixed_step(self, x, state, backend):
         if backend is reference:

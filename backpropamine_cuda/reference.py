@@ -83,12 +83,45 @@ def plastic_rnn_step(x, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h
 
     Returns ``(h_new, hebb_new, elig_new, m)``; ``m`` (B, K) is None without modulation.
     """
-    h_new = torch.tanh(x + plastic_matvec(h, w, alpha, hebb))
-    if clamp is not None:
-        h_new = torch.where(clamp, x, h_new)
+    h_new = rnn_cell(x, plastic_matvec(h, w, alpha, hebb), clamp)
     eta_t, m = plasticity_rate(h_new, eta, h2mod_weight, h2mod_bias, fanout_weight, fanout_bias)
     hebb_new, elig_new = hebb_update(hebb, h, h_new, eta_t, rule, clip, elig, elig_rate)
     return h_new, hebb_new, elig_new, m
+
+
+def rnn_cell(x, u, clamp=None):
+    """``tanh(x + u)``, or ``x`` where ``clamp`` is True."""
+    h_new = torch.tanh(x + u)
+    return h_new if clamp is None else torch.where(clamp, x, h_new)
+
+
+def check_no_grad(op, tensors):
+    """Raises when autograd would be needed through `op`, which has none."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise RuntimeError(f"{op}: no autograd (it updates hebb and elig in place); call it "
+                           "under torch.no_grad(), or use plastic_rnn_step to backpropagate")
+
+
+def plastic_rnn_rollout_step(x, u, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight,
+                             h2mod_bias, fanout_weight, fanout_bias, rule="clip", clip=2.0,
+                             clamp=None):
+    """plastic_rnn_step for acting without gradients (RL rollouts): ``hebb`` and ``elig`` are
+    updated in place, and the next step's drive ``u_next = h_new @ (w + alpha * hebb_new)`` is
+    returned for the next call, which takes it as ``u`` (None: computed from ``h`` and ``hebb``).
+    The fused op thereby sweeps the trace once per step. Returns ``(h_new, u_next, m)``.
+    """
+    check_no_grad("plastic_rnn_rollout_step", (x, u, h, hebb, elig, w, alpha, eta, elig_rate,
+                                               h2mod_weight, h2mod_bias, fanout_weight,
+                                               fanout_bias))
+    if u is None:
+        u = plastic_matvec(h, w, alpha, hebb)
+    h_new = rnn_cell(x, u, clamp)
+    eta_t, m = plasticity_rate(h_new, eta, h2mod_weight, h2mod_bias, fanout_weight, fanout_bias)
+    hebb_new, elig_new = hebb_update(hebb, h, h_new, eta_t, rule, clip, elig, elig_rate)
+    hebb.copy_(hebb_new)
+    if elig is not None:
+        elig.copy_(elig_new)
+    return h_new, plastic_matvec(h_new, w, alpha, hebb), m
 
 
 def plastic_rnn_sequence(x, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,

@@ -208,6 +208,12 @@ void check_clamp(const char* op, const OptTensor& clamp, const at::Tensor& x) {
               clamp->strides(), " for shape ", clamp->sizes(), " (call .contiguous())");
 }
 
+void check_drive(const char* op, const OptTensor& u, const at::Tensor& x) {
+  if (!u.has_value()) return;
+  check_tensor(op, "u", *u, x);
+  check_shape(op, "u", *u, x.sizes(), "(B, N), like x");
+}
+
 void check_checkpoint_every(const char* op, int64_t checkpoint_every) {
   TORCH_CHECK_VALUE(checkpoint_every >= 1, op, ": checkpoint_every must be >= 1, got ",
                     checkpoint_every);

@@ -61,6 +61,9 @@ LstmConfig check_lstm_inputs(const char* op, const at::Tensor& x, int64_t x_widt
 // The RNN's optional clamp mask: bool, on x's device, x's shape ((T, B, N) or (B, N)).
 void check_clamp(const char* op, const OptTensor& clamp, const at::Tensor& x);
 
+// The rollout step's optional drive u: x's dtype, device and shape (B, N), contiguous.
+void check_drive(const char* op, const OptTensor& u, const at::Tensor& x);
+
 void check_checkpoint_every(const char* op, int64_t checkpoint_every);
 
 // Plastic feed-forward primitives (DESIGN 2.4).

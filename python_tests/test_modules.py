@@ -169,6 +169,55 @@ def test_cell_loop_equals_rnn(options):
 
 
 @pytest.mark.parametrize("impl", ["reference", "fused"])
+@pytest.mark.parametrize("options", COMPARE_OPTIONS + [dict(plastic=False)], ids=opt_id)
+def test_rollout_step_equals_rnn(options, impl):
+    """rollout_step, step after step from None, gives the sequence forward's outputs,
+    modulation and final traces (updated in place in the state it returns), without autograd."""
+    rnn = make(bp.PlasticRNN, options, impl=impl)
+    x = torch.randn(5, 2, I, dtype=torch.float64)
+    out, state, m = rnn(x, return_modulation=True)
+    roll = None
+    for t in range(5):
+        h, roll, m_t = rnn.rollout_step(x[t], roll, return_modulation=True)
+        assert not h.requires_grad
+        torch.testing.assert_close(h, out[t], **TOL[torch.float64])
+        assert (m_t is None) == (m is None)
+        if m is not None:
+            torch.testing.assert_close(m_t, m[t], **TOL[torch.float64])
+    assert isinstance(roll, bp.RolloutState)
+    for a, e in zip(roll[:3], state):
+        assert (a is None) == (e is None)
+        if e is not None:
+            torch.testing.assert_close(a, e, **TOL[torch.float64])
+
+
+def test_rollout_step_leaves_a_given_state_alone():
+    """From a PlasticState (e.g. the end of a forward), the traces are copied, not overwritten;
+    the results are those of the cell."""
+    cell = make(bp.PlasticRNNCell, dict(rule="retroactive", n_modulators=2))
+    x = torch.randn(2, 2, I, dtype=torch.float64)
+    _, state = cell(x[0])
+    state = bp.PlasticState(*(t.detach() for t in state))
+    before = [t.clone() for t in state]
+    h, roll = cell.rollout_step(x[1], state)
+    h_cell, cell_state = cell(x[1], state)
+    for a, e in zip(state, before):
+        assert torch.equal(a, e)
+    torch.testing.assert_close(h, h_cell.detach(), **TOL[torch.float64])
+    torch.testing.assert_close(roll.hebb, cell_state.hebb.detach(), **TOL[torch.float64])
+
+
+def test_rollout_step_checks_input_and_state():
+    rnn = make(bp.PlasticRNN, dict(rule="retroactive"))
+    with pytest.raises(ValueError, match=r"input must have shape \(B, input_size\)"):
+        rnn.rollout_step(torch.randn(3, 2, I, dtype=torch.float64))
+    with pytest.raises(ValueError, match="state.hebb must have shape"):
+        rnn.rollout_step(torch.randn(2, I, dtype=torch.float64),
+                         bp.RolloutState(torch.zeros(2, N, dtype=torch.float64),
+                                         torch.zeros(2, N, N + 1, dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused"])
 @pytest.mark.parametrize("cls", [bp.PlasticRNN, bp.PlasticRNNCell])
 def test_state_none_equals_zeros(cls, impl):
     module = make(cls, dict(rule="retroactive", n_modulators=2), impl=impl)

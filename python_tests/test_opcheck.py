@@ -58,6 +58,16 @@ def test_opcheck_clamp(alpha, modulation, rule, dtype):
                           raw_rnn_args(step_inputs, rule, 0.5) + [clamp[0]])
 
 
+@pytest.mark.parametrize("with_drive", [False, True], ids=["first_step", "with_drive"])
+@pytest.mark.parametrize("alpha,modulation,rule,dtype", RNN_CONFIGS, ids=RNN_IDS)
+def test_opcheck_rollout_step(alpha, modulation, rule, dtype, with_drive):
+    """No autograd (it mutates hebb and elig): the inputs do not require grad."""
+    inputs = rnn_inputs(alpha, modulation, rule, B=2, N=5, dtype=dtype)
+    x, h, *rest = raw_rnn_args(inputs, rule, 0.5, requires_grad=False)
+    u = torch.randn_like(x) if with_drive else None
+    torch.library.opcheck(OPS.plastic_rnn_rollout_step.default, [x, u, h, *rest])
+
+
 @pytest.mark.parametrize("alpha_shape", [(4, 5), (5,), ()], ids=["full", "neuron", "scalar"])
 def test_opcheck_matvec(alpha_shape):
     args = [torch.randn(s, dtype=torch.float64, requires_grad=True)

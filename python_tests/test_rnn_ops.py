@@ -7,8 +7,8 @@ import torch
 
 from backpropamine_cuda import reference
 from helpers import (CLIP_RULES, RULE_CONFIG, RULES, TOL, all_combos, assert_results_close,
-                     assert_results_equal, clamp_engaged, rnn_inputs, run_forward_backward,
-                     upcast)
+                     assert_results_equal, assert_tensor_close, clamp_engaged, rnn_inputs,
+                     run_forward_backward, upcast)
 
 CLIP = 0.5
 SEQ_OUTPUTS = ("out", "hebb_T", "elig_T", "m")
@@ -253,3 +253,79 @@ def test_sequence_clamp_uniform_mask(fused, fill):
         masked = run_forward_backward(fused.plastic_rnn_sequence, inputs, rule=rule, clip=CLIP,
                                       clamp=clamp)
         assert_results_equal(plain, masked)
+
+
+# ---------------------------------------------------------------------------------------------
+# The rollout step (no autograd): a loop of them gives the sequence's outputs and final traces,
+# with the traces updated in place and each step's drive handed to the next.
+
+def rollout(impl, inputs, rule, clamp=None):
+    """(h per step, m per step, the final u) of a loop of impl.plastic_rnn_rollout_step from the
+    sequence inputs, whose hebb and elig it updates in place."""
+    params = {k: v for k, v in inputs.items() if k not in ("x", "h", "hebb", "elig")}
+    h, u, hs, ms = inputs["h"], None, [], []
+    with torch.no_grad():
+        for t in range(inputs["x"].shape[0]):
+            h, u, m = impl.plastic_rnn_rollout_step(
+                inputs["x"][t], u, h, inputs["hebb"], inputs["elig"], **params, rule=rule,
+                clip=CLIP, clamp=None if clamp is None else clamp[t])
+            hs.append(h)
+            ms.append(m)
+    return hs, ms, u
+
+
+def check_rollout(impl, inputs, rule, clamp=None):
+    dtype = inputs["x"].dtype
+    expected = reference.plastic_rnn_sequence(**upcast(inputs), rule=rule, clip=CLIP, clamp=clamp)
+    traces = {k: None if inputs[k] is None else inputs[k].clone() for k in ("hebb", "elig")}
+    hs, ms, u = rollout(impl, dict(inputs, **traces), rule, clamp)
+    out, hebb_T, elig_T, m = expected
+    for t, (h_t, m_t) in enumerate(zip(hs, ms)):
+        assert_tensor_close(h_t, out[t], f"h at step {t + 1}", dtype)
+        assert (m_t is None) == (m is None)
+        if m is not None:
+            assert_tensor_close(m_t, m[t], f"m at step {t + 1}", dtype)
+    assert_tensor_close(traces["hebb"], hebb_T, "hebb (updated in place)", dtype)
+    assert (traces["elig"] is None) == (elig_T is None)
+    if elig_T is not None:
+        assert_tensor_close(traces["elig"], elig_T, "elig (updated in place)", dtype)
+    u_next = reference.plastic_matvec(out[-1], upcast(inputs)["w"], upcast(inputs)["alpha"],
+                                      hebb_T)
+    assert_tensor_close(u, u_next, "u of the next step", dtype)
+
+
+@pytest.mark.parametrize("alpha,modulation,rule", all_combos())
+def test_rollout_step_every_option(fused, alpha, modulation, rule):
+    check_rollout(fused, rnn_inputs(alpha, modulation, rule, T=4, B=3, N=7, seed=16), rule)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_rollout_step_reference(rule):
+    alpha, modulation = RULE_CONFIG[rule]
+    check_rollout(reference, rnn_inputs(alpha, modulation, rule, T=4, B=3, N=7, seed=17), rule)
+
+
+@pytest.mark.parametrize("sizes", [dict(T=1, B=1, N=1), dict(T=3, B=1, N=33),
+                                   dict(T=3, B=17, N=70)], ids=size_ids)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("rule", ["retroactive", "oja"])
+def test_rollout_step_sizes(fused, sizes, dtype, rule):
+    alpha, modulation = RULE_CONFIG[rule]
+    inputs = rnn_inputs(alpha, modulation, rule, dtype=dtype, seed=18, **sizes)
+    check_rollout(fused, inputs, rule)
+
+
+def test_rollout_step_clamp(fused):
+    inputs = rnn_inputs("full", "simple", "retroactive", T=4, B=3, N=7, seed=19)
+    check_rollout(fused, inputs, "retroactive", random_mask(inputs["x"].shape, seed=19))
+
+
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def test_rollout_step_refuses_autograd(fused, impl):
+    module = fused if impl == "fused" else reference
+    inputs = rnn_inputs("full", "simple", "clip", B=2, N=5)
+    inputs["w"].requires_grad_()
+    params = {k: v for k, v in inputs.items() if k not in ("x", "h", "hebb", "elig")}
+    with pytest.raises(RuntimeError, match="plastic_rnn_rollout_step: no autograd"):
+        module.plastic_rnn_rollout_step(inputs["x"], None, inputs["h"], inputs["hebb"], None,
+                                        **params, rule="clip", clip=CLIP)

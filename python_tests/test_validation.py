@@ -244,6 +244,37 @@ def test_rnn_clamp_non_contiguous(op):
         fn(**kwargs, clamp=clamp)
 
 
+def rollout_case():
+    """(fused rollout step, valid kwargs)."""
+    _, kwargs = rnn_case("step")
+    return bp.fused.plastic_rnn_rollout_step, dict(kwargs, u=torch.zeros_like(kwargs["x"]))
+
+
+@pytest.mark.parametrize("shape", [(B, N + 1), (N,), (1, B, N)], ids=str)
+def test_rollout_step_drive_wrong_shape(shape):
+    fn, kwargs = rollout_case()
+    fn(**kwargs)
+    kwargs["u"] = torch.zeros(shape, dtype=torch.float64)
+    with raises(RuntimeError, f"plastic_rnn_rollout_step: expected u to have shape "
+                f"{shape_str((B, N))} (B, N), like x, got {shape_str(shape)}"):
+        fn(**kwargs)
+
+
+def test_rollout_step_drive_wrong_dtype():
+    fn, kwargs = rollout_case()
+    kwargs["u"] = kwargs["u"].float()
+    with raises(RuntimeError, "plastic_rnn_rollout_step: expected u to have dtype Double"):
+        fn(**kwargs)
+
+
+def test_rollout_step_checks_like_step():
+    """The rollout step shares the step op's checks: e.g. a wrong hebb shape."""
+    fn, kwargs = rollout_case()
+    kwargs["hebb"] = torch.zeros(B, N, N - 1, dtype=torch.float64)
+    with raises(RuntimeError, "plastic_rnn_rollout_step: expected hebb to have shape"):
+        fn(**kwargs)
+
+
 # Option values and missing/extra optional arguments: ValueError.
 
 @OPS_PARAM

@@ -39,6 +39,8 @@ inline void define_ops(torch::Library& m) {
       "plastic_rnn_step_backward(Tensor? grad_h_new, Tensor? grad_hebb, Tensor? grad_elig, "
       "Tensor? grad_m, Tensor h, Tensor hebb, Tensor? elig, " BP_RNN_PARAMS
       ", Tensor h_new, Tensor m, Tensor eta_t, Tensor? clamp=None)", 12).c_str());
+  m.def("plastic_rnn_rollout_step(Tensor x, Tensor? u, Tensor h, Tensor(a!) hebb, "
+      "Tensor(b!)? elig, " BP_RNN_PARAMS ", Tensor? clamp=None) -> (Tensor, Tensor, Tensor)");
   m.def(returning(
       "plastic_lstm_sequence(Tensor x, Tensor h0, Tensor c0, Tensor hebb0, Tensor? elig0, "
       "Tensor h2g_weight, Tensor h2g_bias, " BP_RNN_PARAMS ", str modulator_input, "
@@ -73,6 +75,7 @@ void impl_ops(torch::Library& m) {
   m.impl("plastic_rnn_sequence_backward", &plastic_rnn_sequence_backward<Backend>);
   m.impl("plastic_rnn_step", &plastic_rnn_step<Backend>);
   m.impl("plastic_rnn_step_backward", &plastic_rnn_step_backward<Backend>);
+  m.impl("plastic_rnn_rollout_step", &plastic_rnn_rollout_step<Backend>);
   m.impl("plastic_lstm_sequence", &plastic_lstm_sequence<Backend>);
   m.impl("plastic_lstm_sequence_backward", &plastic_lstm_sequence_backward<Backend>);
   m.impl("plastic_lstm_step", &plastic_lstm_step<Backend>);

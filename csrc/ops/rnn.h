@@ -17,6 +17,12 @@ namespace bp {
 
 namespace rnn_detail {
 
+// The cell: h = tanh(x + u), or x where `clamp` is set. h may be a step of the output sequence.
+inline void cell_forward(Tensor& h, const Tensor& x, const Tensor& u, const OptTensor& clamp) {
+  at::add_out(h, x, u).tanh_();
+  if (clamp.has_value()) h.copy_(at::where(*clamp, x, h));
+}
+
 template <typename T, class Backend>
 Tensors<7> sequence_forward(const Backend& be, const PlasticConfig& c, const PlasticParams<T>& p,
                             const Tensor& x, const Tensor& h0, const OptTensor& clamp,
@@ -24,9 +30,8 @@ Tensors<7> sequence_forward(const Backend& be, const PlasticConfig& c, const Pla
   Tensor out = at::empty({c.T, c.B, c.N}, x.options());
   auto r = trace_forward<T>(be, c, p, {h0, out, out, out}, L, [&](int64_t t, const Tensor& u) {
     Tensor h_t = out.select(0, t - 1);
-    const Tensor x_t = x.select(0, t - 1);
-    at::add_out(h_t, x_t, u).tanh_();
-    if (clamp.has_value()) h_t.copy_(at::where(clamp->select(0, t - 1), x_t, h_t));
+    cell_forward(h_t, x.select(0, t - 1), u,
+                 clamp.has_value() ? OptTensor(clamp->select(0, t - 1)) : std::nullopt);
   });
   return {out, r.hebb_T, r.elig_T, r.m, r.eta_seq, r.ckpt_h, r.ckpt_e};
 }
@@ -56,6 +61,45 @@ Tensors<12> sequence_backward(const Backend& be, const PlasticConfig& c,
   TraceBackward r = trace_backward<T>(be, c, p, {h0, out, out, out}, saved, L, g_u, finish);
   return {g_x,     r.g_h0,   r.g_hebb,    r.g_elig,    r.g_w,     r.g_alpha,
           r.g_eta, r.g_rate, r.g_h2mod_w, r.g_h2mod_b, r.g_fan_w, r.g_fan_b};
+}
+
+// One step with the trace (and eligibility trace) updated in place and the next step's drive
+// u_{t+1} = h_t @ (w + A * H_t) computed in the same sweep: (h_t, u_{t+1}, m_t). `u` is u_t from
+// the previous call; without it a matvec pass computes it from h and hebb.
+template <typename T, class Backend>
+Tensors<3> rollout_step(const Backend& be, const PlasticConfig& c, const PlasticParams<T>& p,
+                        const Tensor& x, const OptTensor& u, const Tensor& h,
+                        const OptTensor& clamp) {
+  const int64_t B = c.B, N = c.N;
+  const PlasticInputs& a = p.in;
+  const auto opts = x.options();
+  const auto tl = be.tiling(B, N, N);
+  ForwardPassParams<T> fp{};
+  fp.B = B; fp.P = N; fp.N = N;
+  fp.w = p.w; fp.alpha = p.alpha; fp.consts = p.consts;
+  fp.hebb = a.hebb.data_ptr<T>();
+  Tensor u_t = u.has_value() ? *u : at::empty({B, N}, opts);
+  if (!u.has_value()) {
+    fp.update = false; fp.matvec = true;
+    fp.matvec_in = h.data_ptr<T>(); fp.u = u_t.data_ptr<T>();
+    be.forward(fp, c.modes, tl);
+  }
+  Tensor h_new = at::empty({B, N}, opts);
+  cell_forward(h_new, x, u_t, clamp);
+  Tensor m = at::empty({B, c.K}, opts);
+  Tensor eta_t = fixed_rate(c, a.eta);
+  if (c.modulation != Modulation::None) {
+    eta_t = at::empty({B, N}, opts);
+    modulate(c, a, h_new, m, eta_t);
+  }
+  Tensor u_next = at::empty({B, N}, opts);
+  fp.update = true; fp.matvec = true;
+  fp.hebb_out = a.hebb.data_ptr<T>();  // in place: the pass reads each element, then writes it
+  fp.elig = fp.elig_out = a.elig.has_value() ? a.elig->data_ptr<T>() : nullptr;
+  fp.pre = h.data_ptr<T>(); fp.post = h_new.data_ptr<T>(); fp.eta = eta_t.data_ptr<T>();
+  fp.matvec_in = h_new.data_ptr<T>(); fp.u = u_next.data_ptr<T>();
+  be.forward(fp, c.modes, tl);
+  return {h_new, u_next, m};
 }
 
 }  // namespace rnn_detail
@@ -166,6 +210,30 @@ Tensors<12> plastic_rnn_step_backward(
   });
   std::get<0>(grads) = std::get<0>(grads).squeeze(0);
   return grads;
+}
+
+// The rollout step: plastic_rnn_step for acting without gradients (RL rollouts), with `hebb` and
+// `elig` updated in place and the next step's drive carried from call to call, so that a loop of
+// these steps sweeps the trace once per step, as the sequence op does (the step op sweeps it
+// twice and allocates new traces). No autograd.
+template <class Backend>
+Tensors<3> plastic_rnn_rollout_step(
+    const Tensor& x, const OptTensor& u, const Tensor& h, const Tensor& hebb,
+    const OptTensor& elig, const Tensor& w, const Tensor& alpha, const OptTensor& eta,
+    const OptTensor& elig_rate, const OptTensor& h2mod_weight, const OptTensor& h2mod_bias,
+    const OptTensor& fanout_weight, const OptTensor& fanout_bias, const std::string& rule,
+    double clip, const OptTensor& clamp) {
+  const char* op = "plastic_rnn_rollout_step";
+  const c10::DeviceGuard guard(x.device());
+  const PlasticInputs in{hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
+                         fanout_weight, fanout_bias};
+  const PlasticConfig c = check_rnn_inputs(op, x, h, in, rule, clip, false);
+  check_clamp(op, clamp, x);
+  check_drive(op, u, x);
+  return dispatch_float(x, op, [&]<typename T>() {
+    return rnn_detail::rollout_step<T>(Backend(x.options()), c, PlasticParams<T>(c, in), x, u,
+                                       h, clamp);
+  });
 }
 
 }  // namespace bp

@@ -77,6 +77,16 @@ inline at::Tensor fixed_rate(const PlasticConfig& c, const OptTensor& eta) {
   return eta->dim() == 0 ? eta->expand({c.B, c.N}).contiguous() : *eta;
 }
 
+// The modulator of one step: m_t = tanh(h2mod(mod_in_t)) (B, K) and the rate it sets, eta_t (B, N):
+// m_t for every neuron ("simple") or fanout(m_t) ("fanout").
+inline void modulate(const PlasticConfig& c, const PlasticInputs& a, const at::Tensor& mod_in_t,
+                     at::Tensor& m_t, at::Tensor& eta_t) {
+  at::addmm_out(m_t, *a.h2mod_bias, mod_in_t, a.h2mod_weight->t());
+  m_t.tanh_();
+  if (c.modulation == Modulation::Simple) eta_t.copy_(m_t.expand({c.B, c.N}));
+  else at::addmm_out(eta_t, *a.fanout_bias, m_t, a.fanout_weight->t());
+}
+
 // The per-step sequences of a cell: h (T, B, N), the trace's post-synaptic terms and the
 // modulator's input (each (T, B, N), possibly strided over steps).
 struct CellSequences {
@@ -128,12 +138,9 @@ TraceForward trace_forward(const Backend& be, const PlasticConfig& c, const Plas
   const T* elig_in = retro ? a.elig->data_ptr<T>() : nullptr;
   for (int64_t t = 1; t <= T_; ++t) {
     step(t, u);
-    if (modulated) {  // m_t = tanh(h2mod(mod_in_t)); eta_t from m_t, "simple" or "fanout"
+    if (modulated) {
       Tensor m_t = r.m.select(0, t - 1), eta_t = r.eta_seq.select(0, t - 1);
-      at::addmm_out(m_t, *a.h2mod_bias, seq.mod_in.select(0, t - 1), a.h2mod_weight->t());
-      m_t.tanh_();
-      if (c.modulation == Modulation::Simple) eta_t.copy_(m_t.expand({B, N}));
-      else at::addmm_out(eta_t, *a.fanout_bias, m_t, a.fanout_weight->t());
+      modulate(c, a, seq.mod_in.select(0, t - 1), m_t, eta_t);
     }
     T* hebb_out;
     T* elig_out = nullptr;

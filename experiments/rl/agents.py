@@ -55,9 +55,13 @@ class Agent(nn.Module):
 
     def step(self, obs, state=None):
         """obs (B, obs_size) -> logits (B, A), value (B,), the new state, modulation (B, K) or
-        None."""
-        out, state, m = self.rnn(obs.unsqueeze(0).to(self.policy.weight.dtype), state,
-                                 return_modulation=True)
+        None. Under no_grad (rollouts) it takes the layer's rollout_step, which updates the
+        traces in place and sweeps them once per step."""
+        x = obs.to(self.policy.weight.dtype)
+        if not torch.is_grad_enabled():
+            h, state, m = self.rnn.rollout_step(x, state, return_modulation=True)
+            return *self._heads(h), state, m
+        out, state, m = self.rnn(x.unsqueeze(0), state, return_modulation=True)
         return *self._heads(out[0]), state, None if m is None else m[0]
 
     def forward(self, observations):
