@@ -8,6 +8,7 @@ import argparse
 import csv
 import os
 import random
+import time
 
 import numpy as np
 import torch
@@ -141,6 +142,62 @@ def parse_with_preset(parser, presets, argv=None):
         parser.error(f"--save-every must be a multiple of --log-every ({args.log_every}), got "
                      f"{args.save_every}")
     return args
+
+
+def number(kind, minimum, strict=False):
+    """An argparse type: a `kind` that is >= minimum (> minimum when strict)."""
+    def parse(text):
+        value = kind(text)
+        if value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError(
+                f"must be {'>' if strict else '>='} {minimum}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names it in "invalid int value"
+    return parse
+
+
+def add_training_flags(parser, out, eval_help):
+    """The flags of a supervised training script (episodes in batches, Adam, logs, checkpoints,
+    a final evaluation on fresh episodes): --iterations, --batch-size, --lr, --clip-grad,
+    --device, --out (default `out`), --log-every, --save-every, --eval-episodes, --resume."""
+    add = parser.add_argument
+    add("--iterations", type=number(int, 1), default=1000, help="batches of episodes to train on")
+    add("--batch-size", type=number(int, 1), default=10, help="episodes per iteration")
+    add("--lr", type=number(float, 0, strict=True), default=1e-4, help="Adam learning rate")
+    add("--clip-grad", type=number(float, 0), default=0.0, help="gradient norm clip (0: none)")
+    add("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    add("--out", default=out, help="folder of the logs, checkpoints and plots")
+    add("--log-every", type=number(int, 1), default=10, help="iterations per CSV row")
+    add("--save-every", type=number(int, 1), default=100, help="iterations between checkpoints")
+    add("--eval-episodes", type=number(int, 1), default=1000, help=eval_help)
+    add("--resume", action="store_true",
+        help="continue every run from its checkpoint in --out (finished runs are only evaluated)")
+
+
+def train_iterations(args, name, checkpoint, done, log, fields, train_step, after=None):
+    """The training loop of the supervised experiments: iterations done + 1 .. args.iterations
+    of `train_step(iteration)`, which returns {metric: number}. Every --log-every iterations
+    the metrics' means go to the CSV `log` as a row of `fields` (iteration, episodes, the
+    metrics, seconds since this call) and the first two to the progress bar; `after(iteration,
+    bar)`, if given, runs next (e.g. an evaluation); a checkpoint every --save-every iterations
+    and at the end."""
+    from tqdm import tqdm  # an extra of the experiments, like matplotlib
+    results, start = [], time.time()
+    bar = tqdm(range(done + 1, args.iterations + 1), desc=name, initial=done,
+               total=args.iterations, leave=False)
+    for iteration in bar:
+        results.append(train_step(iteration))
+        if iteration % args.log_every == 0 or iteration == args.iterations:
+            means = {k: sum(r[k] for r in results) / len(results) for k in results[0]}
+            append_csv(log, fields, [dict(iteration=iteration, episodes=iteration * args.batch_size,
+                                          **means, seconds=time.time() - start)])
+            bar.set_postfix({k: f"{v:.4g}" for k, v in list(means.items())[:2]})
+            results = []
+        if after is not None:
+            after(iteration, bar)
+        if iteration % args.save_every == 0 or iteration == args.iterations:
+            checkpoint.save(iteration)
+    bar.close()
 
 
 def count_parameters(module):

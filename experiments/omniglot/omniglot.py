@@ -18,7 +18,6 @@ import argparse
 import json
 import math
 import os
-import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,12 +25,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 import backpropamine_cuda as bp
 from backpropamine_cuda.training import (RunCheckpoint, append_csv, count_parameters,
                                          parse_with_preset, preset_parser, pyplot,
-                                         read_csv_columns, start_csv)
+                                         read_csv_columns, start_csv, train_iterations)
 
 IMAGE_SIZE = 31  # four stride-2 3x3 convolutions: 31 -> 15 -> 7 -> 3 -> 1
 SPLITS = ("background-evaluation", "paper-1200")
@@ -283,14 +281,15 @@ def learning_rate(args, iteration):
 
 
 def train_step(model, optimizer, episodes, lr):
-    """One Adam step on a batch of episodes; returns (loss, accuracy)."""
+    """One Adam step on a batch of episodes at learning rate `lr`; returns the loss, the accuracy
+    and lr."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss, correct = test_step_loss(model(episodes.images, episodes.label_inputs), episodes)
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
-    return loss.item(), correct / len(episodes.target)
+    return dict(loss=loss.item(), accuracy=correct / len(episodes.target), lr=lr)
 
 
 def wilson_interval(successes, n, z=1.96):
@@ -346,28 +345,21 @@ def train(args, dataset, train_characters, test_characters, out):
 
     if args.eval_every and done == 0:
         log_evaluation(0)  # the untrained network: chance level
-    results, start = [], time.time()
-    bar = tqdm(range(done + 1, args.iterations + 1), desc="omniglot", initial=done,
-               total=args.iterations, leave=False)
-    for iteration in bar:
+
+    def step(iteration):
         episodes = make_episodes(dataset.images, train_characters, args.batch_size, generator,
                                  **episode_options(args))
-        lr = learning_rate(args, iteration)
-        results.append(train_step(model, optimizer, episodes.to(args.device), lr))
-        if iteration % args.log_every == 0 or iteration == args.iterations:
-            loss, accuracy = (sum(r) / len(r) for r in zip(*results))
-            append_csv(out / "train.csv", LOG_FIELDS, [dict(
-                iteration=iteration, episodes=iteration * args.batch_size, loss=loss,
-                accuracy=accuracy, lr=lr, seconds=time.time() - start)])
-            bar.set_postfix(accuracy=f"{accuracy:.3f}", loss=f"{loss:.3f}")
-            results = []
+        return train_step(model, optimizer, episodes.to(args.device),
+                          learning_rate(args, iteration))
+
+    def evaluate_every(iteration, bar):
         if args.eval_every and iteration % args.eval_every == 0:
             bar.write(f"iteration {iteration}: test accuracy "
                       f"{log_evaluation(iteration)['accuracy']:.3f} on {args.eval_episodes} "
                       f"episodes")
-        if iteration % args.save_every == 0 or iteration == args.iterations:
-            checkpoint.save(iteration)
-    bar.close()
+
+    train_iterations(args, "omniglot", checkpoint, done, out / "train.csv", LOG_FIELDS, step,
+                     evaluate_every)
     return model
 
 

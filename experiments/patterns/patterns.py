@@ -16,20 +16,18 @@ backward (BOHP needed O(N^4) memory for hand-derived gradients of this network).
 
 See experiments/patterns/README.md.
 """
-import argparse
-import time
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 import backpropamine_cuda as bp
-from backpropamine_cuda.training import (RunCheckpoint, append_csv, count_parameters,
-                                         parse_with_preset, preset_parser, pyplot,
-                                         read_csv_columns, start_csv)
+from backpropamine_cuda.training import (RunCheckpoint, add_training_flags, append_csv,
+                                         count_parameters, number, parse_with_preset,
+                                         preset_parser, pyplot, read_csv_columns, start_csv,
+                                         train_iterations)
 
 TYPES = ("plastic", "rnn", "lstm")
 PRESETS = {
@@ -171,7 +169,8 @@ def bit_error_rates(outputs, episodes):
 
 
 def train_step(model, optimizer, episodes, clip_grad):
-    """One Adam step on a batch of episodes; returns (loss, error on zeroed bits, on all bits)."""
+    """One Adam step on a batch of episodes; returns the loss and the error rates on the zeroed
+    bits and on all bits."""
     outputs = model(episodes.inputs)
     loss = completion_loss(outputs, episodes.target)
     optimizer.zero_grad()
@@ -179,7 +178,8 @@ def train_step(model, optimizer, episodes, clip_grad):
     if clip_grad:
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
     optimizer.step()
-    return loss.item(), *bit_error_rates(outputs.detach(), episodes)
+    error_zeroed, error_all = bit_error_rates(outputs.detach(), episodes)
+    return dict(loss=loss.item(), error_zeroed=error_zeroed, error_all=error_all)
 
 
 @torch.no_grad()
@@ -216,39 +216,16 @@ def train_run(args, network_type, out):
     done = checkpoint.resume() if args.resume else 0
     start_csv(log, LOG_FIELDS, keep=lambda row: int(row["iteration"]) <= done)
 
-    results, start = [], time.time()
-    bar = tqdm(range(done + 1, args.iterations + 1), desc=name, initial=done,
-               total=args.iterations, leave=False)
-    for iteration in bar:
+    def step(iteration):
         episodes = make_episodes(args.batch_size, generator, **episode_options(args))
-        results.append(train_step(model, optimizer, episodes.to(args.device), args.clip_grad))
-        if iteration % args.log_every == 0 or iteration == args.iterations:
-            loss, error_zeroed, error_all = (sum(r) / len(r) for r in zip(*results))
-            append_csv(log, LOG_FIELDS, [dict(
-                iteration=iteration, episodes=iteration * args.batch_size, loss=loss,
-                error_zeroed=error_zeroed, error_all=error_all, seconds=time.time() - start)])
-            bar.set_postfix(error=f"{error_zeroed:.3f}", loss=f"{loss:.3f}")
-            results = []
-        if iteration % args.save_every == 0 or iteration == args.iterations:
-            checkpoint.save(iteration)
-    bar.close()
+        return train_step(model, optimizer, episodes.to(args.device), args.clip_grad)
+
+    train_iterations(args, name, checkpoint, done, log, LOG_FIELDS, step)
     return model
 
 
 # ----------------------------------------------------------------------------------------------
 # Command line
-
-
-def number(kind, minimum, strict=False):
-    """An argparse type: a `kind` that is >= minimum (> minimum when strict)."""
-    def parse(text):
-        value = kind(text)
-        if value < minimum or (strict and value == minimum):
-            raise argparse.ArgumentTypeError(
-                f"must be {'>' if strict else '>='} {minimum}, got {text}")
-        return value
-    parse.__name__ = kind.__name__  # argparse names it in "invalid int value"
-    return parse
 
 
 def make_parser():
@@ -267,21 +244,11 @@ def make_parser():
         help="plastic network: factor of the inputs added to the recurrent drive")
     add("--rnn-hidden", type=number(int, 1), default=2051, help="neurons of the rnn baseline")
     add("--lstm-hidden", type=number(int, 1), default=2000, help="units of the lstm baseline")
-    add("--iterations", type=number(int, 1), default=1000, help="batches of episodes to train on")
-    add("--batch-size", type=number(int, 1), default=10, help="episodes per iteration")
-    add("--lr", type=number(float, 0, strict=True), default=3e-4, help="Adam learning rate")
-    add("--clip-grad", type=number(float, 0), default=0.0, help="gradient norm clip (0: none)")
     add("--impl", choices=("fused", "reference"), default="fused",
         help="plastic network and rnn: the fused ops, or the pure-PyTorch reference (the lstm "
              "is torch.nn.LSTM either way)")
-    add("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    add("--out", default="runs/patterns", help="folder of the logs, checkpoints and plots")
-    add("--log-every", type=number(int, 1), default=10, help="iterations per CSV row")
-    add("--save-every", type=number(int, 1), default=100, help="iterations between checkpoints")
-    add("--eval-episodes", type=number(int, 1), default=1000,
-        help="fresh episodes on which each trained network is evaluated")
-    add("--resume", action="store_true",
-        help="continue every run from its checkpoint in --out (finished runs are only evaluated)")
+    add_training_flags(p, "runs/patterns", "fresh episodes on which each trained network is "
+                       "evaluated")
     return p
 
 
