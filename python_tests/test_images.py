@@ -3,7 +3,6 @@ images: the episode generator and its clamp mask, data loading (npz and CIFAR-10
 clamped networks, fused against reference, learning on a tiny setting, exact resume, the script
 end to end with its plots, and flag validation."""
 import csv
-import inspect
 import pickle
 import sys
 from pathlib import Path
@@ -237,14 +236,7 @@ def test_rnn_is_the_plastic_net_without_plasticity():
                                plastic(episodes.inputs, episodes.clamp))
 
 
-def fused_takes_clamp():
-    return "clamp" in inspect.signature(bp.fused.plastic_rnn_sequence).parameters
-
-
 def test_fused_and_reference_give_the_same_loss_and_gradients():
-    if not fused_takes_clamp():
-        pytest.skip("bp.fused.plastic_rnn_sequence has no clamp option yet (the fused op with "
-                    "clamps is being written)")
     pool = torch.rand(10, 4, 4, dtype=torch.float64) * 2 - 1
     episodes = make_episodes(pool, batch_size=3).to("cpu", torch.float64)
     results = []
