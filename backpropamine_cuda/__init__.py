@@ -13,10 +13,10 @@ import importlib
 
 from . import reference
 from .modules import (PlasticLSTM, PlasticLSTMCell, PlasticLSTMState, PlasticRNN, PlasticRNNCell,
-                      PlasticState, RolloutState)
+                      PlasticState, RecordedRollout, RolloutState)
 
-__all__ = ["PlasticRNN", "PlasticRNNCell", "PlasticState", "RolloutState", "PlasticLSTM",
-           "PlasticLSTMCell", "PlasticLSTMState", "reference", "fused"]
+__all__ = ["PlasticRNN", "PlasticRNNCell", "PlasticState", "RolloutState", "RecordedRollout",
+           "PlasticLSTM", "PlasticLSTMCell", "PlasticLSTMState", "reference", "fused"]
 __version__ = "0.1.0"
 
 

@@ -6,6 +6,7 @@ torch.compile and meta tensors) and autograd formulas that call the hand-written
 """
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -275,6 +276,60 @@ for _namespace in NAMESPACES:
                                     setup_context=_update_setup)
 
 
+class SequenceRecord(NamedTuple):
+    """What the sequence op's backward needs of a forward that has already run, e.g. a loop of
+    rollout steps: out (T, B, N), m (T, B, K) (K = 0 without modulation), the traces after steps
+    L, 2L, ... (hebb_checkpoints (ceil(T / L) - 1, B, N, N); elig_checkpoints likewise for rule
+    "retroactive", else empty) and L = checkpoint_every."""
+    out: torch.Tensor
+    m: torch.Tensor
+    hebb_checkpoints: torch.Tensor
+    elig_checkpoints: torch.Tensor
+    checkpoint_every: int
+
+
+def _rates(m, h2mod_weight, fanout_weight, fanout_bias, N):
+    """eta_seq (T, B, N) of the modulator outputs m (T, B, K): as the ops compute it (empty
+    without modulation)."""
+    if h2mod_weight is None:
+        return m.new_empty(0, m.shape[1], N)
+    if fanout_weight is None:
+        return m[..., :1].expand(*m.shape[:2], N).contiguous()
+    return torch.nn.functional.linear(m, fanout_weight, fanout_bias)
+
+
+class _ReplayedSequence(torch.autograd.Function):
+    """The recorded out and m of a sequence, in the autograd graph of (x, the initial state, the
+    parameters) through the sequence op's hand-written backward: a replay without a forward."""
+
+    @staticmethod
+    def forward(ctx, ops, record, rule, clip, x, *tensors):
+        h0, hebb0, elig0, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fanout_weight, \
+            fanout_bias = tensors
+        with torch.no_grad():
+            eta_seq = _rates(record.m, h2mod_weight, fanout_weight, fanout_bias, x.shape[2])
+        ctx.ops, ctx.options = ops, (rule, clip, record.checkpoint_every)
+        ctx.n_params = len(tensors)
+        ctx.save_for_backward(*tensors, record.out, record.m, eta_seq, record.hebb_checkpoints,
+                              record.elig_checkpoints)
+        ctx.set_materialize_grads(False)
+        out, m = record.out.clone(), record.m.clone()
+        if h2mod_weight is None:
+            ctx.mark_non_differentiable(m)
+        return out, m
+
+    @staticmethod
+    def backward(ctx, g_out, g_m):
+        params, saved = ctx.saved_tensors[:ctx.n_params], ctx.saved_tensors[ctx.n_params:]
+        rule, clip, L = ctx.options
+        if params[-4] is None:  # h2mod_weight: no modulation, m is not an output of the model
+            g_m = None
+        g_x, *g_params = ctx.ops.plastic_rnn_sequence_backward(
+            _contiguous(g_out), None, None, _contiguous(g_m), *params, rule, clip, *saved, L)
+        return (None, None, None, None, g_x,
+                *[None if t is None else gp for gp, t in zip(g_params, params)])
+
+
 # ----------------------------------------------------------------------------------------------
 # Public functions, with the signatures of backpropamine_cuda.reference.
 
@@ -353,6 +408,19 @@ class FusedOps:
         h_new, u_next, m = self._ops.plastic_rnn_rollout_step(*tensors, rule, float(clip), clamp)
         return h_new, u_next, _modulation_output(m, h2mod_weight)
 
+    def plastic_rnn_sequence_replay(self, x, h, hebb, elig, w, alpha, eta, elig_rate,
+                                    h2mod_weight, h2mod_bias, fanout_weight, fanout_bias,
+                                    rule="clip", clip=2.0, *, record):
+        """``(out, m)`` of plastic_rnn_sequence on these inputs, taken from ``record`` (a
+        SequenceRecord of a forward that already ran on them, e.g. a loop of rollout steps),
+        with the sequence op's gradients: the replay of a rollout without running it again.
+        ``m`` is None without modulation. The record must come from these very inputs: it is
+        not checked against them."""
+        out, m = _ReplayedSequence.apply(self._ops, record, rule, float(clip), x, h, hebb, elig,
+                                         w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
+                                         fanout_weight, fanout_bias)
+        return out, _modulation_output(m, h2mod_weight)
+
     def plastic_lstm_sequence(self, x, h, c, hebb, elig, h2g_weight, h2g_bias, w, alpha, eta,
                               elig_rate, h2mod_weight, h2mod_bias, fanout_weight, fanout_bias,
                               rule="clip", clip=2.0, modulator_input="h", checkpoint_every=None):
@@ -393,6 +461,7 @@ _fused = FusedOps("backpropamine")
 plastic_rnn_sequence = _fused.plastic_rnn_sequence
 plastic_rnn_step = _fused.plastic_rnn_step
 plastic_rnn_rollout_step = _fused.plastic_rnn_rollout_step
+plastic_rnn_sequence_replay = _fused.plastic_rnn_sequence_replay
 plastic_lstm_sequence = _fused.plastic_lstm_sequence
 plastic_lstm_step = _fused.plastic_lstm_step
 plastic_matvec = _fused.plastic_matvec

@@ -297,6 +297,11 @@ class _RNN(_PlasticBase):
             new_state = RolloutState(h, state.hebb, state.elig, drive)
         return (h, new_state, m) if return_modulation else (h, new_state)
 
+    def recorded_rollout(self, batch_size, steps, like):
+        """A RecordedRollout of `steps` steps of `batch_size` samples from the zero state, in
+        the dtype and on the device of the tensor `like`."""
+        return RecordedRollout(self, batch_size, steps, like)
+
     def _fixed_step(self, x, state, backend):
         if backend is reference:
             return PlasticState(reference.rnn_step(self.i2h(x), state.h, self.w))
@@ -361,6 +366,94 @@ class _LSTM(_PlasticBase):
                                list(self._torch_lstm_weights()), True, 1, 0.0, self.training,
                                False, False)
         return out, PlasticLSTMState(out[-1], c[0])
+
+
+class RecordedRollout:
+    """A rollout (acting without gradients) of a PlasticRNN or PlasticRNNCell that can then be
+    replayed with gradients without running the network again: the fused sequence op's backward
+    needs only what the rollout saw, each h_t and m_t and the traces every checkpoint_every steps.
+
+        rollout = layer.recorded_rollout(batch_size, steps, like=x)   # from the zero state
+        for t in range(steps):
+            h, m = rollout.step(x[t])      # layer.rollout_step, recording
+        out, m = rollout.replay(x)         # layer(x)'s out and m, differentiable
+
+    replay() checks that every step was taken, that x is what the steps saw, and that no
+    parameter of the layer changed since the rollout began (e.g. by an optimizer step); it raises
+    otherwise. Without fused kernels for the tensors (or with impl "reference", or plastic=False)
+    it computes layer(x) instead, with the same results.
+    """
+
+    def __init__(self, layer, batch_size, steps, like):
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+        self.layer, self.steps, self.t = layer, steps, 0
+        self._versions = [p._version for p in layer.parameters()]
+        self._inputs = like.new_empty(steps, batch_size, layer.input_size)
+        self._state = None
+        if not layer.plastic:
+            self._record = None
+            return
+        from .fused import SequenceRecord, default_checkpoint_every
+        N, K = layer.hidden_size, 0 if layer.modulation == "none" else layer.n_modulators
+        L = default_checkpoint_every(steps)
+        n_ckpt = -(-steps // L) - 1
+        retro = layer.rule == "retroactive"
+        self._record = SequenceRecord(
+            like.new_empty(steps, batch_size, N), like.new_empty(steps, batch_size, K),
+            like.new_empty(n_ckpt, batch_size, N, N),
+            like.new_empty(n_ckpt if retro else 0, batch_size, N, N), L)
+
+    @torch.no_grad()
+    def step(self, x):
+        """One step on x (B, input_size): (h, m), as layer.rollout_step (m None without
+        modulation)."""
+        if self.t == self.steps:
+            raise ValueError(f"step: the rollout's {self.steps} steps are all taken")
+        h, self._state, m = self.layer.rollout_step(x, self._state, return_modulation=True)
+        self._inputs[self.t] = x
+        self.t += 1
+        record = self._record
+        if record is not None:
+            record.out[self.t - 1] = h
+            if m is not None:
+                record.m[self.t - 1] = m
+            L = record.checkpoint_every
+            if self.t % L == 0 and self.t < self.steps:  # the trace after step t: a checkpoint
+                record.hebb_checkpoints[self.t // L - 1] = self._state.hebb
+                if self._state.elig is not None:
+                    record.elig_checkpoints[self.t // L - 1] = self._state.elig
+        return h, m
+
+    def replay(self, x):
+        """(out (T, B, N), m (T, B, K) or None) of layer(x), differentiable, from the record."""
+        if self.t < self.steps:
+            raise ValueError(f"replay: the rollout took {self.t} of its {self.steps} steps")
+        if not torch.equal(x, self._inputs):
+            raise ValueError("replay: x differs from the inputs of the rollout's steps")
+        if [p._version for p in self.layer.parameters()] != self._versions:
+            raise RuntimeError("replay: the layer's parameters changed since the rollout began "
+                               "(an optimizer step?); the record no longer describes them")
+        layer = self.layer
+        backend = layer._backend(x)
+        if self._record is None or backend is reference:
+            return self._forward(x)
+        zeros = layer.initial_state(x.shape[1], x)
+        return backend.plastic_rnn_sequence_replay(
+            layer.i2h(x), zeros.h, zeros.hebb, zeros.elig, *layer._plastic_args(),
+            **layer._op_options(), record=self._record)
+
+    def _forward(self, x):
+        """(out, m) of the layer's own forward over x, from the zero state."""
+        if isinstance(self.layer, _Sequence):
+            out, _, m = self.layer(x, return_modulation=True)
+            return out, m
+        state, outs, mods = None, [], []
+        for x_t in x.unbind(0):
+            h, state, m = self.layer(x_t, state, return_modulation=True)
+            outs.append(h)
+            mods.append(m)
+        return torch.stack(outs), None if mods[0] is None else torch.stack(mods)
 
 
 class PlasticRNN(_Sequence, _RNN):

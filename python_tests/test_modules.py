@@ -191,6 +191,54 @@ def test_rollout_step_equals_rnn(options, impl):
             torch.testing.assert_close(a, e, **TOL[torch.float64])
 
 
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+@pytest.mark.parametrize("cls", [bp.PlasticRNN, bp.PlasticRNNCell])
+@pytest.mark.parametrize("options", COMPARE_OPTIONS + [dict(plastic=False)], ids=opt_id)
+def test_recorded_rollout_replay_equals_forward(options, cls, impl):
+    """A recorded rollout's replay gives the layer's own forward: out, m and every gradient."""
+    layer = make(cls, options, impl=impl)
+    x = torch.randn(7, 2, I, dtype=torch.float64)
+    weights = torch.randn(7, 2, N, dtype=torch.float64)
+    rollout = layer.recorded_rollout(2, 7, x)
+    for t in range(7):
+        h, m = rollout.step(x[t])
+        assert not h.requires_grad
+    results = []
+    for run in (rollout.replay, rollout._forward):
+        layer.zero_grad()
+        out, m = run(x)
+        ((out * weights).sum() + (0 if m is None else m.pow(2).sum())).backward()
+        results.append((out, m, grads_of(layer)))
+    (out_a, m_a, grads_a), (out_e, m_e, grads_e) = results
+    torch.testing.assert_close(out_a, out_e, **TOL[torch.float64])
+    assert (m_a is None) == (m_e is None) == (options.get("modulation", "fanout") == "none"
+                                               or options.get("plastic") is False)
+    if m_e is not None:
+        torch.testing.assert_close(m_a, m_e, **TOL[torch.float64])
+    assert_dicts_close(grads_a, grads_e, **TOL[torch.float64])
+
+
+def test_recorded_rollout_refuses_what_it_did_not_record():
+    layer = make(bp.PlasticRNN, dict(rule="retroactive"))
+    x = torch.randn(3, 2, I, dtype=torch.float64)
+    rollout = layer.recorded_rollout(2, 3, x)
+    rollout.step(x[0])
+    with pytest.raises(ValueError, match="replay: the rollout took 1 of its 3 steps"):
+        rollout.replay(x)
+    rollout.step(x[1])
+    rollout.step(x[2])
+    with pytest.raises(ValueError, match="step: the rollout's 3 steps are all taken"):
+        rollout.step(x[0])
+    with pytest.raises(ValueError, match="replay: x differs from the inputs"):
+        rollout.replay(x + 1)
+    with torch.no_grad():
+        layer.w.add_(0.1)  # as an optimizer step would
+    with pytest.raises(RuntimeError, match="replay: the layer's parameters changed"):
+        rollout.replay(x)
+    with pytest.raises(ValueError, match="steps must be an int >= 1"):
+        layer.recorded_rollout(2, 0, x)
+
+
 def test_rollout_step_leaves_a_given_state_alone():
     """From a PlasticState (e.g. the end of a forward), the traces are copied, not overwritten;
     the results are those of the cell."""

@@ -329,3 +329,56 @@ def test_rollout_step_refuses_autograd(fused, impl):
     with pytest.raises(RuntimeError, match="plastic_rnn_rollout_step: no autograd"):
         module.plastic_rnn_rollout_step(inputs["x"], None, inputs["h"], inputs["hebb"], None,
                                         **params, rule="clip", clip=CLIP)
+
+
+# ---------------------------------------------------------------------------------------------
+# Replay of a rollout: the sequence's out, m and every gradient from a record of rollout steps.
+
+def record_rollout(fused, inputs, rule, L):
+    """A SequenceRecord of a loop of rollout steps from the sequence inputs (their traces are
+    copied first)."""
+    from backpropamine_cuda.fused import SequenceRecord
+    x = inputs["x"]
+    T, B, N = x.shape
+    traces = {k: None if inputs[k] is None else inputs[k].clone() for k in ("hebb", "elig")}
+    params = {k: v for k, v in inputs.items() if k not in ("x", "h", "hebb", "elig")}
+    K = 0 if inputs["h2mod_weight"] is None else inputs["h2mod_weight"].shape[0]
+    outs, mods, ckpt_h, ckpt_e = [], [], [], []
+    h, u = inputs["h"], None
+    with torch.no_grad():
+        for t in range(T):
+            h, u, m = fused.plastic_rnn_rollout_step(x[t], u, h, traces["hebb"], traces["elig"],
+                                                     **params, rule=rule, clip=CLIP)
+            outs.append(h)
+            mods.append(x.new_empty(B, 0) if m is None else m)
+            if (t + 1) % L == 0 and t + 1 < T:
+                ckpt_h.append(traces["hebb"].clone())
+                if traces["elig"] is not None:
+                    ckpt_e.append(traces["elig"].clone())
+    stack = lambda ts: torch.stack(ts) if ts else x.new_empty(0, B, N, N)  # noqa: E731
+    assert all(mm.shape[1] == K for mm in mods)
+    return SequenceRecord(torch.stack(outs), torch.stack(mods), stack(ckpt_h), stack(ckpt_e), L)
+
+
+def reference_out_and_m(**kwargs):
+    out, _, _, m = reference.plastic_rnn_sequence(**kwargs)
+    return out, m
+
+
+def compare_replay(fused, inputs, rule, L):
+    """The replay of a record of rollout steps against the reference sequence's out and m."""
+    expected = run_forward_backward(reference_out_and_m, inputs, rule=rule, clip=CLIP)
+    actual = run_forward_backward(fused.plastic_rnn_sequence_replay, inputs, rule=rule, clip=CLIP,
+                                  record=record_rollout(fused, inputs, rule, L))
+    assert_results_close(expected, actual, torch.float64, names=("out", "m"))
+
+
+@pytest.mark.parametrize("alpha,modulation,rule", all_combos())
+def test_sequence_replay_every_option(fused, alpha, modulation, rule):
+    compare_replay(fused, rnn_inputs(alpha, modulation, rule, T=5, B=3, N=7, seed=20), rule, L=2)
+
+
+@pytest.mark.parametrize("L", [1, 3, 7])
+def test_sequence_replay_checkpoint_every(fused, L):
+    compare_replay(fused, rnn_inputs("full", "fanout3", "retroactive", T=7, B=2, N=5, seed=21),
+                   "retroactive", L)

@@ -11,10 +11,12 @@ R_t = r_t + gamma * R_{t+1},
 --legacy-baseline reproduces the original code, which used batch element 0's value V_t as every
 element's baseline.
 
-Why it is fast: acting needs no gradient, so an episode is first played with the fused op one
-step at a time under no_grad, recording the observations; the environment's dynamics depend only
-on the recorded actions, so replaying the observations through the sequence op in one call gives
-the same logits and values with gradients (`rollout` + `Agent.forward`). The papers' way, a
+Why it is fast: acting needs no gradient, so an episode is first played one step at a time
+under no_grad with the fused rollout op (traces updated in place, one sweep of them per step),
+recording the observations and the network's activity (a bp.RecordedRollout); the environment
+depends only on the actions, so the replay of those observations has the same logits and
+values, and their gradients come from the fused sequence op's backward on the record, without
+running the network again (`rollout_and_replay`). The papers' way, a
 per-step loop that builds the autograd graph while acting (`play(..., grad=True)`), is what
 --impl reference runs and what the tests compare the replay with.
 """
@@ -47,10 +49,11 @@ class Episode(NamedTuple):
     modulation: Optional[torch.Tensor]
 
 
-def play(agent, env, grad=False):
-    """One episode of every sample of `env`, actions sampled from the agent's policy."""
+def play(agent, env, grad=False, state=None):
+    """One episode of every sample of `env`, actions sampled from the agent's policy, from the
+    agent's `state` (None: zeros; or a recorded rollout)."""
     observations, actions, rewards, logits, values, modulation = [], [], [], [], [], []
-    obs, state = env.reset(), None
+    obs = env.reset()
     with torch.set_grad_enabled(grad):
         for _ in range(env.episode_length):
             logit, value, state, m = agent.step(obs, state)
@@ -68,10 +71,12 @@ def play(agent, env, grad=False):
 
 
 def rollout_and_replay(agent, env):
-    """`play` without gradients, then the recorded observations through the sequence op: the
-    same episode as play(grad=True), its logits and values with gradients."""
-    episode = play(agent, env, grad=False)
-    logits, values, modulation = agent(episode.observations)
+    """`play` without gradients, recording the network's activity, then its replay: the same
+    episode as play(grad=True), its logits and values with gradients, without running the
+    recurrent layer a second time (the fused sequence op's backward takes the record)."""
+    rollout = agent.recorded_rollout(env.batch_size, env.episode_length)
+    episode = play(agent, env, grad=False, state=rollout)
+    logits, values, modulation = agent.replay(episode.observations, rollout)
     return episode._replace(logits=logits, values=values, modulation=modulation)
 
 

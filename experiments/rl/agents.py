@@ -55,9 +55,13 @@ class Agent(nn.Module):
 
     def step(self, obs, state=None):
         """obs (B, obs_size) -> logits (B, A), value (B,), the new state, modulation (B, K) or
-        None. Under no_grad (rollouts) it takes the layer's rollout_step, which updates the
+        None. `state` may be a bp.RecordedRollout (see `recorded_rollout`), which steps and
+        records. Under no_grad (rollouts) it takes the layer's rollout_step, which updates the
         traces in place and sweeps them once per step."""
         x = obs.to(self.policy.weight.dtype)
+        if isinstance(state, bp.RecordedRollout):
+            h, m = state.step(x)
+            return *self._heads(h), state, m
         if not torch.is_grad_enabled():
             h, state, m = self.rnn.rollout_step(x, state, return_modulation=True)
             return *self._heads(h), state, m
@@ -68,6 +72,17 @@ class Agent(nn.Module):
         """observations (T, B, obs_size) of whole episodes from zero state -> logits (T, B, A),
         values (T, B), modulation (T, B, K) or None."""
         out, _, m = self.rnn(observations.to(self.policy.weight.dtype), return_modulation=True)
+        return *self._heads(out), m
+
+    def recorded_rollout(self, batch_size, steps):
+        """A bp.RecordedRollout of the recurrent layer: pass it as `state` to `step` for a whole
+        episode, then to `replay`."""
+        return self.rnn.recorded_rollout(batch_size, steps, self.policy.weight)
+
+    def replay(self, observations, rollout):
+        """forward(observations) for the episode that `rollout` recorded, without running the
+        recurrent layer again."""
+        out, m = rollout.replay(observations.to(self.policy.weight.dtype))
         return *self._heads(out), m
 
 
