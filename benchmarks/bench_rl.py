@@ -2,8 +2,9 @@
 
 One iteration is experiments/rl/a2c.py's train_iteration: a batch of 30 episodes played, the A2C
 loss, backward, gradient clip and Adam step. Implementations, each in fresh worker processes:
-  * fused: roll out under no_grad one step at a time on the fused op, then replay the recorded
-    observations through the fused sequence op for the loss (what the experiments run);
+  * fused: act under no_grad one step at a time on the fused rollout op, recording, then take
+    the loss's gradients from the fused sequence op's backward on the record (what the
+    experiments run);
   * fused-stepwise: the papers' loop (autograd graph built step by step while acting) on the
     fused op, to show what the replay itself buys;
   * reference: the papers' loop on the pure-PyTorch reference (`--impl reference`).
