@@ -287,15 +287,18 @@ class _RNN(_PlasticBase):
         elif state is not None:  # the caller's traces are not to be overwritten
             state = PlasticState(*(None if t is None else t.clone() for t in state))
         state, backend = self._prepare(x, state)
-        if not self.plastic:
-            h, m = self._fixed_step(x, state, backend).h, None
-            new_state = RolloutState(h)
-        else:
-            h, drive, m = backend.plastic_rnn_rollout_step(
-                self.i2h(x), drive, state.h, state.hebb, state.elig, *self._plastic_args(),
-                **self._op_options())
-            new_state = RolloutState(h, state.hebb, state.elig, drive)
+        h, new_state, m = self._rollout(x, state, drive, backend)
         return (h, new_state, m) if return_modulation else (h, new_state)
+
+    def _rollout(self, x, state, drive, backend):
+        """rollout_step on a checked state: (h, RolloutState, m)."""
+        if not self.plastic:
+            h = self._fixed_step(x, state, backend).h
+            return h, RolloutState(h), None
+        h, drive, m = backend.plastic_rnn_rollout_step(
+            self.i2h(x), drive, state.h, state.hebb, state.elig, *self._plastic_args(),
+            **self._op_options())
+        return h, RolloutState(h, state.hebb, state.elig, drive), m
 
     def recorded_rollout(self, batch_size, steps, like):
         """A RecordedRollout of `steps` steps of `batch_size` samples from the zero state, in
@@ -410,7 +413,16 @@ class RecordedRollout:
         modulation)."""
         if self.t == self.steps:
             raise ValueError(f"step: the rollout's {self.steps} steps are all taken")
-        h, self._state, m = self.layer.rollout_step(x, self._state, return_modulation=True)
+        if self._state is None:
+            h, self._state, m = self.layer.rollout_step(x, None, return_modulation=True)
+            self._backend = self.layer._backend(x)
+        else:  # the state is the rollout's own, already checked: only x needs checking
+            self.layer._check_input(x, 2, "(B, input_size)")
+            if x.shape[0] != self._inputs.shape[1] or x.dtype != self._inputs.dtype:
+                raise ValueError(f"step: x must have batch size {self._inputs.shape[1]} and "
+                                 f"dtype {self._inputs.dtype}, got {tuple(x.shape)} {x.dtype}")
+            h, self._state, m = self.layer._rollout(x, self._state, self._state.drive,
+                                                    self._backend)
         self._inputs[self.t] = x
         self.t += 1
         record = self._record

@@ -225,6 +225,10 @@ def test_recorded_rollout_refuses_what_it_did_not_record():
     rollout.step(x[0])
     with pytest.raises(ValueError, match="replay: the rollout took 1 of its 3 steps"):
         rollout.replay(x)
+    with pytest.raises(ValueError, match=r"step: x must have batch size 2 and dtype torch.float64"):
+        rollout.step(x[1, :1])
+    with pytest.raises(ValueError, match=r"input must have shape \(B, input_size\)"):
+        rollout.step(x[1, :, :-1])
     rollout.step(x[1])
     rollout.step(x[2])
     with pytest.raises(ValueError, match="step: the rollout's 3 steps are all taken"):

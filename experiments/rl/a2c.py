@@ -81,13 +81,12 @@ def rollout_and_replay(agent, env):
 
 
 def returns(rewards, gamma):
-    """Monte-Carlo returns R_t = r_t + gamma * R_{t+1} of rewards (T, B), R_T = 0."""
-    out = torch.empty_like(rewards)
-    running = torch.zeros_like(rewards[0])
-    for t in range(rewards.size(0) - 1, -1, -1):
-        running = rewards[t] + gamma * running
-        out[t] = running
-    return out
+    """Monte-Carlo returns R_t = r_t + gamma * R_{t+1} of rewards (T, B), R_T = 0: one product
+    with the discounts gamma^(s - t), s >= t."""
+    steps = torch.arange(rewards.size(0), device=rewards.device)
+    lag = (steps[None, :] - steps[:, None]).to(rewards.dtype)
+    discounts = torch.where(lag >= 0, gamma ** lag.clamp(min=0), torch.zeros_like(lag))
+    return discounts @ rewards
 
 
 def a2c_loss(episode, gamma, value_coef, entropy_coef, legacy_baseline=False):
