@@ -393,7 +393,7 @@ class RecordedRollout:
         self.layer, self.steps, self.t = layer, steps, 0
         self._versions = [p._version for p in layer.parameters()]
         self._inputs = like.new_empty(steps, batch_size, layer.input_size)
-        self._state = None
+        self._state = self._backend = None
         if not layer.plastic:
             self._record = None
             return
@@ -413,14 +413,14 @@ class RecordedRollout:
         modulation)."""
         if self.t == self.steps:
             raise ValueError(f"step: the rollout's {self.steps} steps are all taken")
+        self.layer._check_input(x, 2, "(B, input_size)")
+        if x.shape[0] != self._inputs.shape[1] or x.dtype != self._inputs.dtype:
+            raise ValueError(f"step: x must have batch size {self._inputs.shape[1]} and dtype "
+                             f"{self._inputs.dtype}, got {tuple(x.shape)} {x.dtype}")
         if self._state is None:
             h, self._state, m = self.layer.rollout_step(x, None, return_modulation=True)
             self._backend = self.layer._backend(x)
-        else:  # the state is the rollout's own, already checked: only x needs checking
-            self.layer._check_input(x, 2, "(B, input_size)")
-            if x.shape[0] != self._inputs.shape[1] or x.dtype != self._inputs.dtype:
-                raise ValueError(f"step: x must have batch size {self._inputs.shape[1]} and "
-                                 f"dtype {self._inputs.dtype}, got {tuple(x.shape)} {x.dtype}")
+        else:  # the state is the rollout's own, checked at the first step
             h, self._state, m = self.layer._rollout(x, self._state, self._state.drive,
                                                     self._backend)
         self._inputs[self.t] = x
