@@ -200,6 +200,24 @@ def train_iterations(args, name, checkpoint, done, log, fields, train_step, afte
     bar.close()
 
 
+def train_run(args, name, out, model, may_change, fields, step):
+    """One training run of a supervised experiment: `model` trained with Adam (--lr) for
+    --iterations of step(model, optimizer, generator) -> {metric: number} (`generator`, seeded
+    with --seed, draws the episodes), resumed from <out>/<name>.checkpoint.pt with --resume
+    (options outside `may_change` must match), logged to <out>/<name>.csv (`fields`, see
+    train_iterations). Returns the model."""
+    log = out / f"{name}.csv"
+    generator = torch.Generator().manual_seed(args.seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    checkpoint = RunCheckpoint(out / f"{name}.checkpoint.pt", args, may_change, model, optimizer,
+                               generator)
+    done = checkpoint.resume() if args.resume else 0
+    start_csv(log, fields, keep=lambda row: int(row["iteration"]) <= done)
+    train_iterations(args, name, checkpoint, done, log, fields,
+                     lambda iteration: step(model, optimizer, generator))
+    return model
+
+
 def count_parameters(module):
     """Trainable parameters; a weight shared by two layers (a tied embedding) counts once."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)

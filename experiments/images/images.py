@@ -26,10 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import backpropamine_cuda as bp
-from backpropamine_cuda.training import (RunCheckpoint, add_training_flags, append_csv,
-                                         count_parameters, number, parse_with_preset,
-                                         preset_parser, pyplot, read_csv_columns, start_csv,
-                                         train_iterations)
+from backpropamine_cuda.training import (add_training_flags, append_csv, count_parameters,
+                                         number, parse_with_preset, preset_parser, pyplot,
+                                         read_csv_columns, start_csv, train_run)
 
 TYPES = ("plastic", "rnn")
 SIZES = (2, 4, 8, 16, 32)  # divisors of 32 (a pixel: the mean of a square), even (two halves)
@@ -324,26 +323,18 @@ def run_name(network_type, seed):
     return f"{network_type}-seed{seed}"
 
 
-def train_run(args, network_type, pool, out):
+def train_network(args, network_type, pool, out):
     """Trains one network on episodes of `pool` (resuming from its checkpoint with --resume);
     returns it. Writes <out>/<type>-seed<k>.csv and .checkpoint.pt."""
-    name = run_name(network_type, args.seed)
-    log = out / f"{name}.csv"
     torch.manual_seed(args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
     model = make_network(network_type, args).to(args.device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    checkpoint = RunCheckpoint(out / f"{name}.checkpoint.pt", args, RESUME_MAY_CHANGE, model,
-                               optimizer, generator)
-    done = checkpoint.resume() if args.resume else 0
-    start_csv(log, LOG_FIELDS, keep=lambda row: int(row["iteration"]) <= done)
 
-    def step(iteration):
+    def step(model, optimizer, generator):
         episodes = make_episodes(pool, args.batch_size, generator, **episode_options(args))
         return train_step(model, optimizer, episodes.to(args.device), args.clip_grad)
 
-    train_iterations(args, name, checkpoint, done, log, LOG_FIELDS, step)
-    return model
+    return train_run(args, run_name(network_type, args.seed), out, model, RESUME_MAY_CHANGE,
+                     LOG_FIELDS, step)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -405,7 +396,7 @@ def main(argv=None):
               f"{t} {count_parameters(make_network(t, args)):,}" for t in args.types), flush=True)
     summary = {}
     for network_type in args.types:
-        model = train_run(args, network_type, image_set.train, out)
+        model = train_network(args, network_type, image_set.train, out)
         summary[network_type] = evaluate(model, image_set.test, args, args.eval_episodes)
         plot_completions(model, image_set.test, args, network_type,
                          out / f"completion-{network_type}.png")

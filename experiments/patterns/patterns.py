@@ -24,10 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import backpropamine_cuda as bp
-from backpropamine_cuda.training import (RunCheckpoint, add_training_flags, append_csv,
-                                         count_parameters, number, parse_with_preset,
-                                         preset_parser, pyplot, read_csv_columns, start_csv,
-                                         train_iterations)
+from backpropamine_cuda.training import (add_training_flags, append_csv, count_parameters,
+                                         number, parse_with_preset, preset_parser, pyplot,
+                                         read_csv_columns, start_csv, train_run)
 
 TYPES = ("plastic", "rnn", "lstm")
 PRESETS = {
@@ -202,26 +201,18 @@ def run_name(network_type, seed):
     return f"{network_type}-seed{seed}"
 
 
-def train_run(args, network_type, out):
+def train_network(args, network_type, out):
     """Trains one network (resuming from its checkpoint with --resume); returns it. Writes
     <out>/<type>-seed<k>.csv and .checkpoint.pt."""
-    name = run_name(network_type, args.seed)
-    log = out / f"{name}.csv"
     torch.manual_seed(args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
     model = make_network(network_type, args).to(args.device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    checkpoint = RunCheckpoint(out / f"{name}.checkpoint.pt", args, RESUME_MAY_CHANGE, model,
-                               optimizer, generator)
-    done = checkpoint.resume() if args.resume else 0
-    start_csv(log, LOG_FIELDS, keep=lambda row: int(row["iteration"]) <= done)
 
-    def step(iteration):
+    def step(model, optimizer, generator):
         episodes = make_episodes(args.batch_size, generator, **episode_options(args))
         return train_step(model, optimizer, episodes.to(args.device), args.clip_grad)
 
-    train_iterations(args, name, checkpoint, done, log, LOG_FIELDS, step)
-    return model
+    return train_run(args, run_name(network_type, args.seed), out, model, RESUME_MAY_CHANGE,
+                     LOG_FIELDS, step)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,7 +259,7 @@ def main(argv=None):
         f"{t} {count_parameters(make_network(t, args)):,}" for t in args.types), flush=True)
     summary = {}
     for network_type in args.types:
-        model = train_run(args, network_type, out)
+        model = train_network(args, network_type, out)
         summary[network_type] = evaluate(model, args, args.eval_episodes)
         plot_episode(model, args, network_type, out / f"episode-{network_type}.png")
     evaluation, this_seed = out / "evaluation.csv", str(args.seed)
