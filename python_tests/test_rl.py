@@ -40,6 +40,17 @@ def test_returns_by_hand():
     torch.testing.assert_close(a2c.returns(rewards, 0.5), expected)
 
 
+def test_sampled_actions_follow_the_softmax():
+    torch.manual_seed(0)
+    logits = torch.tensor([[0.0, 1.0, -1.0, 2.0], [5.0, 0.0, 0.0, 0.0]])
+    draws = torch.stack([a2c.sample_actions(logits) for _ in range(20000)])  # (20000, 2)
+    for row in range(2):
+        frequencies = torch.bincount(draws[:, row], minlength=4).double() / len(draws)
+        expected = torch.softmax(logits[row].double(), 0)
+        # 5 standard errors of a frequency estimated from 20,000 draws: about 0.016 at most.
+        assert torch.allclose(frequencies, expected, atol=5 * (0.25 / len(draws)) ** 0.5)
+
+
 def test_a2c_loss_by_hand():
     """One step, two actions: every term of the loss against its formula."""
     logits = torch.tensor([[[0.0, 1.0], [2.0, 0.0]]])  # (T=1, B=2, A=2)

@@ -67,6 +67,8 @@ class _BatchedEpisodes:
                "generator", f"a torch.Generator on device {self.device}", generator)
         self.generator = generator
         self.t = None  # steps taken in the current episode; None until the first reset()
+        self._bias = torch.ones(self.batch_size, 1, device=self.device)
+        self._one_hot = torch.eye(self.n_actions, device=self.device)
 
     def reset(self):
         """Starts a new episode in every row and returns its first observation."""
@@ -82,7 +84,7 @@ class _BatchedEpisodes:
         reward = self._apply(action)
         self.t += 1
         self._previous_reward = reward
-        self._previous_action = torch.nn.functional.one_hot(action, self.n_actions).float()
+        self._previous_action = self._one_hot[action]
         return self._observation(), reward
 
     def _checked_action(self, action):
@@ -99,16 +101,17 @@ class _BatchedEpisodes:
         _check(not (action.dtype.is_floating_point or action.dtype.is_complex
                     or action.dtype == torch.bool), "action", "of an integer dtype", action.dtype)
         action = action.to(self.device, torch.long)
-        if ((action < 0) | (action >= self.n_actions)).any():
+        low, high = (v.item() for v in torch.aminmax(action))
+        if low < 0 or high >= self.n_actions:
             raise ValueError(f"action values must be in [0, {self.n_actions}), got values from "
-                             f"{action.min().item()} to {action.max().item()}")
+                             f"{low} to {high}")
         return action
 
     def _observation(self):
         rows = self.batch_size
         return torch.cat([
             self._stimulus(),
-            torch.ones(rows, 1, device=self.device),
+            self._bias,
             torch.full((rows, 1), self.t / self.episode_length, device=self.device),
             self._previous_reward[:, None],
             self._previous_action,
@@ -164,39 +167,69 @@ class GridMaze(_BatchedEpisodes):
         middle = self.size // 2
         self.walls[middle, middle] = False
         self.centre = torch.tensor([middle, middle], device=self.device)
-        self._free_cells = (~self.walls).nonzero()  # (F, 2), row-major
-        # Each free cell's row in _free_cells, to exclude one cell per sample when drawing.
-        self._free_cell_index = torch.full_like(self.walls, -1, dtype=torch.long)
-        self._free_cell_index[self._free_cells[:, 0], self._free_cells[:, 1]] = torch.arange(
-            len(self._free_cells), device=self.device)
-        self._moves = torch.tensor([[-1, 0], [1, 0], [0, -1], [0, 1]], device=self.device)
-        self._neighbourhood = torch.cartesian_prod(torch.arange(-1, 2, device=self.device),
-                                                   torch.arange(-1, 2, device=self.device))
+        # Cells are stepped as flat indices row * size + column: one gather per lookup.
+        is_wall = self.walls.flatten()
+        self._free_cells = (~is_wall).nonzero().squeeze(1)  # (F,), row-major
+        # Each free cell's place in _free_cells, to exclude one cell per sample when drawing.
+        self._free_cell_index = torch.full_like(is_wall, -1, dtype=torch.long)
+        self._free_cell_index[self._free_cells] = torch.arange(len(self._free_cells),
+                                                               device=self.device)
+        self._is_wall = is_wall
+        self._moves = torch.tensor([-self.size, self.size, -1, 1], device=self.device)
+        # The 3x3 wall neighbourhood of every free cell, looked up once per step.
+        offsets = (torch.arange(-1, 2, device=self.device)[:, None] * self.size
+                   + torch.arange(-1, 2, device=self.device)).flatten()
+        self._neighbourhoods = torch.zeros(self.size ** 2, 9, device=self.device)
+        self._neighbourhoods[self._free_cells] = is_wall[self._free_cells[:, None]
+                                                         + offsets].float()
+
+    @property
+    def position(self):
+        """(B, 2) long: each sample's cell (row, column)."""
+        return self._cells_to_rows_columns(self._cell)
+
+    @position.setter
+    def position(self, rows_columns):
+        self._cell = self._flat(rows_columns)
+
+    @property
+    def reward_position(self):
+        """(B, 2) long: each sample's reward cell (row, column)."""
+        return self._cells_to_rows_columns(self._reward_cell)
+
+    @reward_position.setter
+    def reward_position(self, rows_columns):
+        self._reward_cell = self._flat(rows_columns)
+
+    def _flat(self, rows_columns):
+        rows_columns = torch.as_tensor(rows_columns, device=self.device)
+        return rows_columns[:, 0] * self.size + rows_columns[:, 1]
+
+    def _cells_to_rows_columns(self, cells):
+        return torch.stack([cells // self.size, cells % self.size], 1)
 
     def _random_free_cells(self, excluded):
-        """One cell per sample, uniform among the free cells other than `excluded` (B, 2)."""
-        excluded_index = self._free_cell_index[excluded[:, 0], excluded[:, 1]]
+        """One cell per sample, uniform among the free cells other than `excluded` (B,)."""
         index = torch.randint(len(self._free_cells) - 1, (self.batch_size,),
                               generator=self.generator, device=self.device)
-        return self._free_cells[index + (index >= excluded_index).long()]
+        return self._free_cells[index + (index >= self._free_cell_index[excluded])]
 
     def _start_episode(self):
-        self.position = self.centre.expand(self.batch_size, 2).clone()
-        self.reward_position = self._random_free_cells(excluded=self.position)
+        self._cell = self._flat(self.centre.expand(self.batch_size, 2))
+        self._reward_cell = self._random_free_cells(excluded=self._cell)
 
     def _apply(self, action):
-        target = self.position + self._moves[action]
-        bumped = self.walls[target[:, 0], target[:, 1]]
-        self.position = torch.where(bumped[:, None], self.position, target)
-        found = ~bumped & (self.position == self.reward_position).all(1)
+        target = self._cell + self._moves[action]
+        bumped = self._is_wall[target]
+        cell = torch.where(bumped, self._cell, target)
+        found = ~bumped & (cell == self._reward_cell)
         # Drawn for every sample, found or not, so the generator advances the same every step.
-        teleport = self._random_free_cells(excluded=self.reward_position)
-        self.position = torch.where(found[:, None], teleport, self.position)
-        return found.float() * self.reward - bumped.float() * self.wall_penalty
+        teleport = self._random_free_cells(excluded=self._reward_cell)
+        self._cell = torch.where(found, teleport, cell)
+        return torch.where(found, self.reward, torch.where(bumped, 0.0 - self.wall_penalty, 0.0))
 
     def _stimulus(self):
-        cells = self.position[:, None, :] + self._neighbourhood
-        return self.walls[cells[..., 0], cells[..., 1]].float()
+        return self._neighbourhoods[self._cell]
 
 
 class CueReward(_BatchedEpisodes):
