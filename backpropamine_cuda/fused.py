@@ -89,7 +89,7 @@ def _(x, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fano
 
 @_register_fake("plastic_rnn_rollout_step")
 def _(x, u, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fanout_weight,
-      fanout_bias, rule, clip, clamp=None):
+      fanout_bias, rule, clip, clamp=None, hebb_out=None, elig_out=None):
     B, N = x.shape
     return x.new_empty(B, N), x.new_empty(B, N), x.new_empty(B, _n_modulators(h2mod_weight))
 
@@ -400,12 +400,14 @@ class FusedOps:
 
     def plastic_rnn_rollout_step(self, x, u, h, hebb, elig, w, alpha, eta, elig_rate,
                                  h2mod_weight, h2mod_bias, fanout_weight, fanout_bias,
-                                 rule="clip", clip=2.0, clamp=None):
+                                 rule="clip", clip=2.0, clamp=None, hebb_out=None,
+                                 elig_out=None):
         """Fused rollout step, no autograd; see reference.plastic_rnn_rollout_step."""
         tensors = (x, u, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
                    fanout_weight, fanout_bias)
         reference.check_no_grad("plastic_rnn_rollout_step", tensors)
-        h_new, u_next, m = self._ops.plastic_rnn_rollout_step(*tensors, rule, float(clip), clamp)
+        h_new, u_next, m = self._ops.plastic_rnn_rollout_step(*tensors, rule, float(clip), clamp,
+                                                              hebb_out, elig_out)
         return h_new, u_next, _modulation_output(m, h2mod_weight)
 
     def plastic_rnn_sequence_replay(self, x, h, hebb, elig, w, alpha, eta, elig_rate,

@@ -290,20 +290,26 @@ class _RNN(_PlasticBase):
         h, new_state, m = self._rollout(x, state, drive, backend)
         return (h, new_state, m) if return_modulation else (h, new_state)
 
-    def _rollout(self, x, state, drive, backend):
-        """rollout_step on a checked state: (h, RolloutState, m)."""
+    def _rollout(self, x, state, drive, backend, hebb_out=None, elig_out=None):
+        """rollout_step on a checked state: (h, RolloutState, m). The new traces go to hebb_out
+        and elig_out when given, else into the state's own."""
         if not self.plastic:
             h = self._fixed_step(x, state, backend).h
             return h, RolloutState(h), None
         h, drive, m = backend.plastic_rnn_rollout_step(
             self.i2h(x), drive, state.h, state.hebb, state.elig, *self._plastic_args(),
-            **self._op_options())
-        return h, RolloutState(h, state.hebb, state.elig, drive), m
+            **self._op_options(), hebb_out=hebb_out, elig_out=elig_out)
+        hebb = state.hebb if hebb_out is None else hebb_out
+        elig = state.elig if elig_out is None else elig_out
+        return h, RolloutState(h, hebb, elig, drive), m
 
-    def recorded_rollout(self, batch_size, steps, like):
+    def recorded_rollout(self, batch_size, steps, like, reuse=None):
         """A RecordedRollout of `steps` steps of `batch_size` samples from the zero state, in
-        the dtype and on the device of the tensor `like`."""
-        return RecordedRollout(self, batch_size, steps, like)
+        the dtype and on the device of the tensor `like`. `reuse`: an earlier RecordedRollout
+        whose replay is no longer needed (e.g. the previous training iteration's): the new one
+        takes over its buffers where they fit, which saves allocating and first touching them;
+        the earlier one can then neither step nor replay."""
+        return RecordedRollout(self, batch_size, steps, like, reuse)
 
     def _fixed_step(self, x, state, backend):
         if backend is reference:
@@ -385,32 +391,65 @@ class RecordedRollout:
     parameter of the layer changed since the rollout began (e.g. by an optimizer step); it raises
     otherwise. Without fused kernels for the tensors (or with impl "reference", or plastic=False)
     it computes layer(x) instead, with the same results.
+
+    In a training loop, pass the previous iteration's rollout as ``reuse`` (see
+    ``recorded_rollout``) once its loss has been backpropagated: the record's buffers are then
+    allocated once, not every iteration. Should a graph of the old replay still be
+    backpropagated, autograd raises (the buffers it saved were modified).
     """
 
-    def __init__(self, layer, batch_size, steps, like):
+    def __init__(self, layer, batch_size, steps, like, reuse=None):
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+        if reuse is not None and not isinstance(reuse, RecordedRollout):
+            raise ValueError(f"reuse must be None or a RecordedRollout, got {type(reuse)}")
         self.layer, self.steps, self.t = layer, steps, 0
+        self._handed_over = False
         self._versions = [p._version for p in layer.parameters()]
-        self._inputs = like.new_empty(steps, batch_size, layer.input_size)
-        self._state = self._backend = None
+        # Large fresh buffers cost page faults at their first write, every rollout: an earlier
+        # rollout's are taken over instead where they fit (it cannot be replayed afterwards).
+        spare = [] if reuse is None else reuse._hand_over()
+
+        def buffer(*shape):
+            for k, t in enumerate(spare):
+                if t.shape == shape and t.dtype == like.dtype and t.device == like.device:
+                    return spare.pop(k)
+            return like.new_empty(shape)
+
+        self._inputs = buffer(steps, batch_size, layer.input_size)
+        self._state = self._backend = self._record = self._traces = None
         if not layer.plastic:
-            self._record = None
             return
         from .fused import SequenceRecord, default_checkpoint_every
         N, K = layer.hidden_size, 0 if layer.modulation == "none" else layer.n_modulators
         L = default_checkpoint_every(steps)
         n_ckpt = -(-steps // L) - 1
         retro = layer.rule == "retroactive"
+        # The traces the steps update in place, zeroed at the first step.
+        self._traces = buffer(batch_size, N, N), buffer(batch_size, N, N) if retro else None
         self._record = SequenceRecord(
-            like.new_empty(steps, batch_size, N), like.new_empty(steps, batch_size, K),
-            like.new_empty(n_ckpt, batch_size, N, N),
-            like.new_empty(n_ckpt if retro else 0, batch_size, N, N), L)
+            buffer(steps, batch_size, N), buffer(steps, batch_size, K),
+            buffer(n_ckpt, batch_size, N, N), buffer(n_ckpt if retro else 0, batch_size, N, N), L)
+
+    def _hand_over(self):
+        """This rollout's buffers, for a new one; this one can no longer step or replay."""
+        buffers = [self._inputs]
+        if self._record is not None:
+            buffers += [*self._traces, *self._record[:4]]
+        self._inputs = self._record = self._state = self._traces = None
+        self._handed_over = True
+        return [t for t in buffers if t is not None]
+
+    def _check_not_handed_over(self, method):
+        if self._handed_over:
+            raise ValueError(f"{method}: this rollout's buffers went to a newer rollout "
+                             "(reuse=...); it can no longer step or replay")
 
     @torch.no_grad()
     def step(self, x):
         """One step on x (B, input_size): (h, m), as layer.rollout_step (m None without
         modulation)."""
+        self._check_not_handed_over("step")
         if self.t == self.steps:
             raise ValueError(f"step: the rollout's {self.steps} steps are all taken")
         self.layer._check_input(x, 2, "(B, input_size)")
@@ -418,27 +457,40 @@ class RecordedRollout:
             raise ValueError(f"step: x must have batch size {self._inputs.shape[1]} and dtype "
                              f"{self._inputs.dtype}, got {tuple(x.shape)} {x.dtype}")
         if self._state is None:
-            h, self._state, m = self.layer.rollout_step(x, None, return_modulation=True)
             self._backend = self.layer._backend(x)
+            if self._record is None:
+                state = self.layer.initial_state(x.shape[0], x)
+            else:  # zeros, in the rollout's own traces
+                hebb, elig = (None if t is None else t.zero_() for t in self._traces)
+                state = PlasticState(x.new_zeros(x.shape[0], self.layer.hidden_size), hebb, elig)
+            drive = None
         else:  # the state is the rollout's own, checked at the first step
-            h, self._state, m = self.layer._rollout(x, self._state, self._state.drive,
-                                                    self._backend)
-        self._inputs[self.t] = x
-        self.t += 1
-        record = self._record
+            state, drive = self._state, self._state.drive
+        t = self.t + 1
+        # The trace after a checkpoint step is written straight into the record, and the next
+        # step writes back into the rollout's own traces: no copies.
+        record, hebb_out, elig_out = self._record, None, None
         if record is not None:
-            record.out[self.t - 1] = h
-            if m is not None:
-                record.m[self.t - 1] = m
             L = record.checkpoint_every
-            if self.t % L == 0 and self.t < self.steps:  # the trace after step t: a checkpoint
-                record.hebb_checkpoints[self.t // L - 1] = self._state.hebb
-                if self._state.elig is not None:
-                    record.elig_checkpoints[self.t // L - 1] = self._state.elig
+            if t % L == 0 and t < self.steps:
+                hebb_out = record.hebb_checkpoints[t // L - 1]
+                if state.elig is not None:
+                    elig_out = record.elig_checkpoints[t // L - 1]
+            elif state.hebb is not self._traces[0]:
+                hebb_out, elig_out = self._traces
+        h, self._state, m = self.layer._rollout(x, state, drive, self._backend, hebb_out,
+                                                elig_out)
+        self.t = t
+        self._inputs[t - 1] = x
+        if record is not None:
+            record.out[t - 1] = h
+            if m is not None:
+                record.m[t - 1] = m
         return h, m
 
     def replay(self, x):
         """(out (T, B, N), m (T, B, K) or None) of layer(x), differentiable, from the record."""
+        self._check_not_handed_over("replay")
         if self.t < self.steps:
             raise ValueError(f"replay: the rollout took {self.t} of its {self.steps} steps")
         if not torch.equal(x, self._inputs):

@@ -104,24 +104,34 @@ def check_no_grad(op, tensors):
 
 def plastic_rnn_rollout_step(x, u, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight,
                              h2mod_bias, fanout_weight, fanout_bias, rule="clip", clip=2.0,
-                             clamp=None):
+                             clamp=None, hebb_out=None, elig_out=None):
     """plastic_rnn_step for acting without gradients (RL rollouts): ``hebb`` and ``elig`` are
-    updated in place, and the next step's drive ``u_next = h_new @ (w + alpha * hebb_new)`` is
-    returned for the next call, which takes it as ``u`` (None: computed from ``h`` and ``hebb``).
-    The fused op thereby sweeps the trace once per step. Returns ``(h_new, u_next, m)``.
+    updated in place, or, given ``hebb_out`` and ``elig_out`` (both, or hebb_out alone without
+    elig), the new traces are written there and ``hebb`` and ``elig`` are left as they were (a
+    recording stores a checkpoint this way without copying it). The next step's drive
+    ``u_next = h_new @ (w + alpha * hebb_new)`` is returned for the next call, which takes it as
+    ``u`` (None: computed from ``h`` and ``hebb``). The fused op thereby sweeps the trace once
+    per step. Returns ``(h_new, u_next, m)``.
     """
     check_no_grad("plastic_rnn_rollout_step", (x, u, h, hebb, elig, w, alpha, eta, elig_rate,
                                                h2mod_weight, h2mod_bias, fanout_weight,
                                                fanout_bias))
+    if hebb_out is None and elig_out is not None:
+        raise ValueError("plastic_rnn_rollout_step: elig_out needs hebb_out (pass both or "
+                         "neither)")
+    if hebb_out is not None and (elig_out is None) != (elig is None):
+        raise ValueError("plastic_rnn_rollout_step: " + (
+            "with elig and hebb_out, pass elig_out too" if elig is not None
+            else "elig_out is only used with elig; pass None"))
     if u is None:
         u = plastic_matvec(h, w, alpha, hebb)
     h_new = rnn_cell(x, u, clamp)
     eta_t, m = plasticity_rate(h_new, eta, h2mod_weight, h2mod_bias, fanout_weight, fanout_bias)
     hebb_new, elig_new = hebb_update(hebb, h, h_new, eta_t, rule, clip, elig, elig_rate)
-    hebb.copy_(hebb_new)
+    (hebb if hebb_out is None else hebb_out).copy_(hebb_new)
     if elig is not None:
-        elig.copy_(elig_new)
-    return h_new, plastic_matvec(h_new, w, alpha, hebb), m
+        (elig if elig_out is None else elig_out).copy_(elig_new)
+    return h_new, plastic_matvec(h_new, w, alpha, hebb_new), m
 
 
 def plastic_rnn_sequence(x, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,

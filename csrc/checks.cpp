@@ -1,5 +1,6 @@
 #include "checks.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
@@ -212,6 +213,44 @@ void check_drive(const char* op, const OptTensor& u, const at::Tensor& x) {
   if (!u.has_value()) return;
   check_tensor(op, "u", *u, x);
   check_shape(op, "u", *u, x.sizes(), "(B, N), like x");
+}
+
+void check_trace_outputs(const char* op, const OptTensor& hebb_out, const OptTensor& elig_out,
+                         const at::Tensor& hebb, const OptTensor& elig,
+                         const std::vector<NamedTensor>& others) {
+  if (!hebb_out.has_value()) {
+    TORCH_CHECK_VALUE(!elig_out.has_value(), op, ": elig_out needs hebb_out (pass both or "
+                      "neither)");
+    return;
+  }
+  TORCH_CHECK_VALUE(elig_out.has_value() == elig.has_value(), op,
+                    elig.has_value() ? ": with elig and hebb_out, pass elig_out too"
+                                     : ": elig_out is only used with elig; pass None");
+  std::vector<NamedTensor> outs{{"hebb_out", *hebb_out}}, traces{{"hebb", hebb}};
+  if (elig.has_value()) {
+    outs.emplace_back("elig_out", *elig_out);
+    traces.emplace_back("elig", *elig);
+  }
+  for (size_t k = 0; k < outs.size(); ++k) {
+    const auto& [name, out] = outs[k];
+    check_tensor(op, name, out, hebb);
+    check_shape(op, name, out, hebb.sizes(), "(same as hebb)");
+    std::vector<NamedTensor> apart(others);
+    if (k == 1) apart.push_back(outs[0]);
+    for (size_t l = 0; l < traces.size(); ++l) {
+      if (l != k) {
+        apart.push_back(traces[l]);
+        continue;
+      }
+      const auto status = at::get_overlap_status(out, traces[l].second);
+      TORCH_CHECK(status == at::MemOverlapStatus::Full || status == at::MemOverlapStatus::No, op,
+                  ": ", name, " overlaps part of ", traces[l].first, "; it must be ",
+                  traces[l].first, " itself (in place) or memory of its own");
+    }
+    for (const auto& [other_name, other] : apart)
+      TORCH_CHECK(at::get_overlap_status(out, other) == at::MemOverlapStatus::No, op, ": ", name,
+                  " overlaps ", other_name, "; it must be memory of its own");
+  }
 }
 
 void check_checkpoint_every(const char* op, int64_t checkpoint_every) {

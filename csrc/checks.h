@@ -7,6 +7,8 @@
 
 #include <optional>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "trace_pass.h"
 
@@ -63,6 +65,16 @@ void check_clamp(const char* op, const OptTensor& clamp, const at::Tensor& x);
 
 // The rollout step's optional drive u: x's dtype, device and shape (B, N), contiguous.
 void check_drive(const char* op, const OptTensor& u, const at::Tensor& x);
+
+// A tensor argument and its name, for messages.
+using NamedTensor = std::pair<const char*, at::Tensor>;
+
+// The rollout step's optional outputs for the new traces, hebb_out and elig_out: both or neither
+// (elig_out only with elig), each like the trace it replaces, and either that trace itself (in
+// place) or apart from it, from each other and from every tensor in `others`.
+void check_trace_outputs(const char* op, const OptTensor& hebb_out, const OptTensor& elig_out,
+                         const at::Tensor& hebb, const OptTensor& elig,
+                         const std::vector<NamedTensor>& others);
 
 void check_checkpoint_every(const char* op, int64_t checkpoint_every);
 

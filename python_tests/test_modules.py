@@ -218,6 +218,59 @@ def test_recorded_rollout_replay_equals_forward(options, cls, impl):
     assert_dicts_close(grads_a, grads_e, **TOL[torch.float64])
 
 
+@pytest.mark.parametrize("options", [dict(rule="retroactive"), dict(modulation="none"),
+                                     dict(plastic=False)], ids=opt_id)
+def test_recorded_rollout_reusing_buffers(options):
+    """A rollout that takes over an earlier one's buffers gives the same results as a fresh one,
+    shares its memory, and leaves the earlier one unusable."""
+    layer = make(bp.PlasticRNN, options, impl="fused")
+    x = torch.randn(7, 2, I, dtype=torch.float64)
+    results = []
+    earlier = layer.recorded_rollout(2, 7, x)
+    for t in range(7):
+        earlier.step(torch.randn(2, I, dtype=torch.float64))  # other inputs, other traces
+    earlier.replay(earlier._inputs.clone())[0].sum().backward()
+    old_out = None if earlier._record is None else earlier._record.out.data_ptr()
+    old_inputs = earlier._inputs.data_ptr()
+    for reuse in (None, earlier):
+        rollout = layer.recorded_rollout(2, 7, x, reuse=reuse)
+        for t in range(7):
+            rollout.step(x[t])
+        layer.zero_grad()
+        out, m = rollout.replay(x)
+        (out.pow(2).sum() + (0 if m is None else m.sum())).backward()
+        results.append((out, m, grads_of(layer)))
+    assert rollout._inputs.data_ptr() == old_inputs
+    assert old_out is None or rollout._record.out.data_ptr() == old_out
+    (out_a, m_a, grads_a), (out_e, m_e, grads_e) = results
+    torch.testing.assert_close(out_a, out_e, rtol=0, atol=0)
+    assert (m_a is None) == (m_e is None)
+    if m_e is not None:
+        torch.testing.assert_close(m_a, m_e, rtol=0, atol=0)
+    assert_dicts_close(grads_a, grads_e, rtol=0, atol=0)
+    for method, args in (("step", (x[0],)), ("replay", (x,))):
+        with pytest.raises(ValueError, match=f"{method}: this rollout's buffers went to a newer"):
+            getattr(earlier, method)(*args)
+    with pytest.raises(ValueError, match="reuse must be None or a RecordedRollout"):
+        layer.recorded_rollout(2, 7, x, reuse="previous")
+
+
+def test_recorded_rollout_reuse_guards_an_unfinished_backward():
+    """Taking over the buffers of a rollout whose replay's graph is still to be backpropagated
+    makes that backward raise instead of giving wrong gradients."""
+    layer = make(bp.PlasticRNN, dict(rule="retroactive"), impl="fused")
+    x = torch.randn(5, 2, I, dtype=torch.float64)
+    first = layer.recorded_rollout(2, 5, x)
+    for t in range(5):
+        first.step(x[t])
+    out, _ = first.replay(x)
+    second = layer.recorded_rollout(2, 5, x, reuse=first)
+    for t in range(5):
+        second.step(x[t] + 1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
 def test_recorded_rollout_refuses_what_it_did_not_record():
     layer = make(bp.PlasticRNN, dict(rule="retroactive"))
     x = torch.randn(3, 2, I, dtype=torch.float64)

@@ -66,6 +66,9 @@ def test_opcheck_rollout_step(alpha, modulation, rule, dtype, with_drive):
     x, h, *rest = raw_rnn_args(inputs, rule, 0.5, requires_grad=False)
     u = torch.randn_like(x) if with_drive else None
     torch.library.opcheck(OPS.plastic_rnn_rollout_step.default, [x, u, h, *rest])
+    hebb, elig = rest[0], rest[1]
+    outs = [torch.empty_like(hebb), None if elig is None else torch.empty_like(elig)]
+    torch.library.opcheck(OPS.plastic_rnn_rollout_step.default, [x, u, h, *rest, None, *outs])
 
 
 @pytest.mark.parametrize("alpha_shape", [(4, 5), (5,), ()], ids=["full", "neuron", "scalar"])

@@ -306,6 +306,19 @@ def test_cue_reward_reset_starts_blank_history():
     assert obs[:, env.OBS_PREVIOUS_ACTION].eq(0).all() and obs[:, env.OBS_BIAS].eq(1).all()
 
 
+@pytest.mark.parametrize("fixed_cues", [False, True])
+def test_cue_reward_fixed_cues_repeat_across_episodes(fixed_cues):
+    env = envs.CueReward(8, episode_length=10, fixed_cues=fixed_cues, generator=seeded(13))
+    env.reset()
+    first = env.cues.clone()
+    for _ in range(10):
+        env.step(torch.ones(8, dtype=torch.long))
+    env.reset()
+    assert torch.equal(env.cues, first) == fixed_cues
+    assert env.cues.abs().eq(1).all()
+    assert torch.equal(env.cues[0], env.cues[1]) == fixed_cues  # fixed: the same in every row
+
+
 # ------------------------------------------------------------------- both tasks: episodes, RNG
 
 TASKS = {"maze": lambda rows, **kw: envs.GridMaze(rows, size=7, episode_length=30, **kw),
@@ -398,6 +411,7 @@ MAZE, CUE = envs.GridMaze, envs.CueReward
     (CUE, dict(trial_min=6, trial_max=5), "trial_max must be an integer >= 6, got 5"),
     (CUE, dict(penalty=float("-inf")), "penalty must be a finite real number, got -inf"),
     (CUE, dict(episode_length=-3), "episode_length must be an integer >= 1, got -3"),
+    (CUE, dict(fixed_cues=1), "fixed_cues must be True or False, got 1"),
 ])
 def test_constructor_validation(task, arguments, message):
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -321,6 +321,39 @@ def test_rollout_step_clamp(fused):
 
 
 @pytest.mark.parametrize("impl", ["fused", "reference"])
+@pytest.mark.parametrize("rule", ["retroactive", "clip"])
+def test_rollout_step_into_other_traces(fused, impl, rule):
+    """With hebb_out and elig_out the new traces go there and the given ones stay as they were:
+    steps that alternate between two pairs of buffers give the sequence's outputs and traces."""
+    module = fused if impl == "fused" else reference
+    alpha, modulation = RULE_CONFIG[rule]
+    inputs = rnn_inputs(alpha, modulation, rule, T=5, B=3, N=9, seed=20)
+    out, hebb_T, elig_T, m = reference.plastic_rnn_sequence(**inputs, rule=rule, clip=CLIP)
+    params = {k: v for k, v in inputs.items() if k not in ("x", "h", "hebb", "elig")}
+    copy = lambda t: None if t is None else t.clone()  # noqa: E731
+    buffers = [(copy(inputs["hebb"]), copy(inputs["elig"])),
+               (torch.empty_like(inputs["hebb"]), copy(inputs["elig"]))]
+    h, u = inputs["h"], None
+    with torch.no_grad():
+        for t in range(5):
+            (hebb, elig), (hebb_out, elig_out) = buffers[t % 2], buffers[1 - t % 2]
+            before = copy(hebb), copy(elig)
+            h, u, m_t = module.plastic_rnn_rollout_step(
+                inputs["x"][t], u, h, hebb, elig, **params, rule=rule, clip=CLIP,
+                hebb_out=hebb_out, elig_out=elig_out)
+            assert torch.equal(hebb, before[0])
+            assert elig is None or torch.equal(elig, before[1])
+            assert_tensor_close(h, out[t], f"h at step {t + 1}", torch.float64)
+            assert_tensor_close(m_t, m[t], f"m at step {t + 1}", torch.float64)
+    hebb, elig = buffers[1]
+    assert_tensor_close(hebb, hebb_T, "hebb_out", torch.float64)
+    if elig_T is not None:
+        assert_tensor_close(elig, elig_T, "elig_out", torch.float64)
+    assert_tensor_close(u, reference.plastic_matvec(out[-1], inputs["w"], inputs["alpha"],
+                                                    hebb_T), "u of the next step", torch.float64)
+
+
+@pytest.mark.parametrize("impl", ["fused", "reference"])
 def test_rollout_step_refuses_autograd(fused, impl):
     module = fused if impl == "fused" else reference
     inputs = rnn_inputs("full", "simple", "clip", B=2, N=5)

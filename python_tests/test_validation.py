@@ -267,6 +267,47 @@ def test_rollout_step_drive_wrong_dtype():
         fn(**kwargs)
 
 
+def test_rollout_step_trace_outputs():
+    fn, kwargs = rollout_case()  # rule retroactive: hebb and elig
+    hebb, elig = kwargs["hebb"], kwargs["elig"]
+    fn(**kwargs, hebb_out=torch.empty_like(hebb), elig_out=torch.empty_like(elig))
+    fn(**kwargs, hebb_out=hebb, elig_out=elig)  # in place, as without them
+    with raises(ValueError, "plastic_rnn_rollout_step: with elig and hebb_out, pass elig_out"):
+        fn(**kwargs, hebb_out=torch.empty_like(hebb))
+    with raises(ValueError, "plastic_rnn_rollout_step: elig_out needs hebb_out"):
+        fn(**kwargs, elig_out=torch.empty_like(elig))
+    with raises(RuntimeError, "plastic_rnn_rollout_step: expected hebb_out to have shape"):
+        fn(**kwargs, hebb_out=hebb.new_empty(B, N, N + 1), elig_out=torch.empty_like(elig))
+    with raises(RuntimeError, "plastic_rnn_rollout_step: expected elig_out to have dtype Double"):
+        fn(**kwargs, hebb_out=torch.empty_like(hebb), elig_out=elig.float())
+    with raises(RuntimeError, "plastic_rnn_rollout_step: expected hebb_out to be contiguous"):
+        fn(**kwargs, hebb_out=hebb.new_empty(B, N, N).transpose(1, 2),
+           elig_out=torch.empty_like(elig))
+    both = hebb.new_empty(2 * B * N * N + 1)
+    shifted = both[1:B * N * N + 1].view(B, N, N)
+    with raises(RuntimeError, "plastic_rnn_rollout_step: hebb_out overlaps part of hebb"):
+        fn(**dict(kwargs, hebb=both[:B * N * N].view(B, N, N)), hebb_out=shifted,
+           elig_out=torch.empty_like(elig))
+    with raises(RuntimeError, "plastic_rnn_rollout_step: hebb_out overlaps elig"):
+        fn(**kwargs, hebb_out=elig, elig_out=torch.empty_like(elig))
+    with raises(RuntimeError, "plastic_rnn_rollout_step: elig_out overlaps hebb_out"):
+        out = torch.empty_like(hebb)
+        fn(**kwargs, hebb_out=out, elig_out=out)
+    w_sized = hebb.new_empty(B, N, N)
+    with raises(RuntimeError, "plastic_rnn_rollout_step: hebb_out overlaps w"):
+        fn(**dict(kwargs, w=w_sized[0]), hebb_out=w_sized, elig_out=torch.empty_like(elig))
+    fn, kwargs = rollout_case_without_elig()
+    with raises(ValueError, "plastic_rnn_rollout_step: elig_out is only used with elig"):
+        fn(**kwargs, hebb_out=torch.empty_like(kwargs["hebb"]),
+           elig_out=torch.empty_like(kwargs["hebb"]))
+    fn(**kwargs, hebb_out=torch.empty_like(kwargs["hebb"]))
+
+
+def rollout_case_without_elig():
+    _, kwargs = rnn_case("step", rule="clip")
+    return bp.fused.plastic_rnn_rollout_step, dict(kwargs, u=None)
+
+
 def test_rollout_step_checks_like_step():
     """The rollout step shares the step op's checks: e.g. a wrong hebb shape."""
     fn, kwargs = rollout_case()

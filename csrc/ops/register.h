@@ -40,7 +40,8 @@ inline void define_ops(torch::Library& m) {
       "Tensor? grad_m, Tensor h, Tensor hebb, Tensor? elig, " BP_RNN_PARAMS
       ", Tensor h_new, Tensor m, Tensor eta_t, Tensor? clamp=None)", 12).c_str());
   m.def("plastic_rnn_rollout_step(Tensor x, Tensor? u, Tensor h, Tensor(a!) hebb, "
-      "Tensor(b!)? elig, " BP_RNN_PARAMS ", Tensor? clamp=None) -> (Tensor, Tensor, Tensor)");
+      "Tensor(b!)? elig, " BP_RNN_PARAMS ", Tensor? clamp=None, Tensor(c!)? hebb_out=None, "
+      "Tensor(d!)? elig_out=None) -> (Tensor, Tensor, Tensor)");
   m.def(returning(
       "plastic_lstm_sequence(Tensor x, Tensor h0, Tensor c0, Tensor hebb0, Tensor? elig0, "
       "Tensor h2g_weight, Tensor h2g_bias, " BP_RNN_PARAMS ", str modulator_input, "

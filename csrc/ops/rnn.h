@@ -63,13 +63,15 @@ Tensors<12> sequence_backward(const Backend& be, const PlasticConfig& c,
           r.g_eta, r.g_rate, r.g_h2mod_w, r.g_h2mod_b, r.g_fan_w, r.g_fan_b};
 }
 
-// One step with the trace (and eligibility trace) updated in place and the next step's drive
-// u_{t+1} = h_t @ (w + A * H_t) computed in the same sweep: (h_t, u_{t+1}, m_t). `u` is u_t from
-// the previous call; without it a matvec pass computes it from h and hebb.
+// One step with the trace (and eligibility trace) updated, in place or into hebb_out (and
+// elig_out), and the next step's drive u_{t+1} = h_t @ (w + A * H_t) computed in the same sweep:
+// (h_t, u_{t+1}, m_t). `u` is u_t from the previous call; without it a matvec pass computes it
+// from h and hebb.
 template <typename T, class Backend>
 Tensors<3> rollout_step(const Backend& be, const PlasticConfig& c, const PlasticParams<T>& p,
                         const Tensor& x, const OptTensor& u, const Tensor& h,
-                        const OptTensor& clamp) {
+                        const OptTensor& clamp, const OptTensor& hebb_out,
+                        const OptTensor& elig_out) {
   const int64_t B = c.B, N = c.N;
   const PlasticInputs& a = p.in;
   const auto opts = x.options();
@@ -94,8 +96,11 @@ Tensors<3> rollout_step(const Backend& be, const PlasticConfig& c, const Plastic
   }
   Tensor u_next = at::empty({B, N}, opts);
   fp.update = true; fp.matvec = true;
-  fp.hebb_out = a.hebb.data_ptr<T>();  // in place: the pass reads each element, then writes it
-  fp.elig = fp.elig_out = a.elig.has_value() ? a.elig->data_ptr<T>() : nullptr;
+  // In place or not, the pass reads each element before it writes it.
+  fp.hebb_out = (hebb_out.has_value() ? *hebb_out : a.hebb).data_ptr<T>();
+  const OptTensor& new_elig = elig_out.has_value() ? elig_out : a.elig;
+  fp.elig = a.elig.has_value() ? a.elig->data_ptr<T>() : nullptr;
+  fp.elig_out = new_elig.has_value() ? new_elig->data_ptr<T>() : nullptr;
   fp.pre = h.data_ptr<T>(); fp.post = h_new.data_ptr<T>(); fp.eta = eta_t.data_ptr<T>();
   fp.matvec_in = h_new.data_ptr<T>(); fp.u = u_next.data_ptr<T>();
   be.forward(fp, c.modes, tl);
@@ -213,16 +218,17 @@ Tensors<12> plastic_rnn_step_backward(
 }
 
 // The rollout step: plastic_rnn_step for acting without gradients (RL rollouts), with `hebb` and
-// `elig` updated in place and the next step's drive carried from call to call, so that a loop of
-// these steps sweeps the trace once per step, as the sequence op does (the step op sweeps it
-// twice and allocates new traces). No autograd.
+// `elig` updated in place (or written to hebb_out and elig_out, e.g. a recording's checkpoint)
+// and the next step's drive carried from call to call, so that a loop of these steps sweeps the
+// trace once per step, as the sequence op does (the step op sweeps it twice and allocates new
+// traces). No autograd.
 template <class Backend>
 Tensors<3> plastic_rnn_rollout_step(
     const Tensor& x, const OptTensor& u, const Tensor& h, const Tensor& hebb,
     const OptTensor& elig, const Tensor& w, const Tensor& alpha, const OptTensor& eta,
     const OptTensor& elig_rate, const OptTensor& h2mod_weight, const OptTensor& h2mod_bias,
     const OptTensor& fanout_weight, const OptTensor& fanout_bias, const std::string& rule,
-    double clip, const OptTensor& clamp) {
+    double clip, const OptTensor& clamp, const OptTensor& hebb_out, const OptTensor& elig_out) {
   const char* op = "plastic_rnn_rollout_step";
   const c10::DeviceGuard guard(x.device());
   const PlasticInputs in{hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
@@ -230,9 +236,11 @@ Tensors<3> plastic_rnn_rollout_step(
   const PlasticConfig c = check_rnn_inputs(op, x, h, in, rule, clip, false);
   check_clamp(op, clamp, x);
   check_drive(op, u, x);
+  check_trace_outputs(op, hebb_out, elig_out, hebb, elig,
+                      {{"x", x}, {"h", h}, {"w", w}, {"alpha", alpha}});
   return dispatch_float(x, op, [&]<typename T>() {
     return rnn_detail::rollout_step<T>(Backend(x.options()), c, PlasticParams<T>(c, in), x, u,
-                                       h, clamp);
+                                       h, clamp, hebb_out, elig_out);
   });
 }
 

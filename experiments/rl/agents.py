@@ -49,6 +49,7 @@ class Agent(nn.Module):
         self.rnn = bp.PlasticRNN(obs_size, hidden_size, impl=impl, **NETWORK_TYPES[network_type])
         self.policy = nn.Linear(hidden_size, n_actions)
         self.value = nn.Linear(hidden_size, 1)
+        self._rollout = None  # the last recorded rollout, whose buffers the next one takes over
 
     def _heads(self, h):
         return self.policy(h), self.value(h).squeeze(-1)
@@ -76,8 +77,11 @@ class Agent(nn.Module):
 
     def recorded_rollout(self, batch_size, steps):
         """A bp.RecordedRollout of the recurrent layer: pass it as `state` to `step` for a whole
-        episode, then to `replay`."""
-        return self.rnn.recorded_rollout(batch_size, steps, self.policy.weight)
+        episode, then to `replay`. It takes over the buffers of the previous one, whose replay
+        must be done with (training replays each rollout once, before the next)."""
+        self._rollout = self.rnn.recorded_rollout(batch_size, steps, self.policy.weight,
+                                                  reuse=self._rollout)
+        return self._rollout
 
     def replay(self, observations, rollout):
         """forward(observations) for the episode that `rollout` recorded, without running the

@@ -22,13 +22,16 @@ def make_parser():
     parser = a2c.make_parser(__doc__.split("\n\n")[0], TYPES, PRESETS)
     add = parser.add_argument
     add("--episode-length", type=int, default=120)
+    add("--fixed-cues", action="store_true",
+        help="control task: the same cues (so the same rewarded cue) in every episode, which "
+             "weights alone can learn; checks the A2C pipeline on this task")
     parser.set_defaults(entropy_coef=0.1, eps=1e-6, clip_grad=2.0)
     return parser
 
 
 def make_env(args, generator):
-    return CueReward(args.batch_size, episode_length=args.episode_length, device=args.device,
-                     generator=generator)
+    return CueReward(args.batch_size, episode_length=args.episode_length,
+                     fixed_cues=args.fixed_cues, device=args.device, generator=generator)
 
 
 def main(argv=None):

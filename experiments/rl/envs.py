@@ -251,6 +251,10 @@ class CueReward(_BatchedEpisodes):
     Actions at the other steps do nothing and earn 0. The episode ends after episode_length
     steps, cutting its last trial short.
 
+    fixed_cues=True is the control task: four cues are drawn once, when the environment is made,
+    and every sample of every episode uses them, so weights trained across episodes can learn
+    which cue pays and no within-episode learning is needed.
+
     Observation (26 values), describing the upcoming step, the one whose action comes next:
     OBS_CUE (the cue's bits, 0 when blank), OBS_GO (1 at GO), then the shared inputs (see the
     module docstring).
@@ -274,7 +278,7 @@ class CueReward(_BatchedEpisodes):
     n_actions = 2
 
     def __init__(self, batch_size, trial_min=5, trial_max=8, reward=1.0, penalty=-1.0,
-                 episode_length=120, device="cpu", generator=None):
+                 episode_length=120, fixed_cues=False, device="cpu", generator=None):
         super().__init__(batch_size, episode_length, device, generator)
         # Two cue steps, GO and the step after it need at least 4 steps.
         _check_int("trial_min", trial_min, 4)
@@ -283,6 +287,10 @@ class CueReward(_BatchedEpisodes):
         _check_real("penalty", penalty)
         self.trial_min, self.trial_max = int(trial_min), int(trial_max)
         self.reward, self.penalty = float(reward), float(penalty)
+        _check(isinstance(fixed_cues, bool), "fixed_cues", "True or False", fixed_cues)
+        # The control task: the same cues, and so the same rewarded one, in every episode.
+        self._fixed_cues = (self._draw_cues(1).expand(self.batch_size, -1, -1) if fixed_cues
+                            else None)
 
     @property
     def is_go(self):
@@ -312,11 +320,15 @@ class CueReward(_BatchedEpisodes):
         self.cue_steps = torch.where(starting[:, None], cue_steps, self.cue_steps)
         self.shown_cues = torch.where(starting[:, None], shown_cues, self.shown_cues)
 
+    def _draw_cues(self, rows=None):
+        rows = self.batch_size if rows is None else rows
+        bits = torch.randint(2, (rows, self.N_CUES, self.CUE_BITS), generator=self.generator,
+                             device=self.device)
+        return bits.float() * 2 - 1
+
     def _start_episode(self):
         rows, device = self.batch_size, self.device
-        bits = torch.randint(2, (rows, self.N_CUES, self.CUE_BITS), generator=self.generator,
-                             device=device)
-        self.cues = bits.float() * 2 - 1
+        self.cues = self._draw_cues() if self._fixed_cues is None else self._fixed_cues.clone()
         self.trial_length = self.trial_step = torch.zeros(rows, dtype=torch.long, device=device)
         self.cue_steps = self.shown_cues = torch.zeros(rows, 2, dtype=torch.long, device=device)
         self._start_trials(torch.ones(rows, dtype=torch.bool, device=device))
