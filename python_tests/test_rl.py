@@ -163,6 +163,18 @@ def test_script_end_to_end(task, tmp_path):
     assert len(log_rows_without_timings(tmp_path / "rnn-seed0.csv")) == 2
 
 
+def test_cue_reward_task_flags_reach_the_environment():
+    env = make_env("cue_reward", task_args("cue_reward", "--trial-min", "4", "--trial-max", "6",
+                                           "--fixed-cues"))
+    assert (env.trial_min, env.trial_max) == (4, 6)
+    env.reset()
+    first = env.cues.clone()
+    env.reset()
+    assert torch.equal(env.cues, first)
+    with pytest.raises(ValueError, match="trial_min must be an integer >= 4, got 3"):
+        make_env("cue_reward", task_args("cue_reward", "--trial-min", "3"))
+
+
 def test_flag_validation():
     with pytest.raises(SystemExit):
         task_args("maze", "--save-every", "3")  # not a multiple of --log-every 2

@@ -22,6 +22,9 @@ def make_parser():
     parser = a2c.make_parser(__doc__.split("\n\n")[0], TYPES, PRESETS)
     add = parser.add_argument
     add("--episode-length", type=int, default=120)
+    add("--trial-min", type=int, default=5, help="shortest trial, in steps (GO and the reward "
+        "step included)")
+    add("--trial-max", type=int, default=8, help="longest trial, in steps")
     add("--fixed-cues", action="store_true",
         help="control task: the same cues (so the same rewarded cue) in every episode, which "
              "weights alone can learn; checks the A2C pipeline on this task")
@@ -30,8 +33,9 @@ def make_parser():
 
 
 def make_env(args, generator):
-    return CueReward(args.batch_size, episode_length=args.episode_length,
-                     fixed_cues=args.fixed_cues, device=args.device, generator=generator)
+    return CueReward(args.batch_size, trial_min=args.trial_min, trial_max=args.trial_max,
+                     episode_length=args.episode_length, fixed_cues=args.fixed_cues,
+                     device=args.device, generator=generator)
 
 
 def main(argv=None):
