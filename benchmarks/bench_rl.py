@@ -19,6 +19,7 @@ benchmarks/results/bench_rl.{csv,json,png}.
 """
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -72,27 +73,47 @@ def worker(spec):
         return {"error": common.short_error(err)}
 
 
+def merge_rounds(results):
+    """One measurement from the worker results of every round: the median over all their runs
+    (the first error, if any round failed)."""
+    failed = [r for r in results if "error" in r]
+    if failed:
+        return failed[0]
+    all_ms = [ms for r in results for ms in r["all_ms"]]
+    ms = statistics.median(all_ms)
+    return dict(results[0], iteration_ms=ms, iterations_per_s=1e3 / ms, runs=len(all_ms),
+                all_ms=all_ms, rounds=len(results),
+                loadavg=max(r["loadavg"] for r in results))
+
+
 def main():
-    parser = common.benchmark_parser(__doc__, CASES, IMPLS, repeats=10, budget=30.0)
+    parser = common.benchmark_parser(__doc__, CASES, IMPLS, repeats=5, budget=15.0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="worker processes per measurement, interleaved: round k runs every "
+                             "case and implementation once, so that a slow spell of a shared "
+                             "machine falls on all of them (the median is over every round's runs)")
     args = parser.parse_args()
     common.check_selection(parser, args, CASES, IMPLS)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
     script = Path(__file__).resolve()
     start, load_start = time.time(), os.getloadavg()[0]
     info = common.machine_info(args.device)
-    records = []
-    for case in args.cases.split(","):
-        for impl in args.impls.split(","):
+    runs = {(case, impl): [] for case in args.cases.split(",") for impl in args.impls.split(",")}
+    for round_ in range(1, args.rounds + 1):
+        for (case, impl), results in runs.items():
             spec = dict(case=case, impl=impl, device=args.device, quick=args.quick,
                         repeats=args.repeats, budget=args.budget, threads=args.threads)
-            result = common.run_worker(script, spec)
-            records.append(dict(case=case, impl=impl, **result, loadavg=os.getloadavg()[0]))
-            print(f"[{time.time() - start:6.0f} s] {case} {impl}: "
-                  f"{common.fmt_num(result.get('iterations_per_s'))} iterations/s "
-                  f"{result.get('error', '')}", file=sys.stderr, flush=True)
+            results.append(dict(common.run_worker(script, spec), loadavg=os.getloadavg()[0]))
+            print(f"[{time.time() - start:6.0f} s] round {round_}: {case} {impl}: "
+                  f"{common.fmt_num(results[-1].get('iterations_per_s'))} iterations/s "
+                  f"{results[-1].get('error', '')}", file=sys.stderr, flush=True)
+    records = [dict(case=case, impl=impl, **merge_rounds(results))
+               for (case, impl), results in runs.items()]
 
     fused = {r["case"]: r for r in records if r["impl"] == "fused"}
     rows, target_rows, checks = [], [], []
@@ -123,7 +144,8 @@ def main():
         "Target:", "", common.markdown_table(["case", "target", "measured", "status"],
                                              target_rows), "",
         f"- An iteration: a2c.train_iteration (B episodes of T steps, loss, backward, clip, "
-        f"Adam); median of up to {args.repeats} after a warm-up iteration.",
+        f"Adam); median over {args.rounds} interleaved rounds of a fresh worker process each, "
+        f"up to {args.repeats} timed iterations per worker after a warm-up iteration.",
         "", f"Whole run: {time.time() - start:.0f} s."])
     print(report)
     out = Path(args.out)

@@ -12,7 +12,7 @@ from helpers import subprocess_env
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-def run_quick(name, impls, tmp_path):
+def run_quick(name, impls, tmp_path, *flags):
     """Runs benchmarks/<name>.py --quick on `impls`; returns its stdout and its CSV's rows."""
     script = BENCHMARKS / f"{name}.py"
     if not script.is_file():
@@ -20,7 +20,7 @@ def run_quick(name, impls, tmp_path):
     pytest.importorskip("matplotlib")
     result = subprocess.run(
         [sys.executable, str(script), "--quick", "--impls", ",".join(impls), "--repeats", "1",
-         "--out", str(tmp_path)],
+         "--out", str(tmp_path), *flags],
         capture_output=True, text=True, timeout=600, cwd=tmp_path, env=subprocess_env())
     assert result.returncode == 0, result.stderr[-3000:]
     with open(tmp_path / f"{name}.csv") as f:
@@ -49,9 +49,10 @@ def test_bench_lstm_quick(tmp_path):
 
 def test_bench_rl_quick(tmp_path):
     impls = ("fused", "fused-stepwise", "reference")
-    stdout, rows = run_quick("bench_rl", impls, tmp_path)
+    stdout, rows = run_quick("bench_rl", impls, tmp_path, "--rounds", "2")
     assert {(r["case"], r["impl"]) for r in rows} == {
         (case, impl) for case in ("maze", "cue-reward") for impl in impls}
+    assert all((r["rounds"], r["runs"]) == ("2", "2") for r in rows)  # one run per round
     assert all(float(r["iterations_per_s"]) > 0 for r in rows), "an implementation failed"
     assert all(r["fused_speedup"] for r in rows if r["impl"] == "reference")
     assert "| maze" in stdout
