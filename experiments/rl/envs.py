@@ -190,7 +190,7 @@ class GridMaze(_BatchedEpisodes):
 
     @position.setter
     def position(self, rows_columns):
-        self._cell = self._flat(rows_columns)
+        self._cell = self._rows_columns_to_cells(rows_columns)
 
     @property
     def reward_position(self):
@@ -199,9 +199,9 @@ class GridMaze(_BatchedEpisodes):
 
     @reward_position.setter
     def reward_position(self, rows_columns):
-        self._reward_cell = self._flat(rows_columns)
+        self._reward_cell = self._rows_columns_to_cells(rows_columns)
 
-    def _flat(self, rows_columns):
+    def _rows_columns_to_cells(self, rows_columns):
         rows_columns = torch.as_tensor(rows_columns, device=self.device)
         return rows_columns[:, 0] * self.size + rows_columns[:, 1]
 
@@ -215,7 +215,7 @@ class GridMaze(_BatchedEpisodes):
         return self._free_cells[index + (index >= self._free_cell_index[excluded])]
 
     def _start_episode(self):
-        self._cell = self._flat(self.centre.expand(self.batch_size, 2))
+        self._cell = self._rows_columns_to_cells(self.centre.expand(self.batch_size, 2))
         self._reward_cell = self._random_free_cells(excluded=self._cell)
 
     def _apply(self, action):
