@@ -65,8 +65,12 @@ def load_checkpoint(path, args, may_change=()):
     """The checkpoint dict at `path`, saved with the run's options as "args" (vars of its
     argparse namespace) and rng_states() as "rng", after checking that `args` has the same
     value for every option but those in `may_change`; restores the random states. A mismatch
-    exits with a message naming each option, its value there and here."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)  # RNG states stay on the CPU
+    exits with a message naming each option, its value there and here; a file torch cannot
+    read exits naming it."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)  # RNG states: CPU
+    except Exception as error:  # torch raises several kinds for a damaged file
+        raise SystemExit(f"--resume: cannot read the checkpoint {path}: {error}") from error
     differ = [f"--{k.replace('_', '-')} {v} there, {getattr(args, k, None)} here"
               for k, v in saved["args"].items()
               if k not in may_change and v != getattr(args, k, None)]

@@ -151,6 +151,34 @@ def test_resume_continues_exactly(tmp_path):
                    "--lr", "0.5"])
 
 
+def test_parallel_runs_equal_sequential_ones(tmp_path):
+    """--jobs 2 trains the runs in two worker processes of one thread each: the same logs and
+    agents as one after the other in this process (with one thread, as the workers)."""
+    common = [*TINY, "--types", "rnn", "simple", "--seeds", "0", "1", "--iterations", "4"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cue_reward.main([*common, "--jobs", "1", "--out", str(tmp_path / "sequential")])
+    finally:
+        torch.set_num_threads(threads)
+    cue_reward.main([*common, "--jobs", "2", "--out", str(tmp_path / "parallel")])
+    for name in ("rnn-seed0", "rnn-seed1", "simple-seed0", "simple-seed1"):
+        a, b = (tmp_path / folder / f"{name}.csv" for folder in ("sequential", "parallel"))
+        assert log_rows_without_timings(a) == log_rows_without_timings(b), name
+        a, b = (torch.load(tmp_path / folder / f"{name}.checkpoint.pt", weights_only=True)
+                for folder in ("sequential", "parallel"))
+        for key, value in a["model"].items():
+            assert torch.equal(value, b["model"][key]), (name, key)
+    assert (tmp_path / "parallel" / "episode-simple.png").stat().st_size > 0
+
+
+def test_a_failed_parallel_run_raises_its_error(tmp_path):
+    (tmp_path / "rnn-seed1.checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="cannot read the checkpoint .*rnn-seed1.checkpoint.pt"):
+        cue_reward.main([*TINY, "--types", "rnn", "--seeds", "0", "1", "--iterations", "2",
+                         "--jobs", "2", "--resume", "--out", str(tmp_path)])
+
+
 @pytest.mark.parametrize("task", TASKS)
 def test_script_end_to_end(task, tmp_path):
     """Two types and two seeds: logs, checkpoints, the learning-curve plot and the episode plots."""
@@ -173,6 +201,10 @@ def test_cue_reward_task_flags_reach_the_environment():
     assert torch.equal(env.cues, first)
     with pytest.raises(ValueError, match="trial_min must be an integer >= 4, got 3"):
         make_env("cue_reward", task_args("cue_reward", "--trial-min", "3"))
+    # The quick preset takes the shortest trials; the paper preset the paper's 5-8 steps.
+    for preset, trials in (("quick", (4, 4)), ("paper", (5, 8))):
+        args = task_args("cue_reward", "--preset", preset)
+        assert (args.trial_min, args.trial_max) == trials, preset
 
 
 def test_flag_validation():
@@ -180,3 +212,5 @@ def test_flag_validation():
         task_args("maze", "--save-every", "3")  # not a multiple of --log-every 2
     with pytest.raises(SystemExit):
         task_args("cue_reward", "--types", "fanout")  # not a cue-reward type
+    with pytest.raises(SystemExit):
+        task_args("maze", "--jobs", "0")

@@ -21,7 +21,10 @@ per-step loop that builds the autograd graph while acting (`play(..., grad=True)
 --impl reference runs and what the tests compare the replay with.
 """
 import math
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -139,6 +142,9 @@ def make_parser(description, types, presets):
     add("--stepwise", action="store_true",
         help="with --impl fused: build the autograd graph while acting, as the papers' loop")
     add("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    add("--jobs", type=int, default=None,
+        help="runs trained at once, each in its own process with one thread (default: one per "
+             "CPU core, at most one per run, on the CPU; 1 on CUDA)")
     add("--out", default="runs", help="folder of the CSV logs, checkpoints and plots")
     add("--log-every", type=int, default=10, help="iterations per CSV row (mean reward)")
     add("--save-every", type=int, default=100, help="iterations between checkpoints")
@@ -150,8 +156,8 @@ def make_parser(description, types, presets):
 def parse_args(parser, presets, argv=None):
     """Parses with the chosen preset's defaults (flags given explicitly still win)."""
     args = parse_with_preset(parser, presets, argv)
-    for name in ("hidden", "iterations", "batch_size", "log_every", "save_every"):
-        if getattr(args, name) < 1:
+    for name in ("hidden", "iterations", "batch_size", "log_every", "save_every", "jobs"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return args
 
@@ -186,11 +192,11 @@ def train_iteration(agent, optimizer, env, args):
 
 # Flags a resumed run may change; all others (the task, the network, the hyperparameters, the
 # logging interval) must be those of the run that wrote the checkpoint.
-RESUME_MAY_CHANGE = ("preset", "types", "seeds", "iterations", "impl", "stepwise", "device", "out",
-                     "save_every", "resume")
+RESUME_MAY_CHANGE = ("preset", "types", "seeds", "iterations", "impl", "stepwise", "device", "jobs",
+                     "out", "save_every", "resume")
 
 
-def train_run(args, make_env, network_type, hidden, seed, out):
+def train_run(args, make_env, network_type, hidden, seed, out, bar_position=0):
     """Trains one agent; returns it. Writes <out>/<type>-seed<k>.csv and .checkpoint.pt."""
     name = run_name(network_type, seed)
     log = out / f"{name}.csv"
@@ -207,7 +213,7 @@ def train_run(args, make_env, network_type, hidden, seed, out):
 
     rewards, losses, start = [], [], time.time()
     bar = tqdm(range(done + 1, args.iterations + 1), desc=name, initial=done,
-               total=args.iterations, leave=False)
+               total=args.iterations, leave=False, position=bar_position)
     for iteration in bar:
         reward, loss = train_iteration(agent, optimizer, env, args)
         rewards.append(reward)
@@ -225,9 +231,55 @@ def train_run(args, make_env, network_type, hidden, seed, out):
     return agent
 
 
+def train_and_plot(args, make_env, network_type, hidden, seed, out, bar_position=0):
+    """train_run, then for the first seed the plot of one episode (episode-<type>.png)."""
+    agent = train_run(args, make_env, network_type, hidden, seed, out, bar_position)
+    if seed == args.seeds[0]:
+        env = make_env(args, torch.Generator(args.device).manual_seed(10_000 + seed))
+        plot_episode(agent, env, out / f"episode-{network_type}.png")
+
+
+_bar_position = 0  # in a --jobs worker process: the terminal line of its progress bars
+
+
+def _start_worker(free_lines):
+    """A --jobs worker process: one thread (the jobs share the cores), its own bar line."""
+    global _bar_position
+    torch.set_num_threads(1)
+    _bar_position = free_lines.get()
+
+
+def _train_and_plot_in_worker(*run):
+    train_and_plot(*run, bar_position=_bar_position)
+
+
+def run_all(runs, jobs):
+    """Calls train_and_plot(*run) for every run of `runs`, `jobs` at a time in worker
+    processes (jobs > 1) or one after the other here."""
+    if jobs == 1:
+        for run in runs:
+            train_and_plot(*run)
+        return
+    # spawn, not fork: a forked child of a process that has used OpenMP threads can hang.
+    context = multiprocessing.get_context("spawn")
+    free_lines = context.Queue()
+    for line in range(jobs):
+        free_lines.put(line)
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker,
+                             initargs=(free_lines,)) as pool:
+        futures = [pool.submit(_train_and_plot_in_worker, *run) for run in runs]
+        try:
+            for future in futures:
+                future.result()  # a failed run raises its error here
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
+
+
 def main(args, make_env):
-    """Trains every (type, seed) of args, then plots the learning curves (curves.png) and, for
-    each trained type, one episode of its first seed (episode-<type>.png)."""
+    """Trains every (type, seed) of args, `--jobs` runs at a time, then plots the learning
+    curves (curves.png) and, for each trained type, one episode of its first seed
+    (episode-<type>.png)."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     probe = make_env(args, torch.Generator(args.device).manual_seed(0))
@@ -235,12 +287,10 @@ def main(args, make_env):
     print("network sizes (parameters matched):", ", ".join(
         f"{t} {n} ({count_parameters(Agent(probe.obs_size, probe.n_actions, t, n, 'reference')):,})"
         for t, n in sizes.items()), flush=True)
-    for network_type in args.types:
-        for seed in args.seeds:
-            agent = train_run(args, make_env, network_type, sizes[network_type], seed, out)
-            if seed == args.seeds[0]:
-                env = make_env(args, torch.Generator(args.device).manual_seed(10_000 + seed))
-                plot_episode(agent, env, out / f"episode-{network_type}.png")
+    runs = [(args, make_env, t, sizes[t], seed, out) for t in args.types for seed in args.seeds]
+    jobs = args.jobs or (1 if torch.device(args.device).type != "cpu" else
+                         min(len(runs), os.cpu_count() or 1))
+    run_all(runs, min(jobs, len(runs)))
     plot_curves(out, args.types, args.seeds, out / "curves.png")
     summary = final_rewards(out, args.types, args.seeds)
     for network_type, (median, low, high) in summary.items():
