@@ -253,6 +253,13 @@ def _train_and_plot_in_worker(*run):
     train_and_plot(*run, bar_position=_bar_position)
 
 
+def usable_cores():
+    """The CPU cores this process may run on (its affinity where the OS tells it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def run_all(runs, jobs):
     """Calls train_and_plot(*run) for every run of `runs`, `jobs` at a time in worker
     processes (jobs > 1) or one after the other here."""
@@ -288,8 +295,7 @@ def main(args, make_env):
         f"{t} {n} ({count_parameters(Agent(probe.obs_size, probe.n_actions, t, n, 'reference')):,})"
         for t, n in sizes.items()), flush=True)
     runs = [(args, make_env, t, sizes[t], seed, out) for t in args.types for seed in args.seeds]
-    jobs = args.jobs or (1 if torch.device(args.device).type != "cpu" else
-                         min(len(runs), os.cpu_count() or 1))
+    jobs = args.jobs or (1 if torch.device(args.device).type != "cpu" else usable_cores())
     run_all(runs, min(jobs, len(runs)))
     plot_curves(out, args.types, args.seeds, out / "curves.png")
     summary = final_rewards(out, args.types, args.seeds)
