@@ -49,3 +49,23 @@ def test_isa_matches_reference(fused_cpu, isa):
     for line in filter(None, lines):
         rule, err = line.split()
         assert float(err) < 1e-10, f"{isa} {rule}: max relative error {err}"
+
+
+# The float32 comparisons with the reference: their rounding depends on the instruction set
+# (FMA, vector widths), so each build passes them, not only the suite's own.
+FLOAT32_TEST_FILES = ("test_rnn_ops.py", "test_lstm_ops.py", "test_primitives.py",
+                      "test_cuda_emulation.py", "test_modules.py")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_isa_float32_tests(fused_cpu, isa):
+    if ISAS.index(isa) > ISAS.index(torch.ops.backpropamine.cpu_isa()):
+        pytest.skip(f"this CPU does not run the {isa} build")
+    tests = Path(__file__).parent
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "float32",
+         *(str(tests / name) for name in FLOAT32_TEST_FILES)],
+        env=subprocess_env(BACKPROPAMINE_CPU_ISA=isa), capture_output=True, text=True,
+        timeout=600, cwd=tests)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout.splitlines()[-1], result.stdout[-2000:]

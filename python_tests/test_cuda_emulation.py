@@ -6,7 +6,8 @@ import torch
 
 from backpropamine_cuda import reference
 from helpers import (RULE_CONFIG, RULES, TOL, assert_results_close, assert_results_equal,
-                     lstm_inputs, rnn_inputs, run_forward_backward, upcast)
+                     compare_with_reference, lstm_inputs, rnn_inputs, run_forward_backward,
+                     upcast)
 
 CLIP = 0.5
 KERNEL_THREADS = 128  # columns per block in csrc/cuda/trace_kernels.h (kThreads)
@@ -32,11 +33,8 @@ def test_rnn_sequence_several_tiles(emulated, rule):
 def test_lstm_sequence_several_tiles(emulated, modulator_input):
     inputs = lstm_inputs("full", "fanout3", "retroactive", T=2, B=9, N=KERNEL_THREADS + 1,
                          dtype=torch.float32, seed=21)
-    kw = dict(rule="retroactive", clip=CLIP, modulator_input=modulator_input)
-    expected = run_forward_backward(reference.plastic_lstm_sequence, upcast(inputs), **kw)
-    actual = run_forward_backward(emulated.plastic_lstm_sequence, inputs, **kw)
-    baseline = run_forward_backward(reference.plastic_lstm_sequence, inputs, **kw)
-    assert_results_close(expected, actual, torch.float32, baseline=baseline)
+    compare_with_reference(reference.plastic_lstm_sequence, emulated.plastic_lstm_sequence, inputs,
+                           rule="retroactive", clip=CLIP, modulator_input=modulator_input)
 
 
 @pytest.mark.parametrize("P,N", [(3, 200), (300, 5), (129, 129)])

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from backpropamine_cuda import reference
-from helpers import (CLIP_RULES, RULE_CONFIG, RULES, TOL, all_combos, assert_results_close,
-                     clamp_engaged, lstm_inputs, run_forward_backward, upcast)
+from helpers import (CLIP_RULES, RULE_CONFIG, RULES, TOL, all_combos, clamp_engaged,
+                     compare_with_reference, lstm_inputs)
 
 CLIP = 0.5
 SEQ_OUTPUTS = ("out", "c_T", "hebb_T", "elig_T", "m")
@@ -17,20 +17,13 @@ MODULATOR_INPUTS = reference.MODULATOR_INPUTS
 
 
 def compare(fused, name, inputs, rule, modulator_input, *, use=None, requires_grad=True,
-            **kwargs):
-    """fused.<name> in the inputs' dtype against reference.<name> in float64 (and, for float32,
-    the reference in float32 as the baseline of its own rounding); returns the reference's
-    (outputs, grads)."""
-    options = dict(rule=rule, clip=CLIP, modulator_input=modulator_input, use=use,
-                   requires_grad=requires_grad)
-    ref_fn = getattr(reference, name)
-    expected = run_forward_backward(ref_fn, upcast(inputs), **options)
-    actual = run_forward_backward(getattr(fused, name), inputs, **options, **kwargs)
-    dtype = inputs["x"].dtype
-    baseline = None if dtype == torch.float64 else run_forward_backward(ref_fn, inputs, **options)
+            **fused_options):
+    """fused.<name> against reference.<name> (helpers.compare_with_reference)."""
     names = SEQ_OUTPUTS if name.endswith("sequence") else STEP_OUTPUTS
-    assert_results_close(expected, actual, dtype, names=names, baseline=baseline)
-    return expected
+    return compare_with_reference(getattr(reference, name), getattr(fused, name), inputs,
+                                  names=names, fused_options=fused_options, rule=rule, clip=CLIP,
+                                  modulator_input=modulator_input, use=use,
+                                  requires_grad=requires_grad)
 
 
 def compare_sequence(fused, inputs, rule, modulator_input="h", **kwargs):

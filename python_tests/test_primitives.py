@@ -6,7 +6,7 @@ import torch
 
 from backpropamine_cuda import reference
 from helpers import ALPHAS, CLIP_RULES, RULES, assert_results_close, clamp_engaged, \
-    run_forward_backward, upcast
+    compare_with_reference, run_forward_backward
 
 CLIP = 0.5
 SIZES = [(3, 5, 7), (1, 1, 33), (2, 33, 1), (3, 7, 5)]  # (B, P, N)
@@ -23,12 +23,10 @@ def matvec_inputs(alpha, B, P, N, dtype=torch.float64, seed=0):
                 alpha=randn(gen, *alpha_shape, dtype=dtype), hebb=randn(gen, B, P, N, dtype=dtype))
 
 
-def compare(fn_name, fused, inputs, dtype, use=None, **kwargs):
-    expected = run_forward_backward(getattr(reference, fn_name), upcast(inputs), use=use,
-                                    **kwargs)
-    actual = run_forward_backward(getattr(fused, fn_name), inputs, use=use, **kwargs)
-    assert_results_close(expected, actual, dtype)
-    return expected
+def compare(fn_name, fused, inputs, use=None, **kwargs):
+    """fused.<fn_name> against reference.<fn_name> (helpers.compare_with_reference)."""
+    return compare_with_reference(getattr(reference, fn_name), getattr(fused, fn_name), inputs,
+                                  use=use, **kwargs)
 
 
 def matvec_as_tuple(module):
@@ -44,10 +42,8 @@ def matvec_as_tuple(module):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_matvec(fused, alpha, sizes, dtype):
     inputs = matvec_inputs(alpha, *sizes, dtype=dtype)
-    expected = run_forward_backward(matvec_as_tuple(reference), upcast(inputs))
-    actual = run_forward_backward(matvec_as_tuple(fused), inputs)
-    assert_results_close(expected, actual, dtype)
-    assert actual[0][0].shape == (sizes[0], sizes[2])
+    expected = compare_with_reference(matvec_as_tuple(reference), matvec_as_tuple(fused), inputs)
+    assert expected[0][0].shape == (sizes[0], sizes[2])
 
 
 def test_matvec_several_tiles(fused):
@@ -83,7 +79,7 @@ def update_inputs(rule, eta_shape, B, P, N, dtype=torch.float64, seed=0):
 def test_hebb_update_eta_layouts(fused, rule, layout):
     B, P, N = 3, 5, 7
     inputs = update_inputs(rule, eta_layouts(B, P, N)[layout], B, P, N)
-    (new_hebb, new_elig), grads = compare("hebb_update", fused, inputs, torch.float64, rule=rule,
+    (new_hebb, new_elig), grads = compare("hebb_update", fused, inputs, rule=rule,
                                           clip=CLIP)
     assert (new_elig is None) == (rule != "retroactive")
     if rule in CLIP_RULES:
@@ -96,7 +92,7 @@ def test_hebb_update_eta_layouts(fused, rule, layout):
 def test_hebb_update_sizes(fused, rule, sizes):
     for layout in ("sample_post", "connection"):
         inputs = update_inputs(rule, eta_layouts(*sizes)[layout], *sizes, seed=1)
-        compare("hebb_update", fused, inputs, torch.float64, rule=rule, clip=CLIP)
+        compare("hebb_update", fused, inputs, rule=rule, clip=CLIP)
 
 
 @pytest.mark.parametrize("layout", ["scalar", "sample_post", "connection"])
@@ -105,13 +101,13 @@ def test_hebb_update_float32(fused, rule, layout):
     B, P, N = 3, 33, 7
     inputs = update_inputs(rule, eta_layouts(B, P, N)[layout], B, P, N, dtype=torch.float32,
                            seed=2)
-    compare("hebb_update", fused, inputs, torch.float32, rule=rule, clip=CLIP)
+    compare("hebb_update", fused, inputs, rule=rule, clip=CLIP)
 
 
 @pytest.mark.parametrize("used", [0, 1], ids=["new_hebb", "new_elig"])
 def test_hebb_update_retroactive_single_output_used(fused, used):
     inputs = update_inputs("retroactive", (3, 1, 7), 3, 5, 7, seed=3)
-    _, grads = compare("hebb_update", fused, inputs, torch.float64, use=[used],
+    _, grads = compare("hebb_update", fused, inputs, use=[used],
                        rule="retroactive", clip=CLIP)
     assert grads["elig"].abs().sum() > 0
 

@@ -7,40 +7,32 @@ import torch
 
 from backpropamine_cuda import reference
 from helpers import (CLIP_RULES, RULE_CONFIG, RULES, TOL, all_combos, assert_results_close,
-                     assert_results_equal, assert_tensor_close, clamp_engaged, rnn_inputs,
-                     run_forward_backward, upcast)
+                     assert_results_equal, assert_tensor_close, clamp_engaged,
+                     compare_with_reference, rnn_inputs, run_forward_backward, upcast)
 
 CLIP = 0.5
 SEQ_OUTPUTS = ("out", "hebb_T", "elig_T", "m")
 STEP_OUTPUTS = ("h_new", "hebb_new", "elig_new", "m")
 
 
+def compare(fused, name, inputs, rule, names, checkpoint_every=None, **options):
+    """fused.<name> against reference.<name> (helpers.compare_with_reference)."""
+    fused_options = {} if checkpoint_every is None else dict(checkpoint_every=checkpoint_every)
+    return compare_with_reference(getattr(reference, name), getattr(fused, name), inputs,
+                                  names=names, fused_options=fused_options, rule=rule, clip=CLIP,
+                                  **options)
+
+
 def compare_sequence(fused, inputs, rule, *, checkpoint_every=None, use=None,
                      requires_grad=True, clamp=None):
-    """Fused in the inputs' dtype against the reference in float64; returns the reference's
-    (outputs, grads)."""
-    expected = run_forward_backward(reference.plastic_rnn_sequence, upcast(inputs), rule=rule,
-                                    clip=CLIP, use=use, requires_grad=requires_grad, clamp=clamp)
-    actual = run_forward_backward(fused.plastic_rnn_sequence, inputs, rule=rule, clip=CLIP,
-                                  checkpoint_every=checkpoint_every, use=use,
-                                  requires_grad=requires_grad, clamp=clamp)
-    baseline = None
-    if inputs["x"].dtype != torch.float64:
-        baseline = run_forward_backward(reference.plastic_rnn_sequence, inputs, rule=rule,
-                                        clip=CLIP, use=use, requires_grad=requires_grad,
-                                        clamp=clamp)
-    assert_results_close(expected, actual, inputs["x"].dtype, names=SEQ_OUTPUTS,
-                         baseline=baseline)
-    return expected
+    return compare(fused, "plastic_rnn_sequence", inputs, rule, SEQ_OUTPUTS,
+                   checkpoint_every=checkpoint_every, use=use, requires_grad=requires_grad,
+                   clamp=clamp)
 
 
 def compare_step(fused, inputs, rule, *, use=None, requires_grad=True, clamp=None):
-    expected = run_forward_backward(reference.plastic_rnn_step, upcast(inputs), rule=rule,
-                                    clip=CLIP, use=use, requires_grad=requires_grad, clamp=clamp)
-    actual = run_forward_backward(fused.plastic_rnn_step, inputs, rule=rule, clip=CLIP, use=use,
-                                  requires_grad=requires_grad, clamp=clamp)
-    assert_results_close(expected, actual, inputs["x"].dtype, names=STEP_OUTPUTS)
-    return expected
+    return compare(fused, "plastic_rnn_step", inputs, rule, STEP_OUTPUTS, use=use,
+                   requires_grad=requires_grad, clamp=clamp)
 
 
 def size_ids(sizes):
@@ -131,6 +123,32 @@ def test_sequence_float32(fused, alpha, modulation, rule):
 def test_step_float32(fused, alpha, modulation, rule):
     inputs = rnn_inputs(alpha, modulation, rule, B=3, N=33, dtype=torch.float32, seed=7)
     compare_step(fused, inputs, rule)
+
+
+def test_float32_bound_fails_on_a_real_error(fused):
+    """The norm-wise float32 bound still catches what a bug would do: one element of any output
+    or gradient off by 1e-3 of the tensor's norm, or a kernel run with a wrong constant (clip
+    0.1% too large)."""
+    rule = "clip"
+    inputs = rnn_inputs("full", "fanout3", rule, T=5, B=3, N=33, dtype=torch.float32, seed=6)
+    expected = compare_sequence(fused, inputs, rule, checkpoint_every=2)  # passes as it is
+    kw = dict(rule=rule, clip=CLIP)
+    outputs, grads = run_forward_backward(fused.plastic_rnn_sequence, inputs, **kw)
+    baseline = run_forward_backward(reference.plastic_rnn_sequence, inputs, **kw)
+    tensors = [("output", k, t) for k, t in enumerate(outputs) if t is not None]
+    tensors += [("grad", k, t) for k, t in grads.items()]
+    for kind, key, t in tensors:
+        wrong = t.clone()
+        wrong.view(-1)[wrong.numel() // 2] += 1e-3 * t.norm()
+        perturbed = (tuple(wrong if kind == "output" and k == key else o
+                           for k, o in enumerate(outputs)),
+                     {k: wrong if kind == "grad" and k == key else g for k, g in grads.items()})
+        with pytest.raises(AssertionError, match="norm-wise relative error"):
+            assert_results_close(expected, perturbed, torch.float32, baseline=baseline)
+    wrong_clip = run_forward_backward(fused.plastic_rnn_sequence, inputs, rule=rule,
+                                      clip=CLIP * 1.001)
+    with pytest.raises(AssertionError, match="norm-wise relative error"):
+        assert_results_close(expected, wrong_clip, torch.float32, baseline=baseline)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,21 +295,24 @@ def rollout(impl, inputs, rule, clamp=None):
 def check_rollout(impl, inputs, rule, clamp=None):
     dtype = inputs["x"].dtype
     expected = reference.plastic_rnn_sequence(**upcast(inputs), rule=rule, clip=CLIP, clamp=clamp)
+    # The reference in the inputs' dtype: the baseline of float32 rounding (assert_tensor_close).
+    baseline = reference.plastic_rnn_sequence(**inputs, rule=rule, clip=CLIP, clamp=clamp)
     traces = {k: None if inputs[k] is None else inputs[k].clone() for k in ("hebb", "elig")}
     hs, ms, u = rollout(impl, dict(inputs, **traces), rule, clamp)
-    out, hebb_T, elig_T, m = expected
+    (out, hebb_T, elig_T, m), (out_b, hebb_b, elig_b, m_b) = expected, baseline
     for t, (h_t, m_t) in enumerate(zip(hs, ms)):
-        assert_tensor_close(h_t, out[t], f"h at step {t + 1}", dtype)
+        assert_tensor_close(h_t, out[t], f"h at step {t + 1}", dtype, out_b[t])
         assert (m_t is None) == (m is None)
         if m is not None:
-            assert_tensor_close(m_t, m[t], f"m at step {t + 1}", dtype)
-    assert_tensor_close(traces["hebb"], hebb_T, "hebb (updated in place)", dtype)
+            assert_tensor_close(m_t, m[t], f"m at step {t + 1}", dtype, m_b[t])
+    assert_tensor_close(traces["hebb"], hebb_T, "hebb (updated in place)", dtype, hebb_b)
     assert (traces["elig"] is None) == (elig_T is None)
     if elig_T is not None:
-        assert_tensor_close(traces["elig"], elig_T, "elig (updated in place)", dtype)
+        assert_tensor_close(traces["elig"], elig_T, "elig (updated in place)", dtype, elig_b)
     u_next = reference.plastic_matvec(out[-1], upcast(inputs)["w"], upcast(inputs)["alpha"],
                                       hebb_T)
-    assert_tensor_close(u, u_next, "u of the next step", dtype)
+    u_b = reference.plastic_matvec(out_b[-1], inputs["w"], inputs["alpha"], hebb_b)
+    assert_tensor_close(u, u_next, "u of the next step", dtype, u_b)
 
 
 @pytest.mark.parametrize("alpha,modulation,rule", all_combos())
