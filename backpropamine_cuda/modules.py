@@ -1,4 +1,5 @@
 """nn.Modules of the plastic recurrent layers (DESIGN 4)."""
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -74,9 +75,8 @@ class _PlasticBase(nn.Module):
         _check_choice("modulation", modulation, MODULATION_OPTIONS)
         _check_choice("rule", rule, reference.RULES)
         _check_choice("eta_shape", eta_shape, ETA_SHAPES)
-        _check_choice("impl", impl, IMPLS)
-        if not clip > 0:
-            raise ValueError(f"clip must be > 0, got {clip!r}")
+        if not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0):
+            raise ValueError(f"clip must be a finite number > 0, got {clip!r}")
         if plastic and rule == "retroactive" and modulation == "none":
             raise ValueError("rule 'retroactive' needs modulation 'simple' or 'fanout', got 'none'")
         if modulation == "simple" and n_modulators != 1:
@@ -102,6 +102,16 @@ class _PlasticBase(nn.Module):
                 self.fanout = nn.Linear(n_modulators, N)
         if rule == "retroactive":
             self.elig_rate = nn.Parameter(torch.tensor(float(elig_rate_init)))
+
+    @property
+    def impl(self):
+        """"auto", "fused" or "reference" (see _backend); checked whenever it is set."""
+        return self._impl
+
+    @impl.setter
+    def impl(self, value):
+        _check_choice("impl", value, IMPLS)
+        self._impl = value
 
     def _options(self):
         """(name, value) of the plastic options, for extra_repr."""

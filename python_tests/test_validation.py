@@ -709,10 +709,20 @@ def test_module_unknown_option(cls, option, value, choices):
 
 
 @pytest.mark.parametrize("cls", [bp.PlasticRNN, bp.PlasticRNNCell])
-@pytest.mark.parametrize("clip", [0, -1.0, math.nan], ids=repr)
+@pytest.mark.parametrize("clip", [0, -1.0, math.nan, math.inf, "2"], ids=repr)
 def test_module_bad_clip(cls, clip):
-    with raises(ValueError, f"clip must be > 0, got {clip!r}"):
+    with raises(ValueError, f"clip must be a finite number > 0, got {clip!r}"):
         cls(4, 6, clip=clip)
+
+
+@pytest.mark.parametrize("cls", [bp.PlasticRNN, bp.PlasticRNNCell, bp.PlasticLSTM])
+def test_module_impl_checked_when_set(cls):
+    layer = cls(4, 6)
+    with raises(ValueError, "impl must be one of ('auto', 'fused', 'reference'), got 'fast'"):
+        layer.impl = "fast"
+    assert layer.impl == "auto"
+    layer.impl = "reference"
+    assert layer.impl == "reference"
 
 
 @pytest.mark.parametrize("cls", [bp.PlasticRNN, bp.PlasticRNNCell])
