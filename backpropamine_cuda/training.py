@@ -1,24 +1,78 @@
 """What the experiments' training scripts share: checkpoints written atomically with the
-random generators' states (so that a resumed run continues exactly), CSV logs, command lines
-with presets, plots, and sizing networks by parameter count.
+random generators' states (so that a resumed run continues exactly), CSV logs that a resumed run
+restarts at its checkpoint, command lines with presets and checked numbers, progress displays
+fit for terminals and log files, optional dependencies, plots, and sizing networks by parameter
+count.
 
-    from backpropamine_cuda.training import RunCheckpoint, start_csv, append_csv
+    from backpropamine_cuda.training import RunCheckpoint, resume_csv, append_csv
 """
 import argparse
 import csv
+import importlib
+import math
 import os
 import random
+import signal
+import sys
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 
+# The optional dependencies of the scripts: the package's extras of the same names
+# (pyproject.toml), and who needs them.
+EXTRAS = {"experiments": ("tqdm", "matplotlib"), "bench": ("matplotlib",)}
+EXTRA_USERS = {"experiments": "the experiment scripts", "bench": "the benchmarks"}
+
+
+def optional_import(module, extra="experiments"):
+    """The module `module` of the optional dependencies EXTRAS[extra]; when it is missing, an
+    exit with one line saying what to install (not a traceback)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise SystemExit(
+            f"{EXTRA_USERS[extra]} need {module.split('.')[0]}: pip install {' '.join(EXTRAS[extra])} (the "
+            f"package's [{extra}] extra)") from error
+
+
+def require_extras(extra="experiments"):
+    """Exits with optional_import's one line unless every module of EXTRAS[extra] imports: a
+    script checks at its start rather than fail when it plots, after hours of training."""
+    for module in EXTRAS[extra]:
+        optional_import(module, extra)
+
+
+class DataError(ValueError):
+    """A data file that cannot be used; the message names it."""
+
+
+@contextmanager
+def reading(path):
+    """Inside: any error reading `path` (a damaged, truncated or binary file raises numpy's,
+    zipfile's, pickle's or the codecs' own kinds) becomes a DataError naming the file."""
+    try:
+        yield
+    except DataError:
+        raise
+    except Exception as error:
+        raise DataError(f"cannot read {path}: {type(error).__name__}: {error}") from error
+
 
 def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: an interrupted save leaves the old file."""
+    """torch.save to a temporary file, then rename: an interrupted save leaves the old file. A
+    failed write (a full disk) removes the temporary file and exits naming `path`."""
     tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:  # a file object: a failed write raises OSError, not torch's
+            torch.save(obj, f)      # RuntimeError about the zip writer
+        os.replace(tmp, path)
+    except OSError as error:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise SystemExit(f"cannot write {path}: {error.strerror or error} (the file there, if "
+                         "any, is unchanged)") from error
 
 
 def rng_states():
@@ -40,17 +94,45 @@ def set_rng_states(states):
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def start_csv(path, fields, keep=lambda row: False):
-    """(Re)writes the CSV log at `path` with its header and the existing rows for which
-    keep(row) is true (those a resumed run had already logged)."""
-    rows = []
-    if path.is_file():
-        with open(path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if keep(r)]
-    with open(path, "w", newline="") as f:
+def read_csv_rows(path):
+    """The rows (dicts) of the CSV file at `path`, none when there is no file."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_csv(path, fields, rows):
+    """Writes the CSV file at `path` (header and rows) through a temporary file, so that a kill
+    while writing leaves the old file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def start_csv(path, fields, keep=lambda row: False):
+    """(Re)writes the CSV log at `path` with its header and the existing rows for which
+    keep(row) is true (e.g. the rows of other runs sharing the file)."""
+    write_csv(path, fields, [r for r in read_csv_rows(path) if keep(r)])
+
+
+def resume_csv(path, fields, column, done):
+    """(Re)starts the CSV log at `path` of a run that continues after `done`, the value of
+    `column` (its iteration or epoch) in its checkpoint; done = 0: a fresh run, no rows. Keeps
+    the rows with 0 <= column <= done, one per value (the last written), in order. Rows are
+    logged before the checkpoint that follows them, so the rows past `done` are those the
+    resumed run logs again: a kill between a row and the next checkpoint, or two processes
+    appending to the same log, leave no duplicate rows. A row cut short by a kill (fields
+    missing) is past every checkpoint and goes too."""
+    kept = {}
+    for row in read_csv_rows(path):
+        complete = None not in row.values() and None not in row  # no missing or extra fields
+        if done > 0 and complete and 0 <= int(row[column]) <= done:
+            kept[int(row[column])] = row
+    write_csv(path, fields, [kept[key] for key in sorted(kept)])
 
 
 def append_csv(path, fields, rows):
@@ -61,16 +143,27 @@ def append_csv(path, fields, rows):
         return list(csv.DictReader(f))
 
 
-def load_checkpoint(path, args, may_change=()):
-    """The checkpoint dict at `path`, saved with the run's options as "args" (vars of its
-    argparse namespace) and rng_states() as "rng", after checking that `args` has the same
-    value for every option but those in `may_change`; restores the random states. A mismatch
-    exits with a message naming each option, its value there and here; a file torch cannot
-    read exits naming it."""
+def read_checkpoint(path, keys):
+    """The dict torch saved at `path`, which must hold `keys`. A file torch cannot read, or
+    another kind of file, exits naming it."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)  # RNG states: CPU
     except Exception as error:  # torch raises several kinds for a damaged file
         raise SystemExit(f"--resume: cannot read the checkpoint {path}: {error}") from error
+    missing = [k for k in keys if k not in saved] if isinstance(saved, dict) else list(keys)
+    if missing:
+        raise SystemExit(f"--resume: cannot read the checkpoint {path}: not a checkpoint of this "
+                         f"script (no {', '.join(missing)})")
+    return saved
+
+
+def load_checkpoint(path, args, may_change=(), keys=()):
+    """The checkpoint dict at `path` (read_checkpoint: holding `keys`), saved with the run's
+    options as "args" (vars of its argparse namespace) and rng_states() as "rng", after
+    checking that `args` has the same value for every option but those in `may_change`;
+    restores the random states. A mismatch exits with a message naming each option, its value
+    there and here; a file torch cannot read exits naming it."""
+    saved = read_checkpoint(path, ("args", "rng", *keys))
     differ = [f"--{k.replace('_', '-')} {v} there, {getattr(args, k, None)} here"
               for k, v in saved["args"].items()
               if k not in may_change and v != getattr(args, k, None)]
@@ -104,7 +197,8 @@ class RunCheckpoint:
         iteration; 0 when there is no checkpoint yet. A checkpoint past --iterations exits."""
         if not self.path.is_file():
             return 0
-        saved = load_checkpoint(self.path, self.args, self.may_change)
+        saved = load_checkpoint(self.path, self.args, self.may_change,
+                                keys=("model", "optimizer", "generator", "iteration"))
         if saved["iteration"] > self.args.iterations:
             raise SystemExit(f"--resume: {self.path} is at iteration {saved['iteration']}, past "
                              f"--iterations {self.args.iterations}")
@@ -116,8 +210,7 @@ class RunCheckpoint:
 
 def read_csv_columns(path):
     """{column: list of floats} of a CSV log (for plots)."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_csv_rows(path)
     return {k: [float(r[k]) for r in rows] for k in (rows[0] if rows else {})}
 
 
@@ -148,13 +241,18 @@ def parse_with_preset(parser, presets, argv=None):
     return args
 
 
-def number(kind, minimum, strict=False):
-    """An argparse type: a `kind` that is >= minimum (> minimum when strict)."""
+def number(kind, minimum=None, strict=False, maximum=None):
+    """An argparse type: a finite `kind` (int or float) that is >= minimum (> minimum when
+    strict) and <= maximum, where given."""
     def parse(text):
         value = kind(text)
-        if value < minimum or (strict and value == minimum):
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if minimum is not None and (value < minimum or (strict and value == minimum)):
             raise argparse.ArgumentTypeError(
                 f"must be {'>' if strict else '>='} {minimum}, got {text}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum}, got {text}")
         return value
     parse.__name__ = kind.__name__  # argparse names it in "invalid int value"
     return parse
@@ -182,13 +280,12 @@ def train_iterations(args, name, checkpoint, done, log, fields, train_step, afte
     """The training loop of the supervised experiments: iterations done + 1 .. args.iterations
     of `train_step(iteration)`, which returns {metric: number}. Every --log-every iterations
     the metrics' means go to the CSV `log` as a row of `fields` (iteration, episodes, the
-    metrics, seconds since this call) and the first two to the progress bar; `after(iteration,
-    bar)`, if given, runs next (e.g. an evaluation); a checkpoint every --save-every iterations
-    and at the end."""
-    from tqdm import tqdm  # an extra of the experiments, like matplotlib
+    metrics, seconds since this call) and the first two to the progress display; `after(
+    iteration, bar)`, if given, runs next (e.g. an evaluation); a checkpoint every --save-every
+    iterations and at the end (after the row: see resume_csv)."""
     results, start = [], time.time()
-    bar = tqdm(range(done + 1, args.iterations + 1), desc=name, initial=done,
-               total=args.iterations, leave=False)
+    bar = progress(range(done + 1, args.iterations + 1), desc=name, initial=done,
+                   total=args.iterations)
     for iteration in bar:
         results.append(train_step(iteration))
         if iteration % args.log_every == 0 or iteration == args.iterations:
@@ -216,10 +313,101 @@ def train_run(args, name, out, model, may_change, fields, step):
     checkpoint = RunCheckpoint(out / f"{name}.checkpoint.pt", args, may_change, model, optimizer,
                                generator)
     done = checkpoint.resume() if args.resume else 0
-    start_csv(log, fields, keep=lambda row: int(row["iteration"]) <= done)
+    resume_csv(log, fields, "iteration", done)
     train_iterations(args, name, checkpoint, done, log, fields,
                      lambda iteration: step(model, optimizer, generator))
     return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Progress of unattended runs, and stopping them
+
+
+PROGRESS_SECONDS = 30.0  # between two progress lines when stderr is not a terminal
+
+
+def progress(iterable=None, *, desc, total=None, initial=0, unit="it", unit_scale=1, position=0,
+             disable=False, every_s=PROGRESS_SECONDS):
+    """The progress display of a loop over `iterable` (or, without one, advanced by update(n)):
+    tqdm's bar when stderr is a terminal; otherwise (a log file, nohup, CI, a cluster job) a
+    plain line every `every_s` seconds and a last one at close() if any was printed, without
+    the carriage returns of a bar that fill a log. Either has update(n), set_postfix(dict or
+    keywords), write(text) (a line on stdout) and close(); `disable`: shows nothing."""
+    if disable or not sys.stderr.isatty():
+        return PlainProgress(iterable, desc=desc, total=total, initial=initial, unit=unit,
+                             unit_scale=unit_scale, every_s=math.inf if disable else every_s)
+    tqdm = optional_import("tqdm").tqdm
+    return tqdm(iterable, desc=desc, total=total, initial=initial, unit=unit,
+                unit_scale=unit_scale, position=position, leave=False)
+
+
+class PlainProgress:
+    """progress() off a terminal: lines such as
+    "[   60 s] maze rnn-seed0: 1,200/20,000 it (6%), 20.1 it/s, about 936 s left; reward=3.5"
+    on stderr, one every `every_s` seconds."""
+
+    def __init__(self, iterable=None, *, desc, total=None, initial=0, unit="it", unit_scale=1,
+                 every_s=PROGRESS_SECONDS):
+        self.iterable, self.desc, self.total, self.unit = iterable, desc, total, unit
+        self.unit_scale, self.every_s = unit_scale, every_s
+        self.n = self.start_n = initial
+        self.postfix, self.printed = "", False
+        self.start = self.last = time.monotonic()
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update(1)
+
+    def update(self, n=1):
+        self.n += n
+        now = time.monotonic()
+        if now - self.last >= self.every_s:
+            self.last = now
+            self.print_line(now)
+
+    def set_postfix(self, ordered_dict=None, **values):
+        values = {**(ordered_dict or {}), **values}
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
+    def write(self, text):
+        print(text, flush=True)
+
+    def close(self):
+        if self.printed and math.isfinite(self.every_s):
+            self.print_line(time.monotonic())
+
+    def print_line(self, now):
+        elapsed = now - self.start
+        done, total = self.n * self.unit_scale, (self.total or 0) * self.unit_scale
+        line = f"[{elapsed:6.0f} s] {self.desc}: {done:,.0f}"
+        if total:
+            line += f"/{total:,.0f} {self.unit} ({100 * self.n / self.total:.0f}%)"
+        else:
+            line += f" {self.unit}"
+        rate = (self.n - self.start_n) * self.unit_scale / max(elapsed, 1e-9)
+        line += f", {rate:,.3g} {self.unit}/s"
+        if total and rate > 0:
+            line += f", about {(total - done) / rate:,.0f} s left"
+        if self.postfix:
+            line += f"; {self.postfix}"
+        print(line, file=sys.stderr, flush=True)
+        self.printed = True
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """Inside (in the main thread), SIGTERM raises KeyboardInterrupt as SIGINT does, so that
+    `kill` (a cluster's scheduler, a CI timeout) stops a run the way Ctrl-C does: the code that
+    cleans up (e.g. stops worker processes) runs."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def count_parameters(module):
@@ -238,9 +426,8 @@ def closest_size(count, target, largest=4096):
     return min((max(1, low - 1), low), key=lambda n: abs(count(n) - target))
 
 
-def pyplot():
-    """matplotlib.pyplot on the Agg backend (files only; no display needed)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+def pyplot(extra="experiments"):
+    """matplotlib.pyplot on the Agg backend (files only; no display needed); a missing
+    matplotlib exits with optional_import's line (`extra`: who needs it)."""
+    optional_import("matplotlib", extra).use("Agg")
+    return optional_import("matplotlib.pyplot", extra)

@@ -187,13 +187,36 @@ def test_where_the_data_is_found(npz_file, tmp_path, monkeypatch):
 
 
 def test_malformed_data(tmp_path):
+    """Data in the wrong layout exits with one line naming the file."""
     path = tmp_path / "bad.npz"
     np.savez(path, train_images=random_rgb(2, 0))
+    with pytest.raises(SystemExit, match=r"^--data: .*bad.npz: .*missing \['test_images'\]"):
+        images.load_images(path, 8)
     with pytest.raises(ValueError, match=r"missing \['test_images'\]"):
-        images.load_images(path, 8)
+        images.read_npz(path)
     np.savez(path, train_images=random_rgb(2, 0)[:, :16], test_images=random_rgb(2, 0))
-    with pytest.raises(ValueError, match=r"train_images: expected \(n, 32, 32, 3\) uint8"):
+    with pytest.raises(SystemExit, match=r"^--data: .*bad.npz train_images: expected \(n, 32, 32, "
+                                         r"3\) uint8"):
         images.load_images(path, 8)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_damaged_files_exit_naming_them(npz_file, rgb, tmp_path, damage):
+    """A damaged npz or pickle gives one line naming it, not numpy's, zipfile's or pickle's
+    traceback."""
+    def damage_file(path):
+        content = path.read_bytes()
+        path.write_bytes(b"\x80\x04 garbage" * 50 if damage == "garbage"
+                         else content[:len(content) // 2])
+
+    npz = tmp_path / images.NPZ_NAME
+    npz.write_bytes(npz_file.read_bytes())
+    write_pickles(tmp_path / "pickles", rgb)
+    for bad, given in ((npz, npz), (tmp_path / "pickles" / "test_batch", tmp_path / "pickles")):
+        damage_file(bad)
+        with pytest.raises(SystemExit) as exit:
+            images.load_images(given, 8)
+        assert str(exit.value).startswith(f"--data: cannot read {bad}: "), exit.value
 
 
 # ----------------------------------------------------------------------------------------------

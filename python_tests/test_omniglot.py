@@ -109,6 +109,32 @@ def test_npz_format_errors(tmp_path):
         omniglot.load_npz(tmp_path / "wrong.npz")
 
 
+@pytest.mark.parametrize("damage, message", [
+    ("garbage", "cannot read {path}: "), ("truncated", "cannot read {path}: BadZipFile"),
+    ("missing-array", "{path}: expected the arrays ink, shape, alphabet, character, split")])
+def test_a_damaged_npz_exits_naming_it(tmp_path, data_file, damage, message):
+    path = tmp_path / "omniglot.npz"
+    if damage == "garbage":
+        path.write_bytes(b"\x93NUMPY garbage" * 100)
+    elif damage == "truncated":
+        path.write_bytes(data_file.read_bytes()[:data_file.stat().st_size // 2])
+    else:
+        np.savez(path, ink=np.zeros((1, 1, 1, 1), np.uint8))
+    with pytest.raises(SystemExit) as exit:
+        omniglot.main(["--data", str(path), "--out", str(tmp_path / "out")])
+    assert str(exit.value).startswith("--data: " + message.format(path=path)), exit.value
+
+
+def test_a_damaged_png_exits_naming_it(tmp_path):
+    for folder in ("images_background", "images_evaluation"):
+        (tmp_path / folder / "Alpha" / "character01").mkdir(parents=True)
+    bad = tmp_path / "images_background" / "Alpha" / "character01" / "01.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(SystemExit) as exit:
+        omniglot.main(["--data", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert str(exit.value).startswith(f"--data: cannot read {bad}: "), exit.value
+
+
 def test_original_folders_give_the_same_dataset(tmp_path, dataset):
     """images_background/<alphabet>/<character>/*.png (black ink on white), read in the order of
     the npz file."""
@@ -377,11 +403,13 @@ def test_presets():
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--ways", "1"], "--ways must be >= 2, got 1"),
-    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
-    (["--eval-every", "-1"], "--eval-every must be >= 0, got -1"),
-    (["--lr", "0"], "--lr must be > 0, got 0.0"),
-    (["--lr-gamma", "-0.5"], "--lr-gamma must be > 0, got -0.5"),
+    (["--ways", "1"], "argument --ways: must be >= 2, got 1"),
+    (["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+    (["--eval-every", "-1"], "argument --eval-every: must be >= 0, got -1"),
+    (["--lr", "0"], "argument --lr: must be > 0, got 0"),
+    (["--lr", "nan"], "argument --lr: must be a finite number, got nan"),
+    (["--label-scale", "inf"], "argument --label-scale: must be a finite number, got inf"),
+    (["--lr-gamma", "-0.5"], "argument --lr-gamma: must be > 0, got -0.5"),
     (["--ways", "x"], "argument --ways: invalid int value: 'x'"),
     (["--save-every", "3", "--log-every", "2"],
      "--save-every must be a multiple of --log-every (2), got 3"),

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import subprocess_env
+from helpers import assert_parser_error, subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
 PTB = ROOT / "experiments" / "ptb"
@@ -237,8 +237,107 @@ def test_two_processes_match_one(corpus, tmp_path):
         torch.testing.assert_close(b[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
+@pytest.mark.parametrize("kill_in", ["log_epoch", "checkpoint"])
+def test_a_kill_at_the_end_of_an_epoch_loses_no_row(corpus, tmp_path, monkeypatch, kill_in):
+    """A kill while epoch 2 is being logged and checkpointed (a KeyboardInterrupt in the CSV
+    row's write, or in the checkpoint's after the row): --resume logs every epoch once."""
+    flags = [*TINY, "--lr", "2", "--max-batches", "3"]
+    if kill_in == "log_epoch":
+        log_epoch = ptb_main.log_epoch
+
+        def killed(paths, row):
+            if row["epoch"] == 2:
+                raise KeyboardInterrupt
+            log_epoch(paths, row)
+        monkeypatch.setattr(ptb_main, "log_epoch", killed)
+    else:
+        save = ptb_main.atomic_save
+
+        def killed(obj, path):
+            if path.name == "m.checkpoint.pt" and obj["epoch"] == 2:
+                raise KeyboardInterrupt
+            save(obj, path)
+        monkeypatch.setattr(ptb_main, "atomic_save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(corpus, tmp_path, *flags, "--epochs", "3")
+    monkeypatch.undo()
+    _, rows = run(corpus, tmp_path, *flags, "--epochs", "3", "--resume")
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+
+
+def test_a_damaged_checkpoint_exits_naming_it(corpus, tmp_path):
+    flags = [*TINY, "--max-batches", "2", "--epochs", "1"]
+    checkpoint = tmp_path / "m.checkpoint.pt"
+    checkpoint.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="--resume: cannot read the checkpoint .*m.checkpoint.pt"):
+        run(corpus, tmp_path, *flags, "--resume")
+    run(corpus, tmp_path, *flags)
+    checkpoint.write_bytes((tmp_path / "m.pt").read_bytes())  # the best model: no optimizer
+    with pytest.raises(SystemExit, match=r"cannot read the checkpoint .*m.checkpoint.pt: not a "
+                                         r"checkpoint of this script \(no optimizer, asgd"):
+        run(corpus, tmp_path, *flags, "--resume")
+
+
+@pytest.mark.parametrize("flags", [["--save", "nowhere/m.pt"],
+                                   ["--save", "m.pt", "--log", "nowhere/log.csv"]],
+                         ids=["save", "log"])
+def test_an_output_folder_that_does_not_exist_fails_at_start(corpus, tmp_path, monkeypatch,
+                                                             flags):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=f"{flags[-2]} nowhere/.*: the folder nowhere does not "
+                                         "exist"):
+        ptb_main.main(["--data", str(corpus), *TINY, "--max-batches", "2", "--epochs", "1",
+                       *flags])
+    assert not list(tmp_path.iterdir()), "wrote files before the check"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "nan"], "argument --lr: must be a finite number, got nan"),
+    (["--clip", "inf"], "argument --clip: must be a finite number, got inf"),
+    (["--dropout", "1.5"], "argument --dropout: must be <= 1, got 1.5"),
+    (["--clipval", "0"], "argument --clipval: must be > 0, got 0"),
+    (["--nhid", "0"], "argument --nhid: must be >= 1, got 0"),
+    (["--agdiv", "0"], "argument --agdiv: must be > 0, got 0"),
+])
+def test_numeric_flags_are_finite_and_in_range(flags, message, capsys):
+    assert_parser_error(ptb_main.parse_args, flags, message, capsys)
+
+
 # ---------------------------------------------------------------------------------------------
 # Data
+
+
+def corpus_with(tmp_path, corpus, **splits):
+    """A copy of the tiny corpus in which each split of `splits` has the given content (bytes)."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for split in ptb_data.SPLITS:
+        path = folder / f"{split}.txt"
+        path.write_bytes(splits.get(split, (corpus / f"{split}.txt").read_bytes()))
+    return folder
+
+
+@pytest.mark.parametrize("split, content, message", [
+    ("valid", b"", r"valid.txt has 0 tokens .*too few for evaluation in 10 streams: at least 20"),
+    ("valid", b"a b c\n", r"valid.txt has 4 tokens .*evaluation in 10 streams: at least 20"),
+    ("test", b"", r"test.txt has 0 tokens .*too few for evaluation in 1 streams: at least 2"),
+    ("train", b"w1 w2\n", r"train.txt has 3 tokens .*too few for training in 4 streams: at "
+                          r"least 12"),
+], ids=["empty-valid", "short-valid", "empty-test", "short-train"])
+def test_a_split_too_short_fails_at_start(corpus, tmp_path, split, content, message):
+    data = corpus_with(tmp_path, corpus, **{split: content})
+    with pytest.raises(SystemExit, match=f"--data: .*{message}"):
+        ptb_main.main(["--data", str(data), "--save", str(tmp_path / "m.pt"), *TINY,
+                       "--max-batches", "2", "--epochs", "1"])
+    assert not (tmp_path / "m.checkpoint.pt").exists(), "trained before the check"
+
+
+@pytest.mark.parametrize("content", [bytes(range(256)), "w1 w2 é".encode()[:-1]],
+                         ids=["binary", "truncated"])
+def test_a_file_that_is_not_text_exits_naming_it(corpus, tmp_path, content):
+    data = corpus_with(tmp_path, corpus, test=content)
+    with pytest.raises(SystemExit, match=r"^--data: cannot read .*test.txt: UnicodeDecodeError"):
+        ptb_main.main(["--data", str(data), "--save", str(tmp_path / "m.pt"), *TINY])
 
 
 def test_batchify_and_get_batch():

@@ -1,13 +1,17 @@
 """The RL experiments (experiments/rl): A2C's returns and loss, the agents and their matched
 sizes, rollout-then-replay against the papers' per-step autograd loop, one training iteration of
 every network type on both tasks, exact resume, and the scripts end to end with their plots."""
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import log_rows_without_timings
+from helpers import assert_parser_error, log_rows_without_timings, subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
 RL = ROOT / "experiments" / "rl"
@@ -214,3 +218,146 @@ def test_flag_validation():
         task_args("cue_reward", "--types", "fanout")  # not a cue-reward type
     with pytest.raises(SystemExit):
         task_args("maze", "--jobs", "0")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--gamma", "nan"], "argument --gamma: must be a finite number, got nan"),
+    (["--gamma", "1.5"], "argument --gamma: must be <= 1, got 1.5"),
+    (["--gamma", "-0.1"], "argument --gamma: must be >= 0, got -0.1"),
+    (["--lr", "inf"], "argument --lr: must be a finite number, got inf"),
+    (["--lr", "0"], "argument --lr: must be > 0, got 0"),
+    (["--eps", "-0.5"], "argument --eps: must be > 0, got -0.5"),
+    (["--entropy-coef", "nan"], "argument --entropy-coef: must be a finite number, got nan"),
+    (["--value-coef", "-1"], "argument --value-coef: must be >= 0, got -1"),
+    (["--clip-grad", "inf"], "argument --clip-grad: must be a finite number, got inf"),
+    (["--rew", "nan"], "argument --rew: must be a finite number, got nan"),
+    (["--episode-length", "0"], "argument --episode-length: must be >= 1, got 0"),
+    (["--hidden", "0"], "argument --hidden: must be >= 1, got 0"),
+])
+def test_numeric_flags_are_finite_and_in_range(flags, message, capsys):
+    assert_parser_error(lambda flags: task_args("maze", *flags), flags, message, capsys)
+
+
+# ---------------------------------------------------------------------------------------------
+# --jobs > 1 when the parent process is killed or stopped: no orphaned worker goes on training
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").is_file(),
+                                reason="reads the process tree from /proc (Linux)")
+PARALLEL_RUNS = ("rnn-seed0", "simple-seed0")
+
+
+def process_tree():
+    """{pid: (parent pid, state)} of every process, from /proc."""
+    tree = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        tree[int(stat.parent.name)] = (int(fields[1]), fields[0])
+    return tree
+
+
+def descendants(pid):
+    tree, found, todo = process_tree(), [], [pid]
+    while todo:
+        parent = todo.pop()
+        children = [child for child, (ppid, _) in tree.items() if ppid == parent]
+        found += children
+        todo += children
+    return found
+
+
+def running(pids):
+    tree = process_tree()
+    return [pid for pid in pids if pid in tree and tree[pid][1] != "Z"]  # zombies have ended
+
+
+def wait_until_ended(pids, timeout_s):
+    """The pids still running after up to `timeout_s` seconds."""
+    deadline = time.time() + timeout_s
+    while running(pids) and time.time() < deadline:
+        time.sleep(0.1)
+    return running(pids)
+
+
+def start_parallel_run(out, *flags, iterations=100_000):
+    """cue_reward.py with --jobs 2 on two runs in a subprocess, once both have written a
+    checkpoint; returns (process, its worker processes and their helpers)."""
+    out.mkdir(exist_ok=True)
+    process = subprocess.Popen(
+        [sys.executable, str(RL / "cue_reward.py"), *TINY, "--types", "rnn", "simple", "--seeds",
+         "0", "--iterations", str(iterations), "--jobs", "2", "--out", str(out), *flags],
+        stdout=open(out / "stdout.txt", "w"), stderr=open(out / "stderr.txt", "w"),
+        env=subprocess_env(), cwd=out)
+    deadline = time.time() + 180
+    while not all((out / f"{name}.checkpoint.pt").is_file() for name in PARALLEL_RUNS):
+        assert process.poll() is None, (out / "stderr.txt").read_text()
+        assert time.time() < deadline, "the runs wrote no checkpoint in 180 s"
+        time.sleep(0.2)
+    workers = descendants(process.pid)
+    assert len(workers) >= 2, workers
+    return process, workers
+
+
+@pytest.fixture
+def started():
+    """Starts parallel runs (start_parallel_run) and kills whatever of them is left at the end."""
+    processes = []
+
+    def start(*args, **kwargs):
+        process, workers = start_parallel_run(*args, **kwargs)
+        processes.append((process, workers))
+        return process, workers
+
+    yield start
+    for process, workers in processes:
+        for pid in running([process.pid, *workers]):
+            os.kill(pid, signal.SIGKILL)
+        process.wait()
+
+
+@needs_proc
+def test_workers_exit_when_the_parent_is_killed(tmp_path, started):
+    process, workers = started(tmp_path / "run")
+    process.kill()
+    process.wait()
+    assert wait_until_ended(workers, 5) == [], "orphaned workers still running 5 s after SIGKILL"
+
+
+@needs_proc
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_parent_stops_every_run(tmp_path, started, stop):
+    process, workers = started(tmp_path / "run")
+    process.send_signal(stop)
+    try:
+        returncode = process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{stop.name}: the parent still runs after 30 s")
+    error = (tmp_path / "run" / "stderr.txt").read_text()
+    assert returncode == 1, error
+    assert f"stopped ({stop.name}): every run has its last checkpoint in" in error
+    assert "--resume continues from there" in error and "Traceback" not in error, error
+    assert wait_until_ended(workers, 5) == [], "workers still running 5 s after the parent ended"
+
+
+@needs_proc
+def test_a_resume_after_a_kill_logs_every_row_once(tmp_path, started):
+    out = tmp_path / "run"
+    process, workers = started(out)
+    process.kill()
+    process.wait()
+    wait_until_ended(workers, 5)  # (were they left running, they would append to the logs)
+    reached = max(torch.load(out / f"{name}.checkpoint.pt", weights_only=True)["iteration"]
+                  for name in PARALLEL_RUNS)
+    target = reached + 5
+    resumed = subprocess.run(
+        [sys.executable, str(RL / "cue_reward.py"), *TINY, "--types", "rnn", "simple", "--seeds",
+         "0", "--iterations", str(target), "--jobs", "2", "--out", str(out), "--resume"],
+        capture_output=True, text=True, timeout=300, env=subprocess_env(), cwd=out)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    time.sleep(1)  # time for a left-over worker to append a row
+    expected = sorted({*range(2, target + 1, 2), target})  # --log-every 2, and the last
+    for name in PARALLEL_RUNS:
+        rows = [int(row["iteration"]) for row in log_rows_without_timings(out / f"{name}.csv")]
+        assert rows == expected, name

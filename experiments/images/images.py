@@ -26,9 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import backpropamine_cuda as bp
-from backpropamine_cuda.training import (add_training_flags, append_csv, count_parameters,
-                                         number, parse_with_preset, preset_parser, pyplot,
-                                         read_csv_columns, start_csv, train_run)
+from backpropamine_cuda.training import (DataError, add_training_flags, append_csv,
+                                         count_parameters, number, parse_with_preset,
+                                         preset_parser, pyplot, read_csv_columns, reading,
+                                         require_extras, start_csv, train_run)
 
 TYPES = ("plastic", "rnn")
 SIZES = (2, 4, 8, 16, 32)  # divisors of 32 (a pixel: the mean of a square), even (two halves)
@@ -83,33 +84,34 @@ def find_data(data):
 
 
 def check_rgb(images, what):
-    """`images` as an (n, 32, 32, 3) uint8 array, or a ValueError naming `what`."""
+    """`images` as an (n, 32, 32, 3) uint8 array, or a DataError naming `what`."""
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
-        raise ValueError(f"--data: {what}: expected (n, 32, 32, 3) uint8 RGB images, got "
+        raise DataError(f"{what}: expected (n, 32, 32, 3) uint8 RGB images, got "
                          f"{images.shape} {images.dtype}")
     return images
 
 
 def read_npz(path):
     """(training images, test images), (n, 32, 32, 3) uint8 RGB, of the packed subset (the
-    arrays train_images and test_images; see the README that comes with it)."""
-    with np.load(path) as data:
+    arrays train_images and test_images; see the README that comes with it). A file that is
+    not such an npz (or a damaged one) raises a DataError naming it."""
+    with reading(path), np.load(path) as data:
         missing = {"train_images", "test_images"} - set(data.files)
         if missing:
-            raise ValueError(f"--data: {path}: expected the arrays train_images and test_images; "
-                             f"missing {sorted(missing)}")
+            raise DataError(f"{path}: expected the arrays train_images and test_images; "
+                            f"missing {sorted(missing)}")
         return tuple(check_rgb(data[name], f"{path} {name}")
                      for name in ("train_images", "test_images"))
 
 
 def read_batch(path):
     """The images of one pickled batch of the CIFAR-10 python version: its b"data" rows are
-    the 1024 red, then green, then blue values of a 32x32 image, row-major."""
-    with open(path, "rb") as f:
-        batch = pickle.load(f, encoding="bytes")
-    rows = np.asarray(batch[b"data"], dtype=np.uint8)
+    the 1024 red, then green, then blue values of a 32x32 image, row-major. A damaged file
+    raises a DataError naming it."""
+    with reading(path), open(path, "rb") as f:
+        rows = np.asarray(pickle.load(f, encoding="bytes")[b"data"], dtype=np.uint8)
     if rows.ndim != 2 or rows.shape[1] != 3 * 32 * 32:
-        raise ValueError(f"--data: {path}: expected data rows of 3072 bytes, got {rows.shape}")
+        raise DataError(f"{path}: expected data rows of 3072 bytes, got {rows.shape}")
     return check_rgb(rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), str(path))
 
 
@@ -133,9 +135,12 @@ def grayscale(rgb, size):
 
 
 def load_images(data, size):
-    """The ImageSet of --data at --size."""
+    """The ImageSet of --data at --size; data that cannot be read exits naming the file."""
     path = find_data(data)
-    train, test = read_npz(path) if path.is_file() else read_pickles(path)
+    try:
+        train, test = read_npz(path) if path.is_file() else read_pickles(path)
+    except DataError as error:
+        raise SystemExit(f"--data: {error}") from error
     return ImageSet(grayscale(train, size), grayscale(test, size), path)
 
 
@@ -385,6 +390,7 @@ def main(argv=None):
     (curves.png) and a few completions per type (completion-<type>.png); returns
     {type: (loss, error on the erased half)}."""
     args = parse_args(argv)
+    require_extras()
     image_set = load_images(args.data, args.size)
     check_images(image_set, args)
     out = Path(args.out)

@@ -27,9 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import backpropamine_cuda as bp
-from backpropamine_cuda.training import (RunCheckpoint, append_csv, count_parameters,
-                                         parse_with_preset, preset_parser, pyplot,
-                                         read_csv_columns, start_csv, train_iterations)
+from backpropamine_cuda.training import (DataError, RunCheckpoint, append_csv, count_parameters,
+                                         number, parse_with_preset, preset_parser, pyplot,
+                                         read_csv_columns, reading, require_extras, resume_csv,
+                                         train_iterations)
 
 IMAGE_SIZE = 31  # four stride-2 3x3 convolutions: 31 -> 15 -> 7 -> 3 -> 1
 SPLITS = ("background-evaluation", "paper-1200")
@@ -70,43 +71,51 @@ def downscale(ink):
 def load_npz(path, chunk=64):
     """The packed file (see the README): `ink` holds np.packbits of the binary images along
     their last axis, a set bit being ink. Unpacked and downscaled `chunk` characters at a time,
-    so that the 105x105 images never all sit in memory."""
-    data = np.load(path)
-    missing = {"ink", "shape", "alphabet", "character", "split"} - set(data.files)
-    if missing:
-        raise ValueError(f"{path}: expected the arrays ink, shape, alphabet, character, split; "
-                         f"missing {sorted(missing)}")
-    shape, ink = tuple(int(n) for n in data["shape"]), data["ink"]
-    if len(shape) != 4 or ink.shape != (*shape[:3], -(-shape[3] // 8)):
-        raise ValueError(f"{path}: ink of shape (characters, drawings, height, ceil(width / 8)) "
-                         f"expected for shape {shape}, got {ink.shape}")
-    images = torch.cat([
-        downscale(np.unpackbits(ink[start:start + chunk], axis=-1)[..., :shape[3]]
-                  .reshape(-1, shape[2], shape[3])).reshape(-1, shape[1], IMAGE_SIZE, IMAGE_SIZE)
-        for start in range(0, shape[0], chunk)])
-    names = [f"{a}/{c}" for a, c in zip(data["alphabet"].tolist(), data["character"].tolist())]
-    return Omniglot(images, torch.from_numpy(data["split"].astype(np.int8)), names)
+    so that the 105x105 images never all sit in memory. A file that is not such an npz (or a
+    damaged one) raises a DataError naming it."""
+    with reading(path), np.load(path) as data:
+        missing = {"ink", "shape", "alphabet", "character", "split"} - set(data.files)
+        if missing:
+            raise DataError(f"{path}: expected the arrays ink, shape, alphabet, character, "
+                            f"split; missing {sorted(missing)}")
+        shape, ink = tuple(int(n) for n in data["shape"]), data["ink"]
+        if len(shape) != 4 or ink.shape != (*shape[:3], -(-shape[3] // 8)):
+            raise DataError(f"{path}: ink of shape (characters, drawings, height, ceil(width / "
+                            f"8)) expected for shape {shape}, got {ink.shape}")
+        images = torch.cat([
+            downscale(np.unpackbits(ink[start:start + chunk], axis=-1)[..., :shape[3]]
+                      .reshape(-1, shape[2], shape[3]))
+            .reshape(-1, shape[1], IMAGE_SIZE, IMAGE_SIZE)
+            for start in range(0, shape[0], chunk)])
+        names = [f"{a}/{c}"
+                 for a, c in zip(data["alphabet"].tolist(), data["character"].tolist())]
+        return Omniglot(images, torch.from_numpy(data["split"].astype(np.int8)), names)
 
 
 def load_folders(root):
     """The original release's layout: root/images_background/<alphabet>/<character>/*.png and
-    root/images_evaluation/...; black pixels (ink) are dark, the background white."""
+    root/images_evaluation/...; black pixels (ink) are dark, the background white. A file
+    that is not a PNG raises a DataError naming it."""
     from matplotlib.image import imread  # reads PNG without PIL's own API
+
+    def read_png(path):
+        with reading(path):
+            return imread(path)
 
     images, split, names = [], [], []
     for split_index, folder in enumerate(("images_background", "images_evaluation")):
         if not (root / folder).is_dir():
-            raise ValueError(f"--data: expected {root / folder} (the original Omniglot layout)")
+            raise DataError(f"expected {root / folder} (the original Omniglot layout)")
         for character in sorted(p for p in (root / folder).glob("*/*") if p.is_dir()):
-            drawings = [imread(png) for png in sorted(character.glob("*.png"))]
+            drawings = [read_png(png) for png in sorted(character.glob("*.png"))]
             gray = np.stack([d if d.ndim == 2 else d[..., 0] for d in drawings])
             images.append(downscale(gray < 0.5))
             split.append(split_index)
             names.append(f"{character.parent.name}/{character.name}")
     counts = {len(d) for d in images}
     if len(counts) != 1:
-        raise ValueError(f"--data: every character needs the same number of drawings, got "
-                         f"{sorted(counts)} in {root}")
+        raise DataError(f"every character needs the same number of drawings, got "
+                        f"{sorted(counts)} in {root}")
     return Omniglot(torch.stack(images), torch.tensor(split, dtype=torch.int8), names)
 
 
@@ -129,8 +138,12 @@ def find_data(data):
 
 
 def load_omniglot(data):
+    """The dataset of --data; data that cannot be read exits naming the file."""
     path = find_data(data)
-    return load_npz(path) if path.is_file() else load_folders(path)
+    try:
+        return load_npz(path) if path.is_file() else load_folders(path)
+    except DataError as error:
+        raise SystemExit(f"--data: {error}") from error
 
 
 def split_characters(dataset, split):
@@ -332,9 +345,8 @@ def train(args, dataset, train_characters, test_characters, out):
                                generator)
     done = checkpoint.resume() if args.resume else 0
     # the rows up to the checkpoint; none without one (the run starts afresh, from iteration 0)
-    kept = lambda row: done > 0 and int(row["iteration"]) <= done  # noqa: E731
-    start_csv(out / "train.csv", LOG_FIELDS, keep=kept)
-    start_csv(out / "eval.csv", EVAL_FIELDS, keep=kept)
+    resume_csv(out / "train.csv", LOG_FIELDS, "iteration", done)
+    resume_csv(out / "eval.csv", EVAL_FIELDS, "iteration", done)
 
     def log_evaluation(iteration):
         result = evaluate(model, dataset.images, test_characters, args, args.eval_episodes)
@@ -377,57 +389,41 @@ def make_parser():
         help="training / test characters: the official background / evaluation sets, or the "
              "paper's first 1200 characters / the other 423")
     add("--seed", type=int, default=0, help="seed of the initialisation and the episodes")
-    add("--ways", type=int, default=5, help="classes per episode")
+    add("--ways", type=number(int, 2), default=5, help="classes per episode")
     add("--rotations", action=argparse.BooleanOptionalAction, default=True,
         help="turn each class by a random multiple of 90 degrees (a new class), in training and "
              "test episodes")
-    add("--channels", type=int, default=64, help="channels of each convolution")
+    add("--channels", type=number(int, 1), default=64, help="channels of each convolution")
     add("--alpha", choices=("full", "scalar"), default="full",
         help="plasticity coefficients: one per connection, or one for the layer (the ablation)")
-    add("--label-scale", type=float, default=1000.0,
+    add("--label-scale", type=number(float, 0, strict=True), default=1000.0,
         help="factor of the one-hot label added to the plastic layer's output while shown")
-    add("--iterations", type=int, default=2000, help="batches of episodes to train on")
-    add("--batch-size", type=int, default=16, help="episodes per iteration")
-    add("--lr", type=float, default=1e-3, help="Adam learning rate")
-    add("--lr-step", type=int, default=0,
+    add("--iterations", type=number(int, 1), default=2000, help="batches of episodes to train on")
+    add("--batch-size", type=number(int, 1), default=16, help="episodes per iteration")
+    add("--lr", type=number(float, 0, strict=True), default=1e-3, help="Adam learning rate")
+    add("--lr-step", type=number(int, 0), default=0,
         help="multiply the learning rate by --lr-gamma every this many iterations (0: never)")
-    add("--lr-gamma", type=float, default=0.666, help="see --lr-step")
+    add("--lr-gamma", type=number(float, 0, strict=True), default=0.666, help="see --lr-step")
     add("--impl", choices=("fused", "reference"), default="fused",
         help="the plastic layer's ops: fused kernels, or the pure-PyTorch reference")
     add("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     add("--out", default="runs/omniglot", help="folder of the logs, checkpoint and plots")
-    add("--log-every", type=int, default=10, help="iterations per train.csv row")
-    add("--save-every", type=int, default=100, help="iterations between checkpoints")
-    add("--eval-every", type=int, default=250,
+    add("--log-every", type=number(int, 1), default=10, help="iterations per train.csv row")
+    add("--save-every", type=number(int, 1), default=100, help="iterations between checkpoints")
+    add("--eval-every", type=number(int, 0), default=250,
         help="iterations between evaluations on --eval-episodes test episodes (0: none)")
-    add("--eval-episodes", type=int, default=200,
+    add("--eval-episodes", type=number(int, 1), default=200,
         help="test episodes of each evaluation during training")
-    add("--test-episodes", type=int, default=1000,
+    add("--test-episodes", type=number(int, 1), default=1000,
         help="test episodes of the final evaluation (test.json)")
     add("--resume", action="store_true",
         help="continue from the checkpoint in --out (a finished run is only evaluated)")
     return p
 
 
-# The smallest value of each numeric flag (greater than it for those in STRICTLY_POSITIVE).
-MINIMUMS = dict(ways=2, channels=1, iterations=1, batch_size=1, lr_step=0, log_every=1,
-                save_every=1, eval_every=0, eval_episodes=1, test_episodes=1)
-STRICTLY_POSITIVE = ("label_scale", "lr", "lr_gamma")
-
-
 def parse_args(argv=None):
-    """Parses with the chosen preset's defaults (flags given explicitly still win) and checks
-    the ranges of the flags."""
-    parser = make_parser()
-    args = parse_with_preset(parser, PRESETS, argv)
-    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
-    for name, minimum in MINIMUMS.items():
-        if getattr(args, name) < minimum:
-            parser.error(f"{flag(name)} must be >= {minimum}, got {getattr(args, name)}")
-    for name in STRICTLY_POSITIVE:
-        if not getattr(args, name) > 0:
-            parser.error(f"{flag(name)} must be > 0, got {getattr(args, name)}")
-    return args
+    """Parses with the chosen preset's defaults (flags given explicitly still win)."""
+    return parse_with_preset(make_parser(), PRESETS, argv)
 
 
 def check_dataset(dataset, characters, args):
@@ -446,6 +442,7 @@ def main(argv=None):
     """Trains, tests on --test-episodes fresh episodes of the test characters (test.json),
     plots the curves (curves.png) and one test episode (episode.png); returns the test result."""
     args = parse_args(argv)
+    require_extras()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dataset = load_omniglot(args.data)

@@ -26,7 +26,7 @@ from torch import nn
 import backpropamine_cuda as bp
 from backpropamine_cuda.training import (add_training_flags, append_csv, count_parameters,
                                          number, parse_with_preset, preset_parser, pyplot,
-                                         read_csv_columns, start_csv, train_run)
+                                         read_csv_columns, require_extras, start_csv, train_run)
 
 TYPES = ("plastic", "rnn", "lstm")
 PRESETS = {
@@ -253,6 +253,7 @@ def main(argv=None):
     (evaluation.csv), plots the curves (curves.png) and one test episode per type
     (episode-<type>.png); returns {type: (loss, error on zeroed bits, error on all bits)}."""
     args = parse_args(argv)
+    require_extras()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"{args.bits} bits, {args.patterns} patterns; parameters: " + ", ".join(

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import torch
 
+from backpropamine_cuda.training import reading
+
 SPLITS = ("train", "valid", "test")
 EOS = "<eos>"
 
@@ -26,8 +28,9 @@ class Corpus:
             setattr(self, split, self._tokenize(path))
 
     def _tokenize(self, path):
+        """A binary or truncated file (not UTF-8 text) raises a DataError naming it."""
         tokens = []
-        with open(path, encoding="utf-8") as f:
+        with reading(path), open(path, encoding="utf-8") as f:
             for line in f:
                 for word in line.split() + [EOS]:
                     if word not in self.ids:

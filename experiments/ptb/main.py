@@ -22,10 +22,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
-from backpropamine_cuda.training import (append_csv, atomic_save, closest_size, count_parameters,
-                                          pyplot, rng_states, set_rng_states, start_csv)
+from backpropamine_cuda.training import (DataError, append_csv, atomic_save, closest_size,
+                                          count_parameters, number, progress, pyplot,
+                                          read_checkpoint, require_extras, resume_csv,
+                                          rng_states, set_rng_states)
 from data import Corpus, batchify, get_batch
 from model import LanguageModel, detach_state
 
@@ -84,45 +85,45 @@ def make_parser():
         help="shape of the learned eta with --modultype none")
     add("--cliptype", choices=("clip", "decay", "retroactive"), default="clip",
         help="plasticity rule (retroactive: eligibility traces, needs neuromodulation)")
-    add("--clipval", type=float, default=2.0, help="bound of the Hebbian traces")
-    add("--emsize", type=int, default=400, help="embedding size (small preset: = nhid)")
-    add("--nhid", type=int, default=1150,
+    add("--clipval", type=number(float, 0, strict=True), default=2.0, help="bound of the Hebbian traces")
+    add("--emsize", type=number(int, 1), default=400, help="embedding size (small preset: = nhid)")
+    add("--nhid", type=number(int, 1), default=1150,
         help="units per layer (small preset: the variant's matched size)")
-    add("--nlayers", type=int, default=3)
+    add("--nlayers", type=number(int, 1), default=3)
     add("--tied", action=argparse.BooleanOptionalAction, default=True,
         help="decoder weight = embedding table")
-    add("--init-range", type=float, default=0.0,
+    add("--init-range", type=number(float, 0), default=0.0,
         help="> 0: all but plastic parameters uniform in +-this; 0: awd-lstm-lm's init")
-    add("--dropout", type=float, default=0.4, help="locked dropout on the last layer's output")
-    add("--dropouth", type=float, default=0.3, help="locked dropout between layers")
-    add("--dropouti", type=float, default=0.65, help="locked dropout on the embeddings")
-    add("--dropoute", type=float, default=0.1, help="dropout of whole word embeddings")
-    add("--wdrop", type=float, default=0.5, help="DropConnect on the recurrent weights")
+    add("--dropout", type=number(float, 0, maximum=1), default=0.4, help="locked dropout on the last layer's output")
+    add("--dropouth", type=number(float, 0, maximum=1), default=0.3, help="locked dropout between layers")
+    add("--dropouti", type=number(float, 0, maximum=1), default=0.65, help="locked dropout on the embeddings")
+    add("--dropoute", type=number(float, 0, maximum=1), default=0.1, help="dropout of whole word embeddings")
+    add("--wdrop", type=number(float, 0, maximum=1), default=0.5, help="DropConnect on the recurrent weights")
     add("--impl", choices=("fused", "reference"), default="fused",
         help="plastic LSTM implementation: fused kernels or the pure-PyTorch reference")
     # training
-    add("--lr", type=float, default=30.0)
+    add("--lr", type=number(float, 0, strict=True), default=30.0)
     add("--loss", choices=("mean", "time-sum"), default="mean",
         help="what the gradient step sees: the cross-entropy averaged over the segment's tokens "
              "(awd-lstm-lm), or summed over its time steps and averaged over the streams "
              "(Zaremba et al. 2014, for whom lr 1 and clip 5 were tuned); perplexities are per "
              "token either way")
-    add("--clip", type=float, default=0.25, help="gradient norm clip (0: none)")
-    add("--epochs", type=int, default=8000)
-    add("--batch_size", type=int, default=80, help="training streams, over all processes")
-    add("--bptt", type=int, default=70, help="truncated backpropagation length")
+    add("--clip", type=number(float, 0), default=0.25, help="gradient norm clip (0: none)")
+    add("--epochs", type=number(int, 1), default=8000)
+    add("--batch_size", type=number(int, 1), default=80, help="training streams, over all processes")
+    add("--bptt", type=number(int, 1), default=70, help="truncated backpropagation length")
     add("--variable-bptt", action=argparse.BooleanOptionalAction, default=True,
         help="awd-lstm-lm's random BPTT lengths, the learning rate scaled by length / bptt")
-    add("--alpha", type=float, default=2.0, help="activation regularisation (AR) weight")
-    add("--beta", type=float, default=1.0, help="temporal activation regularisation (TAR)")
-    add("--wdecay", type=float, default=1.2e-6, help="L2 penalty (SGD weight decay)")
-    add("--lr-decay", type=float, default=1.0, help="learning rate factor per epoch ...")
+    add("--alpha", type=number(float, 0), default=2.0, help="activation regularisation (AR) weight")
+    add("--beta", type=number(float, 0), default=1.0, help="temporal activation regularisation (TAR)")
+    add("--wdecay", type=number(float, 0), default=1.2e-6, help="L2 penalty (SGD weight decay)")
+    add("--lr-decay", type=number(float, 0, strict=True), default=1.0, help="learning rate factor per epoch ...")
     add("--lr-decay-start", type=int, default=1, help="... from this epoch on")
     add("--asgdtime", type=int, default=0,
         help="> 0: switch to averaged SGD at the end of epoch asgdtime + 1; 0: when validation "
              "stops improving (--nonmono); < 0: never")
-    add("--nonmono", type=int, default=5, help="epochs of the non-monotone ASGD trigger")
-    add("--agdiv", type=float, default=1.0,
+    add("--nonmono", type=number(int, 1), default=5, help="epochs of the non-monotone ASGD trigger")
+    add("--agdiv", type=number(float, 0, strict=True), default=1.0,
         help="divide the gradients of alpha by this with --alphatype perneuron or single")
     add("--seed", type=int, default=1111)
     # running
@@ -131,9 +132,9 @@ def make_parser():
                                          "to <save stem>.checkpoint.pt")
     add("--log", help="CSV of the epochs (default <save stem>.csv), plotted to the same name .png")
     add("--resume", action="store_true", help="continue from the last checkpoint")
-    add("--max-batches", type=int, default=0,
+    add("--max-batches", type=number(int, 0), default=0,
         help="> 0: end every epoch and evaluation after this many batches (quick runs)")
-    add("--time-limit", type=float, default=0.0,
+    add("--time-limit", type=number(float, 0), default=0.0,
         help="> 0: stop training after this many seconds; --resume continues from the last "
              "completed epoch")
     return p
@@ -159,11 +160,6 @@ def parse_args(argv=None):
         if args.cliptype == "retroactive" and args.modultype == "none":
             parser.error("--cliptype retroactive needs neuromodulation (--modultype "
                          "modplasth2mod or modplastc2mod)")
-    for name in ("emsize", "nhid", "nlayers", "batch_size", "bptt", "epochs", "nonmono"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.agdiv <= 0:
-        parser.error(f"--agdiv must be > 0, got {args.agdiv}")
     return args
 
 
@@ -266,8 +262,8 @@ def train_epoch(model, module, optimizer, train_data, lr, args, deadline, world,
     loss_sum = torch.zeros((), device=train_data.device)
     tokens = batches = i = 0
     complete = True
-    bar = tqdm(total=train_data.size(0) - 1, unit="tok", unit_scale=args.batch_size,
-               desc="train", disable=not show, leave=False)
+    bar = progress(total=train_data.size(0) - 1, unit="tok", unit_scale=args.batch_size,
+                   desc="train", disable=not show)
     while i < train_data.size(0) - 2:
         seq_len = bptt_length(args)
         for group in optimizer.param_groups:  # a short segment makes a small step
@@ -299,7 +295,7 @@ def evaluate(model, source, args, show, desc):
     hidden = [None] * len(model.rnns)
     loss_sum, tokens = 0.0, 0
     starts = range(0, source.size(0) - 1, args.bptt)[:args.max_batches or None]
-    for i in tqdm(starts, desc=desc, disable=not show, leave=False):
+    for i in progress(starts, desc=desc, disable=not show):
         data, targets = get_batch(source, i, args.bptt)
         logits, hidden, _, _ = model(data, hidden)
         loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
@@ -347,10 +343,19 @@ def averaged_sgd(model, args):
 
 
 def output_paths(args):
+    """The files written: --save, its checkpoint, --log and its plot. A folder that does not
+    exist exits now, not after the first epoch."""
     save = Path(args.save)
     log = Path(args.log) if args.log else save.with_suffix(".csv")
+    for flag, path in (("--save", save), ("--log", log)):
+        if not path.parent.is_dir():
+            raise SystemExit(f"{flag} {path}: the folder {path.parent} does not exist")
     return dict(save=save, checkpoint=save.with_name(save.stem + ".checkpoint.pt"), log=log,
                 plot=log.with_suffix(".png"))
+
+
+CHECKPOINT_KEYS = ("model", "optimizer", "asgd", "epoch", "best_valid", "valid_history", "rng",
+                   "args", "hidden_state_policy")
 
 
 def load_checkpoint(path, args, model):
@@ -358,7 +363,7 @@ def load_checkpoint(path, args, model):
     if not path.is_file():
         raise SystemExit(f"--resume: no checkpoint at {path} (it is written at the end of every "
                          "epoch, next to --save)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)  # RNG states stay on the CPU
+    ckpt = read_checkpoint(path, CHECKPOINT_KEYS)
     differ = [f"--{k} {ckpt['args'][k]} there, {getattr(args, k)} here"
               for k in RESUME_MUST_MATCH if ckpt["args"][k] != getattr(args, k)]
     if differ:
@@ -372,6 +377,7 @@ def load_checkpoint(path, args, model):
 
 
 def log_epoch(paths, row):
+    """Appends the epoch's row to the CSV log and plots the log."""
     rows = append_csv(paths["log"], LOG_FIELDS, [row])
     plt = pyplot()
     from matplotlib import ticker
@@ -408,8 +414,22 @@ def init_distributed(args):
     return dist.get_rank(), world, device
 
 
+def check_lengths(corpus, args):
+    """Exits naming the file when a split is too short to give a batch: training needs 3 rows
+    of --batch_size streams (a segment and its next words), evaluation 2 rows of its streams."""
+    for split, streams, rows in (("train", args.batch_size, 3), ("valid", EVAL_BATCH_SIZE, 2),
+                                 ("test", TEST_BATCH_SIZE, 2)):
+        tokens = getattr(corpus, split).numel()
+        if tokens < rows * streams:
+            raise SystemExit(
+                f"--data: {Path(args.data) / f'{split}.txt'} has {tokens} tokens (words and "
+                f"<eos>), too few for {'training' if split == 'train' else 'evaluation'} in "
+                f"{streams} streams: at least {rows * streams} needed")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    require_extras()
     rank, world, device = init_distributed(args)
     try:
         return run(args, rank, world, device)
@@ -428,6 +448,7 @@ def run(args, rank, world, device):
     if args.batch_size % world:
         raise SystemExit(f"--batch_size {args.batch_size} must be divisible by the number of "
                          f"processes, {world}: each process trains on an equal slice of streams")
+    paths = output_paths(args)
     say("args:", " ".join(f"{k}={v}" for k, v in vars(args).items()))
     if args.preset == "small":
         say("small preset: hidden size matched to", f"{SMALL_TARGET_PARAMS:,}", "parameters:",
@@ -438,8 +459,9 @@ def run(args, rank, world, device):
     torch.manual_seed(args.seed)
     try:
         corpus = Corpus(args.data)
-    except FileNotFoundError as err:
-        raise SystemExit(str(err))
+    except (FileNotFoundError, DataError) as err:
+        raise SystemExit(f"--data: {err}" if isinstance(err, DataError) else str(err))
+    check_lengths(corpus, args)
     streams = args.batch_size // world
     train_data = batchify(corpus.train, args.batch_size)[:, rank * streams:(rank + 1) * streams]
     train_data = train_data.to(device)
@@ -453,7 +475,6 @@ def run(args, rank, world, device):
     trained = model if world == 1 else DistributedDataParallel(
         model, device_ids=[device] if device.type == "cuda" else None)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, weight_decay=args.wdecay)
-    paths = output_paths(args)
     first_epoch, best_valid, valid_history = 1, math.inf, []
     if args.resume:
         ckpt = load_checkpoint(paths["checkpoint"], args, model)
@@ -464,7 +485,7 @@ def run(args, rank, world, device):
         valid_history = ckpt["valid_history"]
         say(f"resumed from {paths['checkpoint']} after epoch {ckpt['epoch']}")
     if show:  # a resumed run keeps the rows of the epochs it resumes after
-        start_csv(paths["log"], LOG_FIELDS, keep=lambda row: int(row["epoch"]) < first_epoch)
+        resume_csv(paths["log"], LOG_FIELDS, "epoch", first_epoch - 1)
 
     deadline = time.time() + args.time_limit if args.time_limit else None
     for epoch in range(first_epoch, args.epochs + 1):
@@ -500,13 +521,13 @@ def run(args, rank, world, device):
         if switch:
             say("switching to averaged SGD")
             optimizer = averaged_sgd(model, args)
-        if show:
+        if show:  # the row first: a kill before the checkpoint redoes the epoch (resume_csv)
+            log_epoch(paths, row)
             atomic_save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
                              asgd=isinstance(optimizer, torch.optim.ASGD), epoch=epoch,
                              best_valid=best_valid, valid_history=valid_history, rng=rng_states(),
                              args=vars(args), hidden_state_policy=HIDDEN_STATE_POLICY),
                         paths["checkpoint"])
-            log_epoch(paths, row)
         if time_is_up(deadline, world, device):
             break
 

@@ -22,7 +22,10 @@ per-step loop that builds the autograd graph while acting (`play(..., grad=True)
 """
 import math
 import multiprocessing
+import multiprocessing.connection
 import os
+import signal
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -30,12 +33,11 @@ from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from agents import MODULATED, Agent, count_parameters, matched_size
-from backpropamine_cuda.training import (RunCheckpoint, append_csv, parse_with_preset,
-                                         preset_parser, pyplot, read_csv_columns,
-                                         start_csv)
+from backpropamine_cuda.training import (RunCheckpoint, append_csv, number, parse_with_preset,
+                                         preset_parser, progress, pyplot, read_csv_columns,
+                                         require_extras, resume_csv, sigterm_as_interrupt)
 
 LOG_FIELDS = ("iteration", "episodes", "reward", "loss", "seconds")
 
@@ -123,17 +125,21 @@ def make_parser(description, types, presets):
     add = p.add_argument
     add("--types", nargs="+", choices=types, default=list(types), help="network types to train")
     add("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per type and seed")
-    add("--hidden", type=int, default=100,
+    add("--hidden", type=number(int, 1), default=100,
         help="neurons of the modulated types; the others get the size that matches their "
              "parameter count")
-    add("--iterations", type=int, default=1000, help="training iterations (batches of episodes)")
-    add("--batch-size", type=int, default=30, help="episodes per iteration")
-    add("--lr", type=float, default=1e-4, help="Adam learning rate")
-    add("--eps", type=float, default=1e-4, help="Adam epsilon")
-    add("--gamma", type=float, default=0.9, help="discount of the Monte-Carlo returns")
-    add("--value-coef", type=float, default=0.1, help="weight of the critic's squared error")
-    add("--entropy-coef", type=float, default=0.03, help="weight of the sum(p^2) penalty")
-    add("--clip-grad", type=float, default=4.0, help="gradient norm clip (0: none)")
+    add("--iterations", type=number(int, 1), default=1000,
+        help="training iterations (batches of episodes)")
+    add("--batch-size", type=number(int, 1), default=30, help="episodes per iteration")
+    add("--lr", type=number(float, 0, strict=True), default=1e-4, help="Adam learning rate")
+    add("--eps", type=number(float, 0, strict=True), default=1e-4, help="Adam epsilon")
+    add("--gamma", type=number(float, 0, maximum=1), default=0.9,
+        help="discount of the Monte-Carlo returns")
+    add("--value-coef", type=number(float, 0), default=0.1,
+        help="weight of the critic's squared error")
+    add("--entropy-coef", type=number(float, 0), default=0.03,
+        help="weight of the sum(p^2) penalty")
+    add("--clip-grad", type=number(float, 0), default=4.0, help="gradient norm clip (0: none)")
     add("--legacy-baseline", action="store_true",
         help="the original code's baseline: batch element 0's value for every element")
     add("--impl", choices=("fused", "reference"), default="fused",
@@ -142,12 +148,13 @@ def make_parser(description, types, presets):
     add("--stepwise", action="store_true",
         help="with --impl fused: build the autograd graph while acting, as the papers' loop")
     add("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    add("--jobs", type=int, default=None,
+    add("--jobs", type=number(int, 1), default=None,
         help="runs trained at once, each in its own process with one thread (default: one per "
              "CPU core, at most one per run, on the CPU; 1 on CUDA)")
     add("--out", default="runs", help="folder of the CSV logs, checkpoints and plots")
-    add("--log-every", type=int, default=10, help="iterations per CSV row (mean reward)")
-    add("--save-every", type=int, default=100, help="iterations between checkpoints")
+    add("--log-every", type=number(int, 1), default=10,
+        help="iterations per CSV row (mean reward)")
+    add("--save-every", type=number(int, 1), default=100, help="iterations between checkpoints")
     add("--resume", action="store_true",
         help="continue every run from its checkpoint in --out (finished runs are skipped)")
     return p
@@ -155,11 +162,7 @@ def make_parser(description, types, presets):
 
 def parse_args(parser, presets, argv=None):
     """Parses with the chosen preset's defaults (flags given explicitly still win)."""
-    args = parse_with_preset(parser, presets, argv)
-    for name in ("hidden", "iterations", "batch_size", "log_every", "save_every", "jobs"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    return args
+    return parse_with_preset(parser, presets, argv)
 
 
 def hidden_sizes(args, obs_size, n_actions):
@@ -209,11 +212,11 @@ def train_run(args, make_env, network_type, hidden, seed, out, bar_position=0):
     checkpoint = RunCheckpoint(out / f"{name}.checkpoint.pt", args, RESUME_MAY_CHANGE, agent,
                                optimizer, generator)
     done = checkpoint.resume() if args.resume else 0
-    start_csv(log, LOG_FIELDS, keep=lambda row: int(row["iteration"]) <= done)
+    resume_csv(log, LOG_FIELDS, "iteration", done)
 
     rewards, losses, start = [], [], time.time()
-    bar = tqdm(range(done + 1, args.iterations + 1), desc=name, initial=done,
-               total=args.iterations, leave=False, position=bar_position)
+    bar = progress(range(done + 1, args.iterations + 1), desc=name, initial=done,
+                   total=args.iterations, position=bar_position)
     for iteration in bar:
         reward, loss = train_iteration(agent, optimizer, env, args)
         rewards.append(reward)
@@ -242,11 +245,26 @@ def train_and_plot(args, make_env, network_type, hidden, seed, out, bar_position
 _bar_position = 0  # in a --jobs worker process: the terminal line of its progress bars
 
 
-def _start_worker(free_lines):
-    """A --jobs worker process: one thread (the jobs share the cores), its own bar line."""
+def _start_worker(free_lines, stop):
+    """A --jobs worker process: one thread (the jobs share the cores), its own bar line. It
+    leaves SIGINT to the parent (Ctrl-C reaches every process of the terminal's group; the
+    parent stops the workers) and exits when the parent dies or sets `stop`."""
     global _bar_position
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(stop,), daemon=True).start()
     torch.set_num_threads(1)
     _bar_position = free_lines.get()
+
+
+def _exit_with_parent(stop, poll_s=0.5):
+    """Ends this worker process as soon as the parent process has died (its sentinel becomes
+    ready, even after a SIGKILL, which runs no clean-up there) or has set `stop`: an orphaned
+    worker would go on training and appending to the logs in --out, racing a resumed run."""
+    parent = multiprocessing.parent_process()
+    while not stop.is_set():
+        if multiprocessing.connection.wait([parent.sentinel], timeout=poll_s):
+            break
+    os._exit(1)  # at once, whatever the main thread is doing; resume_csv drops a cut row
 
 
 def _train_and_plot_in_worker(*run):
@@ -269,16 +287,17 @@ def run_all(runs, jobs):
         return
     # spawn, not fork: a forked child of a process that has used OpenMP threads can hang.
     context = multiprocessing.get_context("spawn")
-    free_lines = context.Queue()
+    free_lines, stop = context.Queue(), context.Event()
     for line in range(jobs):
         free_lines.put(line)
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker,
-                             initargs=(free_lines,)) as pool:
+                             initargs=(free_lines, stop)) as pool:
         futures = [pool.submit(_train_and_plot_in_worker, *run) for run in runs]
         try:
             for future in futures:
                 future.result()  # a failed run raises its error here
-        except BaseException:
+        except BaseException:  # a failed run, Ctrl-C, SIGTERM (sigterm_as_interrupt)
+            stop.set()  # every worker exits now, not after its current run
             pool.shutdown(cancel_futures=True)
             raise
 
@@ -286,7 +305,9 @@ def run_all(runs, jobs):
 def main(args, make_env):
     """Trains every (type, seed) of args, `--jobs` runs at a time, then plots the learning
     curves (curves.png) and, for each trained type, one episode of its first seed
-    (episode-<type>.png)."""
+    (episode-<type>.png). SIGTERM stops every run as Ctrl-C does; either exits with a line
+    saying that --resume continues the runs from their last checkpoints."""
+    require_extras()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     probe = make_env(args, torch.Generator(args.device).manual_seed(0))
@@ -296,7 +317,13 @@ def main(args, make_env):
         for t, n in sizes.items()), flush=True)
     runs = [(args, make_env, t, sizes[t], seed, out) for t in args.types for seed in args.seeds]
     jobs = args.jobs or (1 if torch.device(args.device).type != "cpu" else usable_cores())
-    run_all(runs, min(jobs, len(runs)))
+    try:
+        with sigterm_as_interrupt():
+            run_all(runs, min(jobs, len(runs)))
+    except KeyboardInterrupt as interrupt:
+        reason = str(interrupt) or "SIGINT"
+        raise SystemExit(f"stopped ({reason}): every run has its last checkpoint in {out}; "
+                         "--resume continues from there") from None
     plot_curves(out, args.types, args.seeds, out / "curves.png")
     summary = final_rewards(out, args.types, args.seeds)
     for network_type, (median, low, high) in summary.items():

@@ -14,6 +14,7 @@ type learned it in our runs.
 See experiments/rl/README.md.
 """
 import a2c
+from backpropamine_cuda.training import number
 from envs import CueReward
 
 TYPES = ("rnn", "plastic", "simple", "retroactive")
@@ -27,7 +28,7 @@ PRESETS = {
 def make_parser():
     parser = a2c.make_parser(__doc__.split("\n\n")[0], TYPES, PRESETS)
     add = parser.add_argument
-    add("--episode-length", type=int, default=120)
+    add("--episode-length", type=number(int, 1), default=120)
     add("--trial-min", type=int, default=5, help="shortest trial, in steps (GO and the reward "
         "step included)")
     add("--trial-max", type=int, default=8, help="longest trial, in steps")

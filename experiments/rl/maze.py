@@ -9,6 +9,7 @@ must remember where it was to come back fast within the episode. A2C on plastic 
 See experiments/rl/README.md.
 """
 import a2c
+from backpropamine_cuda.training import number
 from envs import GridMaze
 
 TYPES = ("rnn", "plastic", "simple", "retroactive", "fanout", "oja", "oja-scalar")
@@ -28,9 +29,9 @@ def make_parser():
     parser = a2c.make_parser(__doc__.split("\n\n")[0], TYPES, PRESETS)
     add = parser.add_argument
     add("--size", type=int, default=11, help="maze side (odd)")
-    add("--rew", type=float, default=10.0, help="reward for reaching the reward cell")
-    add("--wp", type=float, default=0.0, help="penalty for bumping into a wall")
-    add("--episode-length", type=int, default=200)
+    add("--rew", type=number(float), default=10.0, help="reward for reaching the reward cell")
+    add("--wp", type=number(float), default=0.0, help="penalty for bumping into a wall")
+    add("--episode-length", type=number(int, 1), default=200)
     parser.set_defaults(entropy_coef=0.03, eps=1e-4, clip_grad=4.0)
     return parser
 
