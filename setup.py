@@ -50,8 +50,10 @@ else:
         sources += build_config.cuda_sources(csrc)
         flags["nvcc"] = build_config.NVCC_FLAGS
         extension = CUDAExtension
+    relative = lambda paths: [str(Path(p).relative_to(ROOT)) for p in paths]  # noqa: E731
     ext_modules.append(extension(
-        "backpropamine_cuda._C", [str(Path(s).relative_to(ROOT)) for s in sources],
+        "backpropamine_cuda._C", relative(sources),
+        depends=relative(build_config.header_files(csrc)),
         extra_compile_args=flags, extra_link_args=build_config.LD_FLAGS))
     cmdclass["build_ext"] = BuildExtension
 

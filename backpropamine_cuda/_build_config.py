@@ -32,6 +32,12 @@ def cuda_sources(csrc: Path):
     return sorted(str(p) for p in csrc.rglob("*.cu"))
 
 
+def header_files(csrc: Path):
+    """The headers every source may include: a change to one must rebuild (setuptools compares
+    only the listed sources with the built library otherwise)."""
+    return sorted(str(p) for pattern in ("*.h", "*.cuh") for p in csrc.rglob(pattern))
+
+
 def cuda_toolkit():
     """(CUDA_HOME, None) when the CUDA kernels are to be built: torch is a CUDA build and nvcc
     is found. Otherwise (None, why not), `why` None for a CPU-only torch (nothing to say)."""

@@ -106,7 +106,8 @@ def test_a_live_build_is_waited_for_and_the_timeout_names_the_directory(tmp_path
     try:
         assert holder.stdout.readline().strip() == "holding"
         start = time.monotonic()
-        with pytest.raises(RuntimeError, match=f"process {holder.pid} .*{re.escape(str(build_dir))}.*delete"):
+        expected = f"process {holder.pid} .*{re.escape(str(build_dir))}.*delete"
+        with pytest.raises(RuntimeError, match=expected):
             with _extension._exclusive_build(build_dir, wait_s=1.0):
                 pass
         assert time.monotonic() - start < 10
