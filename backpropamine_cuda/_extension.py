@@ -71,9 +71,9 @@ def load() -> str:
     if not (build_dir / f"{EXTENSION_NAME}.so").exists():
         if why_not:
             print(f"backpropamine_cuda: {why_not}", file=sys.stderr)
-        what = (f"the fused CPU and CUDA ops on first use (a few minutes; TORCH_CUDA_ARCH_LIST="
+        what = (f"the fused CPU and CUDA ops on first use (several minutes; TORCH_CUDA_ARCH_LIST="
                 f"{env['TORCH_CUDA_ARCH_LIST']}" if toolkit else
-                "the fused ops on first use (about a minute")
+                "the fused ops on first use (a few minutes")
         print(f"backpropamine_cuda: compiling {what}; cached in {build_dir})", file=sys.stderr,
               flush=True)
     hint = (f"; {_build_config.BUILD_CUDA_ENV}=0 builds the CPU ops only (nvcc from {toolkit})"
