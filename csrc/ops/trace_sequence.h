@@ -215,8 +215,10 @@ TraceBackward trace_backward(const Backend& be, const PlasticConfig& c, const Pl
   Tensor g_elig = !retro ? at::empty({0}, opts)
                   : saved.grad_elig.has_value() ? saved.grad_elig->clone()
                                                 : at::zeros({B, N, N}, opts);
-  Tensor seg_h = at::empty({L - 1, B, N, N}, opts);
-  Tensor seg_e = at::empty({retro ? L - 1 : 0, B, N, N}, opts);
+  // One segment's recomputed traces; no segment is longer than the sequence, whatever L.
+  const int64_t seg_len = std::min(L, T_);
+  Tensor seg_h = at::empty({seg_len - 1, B, N, N}, opts);
+  Tensor seg_e = at::empty({retro ? seg_len - 1 : 0, B, N, N}, opts);
   Tensor g_alpha_acc = at::zeros({be.alpha_acc_size(c.modes.alpha, tl, N, N)}, opts);
   Tensor g_eta_conn = at::zeros({eta_conn ? be.eta_acc_rows(tl) : 0, N, N}, opts);
   Tensor g_rate_acc = at::zeros({be.rate_acc_size(tl)}, opts);
