@@ -32,9 +32,8 @@ def optional_import(module, extra="experiments"):
     try:
         return importlib.import_module(module)
     except ImportError as error:
-        raise SystemExit(
-            f"{EXTRA_USERS[extra]} need {module.split('.')[0]}: pip install {' '.join(EXTRAS[extra])} (the "
-            f"package's [{extra}] extra)") from error
+        raise SystemExit(f"{EXTRA_USERS[extra]} need {module.split('.')[0]}: pip install "
+                         f"{' '.join(EXTRAS[extra])} (the package's [{extra}] extra)") from error
 
 
 def require_extras(extra="experiments"):

@@ -204,10 +204,7 @@ def tables(records, budget_mb):
 
 
 def plot(records, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot("bench")
     cases = list(dict.fromkeys(r["case"] for r in records))
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.5))
     for ax, key, label in zip(axes, ("tokens_per_s", "peak_mb", "max_batch"),
@@ -238,6 +235,7 @@ def main():
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
+    common.require_extras("bench")  # now, not when plotting at the end
     script = Path(__file__).resolve()
     sizes = QUICK_CASES if args.quick else CASES
     start, load_start = time.time(), os.getloadavg()[0]

@@ -100,6 +100,7 @@ def main():
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
+    common.require_extras("bench")  # now, not when plotting at the end
     script = Path(__file__).resolve()
     start, load_start = time.time(), os.getloadavg()[0]
     info = common.machine_info(args.device)
@@ -154,10 +155,7 @@ def main():
                                             for r in records])
     common.write_json(out / "bench_rl.json", dict(machine=info, args=vars(args),
                                                   results=records, targets=checks))
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot("bench")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     cases = list(dict.fromkeys(r["case"] for r in records))
     values = {c: {r["impl"]: r.get("iterations_per_s") for r in records if r["case"] == c}

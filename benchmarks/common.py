@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from backpropamine_cuda.training import pyplot, require_extras
+
 # ----------------------------------------------------------------------------------------------
 # Device helpers
 
@@ -540,10 +542,7 @@ def check_targets(records, targets):
 
 
 def plot(records, path, impls):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot("bench")
     cases = list(dict.fromkeys(r["case"] for r in records))
     by = {c: {r["impl"]: r for r in records if r["case"] == c} for c in cases}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -623,6 +622,7 @@ def run_benchmark(name, doc, script, *, cases, quick_cases, impls, targets, setu
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker), setup)))
         return
+    require_extras("bench")  # now, not when plotting at the end
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = quick_cases if args.quick else cases

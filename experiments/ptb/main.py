@@ -85,7 +85,8 @@ def make_parser():
         help="shape of the learned eta with --modultype none")
     add("--cliptype", choices=("clip", "decay", "retroactive"), default="clip",
         help="plasticity rule (retroactive: eligibility traces, needs neuromodulation)")
-    add("--clipval", type=number(float, 0, strict=True), default=2.0, help="bound of the Hebbian traces")
+    add("--clipval", type=number(float, 0, strict=True), default=2.0,
+        help="bound of the Hebbian traces")
     add("--emsize", type=number(int, 1), default=400, help="embedding size (small preset: = nhid)")
     add("--nhid", type=number(int, 1), default=1150,
         help="units per layer (small preset: the variant's matched size)")
@@ -94,11 +95,16 @@ def make_parser():
         help="decoder weight = embedding table")
     add("--init-range", type=number(float, 0), default=0.0,
         help="> 0: all but plastic parameters uniform in +-this; 0: awd-lstm-lm's init")
-    add("--dropout", type=number(float, 0, maximum=1), default=0.4, help="locked dropout on the last layer's output")
-    add("--dropouth", type=number(float, 0, maximum=1), default=0.3, help="locked dropout between layers")
-    add("--dropouti", type=number(float, 0, maximum=1), default=0.65, help="locked dropout on the embeddings")
-    add("--dropoute", type=number(float, 0, maximum=1), default=0.1, help="dropout of whole word embeddings")
-    add("--wdrop", type=number(float, 0, maximum=1), default=0.5, help="DropConnect on the recurrent weights")
+    add("--dropout", type=number(float, 0, maximum=1), default=0.4,
+        help="locked dropout on the last layer's output")
+    add("--dropouth", type=number(float, 0, maximum=1), default=0.3,
+        help="locked dropout between layers")
+    add("--dropouti", type=number(float, 0, maximum=1), default=0.65,
+        help="locked dropout on the embeddings")
+    add("--dropoute", type=number(float, 0, maximum=1), default=0.1,
+        help="dropout of whole word embeddings")
+    add("--wdrop", type=number(float, 0, maximum=1), default=0.5,
+        help="DropConnect on the recurrent weights")
     add("--impl", choices=("fused", "reference"), default="fused",
         help="plastic LSTM implementation: fused kernels or the pure-PyTorch reference")
     # training
@@ -110,14 +116,17 @@ def make_parser():
              "token either way")
     add("--clip", type=number(float, 0), default=0.25, help="gradient norm clip (0: none)")
     add("--epochs", type=number(int, 1), default=8000)
-    add("--batch_size", type=number(int, 1), default=80, help="training streams, over all processes")
+    add("--batch_size", type=number(int, 1), default=80,
+        help="training streams, over all processes")
     add("--bptt", type=number(int, 1), default=70, help="truncated backpropagation length")
     add("--variable-bptt", action=argparse.BooleanOptionalAction, default=True,
         help="awd-lstm-lm's random BPTT lengths, the learning rate scaled by length / bptt")
     add("--alpha", type=number(float, 0), default=2.0, help="activation regularisation (AR) weight")
-    add("--beta", type=number(float, 0), default=1.0, help="temporal activation regularisation (TAR)")
+    add("--beta", type=number(float, 0), default=1.0,
+        help="temporal activation regularisation (TAR)")
     add("--wdecay", type=number(float, 0), default=1.2e-6, help="L2 penalty (SGD weight decay)")
-    add("--lr-decay", type=number(float, 0, strict=True), default=1.0, help="learning rate factor per epoch ...")
+    add("--lr-decay", type=number(float, 0, strict=True), default=1.0,
+        help="learning rate factor per epoch ...")
     add("--lr-decay-start", type=int, default=1, help="... from this epoch on")
     add("--asgdtime", type=int, default=0,
         help="> 0: switch to averaged SGD at the end of epoch asgdtime + 1; 0: when validation "
