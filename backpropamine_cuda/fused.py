@@ -5,6 +5,7 @@ This file holds the glue that makes the ops first-class PyTorch ops: fake implem
 torch.compile and meta tensors) and autograd formulas that call the hand-written backward ops.
 """
 import functools
+import inspect
 import math
 from typing import NamedTuple
 
@@ -44,10 +45,32 @@ def _contiguous(t):
 # ----------------------------------------------------------------------------------------------
 # Fake implementations: output shapes and dtypes only.
 
+def _check_one_device(name, signature, args, kwargs):
+    """Raises unless every tensor argument is on the device of the first, with the message of
+    the kernels' checks (csrc/checks.cpp). The fakes also serve the `meta` device: without this,
+    one meta tensor among CPU tensors would win the dispatch and return uninitialised memory."""
+    first = None
+    for arg, value in signature.bind(*args, **kwargs).arguments.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        if first is None:
+            first = value.device
+        elif value.device != first:
+            raise RuntimeError(f"{name}: expected {arg} on device {first} (the device of the "
+                               f"first argument), got {value.device}")
+
+
 def _register_fake(name):
     def register(fn):
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def fake(*args, **kwargs):
+            _check_one_device(name, signature, args, kwargs)
+            return fn(*args, **kwargs)
+
         for namespace in NAMESPACES:
-            torch.library.register_fake(f"{namespace}::{name}")(fn)
+            torch.library.register_fake(f"{namespace}::{name}")(fake)
         return fn
     return register
 
@@ -186,6 +209,41 @@ def _(grad_hebb_new, grad_elig_new, hebb, pre, post, eta, elig, elig_rate, rule,
 # ----------------------------------------------------------------------------------------------
 # Autograd: the backward of each op is its hand-written backward op.
 
+DOUBLE_BACKWARD_MESSAGE = (
+    "double backward through the fused ops is not supported: their gradients come from "
+    "hand-written backward kernels that autograd cannot differentiate. Use impl='reference' "
+    "(or backpropamine_cuda.reference) for higher-order gradients.")
+
+
+def _once_differentiable(backward):
+    """A backward (whose arguments include its ctx) that runs without recording a graph. Under
+    create_graph=True (which gradient-penalty code passes even for first-order use) its
+    gradients are the same, made to depend on everything they were computed from (the saved
+    tensors and the incoming gradients) through a node that raises DOUBLE_BACKWARD_MESSAGE when
+    autograd reaches it: differentiating them again, by backward() or autograd.grad with respect
+    to any of those inputs, raises instead of giving wrong (missing) terms."""
+    @functools.wraps(backward)
+    def wrapper(*args):
+        with torch.no_grad():
+            grads = backward(*args)
+        if not torch.is_grad_enabled():
+            return grads
+        ctx = next(a for a in args if isinstance(a, torch.autograd.function.FunctionCtx))
+        sources = [t for t in (*ctx.saved_tensors, *args)
+                   if isinstance(t, torch.Tensor) and t.requires_grad]
+        given = [k for k, g in enumerate(grads) if g is not None]
+        if not given or not sources:
+            return grads
+        error = torch._C._functions.DelayedError(DOUBLE_BACKWARD_MESSAGE.encode(),
+                                                 len(given) + len(sources))
+        marked = error(*[grads[k].detach() for k in given], *sources)
+        grads = list(grads)
+        for k, g in zip(given, marked):
+            grads[k] = g
+        return tuple(grads)
+    return wrapper
+
+
 def _register_recurrent_autograd(name, n_grads, n_options, n_tail, clamp=False):
     """Autograd of a recurrent op (RNN or LSTM, sequence or step) through its backward op.
 
@@ -211,6 +269,7 @@ def _register_recurrent_autograd(name, n_grads, n_options, n_tail, clamp=False):
         ctx.mark_non_differentiable(*output[n_grads:])
         ctx.set_materialize_grads(False)  # no zero-filled trace-sized gradients for unused outputs
 
+    @_once_differentiable
     def backward(backward_op, ctx, *grads):
         params, saved = ctx.saved_tensors[:ctx.n_params], ctx.saved_tensors[ctx.n_params:]
         masks = saved[len(saved) - n_clamp:]
@@ -244,6 +303,7 @@ def _matvec_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
+@_once_differentiable
 def _matvec_backward(ops, ctx, g_u):
     return ops.plastic_matvec_backward(g_u.contiguous(), *ctx.saved_tensors)
 
@@ -256,6 +316,7 @@ def _update_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
+@_once_differentiable
 def _update_backward(ops, ctx, g_hebb, g_elig):
     hebb, pre, post, eta, elig, elig_rate = ctx.saved_tensors
     g = ops.hebb_update_backward(_contiguous(g_hebb), _contiguous(g_elig) if ctx.has_elig else None,
@@ -319,6 +380,7 @@ class _ReplayedSequence(torch.autograd.Function):
         return out, m
 
     @staticmethod
+    @_once_differentiable
     def backward(ctx, g_out, g_m):
         params, saved = ctx.saved_tensors[:ctx.n_params], ctx.saved_tensors[ctx.n_params:]
         rule, clip, L = ctx.options

@@ -53,6 +53,15 @@ def _fused_module(x):
     return fused if x.device.type == "cpu" or fused.has_cuda_kernels() else None
 
 
+def _autocast_input(x):
+    """x in float32 where autocast is on for its device and x is in a lower precision (e.g. from
+    a Linear under autocast): the plastic ops run in float32 under autocast, as PyTorch's
+    recurrent layers, and so do the state and the choice of kernels."""
+    if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
+        return x.float()
+    return x
+
+
 class _PlasticBase(nn.Module):
     """Options, plastic parameters, state checks and backend choice of every plastic layer.
 
@@ -222,6 +231,7 @@ class _Sequence(_PlasticBase):
 
     def forward(self, x, state=None, return_modulation=False):
         self._check_input(x, 3, "(B, T, input_size)" if self.batch_first else "(T, B, input_size)")
+        x = _autocast_input(x)
         if self.batch_first:
             x = x.transpose(0, 1)
         state, backend = self._prepare(x, state)
@@ -255,6 +265,7 @@ class _Step(_PlasticBase):
 
     def forward(self, x, state=None, return_modulation=False):
         self._check_input(x, 2, "(B, input_size)")
+        x = _autocast_input(x)
         state, backend = self._prepare(x, state)
         m = None
         if not self.plastic:
@@ -290,6 +301,7 @@ class _RNN(_PlasticBase):
         sequence does, where a one-step forward sweeps it twice and allocates new traces.
         """
         self._check_input(x, 2, "(B, input_size)")
+        x = _autocast_input(x)
         drive = None
         if isinstance(state, RolloutState):
             drive = state.drive

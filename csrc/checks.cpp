@@ -86,19 +86,49 @@ void check_elig(const char* op, Rule rule, const OptTensor& elig, const OptTenso
 struct XSizes {
   int64_t T, B, N;
 };
-XSizes check_x(const char* op, const at::Tensor& x, int64_t width, bool sequence) {
-  check_first(op, "x", x);
+XSizes check_x(const char* op, const char* name, const at::Tensor& x, int64_t width,
+               bool sequence) {
+  check_first(op, name, x);
   const char* layout = sequence ? (width == 1 ? "(T, B, N)" : "(T, B, 4N)")
                                 : (width == 1 ? "(B, N)" : "(B, 4N)");
   const int64_t want_dim = sequence ? 3 : 2;
-  TORCH_CHECK(x.dim() == want_dim, op, ": expected x of shape ", layout, ", got ", x.sizes());
+  TORCH_CHECK(x.dim() == want_dim, op, ": expected ", name, " of shape ", layout, ", got ",
+              x.sizes());
   const int64_t cols = x.size(want_dim - 1);
   XSizes s{sequence ? x.size(0) : 1, x.size(want_dim - 2), cols / width};
-  TORCH_CHECK(s.T >= 1 && s.B >= 1 && cols >= 1, op, ": expected x with at least one time step, "
-              "sample and neuron, got shape ", x.sizes());
-  TORCH_CHECK(cols == width * s.N, op, ": expected x of shape ", layout,
+  TORCH_CHECK(s.T >= 1 && s.B >= 1 && cols >= 1, op, ": expected ", name, " with at least one "
+              "time step, sample and neuron, got shape ", x.sizes());
+  TORCH_CHECK(cols == width * s.N, op, ": expected ", name, " of shape ", layout,
               " (the four gates' inputs), got ", x.sizes());
   return s;
+}
+
+// Gradients handed to a backward op: same dtype/device as `like`, the shape of the matching
+// output, contiguous.
+void check_grad(const char* op, const char* name, const at::Tensor& grad, at::IntArrayRef shape,
+                const at::Tensor& like) {
+  check_tensor(op, name, grad, like);
+  check_shape(op, name, grad, shape, "(the shape of the matching output)");
+}
+
+void check_grad(const char* op, const char* name, const OptTensor& grad, at::IntArrayRef shape,
+                const at::Tensor& like) {
+  if (grad.has_value()) check_grad(op, name, *grad, shape, like);
+}
+
+// A gradient of the eligibility trace, which only rule "retroactive" has.
+void check_elig_grad(const char* op, const char* name, const OptTensor& grad, bool retro,
+                     at::IntArrayRef shape, const at::Tensor& like) {
+  TORCH_CHECK_VALUE(retro || !grad.has_value(), op, ": ", name,
+                    " is only used by rule 'retroactive'; pass None");
+  check_grad(op, name, grad, shape, like);
+}
+
+// A forward output that the backward op reads, with its layout for the message.
+void check_saved(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape,
+                 const std::string& layout, const at::Tensor& like) {
+  check_tensor(op, name, t, like);
+  check_shape(op, name, t, shape, layout.c_str());
 }
 
 PlasticConfig check_plastic_inputs(const char* op, const at::Tensor& x, const XSizes& sizes,
@@ -170,8 +200,8 @@ PlasticConfig check_plastic_inputs(const char* op, const at::Tensor& x, const XS
 
 PlasticConfig check_rnn_inputs(const char* op, const at::Tensor& x, const at::Tensor& h,
                                const PlasticInputs& in, const std::string& rule, double clip,
-                               bool sequence) {
-  const XSizes sizes = check_x(op, x, 1, sequence);
+                               bool sequence, const char* x_name) {
+  const XSizes sizes = check_x(op, x_name, x, 1, sequence);
   check_tensor(op, "h", h, x);
   check_shape(op, "h", h, {sizes.B, sizes.N}, "(B, N)");
   return check_plastic_inputs(op, x, sizes, in, rule, clip);
@@ -182,10 +212,11 @@ LstmConfig check_lstm_inputs(const char* op, const at::Tensor& x, int64_t x_widt
                              const at::Tensor& c, const at::Tensor& h2g_weight,
                              const at::Tensor& h2g_bias, const PlasticInputs& in,
                              const std::string& rule, double clip,
-                             const std::string& modulator_input, bool sequence) {
+                             const std::string& modulator_input, bool sequence,
+                             const char* x_name) {
   TORCH_CHECK_VALUE(modulator_input == "h" || modulator_input == "c", op,
                     ": modulator_input must be 'h' or 'c', got '", modulator_input, "'");
-  const XSizes sizes = check_x(op, x, x_width, sequence);
+  const XSizes sizes = check_x(op, x_name, x, x_width, sequence);
   const int64_t B = sizes.B, N = sizes.N;
   check_tensor(op, "h", h, x);
   check_shape(op, "h", h, {B, N}, "(B, N)");
@@ -258,6 +289,48 @@ void check_checkpoint_every(const char* op, int64_t checkpoint_every) {
                     checkpoint_every);
 }
 
+void check_recurrent_backward(const char* op, const PlasticConfig& c, const at::Tensor& like,
+                              const RecurrentBackwardArgs& a) {
+  const int64_t T = c.T, B = c.B, N = c.N, K = c.K;
+  const bool retro = c.modes.rule == Rule::Retroactive;
+  // A per-step shape and its layout: (T, dims...) for a sequence, (dims...) for a step.
+  auto per_step = [&](std::vector<int64_t> dims) {
+    if (a.sequence) dims.insert(dims.begin(), T);
+    return dims;
+  };
+  auto layout = [&](const char* dims) {
+    return std::string(a.sequence ? "(T, " : "(") + dims + ")";
+  };
+  for (const auto& [name, grad] : a.step_grads)
+    check_grad(op, name, grad, per_step({B, N}), like);
+  check_grad(op, "grad_hebb", a.grad_hebb, {B, N, N}, like);
+  check_elig_grad(op, "grad_elig", a.grad_elig, retro, {B, N, N}, like);
+  check_grad(op, "grad_m", a.grad_m, per_step({B, K}), like);
+  for (const auto& [name, t] : a.step_saved)
+    check_saved(op, name, t, per_step({B, N}), layout("B, N"), like);
+  if (a.gates != nullptr)
+    check_saved(op, "gates", *a.gates, per_step({4, B, N}), layout("4, B, N"), like);
+  check_saved(op, a.m.first, a.m.second, per_step({B, K}), layout("B, K"), like);
+  if (c.modulation != Modulation::None) {
+    check_saved(op, a.eta.first, a.eta.second, per_step({B, N}), layout("B, N") + ", the rates",
+                like);
+  } else if (a.sequence) {
+    check_saved(op, a.eta.first, a.eta.second, {0, B, N}, "(0, B, N) without modulation", like);
+  } else {
+    check_saved(op, a.eta.first, a.eta.second, {0}, "(0,) without modulation", like);
+  }
+  if (!a.sequence) return;
+  check_checkpoint_every(op, a.checkpoint_every);
+  const int64_t n_ckpt = (T - 1) / a.checkpoint_every;  // ceil(T / L) - 1, T >= 1
+  const char* every_l = "(ceil(T / checkpoint_every) - 1, B, N, N)";
+  check_saved(op, "hebb_checkpoints", *a.hebb_checkpoints, {n_ckpt, B, N, N}, every_l, like);
+  if (retro)
+    check_saved(op, "elig_checkpoints", *a.elig_checkpoints, {n_ckpt, B, N, N}, every_l, like);
+  else
+    check_saved(op, "elig_checkpoints", *a.elig_checkpoints, {0, B, N, N},
+                "(0, B, N, N) without rule 'retroactive'", like);
+}
+
 AlphaMode check_matvec_inputs(const char* op, const at::Tensor& x, const at::Tensor& w,
                               const at::Tensor& alpha, const at::Tensor& hebb) {
   check_first(op, "x", x);
@@ -271,6 +344,14 @@ AlphaMode check_matvec_inputs(const char* op, const at::Tensor& x, const at::Ten
   check_tensor(op, "hebb", hebb, x);
   check_shape(op, "hebb", hebb, {B, P, N}, "(B, P, N)");
   return check_alpha(op, alpha, P, N, x);
+}
+
+AlphaMode check_matvec_backward_inputs(const char* op, const at::Tensor& grad_u,
+                                       const at::Tensor& x, const at::Tensor& w,
+                                       const at::Tensor& alpha, const at::Tensor& hebb) {
+  const AlphaMode mode = check_matvec_inputs(op, x, w, alpha, hebb);
+  check_grad(op, "grad_u", grad_u, {x.size(0), w.size(1)}, x);
+  return mode;
 }
 
 PassModes check_hebb_update_inputs(const char* op, const at::Tensor& hebb, const at::Tensor& pre,
@@ -300,10 +381,18 @@ PassModes check_hebb_update_inputs(const char* op, const at::Tensor& hebb, const
   return modes;
 }
 
-void check_grad(const char* op, const char* name, const at::Tensor& grad, at::IntArrayRef shape,
-                const at::Tensor& like) {
-  check_tensor(op, name, grad, like);
-  check_shape(op, name, grad, shape, "(the shape of the matching output)");
+PassModes check_hebb_update_backward_inputs(const char* op, const OptTensor& grad_hebb_new,
+                                            const OptTensor& grad_elig_new,
+                                            const at::Tensor& hebb, const at::Tensor& pre,
+                                            const at::Tensor& post, const at::Tensor& eta,
+                                            const OptTensor& elig, const OptTensor& elig_rate,
+                                            const std::string& rule, double clip) {
+  const PassModes modes =
+      check_hebb_update_inputs(op, hebb, pre, post, eta, elig, elig_rate, rule, clip);
+  check_grad(op, "grad_hebb_new", grad_hebb_new, hebb.sizes(), hebb);
+  check_elig_grad(op, "grad_elig_new", grad_elig_new, modes.rule == Rule::Retroactive,
+                  hebb.sizes(), hebb);
+  return modes;
 }
 
 }  // namespace bp

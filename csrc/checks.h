@@ -40,10 +40,11 @@ struct PlasticInputs {
   const OptTensor& fanout_bias;
 };
 
-// x (T, B, N) for sequences, (B, N) for a step; h (B, N).
+// x (T, B, N) for sequences, (B, N) for a step; h (B, N). The backward ops pass their output
+// (out, h_new) as x, named x_name in the messages.
 PlasticConfig check_rnn_inputs(const char* op, const at::Tensor& x, const at::Tensor& h,
                                const PlasticInputs& in, const std::string& rule, double clip,
-                               bool sequence);
+                               bool sequence, const char* x_name = "x");
 
 struct LstmConfig {
   PlasticConfig plastic;
@@ -51,14 +52,15 @@ struct LstmConfig {
 };
 
 // x: the gates' inputs (T, B, 4N) for sequences, (B, 4N) for a step (x_width 4), or, for the
-// backward ops, the output (T, B, N) or (B, N) (x_width 1); h, c (B, N); h2g_weight (3N, N),
-// h2g_bias (3N,).
+// backward ops, the output (T, B, N) or (B, N) (x_width 1, named x_name); h, c (B, N);
+// h2g_weight (3N, N), h2g_bias (3N,).
 LstmConfig check_lstm_inputs(const char* op, const at::Tensor& x, int64_t x_width,
                              const at::Tensor& h,
                              const at::Tensor& c, const at::Tensor& h2g_weight,
                              const at::Tensor& h2g_bias, const PlasticInputs& in,
                              const std::string& rule, double clip,
-                             const std::string& modulator_input, bool sequence);
+                             const std::string& modulator_input, bool sequence,
+                             const char* x_name = "x");
 
 // The RNN's optional clamp mask: bool, on x's device, x's shape ((T, B, N) or (B, N)).
 void check_clamp(const char* op, const OptTensor& clamp, const at::Tensor& x);
@@ -68,6 +70,30 @@ void check_drive(const char* op, const OptTensor& u, const at::Tensor& x);
 
 // A tensor argument and its name, for messages.
 using NamedTensor = std::pair<const char*, at::Tensor>;
+using NamedOptTensor = std::pair<const char*, OptTensor>;
+
+// What a recurrent backward op takes besides its forward's inputs and the output checked as x
+// (check_rnn_inputs, check_lstm_inputs), named as in its schema: the gradients of the forward's
+// outputs, each optional, and the forward's outputs saved for the backward. Shapes as the
+// sequence ops have them, (T, ...) per step; the step ops' (sequence false) drop the T, and
+// they have no checkpoints.
+struct RecurrentBackwardArgs {
+  bool sequence;
+  std::vector<NamedOptTensor> step_grads;  // (T, B, N) each: grad_out (and grad_c)
+  const OptTensor& grad_hebb;              // (B, N, N)
+  const OptTensor& grad_elig;              // (B, N, N), rule "retroactive" only
+  const OptTensor& grad_m;                 // (T, B, K)
+  std::vector<NamedTensor> step_saved;     // (T, B, N) each: the LSTM's c_seq
+  const at::Tensor* gates;                 // the LSTM's (T, 4, B, N), else nullptr
+  NamedTensor m;                           // (T, B, K); K = 0 without modulation
+  NamedTensor eta;                         // the rates (T, B, N); without modulation (0, B, N),
+                                           // for a step (0,)
+  const at::Tensor* hebb_checkpoints;      // (ceil(T / L) - 1, B, N, N), sequences only
+  const at::Tensor* elig_checkpoints;      // the same for rule "retroactive", else (0, B, N, N)
+  int64_t checkpoint_every;                // L, sequences only
+};
+void check_recurrent_backward(const char* op, const PlasticConfig& c, const at::Tensor& like,
+                              const RecurrentBackwardArgs& args);
 
 // The rollout step's optional outputs for the new traces, hebb_out and elig_out: both or neither
 // (elig_out only with elig), each like the trace it replaces, and either that trace itself (in
@@ -82,14 +108,24 @@ void check_checkpoint_every(const char* op, int64_t checkpoint_every);
 AlphaMode check_matvec_inputs(const char* op, const at::Tensor& x, const at::Tensor& w,
                               const at::Tensor& alpha, const at::Tensor& hebb);
 
+// matvec's backward: the forward's inputs and grad_u (B, N).
+AlphaMode check_matvec_backward_inputs(const char* op, const at::Tensor& grad_u,
+                                       const at::Tensor& x, const at::Tensor& w,
+                                       const at::Tensor& alpha, const at::Tensor& hebb);
+
 // eta: (B, 1, N) -> EtaMode::PerPost, or (1, P, N) -> EtaMode::PerConnection.
 PassModes check_hebb_update_inputs(const char* op, const at::Tensor& hebb, const at::Tensor& pre,
                                    const at::Tensor& post, const at::Tensor& eta,
                                    const OptTensor& elig, const OptTensor& elig_rate,
                                    const std::string& rule, double clip);
 
-// Gradients handed to a backward op: defined, same dtype/device, expected shape, contiguous.
-void check_grad(const char* op, const char* name, const at::Tensor& grad, at::IntArrayRef shape,
-                const at::Tensor& like);
+// hebb_update's backward: the forward's inputs and the gradients of its outputs, each optional
+// (grad_elig_new for rule "retroactive" only).
+PassModes check_hebb_update_backward_inputs(const char* op, const OptTensor& grad_hebb_new,
+                                            const OptTensor& grad_elig_new,
+                                            const at::Tensor& hebb, const at::Tensor& pre,
+                                            const at::Tensor& post, const at::Tensor& eta,
+                                            const OptTensor& elig, const OptTensor& elig_rate,
+                                            const std::string& rule, double clip);
 
 }  // namespace bp

@@ -129,22 +129,6 @@ Tensors<15> sequence_backward(const Backend& be, const LstmConfig& lc, const Pla
           r.g_alpha, r.g_eta, r.g_rate, r.g_h2mod_w, r.g_h2mod_b, r.g_fan_w, r.g_fan_b};
 }
 
-// The backward op's checks of the saved tensors and incoming gradients.
-inline void check_lstm_saved(const char* op, const PlasticConfig& c, const OptTensor& grad_out,
-                      const OptTensor& grad_c, const OptTensor& grad_hebb,
-                      const OptTensor& grad_elig, const OptTensor& grad_m, const Tensor& out,
-                      const Tensor& c_seq, const Tensor& gates) {
-  const int64_t T_ = c.T, B = c.B, N = c.N;
-  if (grad_out.has_value()) check_grad(op, "grad_out", *grad_out, {T_, B, N}, out);
-  if (grad_c.has_value()) check_grad(op, "grad_c", *grad_c, {T_, B, N}, out);
-  if (grad_hebb.has_value()) check_grad(op, "grad_hebb", *grad_hebb, {B, N, N}, out);
-  if (grad_elig.has_value() && c.modes.rule == Rule::Retroactive)
-    check_grad(op, "grad_elig", *grad_elig, {B, N, N}, out);
-  if (grad_m.has_value()) check_grad(op, "grad_m", *grad_m, {T_, B, c.K}, out);
-  check_grad(op, "c_seq", c_seq, {T_, B, N}, out);
-  check_grad(op, "gates", gates, {T_, 4, B, N}, out);
-}
-
 }  // namespace lstm_detail
 
 template <class Backend>
@@ -185,12 +169,13 @@ Tensors<15> plastic_lstm_sequence_backward(
   const PlasticInputs in{hebb0, elig0, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
                          fanout_weight, fanout_bias};
   const LstmConfig lc = check_lstm_inputs(op, out, 1, h0, c0, h2g_weight, h2g_bias, in, rule,
-                                          clip, modulator_input, true);
-  check_checkpoint_every(op, checkpoint_every);
+                                          clip, modulator_input, true, "out");
   const PlasticConfig& c = lc.plastic;
-  lstm_detail::check_lstm_saved(op, c, grad_out, grad_c, grad_hebb, grad_elig, grad_m, out, c_seq, gates);
-  const int64_t n_ckpt = num_segments(c.T, checkpoint_every) - 1;
-  check_grad(op, "hebb_checkpoints", hebb_checkpoints, {n_ckpt, c.B, c.N, c.N}, out);
+  check_recurrent_backward(op, c, out,
+                           {true, {{"grad_out", grad_out}, {"grad_c", grad_c}}, grad_hebb,
+                            grad_elig, grad_m, {{"c_seq", c_seq}}, &gates, {"m", m},
+                            {"eta_seq", eta_seq}, &hebb_checkpoints, &elig_checkpoints,
+                            checkpoint_every});
   const TraceSaved saved{m, eta_seq, hebb_checkpoints, elig_checkpoints,
                          grad_hebb, grad_elig, grad_m};
   return dispatch_float(out, op, [&]<typename T>() {
@@ -241,13 +226,16 @@ Tensors<15> plastic_lstm_step_backward(
   const PlasticInputs in{hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
                          fanout_weight, fanout_bias};
   const LstmConfig lc = check_lstm_inputs(op, h_new, 1, h, c, h2g_weight, h2g_bias, in, rule,
-                                          clip, modulator_input, false);
+                                          clip, modulator_input, false, "h_new");
   const PlasticConfig& pc = lc.plastic;
+  check_recurrent_backward(op, pc, h_new,
+                           {false, {{"grad_h_new", grad_h_new}, {"grad_c_new", grad_c_new}},
+                            grad_hebb, grad_elig, grad_m, {{"c_new", c_new}}, &gates, {"m", m},
+                            {"eta_t", eta_t}, nullptr, nullptr, 0});
   const Tensor out = h_new.unsqueeze(0), c_seq = c_new.unsqueeze(0), m_seq = m.unsqueeze(0);
   const Tensor gates_seq = gates.unsqueeze(0);
   const OptTensor g_out = unsqueeze0(grad_h_new),
                   g_c = unsqueeze0(grad_c_new), g_m = unsqueeze0(grad_m);
-  lstm_detail::check_lstm_saved(op, pc, g_out, g_c, grad_hebb, grad_elig, g_m, out, c_seq, gates_seq);
   const Tensor no_ckpt = at::empty({0, pc.B, pc.N, pc.N}, h_new.options());
   const Tensor eta_seq = eta_t.numel() > 0 ? eta_t.unsqueeze(0) : eta_t;
   const TraceSaved saved{m_seq, eta_seq, no_ckpt, no_ckpt, grad_hebb, grad_elig, g_m};

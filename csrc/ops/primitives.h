@@ -42,9 +42,8 @@ Tensors<4> plastic_matvec_backward(const Tensor& grad_u, const Tensor& x,
                                                 const Tensor& hebb) {
   const char* op = "plastic_matvec_backward";
   const c10::DeviceGuard guard(x.device());
-  const AlphaMode am = check_matvec_inputs(op, x, w, alpha, hebb);
+  const AlphaMode am = check_matvec_backward_inputs(op, grad_u, x, w, alpha, hebb);
   const int64_t B = x.size(0), P = x.size(1), N = w.size(1);
-  check_grad(op, "grad_u", grad_u, {B, N}, x);
   const Backend be(x.options());
   const auto tl = be.tiling(B, P, N);
   Tensor g_hebb = at::zeros_like(hebb);
@@ -110,14 +109,11 @@ Tensors<6> hebb_update_backward(const OptTensor& grad_hebb_new,
                                              double clip) {
   const char* op = "hebb_update_backward";
   const c10::DeviceGuard guard(hebb.device());
-  const PassModes modes =
-      check_hebb_update_inputs(op, hebb, pre, post, eta, elig, elig_rate, rule, clip);
+  const PassModes modes = check_hebb_update_backward_inputs(
+      op, grad_hebb_new, grad_elig_new, hebb, pre, post, eta, elig, elig_rate, rule, clip);
   const bool retro = modes.rule == Rule::Retroactive;
   const bool eta_conn = modes.eta == EtaMode::PerConnection;
   const int64_t B = hebb.size(0), P = hebb.size(1), N = hebb.size(2);
-  if (grad_hebb_new.has_value()) check_grad(op, "grad_hebb_new", *grad_hebb_new, hebb.sizes(), hebb);
-  if (retro && grad_elig_new.has_value())
-    check_grad(op, "grad_elig_new", *grad_elig_new, hebb.sizes(), hebb);
   const Backend be(hebb.options());
   const auto tl = be.tiling(B, P, N);
   const auto opts = hebb.options();

@@ -1,6 +1,6 @@
 // The op schemas and the registration of their implementations for a Backend, shared by the
 // CPU ops (ops.cpp), the CUDA ops (cuda/ops_cuda.cu) and the emulated CUDA ops
-// (cuda/emulated_ops.cpp, namespace backpropamine_emulated).
+// (cpu/emulated_cuda_ops.cpp, namespace backpropamine_emulated).
 #pragma once
 
 #include <torch/library.h>
@@ -69,6 +69,14 @@ inline void define_ops(torch::Library& m) {
       "Tensor pre, Tensor post, Tensor eta, Tensor? elig, Tensor? elig_rate, str rule, "
       "float clip) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
+
+// The names of the ops of define_ops, for the kernels that serve them all alike
+// (csrc/op_wrappers.cpp).
+inline constexpr const char* kOpNames[] = {
+    "plastic_rnn_sequence", "plastic_rnn_sequence_backward", "plastic_rnn_step",
+    "plastic_rnn_step_backward", "plastic_rnn_rollout_step", "plastic_lstm_sequence",
+    "plastic_lstm_sequence_backward", "plastic_lstm_step", "plastic_lstm_step_backward",
+    "plastic_matvec", "plastic_matvec_backward", "hebb_update", "hebb_update_backward"};
 
 template <class Backend>
 void impl_ops(torch::Library& m) {

@@ -142,17 +142,12 @@ Tensors<12> plastic_rnn_sequence_backward(
   const c10::DeviceGuard guard(h0.device());
   const PlasticInputs in{hebb0, elig0, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
                          fanout_weight, fanout_bias};
-  const PlasticConfig c = check_rnn_inputs(op, out, h0, in, rule, clip, true);
-  check_checkpoint_every(op, checkpoint_every);
+  const PlasticConfig c = check_rnn_inputs(op, out, h0, in, rule, clip, true, "out");
   check_clamp(op, clamp, out);
-  const int64_t T_ = c.T, B = c.B, N = c.N;
-  if (grad_out.has_value()) check_grad(op, "grad_out", *grad_out, {T_, B, N}, out);
-  if (grad_hebb.has_value()) check_grad(op, "grad_hebb", *grad_hebb, {B, N, N}, out);
-  if (grad_elig.has_value() && c.modes.rule == Rule::Retroactive)
-    check_grad(op, "grad_elig", *grad_elig, {B, N, N}, out);
-  if (grad_m.has_value()) check_grad(op, "grad_m", *grad_m, {T_, B, c.K}, out);
-  const int64_t n_ckpt = num_segments(T_, checkpoint_every) - 1;
-  check_grad(op, "hebb_checkpoints", hebb_checkpoints, {n_ckpt, B, N, N}, out);
+  check_recurrent_backward(op, c, out,
+                           {true, {{"grad_out", grad_out}}, grad_hebb, grad_elig, grad_m, {},
+                            nullptr, {"m", m}, {"eta_seq", eta_seq}, &hebb_checkpoints,
+                            &elig_checkpoints, checkpoint_every});
   const TraceSaved saved{m, eta_seq, hebb_checkpoints, elig_checkpoints,
                          grad_hebb, grad_elig, grad_m};
   return dispatch_float(out, op, [&]<typename T>() {
@@ -195,14 +190,12 @@ Tensors<12> plastic_rnn_step_backward(
   const c10::DeviceGuard guard(h.device());
   const PlasticInputs in{hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
                          fanout_weight, fanout_bias};
-  const PlasticConfig c = check_rnn_inputs(op, h_new, h, in, rule, clip, false);
+  const PlasticConfig c = check_rnn_inputs(op, h_new, h, in, rule, clip, false, "h_new");
   check_clamp(op, clamp, h_new);
+  check_recurrent_backward(op, c, h_new,
+                           {false, {{"grad_h_new", grad_h_new}}, grad_hebb, grad_elig, grad_m, {},
+                            nullptr, {"m", m}, {"eta_t", eta_t}, nullptr, nullptr, 0});
   const int64_t B = c.B, N = c.N;
-  if (grad_h_new.has_value()) check_grad(op, "grad_h_new", *grad_h_new, {B, N}, h_new);
-  if (grad_hebb.has_value()) check_grad(op, "grad_hebb", *grad_hebb, {B, N, N}, h_new);
-  if (grad_elig.has_value() && c.modes.rule == Rule::Retroactive)
-    check_grad(op, "grad_elig", *grad_elig, {B, N, N}, h_new);
-  if (grad_m.has_value()) check_grad(op, "grad_m", *grad_m, {B, c.K}, h_new);
   const Tensor no_ckpt = at::empty({0, B, N, N}, h_new.options());
   const Tensor eta_seq = eta_t.numel() > 0 ? eta_t.unsqueeze(0) : eta_t;
   const Tensor m_seq = m.unsqueeze(0);
