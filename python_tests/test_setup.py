@@ -33,10 +33,11 @@ def checkout(tmp_path):
 
 def make_dry_run(checkout_dir, *targets, **env):
     """The commands `make -n targets` would run in checkout_dir, with VIRTUAL_ENV unset unless
-    given in env."""
-    base = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "VENV", "MAKEFLAGS")}
-    result = subprocess.run(["make", "-n", *targets], cwd=checkout_dir, capture_output=True,
-                            text=True, timeout=60, env={**base, **env})
+    given in env, and nothing of a `make` this may run under (as in `make test`)."""
+    inherited = ("VIRTUAL_ENV", "VENV", "MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")
+    base = {k: v for k, v in os.environ.items() if k not in inherited}
+    result = subprocess.run(["make", "-n", "--no-print-directory", *targets], cwd=checkout_dir,
+                            capture_output=True, text=True, timeout=60, env={**base, **env})
     assert result.returncode == 0, result.stderr
     return result.stdout
 
