@@ -35,7 +35,7 @@ LSTM_INPUTS = ("x", "h", "c", "hebb", "elig", "h2g_weight", "h2g_bias", *RNN_INP
 # float64 results are compared element by element with the float64 reference (TOL). Results in
 # float32 are judged norm-wise (see assert_tensor_close): err(t) = ||t - e|| / ||e|| against the
 # float64 reference e on the same, exactly upcast, inputs must stay within LOWP_FACTOR times the
-# error of the float32 reference, measured the same way, or the floor LOWP_FLOOR_ULPS * u
+# error of the float32 reference, measured the same way, or the floor LOWP_FLOOR_ROUNDOFFS * u
 # (u = 2^-24, float32's unit roundoff) where the reference happens to round almost exactly (a
 # single-number gradient). A kernel sums in another order than ATen (blocked reductions, FMA,
 # MKL's choices per CPU), so its error differs from the reference's by a small factor, not by
@@ -45,7 +45,7 @@ LSTM_INPUTS = ("x", "h", "c", "hebb", "elig", "h2g_weight", "h2g_bias", *RNN_INP
 # (eager and compiled).
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-4)}
 LOWP_FACTOR = 10
-LOWP_FLOOR_ULPS = 64
+LOWP_FLOOR_ROUNDOFFS = 64
 
 # One representative (alpha, modulation) per rule, so that a sweep over the rules (sizes,
 # checkpointing, float32) still visits every alpha and modulation.
@@ -182,7 +182,7 @@ def assert_tensor_close(actual, expected, name, dtype, baseline=None):
 
     float64: element-wise, TOL. Lower precision: norm-wise against `baseline`, the reference
     computed in `dtype` on the same inputs (required): relative_error(actual, expected) <=
-    LOWP_FACTOR * max(relative_error(baseline, expected), LOWP_FLOOR_ULPS * eps / 2).
+    LOWP_FACTOR * max(relative_error(baseline, expected), LOWP_FLOOR_ROUNDOFFS * eps / 2).
     """
     assert actual.dtype == dtype, f"{name}: dtype {actual.dtype}, expected {dtype}"
     assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
@@ -193,12 +193,12 @@ def assert_tensor_close(actual, expected, name, dtype, baseline=None):
     assert expected.dtype == torch.float64, f"{name}: expected must be the float64 reference"
     err = relative_error(actual, expected)
     reference_err = relative_error(baseline, expected)
-    floor = LOWP_FLOOR_ULPS * torch.finfo(dtype).eps / 2
+    floor = LOWP_FLOOR_ROUNDOFFS * torch.finfo(dtype).eps / 2
     bound = LOWP_FACTOR * max(reference_err, floor)
     assert err <= bound, (
         f"{name}: norm-wise relative error {err:.3g} against the float64 reference exceeds "
         f"{bound:.3g} = {LOWP_FACTOR} x max(the {dtype} reference's own error {reference_err:.3g}, "
-        f"{LOWP_FLOOR_ULPS} ulps {floor:.3g})")
+        f"{LOWP_FLOOR_ROUNDOFFS} unit roundoffs {floor:.3g})")
 
 
 def assert_results_close(expected, actual, dtype, names=None, baseline=None):
