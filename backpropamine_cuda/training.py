@@ -59,19 +59,26 @@ def reading(path):
         raise DataError(f"cannot read {path}: {type(error).__name__}: {error}") from error
 
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: an interrupted save leaves the old file. A
-    failed write (a full disk) removes the temporary file and exits naming `path`."""
+def write_atomically(path, write, mode="wb", **open_args):
+    """Calls write(f) on a temporary file opened with `mode`, then renames it to `path`: an
+    interrupted write leaves the old file. A failed write (a full disk) removes the temporary
+    file and exits naming `path`."""
     tmp = f"{path}.tmp"
     try:
-        with open(tmp, "wb") as f:  # a file object: a failed write raises OSError, not torch's
-            torch.save(obj, f)      # RuntimeError about the zip writer
+        with open(tmp, mode, **open_args) as f:
+            write(f)
         os.replace(tmp, path)
     except OSError as error:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise SystemExit(f"cannot write {path}: {error.strerror or error} (the file there, if "
                          "any, is unchanged)") from error
+
+
+def atomic_save(obj, path):
+    """torch.save through write_atomically. To a file object: a failed write raises OSError,
+    not torch's RuntimeError about its zip writer."""
+    write_atomically(path, lambda f: torch.save(obj, f))
 
 
 def rng_states():
@@ -102,14 +109,13 @@ def read_csv_rows(path):
 
 
 def write_csv(path, fields, rows):
-    """Writes the CSV file at `path` (header and rows) through a temporary file, so that a kill
+    """Writes the CSV file at `path` (header and rows) through write_atomically, so that a kill
     while writing leaves the old file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    def write(f):
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
+    write_atomically(path, write, "w", newline="")
 
 
 def start_csv(path, fields, keep=lambda row: False):
