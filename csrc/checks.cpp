@@ -321,7 +321,7 @@ void check_recurrent_backward(const char* op, const PlasticConfig& c, const at::
   }
   if (!a.sequence) return;
   check_checkpoint_every(op, a.checkpoint_every);
-  const int64_t n_ckpt = (T - 1) / a.checkpoint_every;  // ceil(T / L) - 1, T >= 1
+  const int64_t n_ckpt = num_checkpoints(T, a.checkpoint_every);
   const char* every_l = "(ceil(T / checkpoint_every) - 1, B, N, N)";
   check_saved(op, "hebb_checkpoints", *a.hebb_checkpoints, {n_ckpt, B, N, N}, every_l, like);
   if (retro)

@@ -104,6 +104,11 @@ void check_trace_outputs(const char* op, const OptTensor& hebb_out, const OptTen
 
 void check_checkpoint_every(const char* op, int64_t checkpoint_every);
 
+// Traces a sequence op of T >= 1 steps stores, one after every L steps but the last: the
+// forward's output and the backward's input. ceil(T / L) - 1, without the overflow of T + L - 1
+// for an L near the int64 limit.
+inline int64_t num_checkpoints(int64_t T, int64_t L) { return (T - 1) / L; }
+
 // Plastic feed-forward primitives (DESIGN 2.4).
 AlphaMode check_matvec_inputs(const char* op, const at::Tensor& x, const at::Tensor& w,
                               const at::Tensor& alpha, const at::Tensor& hebb);

@@ -70,10 +70,11 @@ def test_modulator_input_matters(fused):
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpointing (T = 5; 2**40: an interval far beyond T, which must not size the backward's
-# buffers) and odd sizes, including one neuron, one sample and one step.
+# Checkpointing (T = 5; 2**40 and 2**63 - 1: intervals far beyond T, which must neither size
+# the backward's buffers nor overflow the count of checkpoints) and odd sizes, including one
+# neuron, one sample and one step.
 
-@pytest.mark.parametrize("checkpoint_every", [1, 2, 4, 5, 8, 2**40, None])
+@pytest.mark.parametrize("checkpoint_every", [1, 2, 4, 5, 8, 2**40, 2**63 - 1, None])
 @pytest.mark.parametrize("rule", RULES)
 def test_sequence_checkpoint_every(fused, rule, checkpoint_every):
     alpha, modulation = RULE_CONFIG[rule]

@@ -65,9 +65,10 @@ def test_step_every_option(fused, alpha, modulation, rule):
 
 # ---------------------------------------------------------------------------------------------
 # Checkpointing of the sequence op (T = 5): every step stored, segments, one segment (also for
-# an interval far beyond T: the backward must not size its buffers by it), default.
+# intervals far beyond T, up to the int64 limit: the backward must not size its buffers by
+# them, nor the count of checkpoints overflow), default.
 
-@pytest.mark.parametrize("checkpoint_every", [1, 2, 4, 5, 8, 2**40, None])
+@pytest.mark.parametrize("checkpoint_every", [1, 2, 4, 5, 8, 2**40, 2**63 - 1, None])
 @pytest.mark.parametrize("rule", RULES)
 def test_sequence_checkpoint_every(fused, rule, checkpoint_every):
     alpha, modulation = RULE_CONFIG[rule]

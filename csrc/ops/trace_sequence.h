@@ -45,8 +45,6 @@ inline OptTensor unsqueeze0(const OptTensor& t) {
   return t.has_value() ? OptTensor(t->unsqueeze(0)) : std::nullopt;
 }
 
-inline int64_t num_segments(int64_t T, int64_t L) { return (T + L - 1) / L; }
-
 // dst = the sum of src's rows of dst.numel() values each, in row order (src contiguous).
 template <class Backend>
 void sum_all_rows(const Backend& be, const at::Tensor& src, const at::Tensor& dst) {
@@ -117,7 +115,7 @@ TraceForward trace_forward(const Backend& be, const PlasticConfig& c, const Plas
   r.eta_seq = at::empty({modulated ? T_ : 0, B, N}, opts);
   r.hebb_T = at::empty({B, N, N}, opts);
   r.elig_T = at::empty({retro ? B : 0, N, N}, opts);
-  const int64_t n_ckpt = num_segments(T_, L) - 1;
+  const int64_t n_ckpt = num_checkpoints(T_, L);
   r.ckpt_h = at::empty({n_ckpt, B, N, N}, opts);
   r.ckpt_e = at::empty({retro ? n_ckpt : 0, B, N, N}, opts);
   Tensor work_h = at::empty({T_ > 1 ? B : 0, N, N}, opts);
