@@ -14,8 +14,6 @@
 
 namespace bp {
 
-enum class Modulation { None, Simple, Fanout };
-
 // Everything the tensors and option strings of a plastic recurrent call select.
 struct PlasticConfig {
   PassModes modes;

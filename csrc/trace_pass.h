@@ -31,6 +31,10 @@ struct Tiling {
 // Depends only on the shapes, never on the thread count (determinism).
 Tiling make_tiling(int64_t batch, int64_t post);
 
+// Where a recurrent op's plasticity rate comes from: the parameter eta itself, or a modulator
+// m_t = tanh(h2mod(h_t)) applied to every neuron ("simple") or through fanout(m_t).
+enum class Modulation { None, Simple, Fanout };
+
 struct PassModes {
   Rule rule;
   AlphaMode alpha;

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 
+#include "../sequence_pass.h"
 #include "../trace_pass.h"
 
 namespace bp {
@@ -32,6 +33,23 @@ struct CpuBackend {
   template <typename T>
   void backward(const BackwardPassParams<T>& p, const PassModes& m, const Tiling& tl) const {
     backward_pass_cpu(p, m, tl);
+  }
+  // The whole-sequence path (sequence_pass.h), where use_whole_sequence chooses it.
+  static constexpr bool kWholeSequence = true;
+  bool whole_sequence(int64_t B, int64_t N, bool retro, int64_t itemsize) const {
+    return use_whole_sequence(B, N, retro, itemsize);
+  }
+  Tiling sequence_groups(int64_t B, int64_t N, bool retro, int64_t itemsize,
+                         bool backward) const {
+    return bp::sequence_groups(B, N, retro, itemsize, backward);
+  }
+  template <typename T>
+  void sequence_forward(const SequenceForwardParams<T>& p, const Tiling& groups) const {
+    sequence_forward_cpu(p, groups);
+  }
+  template <typename T>
+  void sequence_backward(const SequenceBackwardParams<T>& p, const Tiling& groups) const {
+    sequence_backward_cpu(p, groups);
   }
   // dst[k] = sum over r of src[r * cols + k], in row order: the fixed-order reduction of the
   // passes' partial buffers.

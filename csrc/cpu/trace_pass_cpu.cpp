@@ -1,13 +1,17 @@
-// CPU trace passes: the tiling, the choice of instruction set, and the parallel loop over tasks
-// (the task loops themselves are in trace_tasks.h).
+// CPU trace passes and whole sequences: the tiling and grouping, the choice of instruction set
+// and of path, and the parallel loops over tasks (the task loops themselves are in trace_tasks.h
+// and sequence_tasks.h).
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <string>
 #include <vector>
 
+#include "../sequence_pass.h"
 #include "../trace_pass.h"
 
 namespace bp {
@@ -29,6 +33,11 @@ constexpr int64_t kMinElemsPerThread = 1 << 15;
   template <typename T>                                                                        \
   void backward_tasks(const BackwardPassParams<T>&, const PassModes&, const Tiling&, int64_t,  \
                       int64_t, T*);                                                            \
+  template <typename T>                                                                        \
+  void sequence_forward_group_any(const SequenceForwardParams<T>&, const Tiling&, int64_t, T*); \
+  template <typename T>                                                                        \
+  void sequence_backward_group_any(const SequenceBackwardParams<T>&, const Tiling&, int64_t,   \
+                                   T*);                                                        \
   }
 BP_DECLARE_TASKS(isa_default)
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -75,12 +84,48 @@ void run_pass(const Params& p, const PassModes& modes, const Tiling& tl, int64_t
   });
 }
 
+// Runs the groups of a whole sequence, handed out one at a time: a thread the OS deschedules
+// holds up only the group it is running, not every step of the others.
+template <typename T, typename Params, typename Group>
+void run_groups(const Params& p, const Tiling& tl, int64_t scratch_size, Group group_fn) {
+  const auto fn = group_fn[static_cast<int>(cpu_isa())];
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(tl.num_chunks, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    std::vector<T> scratch(scratch_size);
+    for (int64_t g = next++; g < tl.num_chunks; g = next++) fn(p, tl, g, scratch.data());
+  });
+}
+
+// The CPU's level-2 cache per core, bytes (512 KiB where the OS does not say).
+int64_t l2_cache_bytes() {
+  static const int64_t bytes = [] {
+    const long reported = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return reported > 0 ? static_cast<int64_t>(reported) : int64_t{512} << 10;
+  }();
+  return bytes;
+}
+
+// Traces (B x N x N each) a sample of the whole-sequence path keeps hot per step: the forward
+// updates one trace (and the eligibility trace) in place; the backward reads H_{t-1} and H_{t-2}
+// and updates dL/dH (each doubled by the eligibility trace).
+int64_t hot_traces_per_sample(bool retro, bool backward) {
+  return (backward ? 3 : 1) * (retro ? 2 : 1);
+}
+
 template <typename T>
 using ForwardTasks = void (*)(const ForwardPassParams<T>&, const PassModes&, const Tiling&,
                               int64_t, int64_t, T*);
 template <typename T>
 using BackwardTasks = void (*)(const BackwardPassParams<T>&, const PassModes&, const Tiling&,
                                int64_t, int64_t, T*);
+
+template <typename T>
+using SequenceForwardGroups = void (*)(const SequenceForwardParams<T>&, const Tiling&, int64_t,
+                                       T*);
+template <typename T>
+using SequenceBackwardGroups = void (*)(const SequenceBackwardParams<T>&, const Tiling&, int64_t,
+                                        T*);
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define BP_TASK_TABLE(kind, T) \
@@ -103,6 +148,32 @@ Tiling make_tiling(int64_t batch, int64_t post) {
   t.tile_cols = std::min(post, std::max(kMinTileCols, (cols + 15) / 16 * 16));
   t.num_tiles = (post + t.tile_cols - 1) / t.tile_cols;
   return t;
+}
+
+Tiling sequence_groups(int64_t B, int64_t N, bool retro, int64_t itemsize, bool backward) {
+  // As many samples per group as fit in half of L2 beside w and alpha, so that w and alpha rows
+  // are read once per group and step; at least kTargetTasks groups where B allows, for balance.
+  const int64_t trace = N * N * itemsize;
+  const int64_t room = l2_cache_bytes() / 2 - 2 * trace;
+  const int64_t fit = std::max<int64_t>(1, room / (hot_traces_per_sample(retro, backward) * trace));
+  Tiling t;
+  t.chunk_size = std::min(fit, std::max<int64_t>(1, (B + kTargetTasks - 1) / kTargetTasks));
+  t.num_chunks = (B + t.chunk_size - 1) / t.chunk_size;
+  t.tile_cols = N;
+  t.num_tiles = 1;
+  return t;
+}
+
+bool use_whole_sequence(int64_t B, int64_t N, bool retro, int64_t itemsize) {
+  const char* path = std::getenv("BACKPROPAMINE_SEQUENCE_PATH");
+  const std::string want = path == nullptr ? "" : path;
+  if (want == "whole") return true;
+  if (want == "steps") return false;
+  TORCH_CHECK_VALUE(want.empty() || want == "auto", "BACKPROPAMINE_SEQUENCE_PATH must be one of "
+                    "auto, whole, steps, got '", want, "'");
+  // A sample's hot traces must fit in L2, and there must be samples to run in parallel.
+  const int64_t hot = hot_traces_per_sample(retro, true) * N * N * itemsize;
+  return B >= 2 && hot <= l2_cache_bytes() / 2;
 }
 
 int64_t alpha_acc_size(AlphaMode mode, const Tiling& tl, int64_t P, int64_t N) {
@@ -138,6 +209,18 @@ void backward_pass_cpu(const BackwardPassParams<T>& p, const PassModes& modes, c
   run_pass<T>(p, modes, tl, 2, tasks);
 }
 
+template <typename T>
+void sequence_forward_cpu(const SequenceForwardParams<T>& p, const Tiling& tl) {
+  static const SequenceForwardGroups<T> groups[] = BP_TASK_TABLE(sequence_forward_group_any, T);
+  run_groups<T>(p, tl, tl.chunk_size * p.in.N, groups);
+}
+
+template <typename T>
+void sequence_backward_cpu(const SequenceBackwardParams<T>& p, const Tiling& tl) {
+  static const SequenceBackwardGroups<T> groups[] = BP_TASK_TABLE(sequence_backward_group_any, T);
+  run_groups<T>(p, tl, (2 * tl.chunk_size + 1) * p.in.N, groups);
+}
+
 template void forward_pass_cpu<float>(const ForwardPassParams<float>&, const PassModes&,
                                       const Tiling&);
 template void forward_pass_cpu<double>(const ForwardPassParams<double>&, const PassModes&,
@@ -146,5 +229,11 @@ template void backward_pass_cpu<float>(const BackwardPassParams<float>&, const P
                                        const Tiling&);
 template void backward_pass_cpu<double>(const BackwardPassParams<double>&, const PassModes&,
                                         const Tiling&);
+
+template void sequence_forward_cpu<float>(const SequenceForwardParams<float>&, const Tiling&);
+template void sequence_forward_cpu<double>(const SequenceForwardParams<double>&, const Tiling&);
+template void sequence_backward_cpu<float>(const SequenceBackwardParams<float>&, const Tiling&);
+template void sequence_backward_cpu<double>(const SequenceBackwardParams<double>&,
+                                            const Tiling&);
 
 }  // namespace bp

@@ -4,4 +4,5 @@
 #define BP_CPU_ISA isa_avx2
 #define BP_VECTOR_BYTES 32
 #include "trace_tasks.h"
+#include "sequence_tasks.h"
 #endif

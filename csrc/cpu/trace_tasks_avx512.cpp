@@ -4,4 +4,5 @@
 #define BP_CPU_ISA isa_avx512
 #define BP_VECTOR_BYTES 64
 #include "trace_tasks.h"
+#include "sequence_tasks.h"
 #endif

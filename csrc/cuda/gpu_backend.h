@@ -27,6 +27,8 @@ struct GpuBackend {
       default: return tl.blocks();
     }
   }
+  // No whole-sequence kernel yet: the sequence ops run step by step.
+  static constexpr bool kWholeSequence = false;
   int64_t eta_acc_rows(const Tiling& tl) const { return tl.num_chunks; }
   int64_t rate_acc_size(const Tiling& tl) const { return tl.blocks(); }
 

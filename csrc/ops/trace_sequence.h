@@ -21,6 +21,7 @@
 
 #include "../checks.h"
 #include "../ops.h"
+#include "../sequence_pass.h"
 #include "../trace_pass.h"
 
 namespace bp {
@@ -140,18 +141,11 @@ TraceForward trace_forward(const Backend& be, const PlasticConfig& c, const Plas
       Tensor m_t = r.m.select(0, t - 1), eta_t = r.eta_seq.select(0, t - 1);
       modulate(c, a, seq.mod_in.select(0, t - 1), m_t, eta_t);
     }
-    T* hebb_out;
-    T* elig_out = nullptr;
-    if (t == T_) {
-      hebb_out = r.hebb_T.data_ptr<T>();
-      if (retro) elig_out = r.elig_T.data_ptr<T>();
-    } else if (t % L == 0) {  // start of segment t / L: keep the trace as its checkpoint
-      hebb_out = r.ckpt_h.data_ptr<T>() + (t / L - 1) * BNN;
-      if (retro) elig_out = r.ckpt_e.data_ptr<T>() + (t / L - 1) * BNN;
-    } else {
-      hebb_out = work_h.data_ptr<T>();
-      if (retro) elig_out = work_e.data_ptr<T>();
-    }
+    T* hebb_out = trace_destination(t, T_, L, r.hebb_T.data_ptr<T>(), r.ckpt_h.data_ptr<T>(),
+                                    work_h.data_ptr<T>(), BNN);
+    T* elig_out = retro ? trace_destination(t, T_, L, r.elig_T.data_ptr<T>(),
+                                            r.ckpt_e.data_ptr<T>(), work_e.data_ptr<T>(), BNN)
+                        : nullptr;
     T* h_t = step_ptr<T>(seq.out, t);
     fp.update = true;
     fp.matvec = t < T_;
@@ -181,6 +175,57 @@ struct TraceBackward {
   at::Tensor g_h0, g_hebb, g_elig, g_w, g_alpha, g_eta, g_rate, g_h2mod_w, g_h2mod_b, g_fan_w,
       g_fan_b;
 };
+
+// What the backward sums into the plastic parameters' gradients: per-step gradients (T, B, .)
+// and per-task (or per-group) accumulators, as the backward's passes leave them.
+struct ParameterGradSources {
+  const at::Tensor& m;          // (T, B, K) the forward's modulator outputs
+  const at::Tensor& g_u;        // (T, B, N) dL/du_t
+  const at::Tensor& g_z;        // (T, B, K) dL/d(pre-activation of m_t), modulated only
+  const at::Tensor& g_eta_seq;  // (T, B, N) dL/deta_t, modulation "fanout" only
+  const at::Tensor& g_eta_sum;  // (B, N) dL/deta summed over steps, scalar eta only
+  const at::Tensor& g_alpha_acc;
+  const at::Tensor& g_eta_conn;  // (rows, N, N), eta (N, N) only
+  const at::Tensor& g_rate_acc;
+};
+
+// Gradients of the plastic parameters: sums over steps and samples, as GEMMs or fixed-order sums
+// (empty tensors for absent parameters).
+template <class Backend>
+void parameter_grads(const Backend& be, const PlasticConfig& c, const PlasticInputs& a,
+                     const CellSequences& seq, const ParameterGradSources& g, TraceBackward& r) {
+  const int64_t T_ = c.T, B = c.B, N = c.N, K = c.K;
+  const bool modulated = c.modulation != Modulation::None;
+  const auto opts = seq.out.options();
+  r.g_w = at::mm(previous_h(seq.h0, seq.out).t(), g.g_u.reshape({T_ * B, N}));
+  r.g_alpha = at::empty(a.alpha.sizes(), opts);
+  sum_all_rows(be, g.g_alpha_acc, r.g_alpha);
+  r.g_eta = at::empty({0}, opts);
+  if (!modulated) {
+    r.g_eta = at::empty(a.eta->sizes(), opts);
+    if (c.modes.eta == EtaMode::PerConnection) sum_all_rows(be, g.g_eta_conn, r.g_eta);
+    else sum_all_rows(be, g.g_eta_sum, r.g_eta);
+  }
+  r.g_rate = at::empty({0}, opts);
+  if (c.modes.rule == Rule::Retroactive) {
+    r.g_rate = at::empty({}, opts);
+    sum_all_rows(be, g.g_rate_acc, r.g_rate);
+  }
+  for (Tensor* t : {&r.g_h2mod_w, &r.g_h2mod_b, &r.g_fan_w, &r.g_fan_b})
+    *t = at::empty({0}, opts);  // distinct tensors: op outputs must not alias
+  if (modulated) {
+    Tensor g_z_flat = g.g_z.reshape({T_ * B, K});
+    r.g_h2mod_w = at::mm(g_z_flat.t(), seq.mod_in.reshape({T_ * B, N}));
+    r.g_h2mod_b = at::empty({K}, opts);
+    sum_all_rows(be, g_z_flat, r.g_h2mod_b);
+    if (c.modulation == Modulation::Fanout) {
+      Tensor g_e_flat = g.g_eta_seq.reshape({T_ * B, N});
+      r.g_fan_w = at::mm(g_e_flat.t(), g.m.reshape({T_ * B, K}));
+      r.g_fan_b = at::empty({N}, opts);
+      sum_all_rows(be, g_e_flat, r.g_fan_b);
+    }
+  }
+}
 
 // The forward's saved tensors and the gradients of its trace outputs.
 struct TraceSaved {
@@ -241,28 +286,20 @@ TraceBackward trace_backward(const Backend& be, const PlasticConfig& c, const Pl
   };
 
   // The segment in memory: traces H_s .. H_{e-1}, H_s being its checkpoint.
-  int64_t seg = -1, seg_start = 0;
-  auto hebb_at = [&](int64_t t) -> T* {
-    if (t == seg_start)
-      return seg == 0 ? a.hebb.data_ptr<T>() : saved.ckpt_h.data_ptr<T>() + (seg - 1) * BNN;
-    return seg_h.data_ptr<T>() + (t - seg_start - 1) * BNN;
-  };
-  auto elig_at = [&](int64_t t) -> T* {
-    if (!retro) return nullptr;
-    if (t == seg_start)
-      return seg == 0 ? a.elig->data_ptr<T>() : saved.ckpt_e.data_ptr<T>() + (seg - 1) * BNN;
-    return seg_e.data_ptr<T>() + (t - seg_start - 1) * BNN;
-  };
+  SegmentTraces<T> hebb{a.hebb.data_ptr<T>(), saved.ckpt_h.data_ptr<T>(), seg_h.data_ptr<T>(),
+                        BNN, L};
+  SegmentTraces<T> elig{retro ? a.elig->data_ptr<T>() : nullptr, saved.ckpt_e.data_ptr<T>(),
+                        seg_e.data_ptr<T>(), BNN, L};
   auto load_segment = [&](int64_t k) {
-    seg = k;
-    seg_start = k * L;
-    const int64_t end = std::min(seg_start + L, T_);
+    hebb.select(k);
+    elig.select(k);
+    const int64_t end = std::min(hebb.start + L, T_);
     ForwardPassParams<T> fp{};
     fp.B = B; fp.P = N; fp.N = N;
     fp.update = true; fp.matvec = false; fp.consts = p.consts;
-    for (int64_t t = seg_start + 1; t < end; ++t) {
-      fp.hebb = hebb_at(t - 1); fp.hebb_out = hebb_at(t);
-      fp.elig = elig_at(t - 1); fp.elig_out = elig_at(t);
+    for (int64_t t = hebb.start + 1; t < end; ++t) {
+      fp.hebb = hebb.at(t - 1); fp.hebb_out = hebb.slot(t);
+      if (retro) { fp.elig = elig.at(t - 1); fp.elig_out = elig.slot(t); }
       fp.pre = h_at(t - 1); fp.post = step_ptr<T>(seq.post, t); fp.eta = eta_at(t);
       be.forward(fp, c.modes, tl);
     }
@@ -279,27 +316,31 @@ TraceBackward trace_backward(const Backend& be, const PlasticConfig& c, const Pl
   bp.g_post = g_post.data_ptr<T>();
   bp.g_eta = eta_conn ? g_eta_conn.data_ptr<T>() : g_eta_bj.data_ptr<T>();
   bp.g_elig_rate_acc = g_rate_acc.data_ptr<T>();
-  auto set_b = [&](int64_t t) {  // adjoint of the matvec of step t
-    bp.do_b = true;
-    bp.g_u = step_ptr<T>(g_u, t);
-    bp.b_in = h_at(t - 1);
-    bp.b_hebb = hebb_at(t - 1);
-  };
-  auto set_a = [&](int64_t s) {  // adjoint of the rule of step s
-    bp.do_a = true;
-    bp.a_hebb = hebb_at(s - 1);
-    bp.a_elig = elig_at(s - 1);
-    bp.a_pre = h_at(s - 1);
-    bp.a_post = step_ptr<T>(seq.post, s);
-    bp.a_eta = eta_at(s);
-  };
-  auto run = [&] {
+  // One sweep: the adjoint of the matvec of step t (t > 0) and of the rule of step s (s > 0).
+  auto adjoints = [&](int64_t t, int64_t s) {
+    bp.do_b = t > 0;
+    bp.do_a = s > 0;
+    if (bp.do_b) {
+      bp.g_u = step_ptr<T>(g_u, t);
+      bp.b_in = h_at(t - 1);
+      bp.b_hebb = hebb.at(t - 1);
+    }
+    if (bp.do_a) {
+      bp.a_hebb = hebb.at(s - 1);
+      bp.a_elig = retro ? elig.at(s - 1) : nullptr;
+      bp.a_pre = h_at(s - 1);
+      bp.a_post = step_ptr<T>(seq.post, s);
+      bp.a_eta = eta_at(s);
+    }
     be.backward(bp, c.modes, tl);
-    bp.do_a = bp.do_b = false;
   };
-
+  // g_h = g_in + g_pre_pending: dL/dh_{t-1} through the matvec and the rule of step t.
+  auto matvec_done = [&](int64_t) {
+    be.sum_rows(g_in_part.data_ptr<T>(), tiles, BN, g_in.data_ptr<T>());
+    at::add_out(g_h, g_in, g_pre_pending);
+  };
   // Once A(s) has run: the rate's gradient, through the modulator, then the cell's step s.
-  auto finish_step = [&](int64_t s) {
+  auto rule_done = [&](int64_t s) {
     if (!modulated && !eta_conn) g_eta_sum.add_(g_eta_bj);
     if (c.modulation == Modulation::Fanout) g_eta_seq.select(0, s - 1).copy_(g_eta_bj);
     if (modulated) {
@@ -313,71 +354,17 @@ TraceBackward trace_backward(const Backend& be, const PlasticConfig& c, const Pl
       g_mod_in = at::mm(g_z_s, *a.h2mod_weight);
     }
     finish(s, StepGrads{g_post, g_h, g_mod_in});
+    be.sum_rows(g_pre_part.data_ptr<T>(), tiles, BN, g_pre_pending.data_ptr<T>());
   };
-  auto sum_h_grads = [&] {  // g_h = g_in + g_pre_pending
-    at::add_out(g_h, g_in, g_pre_pending);
-  };
+  ScheduleSteps ops{load_segment, adjoints, matvec_done, rule_done};
+  backward_schedule(T_, L, ops);
 
-  load_segment((T_ - 1) / L);
-  set_a(T_);
-  run();
-  finish_step(T_);
-  be.sum_rows(g_pre_part.data_ptr<T>(), tiles, BN, g_pre_pending.data_ptr<T>());
-  for (int64_t t = T_; t >= 1; --t) {
-    const int64_t s = t - 1;
-    set_b(t);
-    if (s >= 1 && s - 1 >= seg_start) {
-      set_a(s);
-      run();
-    } else {
-      run();
-      if (s >= 1) {
-        load_segment(seg - 1);
-        set_a(s);
-        run();
-      }
-    }
-    be.sum_rows(g_in_part.data_ptr<T>(), tiles, BN, g_in.data_ptr<T>());
-    sum_h_grads();
-    if (s >= 1) {
-      finish_step(s);
-      be.sum_rows(g_pre_part.data_ptr<T>(), tiles, BN, g_pre_pending.data_ptr<T>());
-    }
-  }
-
-  // Parameter gradients: sums over steps and samples, as GEMMs or fixed-order sums.
   TraceBackward r;
   r.g_h0 = g_h;
   r.g_hebb = g_hebb;
   r.g_elig = g_elig;
-  r.g_w = at::mm(previous_h(seq.h0, seq.out).t(), g_u.reshape({T_ * B, N}));
-  r.g_alpha = at::empty(a.alpha.sizes(), opts);
-  sum_all_rows(be, g_alpha_acc, r.g_alpha);
-  r.g_eta = at::empty({0}, opts);
-  if (!modulated) {
-    r.g_eta = at::empty(a.eta->sizes(), opts);
-    if (eta_conn) sum_all_rows(be, g_eta_conn, r.g_eta);
-    else sum_all_rows(be, g_eta_sum, r.g_eta);
-  }
-  r.g_rate = at::empty({0}, opts);
-  if (retro) {
-    r.g_rate = at::empty({}, opts);
-    sum_all_rows(be, g_rate_acc, r.g_rate);
-  }
-  for (Tensor* g : {&r.g_h2mod_w, &r.g_h2mod_b, &r.g_fan_w, &r.g_fan_b})
-    *g = at::empty({0}, opts);  // distinct tensors: op outputs must not alias
-  if (modulated) {
-    Tensor g_z_flat = g_z.reshape({T_ * B, K});
-    r.g_h2mod_w = at::mm(g_z_flat.t(), seq.mod_in.reshape({T_ * B, N}));
-    r.g_h2mod_b = at::empty({K}, opts);
-    sum_all_rows(be, g_z_flat, r.g_h2mod_b);
-    if (c.modulation == Modulation::Fanout) {
-      Tensor g_e_flat = g_eta_seq.reshape({T_ * B, N});
-      r.g_fan_w = at::mm(g_e_flat.t(), saved.m.reshape({T_ * B, K}));
-      r.g_fan_b = at::empty({N}, opts);
-      sum_all_rows(be, g_e_flat, r.g_fan_b);
-    }
-  }
+  parameter_grads(be, c, a, seq, {saved.m, g_u, g_z, g_eta_seq, g_eta_sum, g_alpha_acc, g_eta_conn,
+                                  g_rate_acc}, r);
   return r;
 }
 

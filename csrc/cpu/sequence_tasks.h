@@ -1,0 +1,286 @@
+// The per-group loops of the CPU whole-sequence path (sequence_pass.h): a group of samples runs
+// all T steps of the forward or the backward, calling the trace passes' per-task loops
+// (trace_tasks.h) on its samples directly, and the cell and the modulator inline.
+//
+// Included after trace_tasks.h by cpu/trace_tasks_<isa>.cpp (same rules: no ATen, nothing inline
+// shared with other translation units).
+#include "../sequence_pass.h"
+
+namespace bp {
+namespace BP_CPU_ISA {
+namespace {
+
+// tanh in float: an odd polynomial below 0.625, 1 - 2 / (exp(2|x|) + 1) above, exp by the usual
+// range reduction to 2^n exp(r), |r| <= ln(2) / 2 (the polynomials are Cephes' tanhf and expf;
+// about 2 ulp). Both branches are computed and one selected, so the loops over a row vectorise:
+// libm's tanhf is a call per element and took two thirds of the forward's time at N = 100.
+inline float tanh_of(float v) {
+  const float a = v < 0.f ? -v : v;
+  const float z2 = v * v;
+  const float small = ((((-5.70498872745e-3f * z2 + 2.06390887954e-2f) * z2 - 5.37397155531e-2f) *
+                            z2 + 1.33314422036e-1f) * z2 - 3.33332819422e-1f) * z2 * v + v;
+  const float e = a < 44.f ? 2.f * a : 88.f;  // exp(88) is finite; tanh(44) rounds to 1
+  const float n = __builtin_floorf(e * 1.44269504088896341f + 0.5f);
+  const float r = (e - n * 0.693359375f) - n * -2.12194440e-4f;
+  const float r2 = r * r;
+  const float exp_r = (((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r +
+                         4.1665795894e-2f) * r + 1.6666665459e-1f) * r + 5.0000001201e-1f) *
+                          r2 + r + 1.f;
+  const float pow2 = __builtin_bit_cast(float, (static_cast<int>(n) + 127) << 23);
+  const float large = 1.f - 2.f / (exp_r * pow2 + 1.f);
+  return a > 0.625f ? (v < 0.f ? -large : large) : small;
+}
+inline double tanh_of(double v) { return __builtin_tanh(v); }  // libm: double is for checks
+
+template <typename T>
+RuleConsts<T> consts_of(const SequenceInputs<T>& in) {
+  return {in.clip, in.elig_rate != nullptr ? *in.elig_rate : T(0)};
+}
+
+// sum_k a[k] * b[k], with kLanes partial sums added pairwise (fixed order).
+template <typename T>
+T dot(const T* a, const T* b, int64_t n) {
+  T lanes[kLanes<T>] = {};
+  int64_t k = 0;
+  for (; k + kLanes<T> <= n; k += kLanes<T>) {
+#pragma omp simd
+    for (int l = 0; l < kLanes<T>; ++l) lanes[l] += a[k + l] * b[k + l];
+  }
+  T rest = 0;
+  for (; k < n; ++k) rest += a[k] * b[k];
+  return sum_lanes(lanes) + rest;
+}
+
+// Step t's cell and modulator for samples [b0, b1): h_t = tanh(x_t + u_t) (x_t where clamped),
+// m_t = tanh(h2mod(h_t)) and the rate eta_t it sets.
+template <typename T>
+void cell_and_modulator(const SequenceForwardParams<T>& p, int64_t t, int64_t b0, int64_t b1) {
+  const SequenceInputs<T>& in = p.in;
+  const int64_t N = in.N, K = in.K, step = (t - 1) * in.B;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t row = (step + b) * N;
+    const T* x = in.x + row;
+    const T* u = p.u + b * N;
+    T* h = p.out + row;
+#pragma omp simd
+    for (int64_t j = 0; j < N; ++j) h[j] = tanh_of(x[j] + u[j]);
+    if (in.clamp != nullptr) {
+      const bool* clamp = in.clamp + row;
+      for (int64_t j = 0; j < N; ++j) h[j] = clamp[j] ? x[j] : h[j];
+    }
+    if (in.modulation == Modulation::None) continue;
+    T* m = p.m + (step + b) * K;
+    for (int64_t k = 0; k < K; ++k) m[k] = tanh_of(in.h2mod_b[k] + dot(in.h2mod_w + k * N, h, N));
+    T* eta = p.eta_seq + row;
+    if (in.modulation == Modulation::Simple) {
+      for (int64_t j = 0; j < N; ++j) eta[j] = m[0];
+    } else {
+      for (int64_t j = 0; j < N; ++j) eta[j] = in.fanout_b[j] + dot(in.fanout_w + j * K, m, K);
+    }
+  }
+}
+
+template <typename T, Rule R, AlphaMode AM, EtaMode EM>
+void sequence_forward_group(const SequenceForwardParams<T>& p, const Tiling& tl, int64_t group,
+                            T* acc) {
+  const SequenceInputs<T>& in = p.in;
+  const int64_t T_ = in.steps, B = in.B, N = in.N, BN = B * N, BNN = BN * N;
+  const bool modulated = in.modulation != Modulation::None;
+  const TaskRange r = task_range(tl, B, N, group);
+  ForwardPassParams<T> fp{};
+  fp.B = B; fp.P = N; fp.N = N;
+  fp.w = in.w; fp.alpha = in.alpha; fp.consts = consts_of(in); fp.u = p.u;
+  fp.hebb = in.hebb0;
+  fp.matvec_in = in.h0;
+  forward_task<T, R, AM, EM, false, true>(fp, r, acc, N);  // u_1
+  fp.elig = in.elig0;
+  for (int64_t t = 1; t <= T_; ++t) {
+    cell_and_modulator(p, t, r.b0, r.b1);
+    fp.hebb_out = trace_destination(t, T_, in.L, p.hebb_T, p.ckpt_h, p.work_h, BNN);
+    if constexpr (has_elig<R>())
+      fp.elig_out = trace_destination(t, T_, in.L, p.elig_T, p.ckpt_e, p.work_e, BNN);
+    fp.pre = t == 1 ? in.h0 : p.out + (t - 2) * BN;
+    fp.post = p.out + (t - 1) * BN;
+    fp.eta = modulated ? p.eta_seq + (t - 1) * BN : in.eta_fixed;
+    fp.matvec_in = fp.post;
+    if (t < T_) forward_task<T, R, AM, EM, true, true>(fp, r, acc, N);
+    else forward_task<T, R, AM, EM, true, false>(fp, r, acc, N);
+    fp.hebb = fp.hebb_out;
+    fp.elig = fp.elig_out;
+  }
+}
+
+// The backward of a group: backward_schedule with the trace passes on the group's samples and
+// the modulator's and the cell's backward inline.
+template <typename T, Rule R, AlphaMode AM, EtaMode EM>
+struct GroupBackward {
+  const SequenceBackwardParams<T>& p;
+  const SequenceInputs<T>& in;
+  const Tiling& tl;
+  int64_t group;
+  TaskRange r;
+  T* scratch;        // backward_task's (2 * chunk_size * N)
+  T* g_mod_in;       // (N,)
+  int64_t BN, BNN;
+  bool modulated;
+  SegmentTraces<T> hebb, elig;
+  BackwardPassParams<T> bp;
+  const T* g_pre_pending;  // dL/dh_{s} through the rule of step s + 1 (last rule adjoint)
+
+  GroupBackward(const SequenceBackwardParams<T>& p_, const Tiling& tl_, int64_t g, T* scr)
+      : p(p_), in(p_.in), tl(tl_), group(g), r(task_range(tl_, in.B, in.N, g)), scratch(scr),
+        g_mod_in(scr + 2 * tl_.chunk_size * in.N), BN(in.B * in.N), BNN(BN * in.N),
+        modulated(in.modulation != Modulation::None),
+        hebb{in.hebb0, p_.ckpt_h, p_.seg_h, BNN, in.L},
+        elig{in.elig0, p_.ckpt_e, p_.seg_e, BNN, in.L},
+        bp{}, g_pre_pending(p_.g_pre_a) {
+    bp.B = in.B; bp.P = in.N; bp.N = in.N;
+    bp.w = in.w; bp.alpha = in.alpha; bp.consts = consts_of(in);
+    bp.g_hebb = p.g_hebb; bp.g_elig = p.g_elig;
+    bp.g_in_partial = p.g_in;  // one column tile: the partial sums are the sums
+    bp.g_alpha_acc = p.g_alpha_acc;
+    bp.g_pre_partial = p.g_pre_a;
+    bp.g_post = p.g_post;
+    bp.g_eta = EM == EtaMode::PerConnection ? p.g_eta_conn : p.g_eta;
+    bp.g_elig_rate_acc = p.g_rate_acc;
+    // Nothing reaches h_T from a step T + 1.
+    fill_zero(p.g_h + r.b0 * in.N, (r.b1 - r.b0) * in.N);
+  }
+
+  const T* h_at(int64_t t) const { return t == 0 ? in.h0 : p.out + (t - 1) * BN; }
+  const T* eta_at(int64_t t) const {
+    return modulated ? p.eta_seq + (t - 1) * BN : in.eta_fixed;
+  }
+
+  void load_segment(int64_t k) {
+    hebb.select(k);
+    elig.select(k);
+    const int64_t end = hebb.start + in.L < in.steps ? hebb.start + in.L : in.steps;
+    ForwardPassParams<T> fp{};
+    fp.B = in.B; fp.P = in.N; fp.N = in.N;
+    fp.consts = bp.consts;
+    for (int64_t t = hebb.start + 1; t < end; ++t) {
+      fp.hebb = hebb.at(t - 1); fp.hebb_out = hebb.slot(t);
+      if constexpr (has_elig<R>()) { fp.elig = elig.at(t - 1); fp.elig_out = elig.slot(t); }
+      fp.pre = h_at(t - 1); fp.post = h_at(t); fp.eta = eta_at(t);
+      forward_task<T, R, AM, EM, true, false>(fp, r, nullptr, in.N);
+    }
+  }
+
+  void adjoints(int64_t t, int64_t s) {
+    if (t > 0) {
+      bp.g_u = p.g_u + (t - 1) * BN;
+      bp.b_in = h_at(t - 1);
+      bp.b_hebb = hebb.at(t - 1);
+    }
+    if (s > 0) {
+      // The other buffer than the pending one: A(s) must not overwrite what matvec_done reads.
+      bp.g_pre_partial = g_pre_pending == p.g_pre_a ? p.g_pre_b : p.g_pre_a;
+      bp.a_hebb = hebb.at(s - 1);
+      if constexpr (has_elig<R>()) bp.a_elig = elig.at(s - 1);
+      bp.a_pre = h_at(s - 1);
+      bp.a_post = h_at(s);
+      bp.a_eta = eta_at(s);
+    }
+    if (t > 0 && s > 0) backward_task<T, R, AM, EM, true, true>(bp, tl, r, group, scratch);
+    else if (t > 0) backward_task<T, R, AM, EM, true, false>(bp, tl, r, group, scratch);
+    else backward_task<T, R, AM, EM, false, true>(bp, tl, r, group, scratch);
+  }
+
+  // g_h = dL/dh_{t-1} through step t: its matvec (g_in) and its rule (pending).
+  void matvec_done(int64_t t) {
+    T* g_h = t == 1 ? p.g_h0 : p.g_h;
+    for (int64_t j = r.b0 * in.N; j < r.b1 * in.N; ++j) g_h[j] = p.g_in[j] + g_pre_pending[j];
+  }
+
+  // The rule adjoint of step s has run (rate and post gradients): the modulator's and the cell's
+  // backward of step s give dL/du_s and dL/dx_s.
+  void rule_done(int64_t s) {
+    const int64_t N = in.N, K = in.K, step = (s - 1) * in.B;
+    for (int64_t b = r.b0; b < r.b1; ++b) {
+      const int64_t row = (step + b) * N;
+      const T* g_eta = p.g_eta + b * N;
+      if (!modulated && EM == EtaMode::PerPost) {
+        for (int64_t j = 0; j < N; ++j) p.g_eta_post[b * N + j] += g_eta[j];
+      }
+      if (in.modulation == Modulation::Fanout) {
+        for (int64_t j = 0; j < N; ++j) p.g_eta_seq[row + j] = g_eta[j];
+      }
+      if (modulated) {
+        const T* m = p.m + (step + b) * K;
+        T* g_z = p.g_z + (step + b) * K;
+        for (int64_t k = 0; k < K; ++k) {
+          T g_m = 0;  // dL/dm_s through eta = m ("simple") or fanout(m)
+          if (in.modulation == Modulation::Simple) {
+            for (int64_t j = 0; j < N; ++j) g_m += g_eta[j];
+          } else {
+            for (int64_t j = 0; j < N; ++j) g_m += g_eta[j] * in.fanout_w[j * K + k];
+          }
+          if (p.grad_m != nullptr) g_m += p.grad_m[(step + b) * K + k];
+          g_z[k] = g_m * (T(1) - m[k] * m[k]);
+        }
+        for (int64_t j = 0; j < N; ++j) {
+          T g = 0;
+          for (int64_t k = 0; k < K; ++k) g += g_z[k] * in.h2mod_w[k * N + j];
+          g_mod_in[j] = g;
+        }
+      }
+      const T* h = p.out + row;
+      const T* g_post = p.g_post + b * N;
+      const T* g_hs = p.g_h + b * N;
+      T* g_u = p.g_u + row;
+      for (int64_t j = 0; j < N; ++j) {
+        T g = g_post[j] + g_hs[j];
+        if (p.grad_out != nullptr) g += p.grad_out[row + j];
+        if (modulated) g += g_mod_in[j];
+        g_u[j] = g * (T(1) - h[j] * h[j]);
+        if (in.clamp != nullptr) {
+          // Clamped: h_s = x_s, so the gradient goes to x_s and none to u_s.
+          const bool clamped = in.clamp[row + j];
+          p.g_x[row + j] = clamped ? g : g_u[j];
+          g_u[j] = clamped ? T(0) : g_u[j];
+        }
+      }
+    }
+    g_pre_pending = bp.g_pre_partial;
+  }
+};
+
+template <typename T, Rule R, AlphaMode AM, EtaMode EM>
+void sequence_backward_group(const SequenceBackwardParams<T>& p, const Tiling& tl, int64_t group,
+                             T* scratch) {
+  GroupBackward<T, R, AM, EM> ops(p, tl, group, scratch);
+  backward_schedule(p.in.steps, p.in.L, ops);
+}
+
+}  // namespace
+
+// Runs group `group` of the forward; scratch holds chunk_size * N values.
+template <typename T>
+void sequence_forward_group_any(const SequenceForwardParams<T>& p, const Tiling& tl,
+                                int64_t group, T* scratch) {
+  dispatch_modes(p.in.modes, [&]<Rule R, AlphaMode AM, EtaMode EM>() {
+    sequence_forward_group<T, R, AM, EM>(p, tl, group, scratch);
+  });
+}
+
+// Runs group `group` of the backward; scratch holds (2 * chunk_size + 1) * N values.
+template <typename T>
+void sequence_backward_group_any(const SequenceBackwardParams<T>& p, const Tiling& tl,
+                                 int64_t group, T* scratch) {
+  dispatch_modes(p.in.modes, [&]<Rule R, AlphaMode AM, EtaMode EM>() {
+    sequence_backward_group<T, R, AM, EM>(p, tl, group, scratch);
+  });
+}
+
+template void sequence_forward_group_any<float>(const SequenceForwardParams<float>&,
+                                                const Tiling&, int64_t, float*);
+template void sequence_forward_group_any<double>(const SequenceForwardParams<double>&,
+                                                 const Tiling&, int64_t, double*);
+template void sequence_backward_group_any<float>(const SequenceBackwardParams<float>&,
+                                                 const Tiling&, int64_t, float*);
+template void sequence_backward_group_any<double>(const SequenceBackwardParams<double>&,
+                                                  const Tiling&, int64_t, double*);
+
+}  // namespace BP_CPU_ISA
+}  // namespace bp
