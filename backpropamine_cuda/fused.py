@@ -25,6 +25,16 @@ def has_cuda_kernels() -> bool:
         "backpropamine::plastic_rnn_sequence", "CUDA")
 
 
+def sequence_path(batch_size: int, hidden_size: int, rule: str = "clip",
+                  dtype: torch.dtype = torch.float32) -> str:
+    """The path the RNN sequence op takes on the CPU at these sizes: "whole" (each group of
+    samples runs all T steps in one task: small networks, where a sample's traces fit in the
+    core's L2 cache) or "steps" (one parallel pass over the trace per step). The environment
+    variable BACKPROPAMINE_SEQUENCE_PATH=whole|steps forces one (auto, or unset, decides)."""
+    return torch.ops.backpropamine.cpu_sequence_path(
+        batch_size, hidden_size, rule == "retroactive", torch.empty(0, dtype=dtype).element_size())
+
+
 def default_checkpoint_every(steps: int) -> int:
     """Store the trace every ~sqrt(T) steps: memory ~ (T / L + L) traces, recompute one pass."""
     return max(1, math.ceil(math.sqrt(steps)))

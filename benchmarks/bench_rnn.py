@@ -11,6 +11,7 @@ Prints a markdown table and the performance targets, writes CSV, JSON and a PNG 
     PYTHONPATH=. python benchmarks/bench_rnn.py --quick --impls fused,eager   # ... without compiles
     PYTHONPATH=. python benchmarks/bench_rnn.py                    # all cases, CPU
     PYTHONPATH=. python benchmarks/bench_rnn.py --device cuda --cases ptb,ptb-mem
+    PYTHONPATH=. python benchmarks/bench_rnn.py --cases maze,ptb --impls fused --contention
 
 Implementations:
   fused     backpropamine_cuda.fused.plastic_rnn_sequence (one C++/CUDA op, hand-written backward)
@@ -34,11 +35,13 @@ import common  # noqa: E402
 # Sizes of the papers' models (DESIGN 2.5). All use modulation "fanout" with K = 1 and rule clip.
 CASES = {
     "maze": dict(B=30, N=100, T=200, alpha="full"),      # Backpropamine simple maze
+    "cue": dict(B=30, N=200, T=120, alpha="full"),       # Backpropamine cue-reward association
     "ptb": dict(B=6, N=1149, T=35, alpha="neuron"),      # large PTB model, one layer, short BPTT
     "ptb-mem": dict(B=6, N=1149, T=70, alpha="neuron"),  # same, the paper's BPTT length
 }
 QUICK_CASES = {
     "maze": dict(B=4, N=16, T=12, alpha="full"),
+    "cue": dict(B=4, N=24, T=10, alpha="full"),
     "ptb": dict(B=2, N=48, T=6, alpha="neuron"),
     "ptb-mem": dict(B=2, N=48, T=10, alpha="neuron"),
 }
@@ -50,11 +53,16 @@ IMPLS = ("fused", "eager", "compiled")
 #   speedup: fused fwd+bwd time is >= threshold times faster than impl
 #   floor:   fused fwd+bwd time <= threshold x the bandwidth floor
 #   memory:  fused fwd+bwd peak memory <= threshold x impl's
+#   contention: fused fwd+bwd beside a busy single-threaded process <= threshold x its idle time
+#            (measured with --contention only)
 TARGETS = [
     ("maze", "speedup", "eager", 20.0),
     ("maze", "speedup", "compiled", 10.0),
+    ("maze", "contention", None, 2.0),
+    ("cue", "speedup", "eager", 15.0),
     ("ptb", "speedup", "eager", 4.0),
     ("ptb", "floor", None, 2.0),
+    ("ptb", "contention", None, 2.0),
     ("ptb-mem", "memory", "eager", 0.1),
 ]
 

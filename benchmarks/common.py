@@ -288,6 +288,19 @@ def run_worker(script, spec, env=None, timeout_s=3600):
     return {"error": f"worker exit code {proc.returncode}: " + " | ".join(tail)}
 
 
+class BusyProcess:
+    """One busy single-threaded process beside the benchmark (--contention): the load of a user
+    running another job on the same cores. A context manager."""
+
+    def __enter__(self):
+        self.proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.kill()
+        self.proc.wait()
+
+
 def short_error(err, limit=80):
     """First line of an exception message, shortened for a table cell."""
     text = f"{type(err).__name__}: {err}" if isinstance(err, BaseException) else str(err)
@@ -507,6 +520,16 @@ def results_table(records, light=None):
     return markdown_table(headers, rows)
 
 
+def contention_table(records):
+    headers = ["case", "impl", "idle fwd / fwd+bwd ms", "busy fwd / fwd+bwd ms",
+               "busy / idle fwd / fwd+bwd"]
+    rows = [[r["case"], r["impl"], f"{fmt_num(r.get('fwd_ms'))} / {fmt_num(r.get('fwdbwd_ms'))}",
+             f"{fmt_num(r.get('busy_fwd_ms'))} / {fmt_num(r.get('busy_fwdbwd_ms'))}",
+             f"{fmt_ratio(r.get('busy_x_idle_fwd'))} / {fmt_ratio(r.get('busy_x_idle_fwdbwd'))}"]
+            for r in records]
+    return markdown_table(headers, rows)
+
+
 def check_targets(records, targets):
     """Rows of the target table, and the same as dicts for the JSON.
 
@@ -514,6 +537,7 @@ def check_targets(records, targets):
       speedup: time is >= threshold times faster than impl's
       floor:   time <= threshold x the bandwidth floor (impl None) or x the reference time, impl's
                time + the floor (impl is then summarize's `light`)
+      contention: time beside a busy process <= threshold x the idle time (--contention runs)
       memory:  peak memory <= threshold x impl's
     """
     by = {(r["case"], r["impl"]): r for r in records}
@@ -531,6 +555,9 @@ def check_targets(records, targets):
         elif what == "floor":
             label = f"fused fwd+bwd <= {threshold:g}x the bandwidth floor"
             value, ok = f["x_floor_fwdbwd"], lambda v: v <= threshold
+        elif what == "contention":
+            label = f"fused fwd+bwd beside a busy process <= {threshold:g}x its idle time"
+            value, ok = f.get("busy_x_idle_fwdbwd"), lambda v: v <= threshold
         else:
             label = f"fused fwd+bwd peak memory <= {threshold:g} x {other}'s"
             value, ok = o["fused_mem_fraction"], lambda v: v <= threshold
@@ -575,6 +602,8 @@ def benchmark_parser(doc, cases, impls, *, repeats, budget):
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"),
                    help="folder for CSV/JSON/PNG")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in seconds")
+    p.add_argument("--contention", action="store_true",
+                   help="time every measurement again beside a busy single-threaded process")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: JSON spec of one measurement
     return p
 
@@ -651,14 +680,22 @@ def run_benchmark(name, doc, script, *, cases, quick_cases, impls, targets, setu
                         repeats=args.repeats, budget=args.budget, threads=args.threads,
                         need_mb=need_mb(cfg, impl, itemsize) if need_mb else {})
             res = measure(script, spec)
+            if args.contention and "error" not in res:
+                with BusyProcess():
+                    busy = run_worker(script, dict(spec, measure="time"))
+                for m in ("fwd", "fwdbwd"):
+                    res[f"busy_{m}_ms"] = busy.get(f"{m}_ms")
+                    res[f"busy_x_idle_{m}"] = ratio(busy.get(f"{m}_ms"), res.get(f"{m}_ms"))
             # 1-min load average after the worker: ~threads when nothing else ran meanwhile
             records.append(dict(case=case, impl=impl, sizes=describe(cfg), **cfg, **res,
                                 loadavg=os.getloadavg()[0], floor_fwd_ms=floor_fwd,
                                 floor_fwdbwd_ms=floor_fwdbwd))
             trouble = [res[k] for k in ("error", "fwd_skipped", "fwdbwd_skipped") if k in res]
+            busy_note = (f", beside a busy process {fmt_num(res.get('busy_fwd_ms'))} / "
+                         f"{fmt_num(res.get('busy_fwdbwd_ms'))} ms" if args.contention else "")
             print(f"[{time.time() - start:6.0f} s] {case:8s} {impl:9s} "
                   f"fwd {fmt_num(res.get('fwd_ms'))} ms, "
-                  f"fwd+bwd {fmt_num(res.get('fwdbwd_ms'))} ms "
+                  f"fwd+bwd {fmt_num(res.get('fwdbwd_ms'))} ms{busy_note} "
                   f"({time.time() - t0:.0f} s)" + "".join(f"  {t}" for t in trouble),
                   file=sys.stderr, flush=True)
 
@@ -698,6 +735,9 @@ def run_benchmark(name, doc, script, *, cases, quick_cases, impls, targets, setu
         *([f"Reference time = {light} time + bandwidth floor: a non-plastic layer plus the "
            "trace traffic that plasticity cannot avoid."] if light else []),
     ]
+    if args.contention:
+        table += "\n\nBeside one busy single-threaded process (--contention):\n\n" + \
+            contention_table(records)
     report = "\n".join([
         f"## {name} ({'quick sizes' if args.quick else 'full sizes'})", "", machine, "",
         table, "", "Targets" + (" (they apply to the full sizes, not to --quick)"

@@ -7,6 +7,7 @@
 
 #include "cpu/cpu_backend.h"
 #include "ops/register.h"
+#include "sequence_pass.h"
 #include "trace_pass.h"
 
 // Importing backpropamine_cuda._C registers the ops; the module itself is empty.
@@ -22,6 +23,12 @@ TORCH_LIBRARY(backpropamine, m) {
   bp::define_ops(m);
   // The instruction set of the CPU kernels in use: "default", "avx2" or "avx512".
   m.def("cpu_isa() -> str", [] { return std::string(bp::cpu_isa_name(bp::cpu_isa())); });
+  // The path the CPU RNN sequence op takes at these sizes: "whole" or "steps".
+  m.def("cpu_sequence_path(int batch, int hidden, bool retroactive, int itemsize) -> str",
+        [](int64_t batch, int64_t hidden, bool retroactive, int64_t itemsize) {
+          return std::string(bp::use_whole_sequence(batch, hidden, retroactive, itemsize)
+                                 ? "whole" : "steps");
+        });
 }
 
 TORCH_LIBRARY_IMPL(backpropamine, CPU, m) { bp::impl_ops<bp::CpuBackend>(m); }

@@ -98,8 +98,8 @@ struct SequenceBackwardParams {
 // unchanged). Depends on the sizes and the CPU's cache, never on the thread count.
 Tiling sequence_groups(int64_t B, int64_t N, bool retro, int64_t itemsize, bool backward);
 
-// Whether the sequence op runs the whole-sequence path: BACKPROPAMINE_SEQUENCE_PATH=whole or
-// steps forces it, auto (or unset) decides from the sizes (sequence_pass_cpu.cpp).
+// Whether the CPU sequence op runs the whole-sequence path: BACKPROPAMINE_SEQUENCE_PATH=whole or
+// steps forces it, auto (or unset) decides from the sizes (cpu/trace_pass_cpu.cpp).
 bool use_whole_sequence(int64_t B, int64_t N, bool retro, int64_t itemsize);
 
 template <typename T>

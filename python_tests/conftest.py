@@ -17,6 +17,15 @@ def _seed_and_threads():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(params=["whole", "steps"])
+def sequence_path(request, monkeypatch):
+    """Runs a test once on each path of the RNN sequence op (BACKPROPAMINE_SEQUENCE_PATH): whole
+    sequences per group of samples, or step by step; backends without a whole-sequence kernel
+    run step by step either way."""
+    monkeypatch.setenv("BACKPROPAMINE_SEQUENCE_PATH", request.param)
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def fused_cpu():
     """The fused implementation (building the extension on first use)."""

@@ -13,6 +13,9 @@ import torch
 from helpers import (RULE_CONFIG, RULES, assert_results_equal, lstm_inputs, rnn_inputs,
                      run_forward_backward)
 
+# Every test on both paths of the sequence op (conftest.py).
+pytestmark = pytest.mark.usefixtures("sequence_path")
+
 CLIP = 0.5
 # Inputs whose gradients the fused kernels reduce themselves (no BLAS).
 KERNEL_GRAD_INPUTS = ("x", "h", "hebb", "elig", "alpha", "eta", "elig_rate")

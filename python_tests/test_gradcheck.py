@@ -18,6 +18,9 @@ import torch
 from backpropamine_cuda import reference
 from helpers import CLIP_RULES, RULES, lstm_inputs, rnn_inputs, valid_combo
 
+# Every test on both paths of the sequence op (conftest.py).
+pytestmark = pytest.mark.usefixtures("sequence_path")
+
 MARGIN = 1e-3
 
 

@@ -10,6 +10,9 @@ from helpers import (CLIP_RULES, RULE_CONFIG, RULES, TOL, all_combos, assert_res
                      assert_results_equal, assert_tensor_close, clamp_engaged,
                      compare_with_reference, rnn_inputs, run_forward_backward, upcast)
 
+# Every test on both paths of the sequence op (conftest.py).
+pytestmark = pytest.mark.usefixtures("sequence_path")
+
 CLIP = 0.5
 SEQ_OUTPUTS = ("out", "hebb_T", "elig_T", "m")
 STEP_OUTPUTS = ("h_new", "hebb_new", "elig_new", "m")

@@ -171,9 +171,12 @@ bool use_whole_sequence(int64_t B, int64_t N, bool retro, int64_t itemsize) {
   if (want == "steps") return false;
   TORCH_CHECK_VALUE(want.empty() || want == "auto", "BACKPROPAMINE_SEQUENCE_PATH must be one of "
                     "auto, whole, steps, got '", want, "'");
-  // A sample's hot traces must fit in L2, and there must be samples to run in parallel.
-  const int64_t hot = hot_traces_per_sample(retro, true) * N * N * itemsize;
-  return B >= 2 && hot <= l2_cache_bytes() / 2;
+  // Both paths run the same per-task loops; the whole sequence saves a parallel region per step
+  // and degrades gracefully when a thread is descheduled. The step-by-step path wins only where
+  // it has more tasks to spread: a few samples of a wide layer, whose columns it also splits.
+  const Tiling steps = make_tiling(B, N);
+  const Tiling groups = sequence_groups(B, N, retro, itemsize, true);
+  return groups.num_chunks >= std::min(steps.num_chunks * steps.num_tiles, kTargetTasks);
 }
 
 int64_t alpha_acc_size(AlphaMode mode, const Tiling& tl, int64_t P, int64_t N) {
