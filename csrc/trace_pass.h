@@ -96,7 +96,8 @@ int64_t alpha_acc_size(AlphaMode mode, const Tiling& tiling, int64_t P, int64_t 
 
 // Instruction sets of the CPU kernels, narrowest first.
 enum class CpuIsa { Default = 0, Avx2 = 1, Avx512 = 2, Invalid = 3 };
-// The one the CPU passes use: the widest this CPU supports, capped by BACKPROPAMINE_CPU_ISA.
+// The one the CPU passes use: the fastest for this CPU (the widest it runs, but AVX2 on AMD), or
+// the one BACKPROPAMINE_CPU_ISA asks for, capped by what the CPU runs.
 CpuIsa cpu_isa();
 const char* cpu_isa_name(CpuIsa isa);
 

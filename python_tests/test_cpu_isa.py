@@ -1,6 +1,6 @@
-"""The CPU kernels are compiled for several instruction sets and one is picked at run time; the
-suite runs with the widest. Here each narrower one, forced with BACKPROPAMINE_CPU_ISA in a
-subprocess, runs a sweep of every rule against the reference."""
+"""The CPU kernels are compiled for several instruction sets and one is picked at run time (the
+widest the CPU runs, but AVX2 on AMD). Here each one the CPU runs, forced with
+BACKPROPAMINE_CPU_ISA in a subprocess, runs a sweep of every rule against the reference."""
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +11,35 @@ import torch
 from helpers import subprocess_env
 
 ISAS = ("default", "avx2", "avx512")
+
+
+def cpu_flags():
+    with open("/proc/cpuinfo") as f:
+        return next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+
+
+def widest_supported():
+    """The widest build this CPU runs, from its flags (as csrc/cpu/trace_pass_cpu.cpp decides)."""
+    flags = set(cpu_flags())
+    if not {"avx2", "fma"} <= flags:
+        return "default"
+    return "avx512" if {"avx512f", "avx512vl", "avx512bw", "avx512dq"} <= flags else "avx2"
+
+
+def test_default_choice_is_the_fastest_build():
+    """Without BACKPROPAMINE_CPU_ISA: the widest build, but AVX2 on AMD CPUs (AVX-512 measured
+    slower there)."""
+    with open("/proc/cpuinfo") as f:
+        amd = "AuthenticAMD" in f.read()
+    widest = widest_supported()
+    expected = "avx2" if amd and widest == "avx512" else widest
+    script = "import torch, backpropamine_cuda.fused; print(torch.ops.backpropamine.cpu_isa())"
+    env = subprocess_env()
+    env.pop("BACKPROPAMINE_CPU_ISA", None)
+    result = subprocess.run([sys.executable, "-c", script], env=env,
+                            capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [expected]
 
 SCRIPT = """
 import sys, torch
@@ -33,7 +62,7 @@ for rule, (alpha, modulation) in RULE_CONFIG.items():
 
 @pytest.mark.parametrize("isa", ISAS)
 def test_isa_matches_reference(fused_cpu, isa):
-    best = torch.ops.backpropamine.cpu_isa()  # the widest this CPU runs (the suite's own)
+    best = widest_supported()
     env = subprocess_env(BACKPROPAMINE_CPU_ISA=isa)
     script = SCRIPT.format(tests=str(Path(__file__).parent))
     # cwd: not a checkout, whose package `-c` would import instead of the one under test.
@@ -59,7 +88,7 @@ FLOAT32_TEST_FILES = ("test_rnn_ops.py", "test_lstm_ops.py", "test_primitives.py
 
 @pytest.mark.parametrize("isa", ISAS)
 def test_isa_float32_tests(fused_cpu, isa):
-    if ISAS.index(isa) > ISAS.index(torch.ops.backpropamine.cpu_isa()):
+    if ISAS.index(isa) > ISAS.index(widest_supported()):
         pytest.skip(f"this CPU does not run the {isa} build")
     tests = Path(__file__).parent
     result = subprocess.run(

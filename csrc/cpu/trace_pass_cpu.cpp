@@ -47,19 +47,24 @@ BP_DECLARE_TASKS(isa_avx512)
 
 namespace {
 
-// The widest instruction set this CPU runs; BACKPROPAMINE_CPU_ISA=default|avx2|avx512 caps it.
+// The fastest instruction set for this CPU: the widest it runs, except AVX-512 on AMD, whose
+// cores split 512-bit operations into two 256-bit halves (the AVX2 build measured about 10%
+// faster on an AMD EPYC with AVX-512; on Intel, AVX-512 about 10% faster than AVX2).
+// BACKPROPAMINE_CPU_ISA=default|avx2|avx512 asks for one, capped by what the CPU runs.
 CpuIsa detect_cpu_isa() {
-  CpuIsa best = CpuIsa::Default;
+  CpuIsa widest = CpuIsa::Default;
+  bool amd = false;
 #if defined(__x86_64__) && defined(__GNUC__)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = CpuIsa::Avx2;
-  if (best == CpuIsa::Avx2 && __builtin_cpu_supports("avx512f") &&
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) widest = CpuIsa::Avx2;
+  if (widest == CpuIsa::Avx2 && __builtin_cpu_supports("avx512f") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512dq"))
-    best = CpuIsa::Avx512;
+    widest = CpuIsa::Avx512;
+  amd = __builtin_cpu_is("amd");
 #endif
   const char* cap = std::getenv("BACKPROPAMINE_CPU_ISA");
-  if (cap == nullptr || *cap == '\0') return best;
+  if (cap == nullptr || *cap == '\0') return amd ? std::min(widest, CpuIsa::Avx2) : widest;
   const std::string want(cap);
   const CpuIsa asked = want == "default" ? CpuIsa::Default
                        : want == "avx2"  ? CpuIsa::Avx2
@@ -67,7 +72,7 @@ CpuIsa detect_cpu_isa() {
                                           : CpuIsa::Invalid;
   TORCH_CHECK_VALUE(asked != CpuIsa::Invalid, "BACKPROPAMINE_CPU_ISA must be one of default, "
                     "avx2, avx512, got '", want, "'");
-  return std::min(asked, best);
+  return std::min(asked, widest);
 }
 
 // Runs the tasks of a pass in parallel with the kernels of the selected instruction set.
