@@ -165,12 +165,8 @@ Tiling sequence_groups(int64_t B, int64_t N, bool retro, int64_t itemsize, bool 
 }
 
 bool use_whole_sequence(int64_t B, int64_t N, bool retro, int64_t itemsize) {
-  const char* path = std::getenv("BACKPROPAMINE_SEQUENCE_PATH");
-  const std::string want = path == nullptr ? "" : path;
-  if (want == "whole") return true;
-  if (want == "steps") return false;
-  TORCH_CHECK_VALUE(want.empty() || want == "auto", "BACKPROPAMINE_SEQUENCE_PATH must be one of "
-                    "auto, whole, steps, got '", want, "'");
+  const SequencePath want = requested_sequence_path();
+  if (want != SequencePath::Auto) return want == SequencePath::Whole;
   // A sample's hot traces must fit in L2, and there must be samples to run in parallel.
   const int64_t hot = hot_traces_per_sample(retro, true) * N * N * itemsize;
   return B >= 2 && hot <= l2_cache_bytes() / 2;
