@@ -150,6 +150,20 @@ def test_whole_sequence_sizes(emulated, monkeypatch, rule, T, B, N, L, dtype):
                            rule=rule, clip=CLIP, fused_options=dict(checkpoint_every=L))
 
 
+# Row slices per block (csrc/cuda/sequence_kernels.h, sequence_slices): as many of 4, 2, 1 as
+# the shared memory allows. The sizes above run 4 in both kernels; here the backward runs 2
+# (N = 200, float32: 226,176 bytes) and 1 (N = 109, retroactive, float64: 229,680 bytes).
+@pytest.mark.parametrize("rule,N,dtype", [("clip", 200, torch.float32),
+                                          ("retroactive", 109, torch.float64)], ids=str)
+def test_whole_sequence_fewer_row_slices(emulated, monkeypatch, rule, N, dtype):
+    monkeypatch.setenv(PATH_VARIABLE, "whole")
+    alpha, modulation = RULE_CONFIG[rule]
+    inputs = rnn_inputs(alpha, modulation, rule, T=3, B=2, N=N, dtype=dtype, seed=6,
+                        hebb_scale=0.1, eta_scale=0.1)
+    compare_with_reference(reference.plastic_rnn_sequence, emulated.plastic_rnn_sequence, inputs,
+                           rule=rule, clip=CLIP, fused_options=dict(checkpoint_every=2))
+
+
 @pytest.mark.parametrize("forward_path,backward_path", [("whole", "steps"), ("steps", "whole")])
 @pytest.mark.parametrize("rule", ["clip", "retroactive"])
 def test_paths_accept_each_others_forward(emulated, monkeypatch, rule, forward_path,
@@ -191,19 +205,19 @@ def test_sequence_path_choice(emulated, monkeypatch):
     """auto takes the whole-sequence kernels where a block's shared memory fits the device's
     limit and the per-step passes where it does not; whole at a size that does not fit is an
     error, not a silent fallback. Retroactive in float64: the backward keeps dL/dH and dL/dE,
-    2 N^2 values, plus 2 * 16 * (threads + 1) + threads + 3 N (threads: N rounded up to 32);
-    N = 110: 230,288 bytes of 232,448 (227 KB) fit, N = 120: 267,328 do not."""
+    2 N^2 values, plus 32 (C + 1) + 3 C + 4 N with one row slice (C: N rounded up to 32);
+    N = 109: 229,680 bytes of 232,448 (227 KB) fit, N = 120: 270,336 do not."""
     def run(N, path):
         monkeypatch.setenv(PATH_VARIABLE, path)
         inputs = rnn_inputs("neuron", "fanout1", "retroactive", T=2, B=1, N=N, seed=34)
         return run_forward_backward(emulated.plastic_rnn_sequence, inputs, rule="retroactive",
                                     clip=CLIP, checkpoint_every=1)
 
-    assert_results_equal(run(110, "whole"), run(110, "auto"))
+    assert_results_equal(run(109, "whole"), run(109, "auto"))
     auto = run(120, "auto")
     assert_results_equal(run(120, "steps"), auto)
     with pytest.raises(ValueError, match="BACKPROPAMINE_SEQUENCE_PATH=whole: the whole-sequence "
-                       "kernels at N = 120 with an eligibility trace need 267328 bytes of shared "
+                       "kernels at N = 120 with an eligibility trace need 270336 bytes of shared "
                        f"memory per block, the device allows {EMULATED_SHARED_BYTES}"):
         run(120, "whole")
     with pytest.raises(ValueError, match="BACKPROPAMINE_SEQUENCE_PATH must be one of auto, "

@@ -35,10 +35,16 @@ struct GpuBackend {
   // where a block's shared memory (the trace, or the trace gradient, of one sample) fits the
   // device's opt-in limit per block (Launch::max_shared_bytes()).
   static constexpr bool kWholeSequence = true;
+  // The least shared memory per block of the two kernels (one row slice), bytes.
   static int64_t whole_sequence_shared_bytes(int64_t N, bool retro, int64_t itemsize) {
-    const int64_t fwd = kern::sequence_forward_shared(N, retro);
-    const int64_t bwd = kern::sequence_backward_shared(N, retro);
+    const int64_t fwd = kern::sequence_forward_shared(N, retro, 1);
+    const int64_t bwd = kern::sequence_backward_shared(N, retro, 1);
     return (fwd > bwd ? fwd : bwd) * itemsize;
+  }
+  // Row slices per block: as many as fit (sequence_kernels.h).
+  template <typename T>
+  static int64_t slices(int64_t N, bool retro, bool backward) {
+    return kern::sequence_slices(N, retro, sizeof(T), Launch::max_shared_bytes(), backward);
   }
   bool whole_sequence(int64_t /*B*/, int64_t N, bool retro, int64_t itemsize) const {
     const SequencePath want = requested_sequence_path();
@@ -73,6 +79,7 @@ struct GpuBackend {
     dispatch_modes(in.modes, [&]<Rule R, AlphaMode AM, EtaMode EM>() {
       kern::SequenceForwardKernel<T, R, AM, EM> k{};
       k.steps = T_; k.B = B; k.N = N; k.K = K; k.L = in.L;
+      k.slices = slices<T>(N, has_elig<R>(), false);
       k.modulation = in.modulation; k.clip = in.clip;
       set_inputs(k, in);
       k.x = {in.x, TBN};
@@ -100,6 +107,7 @@ struct GpuBackend {
     dispatch_modes(in.modes, [&]<Rule R, AlphaMode AM, EtaMode EM>() {
       kern::SequenceBackwardKernel<T, R, AM, EM> k{};
       k.steps = T_; k.B = B; k.N = N; k.K = K; k.L = in.L;
+      k.slices = slices<T>(N, has_elig<R>(), true);
       k.modulation = in.modulation; k.clip = in.clip;
       set_inputs(k, in);
       k.clamp = {in.clamp, in.clamp != nullptr ? TBN : 0};
