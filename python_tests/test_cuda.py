@@ -186,3 +186,20 @@ def test_whole_sequence_too_large_for_shared_memory():
         with pytest.raises(ValueError, match="BACKPROPAMINE_SEQUENCE_PATH=whole: the "
                            "whole-sequence kernels at N = 300 need"):
             bp.fused.plastic_rnn_sequence(**inputs, rule="clip", clip=0.5)
+
+
+@requires_cuda_kernels
+def test_whole_sequence_does_not_synchronise(monkeypatch):
+    """The whole-sequence path reads elig_rate on the device: forward and backward run without a
+    host synchronisation (the per-step path takes elig_rate to the host)."""
+    monkeypatch.setenv("BACKPROPAMINE_SEQUENCE_PATH", "whole")
+    inputs = rnn_inputs("neuron", "fanout1", "retroactive", T=5, B=2, N=33)
+    leaves = {k: None if v is None else v.cuda().requires_grad_() for k, v in inputs.items()}
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        outputs = bp.fused.plastic_rnn_sequence(**leaves, rule="retroactive", clip=0.5)
+        sum(o.sum() for o in outputs if o is not None).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert leaves["elig_rate"].grad is not None

@@ -84,7 +84,8 @@ def test_kernels_do_not_depend_on_thread_order(emulated, kind, alpha, modulation
                                                request, monkeypatch):
     """Threads of a phase run in reverse order give the same bits: no thread reads, within a
     phase, what another one writes in it (a race on a GPU). The per-step kernels here (the RNN
-    forced onto them); the whole-sequence ones in test_whole_sequence_does_not_depend_on_thread_order."""
+    forced onto them); the whole-sequence ones in
+    test_whole_sequence_does_not_depend_on_thread_order."""
     monkeypatch.setenv(PATH_VARIABLE, "steps")
     make = rnn_inputs if kind == "rnn" else lstm_inputs
     op = getattr(emulated, f"plastic_{kind}_sequence")

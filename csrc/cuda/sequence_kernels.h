@@ -10,14 +10,14 @@
 // rounded up to a warp) and the rows i of slice r (N / slices of them, contiguous), so a warp
 // reads and writes trace rows (i, .) coalesced, and every element (i, j) of a trace is touched
 // by one thread only. Slices give an SM more warps to hide the latency of the global loads (the
-// backward's traces and parameters): as many as the shared memory allows, up to 4 (1024
-// threads at most). Sums over rows i of a column (the matvec u_j, dL/dpost_j, dL/deta_j) are
-// thread-local within a slice, then added over the slices in slice order through shared memory;
-// sums over columns j (dL/dx_i of the matvec, dL/dpre_i of the rule) go through shared memory,
-// kRows rows per slice at a time (SequenceBackwardKernel). The modulator's K dot products over N
-// are each summed by one thread (K is small; no K-sized shared buffer, so the shared memory
-// depends on N only). No atomics: every output and accumulator has one owner, every sum a fixed
-// order, so results are bitwise reproducible.
+// backward's traces and parameters): as many as the shared memory allows, up to 4, at most
+// kMaxBlockThreads threads. Sums over rows i of a column (the matvec u_j, dL/dpost_j, dL/deta_j)
+// are thread-local within a slice, then added over the slices in slice order through shared
+// memory; sums over columns j (dL/dx_i of the matvec, dL/dpre_i of the rule) go through shared
+// memory, kRows rows per slice at a time (SequenceBackwardKernel). The modulator's K dot
+// products over N are each summed by one thread (K is small; no K-sized shared buffer, so the
+// shared memory depends on N only). No atomics: every output and accumulator has one owner,
+// every sum a fixed order, so results are bitwise reproducible.
 #pragma once
 
 #include <cmath>
@@ -39,7 +39,6 @@ BP_KERNEL T tanh_of(T v) {
 // Columns of a block of the whole-sequence kernels: N rounded up to whole warps.
 BP_KERNEL int64_t sequence_columns(int64_t N) { return (N + 31) / 32 * 32; }
 constexpr int64_t kMaxSlices = 4;
-constexpr int64_t kMaxThreads = 1024;
 
 // Rows per slice and chunk of the backward's sums over columns (see SequenceBackwardKernel).
 constexpr int64_t kSequenceRows = 16;
@@ -60,7 +59,7 @@ inline int64_t sequence_slices(int64_t N, bool retro, int64_t itemsize, int64_t 
   for (int64_t s = kMaxSlices; s > 1; s /= 2) {
     const int64_t shared = backward ? sequence_backward_shared(N, retro, s)
                                     : sequence_forward_shared(N, retro, s);
-    if (s * sequence_columns(N) <= kMaxThreads && shared * itemsize <= limit) return s;
+    if (s * sequence_columns(N) <= kMaxBlockThreads && shared * itemsize <= limit) return s;
   }
   return 1;
 }
@@ -86,7 +85,10 @@ BP_KERNEL SliceRange slice_range(int64_t N, int64_t slices, int thread) {
 template <typename T, Rule R, AlphaMode AM, EtaMode EM>
 struct SequenceForwardKernel {
   using Value = T;
-  struct Regs {};
+  struct Regs {
+    T x;           // x_t of the column, loaded during the previous phase that has time for it
+    bool clamped;  // clamp_t of the column
+  };
   int64_t steps, B, N, K, L, slices;
   Modulation modulation;
   T clip;
@@ -103,7 +105,15 @@ struct SequenceForwardKernel {
   BP_KERNEL int64_t phases_per_step() const { return modulation == Modulation::None ? 2 : 3; }
   BP_KERNEL int phases() const { return static_cast<int>(2 + steps * phases_per_step()); }
 
-  BP_KERNEL void run(int phase, const ThreadPos& pos, Regs&, Span<T> smem) const {
+  // Loads x_t (and clamp_t) of column j for the cell of step t, a phase ahead of it, so that the
+  // load's latency overlaps the sweep instead of delaying the step.
+  BP_KERNEL void prefetch(int64_t t, int64_t b, int64_t j, Regs& reg) const {
+    const int64_t at = ((t - 1) * B + b) * N + j;
+    reg.x = x[at];
+    reg.clamped = !clamp.empty() && clamp[at];
+  }
+
+  BP_KERNEL void run(int phase, const ThreadPos& pos, Regs& reg, Span<T> smem) const {
     const SliceRange sr = slice_range(N, slices, pos.thread);
     const int64_t b = pos.block, j = sr.j, NN = N * N, columns = sequence_columns(N);
     const Span<T> hebb = smem.sub(0, NN);
@@ -126,6 +136,7 @@ struct SequenceForwardKernel {
       for (int64_t i = sr.i0; i < sr.i1; ++i)
         acc += hbuf[i] * (w[i * N + j] + alpha_of<AM>(alpha, i, j, N) * hebb[i * N + j]);
       u_part[sr.r * columns + j] = acc;
+      if (sr.r == 0) prefetch(1, b, j, reg);
       return;
     }
     const int64_t t = (phase - 2) / phases_per_step() + 1, sub = (phase - 2) % phases_per_step();
@@ -135,9 +146,8 @@ struct SequenceForwardKernel {
       if (j >= N || sr.r != 0) return;
       T u = T(0);
       for (int64_t r = 0; r < slices; ++r) u += u_part[r * columns + j];
-      const T x_j = x[row * N + j];
-      T h = tanh_of(x_j + u);
-      if (!clamp.empty() && clamp[row * N + j]) h = x_j;  // clamped: h_t = x_t
+      T h = tanh_of(reg.x + u);
+      if (reg.clamped) h = reg.x;  // clamped: h_t = x_t
       h_now[j] = h;
       out[row * N + j] = h;
       return;
@@ -191,6 +201,7 @@ struct SequenceForwardKernel {
       if (matvec) acc += h_now[i] * (w[e_at] + alpha_of<AM>(alpha, i, j, N) * h_new);
     }
     if (matvec) u_part[sr.r * columns + j] = acc;
+    if (matvec && sr.r == 0) prefetch(t + 1, b, j, reg);
   }
 };
 
