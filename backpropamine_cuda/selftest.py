@@ -10,9 +10,13 @@
    the GPU, at the papers' sizes (maze: the RNN op at B=30 N=100 T=200, alpha full; PTB: the RNN
    and the LSTM op at B=6 N=1149 T=70, alpha neuron; modulation fanout K=1, rule clip 2), forward
    outputs and the gradients of every input, in float32 and float64. The float32 reference's own
-   error is the yardstick of the float32 rows.
-3. Speed: forward and forward+backward of the fused ops against the eager reference on the same
-   GPU and against the HBM bandwidth floor (the trace bytes the op must move / the bandwidth of a
+   error is the yardstick of the float32 rows. The fused ops on the GPU run twice: as chosen
+   ("auto": the RNN op's whole-sequence kernels where a sample's trace fits in a block's shared
+   memory, i.e. the maze; the per-step kernels elsewhere) and with
+   BACKPROPAMINE_SEQUENCE_PATH=steps (the per-step kernels everywhere).
+3. Speed: forward and forward+backward of the fused ops (the RNN op also forced onto the
+   per-step kernels) against the eager reference on the same GPU and against the HBM bandwidth
+   floor (the trace bytes the op must move / the bandwidth of a
    large device-to-device copy); peak memory; the 3-layer PTB stack at batch 20.
 4. --benchmarks: benchmarks/bench_rnn.py and bench_lstm.py on the GPU (benchmarks/results/cuda/,
    or results/cuda-quick/ with --quick).
@@ -24,6 +28,7 @@ the emulated CUDA kernels against the reference: a check of this script on machi
 (use --quick; the emulator is slow).
 """
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
@@ -79,6 +84,26 @@ OUTPUTS = {"rnn": ("out", "hebb_T", "elig_T", "m"), "lstm": ("out", "c_T", "hebb
 
 def log(msg):
     print(msg, file=sys.stderr, flush=True)
+
+
+# The RNN sequence op's path: "auto" takes the whole-sequence kernels (one launch per sequence
+# forward, one backward) where a sample's trace fits in a block's shared memory (the maze), the
+# per-step kernels elsewhere; "steps" forces the per-step ones, so that both are checked.
+PATH_VARIABLE = "BACKPROPAMINE_SEQUENCE_PATH"
+
+
+@contextlib.contextmanager
+def sequence_path(path):
+    """PATH_VARIABLE set to `path` for the calls inside (forward and backward)."""
+    old = os.environ.get(PATH_VARIABLE)
+    os.environ[PATH_VARIABLE] = path
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[PATH_VARIABLE]
+        else:
+            os.environ[PATH_VARIABLE] = old
 
 
 def sync(device):
@@ -176,7 +201,8 @@ def attempt(what, fn):
 
 
 def accuracy(cases, impls, device):
-    """Rows of the accuracy table and whether every row passed. impls: {name: (ops, device)}."""
+    """Rows of the accuracy table and whether every row passed. impls: {name: (ops, device,
+    sequence path)}."""
     rows, ok = [], True
     for case in cases:
         inputs, cotangents = make_inputs(case)
@@ -203,10 +229,11 @@ def accuracy(cases, impls, device):
                 limit = max(FLOAT32_FLOOR, FLOAT32_FACTOR * max(e[1] for e in base.values()))
                 rows.append(row(case, dname, f"reference ({device.type})", "reference float64",
                                 base, "baseline"))
-            for name, (ops, dev) in impls.items():
+            for name, (ops, dev, path) in impls.items():
                 log(f"accuracy: {case.name} {dname}: {name}")
-                result, error = attempt(f"{case.name} {name}", lambda: outputs_and_grads(
-                    ops, case, inputs, cotangents, dev, dtype))
+                with sequence_path(path):
+                    result, error = attempt(f"{case.name} {name}", lambda: outputs_and_grads(
+                        ops, case, inputs, cotangents, dev, dtype))
                 if result is None:
                     rows.append(failed_row(case, dname, name, error))
                     ok = False
@@ -217,8 +244,9 @@ def accuracy(cases, impls, device):
                 ok &= passed
                 rows.append(row(case, dname, name, "reference float64", err,
                                 f"{'ok' if passed else 'FAILED'} (<= {limit:.1e})"))
-            if len(results) == 2:  # the two fused implementations against each other
-                (a, ra), (b, rb) = results.items()
+            # The first fused implementation against the others.
+            (a, ra), *others = results.items()
+            for b, rb in others:
                 rows.append(row(case, dname, a, b, errors(ra, rb), "(summation order)"))
     return rows, ok
 
@@ -299,16 +327,24 @@ def speed(cases, stack, fused_ops, device, repeats, bandwidth):
         trace_bytes = case.T * case.B * case.N ** 2 * 4
         floor = {m: p * trace_bytes / (bandwidth * 1e9) * 1e3 for m, p in FLOOR_PASSES.items()}
         res = {}
-        for impl, ops in (("fused", fused_ops), ("eager", reference)):
+        impls = [("fused", fused_ops, "auto"), ("eager", reference, "auto")]
+        if case.op == "rnn":
+            impls.insert(1, ("fused per-step", fused_ops, "steps"))
+        for impl, ops, path in impls:
             log(f"speed: {case.name} {impl}")
             op = sequence_op(ops, case)
-            res[impl] = attempt(f"{case.name} {impl}", lambda: timed(
-                lambda kw: op(**kw, rule=RULE, clip=CLIP), leaves, device, repeats))
+            with sequence_path(path):
+                res[impl] = attempt(f"{case.name} {impl}", lambda: timed(
+                    lambda kw: op(**kw, rule=RULE, clip=CLIP), leaves, device, repeats))
         del leaves
         (f, f_error), (e, e_error) = res["fused"], res["eager"]
         floor_cell = f"{floor['fwd']:.3g} / {floor['fwdbwd']:.3g}"
         rows.append([case.name, case.sizes(), "fused", *ms_cells(f, f_error),
                      ratio_cells(e, f), ratio_cells(f, floor), floor_cell])
+        if "fused per-step" in res:
+            p, p_error = res["fused per-step"]
+            rows.append([case.name, case.sizes(), "fused per-step", *ms_cells(p, p_error),
+                         ratio_cells(e, p), ratio_cells(p, floor), floor_cell])
         rows.append([case.name, case.sizes(), "eager", *ms_cells(e, e_error), "", "", floor_cell])
         if (case.B, case.N, case.T) == (6, 1149, 70) and device.type == "cuda" and f and e:
             x_floor, x_eager = f["fwdbwd"] / floor["fwdbwd"], e["fwdbwd"] / f["fwdbwd"]
@@ -497,11 +533,14 @@ def main():
         ok &= passed
 
     if device.type == "cuda":
-        impls = {"fused cuda": (bp.fused, device), "fused cpu": (bp.fused, torch.device("cpu"))}
+        impls = {"fused cuda": (bp.fused, device, "auto"),
+                 "fused cuda per-step": (bp.fused, device, "steps"),
+                 "fused cpu": (bp.fused, torch.device("cpu"), "auto")}
     else:
-        impls = {"fused cpu": (bp.fused, device)}
+        impls = {"fused cpu": (bp.fused, device, "auto")}
         if hasattr(bp.fused, "emulated_cuda") and has_kernels("backpropamine_emulated", "CPU"):
-            impls["emulated cuda"] = (bp.fused.emulated_cuda, device)
+            impls["emulated cuda"] = (bp.fused.emulated_cuda, device, "auto")
+            impls["emulated cuda per-step"] = (bp.fused.emulated_cuda, device, "steps")
     acc_rows, acc_ok = accuracy(cases, impls, device)
     ok &= acc_ok
 

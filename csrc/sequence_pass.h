@@ -102,6 +102,11 @@ Tiling sequence_groups(int64_t B, int64_t N, bool retro, int64_t itemsize, bool 
 // steps forces it, auto (or unset) decides from the sizes (cpu/trace_pass_cpu.cpp).
 bool use_whole_sequence(int64_t B, int64_t N, bool retro, int64_t itemsize);
 
+// The path BACKPROPAMINE_SEQUENCE_PATH asks for, for every backend: "whole", "steps", or "auto"
+// (or unset: the backend decides from the sizes). Anything else is a ValueError naming it.
+enum class SequencePath { Auto, Whole, Steps };
+SequencePath requested_sequence_path();
+
 template <typename T>
 void sequence_forward_cpu(const SequenceForwardParams<T>& p, const Tiling& groups);
 

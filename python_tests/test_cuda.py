@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import backpropamine_cuda as bp
-from helpers import RNN_INPUTS, TOL, rnn_inputs
+from backpropamine_cuda import reference
+from helpers import (RNN_INPUTS, RULE_CONFIG, RULES, TOL, assert_results_equal,
+                     relative_error, rnn_inputs, run_forward_backward, upcast)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -114,3 +116,90 @@ def test_ops_cuda_match_cpu(rule):
         assert (a is None) == (e is None)
         if e is not None:
             torch.testing.assert_close(a.cpu(), e, **TOL[torch.float64])
+
+
+def on_cuda(op):
+    """op on CUDA copies of its tensor arguments, its outputs moved back (differentiably)."""
+    def call(**kwargs):
+        moved = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        return tuple(None if o is None else o.cpu() for o in op(**moved))
+    return call
+
+
+def assert_as_accurate_as(actual, bars, expected, dtype, factor=10):
+    """Norm-wise, every output and gradient of `actual` is within `factor` times the largest
+    error of the `bars` (runs of the same op on the CPU) against `expected` (the float64
+    reference), or 64 unit roundoffs of `dtype`. Element-wise tolerances do not hold at
+    N = 100: the gradients grow over the steps, and the GPU's tanh and fused multiply-adds round
+    differently from the CPU's in the last bit."""
+    out_a, grad_a = actual
+    out_e, grad_e = expected
+    floor = 32 * torch.finfo(dtype).eps
+    names = [(f"output {k}", k) for k, e in enumerate(out_e) if e is not None]
+    names += [(f"grad of {k}", k) for k in grad_e]
+    for name, k in names:
+        pick = (lambda r: r[0][k]) if name.startswith("output") else (lambda r: r[1][k])
+        err = relative_error(pick(actual), pick(expected))
+        bar = max(relative_error(pick(b), pick(expected)) for b in bars)
+        assert err <= factor * max(bar, floor), (
+            f"{name}: norm-wise error {err:.3g} on the GPU, at most {bar:.3g} on the CPU")
+
+
+@requires_cuda_kernels
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("path", ["whole", "steps"])
+@pytest.mark.parametrize("rule", RULES)
+def test_rnn_sequence_paths_on_gpu(monkeypatch, rule, path, dtype):
+    """The RNN sequence op's whole-sequence kernels (one launch forward, one backward) and its
+    per-step kernels on the GPU, at the maze's N = 100 and at N = 33, against the reference:
+    as accurate as the same path on the CPU (and, in float32, the float32 reference); bitwise
+    reproducible run to run (no atomics)."""
+    monkeypatch.setenv("BACKPROPAMINE_SEQUENCE_PATH", path)
+    alpha, modulation = RULE_CONFIG[rule]
+    # At N = 100 a smaller trace and rate than the defaults: with those the float32 reference
+    # itself errs by up to 80 % (gradients growing to 1e5 over 9 steps).
+    for N, L, scale in ((100, 4, 0.1), (33, 100, 1.0)):
+        inputs = rnn_inputs(alpha, modulation, rule, T=9, B=3, N=N, dtype=dtype, seed=40,
+                            hebb_scale=scale, eta_scale=0.5 * scale)
+        kw = dict(rule=rule, clip=0.5)
+        op = on_cuda(bp.fused.plastic_rnn_sequence)
+        expected = run_forward_backward(reference.plastic_rnn_sequence, upcast(inputs), **kw)
+        actual = run_forward_backward(op, inputs, **kw, checkpoint_every=L)
+        bars = [run_forward_backward(bp.fused.plastic_rnn_sequence, inputs, **kw,
+                                     checkpoint_every=L)]
+        if dtype != torch.float64:
+            bars.append(run_forward_backward(reference.plastic_rnn_sequence, inputs, **kw))
+        assert_as_accurate_as(actual, bars, expected, dtype)
+        assert_results_equal(actual, run_forward_backward(op, inputs, **kw, checkpoint_every=L))
+
+
+@requires_cuda_kernels
+def test_whole_sequence_too_large_for_shared_memory():
+    """N = 300 in float32 needs 360 KB of shared memory for the trace alone: more than any GPU's
+    block has. auto runs the per-step kernels; whole says why it cannot."""
+    inputs = rnn_inputs("neuron", "fanout1", "clip", T=2, B=1, N=300, dtype=torch.float32)
+    inputs = {k: None if v is None else v.cuda() for k, v in inputs.items()}
+    out = bp.fused.plastic_rnn_sequence(**inputs, rule="clip", clip=0.5)[0]
+    assert out.is_cuda
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BACKPROPAMINE_SEQUENCE_PATH", "whole")
+        with pytest.raises(ValueError, match="BACKPROPAMINE_SEQUENCE_PATH=whole: the "
+                           "whole-sequence kernels at N = 300 need"):
+            bp.fused.plastic_rnn_sequence(**inputs, rule="clip", clip=0.5)
+
+
+@requires_cuda_kernels
+def test_whole_sequence_does_not_synchronise(monkeypatch):
+    """The whole-sequence path reads elig_rate on the device: forward and backward run without a
+    host synchronisation (the per-step path takes elig_rate to the host)."""
+    monkeypatch.setenv("BACKPROPAMINE_SEQUENCE_PATH", "whole")
+    inputs = rnn_inputs("neuron", "fanout1", "retroactive", T=5, B=2, N=33)
+    leaves = {k: None if v is None else v.cuda().requires_grad_() for k, v in inputs.items()}
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        outputs = bp.fused.plastic_rnn_sequence(**leaves, rule="retroactive", clip=0.5)
+        sum(o.sum() for o in outputs if o is not None).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert leaves["elig_rate"].grad is not None

@@ -13,8 +13,18 @@ namespace bp {
 struct EmulatedLaunch {
   template <class K>
   void operator()(const K& k) const {
+    // The launch limits a GPU would enforce.
+    const int64_t shared = k.shared_size() * static_cast<int64_t>(sizeof(typename K::Value));
+    TORCH_CHECK(shared <= kEmulatedSharedBytes && k.block() <= kern::kMaxBlockThreads,
+                "bp kernel emulator: ", shared, " bytes of shared memory and ", k.block(),
+                " threads per block exceed the limits of ", kEmulatedSharedBytes, " bytes and ",
+                kern::kMaxBlockThreads, " threads");
     kern::emulate(k);
   }
+  // The emulator's shared memory per block: that of an sm_90 GPU with the opt-in (227 KB), so
+  // that the tests choose the paths an H100 or H200 would.
+  static int64_t max_shared_bytes() { return kEmulatedSharedBytes; }
+  static constexpr int64_t kEmulatedSharedBytes = 227 << 10;
 };
 
 }  // namespace bp

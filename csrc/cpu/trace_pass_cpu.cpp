@@ -170,12 +170,8 @@ Tiling sequence_groups(int64_t B, int64_t N, bool retro, int64_t itemsize, bool 
 }
 
 bool use_whole_sequence(int64_t B, int64_t N, bool retro, int64_t itemsize) {
-  const char* path = std::getenv("BACKPROPAMINE_SEQUENCE_PATH");
-  const std::string want = path == nullptr ? "" : path;
-  if (want == "whole") return true;
-  if (want == "steps") return false;
-  TORCH_CHECK_VALUE(want.empty() || want == "auto", "BACKPROPAMINE_SEQUENCE_PATH must be one of "
-                    "auto, whole, steps, got '", want, "'");
+  const SequencePath want = requested_sequence_path();
+  if (want != SequencePath::Auto) return want == SequencePath::Whole;
   // Both paths run the same per-task loops; the whole sequence saves a parallel region per step
   // and degrades gracefully when a thread is descheduled. The step-by-step path wins only where
   // it has more tasks to spread: a few samples of a wide layer, whose columns it also splits.

@@ -4,9 +4,13 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/Exception.h>
 
+#include "../checks.h"
 #include "../dispatch.h"
 #include "../trace_pass.h"
+#include "../sequence_pass.h"
+#include "sequence_kernels.h"
 #include "trace_kernels.h"
 
 namespace bp {
@@ -27,11 +31,114 @@ struct GpuBackend {
       default: return tl.blocks();
     }
   }
-  // No whole-sequence kernel yet: the sequence ops run step by step.
-  static constexpr bool kWholeSequence = false;
+  // The whole-sequence path (sequence_kernels.h): one launch per sequence forward, one backward,
+  // where a block's shared memory (the trace, or the trace gradient, of one sample) fits the
+  // device's opt-in limit per block (Launch::max_shared_bytes()).
+  static constexpr bool kWholeSequence = true;
+  // The least shared memory per block of the two kernels (one row slice), bytes.
+  static int64_t whole_sequence_shared_bytes(int64_t N, bool retro, int64_t itemsize) {
+    const int64_t fwd = kern::sequence_forward_shared(N, retro, 1);
+    const int64_t bwd = kern::sequence_backward_shared(N, retro, 1);
+    return (fwd > bwd ? fwd : bwd) * itemsize;
+  }
+  // Row slices per block: as many as fit (sequence_kernels.h).
+  template <typename T>
+  static int64_t slices(int64_t N, bool retro, bool backward) {
+    return kern::sequence_slices(N, retro, sizeof(T), Launch::max_shared_bytes(), backward);
+  }
+  bool whole_sequence(int64_t /*B*/, int64_t N, bool retro, int64_t itemsize) const {
+    const SequencePath want = requested_sequence_path();
+    if (want == SequencePath::Steps) return false;
+    const int64_t need = whole_sequence_shared_bytes(N, retro, itemsize);
+    const int64_t limit = Launch::max_shared_bytes();
+    if (want == SequencePath::Auto) return need <= limit;
+    TORCH_CHECK_VALUE(need <= limit, "BACKPROPAMINE_SEQUENCE_PATH=whole: the whole-sequence "
+                      "kernels at N = ", N, (retro ? " with an eligibility trace" : ""), " need ",
+                      need, " bytes of shared memory per block, the device allows ", limit,
+                      " (use auto or steps)");
+    return true;
+  }
+  // One group (block) per sample: accumulators per sample, summed in sample order.
+  Tiling sequence_groups(int64_t B, int64_t N, bool, int64_t, bool) const {
+    Tiling t{};
+    t.chunk_size = 1;
+    t.num_chunks = B;
+    t.num_tiles = 1;
+    t.block_rows = N;
+    t.num_row_blocks = 1;
+    t.stage_rows = 1;
+    return t;
+  }
+
+  template <typename T>
+  void sequence_forward(const SequenceForwardParams<T>& p, const Tiling&) const {
+    const SequenceInputs<T>& in = p.in;
+    const int64_t T_ = in.steps, B = in.B, N = in.N, K = in.K, BN = B * N, BNN = BN * N;
+    const int64_t TBN = T_ * BN, n_ckpt = num_checkpoints(T_, in.L);
+    const bool modulated = in.modulation != Modulation::None;
+    dispatch_modes(in.modes, [&]<Rule R, AlphaMode AM, EtaMode EM>() {
+      kern::SequenceForwardKernel<T, R, AM, EM> k{};
+      k.steps = T_; k.B = B; k.N = N; k.K = K; k.L = in.L;
+      k.slices = slices<T>(N, has_elig<R>(), false);
+      k.modulation = in.modulation; k.clip = in.clip;
+      set_inputs(k, in);
+      k.x = {in.x, TBN};
+      k.clamp = {in.clamp, in.clamp != nullptr ? TBN : 0};
+      k.out = {p.out, TBN};
+      k.m = {p.m, T_ * B * K};
+      k.eta_seq = {p.eta_seq, modulated ? TBN : 0};
+      k.hebb_T = {p.hebb_T, BNN};
+      k.ckpt_h = {p.ckpt_h, n_ckpt * BNN};
+      if constexpr (has_elig<R>()) {
+        k.elig_T = {p.elig_T, BNN};
+        k.ckpt_e = {p.ckpt_e, n_ckpt * BNN};
+      }
+      Launch{}(k);
+    });
+  }
+
+  template <typename T>
+  void sequence_backward(const SequenceBackwardParams<T>& p, const Tiling& groups) const {
+    const SequenceInputs<T>& in = p.in;
+    const int64_t T_ = in.steps, B = in.B, N = in.N, K = in.K, BN = B * N, BNN = BN * N;
+    const int64_t TBN = T_ * BN, n_ckpt = num_checkpoints(T_, in.L);
+    const int64_t seg = (in.L < T_ ? in.L : T_) - 1;
+    const bool modulated = in.modulation != Modulation::None;
+    dispatch_modes(in.modes, [&]<Rule R, AlphaMode AM, EtaMode EM>() {
+      kern::SequenceBackwardKernel<T, R, AM, EM> k{};
+      k.steps = T_; k.B = B; k.N = N; k.K = K; k.L = in.L;
+      k.slices = slices<T>(N, has_elig<R>(), true);
+      k.modulation = in.modulation; k.clip = in.clip;
+      set_inputs(k, in);
+      k.clamp = {in.clamp, in.clamp != nullptr ? TBN : 0};
+      k.out = {p.out, TBN};
+      k.m = {p.m, T_ * B * K};
+      k.eta_seq = {p.eta_seq, modulated ? TBN : 0};
+      k.ckpt_h = {p.ckpt_h, n_ckpt * BNN};
+      k.grad_out = {p.grad_out, p.grad_out != nullptr ? TBN : 0};
+      k.grad_m = {p.grad_m, p.grad_m != nullptr ? T_ * B * K : 0};
+      k.g_hebb = {p.g_hebb, BNN};
+      k.g_u = {p.g_u, TBN};
+      k.g_x = {p.g_x, TBN};
+      k.g_h0 = {p.g_h0, BN};
+      k.g_z = {p.g_z, T_ * B * K};
+      k.g_eta_seq = {p.g_eta_seq, in.modulation == Modulation::Fanout ? TBN : 0};
+      k.g_eta_post = {p.g_eta_post, BN};
+      k.g_alpha_acc = {p.g_alpha_acc, alpha_acc_size(AM, groups, N, N)};
+      k.g_eta_conn = {p.g_eta_conn, EM == EtaMode::PerConnection ? B * N * N : 0};
+      k.seg_h = {p.seg_h, seg * BNN};
+      if constexpr (has_elig<R>()) {
+        k.ckpt_e = {p.ckpt_e, n_ckpt * BNN};
+        k.g_elig = {p.g_elig, BNN};
+        k.g_rate_acc = {p.g_rate_acc, B};
+        k.seg_e = {p.seg_e, seg * BNN};
+      }
+      Launch{}(k);
+    });
+  }
+
   int64_t eta_acc_rows(const Tiling& tl) const { return tl.num_chunks; }
   int64_t rate_acc_size(const Tiling& tl) const { return tl.blocks(); }
-
   template <typename T>
   void forward(const ForwardPassParams<T>& p, const PassModes& m, const Tiling& tl) const {
     const int64_t B = p.B, P = p.P, N = p.N, BPN = B * P * N;
@@ -123,6 +230,28 @@ struct GpuBackend {
  private:
   static int64_t alpha_size(AlphaMode mode, int64_t P, int64_t N) {
     return mode == AlphaMode::Full ? P * N : mode == AlphaMode::Neuron ? N : 1;
+  }
+
+  // The inputs both whole-sequence kernels read, with their sizes.
+  template <class K, typename T>
+  static void set_inputs(K& k, const SequenceInputs<T>& in) {
+    const int64_t B = in.B, N = in.N, K_ = in.K, NN = N * N;
+    const bool retro = in.modes.rule == Rule::Retroactive;
+    const Modulation mod = in.modulation;
+    k.elig_rate = {in.elig_rate, retro ? 1 : 0};
+    k.h0 = {in.h0, B * N};
+    k.hebb0 = {in.hebb0, B * NN};
+    k.elig0 = {in.elig0, retro ? B * NN : 0};
+    k.w = {in.w, NN};
+    k.alpha = {in.alpha, alpha_size(in.modes.alpha, N, N)};
+    const int64_t eta_size = in.modes.eta == EtaMode::PerPost ? B * N : NN;
+    k.eta_fixed = {in.eta_fixed, mod == Modulation::None ? eta_size : 0};
+    k.h2mod_w = {in.h2mod_w, mod != Modulation::None ? K_ * N : 0};
+    k.fanout_w = {in.fanout_w, mod == Modulation::Fanout ? N * K_ : 0};
+    if constexpr (requires { k.h2mod_b; }) {
+      k.h2mod_b = {in.h2mod_b, mod != Modulation::None ? K_ : 0};
+      k.fanout_b = {in.fanout_b, mod == Modulation::Fanout ? N : 0};
+    }
   }
 };
 

@@ -4,13 +4,16 @@
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
 
 #include "phased.h"
 
 namespace bp::kern {
 
 template <class K>
-__global__ void phased_kernel(const K k) {
+__global__ void __launch_bounds__(kMaxBlockThreads) phased_kernel(const K k) {
   using V = typename K::Value;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   const Span<V> smem{reinterpret_cast<V*>(shared_bytes), k.shared_size()};
@@ -24,10 +27,30 @@ __global__ void phased_kernel(const K k) {
   }
 }
 
+// The current device's opt-in limit of dynamic shared memory per block, bytes (227 KB on sm_90,
+// 163 KB on sm_80; 48 KB without opting in).
+inline int64_t max_shared_bytes_per_block() {
+  int device = 0, bytes = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return bytes;
+}
+
 template <class K>
 void launch(const K& k) {
   if (k.grid() == 0) return;
   const size_t shared = static_cast<size_t>(k.shared_size()) * sizeof(typename K::Value);
+  TORCH_CHECK(k.block() <= kMaxBlockThreads, "bp kernel launch: ", k.block(),
+              " threads per block exceed the ", kMaxBlockThreads, " the kernels are compiled for");
+  constexpr size_t kDefaultShared = 48 << 10;  // more needs the kernel's opt-in
+  if (shared > kDefaultShared) {
+    TORCH_CHECK(static_cast<int64_t>(shared) <= max_shared_bytes_per_block(), "bp kernel launch: ",
+                shared, " bytes of shared memory per block exceed the device's limit of ",
+                max_shared_bytes_per_block());
+    C10_CUDA_CHECK(cudaFuncSetAttribute(phased_kernel<K>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(shared)));
+  }
   phased_kernel<K><<<static_cast<unsigned>(k.grid()), k.block(), shared,
                      c10::cuda::getCurrentCUDAStream()>>>(k);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

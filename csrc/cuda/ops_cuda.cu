@@ -13,6 +13,7 @@ struct CudaLaunch {
   void operator()(const K& k) const {
     kern::launch(k);
   }
+  static int64_t max_shared_bytes() { return kern::max_shared_bytes_per_block(); }
 };
 
 }  // namespace bp

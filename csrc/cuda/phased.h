@@ -31,6 +31,10 @@
 
 namespace bp::kern {
 
+// Threads per block of any phased kernel, at most: launch.cuh compiles every kernel for it
+// (__launch_bounds__), so that its registers (up to 128 per thread) never make a launch fail.
+constexpr int kMaxBlockThreads = 512;
+
 // Where a thread is: block `block` of `grid_dim`, thread `thread` of `block_dim`.
 struct ThreadPos {
   int64_t block;

@@ -143,14 +143,17 @@ Tensors<12> whole_sequence_backward(const Backend& be, const PlasticConfig& c,
           r.g_eta, r.g_rate, r.g_h2mod_w, r.g_h2mod_b, r.g_fan_w, r.g_fan_b};
 }
 
+// The whole-sequence path reads elig_rate where its kernels run; only the per-step path takes it
+// to the host (PlasticParams), which on a GPU is a synchronisation.
 template <typename T, class Backend>
-Tensors<7> sequence_forward(const Backend& be, const PlasticConfig& c, const PlasticParams<T>& p,
+Tensors<7> sequence_forward(const Backend& be, const PlasticConfig& c, const PlasticInputs& in,
                             const Tensor& x, const Tensor& h0, const OptTensor& clamp,
                             int64_t L) {
   if constexpr (Backend::kWholeSequence) {
     if (be.whole_sequence(c.B, c.N, c.modes.rule == Rule::Retroactive, sizeof(T)))
-      return whole_sequence_forward<T>(be, c, p.in, x, h0, clamp, L);
+      return whole_sequence_forward<T>(be, c, in, x, h0, clamp, L);
   }
+  const PlasticParams<T> p(c, in);
   Tensor out = at::empty({c.T, c.B, c.N}, x.options());
   auto r = trace_forward<T>(be, c, p, {h0, out, out, out}, L, [&](int64_t t, const Tensor& u) {
     Tensor h_t = out.select(0, t - 1);
@@ -162,13 +165,14 @@ Tensors<7> sequence_forward(const Backend& be, const PlasticConfig& c, const Pla
 
 template <typename T, class Backend>
 Tensors<12> sequence_backward(const Backend& be, const PlasticConfig& c,
-                              const PlasticParams<T>& p, const OptTensor& grad_out,
+                              const PlasticInputs& in, const OptTensor& grad_out,
                               const TraceSaved& saved, const Tensor& h0, const Tensor& out,
                               const OptTensor& clamp, int64_t L) {
   if constexpr (Backend::kWholeSequence) {
     if (be.whole_sequence(c.B, c.N, c.modes.rule == Rule::Retroactive, sizeof(T)))
-      return whole_sequence_backward<T>(be, c, p.in, grad_out, saved, h0, out, clamp, L);
+      return whole_sequence_backward<T>(be, c, in, grad_out, saved, h0, out, clamp, L);
   }
+  const PlasticParams<T> p(c, in);
   Tensor g_u = at::empty({c.T, c.B, c.N}, out.options());  // dL/du_t
   // dL/dx_t is dL/du_t, except on clamped neurons: there h_t = x_t and u_t is not used.
   Tensor g_x = clamp.has_value() ? at::empty_like(g_u) : g_u;
@@ -252,8 +256,8 @@ Tensors<7> plastic_rnn_sequence(
   check_checkpoint_every(op, checkpoint_every);
   check_clamp(op, clamp, x);
   return dispatch_float(x, op, [&]<typename T>() {
-    return rnn_detail::sequence_forward<T>(Backend(x.options()), c, PlasticParams<T>(c, in), x,
-                                           h0, clamp, checkpoint_every);
+    return rnn_detail::sequence_forward<T>(Backend(x.options()), c, in, x, h0, clamp,
+                                           checkpoint_every);
   });
 }
 
@@ -279,8 +283,8 @@ Tensors<12> plastic_rnn_sequence_backward(
   const TraceSaved saved{m, eta_seq, hebb_checkpoints, elig_checkpoints,
                          grad_hebb, grad_elig, grad_m};
   return dispatch_float(out, op, [&]<typename T>() {
-    return rnn_detail::sequence_backward<T>(Backend(out.options()), c, PlasticParams<T>(c, in),
-                                            grad_out, saved, h0, out, clamp, checkpoint_every);
+    return rnn_detail::sequence_backward<T>(Backend(out.options()), c, in, grad_out, saved, h0,
+                                            out, clamp, checkpoint_every);
   });
 }
 
@@ -298,8 +302,8 @@ Tensors<5> plastic_rnn_step(
   check_clamp(op, clamp, x);
   auto [out, hebb_new, elig_new, m, eta_seq, ckpt_h, ckpt_e] =
       dispatch_float(x, op, [&]<typename T>() {
-    return rnn_detail::sequence_forward<T>(Backend(x.options()), c, PlasticParams<T>(c, in),
-                                           x.unsqueeze(0), h, unsqueeze0(clamp), 1);
+    return rnn_detail::sequence_forward<T>(Backend(x.options()), c, in, x.unsqueeze(0), h,
+                                           unsqueeze0(clamp), 1);
   });
   // eta_t (B, N) is kept for the backward only when the rate is computed by the modulator.
   Tensor eta_t = eta_seq.numel() > 0 ? eta_seq.squeeze(0) : at::empty({0}, x.options());
@@ -330,9 +334,9 @@ Tensors<12> plastic_rnn_step_backward(
   const OptTensor grad_m_seq = unsqueeze0(grad_m);
   const TraceSaved saved{m_seq, eta_seq, no_ckpt, no_ckpt, grad_hebb, grad_elig, grad_m_seq};
   auto grads = dispatch_float(h_new, op, [&]<typename T>() {
-    return rnn_detail::sequence_backward<T>(Backend(h_new.options()), c,
-                                            PlasticParams<T>(c, in), unsqueeze0(grad_h_new),
-                                            saved, h, h_new.unsqueeze(0), unsqueeze0(clamp), 1);
+    return rnn_detail::sequence_backward<T>(Backend(h_new.options()), c, in,
+                                            unsqueeze0(grad_h_new), saved, h,
+                                            h_new.unsqueeze(0), unsqueeze0(clamp), 1);
   });
   std::get<0>(grads) = std::get<0>(grads).squeeze(0);
   return grads;

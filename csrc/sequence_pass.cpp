@@ -1,0 +1,21 @@
+// The choice of path of the sequence ops (sequence_pass.h), shared by the CPU and GPU backends.
+#include "sequence_pass.h"
+
+#include <c10/util/Exception.h>
+
+#include <cstdlib>
+#include <string>
+
+namespace bp {
+
+SequencePath requested_sequence_path() {
+  const char* path = std::getenv("BACKPROPAMINE_SEQUENCE_PATH");
+  const std::string want = path == nullptr ? "" : path;
+  if (want == "whole") return SequencePath::Whole;
+  if (want == "steps") return SequencePath::Steps;
+  TORCH_CHECK_VALUE(want.empty() || want == "auto", "BACKPROPAMINE_SEQUENCE_PATH must be one of "
+                    "auto, whole, steps, got '", want, "'");
+  return SequencePath::Auto;
+}
+
+}  // namespace bp
