@@ -36,6 +36,15 @@ BP_KERNEL T tanh_of(T v) {
   else return tanh(v);
 }
 
+// Quotient of non-negative values that fit in 32 bits: the per-phase decoding of the kernels
+// divides by runtime values, and a 64-bit division is a long instruction sequence on a GPU.
+BP_KERNEL int64_t div32(int64_t a, int64_t b) {
+  return static_cast<int>(a) / static_cast<int>(b);
+}
+// Step t's segment of checkpoint interval L: t / L for a step t (< 2^31) and any L >= 1 (an
+// interval may be as large as int64 allows).
+BP_KERNEL int64_t segment_of(int64_t t, int64_t L) { return L > t ? 0 : div32(t, L); }
+
 // Columns of a block of the whole-sequence kernels: N rounded up to whole warps.
 BP_KERNEL int64_t sequence_columns(int64_t N) { return (N + 31) / 32 * 32; }
 constexpr int64_t kMaxSlices = 4;
@@ -69,10 +78,10 @@ struct SliceRange {
   int64_t r, j, i0, i1;
 };
 BP_KERNEL SliceRange slice_range(int64_t N, int64_t slices, int thread) {
-  const int64_t columns = sequence_columns(N), rows = (N + slices - 1) / slices;
+  const int64_t columns = sequence_columns(N), rows = div32(N + slices - 1, slices);
   SliceRange s{};
-  s.r = thread / columns;
-  s.j = thread % columns;
+  s.r = div32(thread, columns);
+  s.j = thread - s.r * columns;
   s.i0 = s.r * rows < N ? s.r * rows : N;
   s.i1 = s.i0 + rows < N ? s.i0 + rows : N;
   return s;
@@ -139,7 +148,8 @@ struct SequenceForwardKernel {
       if (sr.r == 0) prefetch(1, b, j, reg);
       return;
     }
-    const int64_t t = (phase - 2) / phases_per_step() + 1, sub = (phase - 2) % phases_per_step();
+    const int64_t t = div32(phase - 2, phases_per_step()) + 1;
+    const int64_t sub = phase - 2 - (t - 1) * phases_per_step();
     const int64_t row = (t - 1) * B + b;  // (step, sample) row of the (T, B, .) sequences
     const Span<T> h_now = hbuf.sub((t % 2) * N, N), h_before = hbuf.sub(((t - 1) % 2) * N, N);
     if (sub == 0) {  // the cell
@@ -179,8 +189,8 @@ struct SequenceForwardKernel {
     Span<T> dest_h, dest_e;
     if (t == steps) {
       dest = b * NN; dest_h = hebb_T; dest_e = elig_T;
-    } else if (t % L == 0) {
-      dest = (t / L - 1) * BNN + b * NN; dest_h = ckpt_h; dest_e = ckpt_e;
+    } else if (t - segment_of(t, L) * L == 0) {
+      dest = (segment_of(t, L) - 1) * BNN + b * NN; dest_h = ckpt_h; dest_e = ckpt_e;
     }
     const RuleConsts<T> consts{clip, has_elig<R>() ? elig_rate[0] : T(0)};
     const T post = h_now[j];
@@ -251,7 +261,7 @@ struct SequenceBackwardKernel {
     return sequence_backward_shared(N, has_elig<R>(), slices);
   }
   BP_KERNEL int64_t chunks() const {
-    const int64_t rows = (N + slices - 1) / slices;
+    const int64_t rows = div32(N + slices - 1, slices);
     return (rows + kRows - 1) / kRows;
   }
   BP_KERNEL int64_t sums() const { return slices * 2 * kRows; }  // row sums per chunk
@@ -288,14 +298,15 @@ struct SequenceBackwardKernel {
   BP_KERNEL T h_at(int64_t t, int64_t b, int64_t i) const {
     return t == 0 ? h0[b * N + i] : out[((t - 1) * B + b) * N + i];
   }
-  // Element `at` (= i N + j) of sample b's trace t of a segment in memory: the initial trace, a
-  // checkpoint, or a recomputed one.
-  BP_KERNEL T trace_at(const Span<const T>& initial, const Span<const T>& checkpoints,
-                       const Span<T>& segment, int64_t t, int64_t b, int64_t at) const {
-    const int64_t NN = N * N;
-    if (t == 0) return initial[b * NN + at];
-    if (t % L == 0) return checkpoints[((t / L - 1) * B + b) * NN + at];
-    return segment[((t % L - 1) * B + b) * NN + at];
+  // Sample b's trace t of a segment in memory: the initial trace, a checkpoint, or a recomputed
+  // one (looked up once per phase, then indexed per element).
+  BP_KERNEL Span<const T> trace_of(const Span<const T>& initial, const Span<const T>& checkpoints,
+                                   const Span<T>& segment, int64_t t, int64_t b) const {
+    const int64_t NN = N * N, k = segment_of(t, L), rem = t - k * L;
+    if (t == 0) return initial.sub(b * NN, NN);
+    if (rem == 0) return checkpoints.sub(((k - 1) * B + b) * NN, NN);
+    const Span<T> recomputed = segment.sub(((rem - 1) * B + b) * NN, NN);
+    return {recomputed.data, recomputed.size};
   }
   BP_KERNEL T eta_at(int64_t t, int64_t b, int64_t i, int64_t j) const {
     if (modulation != Modulation::None) return eta_seq[((t - 1) * B + b) * N + j];
@@ -347,7 +358,8 @@ struct SequenceBackwardKernel {
       if constexpr (has_elig<R>()) g_rate_acc[b] += rate;
       return;
     }
-    const int64_t it = (phase - 1) / iteration_phases(), sub = (phase - 1) % iteration_phases();
+    const int64_t it = div32(phase - 1, iteration_phases());
+    const int64_t sub = phase - 1 - it * iteration_phases();
     const int64_t t = steps + 1 - it, s = t - 1;
     const int64_t n_chunks = chunks();
     if (sub < sweep_phases()) {
@@ -357,8 +369,8 @@ struct SequenceBackwardKernel {
         if (c == 0) {
           reg.post_acc = T(0);
           reg.eta_acc = T(0);
-          const bool new_segment = s >= 1 && (s == steps || s % L == 0);
-          if (new_segment && j < N) load_segment((s - 1) / L, b, sr, consts);
+          const bool new_segment = s >= 1 && (s == steps || s - segment_of(s, L) * L == 0);
+          if (new_segment && j < N) load_segment(segment_of(s - 1, L), b, sr, consts);
         }
         stage_chunk(c, t, s, b, sr, consts, reg, sh);
       } else if (sub % 2 == 1) {
@@ -438,10 +450,13 @@ struct SequenceBackwardKernel {
                               const RuleConsts<T>& consts) const {
     const int64_t start = k * L, end = start + L < steps ? start + L : steps, NN = N * N;
     const int64_t j = sr.j;
+    const Span<const T> h_start = trace_of(hebb0, ckpt_h, seg_h, start, b);
+    const Span<const T> e_start =
+        has_elig<R>() ? trace_of(elig0, ckpt_e, seg_e, start, b) : Span<const T>{};
     for (int64_t i = sr.i0; i < sr.i1; ++i) {
       const int64_t at = i * N + j;
-      T h = trace_at(hebb0, ckpt_h, seg_h, start, b, at);
-      T e = has_elig<R>() ? trace_at(elig0, ckpt_e, seg_e, start, b, at) : T(0);
+      T h = h_start[at];
+      T e = has_elig<R>() ? e_start[at] : T(0);
       for (int64_t t = start + 1; t < end; ++t) {
         T h_new, e_new = T(0);
         rule_forward<R>(h, e, h_at(t - 1, b, i), h_at(t, b, j), eta_at(t, b, i, j), consts,
@@ -463,6 +478,12 @@ struct SequenceBackwardKernel {
     const bool do_b = t <= steps, do_a = s >= 1;
     const int64_t j = sr.j, C = columns(), NN = N * N;
     const T g_u_j = do_b && j < N ? sh.g_u[j] : T(0);
+    const Span<const T> b_hebb = do_b ? trace_of(hebb0, ckpt_h, seg_h, t - 1, b)
+                                      : Span<const T>{};
+    const Span<const T> a_hebb = do_a ? trace_of(hebb0, ckpt_h, seg_h, s - 1, b)
+                                      : Span<const T>{};
+    const Span<const T> a_elig = do_a && has_elig<R>() ? trace_of(elig0, ckpt_e, seg_e, s - 1, b)
+                                                       : Span<const T>{};
     for (int64_t r = 0; r < kRows; ++r) {
       const int64_t i = sr.i0 + c * kRows + r;
       T g_x = T(0), g_pre = T(0);
@@ -471,7 +492,7 @@ struct SequenceBackwardKernel {
         T g = sh.g_hebb[at];
         if (do_b) {
           const T a = alpha_of<AM>(alpha, i, j, N), x = h_at(t - 1, b, i);
-          const T h = trace_at(hebb0, ckpt_h, seg_h, t - 1, b, at);
+          const T h = b_hebb[at];
           g_x = g_u_j * (w[at] + a * h);
           const T g_a = g_u_j * x * h;
           if constexpr (AM == AlphaMode::Full) g_alpha_acc[b * NN + at] += g_a;
@@ -481,10 +502,9 @@ struct SequenceBackwardKernel {
         }
         if (do_a) {
           const T g_e = has_elig<R>() ? sh.g_elig[at] : T(0);
-          const T e = has_elig<R>() ? trace_at(elig0, ckpt_e, seg_e, s - 1, b, at) : T(0);
-          const RuleGrads<T> rg = rule_backward<R>(
-              g, g_e, trace_at(hebb0, ckpt_h, seg_h, s - 1, b, at), e, h_at(s - 1, b, i),
-              h_at(s, b, j), eta_at(s, b, i, j), consts);
+          const T e = has_elig<R>() ? a_elig[at] : T(0);
+          const RuleGrads<T> rg = rule_backward<R>(g, g_e, a_hebb[at], e, h_at(s - 1, b, i),
+                                                   h_at(s, b, j), eta_at(s, b, i, j), consts);
           g = rg.hebb;
           if constexpr (has_elig<R>()) {
             sh.g_elig[at] = rg.elig;
@@ -507,7 +527,7 @@ struct SequenceBackwardKernel {
   // q % sums() (columns / kWidth segments per sum: exactly one task per thread). Consecutive
   // threads read consecutive sums, columns + 1 apart: 32 different banks per warp.
   BP_KERNEL void segment_sums(int64_t q, const Shared& sh) const {
-    const int64_t n = sums(), sum = q % n, seg = q / n, C = columns();
+    const int64_t n = sums(), seg = div32(q, n), sum = q - seg * n, C = columns();
     T acc = T(0);
     for (int64_t k = 0; k < kWidth; ++k) acc += sh.staged[sum * (C + 1) + seg * kWidth + k];
     sh.segments[seg * n + sum] = acc;
@@ -518,7 +538,7 @@ struct SequenceBackwardKernel {
     const int64_t n = sums();
     if (q >= n) return;
     const int64_t r = q / (2 * kRows), kind = q % (2 * kRows) / kRows;
-    const int64_t rows = (N + slices - 1) / slices;
+    const int64_t rows = div32(N + slices - 1, slices);
     const int64_t i = r * rows + c * kRows + q % kRows;
     if (i >= N || i >= (r + 1) * rows) return;
     T acc = T(0);
