@@ -32,8 +32,18 @@ def run_quick(name, impls, tmp_path, *flags):
 def test_bench_rnn_quick(tmp_path):
     stdout, rows = run_quick("bench_rnn", ("fused", "eager"), tmp_path)
     assert {(r["case"], r["impl"]) for r in rows} == {
-        (case, impl) for case in ("maze", "ptb", "ptb-mem") for impl in ("fused", "eager")}
+        (case, impl) for case in ("maze", "cue", "ptb", "ptb-mem") for impl in ("fused", "eager")}
     assert "| maze" in stdout
+
+
+def test_bench_rnn_contention_quick(tmp_path):
+    """--contention times each measurement again beside a busy process and reports the ratio."""
+    stdout, rows = run_quick("bench_rnn", ("fused",), tmp_path, "--cases", "maze",
+                             "--contention")
+    (row,) = rows
+    assert float(row["busy_fwdbwd_ms"]) > 0 and float(row["busy_x_idle_fwdbwd"]) > 0
+    assert "Beside one busy single-threaded process" in stdout
+    assert "beside a busy process <= 2x its idle time" in stdout
 
 
 def test_bench_lstm_quick(tmp_path):
