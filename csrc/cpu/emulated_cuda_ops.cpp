@@ -15,10 +15,10 @@ struct EmulatedLaunch {
   void operator()(const K& k) const {
     // The launch limits a GPU would enforce.
     const int64_t shared = k.shared_size() * static_cast<int64_t>(sizeof(typename K::Value));
-    TORCH_CHECK(shared <= kEmulatedSharedBytes && k.block() <= kern::kMaxBlockThreads,
+    TORCH_CHECK(shared <= kEmulatedSharedBytes && k.block() <= K::kMaxThreads,
                 "bp kernel emulator: ", shared, " bytes of shared memory and ", k.block(),
                 " threads per block exceed the limits of ", kEmulatedSharedBytes, " bytes and ",
-                kern::kMaxBlockThreads, " threads");
+                K::kMaxThreads, " threads");
     kern::emulate(k);
   }
   // The emulator's shared memory per block: that of an sm_90 GPU with the opt-in (227 KB), so

@@ -13,7 +13,7 @@
 namespace bp::kern {
 
 template <class K>
-__global__ void __launch_bounds__(kMaxBlockThreads) phased_kernel(const K k) {
+__global__ void __launch_bounds__(K::kMaxThreads) phased_kernel(const K k) {
   using V = typename K::Value;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   const Span<V> smem{reinterpret_cast<V*>(shared_bytes), k.shared_size()};
@@ -40,8 +40,8 @@ template <class K>
 void launch(const K& k) {
   if (k.grid() == 0) return;
   const size_t shared = static_cast<size_t>(k.shared_size()) * sizeof(typename K::Value);
-  TORCH_CHECK(k.block() <= kMaxBlockThreads, "bp kernel launch: ", k.block(),
-              " threads per block exceed the ", kMaxBlockThreads, " the kernels are compiled for");
+  TORCH_CHECK(k.block() <= K::kMaxThreads, "bp kernel launch: ", k.block(),
+              " threads per block exceed the ", K::kMaxThreads, " the kernel is compiled for");
   constexpr size_t kDefaultShared = 48 << 10;  // more needs the kernel's opt-in
   if (shared > kDefaultShared) {
     TORCH_CHECK(static_cast<int64_t>(shared) <= max_shared_bytes_per_block(), "bp kernel launch: ",

@@ -6,6 +6,9 @@
 //   struct Regs { ... };                 per-thread values that live across phases (registers)
 //   BP_KERNEL int64_t grid() const;      number of blocks (1-D grid)
 //   BP_KERNEL int block() const;         threads per block (1-D)
+//   static constexpr int kMaxThreads;    the most block() may be: launch.cuh compiles the kernel
+//                                        for it (__launch_bounds__), so that its registers never
+//                                        make a launch fail, and checks it at every launch
 //   BP_KERNEL int64_t shared_size() const;  shared memory, in Values
 //   BP_KERNEL int phases() const;        number of phases
 //   BP_KERNEL void run(int phase, const ThreadPos&, Regs&, Span<Value> shared) const;
@@ -30,10 +33,6 @@
 #endif
 
 namespace bp::kern {
-
-// Threads per block of any phased kernel, at most: launch.cuh compiles every kernel for it
-// (__launch_bounds__), so that its registers (up to 128 per thread) never make a launch fail.
-constexpr int kMaxBlockThreads = 512;
 
 // Where a thread is: block `block` of `grid_dim`, thread `thread` of `block_dim`.
 struct ThreadPos {

@@ -11,7 +11,7 @@
 // reads and writes trace rows (i, .) coalesced, and every element (i, j) of a trace is touched
 // by one thread only. Slices give an SM more warps to hide the latency of the global loads (the
 // backward's traces and parameters): as many as the shared memory allows, up to 4, at most
-// kMaxBlockThreads threads. Sums over rows i of a column (the matvec u_j, dL/dpost_j, dL/deta_j)
+// kSequenceMaxThreads threads. Sums over rows i of a column (the matvec u_j, dL/dpost_j, dL/deta_j)
 // are thread-local within a slice, then added over the slices in slice order through shared
 // memory; sums over columns j (dL/dx_i of the matvec, dL/dpre_i of the rule) go through shared
 // memory, kRows rows per slice at a time (SequenceBackwardKernel). The modulator's K dot
@@ -48,6 +48,8 @@ BP_KERNEL int64_t segment_of(int64_t t, int64_t L) { return L > t ? 0 : div32(t,
 // Columns of a block of the whole-sequence kernels: N rounded up to whole warps.
 BP_KERNEL int64_t sequence_columns(int64_t N) { return (N + 31) / 32 * 32; }
 constexpr int64_t kMaxSlices = 4;
+// Threads per block at most: with 128 registers per thread, what an SM holds for one block.
+constexpr int kSequenceMaxThreads = 512;
 
 // Rows per slice and chunk of the backward's sums over columns (see SequenceBackwardKernel).
 constexpr int64_t kSequenceRows = 16;
@@ -68,7 +70,7 @@ inline int64_t sequence_slices(int64_t N, bool retro, int64_t itemsize, int64_t 
   for (int64_t s = kMaxSlices; s > 1; s /= 2) {
     const int64_t shared = backward ? sequence_backward_shared(N, retro, s)
                                     : sequence_forward_shared(N, retro, s);
-    if (s * sequence_columns(N) <= kMaxBlockThreads && shared * itemsize <= limit) return s;
+    if (s * sequence_columns(N) <= kSequenceMaxThreads && shared * itemsize <= limit) return s;
   }
   return 1;
 }
@@ -94,6 +96,7 @@ BP_KERNEL SliceRange slice_range(int64_t N, int64_t slices, int thread) {
 template <typename T, Rule R, AlphaMode AM, EtaMode EM>
 struct SequenceForwardKernel {
   using Value = T;
+  static constexpr int kMaxThreads = static_cast<int>(kSequenceMaxThreads);
   struct Regs {
     T x;           // x_t of the column, loaded during the previous phase that has time for it
     bool clamped;  // clamp_t of the column
@@ -236,6 +239,7 @@ struct SequenceForwardKernel {
 template <typename T, Rule R, AlphaMode AM, EtaMode EM>
 struct SequenceBackwardKernel {
   using Value = T;
+  static constexpr int kMaxThreads = static_cast<int>(kSequenceMaxThreads);
   static constexpr int64_t kRows = kSequenceRows;
   static constexpr int64_t kWidth = 2 * kRows;  // staged values per segment sum
   struct Regs {

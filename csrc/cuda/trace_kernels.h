@@ -81,6 +81,7 @@ BP_KERNEL T eta_of(const Span<const T>& eta, int64_t b, int64_t i, int64_t j, in
 template <typename T, Rule R, AlphaMode AM, EtaMode EM, bool UPDATE, bool MATVEC>
 struct ForwardKernel {
   using Value = T;
+  static constexpr int kMaxThreads = kThreads;
   struct Regs {
     T acc[kMaxChunk];
   };
@@ -140,6 +141,7 @@ struct ForwardKernel {
 template <typename T, Rule R, AlphaMode AM, EtaMode EM, bool DO_B, bool DO_A>
 struct BackwardKernel {
   using Value = T;
+  static constexpr int kMaxThreads = kThreads;
   static constexpr int kSegments = 8;  // first level of the row sums: kThreads / 16 values each
   static constexpr int64_t kMaxSums = 2 * kStagePairs;
   struct Regs {
@@ -283,6 +285,7 @@ struct BackwardKernel {
 template <typename T>
 struct ColumnSumKernel {
   using Value = T;
+  static constexpr int kMaxThreads = kThreads;
   struct Regs {};
   Span<const T> src;
   Span<T> dst;
