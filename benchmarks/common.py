@@ -418,8 +418,20 @@ def write_csv(path, records):
         writer.writerows(records)
 
 
+def manifest():
+    """What produced a result file: the command line, the commit, torch's version, the date."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return dict(command=[sys.executable, *sys.argv], commit=commit or None,
+                torch=torch.__version__, date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+
 def write_json(path, obj):
-    Path(path).write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    """obj with a "manifest" (see manifest) added, as indented JSON."""
+    Path(path).write_text(json.dumps(dict(obj, manifest=manifest()), indent=2, default=str) + "\n")
 
 
 def fmt_num(x, digits=3):
