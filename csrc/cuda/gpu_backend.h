@@ -78,12 +78,9 @@ struct GpuBackend {
     const bool modulated = in.modulation != Modulation::None;
     dispatch_modes(in.modes, [&]<Rule R, AlphaMode AM, EtaMode EM>() {
       kern::SequenceForwardKernel<T, R, AM, EM> k{};
-      k.steps = T_; k.B = B; k.N = N; k.K = K; k.L = in.L;
       k.slices = slices<T>(N, has_elig<R>(), false);
-      k.modulation = in.modulation; k.clip = in.clip;
       set_inputs(k, in);
       k.x = {in.x, TBN};
-      k.clamp = {in.clamp, in.clamp != nullptr ? TBN : 0};
       k.out = {p.out, TBN};
       k.m = {p.m, T_ * B * K};
       k.eta_seq = {p.eta_seq, modulated ? TBN : 0};
@@ -106,11 +103,8 @@ struct GpuBackend {
     const bool modulated = in.modulation != Modulation::None;
     dispatch_modes(in.modes, [&]<Rule R, AlphaMode AM, EtaMode EM>() {
       kern::SequenceBackwardKernel<T, R, AM, EM> k{};
-      k.steps = T_; k.B = B; k.N = N; k.K = K; k.L = in.L;
       k.slices = slices<T>(N, has_elig<R>(), true);
-      k.modulation = in.modulation; k.clip = in.clip;
       set_inputs(k, in);
-      k.clamp = {in.clamp, in.clamp != nullptr ? TBN : 0};
       k.out = {p.out, TBN};
       k.m = {p.m, T_ * B * K};
       k.eta_seq = {p.eta_seq, modulated ? TBN : 0};
@@ -232,10 +226,13 @@ struct GpuBackend {
     return mode == AlphaMode::Full ? P * N : mode == AlphaMode::Neuron ? N : 1;
   }
 
-  // The inputs both whole-sequence kernels read, with their sizes.
+  // The sizes, options and inputs both whole-sequence kernels read (inputs with their sizes).
   template <class K, typename T>
   static void set_inputs(K& k, const SequenceInputs<T>& in) {
     const int64_t B = in.B, N = in.N, K_ = in.K, NN = N * N;
+    k.steps = in.steps; k.B = B; k.N = N; k.K = K_; k.L = in.L;
+    k.modulation = in.modulation; k.clip = in.clip;
+    k.clamp = {in.clamp, in.clamp != nullptr ? in.steps * B * N : 0};
     const bool retro = in.modes.rule == Rule::Retroactive;
     const Modulation mod = in.modulation;
     k.elig_rate = {in.elig_rate, retro ? 1 : 0};
