@@ -108,7 +108,7 @@ Tensors<12> whole_sequence_backward(const Backend& be, const PlasticConfig& c,
   const int64_t seg_len = std::min(L, T_);
   Tensor seg_h = at::empty({seg_len - 1, B, N, N}, opts);
   Tensor seg_e = at::empty({retro ? seg_len - 1 : 0, B, N, N}, opts);
-  Tensor steps = at::empty({7, B, N}, opts);  // the backward's step vectors
+  Tensor steps = at::empty({6, B, N}, opts);  // the backward's six step vectors
   const Tensor eta_fixed = fixed_rate(c, a.eta);
   const Tensor grad_out_c = grad_out.has_value() ? grad_out->contiguous() : Tensor();
   const Tensor grad_m_c = saved.grad_m.has_value() ? saved.grad_m->contiguous() : Tensor();
