@@ -3,6 +3,7 @@ synthetic corpus for every model type and preset, the Backpropamine README's com
 exact resume, evaluation at batch size 1, data parallelism on 2 processes, the real corpus when
 BACKPROPAMINE_DATA is set, and the benchmark's smoke test."""
 import csv
+import json
 import math
 import os
 import random
@@ -362,16 +363,46 @@ def test_penn_treebank_corpus():
 
 
 def test_bench_ptb_quick(tmp_path):
+    """A large-model case (fused vs reference) and the small model's four variants, one run."""
     pytest.importorskip("matplotlib")
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_ptb.py"), "--quick", "--cases",
-         "b6-t70", "--repeats", "1", "--out", str(tmp_path)],
+         "b6-t70,small", "--repeats", "1", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=300, cwd=tmp_path, env=subprocess_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(tmp_path / "bench_ptb.csv") as f:
         rows = list(csv.DictReader(f))
-    assert {r["impl"] for r in rows} == {"fused", "reference"}
-    assert all(float(r["tokens_per_s"]) > 0 and float(r["peak_mb"]) > 0 for r in rows)
-    assert all(int(r["max_batch"]) >= 1 for r in rows)  # a tiny model's step fits in 16 MB
+    large = [r for r in rows if r["case"] == "b6-t70"]
+    small = [r for r in rows if r["case"] == "small"]
+    assert {r["impl"] for r in large} == {"fused", "reference"}
+    assert all(float(r["tokens_per_s"]) > 0 and float(r["peak_mb"]) > 0 for r in large)
+    assert all(int(r["max_batch"]) >= 1 for r in large)  # a tiny model's step fits in 16 MB
     assert "fused tokens/s >= 3x reference" in proc.stdout
+    # the small model: its four variants on fused, each as a ratio to the baseline's tokens/s
+    assert [r["variant"] for r in small] == ["baseline", "plastic", "simple", "retroactive"]
+    assert {r["impl"] for r in small} == {"fused"} and {r["nhid"] for r in small} == {"16"}
+    speed = {r["variant"]: float(r["tokens_per_s"]) for r in small}
+    for r in small:
+        assert float(r["x_baseline"]) == pytest.approx(speed[r["variant"]] / speed["baseline"])
+    targets = json.loads((tmp_path / "bench_ptb.json").read_text())["targets"]
+    plastic = [t for t in targets if t["case"] == "small"]
+    assert [t["target"] for t in plastic] == [f"{v} tokens/s >= 0.67x baseline"
+                                              for v in ("plastic", "simple", "retroactive")]
+    for t in plastic:
+        variant = t["target"].split()[0]
+        assert t["value"] == pytest.approx(speed[variant] / speed["baseline"])
+        assert t["status"] == ("met" if t["value"] >= 0.67 else "NOT met")
+        assert t["target"] in proc.stdout
     assert (tmp_path / "bench_ptb.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--variants", "baseline,nope"], "--variants: unknown ['nope']; choose from ['baseline'"),
+    (["--cases", "small", "--variants", ""], "nothing to measure: --cases 'small'"),
+])
+def test_bench_ptb_rejects_a_bad_selection(tmp_path, flags, message):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_ptb.py"), *flags, "--out",
+         str(tmp_path)], capture_output=True, text=True, timeout=120, env=subprocess_env())
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "bench_ptb.csv").exists()
