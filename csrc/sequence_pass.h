@@ -1,5 +1,5 @@
-// The whole-sequence path of the plastic RNN sequence op, for small networks (docs/design.md,
-// "Two paths"). The per-step path (ops/trace_sequence.h) runs one parallel trace pass per step and
+// The whole-sequence path of the plastic RNN and LSTM sequence ops, for small networks
+// (docs/design.md, "Two paths"). The per-step path (ops/trace_sequence.h) runs one parallel trace pass per step and
 // the cell and modulator as ATen ops between them: at N = 100 the step is a few microseconds of
 // work, and the barrier of every pass and the ATen calls dominate. Samples are independent (each
 // sample's trace, h and modulator depend only on its own past and the shared weights), so here a
@@ -19,17 +19,27 @@
 
 namespace bp {
 
+// The cell around the plastic drive u_t: the tanh RNN's h_t = tanh(x_t + u_t), or the LSTM's
+// gates (plastic_lstm_sequence), whose g gate is the trace's post-synaptic term.
+enum class Cell { Tanh, Lstm };
+
+// The LSTM's gates in its (T, 4, B, N) gate sequence, each step's gates after their
+// nonlinearities, gate-major so that each is a contiguous (B, N) block.
+enum LstmGate : int64_t { kGateI = 0, kGateF = 1, kGateG = 2, kGateO = 3 };
+
 // The fixed inputs of a sequence: x, the initial state and the parameters. Shapes as in
-// plastic_rnn_sequence: P = N; K modulators (0 without modulation).
+// plastic_rnn_sequence and plastic_lstm_sequence: P = N; K modulators (0 without modulation).
 template <typename T>
 struct SequenceInputs {
   int64_t steps, B, N, K;  // steps: T
   int64_t L;               // checkpoint interval
   PassModes modes;
   Modulation modulation;
+  Cell cell;
+  bool modulate_c;         // LSTM: the modulator reads c_t, else h_t
   T clip;
   const T* elig_rate;      // (), retroactive only: read where the kernels run (no host sync)
-  const T* x;              // (T, B, N)
+  const T* x;              // (T, B, N); LSTM (T, B, 4N), gates i, f, g, o
   const bool* clamp;       // (T, B, N), or null
   const T* h0;             // (B, N)
   const T* hebb0;          // (B, N, N)
@@ -41,6 +51,9 @@ struct SequenceInputs {
   const T* h2mod_b;        // (K,)
   const T* fanout_w;       // (N, K), modulation "fanout"
   const T* fanout_b;       // (N,)
+  const T* c0;             // (B, N), LSTM
+  const T* h2g_w;          // (3N, N), LSTM: gates i, f, o
+  const T* h2g_b;          // (3N,), LSTM
 };
 
 template <typename T>
@@ -56,6 +69,8 @@ struct SequenceForwardParams {
   T* work_h;       // (B, N, N) scratch: the traces between checkpoints
   T* work_e;       // (B, N, N) scratch, retroactive only
   T* u;            // (B, N) scratch: the recurrent drive
+  T* c_seq;        // (T, B, N), LSTM
+  T* gates;        // (T, 4, B, N), LSTM (LstmGate)
 };
 
 template <typename T>
@@ -69,6 +84,9 @@ struct SequenceBackwardParams {
   const T* ckpt_e;
   const T* grad_out;  // (T, B, N)
   const T* grad_m;    // (T, B, K)
+  const T* c_seq;     // LSTM: as SequenceForwardParams
+  const T* gates;
+  const T* grad_c;    // (T, B, N), LSTM, may be null
   // Gradients. g_hebb and g_elig hold dL/dH_T, dL/dE_T on entry (zero where not given) and
   // dL/dH_0, dL/dE_0 on return.
   T* g_hebb;          // (B, N, N)
@@ -79,6 +97,8 @@ struct SequenceBackwardParams {
   T* g_z;             // (T, B, K): dL/d(pre-activation of m_t), modulated only
   T* g_eta_seq;       // (T, B, N): dL/deta_t, modulation "fanout" only
   T* g_eta_post;      // (B, N): dL/deta summed over steps, scalar eta without modulation
+  T* g_ifo;           // (T, B, 3N), LSTM: dL/d(pre-activations of gates i, f, o)
+  T* g_c0;            // (B, N), LSTM
   // Per-group accumulators (zeroed by the caller), summed over groups by the caller.
   T* g_alpha_acc;     // alpha_acc_size(mode, groups, N, N)
   T* g_eta_conn;      // (groups, N, N): eta of shape (N, N) without modulation
@@ -91,6 +111,7 @@ struct SequenceBackwardParams {
   T* g_h;             // the sum of both: dL/dh through step s + 1
   T* g_post;          // dL/dpost_s through the rule of step s
   T* g_eta;           // dL/deta_s (EtaMode::PerPost)
+  T* g_c;             // LSTM: dL/dc_s, carried down to step s - 1
 };
 
 // Samples per group and number of groups of the CPU whole-sequence path's forward or backward

@@ -32,7 +32,9 @@ def test_rnn_sequence_several_tiles(emulated, rule):
 
 
 @pytest.mark.parametrize("modulator_input", ["h", "c"])
-def test_lstm_sequence_several_tiles(emulated, modulator_input):
+def test_lstm_sequence_several_tiles(emulated, sequence_path, modulator_input):
+    """The GPU's whole-sequence kernels run the tanh cell only: the LSTM runs step by step on
+    either setting of the path."""
     inputs = lstm_inputs("full", "fanout3", "retroactive", T=2, B=9, N=KERNEL_THREADS + 1,
                          dtype=torch.float32, seed=21)
     compare_with_reference(reference.plastic_lstm_sequence, emulated.plastic_lstm_sequence, inputs,

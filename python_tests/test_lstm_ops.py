@@ -1,6 +1,7 @@
 """Fused plastic LSTM ops (sequence and step) against the pure-PyTorch reference: forward outputs
 and the gradients of every input (x, h, c, the traces, h2g and the plastic parameters), for every
-option combination and modulator input, checkpointing, odd sizes and float32."""
+option combination and modulator input, checkpointing, odd sizes and float32, on both CPU paths
+(whole sequences per group of samples, and step by step: fixture `sequence_path`)."""
 import itertools
 
 import pytest
@@ -14,6 +15,7 @@ CLIP = 0.5
 SEQ_OUTPUTS = ("out", "c_T", "hebb_T", "elig_T", "m")
 STEP_OUTPUTS = ("h_new", "c_new", "hebb_new", "elig_new", "m")
 MODULATOR_INPUTS = reference.MODULATOR_INPUTS
+pytestmark = pytest.mark.usefixtures("sequence_path")
 
 
 def compare(fused, name, inputs, rule, modulator_input, *, use=None, requires_grad=True,

@@ -1,17 +1,19 @@
-"""The two CPU paths of the RNN sequence op (csrc/sequence_pass.h): whole sequences per group of
-samples, and step by step. Every op test in test_rnn_ops.py, test_gradcheck.py and
-test_determinism.py already runs on both (fixture `sequence_path`); this file checks the choice
-between them, sizes that split the batch into several groups (a partial last one), a forward on
-one path with the backward on the other, and float32 at an RL agent's width."""
+"""The two CPU paths of the RNN and LSTM sequence ops (csrc/sequence_pass.h): whole sequences per
+group of samples, and step by step. Every op test in test_rnn_ops.py, test_lstm_ops.py,
+test_gradcheck.py and test_determinism.py already runs on both (fixture `sequence_path`); this
+file checks the choice between them, sizes that split the batch into several groups (a partial
+last one), a forward on one path with the backward on the other, and float32 at an RL agent's
+width and at the paper's small PTB layer's."""
 import pytest
 import torch
 
 from backpropamine_cuda import fused, reference
 from helpers import (RULE_CONFIG, RULES, assert_results_close, compare_with_reference,
-                     rnn_inputs, run_forward_backward, upcast)
+                     lstm_inputs, rnn_inputs, run_forward_backward, upcast)
 
 CLIP = 0.5
 ENV = "BACKPROPAMINE_SEQUENCE_PATH"
+LSTM_OUTPUTS = ("out", "c_T", "hebb_T", "elig_T", "m")
 
 
 def test_auto_choice_follows_the_sizes(monkeypatch):
@@ -55,27 +57,49 @@ def test_several_groups_against_the_reference(monkeypatch, rule, dtype):
                            clamp=clamp)
 
 
+@pytest.mark.parametrize("modulator_input", ["h", "c"])
+@pytest.mark.parametrize("rule", RULES)
+def test_lstm_several_groups_against_the_reference(monkeypatch, rule, modulator_input):
+    """The LSTM's whole-sequence path as the RNN's above: B = 17 in several groups, odd N, T not
+    a multiple of the checkpoint interval; the modulator reading h or c. Smaller traces and rates
+    than the defaults: Oja's rule at the defaults grows gradients of 1e5 here, on both paths."""
+    monkeypatch.setenv(ENV, "whole")
+    alpha, modulation = RULE_CONFIG[rule]
+    inputs = lstm_inputs(alpha, modulation, rule, T=7, B=17, N=33, seed=5, hebb_scale=0.5,
+                         eta_scale=0.2)
+    compare_with_reference(reference.plastic_lstm_sequence, fused.plastic_lstm_sequence, inputs,
+                           names=LSTM_OUTPUTS, fused_options=dict(checkpoint_every=3), rule=rule,
+                           clip=CLIP, modulator_input=modulator_input)
+
+
+class Switching:
+    """An op whose forward runs on one path; the backward, later, on the other."""
+
+    def __init__(self, op, monkeypatch, forward_path, backward_path):
+        self.op, self.monkeypatch = op, monkeypatch
+        self.forward_path, self.backward_path = forward_path, backward_path
+
+    def __call__(self, **args):
+        self.monkeypatch.setenv(ENV, self.forward_path)
+        outputs = self.op(**args)
+        self.monkeypatch.setenv(ENV, self.backward_path)
+        return outputs
+
+
 @pytest.mark.parametrize("forward_path,backward_path", [("whole", "steps"), ("steps", "whole")])
 @pytest.mark.parametrize("rule", RULES)
-def test_backward_accepts_the_other_paths_forward(monkeypatch, rule, forward_path, backward_path):
+@pytest.mark.parametrize("kind", ["rnn", "lstm"])
+def test_backward_accepts_the_other_paths_forward(monkeypatch, kind, rule, forward_path,
+                                                  backward_path):
     """Both paths store the same checkpoints, so either backward runs on either forward."""
     alpha, modulation = RULE_CONFIG[rule]
-    inputs = rnn_inputs(alpha, modulation, rule, T=6, B=5, N=9, seed=7)
+    make = rnn_inputs if kind == "rnn" else lstm_inputs
+    inputs = make(alpha, modulation, rule, T=6, B=5, N=9, seed=7)
+    op = f"plastic_{kind}_sequence"
     kw = dict(rule=rule, clip=CLIP, checkpoint_every=4)
-    expected = run_forward_backward(reference.plastic_rnn_sequence, upcast(inputs), rule=rule,
-                                    clip=CLIP)
-
-    class Switching:
-        """plastic_rnn_sequence whose forward runs on one path; the backward, later, on the
-        other."""
-
-        def __call__(self, **args):
-            monkeypatch.setenv(ENV, forward_path)
-            outputs = fused.plastic_rnn_sequence(**args)
-            monkeypatch.setenv(ENV, backward_path)
-            return outputs
-
-    assert_results_close(expected, run_forward_backward(Switching(), inputs, **kw), torch.float64)
+    expected = run_forward_backward(getattr(reference, op), upcast(inputs), rule=rule, clip=CLIP)
+    switching = Switching(getattr(fused, op), monkeypatch, forward_path, backward_path)
+    assert_results_close(expected, run_forward_backward(switching, inputs, **kw), torch.float64)
 
 
 @pytest.mark.parametrize("path", ["whole", "steps"])
@@ -89,3 +113,15 @@ def test_float32_at_an_rl_size(monkeypatch, rule, path):
                         hebb_scale=0.1, eta_scale=0.05)
     compare_with_reference(reference.plastic_rnn_sequence, fused.plastic_rnn_sequence, inputs,
                            rule=rule, clip=CLIP)
+
+
+@pytest.mark.parametrize("path", ["whole", "steps"])
+@pytest.mark.parametrize("rule", RULES)
+def test_lstm_float32_at_the_small_ptb_size(monkeypatch, rule, path):
+    """Float32 at the width of the paper's small PTB model's layers (N = 200), on each path."""
+    monkeypatch.setenv(ENV, path)
+    alpha, modulation = RULE_CONFIG[rule]
+    inputs = lstm_inputs(alpha, modulation, rule, T=5, B=4, N=200, dtype=torch.float32, seed=9,
+                         hebb_scale=0.1, eta_scale=0.05)
+    compare_with_reference(reference.plastic_lstm_sequence, fused.plastic_lstm_sequence, inputs,
+                           names=LSTM_OUTPUTS, rule=rule, clip=CLIP)

@@ -10,27 +10,35 @@ namespace bp {
 namespace BP_CPU_ISA {
 namespace {
 
-// tanh in float: an odd polynomial below 0.625, 1 - 2 / (exp(2|x|) + 1) above, exp by the usual
-// range reduction to 2^n exp(r), |r| <= ln(2) / 2 (the polynomials are Cephes' tanhf and expf;
-// about 2 ulp). Both branches are computed and one selected, so the loops over a row vectorise:
-// libm's tanhf is a call per element and took two thirds of the forward's time at N = 100.
-inline float tanh_of(float v) {
-  const float a = v < 0.f ? -v : v;
-  const float z2 = v * v;
-  const float small = ((((-5.70498872745e-3f * z2 + 2.06390887954e-2f) * z2 - 5.37397155531e-2f) *
-                            z2 + 1.33314422036e-1f) * z2 - 3.33332819422e-1f) * z2 * v + v;
-  const float e = a < 44.f ? 2.f * a : 88.f;  // exp(88) is finite; tanh(44) rounds to 1
+// exp, tanh and the logistic sigmoid in float, so that the loops over a row vectorise: libm's
+// tanhf is a call per element and took two thirds of the forward's time at N = 100.
+// exp by the usual range reduction to 2^n exp(r), |r| <= ln(2) / 2, with Cephes' expf polynomial;
+// the argument is clamped to [-87, 88], where 2^n stays a normal float.
+inline float exp_of(float v) {
+  const float e = v < -87.f ? -87.f : (v < 88.f ? v : 88.f);
   const float n = __builtin_floorf(e * 1.44269504088896341f + 0.5f);
   const float r = (e - n * 0.693359375f) - n * -2.12194440e-4f;
   const float r2 = r * r;
   const float exp_r = (((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r +
                          4.1665795894e-2f) * r + 1.6666665459e-1f) * r + 5.0000001201e-1f) *
                           r2 + r + 1.f;
-  const float pow2 = __builtin_bit_cast(float, (static_cast<int>(n) + 127) << 23);
-  const float large = 1.f - 2.f / (exp_r * pow2 + 1.f);
+  return exp_r * __builtin_bit_cast(float, (static_cast<int>(n) + 127) << 23);
+}
+
+// tanh: Cephes' tanhf odd polynomial below 0.625, 1 - 2 / (exp(2|x|) + 1) above (about 2 ulp;
+// tanh(44) rounds to 1). Both branches are computed and one selected.
+inline float tanh_of(float v) {
+  const float a = v < 0.f ? -v : v;
+  const float z2 = v * v;
+  const float small = ((((-5.70498872745e-3f * z2 + 2.06390887954e-2f) * z2 - 5.37397155531e-2f) *
+                            z2 + 1.33314422036e-1f) * z2 - 3.33332819422e-1f) * z2 * v + v;
+  const float large = 1.f - 2.f / (exp_of(2.f * a) + 1.f);
   return a > 0.625f ? (v < 0.f ? -large : large) : small;
 }
-inline double tanh_of(double v) { return __builtin_tanh(v); }  // libm: double is for checks
+inline float sigmoid_of(float v) { return 1.f / (1.f + exp_of(-v)); }
+// libm in double: double is for checks.
+inline double tanh_of(double v) { return __builtin_tanh(v); }
+inline double sigmoid_of(double v) { return 1.0 / (1.0 + __builtin_exp(-v)); }
 
 template <typename T>
 RuleConsts<T> consts_of(const SequenceInputs<T>& in) {
@@ -51,32 +59,120 @@ T dot(const T* a, const T* b, int64_t n) {
   return sum_lanes(lanes) + rest;
 }
 
-// Step t's cell and modulator for samples [b0, b1): h_t = tanh(x_t + u_t) (x_t where clamped),
-// m_t = tanh(h2mod(h_t)) and the rate eta_t it sets.
+// out[g * n + r] = bias[r] + dot(W + r * n, v + g * n, n) for the n rows of W (n, n) and G
+// vectors v: the same sums as dot's. The LSTM's h2g product is three such products per step, its
+// forward's largest part after the trace: a group's samples share each row of W, read from
+// memory once for all of them (and each load of it serves up to four).
 template <typename T>
-void cell_and_modulator(const SequenceForwardParams<T>& p, int64_t t, int64_t b0, int64_t b1) {
+void matvec_bias(const T* W, const T* bias, const T* v, int64_t G, int64_t n, T* out) {
+  for (int64_t r = 0; r < n; ++r) {
+    const T* w = W + r * n;
+    int64_t g = 0;
+    for (; g + 4 <= G; g += 4) {
+      const T* v0 = v + g * n, *v1 = v0 + n, *v2 = v1 + n, *v3 = v2 + n;
+      T l0[kLanes<T>] = {}, l1[kLanes<T>] = {}, l2[kLanes<T>] = {}, l3[kLanes<T>] = {};
+      int64_t k = 0;
+      for (; k + kLanes<T> <= n; k += kLanes<T>) {
+#pragma omp simd
+        for (int l = 0; l < kLanes<T>; ++l) {
+          const T x = w[k + l];
+          l0[l] += x * v0[k + l];
+          l1[l] += x * v1[k + l];
+          l2[l] += x * v2[k + l];
+          l3[l] += x * v3[k + l];
+        }
+      }
+      T r0 = 0, r1 = 0, r2 = 0, r3 = 0;
+      for (; k < n; ++k) {
+        r0 += w[k] * v0[k];
+        r1 += w[k] * v1[k];
+        r2 += w[k] * v2[k];
+        r3 += w[k] * v3[k];
+      }
+      out[g * n + r] = bias[r] + (sum_lanes(l0) + r0);
+      out[(g + 1) * n + r] = bias[r] + (sum_lanes(l1) + r1);
+      out[(g + 2) * n + r] = bias[r] + (sum_lanes(l2) + r2);
+      out[(g + 3) * n + r] = bias[r] + (sum_lanes(l3) + r3);
+    }
+    for (; g < G; ++g) out[g * n + r] = bias[r] + dot(w, v + g * n, n);
+  }
+}
+
+// Where step t's trace update reads its post-synaptic term (h_t, or the LSTM's g_t) and the
+// modulator its input (h_t, or the LSTM's c_t), as (B, N) blocks.
+template <typename T>
+const T* post_at(const SequenceInputs<T>& in, const T* out, const T* gates, int64_t t) {
+  const int64_t BN = in.B * in.N;
+  return in.cell == Cell::Lstm ? gates + (4 * (t - 1) + kGateG) * BN : out + (t - 1) * BN;
+}
+template <typename T>
+const T* mod_in_at(const SequenceInputs<T>& in, const T* out, const T* c_seq, int64_t t) {
+  return (in.modulate_c ? c_seq : out) + (t - 1) * in.B * in.N;
+}
+
+// Step t's tanh cell for sample b: h_t = tanh(x_t + u_t) (x_t where clamped).
+template <typename T>
+void tanh_cell(const SequenceForwardParams<T>& p, int64_t t, int64_t b) {
   const SequenceInputs<T>& in = p.in;
-  const int64_t N = in.N, K = in.K, step = (t - 1) * in.B;
+  const int64_t N = in.N, row = ((t - 1) * in.B + b) * N;
+  const T* x = in.x + row;
+  const T* u = p.u + b * N;
+  T* h = p.out + row;
+#pragma omp simd
+  for (int64_t j = 0; j < N; ++j) h[j] = tanh_of(x[j] + u[j]);
+  if (in.clamp != nullptr) {
+    const bool* clamp = in.clamp + row;
+    for (int64_t j = 0; j < N; ++j) h[j] = clamp[j] ? x[j] : h[j];
+  }
+}
+
+// Step t's LSTM cell for samples [b0, b1) (reference.lstm_gates): gates i, f, o from x_t and
+// h2g(h_{t-1}), g = tanh(x_g + u_t), c_t = f c_{t-1} + i g, h_t = o tanh(c_t).
+template <typename T>
+void lstm_cells(const SequenceForwardParams<T>& p, int64_t t, int64_t b0, int64_t b1) {
+  const SequenceInputs<T>& in = p.in;
+  const int64_t N = in.N, BN = in.B * N, G = b1 - b0;
+  T* gate = p.gates + 4 * (t - 1) * BN + b0 * N;
+  // h2g(h_{t-1}): the recurrent parts of the pre-activations of i, f, o.
+  const T* h_prev = (t == 1 ? in.h0 : p.out + (t - 2) * BN) + b0 * N;
+  for (int64_t k : {kGateI, kGateF, kGateO}) {
+    const int64_t part = k == kGateO ? 2 : k;  // h2g's rows: i, f, o
+    matvec_bias(in.h2g_w + part * N * N, in.h2g_b + part * N, h_prev, G, N, gate + k * BN);
+  }
   for (int64_t b = b0; b < b1; ++b) {
-    const int64_t row = (step + b) * N;
-    const T* x = in.x + row;
+    const int64_t row = ((t - 1) * in.B + b) * N;
+    const T* x = in.x + 4 * row;
+    const T* c_prev = t == 1 ? in.c0 + b * N : p.c_seq + row - BN;
     const T* u = p.u + b * N;
+    T* i = p.gates + 4 * (t - 1) * BN + b * N;
+    T* f = i + BN, *g = i + 2 * BN, *o = i + 3 * BN;
+    T* c = p.c_seq + row;
     T* h = p.out + row;
 #pragma omp simd
-    for (int64_t j = 0; j < N; ++j) h[j] = tanh_of(x[j] + u[j]);
-    if (in.clamp != nullptr) {
-      const bool* clamp = in.clamp + row;
-      for (int64_t j = 0; j < N; ++j) h[j] = clamp[j] ? x[j] : h[j];
+    for (int64_t j = 0; j < N; ++j) {
+      i[j] = sigmoid_of(x[j] + i[j]);
+      f[j] = sigmoid_of(x[N + j] + f[j]);
+      g[j] = tanh_of(x[2 * N + j] + u[j]);
+      o[j] = sigmoid_of(x[3 * N + j] + o[j]);
+      c[j] = f[j] * c_prev[j] + i[j] * g[j];
+      h[j] = o[j] * tanh_of(c[j]);
     }
-    if (in.modulation == Modulation::None) continue;
-    T* m = p.m + (step + b) * K;
-    for (int64_t k = 0; k < K; ++k) m[k] = tanh_of(in.h2mod_b[k] + dot(in.h2mod_w + k * N, h, N));
-    T* eta = p.eta_seq + row;
-    if (in.modulation == Modulation::Simple) {
-      for (int64_t j = 0; j < N; ++j) eta[j] = m[0];
-    } else {
-      for (int64_t j = 0; j < N; ++j) eta[j] = in.fanout_b[j] + dot(in.fanout_w + j * K, m, K);
-    }
+  }
+}
+
+// Step t's modulator for sample b: m_t = tanh(h2mod(its input)) and the rate eta_t it sets.
+template <typename T>
+void modulator(const SequenceForwardParams<T>& p, int64_t t, int64_t b) {
+  const SequenceInputs<T>& in = p.in;
+  const int64_t N = in.N, K = in.K, step = (t - 1) * in.B;
+  const T* input = mod_in_at(in, p.out, p.c_seq, t) + b * N;
+  T* m = p.m + (step + b) * K;
+  for (int64_t k = 0; k < K; ++k) m[k] = tanh_of(in.h2mod_b[k] + dot(in.h2mod_w + k * N, input, N));
+  T* eta = p.eta_seq + (step + b) * N;
+  if (in.modulation == Modulation::Simple) {
+    for (int64_t j = 0; j < N; ++j) eta[j] = m[0];
+  } else {
+    for (int64_t j = 0; j < N; ++j) eta[j] = in.fanout_b[j] + dot(in.fanout_w + j * K, m, K);
   }
 }
 
@@ -95,14 +191,18 @@ void sequence_forward_group(const SequenceForwardParams<T>& p, const Tiling& tl,
   forward_task<T, R, AM, EM, false, true>(fp, r, acc, N);  // u_1
   fp.elig = in.elig0;
   for (int64_t t = 1; t <= T_; ++t) {
-    cell_and_modulator(p, t, r.b0, r.b1);
+    if (in.cell == Cell::Lstm) lstm_cells(p, t, r.b0, r.b1);
+    for (int64_t b = r.b0; b < r.b1; ++b) {
+      if (in.cell == Cell::Tanh) tanh_cell(p, t, b);
+      if (modulated) modulator(p, t, b);
+    }
     fp.hebb_out = trace_destination(t, T_, in.L, p.hebb_T, p.ckpt_h, p.work_h, BNN);
     if constexpr (has_elig<R>())
       fp.elig_out = trace_destination(t, T_, in.L, p.elig_T, p.ckpt_e, p.work_e, BNN);
     fp.pre = t == 1 ? in.h0 : p.out + (t - 2) * BN;
-    fp.post = p.out + (t - 1) * BN;
+    fp.post = post_at(in, p.out, p.gates, t);
     fp.eta = modulated ? p.eta_seq + (t - 1) * BN : in.eta_fixed;
-    fp.matvec_in = fp.post;
+    fp.matvec_in = p.out + (t - 1) * BN;  // h_t
     if (t < T_) forward_task<T, R, AM, EM, true, true>(fp, r, acc, N);
     else forward_task<T, R, AM, EM, true, false>(fp, r, acc, N);
     fp.hebb = fp.hebb_out;
@@ -120,7 +220,8 @@ struct GroupBackward {
   int64_t group;
   TaskRange r;
   T* scratch;        // backward_task's (2 * chunk_size * N)
-  T* g_mod_in;       // (N,)
+  T* g_mod_in;       // (N,): dL/d(the modulator's input) of a sample's step
+  T* g_h_sum;        // (chunk_size, N): LSTM: dL/dh of the group's samples' step, every path
   int64_t BN, BNN;
   bool modulated;
   SegmentTraces<T> hebb, elig;
@@ -129,7 +230,8 @@ struct GroupBackward {
 
   GroupBackward(const SequenceBackwardParams<T>& p_, const Tiling& tl_, int64_t g, T* scr)
       : p(p_), in(p_.in), tl(tl_), group(g), r(task_range(tl_, in.B, in.N, g)), scratch(scr),
-        g_mod_in(scr + 2 * tl_.chunk_size * in.N), BN(in.B * in.N), BNN(BN * in.N),
+        g_mod_in(scr + 2 * tl_.chunk_size * in.N), g_h_sum(g_mod_in + in.N), BN(in.B * in.N),
+        BNN(BN * in.N),
         modulated(in.modulation != Modulation::None),
         hebb{in.hebb0, p_.ckpt_h, p_.seg_h, BNN, in.L},
         elig{in.elig0, p_.ckpt_e, p_.seg_e, BNN, in.L},
@@ -148,6 +250,7 @@ struct GroupBackward {
   }
 
   const T* h_at(int64_t t) const { return t == 0 ? in.h0 : p.out + (t - 1) * BN; }
+  const T* post_of(int64_t t) const { return post_at(in, p.out, p.gates, t); }
   const T* eta_at(int64_t t) const {
     return modulated ? p.eta_seq + (t - 1) * BN : in.eta_fixed;
   }
@@ -162,7 +265,7 @@ struct GroupBackward {
     for (int64_t t = hebb.start + 1; t < end; ++t) {
       fp.hebb = hebb.at(t - 1); fp.hebb_out = hebb.slot(t);
       if constexpr (has_elig<R>()) { fp.elig = elig.at(t - 1); fp.elig_out = elig.slot(t); }
-      fp.pre = h_at(t - 1); fp.post = h_at(t); fp.eta = eta_at(t);
+      fp.pre = h_at(t - 1); fp.post = post_of(t); fp.eta = eta_at(t);
       forward_task<T, R, AM, EM, true, false>(fp, r, nullptr, in.N);
     }
   }
@@ -179,7 +282,7 @@ struct GroupBackward {
       bp.a_hebb = hebb.at(s - 1);
       if constexpr (has_elig<R>()) bp.a_elig = elig.at(s - 1);
       bp.a_pre = h_at(s - 1);
-      bp.a_post = h_at(s);
+      bp.a_post = post_of(s);
       bp.a_eta = eta_at(s);
     }
     if (t > 0 && s > 0) backward_task<T, R, AM, EM, true, true>(bp, tl, r, group, scratch);
@@ -196,53 +299,124 @@ struct GroupBackward {
   // The rule adjoint of step s has run (rate and post gradients): the modulator's and the cell's
   // backward of step s give dL/du_s and dL/dx_s.
   void rule_done(int64_t s) {
-    const int64_t N = in.N, K = in.K, step = (s - 1) * in.B;
+    if (in.cell == Cell::Lstm) recurrent_gate_grads(s);
     for (int64_t b = r.b0; b < r.b1; ++b) {
-      const int64_t row = (step + b) * N;
-      const T* g_eta = p.g_eta + b * N;
-      if (!modulated && EM == EtaMode::PerPost) {
-        for (int64_t j = 0; j < N; ++j) p.g_eta_post[b * N + j] += g_eta[j];
-      }
-      if (in.modulation == Modulation::Fanout) {
-        for (int64_t j = 0; j < N; ++j) p.g_eta_seq[row + j] = g_eta[j];
-      }
-      if (modulated) {
-        const T* m = p.m + (step + b) * K;
-        T* g_z = p.g_z + (step + b) * K;
-        for (int64_t k = 0; k < K; ++k) {
-          T g_m = 0;  // dL/dm_s through eta = m ("simple") or fanout(m)
-          if (in.modulation == Modulation::Simple) {
-            for (int64_t j = 0; j < N; ++j) g_m += g_eta[j];
-          } else {
-            for (int64_t j = 0; j < N; ++j) g_m += g_eta[j] * in.fanout_w[j * K + k];
-          }
-          if (p.grad_m != nullptr) g_m += p.grad_m[(step + b) * K + k];
-          g_z[k] = g_m * (T(1) - m[k] * m[k]);
-        }
-        for (int64_t j = 0; j < N; ++j) {
-          T g = 0;
-          for (int64_t k = 0; k < K; ++k) g += g_z[k] * in.h2mod_w[k * N + j];
-          g_mod_in[j] = g;
-        }
-      }
-      const T* h = p.out + row;
-      const T* g_post = p.g_post + b * N;
-      const T* g_hs = p.g_h + b * N;
-      T* g_u = p.g_u + row;
-      for (int64_t j = 0; j < N; ++j) {
-        T g = g_post[j] + g_hs[j];
-        if (p.grad_out != nullptr) g += p.grad_out[row + j];
-        if (modulated) g += g_mod_in[j];
-        g_u[j] = g * (T(1) - h[j] * h[j]);
-        if (in.clamp != nullptr) {
-          // Clamped: h_s = x_s, so the gradient goes to x_s and none to u_s.
-          const bool clamped = in.clamp[row + j];
-          p.g_x[row + j] = clamped ? g : g_u[j];
-          g_u[j] = clamped ? T(0) : g_u[j];
-        }
-      }
+      modulator_backward(s, b);
+      if (in.cell == Cell::Lstm) lstm_cell_backward(s, b);
+      else tanh_cell_backward(s, b);
     }
     g_pre_pending = bp.g_pre_partial;
+  }
+
+  // The rate's gradient of step s, and through the modulator dL/dz_s and g_mod_in.
+  void modulator_backward(int64_t s, int64_t b) {
+    const int64_t N = in.N, K = in.K, step = (s - 1) * in.B, row = (step + b) * N;
+    const T* g_eta = p.g_eta + b * N;
+    if (!modulated && EM == EtaMode::PerPost) {
+      for (int64_t j = 0; j < N; ++j) p.g_eta_post[b * N + j] += g_eta[j];
+    }
+    if (in.modulation == Modulation::Fanout) {
+      for (int64_t j = 0; j < N; ++j) p.g_eta_seq[row + j] = g_eta[j];
+    }
+    if (!modulated) return;
+    const T* m = p.m + (step + b) * K;
+    T* g_z = p.g_z + (step + b) * K;
+    for (int64_t k = 0; k < K; ++k) {
+      T g_m = 0;  // dL/dm_s through eta = m ("simple") or fanout(m)
+      if (in.modulation == Modulation::Simple) {
+        for (int64_t j = 0; j < N; ++j) g_m += g_eta[j];
+      } else {
+        for (int64_t j = 0; j < N; ++j) g_m += g_eta[j] * in.fanout_w[j * K + k];
+      }
+      if (p.grad_m != nullptr) g_m += p.grad_m[(step + b) * K + k];
+      g_z[k] = g_m * (T(1) - m[k] * m[k]);
+    }
+    for (int64_t j = 0; j < N; ++j) {
+      T g = 0;
+      for (int64_t k = 0; k < K; ++k) g += g_z[k] * in.h2mod_w[k * N + j];
+      g_mod_in[j] = g;
+    }
+  }
+
+  // dL/dh_s from every path, through the tanh (or the clamp).
+  void tanh_cell_backward(int64_t s, int64_t b) {
+    const int64_t N = in.N, row = ((s - 1) * in.B + b) * N;
+    const T* h = p.out + row;
+    const T* g_post = p.g_post + b * N;
+    const T* g_hs = p.g_h + b * N;
+    T* g_u = p.g_u + row;
+    for (int64_t j = 0; j < N; ++j) {
+      T g = g_post[j] + g_hs[j];
+      if (p.grad_out != nullptr) g += p.grad_out[row + j];
+      if (modulated) g += g_mod_in[j];
+      g_u[j] = g * (T(1) - h[j] * h[j]);
+      if (in.clamp != nullptr) {
+        // Clamped: h_s = x_s, so the gradient goes to x_s and none to u_s.
+        const bool clamped = in.clamp[row + j];
+        p.g_x[row + j] = clamped ? g : g_u[j];
+        g_u[j] = clamped ? T(0) : g_u[j];
+      }
+    }
+  }
+
+  // g_h_sum = dL/dh_s through the gates i, f, o of step s + 1 (g_ifo_{s+1} @ h2g_w) for the
+  // group's samples: each row of h2g_w is read from memory once for all of them.
+  void recurrent_gate_grads(int64_t s) {
+    const int64_t N = in.N, G = r.b1 - r.b0;
+    fill_zero(g_h_sum, G * N);
+    if (s == in.steps) return;
+    const T* g_next = p.g_ifo + (s * in.B + r.b0) * 3 * N;
+    for (int64_t q = 0; q < 3 * N; ++q) {
+      const T* w_row = in.h2g_w + q * N;
+      for (int64_t g = 0; g < G; ++g) {
+        const T coef = g_next[g * 3 * N + q];
+        T* dh = g_h_sum + g * N;
+#pragma omp simd
+        for (int64_t j = 0; j < N; ++j) dh[j] += coef * w_row[j];
+      }
+    }
+  }
+
+  // The LSTM cell's backward of step s (as lstm.h's per-step path): dL/dh_s from the gates i, f,
+  // o of step s + 1 (recurrent_gate_grads), the trace, the output and the modulator; dL/dc_s from h_s, c_{s+1}, the
+  // output c and the modulator; then the gates' pre-activation gradients (g's is dL/du_s).
+  void lstm_cell_backward(int64_t s, int64_t b) {
+    const int64_t N = in.N, B = in.B, row = ((s - 1) * B + b) * N;
+    const bool last = s == in.steps;
+    const T* gate = p.gates + 4 * (s - 1) * BN + b * N;
+    const T* i = gate + kGateI * BN, *f = gate + kGateF * BN, *g = gate + kGateG * BN,
+            *o = gate + kGateO * BN;
+    const T* c = p.c_seq + row;
+    const T* c_prev = s == 1 ? in.c0 + b * N : p.c_seq + row - BN;
+    const T* f_next = last ? nullptr : p.gates + (4 * s + kGateF) * BN + b * N;
+    const T* g_post = p.g_post + b * N;
+    T* dh = g_h_sum + (b - r.b0) * N;
+    const T* g_hs = p.g_h + b * N;
+    for (int64_t j = 0; j < N; ++j) dh[j] += g_hs[j];
+    if (p.grad_out != nullptr) {
+      for (int64_t j = 0; j < N; ++j) dh[j] += p.grad_out[row + j];
+    }
+    if (modulated && !in.modulate_c) {
+      for (int64_t j = 0; j < N; ++j) dh[j] += g_mod_in[j];
+    }
+    T* g_c = p.g_c + b * N;
+    T* g_u = p.g_u + row;
+    T* g_ifo = p.g_ifo + ((s - 1) * B + b) * 3 * N;
+    for (int64_t j = 0; j < N; ++j) {
+      const T tc = tanh_of(c[j]);
+      T dc = dh[j] * o[j] * (T(1) - tc * tc);
+      if (!last) dc += g_c[j] * f_next[j];
+      if (p.grad_c != nullptr) dc += p.grad_c[row + j];
+      if (modulated && in.modulate_c) dc += g_mod_in[j];
+      g_u[j] = (g_post[j] + dc * i[j]) * (T(1) - g[j] * g[j]);
+      g_ifo[j] = dc * g[j] * (i[j] * (T(1) - i[j]));
+      g_ifo[N + j] = dc * c_prev[j] * (f[j] * (T(1) - f[j]));
+      g_ifo[2 * N + j] = dh[j] * tc * (o[j] * (T(1) - o[j]));
+      g_c[j] = dc;
+    }
+    if (s == 1) {
+      for (int64_t j = 0; j < N; ++j) p.g_c0[b * N + j] = g_c[j] * f[j];
+    }
   }
 };
 
@@ -264,7 +438,7 @@ void sequence_forward_group_any(const SequenceForwardParams<T>& p, const Tiling&
   });
 }
 
-// Runs group `group` of the backward; scratch holds (2 * chunk_size + 1) * N values.
+// Runs group `group` of the backward; scratch holds (3 * chunk_size + 1) * N values.
 template <typename T>
 void sequence_backward_group_any(const SequenceBackwardParams<T>& p, const Tiling& tl,
                                  int64_t group, T* scratch) {

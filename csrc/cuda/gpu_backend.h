@@ -33,7 +33,8 @@ struct GpuBackend {
   }
   // The whole-sequence path (sequence_kernels.h): one launch per sequence forward, one backward,
   // where a block's shared memory (the trace, or the trace gradient, of one sample) fits the
-  // device's opt-in limit per block (Launch::max_shared_bytes()).
+  // device's opt-in limit per block (Launch::max_shared_bytes()). The tanh cell only: the LSTM
+  // runs step by step, whatever BACKPROPAMINE_SEQUENCE_PATH says.
   static constexpr bool kWholeSequence = true;
   // The least shared memory per block of the two kernels (one row slice), bytes.
   static int64_t whole_sequence_shared_bytes(int64_t N, bool retro, int64_t itemsize) {
@@ -46,9 +47,9 @@ struct GpuBackend {
   static int64_t slices(int64_t N, bool retro, bool backward) {
     return kern::sequence_slices(N, retro, sizeof(T), Launch::max_shared_bytes(), backward);
   }
-  bool whole_sequence(int64_t /*B*/, int64_t N, bool retro, int64_t itemsize) const {
+  bool whole_sequence(Cell cell, int64_t /*B*/, int64_t N, bool retro, int64_t itemsize) const {
     const SequencePath want = requested_sequence_path();
-    if (want == SequencePath::Steps) return false;
+    if (want == SequencePath::Steps || cell != Cell::Tanh) return false;
     const int64_t need = whole_sequence_shared_bytes(N, retro, itemsize);
     const int64_t limit = Launch::max_shared_bytes();
     if (want == SequencePath::Auto) return need <= limit;
@@ -73,6 +74,7 @@ struct GpuBackend {
   template <typename T>
   void sequence_forward(const SequenceForwardParams<T>& p, const Tiling&) const {
     const SequenceInputs<T>& in = p.in;
+    TORCH_INTERNAL_ASSERT(in.cell == Cell::Tanh, "the whole-sequence kernels run the tanh cell");
     const int64_t T_ = in.steps, B = in.B, N = in.N, K = in.K, BN = B * N, BNN = BN * N;
     const int64_t TBN = T_ * BN, n_ckpt = num_checkpoints(T_, in.L);
     const bool modulated = in.modulation != Modulation::None;
@@ -97,6 +99,7 @@ struct GpuBackend {
   template <typename T>
   void sequence_backward(const SequenceBackwardParams<T>& p, const Tiling& groups) const {
     const SequenceInputs<T>& in = p.in;
+    TORCH_INTERNAL_ASSERT(in.cell == Cell::Tanh, "the whole-sequence kernels run the tanh cell");
     const int64_t T_ = in.steps, B = in.B, N = in.N, K = in.K, BN = B * N, BNN = BN * N;
     const int64_t TBN = T_ * BN, n_ckpt = num_checkpoints(T_, in.L);
     const int64_t seg = (in.L < T_ ? in.L : T_) - 1;

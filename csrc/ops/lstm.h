@@ -1,9 +1,11 @@
-// Plastic LSTM ops (DESIGN 2.3), for any Backend: the sequence op and the step op (the sequence
-// op with T = 1). Only the h -> g path is plastic: the trace half (trace_sequence.h) computes
-// u_t = h_{t-1} @ (w + A * H_{t-1}) and updates the trace with post = g_t. This file adds the
-// gates around it: the input projection of all steps arrives precomputed (x = i2g(input), one
-// GEMM), the recurrent products of gates i, f, o are one GEMM per step (h2g, through ATen's
-// BLAS), and the rest is pointwise ATen on the tensors' device.
+// Plastic LSTM ops (reference.plastic_lstm_step), for any Backend: the sequence op and the step
+// op (the sequence op with T = 1). Only the h -> g path is plastic: the trace half computes
+// u_t = h_{t-1} @ (w + A * H_{t-1}) and updates the trace with post = g_t. Small networks run the
+// whole-sequence path (whole_sequence.h, the gates inside the backend's per-sample loop), the
+// others step by step (trace_sequence.h), with the gates around the trace passes: the input
+// projection of all steps arrives precomputed (x = i2g(input), one GEMM), the recurrent products
+// of gates i, f, o are one GEMM per step (h2g, through ATen's BLAS), and the rest is pointwise
+// ATen on the tensors' device.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -13,14 +15,11 @@
 #include "../dispatch.h"
 #include "../ops.h"
 #include "trace_sequence.h"
+#include "whole_sequence.h"
 
 namespace bp {
 
 namespace lstm_detail {
-
-// The gates are stored gate-major, (T, 4, B, N), so that each gate of a step is a contiguous
-// (B, N) block: g_t is read by the trace passes as their post-synaptic term.
-enum Gate : int64_t { kI = 0, kF = 1, kG = 2, kO = 3 };
 
 // The forward's per-step sequences, saved for the backward.
 struct LstmSequences {
@@ -39,12 +38,38 @@ inline CellSequences cell_sequences(const LstmConfig& lc, const Tensor& h0, cons
   return {h0, seq.out, post, lc.modulate_c ? seq.c_seq : seq.out};
 }
 
+inline bool whole_sequence(const auto& be, const PlasticConfig& c, int64_t itemsize) {
+  return be.whole_sequence(Cell::Lstm, c.B, c.N, c.modes.rule == Rule::Retroactive, itemsize);
+}
+
+// Gradients of the gate parameters and of x, and h_0's through step 1's gates i, f, o, from the
+// pre-activation gradients of all steps: g_u (gate g) and g_ifo (gates i, f, o).
+inline Tensors<4> gate_grads(const Tensor& h0, const Tensor& out, const LstmWeights& lw,
+                             const Tensor& g_u, const Tensor& g_ifo, const Tensor& g_h0_trace,
+                             const auto& be) {
+  const int64_t T_ = out.size(0), B = out.size(1), N = out.size(2);
+  Tensor g_h0 = at::addmm(g_h0_trace, g_ifo.select(0, 0), lw.h2g_weight);
+  Tensor g_x = at::cat({g_ifo.narrow(2, 0, 2 * N), g_u, g_ifo.narrow(2, 2 * N, N)}, 2);
+  Tensor g_ifo_flat = g_ifo.reshape({T_ * B, 3 * N});
+  Tensor g_h2g_w = at::mm(g_ifo_flat.t(), previous_h(h0, out));
+  Tensor g_h2g_b = at::empty({3 * N}, out.options());
+  sum_all_rows(be, g_ifo_flat, g_h2g_b);
+  return {g_x, g_h0, g_h2g_w, g_h2g_b};
+}
+
 template <typename T, class Backend>
-Tensors<9> sequence_forward(const Backend& be, const LstmConfig& lc, const PlasticParams<T>& p,
-                            const Tensor& x,
-                            const Tensor& h0, const Tensor& c0, const LstmWeights& lw,
-                            int64_t L) {
+Tensors<9> sequence_forward(const Backend& be, const LstmConfig& lc, const PlasticInputs& in,
+                            const Tensor& x, const Tensor& h0, const Tensor& c0,
+                            const LstmWeights& lw, int64_t L) {
   const PlasticConfig& c = lc.plastic;
+  if constexpr (Backend::kWholeSequence) {
+    if (whole_sequence(be, c, sizeof(T))) {
+      const LstmCellInputs cell{c0, lw.h2g_weight, lw.h2g_bias, lc.modulate_c};
+      WholeForward f = whole_sequence_forward<T>(be, c, in, x, h0, std::nullopt, &cell, L);
+      return {f.out, f.c_seq, f.hebb_T, f.elig_T, f.m, f.eta_seq, f.gates, f.ckpt_h, f.ckpt_e};
+    }
+  }
+  const PlasticParams<T> p(c, in);
   const int64_t N = c.N;
   const auto opts = x.options();
   Tensor out = at::empty({c.T, c.B, N}, opts);
@@ -58,8 +83,8 @@ Tensors<9> sequence_forward(const Backend& be, const LstmConfig& lc, const Plast
     const Tensor x_t = x.select(0, t - 1);
     at::addmm_out(rec, lw.h2g_bias, h_prev, h2g_t);
     const Tensor g_t = gates.select(0, t - 1);
-    Tensor i = g_t.select(0, kI), f = g_t.select(0, kF), g = g_t.select(0, kG),
-           o = g_t.select(0, kO);
+    Tensor i = g_t.select(0, kGateI), f = g_t.select(0, kGateF), g = g_t.select(0, kGateG),
+           o = g_t.select(0, kGateO);
     at::add_out(i, x_t.narrow(1, 0, N), rec.narrow(1, 0, N)).sigmoid_();
     at::add_out(f, x_t.narrow(1, N, N), rec.narrow(1, N, N)).sigmoid_();
     at::add_out(g, x_t.narrow(1, 2 * N, N), u).tanh_();
@@ -70,16 +95,30 @@ Tensors<9> sequence_forward(const Backend& be, const LstmConfig& lc, const Plast
   };
   const LstmSequences seq{out, c_seq, gates};
   TraceForward r =
-      trace_forward<T>(be, c, p, cell_sequences(lc, h0, seq, gates.select(1, kG)), L, step);
+      trace_forward<T>(be, c, p, cell_sequences(lc, h0, seq, gates.select(1, kGateG)), L, step);
   return {out, c_seq, r.hebb_T, r.elig_T, r.m, r.eta_seq, gates, r.ckpt_h, r.ckpt_e};
 }
 
 template <typename T, class Backend>
-Tensors<15> sequence_backward(const Backend& be, const LstmConfig& lc, const PlasticParams<T>& p,
+Tensors<15> sequence_backward(const Backend& be, const LstmConfig& lc, const PlasticInputs& in,
                               const OptTensor& grad_out, const OptTensor& grad_c,
                               const TraceSaved& saved, const Tensor& h0, const Tensor& c0,
                               const LstmWeights& lw, const LstmSequences& seq, int64_t L) {
   const PlasticConfig& c = lc.plastic;
+  if constexpr (Backend::kWholeSequence) {
+    if (whole_sequence(be, c, sizeof(T))) {
+      const LstmCellInputs cell{c0, lw.h2g_weight, lw.h2g_bias, lc.modulate_c};
+      const LstmCellSaved cell_saved{seq.c_seq, seq.gates, grad_c};
+      const WholeBackward w = whole_sequence_backward<T>(be, c, in, grad_out, saved, h0, seq.out,
+                                                         std::nullopt, &cell, &cell_saved, L);
+      const TraceBackward& r = w.r;
+      auto [g_x, g_h0, g_h2g_w, g_h2g_b] =
+          gate_grads(h0, seq.out, lw, w.g_u, w.g_ifo, r.g_h0, be);
+      return {g_x,       g_h0,    w.g_c0,   r.g_hebb,    r.g_elig,    g_h2g_w,   g_h2g_b, r.g_w,
+              r.g_alpha, r.g_eta, r.g_rate, r.g_h2mod_w, r.g_h2mod_b, r.g_fan_w, r.g_fan_b};
+    }
+  }
+  const PlasticParams<T> p(c, in);
   const int64_t T_ = c.T, B = c.B, N = c.N;
   const auto opts = seq.out.options();
   const Tensor tanh_c = at::tanh(seq.c_seq);
@@ -90,8 +129,8 @@ Tensors<15> sequence_backward(const Backend& be, const LstmConfig& lc, const Pla
   auto finish = [&](int64_t s, const StepGrads& g) {
     const bool last = s == T_;
     const Tensor gates = seq.gates.select(0, s - 1);
-    const Tensor i = gates.select(0, kI), f = gates.select(0, kF), gg = gates.select(0, kG),
-                 o = gates.select(0, kO);
+    const Tensor i = gates.select(0, kGateI), f = gates.select(0, kGateF), gg = gates.select(0, kGateG),
+                 o = gates.select(0, kGateO);
     const Tensor tc = tanh_c.select(0, s - 1);
     const Tensor c_prev = s == 1 ? c0 : seq.c_seq.select(0, s - 2);
     // dL/dh_s: later steps (trace, and step s + 1's gates i, f, o), the output, the modulator.
@@ -100,7 +139,7 @@ Tensors<15> sequence_backward(const Backend& be, const LstmConfig& lc, const Pla
     if (g.mod_in.defined() && !lc.modulate_c) dh.add_(g.mod_in);
     // dL/dc_s: through h_s, through c_{s+1}, the output c, the modulator.
     Tensor dc = dh * o * (1 - tc * tc);
-    if (!last) dc.addcmul_(g_c, seq.gates.select(0, s).select(0, kF));
+    if (!last) dc.addcmul_(g_c, seq.gates.select(0, s).select(0, kGateF));
     if (grad_c.has_value()) dc.add_(grad_c->select(0, s - 1));
     if (g.mod_in.defined() && lc.modulate_c) dc.add_(g.mod_in);
     Tensor g_u_s = g_u.select(0, s - 1);
@@ -114,17 +153,12 @@ Tensors<15> sequence_backward(const Backend& be, const LstmConfig& lc, const Pla
     g_c = dc;
   };
   TraceBackward r = trace_backward<T>(be, c, p,
-                                      cell_sequences(lc, h0, seq, seq.gates.select(1, kG)), saved,
+                                      cell_sequences(lc, h0, seq, seq.gates.select(1, kGateG)), saved,
                                       L, g_u, finish);
 
-  // h_0 also feeds step 1's gates i, f, o, and c_0 its cell.
-  Tensor g_h0 = at::addmm(r.g_h0, g_ifo.select(0, 0), lw.h2g_weight);
-  Tensor g_c0 = g_c * seq.gates.select(0, 0).select(0, kF);
-  Tensor g_x = at::cat({g_ifo.narrow(2, 0, 2 * N), g_u, g_ifo.narrow(2, 2 * N, N)}, 2);
-  Tensor g_ifo_flat = g_ifo.reshape({T_ * B, 3 * N});
-  Tensor g_h2g_w = at::mm(g_ifo_flat.t(), previous_h(h0, seq.out));
-  Tensor g_h2g_b = at::empty({3 * N}, opts);
-  sum_all_rows(be, g_ifo_flat, g_h2g_b);
+  // c_0 feeds step 1's cell.
+  Tensor g_c0 = g_c * seq.gates.select(0, 0).select(0, kGateF);
+  auto [g_x, g_h0, g_h2g_w, g_h2g_b] = gate_grads(h0, seq.out, lw, g_u, g_ifo, r.g_h0, be);
   return {g_x,     g_h0,    g_c0,     r.g_hebb, r.g_elig,    g_h2g_w,     g_h2g_b,   r.g_w,
           r.g_alpha, r.g_eta, r.g_rate, r.g_h2mod_w, r.g_h2mod_b, r.g_fan_w, r.g_fan_b};
 }
@@ -147,8 +181,7 @@ Tensors<9> plastic_lstm_sequence(
                                           modulator_input, true);
   check_checkpoint_every(op, checkpoint_every);
   return dispatch_float(x, op, [&]<typename T>() {
-    return lstm_detail::sequence_forward<T>(Backend(x.options()), lc,
-                                            PlasticParams<T>(lc.plastic, in), x, h0, c0,
+    return lstm_detail::sequence_forward<T>(Backend(x.options()), lc, in, x, h0, c0,
                                             {h2g_weight, h2g_bias}, checkpoint_every);
   });
 }
@@ -179,8 +212,8 @@ Tensors<15> plastic_lstm_sequence_backward(
   const TraceSaved saved{m, eta_seq, hebb_checkpoints, elig_checkpoints,
                          grad_hebb, grad_elig, grad_m};
   return dispatch_float(out, op, [&]<typename T>() {
-    return lstm_detail::sequence_backward<T>(Backend(out.options()), lc, PlasticParams<T>(c, in),
-                                             grad_out, grad_c, saved, h0, c0,
+    return lstm_detail::sequence_backward<T>(Backend(out.options()), lc, in, grad_out, grad_c,
+                                             saved, h0, c0,
                                              {h2g_weight, h2g_bias}, {out, c_seq, gates},
                                              checkpoint_every);
   });
@@ -201,8 +234,7 @@ Tensors<7> plastic_lstm_step(
                                           modulator_input, false);
   auto [out, c_seq, hebb_new, elig_new, m, eta_seq, gates, ckpt_h, ckpt_e] =
       dispatch_float(x, op, [&]<typename T>() {
-    return lstm_detail::sequence_forward<T>(Backend(x.options()), lc,
-                                            PlasticParams<T>(lc.plastic, in), x.unsqueeze(0), h,
+    return lstm_detail::sequence_forward<T>(Backend(x.options()), lc, in, x.unsqueeze(0), h,
                                             c, {h2g_weight, h2g_bias}, 1);
   });
   // eta_t (B, N) is kept for the backward only when the rate is computed by the modulator.
@@ -240,9 +272,9 @@ Tensors<15> plastic_lstm_step_backward(
   const Tensor eta_seq = eta_t.numel() > 0 ? eta_t.unsqueeze(0) : eta_t;
   const TraceSaved saved{m_seq, eta_seq, no_ckpt, no_ckpt, grad_hebb, grad_elig, g_m};
   auto grads = dispatch_float(h_new, op, [&]<typename T>() {
-    return lstm_detail::sequence_backward<T>(Backend(h_new.options()), lc,
-                                             PlasticParams<T>(pc, in), g_out, g_c, saved, h, c,
-                                             {h2g_weight, h2g_bias}, {out, c_seq, gates_seq}, 1);
+    return lstm_detail::sequence_backward<T>(Backend(h_new.options()), lc, in, g_out, g_c,
+                                             saved, h, c, {h2g_weight, h2g_bias},
+                                             {out, c_seq, gates_seq}, 1);
   });
   std::get<0>(grads) = std::get<0>(grads).squeeze(0);
   return grads;

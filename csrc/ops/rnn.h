@@ -1,8 +1,8 @@
 // Plastic tanh RNN ops, for any Backend (the device's trace passes): the sequence op and the
 // step op (the sequence op with T = 1). Small networks run the whole-sequence path
-// (sequence_pass.h), the others step by step: the trace passes, checkpoints and plastic-parameter
-// gradients of that path are in trace_sequence.h, and this file adds the cell: h_t = tanh(x_t + u_t), the trace's
-// post-synaptic term and the modulator's input both being h_t. Where the optional bool mask
+// (whole_sequence.h), the others step by step: the trace passes, checkpoints and
+// plastic-parameter gradients of that path are in trace_sequence.h, and this file adds the cell:
+// h_t = tanh(x_t + u_t), the trace's post-synaptic term and the modulator's input both being h_t. Where the optional bool mask
 // `clamp` is set, h_t = x_t instead (input neurons pinned to their input).
 #pragma once
 
@@ -13,6 +13,7 @@
 #include "../dispatch.h"
 #include "../ops.h"
 #include "trace_sequence.h"
+#include "whole_sequence.h"
 
 namespace bp {
 
@@ -24,125 +25,6 @@ inline void cell_forward(Tensor& h, const Tensor& x, const Tensor& u, const OptT
   if (clamp.has_value()) h.copy_(at::where(*clamp, x, h));
 }
 
-// The whole-sequence path's fixed inputs (sequence_pass.h). x may be undefined (backward).
-template <typename T>
-SequenceInputs<T> sequence_inputs(const PlasticConfig& c, const PlasticInputs& a,
-                                  const Tensor& x, const OptTensor& clamp, const Tensor& h0,
-                                  const Tensor& eta_fixed, int64_t L) {
-  auto ptr = [](const OptTensor& t) -> const T* {
-    return t.has_value() ? t->data_ptr<T>() : nullptr;
-  };
-  SequenceInputs<T> in{};
-  in.steps = c.T; in.B = c.B; in.N = c.N; in.K = c.K; in.L = L;
-  in.modes = c.modes; in.modulation = c.modulation;
-  in.clip = static_cast<T>(c.clip);
-  in.elig_rate = ptr(a.elig_rate);
-  in.x = x.defined() ? x.data_ptr<T>() : nullptr;
-  in.clamp = clamp.has_value() ? clamp->data_ptr<bool>() : nullptr;
-  in.h0 = h0.data_ptr<T>();
-  in.hebb0 = a.hebb.data_ptr<T>();
-  in.elig0 = ptr(a.elig);
-  in.w = a.w.data_ptr<T>();
-  in.alpha = a.alpha.data_ptr<T>();
-  in.eta_fixed = eta_fixed.defined() ? eta_fixed.data_ptr<T>() : nullptr;
-  in.h2mod_w = ptr(a.h2mod_weight);
-  in.h2mod_b = ptr(a.h2mod_bias);
-  in.fanout_w = ptr(a.fanout_weight);
-  in.fanout_b = ptr(a.fanout_bias);
-  return in;
-}
-
-template <typename T, class Backend>
-Tensors<7> whole_sequence_forward(const Backend& be, const PlasticConfig& c,
-                                  const PlasticInputs& a, const Tensor& x, const Tensor& h0,
-                                  const OptTensor& clamp, int64_t L) {
-  const int64_t T_ = c.T, B = c.B, N = c.N, K = c.K;
-  const bool retro = c.modes.rule == Rule::Retroactive;
-  const bool modulated = c.modulation != Modulation::None;
-  const int64_t n_ckpt = num_checkpoints(T_, L);
-  const auto opts = x.options();
-  Tensor out = at::empty({T_, B, N}, opts), m = at::empty({T_, B, K}, opts);
-  Tensor eta_seq = at::empty({modulated ? T_ : 0, B, N}, opts);
-  Tensor hebb_T = at::empty({B, N, N}, opts), elig_T = at::empty({retro ? B : 0, N, N}, opts);
-  Tensor ckpt_h = at::empty({n_ckpt, B, N, N}, opts);
-  Tensor ckpt_e = at::empty({retro ? n_ckpt : 0, B, N, N}, opts);
-  Tensor work_h = at::empty({T_ > 1 ? B : 0, N, N}, opts);
-  Tensor work_e = at::empty({retro && T_ > 1 ? B : 0, N, N}, opts);
-  Tensor u = at::empty({B, N}, opts);
-  const Tensor eta_fixed = fixed_rate(c, a.eta);
-  SequenceForwardParams<T> p{};
-  p.in = sequence_inputs<T>(c, a, x, clamp, h0, eta_fixed, L);
-  p.out = out.data_ptr<T>(); p.m = m.data_ptr<T>(); p.eta_seq = eta_seq.data_ptr<T>();
-  p.hebb_T = hebb_T.data_ptr<T>(); p.elig_T = elig_T.data_ptr<T>();
-  p.ckpt_h = ckpt_h.data_ptr<T>(); p.ckpt_e = ckpt_e.data_ptr<T>();
-  p.work_h = work_h.data_ptr<T>(); p.work_e = work_e.data_ptr<T>();
-  p.u = u.data_ptr<T>();
-  be.sequence_forward(p, be.sequence_groups(B, N, retro, sizeof(T), false));
-  return {out, hebb_T, elig_T, m, eta_seq, ckpt_h, ckpt_e};
-}
-
-template <typename T, class Backend>
-Tensors<12> whole_sequence_backward(const Backend& be, const PlasticConfig& c,
-                                    const PlasticInputs& a, const OptTensor& grad_out,
-                                    const TraceSaved& saved, const Tensor& h0, const Tensor& out,
-                                    const OptTensor& clamp, int64_t L) {
-  const int64_t T_ = c.T, B = c.B, N = c.N, K = c.K;
-  const bool retro = c.modes.rule == Rule::Retroactive;
-  const bool eta_conn = c.modes.eta == EtaMode::PerConnection;
-  const auto opts = out.options();
-  const auto groups = be.sequence_groups(B, N, retro, sizeof(T), true);
-  auto trace_grad = [&](const OptTensor& given) {
-    return given.has_value() ? given->clone() : at::zeros({B, N, N}, opts);
-  };
-  Tensor g_hebb = trace_grad(saved.grad_hebb);
-  Tensor g_elig = retro ? trace_grad(saved.grad_elig) : at::empty({0}, opts);
-  Tensor g_u = at::empty({T_, B, N}, opts);
-  Tensor g_x = clamp.has_value() ? at::empty_like(g_u) : g_u;
-  Tensor g_h0 = at::empty({B, N}, opts);
-  Tensor g_z = at::empty({T_, B, K}, opts);
-  Tensor g_eta_seq = at::empty({c.modulation == Modulation::Fanout ? T_ : 0, B, N}, opts);
-  Tensor g_eta_sum = at::zeros({B, N}, opts);
-  Tensor g_alpha_acc = at::zeros({be.alpha_acc_size(c.modes.alpha, groups, N, N)}, opts);
-  Tensor g_eta_conn = at::zeros({eta_conn ? groups.num_chunks : 0, N, N}, opts);
-  Tensor g_rate_acc = at::zeros({groups.num_chunks}, opts);
-  const int64_t seg_len = std::min(L, T_);
-  Tensor seg_h = at::empty({seg_len - 1, B, N, N}, opts);
-  Tensor seg_e = at::empty({retro ? seg_len - 1 : 0, B, N, N}, opts);
-  Tensor steps = at::empty({6, B, N}, opts);  // the backward's six step vectors
-  const Tensor eta_fixed = fixed_rate(c, a.eta);
-  const Tensor grad_out_c = grad_out.has_value() ? grad_out->contiguous() : Tensor();
-  const Tensor grad_m_c = saved.grad_m.has_value() ? saved.grad_m->contiguous() : Tensor();
-  auto ptr = [](const Tensor& t) -> T* { return t.defined() ? t.data_ptr<T>() : nullptr; };
-
-  SequenceBackwardParams<T> p{};
-  p.in = sequence_inputs<T>(c, a, Tensor(), clamp, h0, eta_fixed, L);
-  p.out = out.data_ptr<T>(); p.m = saved.m.data_ptr<T>(); p.eta_seq = saved.eta_seq.data_ptr<T>();
-  p.ckpt_h = saved.ckpt_h.data_ptr<T>(); p.ckpt_e = saved.ckpt_e.data_ptr<T>();
-  p.grad_out = ptr(grad_out_c); p.grad_m = ptr(grad_m_c);
-  p.g_hebb = g_hebb.data_ptr<T>(); p.g_elig = ptr(g_elig);
-  p.g_u = g_u.data_ptr<T>(); p.g_x = g_x.data_ptr<T>(); p.g_h0 = g_h0.data_ptr<T>();
-  p.g_z = g_z.data_ptr<T>(); p.g_eta_seq = g_eta_seq.data_ptr<T>();
-  p.g_eta_post = g_eta_sum.data_ptr<T>();
-  p.g_alpha_acc = g_alpha_acc.data_ptr<T>(); p.g_eta_conn = g_eta_conn.data_ptr<T>();
-  p.g_rate_acc = g_rate_acc.data_ptr<T>();
-  p.seg_h = seg_h.data_ptr<T>(); p.seg_e = seg_e.data_ptr<T>();
-  T* step = steps.data_ptr<T>();
-  const int64_t BN = B * N;
-  p.g_in = step; p.g_pre_a = step + BN; p.g_pre_b = step + 2 * BN; p.g_h = step + 3 * BN;
-  p.g_post = step + 4 * BN; p.g_eta = step + 5 * BN;
-  be.sequence_backward(p, groups);
-
-  TraceBackward r;
-  r.g_h0 = g_h0;
-  r.g_hebb = g_hebb;
-  r.g_elig = g_elig;
-  parameter_grads(be, c, a, {h0, out, out, out},
-                  {saved.m, g_u, g_z, g_eta_seq, g_eta_sum, g_alpha_acc, g_eta_conn, g_rate_acc},
-                  r);
-  return {g_x,     r.g_h0,   r.g_hebb,    r.g_elig,    r.g_w,     r.g_alpha,
-          r.g_eta, r.g_rate, r.g_h2mod_w, r.g_h2mod_b, r.g_fan_w, r.g_fan_b};
-}
-
 // The whole-sequence path reads elig_rate where its kernels run; only the per-step path takes it
 // to the host (PlasticParams), which on a GPU is a synchronisation.
 template <typename T, class Backend>
@@ -150,8 +32,11 @@ Tensors<7> sequence_forward(const Backend& be, const PlasticConfig& c, const Pla
                             const Tensor& x, const Tensor& h0, const OptTensor& clamp,
                             int64_t L) {
   if constexpr (Backend::kWholeSequence) {
-    if (be.whole_sequence(c.B, c.N, c.modes.rule == Rule::Retroactive, sizeof(T)))
-      return whole_sequence_forward<T>(be, c, in, x, h0, clamp, L);
+    if (be.whole_sequence(Cell::Tanh, c.B, c.N, c.modes.rule == Rule::Retroactive,
+                          sizeof(T))) {
+      WholeForward f = whole_sequence_forward<T>(be, c, in, x, h0, clamp, nullptr, L);
+      return {f.out, f.hebb_T, f.elig_T, f.m, f.eta_seq, f.ckpt_h, f.ckpt_e};
+    }
   }
   const PlasticParams<T> p(c, in);
   Tensor out = at::empty({c.T, c.B, c.N}, x.options());
@@ -169,8 +54,15 @@ Tensors<12> sequence_backward(const Backend& be, const PlasticConfig& c,
                               const TraceSaved& saved, const Tensor& h0, const Tensor& out,
                               const OptTensor& clamp, int64_t L) {
   if constexpr (Backend::kWholeSequence) {
-    if (be.whole_sequence(c.B, c.N, c.modes.rule == Rule::Retroactive, sizeof(T)))
-      return whole_sequence_backward<T>(be, c, in, grad_out, saved, h0, out, clamp, L);
+    if (be.whole_sequence(Cell::Tanh, c.B, c.N, c.modes.rule == Rule::Retroactive,
+                          sizeof(T))) {
+      const WholeBackward w =
+          whole_sequence_backward<T>(be, c, in, grad_out, saved, h0, out, clamp, nullptr, nullptr,
+                                     L);
+      const TraceBackward& r = w.r;
+      return {w.g_x,   r.g_h0,   r.g_hebb,    r.g_elig,    r.g_w,     r.g_alpha,
+              r.g_eta, r.g_rate, r.g_h2mod_w, r.g_h2mod_b, r.g_fan_w, r.g_fan_b};
+    }
   }
   const PlasticParams<T> p(c, in);
   Tensor g_u = at::empty({c.T, c.B, c.N}, out.options());  // dL/du_t
