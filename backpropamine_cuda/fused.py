@@ -26,13 +26,16 @@ def has_cuda_kernels() -> bool:
 
 
 def sequence_path(batch_size: int, hidden_size: int, rule: str = "clip",
-                  dtype: torch.dtype = torch.float32) -> str:
-    """The path the RNN sequence op takes on the CPU at these sizes: "whole" (each group of
-    samples runs all T steps in one task: small networks, where a sample's traces fit in the
-    core's L2 cache) or "steps" (one parallel pass over the trace per step). The environment
-    variable BACKPROPAMINE_SEQUENCE_PATH=whole|steps forces one (auto, or unset, decides)."""
+                  dtype: torch.dtype = torch.float32, cell: str = "rnn") -> str:
+    """The path the RNN (`cell` "rnn") or LSTM ("lstm") sequence op takes on the CPU at these
+    sizes: "whole" (each group of samples runs all T steps in one task) or "steps" (one parallel
+    pass over the trace per step); docs/design.md explains the choice. The environment variable
+    BACKPROPAMINE_SEQUENCE_PATH=whole|steps forces one (auto, or unset, decides)."""
+    if cell not in ("rnn", "lstm"):
+        raise ValueError(f"cell must be 'rnn' or 'lstm', got {cell!r}")
     return torch.ops.backpropamine.cpu_sequence_path(
-        batch_size, hidden_size, rule == "retroactive", torch.empty(0, dtype=dtype).element_size())
+        batch_size, hidden_size, rule == "retroactive", torch.empty(0, dtype=dtype).element_size(),
+        cell == "lstm")
 
 
 def default_checkpoint_every(steps: int) -> int:

@@ -419,13 +419,15 @@ def write_csv(path, records):
 
 
 def manifest():
-    """What produced a result file: the command line, the commit, torch's version, the date."""
+    """What produced a result file: the command line, the package's environment variables (e.g.
+    BACKPROPAMINE_SEQUENCE_PATH), the commit, torch's version, the date."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
-    return dict(command=[sys.executable, *sys.argv], commit=commit or None,
+    environment = {k: v for k, v in os.environ.items() if k.startswith("BACKPROPAMINE_")}
+    return dict(command=[sys.executable, *sys.argv], environment=environment, commit=commit or None,
                 torch=torch.__version__, date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
 

@@ -23,10 +23,12 @@ TORCH_LIBRARY(backpropamine, m) {
   bp::define_ops(m);
   // The instruction set of the CPU kernels in use: "default", "avx2" or "avx512".
   m.def("cpu_isa() -> str", [] { return std::string(bp::cpu_isa_name(bp::cpu_isa())); });
-  // The path the CPU RNN sequence op takes at these sizes: "whole" or "steps".
-  m.def("cpu_sequence_path(int batch, int hidden, bool retroactive, int itemsize) -> str",
-        [](int64_t batch, int64_t hidden, bool retroactive, int64_t itemsize) {
-          return std::string(bp::use_whole_sequence(batch, hidden, retroactive, itemsize)
+  // The path the CPU RNN (or LSTM) sequence op takes at these sizes: "whole" or "steps".
+  m.def("cpu_sequence_path(int batch, int hidden, bool retroactive, int itemsize, "
+        "bool lstm=False) -> str",
+        [](int64_t batch, int64_t hidden, bool retroactive, int64_t itemsize, bool lstm) {
+          const bp::Cell cell = lstm ? bp::Cell::Lstm : bp::Cell::Tanh;
+          return std::string(bp::use_whole_sequence(cell, batch, hidden, retroactive, itemsize)
                                  ? "whole" : "steps");
         });
 }

@@ -119,9 +119,10 @@ struct SequenceBackwardParams {
 // unchanged). Depends on the sizes and the CPU's cache, never on the thread count.
 Tiling sequence_groups(int64_t B, int64_t N, bool retro, int64_t itemsize, bool backward);
 
-// Whether the CPU sequence op runs the whole-sequence path: BACKPROPAMINE_SEQUENCE_PATH=whole or
-// steps forces it, auto (or unset) decides from the sizes (cpu/trace_pass_cpu.cpp).
-bool use_whole_sequence(int64_t B, int64_t N, bool retro, int64_t itemsize);
+// Whether the CPU sequence op of this cell runs the whole-sequence path:
+// BACKPROPAMINE_SEQUENCE_PATH=whole or steps forces it, auto (or unset) decides from the sizes
+// (cpu/trace_pass_cpu.cpp).
+bool use_whole_sequence(Cell cell, int64_t B, int64_t N, bool retro, int64_t itemsize);
 
 // The path BACKPROPAMINE_SEQUENCE_PATH asks for, for every backend: "whole", "steps", or "auto"
 // (or unset: the backend decides from the sizes). Anything else is a ValueError naming it.

@@ -1,6 +1,7 @@
 """Smoke tests of the benchmark scripts at tiny sizes (their numbers are not checked here: targets
 live in the benchmarks, not in timed tests)."""
 import csv
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -66,3 +67,18 @@ def test_bench_rl_quick(tmp_path):
     assert all(float(r["iterations_per_s"]) > 0 for r in rows), "an implementation failed"
     assert all(r["fused_speedup"] for r in rows if r["impl"] == "reference")
     assert "| maze" in stdout
+
+
+def test_manifest_names_what_produced_a_result(monkeypatch):
+    """Every result file's manifest: the command line, the commit, torch, the date and the
+    package's environment variables, which choose a path (BACKPROPAMINE_SEQUENCE_PATH)."""
+    path = BENCHMARKS / "common.py"
+    if not path.is_file():
+        pytest.skip("benchmarks/ is not next to the tests")
+    spec = importlib.util.spec_from_file_location("benchmarks_common", path)
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    monkeypatch.setenv("BACKPROPAMINE_SEQUENCE_PATH", "steps")
+    manifest = common.manifest()
+    assert manifest["environment"]["BACKPROPAMINE_SEQUENCE_PATH"] == "steps"
+    assert {"command", "commit", "torch", "date"} <= set(manifest)

@@ -26,6 +26,13 @@ def test_auto_choice_follows_the_sizes(monkeypatch):
     # A few samples of a wide layer: the step-by-step path also splits the columns.
     for B, N in ((1, 1149), (2, 1149), (3, 600)):
         assert fused.sequence_path(B, N) == "steps", (B, N)
+    # The LSTM as the RNN where its h2g (3N x N) stays in cache, else step by step: its h2g is
+    # read once per group and step on the whole-sequence path.
+    assert fused.sequence_path(30, 100, cell="lstm") == "whole"
+    assert fused.sequence_path(6, 1149, cell="lstm") == "steps"
+    assert fused.sequence_path(1, 1149, cell="lstm") == "steps"
+    with pytest.raises(ValueError, match="cell must be 'rnn' or 'lstm', got 'gru'"):
+        fused.sequence_path(30, 100, cell="gru")
 
 
 def test_environment_forces_a_path(monkeypatch):
@@ -33,6 +40,8 @@ def test_environment_forces_a_path(monkeypatch):
         monkeypatch.setenv(ENV, path)
         assert fused.sequence_path(1, 1149) == path
         assert fused.sequence_path(30, 100) == path
+    monkeypatch.setenv(ENV, "whole")
+    assert fused.sequence_path(6, 1149, cell="lstm") == "whole"
     monkeypatch.setenv(ENV, "auto")
     assert fused.sequence_path(30, 100) == "whole"
     monkeypatch.setenv(ENV, "fastest")

@@ -34,10 +34,10 @@ struct CpuBackend {
   void backward(const BackwardPassParams<T>& p, const PassModes& m, const Tiling& tl) const {
     backward_pass_cpu(p, m, tl);
   }
-  // The whole-sequence path (sequence_pass.h), for both cells, where use_whole_sequence chooses it.
+  // The whole-sequence path (sequence_pass.h), for both cells, where use_whole_sequence takes it.
   static constexpr bool kWholeSequence = true;
-  bool whole_sequence(Cell /*cell*/, int64_t B, int64_t N, bool retro, int64_t itemsize) const {
-    return use_whole_sequence(B, N, retro, itemsize);
+  bool whole_sequence(Cell cell, int64_t B, int64_t N, bool retro, int64_t itemsize) const {
+    return use_whole_sequence(cell, B, N, retro, itemsize);
   }
   Tiling sequence_groups(int64_t B, int64_t N, bool retro, int64_t itemsize,
                          bool backward) const {

@@ -169,9 +169,13 @@ Tiling sequence_groups(int64_t B, int64_t N, bool retro, int64_t itemsize, bool 
   return t;
 }
 
-bool use_whole_sequence(int64_t B, int64_t N, bool retro, int64_t itemsize) {
+bool use_whole_sequence(Cell cell, int64_t B, int64_t N, bool retro, int64_t itemsize) {
   const SequencePath want = requested_sequence_path();
   if (want != SequencePath::Auto) return want == SequencePath::Whole;
+  // The LSTM's h2g (3N x N) is read once per group and step there, against once per step for the
+  // whole batch by the step-by-step path's GEMM: only where it stays in the core's cache. (At
+  // the PTB layer's N = 1149, 16 MB read by each of 6 groups made the forward 2.4x slower.)
+  if (cell == Cell::Lstm && 3 * N * N * itemsize > l2_cache_bytes()) return false;
   // Both paths run the same per-task loops; the whole sequence saves a parallel region per step
   // and degrades gracefully when a thread is descheduled. The step-by-step path wins only where
   // it has more tasks to spread: a few samples of a wide layer, whose columns it also splits.
