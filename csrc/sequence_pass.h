@@ -1,6 +1,6 @@
 // The whole-sequence path of the plastic RNN and LSTM sequence ops, for small networks
-// (docs/design.md, "Two paths"). The per-step path (ops/trace_sequence.h) runs one parallel trace pass per step and
-// the cell and modulator as ATen ops between them: at N = 100 the step is a few microseconds of
+// (docs/design.md, "The sequence ops: two paths"). The per-step path (ops/trace_sequence.h) runs
+// one parallel trace pass per step and the cell and modulator as ATen ops between them: at N = 100 the step is a few microseconds of
 // work, and the barrier of every pass and the ATen calls dominate. Samples are independent (each
 // sample's trace, h and modulator depend only on its own past and the shared weights), so here a
 // task owns a group of samples and runs all T steps, the trace passes, the cell and the modulator

@@ -108,4 +108,10 @@ template <typename T>
 void backward_pass_cpu(const BackwardPassParams<T>& p, const PassModes& modes,
                        const Tiling& tiling);
 
+// out (B, M) = v (B, K) @ w^T (w: (M, K)) + bias (M,) (bias may be null), all contiguous: the rows
+// of w split over the threads, each read once for all of v's rows.
+template <typename T>
+void rows_product_cpu(const T* w, const T* bias, const T* v, int64_t B, int64_t M, int64_t K,
+                      T* out);
+
 }  // namespace bp

@@ -51,6 +51,14 @@ struct CpuBackend {
   void sequence_backward(const SequenceBackwardParams<T>& p, const Tiling& groups) const {
     sequence_backward_cpu(p, groups);
   }
+  // out (B, M) = v (B, K) @ w^T + bias (may be undefined); all contiguous. BLAS ran these
+  // products of a few samples (the LSTM's h2g) on one thread.
+  template <typename T>
+  void rows_product(const at::Tensor& v, const at::Tensor& w, const at::Tensor& bias,
+                    const at::Tensor& out) const {
+    rows_product_cpu(w.data_ptr<T>(), bias.defined() ? bias.data_ptr<T>() : nullptr,
+                     v.data_ptr<T>(), v.size(0), w.size(0), w.size(1), out.data_ptr<T>());
+  }
   // dst[k] = sum over r of src[r * cols + k], in row order: the fixed-order reduction of the
   // passes' partial buffers.
   template <typename T>

@@ -59,14 +59,17 @@ T dot(const T* a, const T* b, int64_t n) {
   return sum_lanes(lanes) + rest;
 }
 
-// out[g * n + r] = bias[r] + dot(W + r * n, v + g * n, n) for the n rows of W (n, n) and G
-// vectors v: the same sums as dot's. The LSTM's h2g product is three such products per step, its
-// forward's largest part after the trace: a group's samples share each row of W, read from
-// memory once for all of them (and each load of it serves up to four).
+// out[g * ld_out + r] = bias[r] + dot(W + r * n, v + g * n, n) for `rows` rows of W (rows, n)
+// and G vectors v (bias null: 0): the same sums as dot's, so the result does not depend on G or
+// on how the rows are split. Each row of W is read from memory once for all G vectors (and each
+// load of it serves up to four). The LSTM's h2g products: three per step on the whole-sequence
+// path, its forward's largest part after the trace; rows_product_task on the step-by-step path.
 template <typename T>
-void matvec_bias(const T* W, const T* bias, const T* v, int64_t G, int64_t n, T* out) {
-  for (int64_t r = 0; r < n; ++r) {
+void matvec_bias(const T* W, const T* bias, const T* v, int64_t G, int64_t rows, int64_t n,
+                 int64_t ld_out, T* out) {
+  for (int64_t r = 0; r < rows; ++r) {
     const T* w = W + r * n;
+    const T b = bias != nullptr ? bias[r] : T(0);
     int64_t g = 0;
     for (; g + 4 <= G; g += 4) {
       const T* v0 = v + g * n, *v1 = v0 + n, *v2 = v1 + n, *v3 = v2 + n;
@@ -89,12 +92,12 @@ void matvec_bias(const T* W, const T* bias, const T* v, int64_t G, int64_t n, T*
         r2 += w[k] * v2[k];
         r3 += w[k] * v3[k];
       }
-      out[g * n + r] = bias[r] + (sum_lanes(l0) + r0);
-      out[(g + 1) * n + r] = bias[r] + (sum_lanes(l1) + r1);
-      out[(g + 2) * n + r] = bias[r] + (sum_lanes(l2) + r2);
-      out[(g + 3) * n + r] = bias[r] + (sum_lanes(l3) + r3);
+      out[g * ld_out + r] = b + (sum_lanes(l0) + r0);
+      out[(g + 1) * ld_out + r] = b + (sum_lanes(l1) + r1);
+      out[(g + 2) * ld_out + r] = b + (sum_lanes(l2) + r2);
+      out[(g + 3) * ld_out + r] = b + (sum_lanes(l3) + r3);
     }
-    for (; g < G; ++g) out[g * n + r] = bias[r] + dot(w, v + g * n, n);
+    for (; g < G; ++g) out[g * ld_out + r] = b + dot(w, v + g * n, n);
   }
 }
 
@@ -137,7 +140,7 @@ void lstm_cells(const SequenceForwardParams<T>& p, int64_t t, int64_t b0, int64_
   const T* h_prev = (t == 1 ? in.h0 : p.out + (t - 2) * BN) + b0 * N;
   for (int64_t k : {kGateI, kGateF, kGateO}) {
     const int64_t part = k == kGateO ? 2 : k;  // h2g's rows: i, f, o
-    matvec_bias(in.h2g_w + part * N * N, in.h2g_b + part * N, h_prev, G, N, gate + k * BN);
+    matvec_bias(in.h2g_w + part * N * N, in.h2g_b + part * N, h_prev, G, N, N, N, gate + k * BN);
   }
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t row = ((t - 1) * in.B + b) * N;
@@ -378,8 +381,9 @@ struct GroupBackward {
   }
 
   // The LSTM cell's backward of step s (as lstm.h's per-step path): dL/dh_s from the gates i, f,
-  // o of step s + 1 (recurrent_gate_grads), the trace, the output and the modulator; dL/dc_s from h_s, c_{s+1}, the
-  // output c and the modulator; then the gates' pre-activation gradients (g's is dL/du_s).
+  // o of step s + 1 (recurrent_gate_grads), the trace, the output and the modulator; dL/dc_s
+  // from h_s, c_{s+1}, the output c and the modulator; then the gates' pre-activation gradients
+  // (g's is dL/du_s).
   void lstm_cell_backward(int64_t s, int64_t b) {
     const int64_t N = in.N, B = in.B, row = ((s - 1) * B + b) * N;
     const bool last = s == in.steps;
@@ -447,6 +451,17 @@ void sequence_backward_group_any(const SequenceBackwardParams<T>& p, const Tilin
   });
 }
 
+// Rows [r0, r0 + rows) of out (B, M) = v (B, K) @ w^T (M, K) + bias (M,) (bias may be null).
+template <typename T>
+void rows_product_task(const T* w, const T* bias, const T* v, int64_t B, int64_t M, int64_t K,
+                       int64_t r0, int64_t rows, T* out) {
+  matvec_bias(w + r0 * K, bias != nullptr ? bias + r0 : nullptr, v, B, rows, K, M, out + r0);
+}
+
+template void rows_product_task<float>(const float*, const float*, const float*, int64_t,
+                                       int64_t, int64_t, int64_t, int64_t, float*);
+template void rows_product_task<double>(const double*, const double*, const double*, int64_t,
+                                        int64_t, int64_t, int64_t, int64_t, double*);
 template void sequence_forward_group_any<float>(const SequenceForwardParams<float>&,
                                                 const Tiling&, int64_t, float*);
 template void sequence_forward_group_any<double>(const SequenceForwardParams<double>&,

@@ -71,6 +71,14 @@ struct GpuBackend {
     return t;
   }
 
+  // out (B, M) = v (B, K) @ w^T + bias (may be undefined), through cuBLAS.
+  template <typename T>
+  void rows_product(const at::Tensor& v, const at::Tensor& w, const at::Tensor& bias,
+                    at::Tensor out) const {
+    if (bias.defined()) at::addmm_out(out, bias, v, w.t());
+    else at::mm_out(out, v, w.t());
+  }
+
   template <typename T>
   void sequence_forward(const SequenceForwardParams<T>& p, const Tiling&) const {
     const SequenceInputs<T>& in = p.in;

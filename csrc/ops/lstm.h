@@ -33,8 +33,8 @@ struct LstmWeights {
   const Tensor& h2g_bias;    // (3N,)
 };
 
-inline CellSequences cell_sequences(const LstmConfig& lc, const Tensor& h0, const LstmSequences& seq,
-                             const Tensor& post) {
+inline CellSequences cell_sequences(const LstmConfig& lc, const Tensor& h0,
+                                    const LstmSequences& seq, const Tensor& post) {
   return {h0, seq.out, post, lc.modulate_c ? seq.c_seq : seq.out};
 }
 
@@ -76,12 +76,11 @@ Tensors<9> sequence_forward(const Backend& be, const LstmConfig& lc, const Plast
   Tensor c_seq = at::empty({c.T, c.B, N}, opts);
   Tensor gates = at::empty({c.T, 4, c.B, N}, opts);
   Tensor rec = at::empty({c.B, 3 * N}, opts);  // h2g(h_{t-1}): gates i, f, o
-  const Tensor h2g_t = lw.h2g_weight.t();
   auto step = [&](int64_t t, const Tensor& u) {
     const Tensor h_prev = t == 1 ? h0 : out.select(0, t - 2);
     const Tensor c_prev = t == 1 ? c0 : c_seq.select(0, t - 2);
     const Tensor x_t = x.select(0, t - 1);
-    at::addmm_out(rec, lw.h2g_bias, h_prev, h2g_t);
+    be.template rows_product<T>(h_prev, lw.h2g_weight, lw.h2g_bias, rec);
     const Tensor g_t = gates.select(0, t - 1);
     Tensor i = g_t.select(0, kGateI), f = g_t.select(0, kGateF), g = g_t.select(0, kGateG),
            o = g_t.select(0, kGateO);
@@ -124,17 +123,22 @@ Tensors<15> sequence_backward(const Backend& be, const LstmConfig& lc, const Pla
   const Tensor tanh_c = at::tanh(seq.c_seq);
   Tensor g_u = at::empty({T_, B, N}, opts);        // dL/d(pre-activation of g) == dL/du
   Tensor g_ifo = at::empty({T_, B, 3 * N}, opts);  // dL/d(pre-activations of i, f, o)
+  // dL/dh_s through step s + 1's gates i, f, o: g_ifo_{s+1} @ h2g, as a product with the rows of
+  // h2g^T, made contiguous once.
+  const Tensor h2g_w_t = T_ > 1 ? lw.h2g_weight.t().contiguous() : Tensor();
+  Tensor g_h_gates = at::empty({T_ > 1 ? B : 0, N}, opts);
   Tensor g_c;                                      // dL/dc_s, carried down to step s - 1
 
   auto finish = [&](int64_t s, const StepGrads& g) {
     const bool last = s == T_;
     const Tensor gates = seq.gates.select(0, s - 1);
-    const Tensor i = gates.select(0, kGateI), f = gates.select(0, kGateF), gg = gates.select(0, kGateG),
-                 o = gates.select(0, kGateO);
+    const Tensor i = gates.select(0, kGateI), f = gates.select(0, kGateF),
+                 gg = gates.select(0, kGateG), o = gates.select(0, kGateO);
     const Tensor tc = tanh_c.select(0, s - 1);
     const Tensor c_prev = s == 1 ? c0 : seq.c_seq.select(0, s - 2);
     // dL/dh_s: later steps (trace, and step s + 1's gates i, f, o), the output, the modulator.
-    Tensor dh = last ? g.h.clone() : at::addmm(g.h, g_ifo.select(0, s), lw.h2g_weight);
+    if (!last) be.template rows_product<T>(g_ifo.select(0, s), h2g_w_t, Tensor(), g_h_gates);
+    Tensor dh = last ? g.h.clone() : g.h + g_h_gates;
     if (grad_out.has_value()) dh.add_(grad_out->select(0, s - 1));
     if (g.mod_in.defined() && !lc.modulate_c) dh.add_(g.mod_in);
     // dL/dc_s: through h_s, through c_{s+1}, the output c, the modulator.
@@ -152,9 +156,9 @@ Tensors<15> sequence_backward(const Backend& be, const LstmConfig& lc, const Pla
     at::mul_out(g_o, dh * tc, o * (1 - o));
     g_c = dc;
   };
-  TraceBackward r = trace_backward<T>(be, c, p,
-                                      cell_sequences(lc, h0, seq, seq.gates.select(1, kGateG)), saved,
-                                      L, g_u, finish);
+  const Tensor post = seq.gates.select(1, kGateG);
+  TraceBackward r =
+      trace_backward<T>(be, c, p, cell_sequences(lc, h0, seq, post), saved, L, g_u, finish);
 
   // c_0 feeds step 1's cell.
   Tensor g_c0 = g_c * seq.gates.select(0, 0).select(0, kGateF);

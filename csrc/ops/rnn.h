@@ -2,8 +2,9 @@
 // step op (the sequence op with T = 1). Small networks run the whole-sequence path
 // (whole_sequence.h), the others step by step: the trace passes, checkpoints and
 // plastic-parameter gradients of that path are in trace_sequence.h, and this file adds the cell:
-// h_t = tanh(x_t + u_t), the trace's post-synaptic term and the modulator's input both being h_t. Where the optional bool mask
-// `clamp` is set, h_t = x_t instead (input neurons pinned to their input).
+// h_t = tanh(x_t + u_t), the trace's post-synaptic term and the modulator's input both being
+// h_t. Where the optional bool mask `clamp` is set, h_t = x_t instead (input neurons pinned to
+// their input).
 #pragma once
 
 #include <ATen/ATen.h>
