@@ -9,8 +9,9 @@ import torch
 
 import backpropamine_cuda as bp
 from backpropamine_cuda import reference
-from helpers import (RNN_INPUTS, RULE_CONFIG, RULES, TOL, assert_results_equal,
-                     relative_error, rnn_inputs, run_forward_backward, upcast)
+from helpers import (RNN_INPUTS, RULE_CONFIG, RULES, TOL, assert_results_close,
+                     assert_results_equal, lstm_inputs, relative_error, rnn_inputs,
+                     run_forward_backward, upcast)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -203,3 +204,101 @@ def test_whole_sequence_does_not_synchronise(monkeypatch):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert leaves["elig_rate"].grad is not None
+
+
+# Sizes that reach the tiled code the small tests miss: several 128-column tiles with a partial
+# last one (N % 128 != 0), several row blocks, batch chunks of 8 with a tail (B = 17), and the
+# PTB layer's N = 1149.
+TILED_SIZES = [(129, 1, 5), (257, 17, 3), (1149, 6, 3)]
+TILED_OPS = {"rnn": (rnn_inputs, "plastic_rnn_sequence"),
+             "lstm": (lstm_inputs, "plastic_lstm_sequence")}
+
+
+@requires_cuda_kernels
+@pytest.mark.parametrize("N, B, T", TILED_SIZES, ids=lambda v: str(v))
+@pytest.mark.parametrize("rule", ["clip", "retroactive"])
+@pytest.mark.parametrize("path", ["auto", "steps"])
+@pytest.mark.parametrize("op", TILED_OPS)
+def test_tiled_sizes_match_emulator(monkeypatch, op, path, rule, N, B, T):
+    """The native kernels at multi-tile sizes against the same kernels run by the emulator (same
+    sources, every memory access bounds-checked) and against the float64 reference, forward and
+    every gradient, in float64. `auto` takes the whole-sequence kernels where a sample's trace
+    fits in a block's shared memory (the RNN at N = 129)."""
+    monkeypatch.setenv("BACKPROPAMINE_SEQUENCE_PATH", path)
+    make_inputs, name = TILED_OPS[op]
+    alpha, modulation = RULE_CONFIG[rule]
+    inputs = make_inputs(alpha, modulation, rule, T=T, B=B, N=N, seed=N + B,
+                         hebb_scale=0.3, eta_scale=0.2)
+    kw = dict(rule=rule, clip=0.5)
+    native = run_forward_backward(on_cuda(getattr(bp.fused, name)), inputs, **kw)
+    emulated = run_forward_backward(getattr(bp.fused.emulated_cuda, name), inputs, **kw)
+    expected = run_forward_backward(getattr(reference, name), inputs, **kw)
+    assert_results_close(emulated, native, torch.float64)
+    assert_results_close(expected, native, torch.float64)
+
+
+def capture_and_replay(step):
+    """Captures step() (forward and backward, no host synchronisation allowed) in a CUDA graph
+    after warm-up runs on a side stream, replays it, and returns the replay's results."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    return captured
+
+
+@requires_cuda_kernels
+@pytest.mark.parametrize("rule", ["clip", "retroactive"])
+@pytest.mark.parametrize("path", ["whole", "steps"])
+@pytest.mark.parametrize("op", TILED_OPS)
+def test_sequence_op_captures_in_cuda_graph(monkeypatch, op, path, rule):
+    """Forward and backward of the sequence ops captured in a torch.cuda.CUDAGraph and replayed
+    give the eager results: no op synchronises with the host."""
+    if op == "lstm" and path == "whole":
+        pytest.skip("the LSTM has no whole-sequence kernels on the GPU")
+    monkeypatch.setenv("BACKPROPAMINE_SEQUENCE_PATH", path)
+    make_inputs, name = TILED_OPS[op]
+    alpha, modulation = RULE_CONFIG[rule]
+    inputs = make_inputs(alpha, modulation, rule, T=4, B=3, N=33, dtype=torch.float32)
+    leaves = {k: None if v is None else v.cuda().requires_grad_() for k, v in inputs.items()}
+    given = {k: v for k, v in leaves.items() if v is not None}
+    fn = getattr(bp.fused, name)
+
+    def step():
+        outputs = fn(**leaves, rule=rule, clip=0.5)
+        loss = sum(o.sum() for o in outputs if o is not None)
+        return [o.detach() for o in outputs if o is not None] + list(
+            torch.autograd.grad(loss, list(given.values())))
+
+    eager = [t.clone() for t in step()]
+    replayed = capture_and_replay(step)
+    for k, (a, e) in enumerate(zip(replayed, eager)):
+        torch.testing.assert_close(a, e, **TOL[torch.float32], msg=f"result {k}")
+
+
+@requires_cuda_kernels
+def test_rollout_step_captures_in_cuda_graph():
+    """The rollout step (the RL agents' acting step, writing the new traces into given buffers)
+    captured in a CUDA graph and replayed gives the eager results."""
+    inputs = rnn_inputs("full", "fanout1", "retroactive", B=3, N=33, dtype=torch.float32)
+    d = {k: None if v is None else v.cuda() for k, v in inputs.items()}
+    hebb_out, elig_out = torch.empty_like(d["hebb"]), torch.empty_like(d["elig"])
+
+    def step():
+        outputs = bp.fused.plastic_rnn_rollout_step(
+            d["x"], None, d["h"], d["hebb"], d["elig"], d["w"], d["alpha"], d["eta"],
+            d["elig_rate"], d["h2mod_weight"], d["h2mod_bias"], d["fanout_weight"],
+            d["fanout_bias"], rule="retroactive", clip=0.5, hebb_out=hebb_out, elig_out=elig_out)
+        return [o for o in outputs if o is not None] + [hebb_out, elig_out]
+
+    eager = [t.clone() for t in step()]
+    replayed = capture_and_replay(step)
+    for k, (a, e) in enumerate(zip(replayed, eager)):
+        torch.testing.assert_close(a, e, **TOL[torch.float32], msg=f"result {k}")
