@@ -13,7 +13,10 @@ from pathlib import Path
 # with the rule's adjoint, ...) rounded the same element differently in the AVX2 build, and
 # gradients changed in the last bit with the checkpoint interval. No cost measured on the maze
 # and PTB sizes (AMD EPYC, AVX2).
-CXX_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math", "-ffp-contract=off", "-DNDEBUG"]
+# -std=c++20: the sources are C++20 (concepts, requires); torch before 2.13 adds -std=c++17 to a
+# build whose flags name no standard.
+CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-fno-trapping-math", "-ffp-contract=off",
+             "-DNDEBUG"]
 LD_FLAGS = ["-fopenmp"]
 # The CUDA sources include the same C++20 headers as the CPU ones; --expt-relaxed-constexpr lets
 # device code call constexpr host functions (std::numeric_limits, ...); the host half of the .cu
