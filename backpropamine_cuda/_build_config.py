@@ -20,8 +20,13 @@ CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-fno-trapping-math", "-ffp-contra
 LD_FLAGS = ["-fopenmp"]
 # The CUDA sources include the same C++20 headers as the CPU ones; --expt-relaxed-constexpr lets
 # device code call constexpr host functions (std::numeric_limits, ...); the host half of the .cu
-# files is compiled like the C++ files (OpenMP).
-NVCC_FLAGS = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-DNDEBUG",
+# files is compiled like the C++ files (OpenMP). --fmad=false, the device's -ffp-contract=off:
+# nvcc otherwise contracts hebb + eta * prod into an FMA per kernel as it sees fit: on the
+# whole-sequence path gradients changed in the last bit with the checkpoint interval (seen on an
+# H200, decay rule), as they did on the CPU before -ffp-contract=off.
+# The kernels are bound by memory traffic, so the separate multiply and add should cost little
+# (not yet measured on a GPU).
+NVCC_FLAGS = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "--fmad=false", "-DNDEBUG",
               "-Xcompiler", "-fopenmp"]
 # TORCH_CUDA_ARCH_LIST when it is unset and no GPU is visible: A100 (sm_80) and H100/H200
 # (sm_90), plus sm_90 PTX that the driver compiles for newer GPUs.

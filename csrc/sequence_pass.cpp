@@ -18,4 +18,15 @@ SequencePath requested_sequence_path() {
   return SequencePath::Auto;
 }
 
+bool gpu_whole_sequence(int64_t N, bool retro, int64_t need, int64_t limit) {
+  const SequencePath want = requested_sequence_path();
+  if (want == SequencePath::Steps) return false;
+  if (want == SequencePath::Auto) return need <= limit;
+  TORCH_CHECK_VALUE(need <= limit, "BACKPROPAMINE_SEQUENCE_PATH=whole: the whole-sequence "
+                    "kernels at N = ", N, (retro ? " with an eligibility trace" : ""), " need ",
+                    need, " bytes of shared memory per block, the device allows ", limit,
+                    " (use auto or steps)");
+  return true;
+}
+
 }  // namespace bp

@@ -129,6 +129,14 @@ bool use_whole_sequence(Cell cell, int64_t B, int64_t N, bool retro, int64_t ite
 enum class SequencePath { Auto, Whole, Steps };
 SequencePath requested_sequence_path();
 
+// The GPU backends' choice for the tanh cell (cuda/gpu_backend.h): the whole-sequence kernels
+// where a block's `need` bytes of shared memory fit the device's `limit`, unless
+// BACKPROPAMINE_SEQUENCE_PATH=steps; with =whole a size that does not fit is a ValueError.
+// Compiled by the host compiler (sequence_pass.cpp), not nvcc: this ValueError thrown from the
+// nvcc-compiled ops crashed the process on the first GPU run (torch 2.11), while the input
+// checks' errors, thrown from the C++ sources, reached Python.
+bool gpu_whole_sequence(int64_t N, bool retro, int64_t need, int64_t limit);
+
 template <typename T>
 void sequence_forward_cpu(const SequenceForwardParams<T>& p, const Tiling& groups);
 

@@ -41,6 +41,21 @@ struct PassModes {
   EtaMode eta;
 };
 
+// The rule's constants as the passes receive them: elig_rate stays where the op's tensors are (a
+// device pointer on the GPU) and is read where the pass runs, so no op waits for a copy to the
+// host (and the CUDA ops can be captured in a graph).
+template <typename T>
+struct RuleArgs {
+  T clip;
+  const T* elig_rate;  // (), retroactive only (null otherwise)
+};
+
+// The constants of rule R, read from the op's host memory (the CPU passes).
+template <Rule R, typename T>
+RuleConsts<T> load_rule_consts(const RuleArgs<T>& a) {
+  return {a.clip, has_elig<R>() ? *a.elig_rate : T(0)};
+}
+
 template <typename T>
 struct ForwardPassParams {
   int64_t B, P, N;
@@ -53,7 +68,7 @@ struct ForwardPassParams {
   const T* pre;        // (B, P)
   const T* post;       // (B, N)
   const T* eta;        // (B, N) or (P, N), see EtaMode
-  RuleConsts<T> consts;
+  RuleArgs<T> rule_args;
   // matvec
   const T* matvec_in;  // (B, P)  x
   const T* w;          // (P, N)
@@ -84,7 +99,7 @@ struct BackwardPassParams {
   const T* a_pre;      // (B, P)
   const T* a_post;     // (B, N)
   const T* a_eta;      // (B, N) or (P, N)
-  RuleConsts<T> consts;
+  RuleArgs<T> rule_args;
   T* g_pre_partial;    // (num_tiles, B, P) partial sums over columns of dL/dpre_s
   T* g_post;           // (B, N)   dL/dpost_s (overwritten)
   T* g_eta;            // EtaMode::PerPost: (B, N) overwritten; PerConnection: (num_chunks, P, N) accumulated

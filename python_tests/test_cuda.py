@@ -189,21 +189,40 @@ def test_whole_sequence_too_large_for_shared_memory():
             bp.fused.plastic_rnn_sequence(**inputs, rule="clip", clip=0.5)
 
 
+SYNC_FREE_OPS = [("rnn", "whole"), ("rnn", "steps"), ("lstm", "steps"), ("rollout", "steps"),
+                 ("hebb_update", "steps")]
+
+
 @requires_cuda_kernels
-def test_whole_sequence_does_not_synchronise(monkeypatch):
-    """The whole-sequence path reads elig_rate on the device: forward and backward run without a
-    host synchronisation (the per-step path takes elig_rate to the host)."""
-    monkeypatch.setenv("BACKPROPAMINE_SEQUENCE_PATH", "whole")
-    inputs = rnn_inputs("neuron", "fanout1", "retroactive", T=5, B=2, N=33)
-    leaves = {k: None if v is None else v.cuda().requires_grad_() for k, v in inputs.items()}
+@pytest.mark.parametrize("op, path", SYNC_FREE_OPS, ids=lambda v: str(v))
+def test_ops_do_not_synchronise(monkeypatch, op, path):
+    """Every op reads elig_rate where its kernels run: forward and backward (the rollout step:
+    forward) make no host synchronisation, on both paths of the sequence ops."""
+    monkeypatch.setenv("BACKPROPAMINE_SEQUENCE_PATH", path)
+    make = lstm_inputs if op == "lstm" else rnn_inputs
+    inputs = make("neuron", "fanout1", "retroactive", T=None if op == "rollout" else 5, B=2, N=33)
+    leaves = {k: None if v is None else v.cuda().requires_grad_(op != "rollout")
+              for k, v in inputs.items()}
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        outputs = bp.fused.plastic_rnn_sequence(**leaves, rule="retroactive", clip=0.5)
-        sum(o.sum() for o in outputs if o is not None).backward()
+        if op == "rollout":
+            bp.fused.plastic_rnn_rollout_step(**leaves, u=None, rule="retroactive", clip=0.5)
+        elif op == "hebb_update":
+            d = leaves
+            pre, post = d["h"], torch.tanh(d["h"])
+            eta = 0.1 * torch.ones_like(d["h"]).unsqueeze(1)  # per post-synaptic neuron
+            outputs = bp.fused.hebb_update(d["hebb"], pre, post, eta, "retroactive", 0.5,
+                                           elig=d["elig"], elig_rate=d["elig_rate"])
+            sum(o.sum() for o in outputs).backward()
+        else:
+            fn = bp.fused.plastic_lstm_sequence if op == "lstm" else bp.fused.plastic_rnn_sequence
+            outputs = fn(**leaves, rule="retroactive", clip=0.5)
+            sum(o.sum() for o in outputs if o is not None).backward()
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert leaves["elig_rate"].grad is not None
+    if op != "rollout":
+        assert leaves["elig_rate"].grad is not None
 
 
 # Sizes that reach the tiled code the small tests miss: several 128-column tiles with a partial

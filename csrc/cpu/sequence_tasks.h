@@ -41,8 +41,8 @@ inline double tanh_of(double v) { return __builtin_tanh(v); }
 inline double sigmoid_of(double v) { return 1.0 / (1.0 + __builtin_exp(-v)); }
 
 template <typename T>
-RuleConsts<T> consts_of(const SequenceInputs<T>& in) {
-  return {in.clip, in.elig_rate != nullptr ? *in.elig_rate : T(0)};
+RuleArgs<T> rule_args_of(const SequenceInputs<T>& in) {
+  return {in.clip, in.elig_rate};
 }
 
 // sum_k a[k] * b[k], with kLanes partial sums added pairwise (fixed order).
@@ -188,7 +188,7 @@ void sequence_forward_group(const SequenceForwardParams<T>& p, const Tiling& tl,
   const TaskRange r = task_range(tl, B, N, group);
   ForwardPassParams<T> fp{};
   fp.B = B; fp.P = N; fp.N = N;
-  fp.w = in.w; fp.alpha = in.alpha; fp.consts = consts_of(in); fp.u = p.u;
+  fp.w = in.w; fp.alpha = in.alpha; fp.rule_args = rule_args_of(in); fp.u = p.u;
   fp.hebb = in.hebb0;
   fp.matvec_in = in.h0;
   forward_task<T, R, AM, EM, false, true>(fp, r, acc, N);  // u_1
@@ -240,7 +240,7 @@ struct GroupBackward {
         elig{in.elig0, p_.ckpt_e, p_.seg_e, BNN, in.L},
         bp{}, g_pre_pending(p_.g_pre_a) {
     bp.B = in.B; bp.P = in.N; bp.N = in.N;
-    bp.w = in.w; bp.alpha = in.alpha; bp.consts = consts_of(in);
+    bp.w = in.w; bp.alpha = in.alpha; bp.rule_args = rule_args_of(in);
     bp.g_hebb = p.g_hebb; bp.g_elig = p.g_elig;
     bp.g_in_partial = p.g_in;  // one column tile: the partial sums are the sums
     bp.g_alpha_acc = p.g_alpha_acc;
@@ -264,7 +264,7 @@ struct GroupBackward {
     const int64_t end = hebb.start + in.L < in.steps ? hebb.start + in.L : in.steps;
     ForwardPassParams<T> fp{};
     fp.B = in.B; fp.P = in.N; fp.N = in.N;
-    fp.consts = bp.consts;
+    fp.rule_args = bp.rule_args;
     for (int64_t t = hebb.start + 1; t < end; ++t) {
       fp.hebb = hebb.at(t - 1); fp.hebb_out = hebb.slot(t);
       if constexpr (has_elig<R>()) { fp.elig = elig.at(t - 1); fp.elig_out = elig.slot(t); }

@@ -74,9 +74,9 @@ BP_HOST_DEVICE TaskRange task_range(const Tiling& tl, int64_t B, int64_t N, int6
 template <typename T, Rule R, AlphaMode AM, EtaMode EM, bool UPDATE, bool MATVEC>
 void forward_task(const ForwardPassParams<T>& p, const TaskRange& r, T* acc, int64_t tile_cols) {
   const int64_t P = p.P, N = p.N;
-  // A local copy: the compiler cannot keep p.consts in a register across the stores to the
-  // trace, which might alias it.
-  const RuleConsts<T> consts = p.consts;
+  // A local copy: the compiler cannot keep the constants in a register across the stores to the
+  // trace, which might alias them.
+  const RuleConsts<T> consts = load_rule_consts<R>(p.rule_args);
   if constexpr (MATVEC) fill_zero(acc, (r.b1 - r.b0) * tile_cols);
   for (int64_t i = 0; i < P; ++i) {
     const T* w_row = MATVEC ? p.w + i * N + r.j0 : nullptr;
@@ -120,7 +120,7 @@ template <typename T, Rule R, AlphaMode AM, EtaMode EM, bool DO_B, bool DO_A>
 void backward_task(const BackwardPassParams<T>& p, const Tiling& tl, const TaskRange& r,
                    int64_t task, T* scratch) {
   const int64_t B = p.B, P = p.P, N = p.N, tc = tl.tile_cols;
-  const RuleConsts<T> consts = p.consts;  // in a register, see forward_task
+  const RuleConsts<T> consts = load_rule_consts<R>(p.rule_args);  // see forward_task
   const int64_t chunk = task / tl.num_tiles, tile = task % tl.num_tiles;
   const int64_t rows = (r.b1 - r.b0) * tc;
   T* g_post_acc = scratch;        // per (b, j), summed over i

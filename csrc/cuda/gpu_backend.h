@@ -48,16 +48,9 @@ struct GpuBackend {
     return kern::sequence_slices(N, retro, sizeof(T), Launch::max_shared_bytes(), backward);
   }
   bool whole_sequence(Cell cell, int64_t /*B*/, int64_t N, bool retro, int64_t itemsize) const {
-    const SequencePath want = requested_sequence_path();
-    if (want == SequencePath::Steps || cell != Cell::Tanh) return false;
-    const int64_t need = whole_sequence_shared_bytes(N, retro, itemsize);
-    const int64_t limit = Launch::max_shared_bytes();
-    if (want == SequencePath::Auto) return need <= limit;
-    TORCH_CHECK_VALUE(need <= limit, "BACKPROPAMINE_SEQUENCE_PATH=whole: the whole-sequence "
-                      "kernels at N = ", N, (retro ? " with an eligibility trace" : ""), " need ",
-                      need, " bytes of shared memory per block, the device allows ", limit,
-                      " (use auto or steps)");
-    return true;
+    return cell == Cell::Tanh && gpu_whole_sequence(N, retro,
+                                                    whole_sequence_shared_bytes(N, retro, itemsize),
+                                                    Launch::max_shared_bytes());
   }
   // One group (block) per sample: accumulators per sample, summed in sample order.
   Tiling sequence_groups(int64_t B, int64_t N, bool, int64_t, bool) const {
@@ -151,7 +144,8 @@ struct GpuBackend {
     dispatch_modes(m, [&]<Rule R, AlphaMode AM, EtaMode EM>() {
       auto run = [&]<bool UPDATE, bool MATVEC>() {
         kern::ForwardKernel<T, R, AM, EM, UPDATE, MATVEC> k{};
-        k.B = B; k.P = P; k.N = N; k.tl = tl; k.consts = p.consts;
+        k.B = B; k.P = P; k.N = N; k.tl = tl; k.clip = p.rule_args.clip;
+        k.elig_rate = {p.rule_args.elig_rate, p.rule_args.elig_rate ? 1 : 0};
         k.hebb = {p.hebb, BPN};
         if constexpr (UPDATE) {
           k.hebb_out = {p.hebb_out, BPN};
@@ -187,7 +181,8 @@ struct GpuBackend {
     dispatch_modes(m, [&]<Rule R, AlphaMode AM, EtaMode EM>() {
       auto run = [&]<bool DO_B, bool DO_A>() {
         kern::BackwardKernel<T, R, AM, EM, DO_B, DO_A> k{};
-        k.B = B; k.P = P; k.N = N; k.tl = tl; k.consts = p.consts;
+        k.B = B; k.P = P; k.N = N; k.tl = tl; k.clip = p.rule_args.clip;
+        k.elig_rate = {p.rule_args.elig_rate, p.rule_args.elig_rate ? 1 : 0};
         k.g_hebb = {p.g_hebb, BPN};
         if constexpr (DO_B) {
           k.g_u = {p.g_u, B * N};

@@ -195,7 +195,7 @@ struct SequenceForwardKernel {
     } else if (t - segment_of(t, L) * L == 0) {
       dest = (segment_of(t, L) - 1) * BNN + b * NN; dest_h = ckpt_h; dest_e = ckpt_e;
     }
-    const RuleConsts<T> consts{clip, has_elig<R>() ? elig_rate[0] : T(0)};
+    const RuleConsts<T> consts = rule_consts<R>(clip, elig_rate);
     const T post = h_now[j];
     const bool matvec = t < steps;
     T acc = T(0);
@@ -322,7 +322,7 @@ struct SequenceBackwardKernel {
     const int64_t b = pos.block, j = sr.j, NN = N * N, C = columns();
     const int64_t threads = pos.block_dim;
     const Shared sh = shared(smem);
-    const RuleConsts<T> consts{clip, has_elig<R>() ? elig_rate[0] : T(0)};
+    const RuleConsts<T> consts = rule_consts<R>(clip, elig_rate);
     const int64_t last = phases() - 2;
     if (phase == 0) {
       if (j >= N) return;

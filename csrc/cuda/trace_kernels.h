@@ -76,6 +76,13 @@ BP_KERNEL T eta_of(const Span<const T>& eta, int64_t b, int64_t i, int64_t j, in
   return EM == EtaMode::PerPost ? eta[b * N + j] : eta[i * N + j];
 }
 
+// The constants of rule R, elig_rate read where the kernel runs (retroactive only), so that no
+// op copies it to the host.
+template <Rule R, typename T>
+BP_KERNEL RuleConsts<T> rule_consts(T clip, const Span<const T>& elig_rate) {
+  return {clip, has_elig<R>() ? elig_rate[0] : T(0)};
+}
+
 // Forward pass: H_t = rule(H_{t-1}, ...) ("update") and the partial sums over the block's rows of
 // u = x @ (w + A * H) ("matvec"), into u_partial (num_row_blocks, B, N).
 template <typename T, Rule R, AlphaMode AM, EtaMode EM, bool UPDATE, bool MATVEC>
@@ -89,7 +96,8 @@ struct ForwardKernel {
   GpuTiling tl;
   Span<const T> hebb, elig, pre, post, eta, matvec_in, w, alpha;
   Span<T> hebb_out, elig_out, u_partial;
-  RuleConsts<T> consts;
+  Span<const T> elig_rate;  // (), retroactive only: read here, not on the host
+  T clip;
 
   BP_KERNEL int64_t grid() const { return tl.blocks(); }
   BP_KERNEL int block() const { return kThreads; }
@@ -100,6 +108,7 @@ struct ForwardKernel {
     const BlockRange r = block_range(tl, B, P, pos.block);
     const int64_t j = r.tile * kThreads + pos.thread;
     if (j >= N) return;
+    const RuleConsts<T> consts = rule_consts<R>(clip, elig_rate);
     for (int64_t bb = 0; bb < r.nb; ++bb) reg.acc[bb] = T(0);
     for (int64_t i = r.i0; i < r.i1; ++i) {
       const T w_ij = MATVEC ? w[i * N + j] : T(0);
@@ -155,7 +164,8 @@ struct BackwardKernel {
   Span<const T> a_hebb, a_elig, a_pre, a_post, a_eta;
   Span<T> g_in_partial, g_pre_partial, g_post_partial, g_eta_partial, g_eta_conn, g_alpha_acc,
       g_rate_acc;
-  RuleConsts<T> consts;
+  Span<const T> elig_rate;  // (), retroactive only: read here, not on the host
+  T clip;
 
   BP_KERNEL int64_t stages() const { return (tl.block_rows + tl.stage_rows - 1) / tl.stage_rows; }
   BP_KERNEL int64_t grid() const { return tl.blocks(); }
@@ -265,7 +275,7 @@ struct BackwardKernel {
       const T e = has_elig<R>() ? a_elig[off] : T(0);
       const RuleGrads<T> rg = rule_backward<R>(g, g_elig_out, a_hebb[off], e, a_pre[b * P + i],
                                                a_post[b * N + j], eta_of<EM>(a_eta, b, i, j, N),
-                                               consts);
+                                               rule_consts<R>(clip, elig_rate));
       g = rg.hebb;
       if constexpr (has_elig<R>()) {
         g_elig[off] = rg.elig;

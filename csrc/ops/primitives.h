@@ -93,7 +93,7 @@ Tensors<2> hebb_update(const Tensor& hebb, const Tensor& pre, const Tensor& post
     fp.pre = pre.data_ptr<T>();
     fp.post = post.data_ptr<T>();
     fp.eta = eta.data_ptr<T>();
-    fp.consts = {static_cast<T>(clip), retro ? elig_rate->item<T>() : T(0)};
+    fp.rule_args = {static_cast<T>(clip), retro ? elig_rate->data_ptr<T>() : nullptr};
     const Backend be(hebb.options());
     be.forward(fp, modes, be.tiling(fp.B, fp.P, fp.N));
   });
@@ -139,7 +139,7 @@ Tensors<6> hebb_update_backward(const OptTensor& grad_hebb_new,
     p.a_pre = pre.data_ptr<T>();
     p.a_post = post.data_ptr<T>();
     p.a_eta = eta.data_ptr<T>();
-    p.consts = {static_cast<T>(clip), retro ? elig_rate->item<T>() : T(0)};
+    p.rule_args = {static_cast<T>(clip), retro ? elig_rate->data_ptr<T>() : nullptr};
     p.g_pre_partial = g_pre_part.data_ptr<T>();
     p.g_post = g_post.data_ptr<T>();
     p.g_eta = g_eta_acc.data_ptr<T>();

@@ -26,8 +26,6 @@ inline void cell_forward(Tensor& h, const Tensor& x, const Tensor& u, const OptT
   if (clamp.has_value()) h.copy_(at::where(*clamp, x, h));
 }
 
-// The whole-sequence path reads elig_rate where its kernels run; only the per-step path takes it
-// to the host (PlasticParams), which on a GPU is a synchronisation.
 template <typename T, class Backend>
 Tensors<7> sequence_forward(const Backend& be, const PlasticConfig& c, const PlasticInputs& in,
                             const Tensor& x, const Tensor& h0, const OptTensor& clamp,
@@ -103,7 +101,7 @@ Tensors<3> rollout_step(const Backend& be, const PlasticConfig& c, const Plastic
   const auto tl = be.tiling(B, N, N);
   ForwardPassParams<T> fp{};
   fp.B = B; fp.P = N; fp.N = N;
-  fp.w = p.w; fp.alpha = p.alpha; fp.consts = p.consts;
+  fp.w = p.w; fp.alpha = p.alpha; fp.rule_args = p.rule_args;
   fp.hebb = a.hebb.data_ptr<T>();
   Tensor u_t = u.has_value() ? *u : at::empty({B, N}, opts);
   if (!u.has_value()) {

@@ -31,14 +31,14 @@ template <typename T>
 struct PlasticParams {
   const PlasticInputs& in;
   const T *w, *alpha;
-  RuleConsts<T> consts;
+  RuleArgs<T> rule_args;
 
   PlasticParams(const PlasticConfig& c, const PlasticInputs& in)
       : in(in),
         w(in.w.data_ptr<T>()),
         alpha(in.alpha.data_ptr<T>()),
-        consts{static_cast<T>(c.clip),
-               in.elig_rate.has_value() ? in.elig_rate->item<T>() : T(0)} {}
+        rule_args{static_cast<T>(c.clip),
+                  in.elig_rate.has_value() ? in.elig_rate->data_ptr<T>() : nullptr} {}
 };
 
 // A step op's optional per-step tensor as a sequence of one step.
@@ -127,7 +127,7 @@ TraceForward trace_forward(const Backend& be, const PlasticConfig& c, const Plas
 
   ForwardPassParams<T> fp{};
   fp.B = B; fp.P = N; fp.N = N;
-  fp.w = p.w; fp.alpha = p.alpha; fp.consts = p.consts; fp.u = u.data_ptr<T>();
+  fp.w = p.w; fp.alpha = p.alpha; fp.rule_args = p.rule_args; fp.u = u.data_ptr<T>();
   fp.update = false; fp.matvec = true;
   fp.hebb = a.hebb.data_ptr<T>();
   fp.matvec_in = seq.h0.data_ptr<T>();
@@ -296,7 +296,7 @@ TraceBackward trace_backward(const Backend& be, const PlasticConfig& c, const Pl
     const int64_t end = std::min(hebb.start + L, T_);
     ForwardPassParams<T> fp{};
     fp.B = B; fp.P = N; fp.N = N;
-    fp.update = true; fp.matvec = false; fp.consts = p.consts;
+    fp.update = true; fp.matvec = false; fp.rule_args = p.rule_args;
     for (int64_t t = hebb.start + 1; t < end; ++t) {
       fp.hebb = hebb.at(t - 1); fp.hebb_out = hebb.slot(t);
       if (retro) { fp.elig = elig.at(t - 1); fp.elig_out = elig.slot(t); }
@@ -309,7 +309,7 @@ TraceBackward trace_backward(const Backend& be, const PlasticConfig& c, const Pl
   bp.B = B; bp.P = N; bp.N = N;
   bp.g_hebb = g_hebb.data_ptr<T>();
   bp.g_elig = retro ? g_elig.data_ptr<T>() : nullptr;
-  bp.w = p.w; bp.alpha = p.alpha; bp.consts = p.consts;
+  bp.w = p.w; bp.alpha = p.alpha; bp.rule_args = p.rule_args;
   bp.g_in_partial = g_in_part.data_ptr<T>();
   bp.g_alpha_acc = g_alpha_acc.data_ptr<T>();
   bp.g_pre_partial = g_pre_part.data_ptr<T>();
