@@ -48,7 +48,8 @@ run_part() {
   fi
 }
 
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo "${GPU_CHECK_COMMIT:-unknown}")
+# GPU_CHECK_COMMIT first: the copy of a checkout on a lent machine may carry stale git metadata.
+commit=${GPU_CHECK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 : > "$report"
 say "# GPU check" "" \
   "Written by \`bash benchmarks/gpu_check.sh\` at commit $commit on $(date -u '+%Y-%m-%d %H:%M UTC')." \
@@ -75,13 +76,17 @@ status=$(run_part 150 "$out/selftest.log" bash -c \
 say "" "Selftest: $status (progress and errors: selftest.log)"
 
 say "" "## GPU tests" ""
+# On pytest-xdist's workers when it is there: a test that crashes its worker is reported as such
+# and the others go on (one crash stopped the serial run before it printed any traceback).
+workers=()
+"$python" -c "import xdist" 2>/dev/null && workers=(-n 8)
 # tests LIMIT LOG PYTEST_ARGS...: a pytest run under run_part; its failures, named one per line
 # as they happen (-v), listed in the report even when the run is stopped at its limit.
 tests() {
   local limit=$1 log=$2 status
   shift 2
-  status=$(OMP_NUM_THREADS=2 run_part "$limit" "$log" "$python" -m pytest -v -p no:cacheprovider \
-    "$@")
+  status=$(OMP_NUM_THREADS=2 run_part "$limit" "$log" "$python" -m pytest -v --tb=short \
+    -p no:cacheprovider "${workers[@]}" "$@")
   say "\`pytest $*\`: $status; $(grep -E '^=+ .* in [0-9.]+s' "$log" | tail -n 1) (log: $(basename "$log"))"
   grep -E "(FAILED|ERROR)( |$)" "$log" | grep -v "^=" | head -n 30 | sed 's/^/    /' | tee -a "$report"
 }
@@ -97,17 +102,16 @@ else
   selection="tiled and 129 or rollout_step_captures"
   say "Over \`pytest python_tests/test_cuda.py -k '$selection'\` (log: sanitizer.log):" ""
   for tool in memcheck racecheck synccheck initcheck; do
-    echo "=== $tool" >> "$out/sanitizer.log"
+    echo "### $tool" >> "$out/sanitizer.log"
     status=$(run_part 40 "$out/sanitizer.log" "$sanitizer" --tool "$tool" --error-exitcode 99 \
       --print-limit 10 "$python" -m pytest python_tests/test_cuda.py -q -p no:cacheprovider \
       -k "$selection")
-    errors=$(sed -n "/^=== $tool/,/^===/p" "$out/sanitizer.log" | grep -m1 "ERROR SUMMARY" || true)
+    errors=$(awk -v mark="### $tool" '$0 == mark {on = 1; next} /^### / {on = 0} on' \
+      "$out/sanitizer.log" | grep -m1 "SUMMARY" || true)
     say "- $tool: $status; ${errors:-no summary line}"
   done
 fi
-workers=()
-"$python" -c "import xdist" 2>/dev/null && workers=(-n 8)
 say "" "## Every other test on the GPU" ""
 tests 600 "$out/tests_ops.log" python_tests --ignore=python_tests/test_cuda.py \
-  -k "cuda and not emulat" "${workers[@]}"
+  -k "cuda and not emulat"
 say "" "Done in $((SECONDS - start)) s."
