@@ -27,6 +27,14 @@
 #define BP_KERNEL inline
 #endif
 
+// Unrolls the loop that follows on the device, so that a per-thread array indexed by its counter
+// stays in registers (indexed at run time, an array lives in local memory: a stack frame).
+#if defined(__CUDA_ARCH__)
+#define BP_UNROLL _Pragma("unroll")
+#else
+#define BP_UNROLL
+#endif
+
 #if !defined(__CUDA_ARCH__)
 #include <stdexcept>
 #include <string>

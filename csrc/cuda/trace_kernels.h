@@ -109,27 +109,43 @@ struct ForwardKernel {
     const int64_t j = r.tile * kThreads + pos.thread;
     if (j >= N) return;
     const RuleConsts<T> consts = rule_consts<R>(clip, elig_rate);
-    for (int64_t bb = 0; bb < r.nb; ++bb) reg.acc[bb] = T(0);
+    // The loops over the chunk's samples run to the constant kMaxChunk, unrolled, so that the
+    // per-sample arrays stay in registers.
+    BP_UNROLL
+    for (int bb = 0; bb < kMaxChunk; ++bb) reg.acc[bb] = T(0);
     for (int64_t i = r.i0; i < r.i1; ++i) {
       const T w_ij = MATVEC ? w[i * N + j] : T(0);
       const T a_ij = MATVEC ? alpha_of<AM>(alpha, i, j, N) : T(0);
-      for (int64_t bb = 0; bb < r.nb; ++bb) {
-        const int64_t b = r.b0 + bb, off = (b * P + i) * N + j;
-        T h = hebb[off];
-        if constexpr (UPDATE) {
-          T e_new = T(0);
-          const T e_old = has_elig<R>() ? elig[off] : T(0);
-          rule_forward<R>(h, e_old, pre[b * P + i], post[b * N + j],
-                          eta_of<EM>(eta, b, i, j, N), consts, h, e_new);
-          hebb_out[off] = h;
-          if constexpr (has_elig<R>()) elig_out[off] = e_new;
+      // Every load of the row's chunk first, then the stores: the loads are all in flight at
+      // once (hebb_out may alias hebb, so the compiler may not move a load above a store).
+      T h[kMaxChunk] = {}, e[kMaxChunk] = {};
+      BP_UNROLL
+      for (int bb = 0; bb < kMaxChunk; ++bb) {
+        if (bb < r.nb) {
+          const int64_t off = ((r.b0 + bb) * P + i) * N + j;
+          h[bb] = hebb[off];
+          if constexpr (UPDATE && has_elig<R>()) e[bb] = elig[off];
         }
-        if constexpr (MATVEC) reg.acc[bb] += matvec_in[b * P + i] * (w_ij + a_ij * h);
+      }
+      BP_UNROLL
+      for (int bb = 0; bb < kMaxChunk; ++bb) {
+        if (bb < r.nb) {
+          const int64_t b = r.b0 + bb, off = (b * P + i) * N + j;
+          if constexpr (UPDATE) {
+            T e_new = T(0);
+            rule_forward<R>(h[bb], e[bb], pre[b * P + i], post[b * N + j],
+                            eta_of<EM>(eta, b, i, j, N), consts, h[bb], e_new);
+            hebb_out[off] = h[bb];
+            if constexpr (has_elig<R>()) elig_out[off] = e_new;
+          }
+          if constexpr (MATVEC) reg.acc[bb] += matvec_in[b * P + i] * (w_ij + a_ij * h[bb]);
+        }
       }
     }
     if constexpr (MATVEC) {
-      for (int64_t bb = 0; bb < r.nb; ++bb)
-        u_partial[(r.row_block * B + r.b0 + bb) * N + j] = reg.acc[bb];
+      BP_UNROLL
+      for (int bb = 0; bb < kMaxChunk; ++bb)
+        if (bb < r.nb) u_partial[(r.row_block * B + r.b0 + bb) * N + j] = reg.acc[bb];
     }
   }
 };
@@ -153,6 +169,11 @@ struct BackwardKernel {
   static constexpr int kMaxThreads = kThreads;
   static constexpr int kSegments = 8;  // first level of the row sums: kThreads / 16 values each
   static constexpr int64_t kMaxSums = 2 * kStagePairs;
+  // Row strides of the staged values and of the segment sums, padded so that a warp's reads in
+  // the sum phases fall in distinct shared-memory banks (a stride of kThreads put 16 threads on
+  // one bank).
+  static constexpr int64_t kStagedStride = kThreads + kSegments;
+  static constexpr int64_t kSegmentStride = kSegments + 1;
   struct Regs {
     T post_acc[kMaxChunk], eta_acc[kMaxChunk];
     T alpha_neuron, alpha_scalar, rate;
@@ -170,7 +191,9 @@ struct BackwardKernel {
   BP_KERNEL int64_t stages() const { return (tl.block_rows + tl.stage_rows - 1) / tl.stage_rows; }
   BP_KERNEL int64_t grid() const { return tl.blocks(); }
   BP_KERNEL int block() const { return kThreads; }
-  BP_KERNEL int64_t shared_size() const { return kMaxSums * kThreads + kMaxSums * kSegments; }
+  BP_KERNEL int64_t shared_size() const {
+    return kMaxSums * kStagedStride + kMaxSums * kSegmentStride;
+  }
   BP_KERNEL int phases() const { return static_cast<int>(3 * stages() + 2); }
 
   BP_KERNEL void run(int phase, const ThreadPos& pos, Regs& reg, Span<T> smem) const {
@@ -178,8 +201,8 @@ struct BackwardKernel {
     const int tid = pos.thread;
     const int64_t j = r.tile * kThreads + tid;
     const int64_t pairs = tl.stage_rows * tl.chunk_size;  // row sums per kind in a stage
-    const Span<T> staged = smem.sub(0, kMaxSums * kThreads);
-    const Span<T> segments = smem.sub(kMaxSums * kThreads, kMaxSums * kSegments);
+    const Span<T> staged = smem.sub(0, kMaxSums * kStagedStride);
+    const Span<T> segments = smem.sub(kMaxSums * kStagedStride, kMaxSums * kSegmentStride);
     const int64_t n_stage = stages();
     if (phase < 3 * n_stage) {
       const int64_t stage = phase / 3;
@@ -189,15 +212,16 @@ struct BackwardKernel {
         compute_stage(r, j, tid, row0, pairs, reg, staged);
       } else if (phase % 3 == 1) {  // sum 16 staged values per (row sum, segment)
         if (tid < 2 * pairs * kSegments) {
+          // Segment seg of row sum q: the values of threads seg, seg + kSegments, ...
           const int64_t q = tid / kSegments, seg = tid % kSegments;
           constexpr int64_t width = kThreads / kSegments;
           T s = T(0);
-          for (int64_t k = 0; k < width; ++k) s += staged[q * kThreads + seg * width + k];
-          segments[q * kSegments + seg] = s;
+          for (int64_t k = 0; k < width; ++k) s += staged[q * kStagedStride + k * kSegments + seg];
+          segments[q * kSegmentStride + seg] = s;
         }
       } else if (tid < 2 * pairs) {  // sum the segments; one thread per row sum
         T s = T(0);
-        for (int64_t seg = 0; seg < kSegments; ++seg) s += segments[tid * kSegments + seg];
+        for (int64_t seg = 0; seg < kSegments; ++seg) s += segments[tid * kSegmentStride + seg];
         const int64_t kind = tid / pairs, rem = tid % pairs;
         const int64_t i = row0 + rem / tl.chunk_size, bb = rem % tl.chunk_size;
         if (i < r.i1 && bb < r.nb) {
@@ -210,7 +234,9 @@ struct BackwardKernel {
     }
     if (phase == 3 * n_stage) {  // per-column results; scalar sums to shared memory
       if (j < N) {
-        for (int64_t bb = 0; bb < r.nb; ++bb) {
+        BP_UNROLL
+        for (int bb = 0; bb < kMaxChunk; ++bb) {
+          if (bb >= r.nb) continue;
           const int64_t at = (r.row_block * B + r.b0 + bb) * N + j;
           if constexpr (DO_A) g_post_partial[at] = reg.post_acc[bb];
           if constexpr (DO_A && EM == EtaMode::PerPost) g_eta_partial[at] = reg.eta_acc[bb];
@@ -241,13 +267,15 @@ struct BackwardKernel {
       const int64_t i = row0 + k;
       const bool row_ok = i < r.i1 && j < N;
       T g_alpha_ij = T(0), g_eta_ij = T(0);
-      for (int64_t bb = 0; bb < tl.chunk_size; ++bb) {
+      BP_UNROLL  // the constant bound keeps reg's per-sample arrays in registers
+      for (int bb = 0; bb < kMaxChunk; ++bb) {
+        if (bb >= tl.chunk_size) continue;
         T g_x = T(0), g_pre = T(0);
         if (row_ok && bb < r.nb) element(r.b0 + bb, i, j, bb, reg, g_x, g_pre, g_alpha_ij,
                                          g_eta_ij);
         const int64_t pair = k * tl.chunk_size + bb;
-        staged[pair * kThreads + tid] = g_x;
-        staged[(pairs + pair) * kThreads + tid] = g_pre;
+        staged[pair * kStagedStride + tid] = g_x;
+        staged[(pairs + pair) * kStagedStride + tid] = g_pre;
       }
       if (!row_ok) continue;
       if constexpr (DO_B && AM == AlphaMode::Full) g_alpha_acc[(r.chunk * P + i) * N + j] += g_alpha_ij;
