@@ -36,7 +36,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-# The Backpropamine large PTB model (DESIGN 2.5): alpha per neuron, modulation fanout (K = 1)
+# The Backpropamine large PTB model: alpha per neuron, modulation fanout (K = 1)
 # from h, rule clip 2. `layer`: one layer, its input already projected (x = i2g(input)).
 # `stack`: the 3 layers (embedding 400 -> 1149 -> 1149 -> 400), each with its i2g projection;
 # `stack-t35`: the same at half the BPTT length, where the eager reference still fits in memory.

@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-# Sizes of the papers' models (DESIGN 2.5). All use modulation "fanout" with K = 1 and rule clip.
+# Sizes of the papers' models. All use modulation "fanout" with K = 1 and rule clip.
 CASES = {
     "maze": dict(B=30, N=100, T=200, alpha="full"),      # Backpropamine simple maze
     "cue": dict(B=30, N=200, T=120, alpha="full"),       # Backpropamine cue-reward association

@@ -107,7 +107,7 @@ void check_checkpoint_every(const char* op, int64_t checkpoint_every);
 // for an L near the int64 limit.
 inline int64_t num_checkpoints(int64_t T, int64_t L) { return (T - 1) / L; }
 
-// Plastic feed-forward primitives (DESIGN 2.4).
+// Plastic feed-forward primitives (docs/design.md, 'Feed-forward primitives').
 AlphaMode check_matvec_inputs(const char* op, const at::Tensor& x, const at::Tensor& w,
                               const at::Tensor& alpha, const at::Tensor& hebb);
 

@@ -1,4 +1,5 @@
-// Per-element formulas of the plasticity rules (DESIGN 2.2) and their derivatives.
+// Per-element formulas of the plasticity rules and their derivatives (docs/design.md, 'Trace
+// rules' and 'Gradients of the trace rules').
 // Shared by the CPU and CUDA kernels so that the CPU tests exercise the formulas the GPU runs.
 #pragma once
 

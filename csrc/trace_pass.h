@@ -1,4 +1,5 @@
-// The two passes over the B x P x N plastic trace that every op is built from (DESIGN 3).
+// The two passes over the B x P x N plastic trace that every op is built from (docs/design.md,
+// 'The two trace passes').
 //
 // Forward pass over one step:  optionally update the trace with the rule,
 //   H_t = rule(H_{t-1}, pre_t, post_t, eta_t)                           ("update")

@@ -1,5 +1,6 @@
-"""Bitwise determinism of the fused ops (DESIGN 3: no floating-point atomics, fixed-order
-reductions): repeated runs, different thread counts, different checkpoint intervals.
+"""Bitwise determinism of the fused ops (no floating-point atomics, fixed-order reductions:
+docs/design.md, 'Tiling and fixed-order reductions'): repeated runs, different thread counts,
+different checkpoint intervals.
 
 The final parameter gradients of w, h2mod and fanout (and of w in plastic_matvec) are GEMMs
 (at::mm, i.e. BLAS), whose summation order may depend on the thread count; across thread counts

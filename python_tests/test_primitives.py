@@ -1,6 +1,6 @@
-"""The feed-forward primitives plastic_matvec and hebb_update (DESIGN 2.4), fused against the
-reference: forward and the gradients of every input, every alpha mode, rule and eta layout,
-with P != N."""
+"""The feed-forward primitives plastic_matvec and hebb_update (docs/design.md, 'Feed-forward
+primitives'), fused against the reference: forward and the gradients of every input, every
+alpha mode, rule and eta layout, with P != N."""
 import pytest
 import torch
 

@@ -1,5 +1,5 @@
-// The plastic feed-forward primitives (DESIGN 2.4): one matvec pass and one update pass, and
-// their adjoints, for any Backend.
+// The plastic feed-forward primitives (docs/design.md, 'Feed-forward primitives'): one matvec
+// pass and one update pass, and their adjoints, for any Backend.
 #pragma once
 
 #include <ATen/ATen.h>
