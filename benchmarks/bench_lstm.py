@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # the root, for experiments.common
 import common  # noqa: E402
 
 # The Backpropamine large PTB model: alpha per neuron, modulation fanout (K = 1)

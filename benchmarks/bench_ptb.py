@@ -40,6 +40,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "experiments" / "ptb"))
+sys.path.append(str(HERE.parent))  # the root, for experiments.common
 import bench_lstm  # noqa: E402  (the reference's memory model)
 import common  # noqa: E402
 import main as ptb  # noqa: E402  (experiments/ptb/main.py)

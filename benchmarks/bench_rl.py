@@ -29,6 +29,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "experiments" / "rl"))
+sys.path.append(str(HERE.parent))  # the root, for experiments.common
 import a2c  # noqa: E402  (experiments/rl/a2c.py)
 import common  # noqa: E402
 import cue_reward  # noqa: E402

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # the root, for experiments.common
 import common  # noqa: E402
 
 # Sizes of the papers' models. All use modulation "fanout" with K = 1 and rule clip.

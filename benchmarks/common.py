@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from backpropamine_cuda.training import pyplot, require_extras
+from experiments.common import pyplot, require_extras
 
 # ----------------------------------------------------------------------------------------------
 # Device helpers

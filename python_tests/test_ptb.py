@@ -279,6 +279,17 @@ def test_a_damaged_checkpoint_exits_naming_it(corpus, tmp_path):
         run(corpus, tmp_path, *flags, "--resume")
 
 
+def test_resume_refuses_other_model_options_and_accepts_another_schedule(corpus, tmp_path):
+    """--resume checks every option but those of RESUME_MAY_CHANGE (the schedule, the outputs,
+    the device); the message names awd-lstm-lm's --batch_size as it is spelt."""
+    flags = [*TINY, "--max-batches", "2"]
+    run(corpus, tmp_path, *flags, "--epochs", "1")
+    with pytest.raises(SystemExit, match=r"other options: --batch_size 4 there, 8 here$"):
+        run(corpus, tmp_path, *flags, "--batch_size", "8", "--epochs", "2", "--resume")
+    _, rows = run(corpus, tmp_path, *flags, "--epochs", "2", "--lr", "5", "--resume")
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+
+
 @pytest.mark.parametrize("flags", [["--save", "nowhere/m.pt"],
                                    ["--save", "m.pt", "--log", "nowhere/log.csv"]],
                          ids=["save", "log"])

@@ -1,5 +1,5 @@
-"""What the experiment scripts share (backpropamine_cuda/training.py), under hostile use: a full
-disk while checkpointing, logs of resumed runs, progress in log files, and missing optional
+"""What the experiment scripts share (experiments/common.py), under hostile use: a full disk
+while checkpointing, logs of resumed runs, progress in log files, and missing optional
 dependencies, checked on the scripts themselves in subprocesses."""
 import csv
 import errno
@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from backpropamine_cuda import training
 from helpers import subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS, BENCHMARKS = ROOT / "experiments", ROOT / "benchmarks"
 if not EXPERIMENTS.is_dir():
     pytest.skip("experiments/ is not next to the tests", allow_module_level=True)
+from experiments import common  # noqa: E402  (the root is on sys.path: pyproject.toml)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -25,16 +25,16 @@ if not EXPERIMENTS.is_dir():
 
 def test_a_full_disk_leaves_no_temporary_file_and_names_the_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "run.checkpoint.pt"
-    training.atomic_save({"iteration": 1}, path)
+    common.atomic_save({"iteration": 1}, path)
 
     def disk_full(obj, f):  # writes a little, then the disk is full
         with open(f, "wb") if isinstance(f, (str, Path)) else f as out:
             out.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(training.torch, "save", disk_full)
+    monkeypatch.setattr(common.torch, "save", disk_full)
     with pytest.raises(SystemExit, match=f"cannot write {path}: No space left on device"):
-        training.atomic_save({"iteration": 2}, path)
+        common.atomic_save({"iteration": 2}, path)
     assert list(tmp_path.iterdir()) == [path], "a temporary file was left behind"
     assert torch.load(path, weights_only=True) == {"iteration": 1}
 
@@ -55,13 +55,13 @@ def test_a_resumed_log_keeps_one_row_per_iteration_up_to_the_checkpoint(tmp_path
     appended) and a row cut by a kill go; the rest stays in order."""
     log = tmp_path / "run.csv"
     write_log(log, ["0,9.0,0", "2,1.0,1", "4,0.5,2", "2,1.0,3", "6,0.2,4", "4,0.5,5", "8"])
-    training.resume_csv(log, FIELDS, "iteration", 4)
+    common.resume_csv(log, FIELDS, "iteration", 4)
     with open(log, newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["iteration"], r["seconds"]) for r in rows] == [("0", "0"), ("2", "3"), ("4", "5")]
-    training.resume_csv(log, FIELDS, "iteration", 0)  # a fresh run: the header alone
+    common.resume_csv(log, FIELDS, "iteration", 0)  # a fresh run: the header alone
     assert log.read_text().splitlines() == [",".join(FIELDS)]
-    training.resume_csv(tmp_path / "new.csv", FIELDS, "iteration", 0)
+    common.resume_csv(tmp_path / "new.csv", FIELDS, "iteration", 0)
     assert (tmp_path / "new.csv").read_text().splitlines() == [",".join(FIELDS)]
 
 
@@ -71,10 +71,10 @@ def test_a_resumed_log_keeps_one_row_per_iteration_up_to_the_checkpoint(tmp_path
 
 def test_progress_off_a_terminal_prints_a_plain_line_every_interval(monkeypatch, capsys):
     clock = iter(range(0, 10_000, 5))  # every call: 5 s later
-    monkeypatch.setattr(training.time, "monotonic", lambda: next(clock))
-    bar = training.progress(range(100, 120), desc="maze rnn-seed0", initial=100, total=200,
-                            every_s=30)
-    assert isinstance(bar, training.PlainProgress)  # pytest's stderr is no terminal
+    monkeypatch.setattr(common.time, "monotonic", lambda: next(clock))
+    bar = common.progress(range(100, 120), desc="maze rnn-seed0", initial=100, total=200,
+                          every_s=30)
+    assert isinstance(bar, common.PlainProgress)  # pytest's stderr is no terminal
     for i in bar:
         bar.set_postfix(reward=f"{i:.1f}")
     bar.write("an evaluation")
@@ -91,8 +91,8 @@ def test_progress_off_a_terminal_prints_a_plain_line_every_interval(monkeypatch,
 
 def test_a_short_or_disabled_loop_prints_nothing(capsys):
     for every_s, disable in ((30, False), (0, True)):
-        bar = training.progress(total=10, desc="train", unit="tok", unit_scale=4,
-                                every_s=every_s, disable=disable)
+        bar = common.progress(total=10, desc="train", unit="tok", unit_scale=4,
+                              every_s=every_s, disable=disable)
         bar.update(3)
         bar.close()
     assert capsys.readouterr() == ("", "")

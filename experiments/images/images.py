@@ -17,6 +17,7 @@ See experiments/images/README.md.
 """
 import os
 import pickle
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,10 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import backpropamine_cuda as bp
-from backpropamine_cuda.training import (DataError, add_training_flags, append_csv,
-                                         count_parameters, number, parse_with_preset,
-                                         preset_parser, pyplot, read_csv_columns, reading,
-                                         require_extras, start_csv, train_run)
+
+sys.path.append(str(Path(__file__).resolve().parents[2]))  # the root, for experiments.common
+from experiments.common import (DataError, add_training_flags, append_csv, count_parameters, number,
+                                parse_with_preset, preset_parser, pyplot, read_csv_columns, reading,
+                                require_extras, start_csv, train_run)  # noqa: E402
 
 TYPES = ("plastic", "rnn")
 SIZES = (2, 4, 8, 16, 32)  # divisors of 32 (a pixel: the mean of a square), even (two halves)

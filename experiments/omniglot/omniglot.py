@@ -6,11 +6,12 @@ with its label, then another drawing of one of them without; the network names i
     python experiments/omniglot/omniglot.py --data ... --preset paper     # the paper's settings
 
 Four 3x3 stride-2 convolutions (64 channels, tanh) map each 31x31 image to 64 features x; the
-plastic layer computes u = x @ (w + alpha * hebb) (DESIGN 2.4). While an image is shown with its
-label, the layer's output is softmax(u + 1000 * onehot(label)) and the trace follows Oja's rule
-with a learned rate eta; at the test step the output is softmax(u), scored by cross-entropy. The
-trace starts at zero in every episode, so what the layer learns of the classes is learned within
-the episode. Training and test characters never overlap (--split).
+plastic layer computes u = x @ (w + alpha * hebb) (backpropamine_cuda/reference.py,
+plastic_matvec). While an image is shown with its label, the layer's output is
+softmax(u + 1000 * onehot(label)) and the trace follows Oja's rule with a learned rate eta; at the
+test step the output is softmax(u), scored by cross-entropy. The trace starts at zero in every
+episode, so what the layer learns of the classes is learned within the episode. Training and test
+characters never overlap (--split).
 
 See experiments/omniglot/README.md.
 """
@@ -18,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -27,10 +29,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import backpropamine_cuda as bp
-from backpropamine_cuda.training import (DataError, RunCheckpoint, append_csv, count_parameters,
-                                         number, parse_with_preset, preset_parser, pyplot,
-                                         read_csv_columns, reading, require_extras, resume_csv,
-                                         train_iterations)
+
+sys.path.append(str(Path(__file__).resolve().parents[2]))  # the root, for experiments.common
+from experiments.common import (DataError, RunCheckpoint, append_csv, count_parameters, number,
+                                parse_with_preset, preset_parser, pyplot, read_csv_columns, reading,
+                                require_extras, resume_csv, train_iterations)  # noqa: E402
 
 IMAGE_SIZE = 31  # four stride-2 3x3 convolutions: 31 -> 15 -> 7 -> 3 -> 1
 SPLITS = ("background-evaluation", "paper-1200")

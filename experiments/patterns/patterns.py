@@ -16,6 +16,7 @@ backward (BOHP needed O(N^4) memory for hand-derived gradients of this network).
 
 See experiments/patterns/README.md.
 """
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -24,9 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import backpropamine_cuda as bp
-from backpropamine_cuda.training import (add_training_flags, append_csv, count_parameters,
-                                         number, parse_with_preset, preset_parser, pyplot,
-                                         read_csv_columns, require_extras, start_csv, train_run)
+
+sys.path.append(str(Path(__file__).resolve().parents[2]))  # the root, for experiments.common
+from experiments.common import (add_training_flags, append_csv, count_parameters, number,
+                                parse_with_preset, preset_parser, pyplot, read_csv_columns,
+                                require_extras, start_csv, train_run)  # noqa: E402
 
 TYPES = ("plastic", "rnn", "lstm")
 PRESETS = {

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from backpropamine_cuda.training import reading
+from experiments.common import reading
 
 SPLITS = ("train", "valid", "test")
 EOS = "<eos>"

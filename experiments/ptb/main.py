@@ -13,6 +13,7 @@ import argparse
 import math
 import os
 import random
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,22 +24,25 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from backpropamine_cuda.training import (DataError, append_csv, atomic_save, closest_size,
-                                          count_parameters, number, progress, pyplot,
-                                          read_checkpoint, require_extras, resume_csv,
-                                          rng_states, set_rng_states)
-from data import Corpus, batchify, get_batch
-from model import LanguageModel, detach_state
+sys.path.append(str(Path(__file__).resolve().parents[2]))  # the root, for experiments.common
+from data import Corpus, batchify, get_batch  # noqa: E402
+from experiments.common import (DataError, append_csv, atomic_save, closest_size,
+                                count_parameters, load_checkpoint, number, progress, pyplot,
+                                require_extras, resume_csv, rng_states)  # noqa: E402
+from model import LanguageModel, detach_state  # noqa: E402
 
 EVAL_BATCH_SIZE, TEST_BATCH_SIZE = 10, 1  # as awd-lstm-lm
 LOG_FIELDS = ("epoch", "train_ppl", "valid_ppl", "lr", "seconds", "tokens_per_s")
 # What a checkpoint taken at the end of an epoch relies on to resume exactly.
 HIDDEN_STATE_POLICY = ("hidden states and traces reset at the start of every training epoch and "
                        "evaluation, carried detached across BPTT segments")
-# Options a resumed run must share with the run that wrote the checkpoint.
-RESUME_MUST_MATCH = ("model", "emsize", "nhid", "nlayers", "tied", "modultype", "modulout",
-                     "alphatype", "etatype", "cliptype", "clipval", "preset", "variant",
-                     "batch_size", "bptt", "seed")
+# Options a resumed run may change; all others (the model, --batch_size, --bptt, --seed, the
+# preset and variant) must be those of the run that wrote the checkpoint.
+RESUME_MAY_CHANGE = ("data", "init_range", "dropout", "dropouth", "dropouti", "dropoute", "wdrop",
+                     "impl", "lr", "loss", "clip", "epochs", "variable_bptt", "alpha", "beta",
+                     "wdecay", "lr_decay", "lr_decay_start", "asgdtime", "nonmono", "agdiv",
+                     "device", "save", "log", "resume", "max_batches", "time_limit")
+FLAGS = {"batch_size": "--batch_size"}  # awd-lstm-lm's spelling; the other flags use hyphens
 
 # The paper's small model (Table 1): defaults of --preset small, and its four variants, each a
 # set of the model flags. Every variant gets the hidden size (embedding = hidden) that brings it
@@ -367,21 +371,17 @@ CHECKPOINT_KEYS = ("model", "optimizer", "asgd", "epoch", "best_valid", "valid_h
                    "args", "hidden_state_policy")
 
 
-def load_checkpoint(path, args, model):
-    """Restores the model and the RNG states from `path`; returns the checkpoint."""
+def resume_checkpoint(path, args, model):
+    """Restores the model and the random states from the checkpoint at `path` (common's
+    load_checkpoint: options outside RESUME_MAY_CHANGE must match); returns the checkpoint."""
     if not path.is_file():
         raise SystemExit(f"--resume: no checkpoint at {path} (it is written at the end of every "
                          "epoch, next to --save)")
-    ckpt = read_checkpoint(path, CHECKPOINT_KEYS)
-    differ = [f"--{k} {ckpt['args'][k]} there, {getattr(args, k)} here"
-              for k in RESUME_MUST_MATCH if ckpt["args"][k] != getattr(args, k)]
-    if differ:
-        raise SystemExit(f"--resume: {path} was written with other options: {'; '.join(differ)}")
+    ckpt = load_checkpoint(path, args, RESUME_MAY_CHANGE, CHECKPOINT_KEYS, FLAGS)
     if ckpt["hidden_state_policy"] != HIDDEN_STATE_POLICY:
         raise SystemExit(f"--resume: {path} assumes another hidden-state policy: "
                          f"{ckpt['hidden_state_policy']!r}")
     model.load_state_dict(ckpt["model"])
-    set_rng_states(ckpt["rng"])
     return ckpt
 
 
@@ -486,7 +486,7 @@ def run(args, rank, world, device):
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, weight_decay=args.wdecay)
     first_epoch, best_valid, valid_history = 1, math.inf, []
     if args.resume:
-        ckpt = load_checkpoint(paths["checkpoint"], args, model)
+        ckpt = resume_checkpoint(paths["checkpoint"], args, model)
         if ckpt["asgd"]:
             optimizer = averaged_sgd(model, args)
         optimizer.load_state_dict(ckpt["optimizer"])

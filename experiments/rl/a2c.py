@@ -1,5 +1,5 @@
 """Advantage actor-critic (A2C) as in the Backpropamine and differentiable-plasticity RL tasks,
-and the training loop that the task scripts (maze.py, cue_reward.py) share.
+and the command line and runs that the task scripts (maze.py, cue_reward.py) share.
 
 Loss of a batch of episodes of length T, as the papers: with Monte-Carlo returns
 R_t = r_t + gamma * R_{t+1},
@@ -26,7 +26,6 @@ import multiprocessing.connection
 import os
 import signal
 import threading
-import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -35,9 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from agents import MODULATED, Agent, count_parameters, matched_size
-from backpropamine_cuda.training import (RunCheckpoint, append_csv, number, parse_with_preset,
-                                         preset_parser, progress, pyplot, read_csv_columns,
-                                         require_extras, resume_csv, sigterm_as_interrupt)
+from experiments.common import (number, parse_with_preset, preset_parser, pyplot,
+                                read_csv_columns, require_extras, sigterm_as_interrupt, train_run)
 
 LOG_FIELDS = ("iteration", "episodes", "reward", "loss", "seconds")
 
@@ -115,7 +113,7 @@ def a2c_loss(episode, gamma, value_coef, entropy_coef, legacy_baseline=False):
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line and training loop shared by the task scripts
+# Command line and training runs shared by the task scripts
 
 
 def make_parser(description, types, presets):
@@ -199,44 +197,28 @@ RESUME_MAY_CHANGE = ("preset", "types", "seeds", "iterations", "impl", "stepwise
                      "out", "save_every", "resume")
 
 
-def train_run(args, make_env, network_type, hidden, seed, out, bar_position=0):
-    """Trains one agent; returns it. Writes <out>/<type>-seed<k>.csv and .checkpoint.pt."""
-    name = run_name(network_type, seed)
-    log = out / f"{name}.csv"
+def train_agent(args, make_env, network_type, hidden, seed, out, bar_position=0):
+    """Trains one agent (common.train_run with the A2C step, Adam with --eps, and the episodes
+    drawn on --device from `seed`); returns it. Writes <out>/<type>-seed<k>.csv and
+    .checkpoint.pt."""
     torch.manual_seed(seed)
     generator = torch.Generator(args.device).manual_seed(seed)
     env = make_env(args, generator)
     agent = Agent(env.obs_size, env.n_actions, network_type, hidden, impl=args.impl)
     agent.to(args.device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.lr, eps=args.eps)
-    checkpoint = RunCheckpoint(out / f"{name}.checkpoint.pt", args, RESUME_MAY_CHANGE, agent,
-                               optimizer, generator)
-    done = checkpoint.resume() if args.resume else 0
-    resume_csv(log, LOG_FIELDS, "iteration", done)
 
-    rewards, losses, start = [], [], time.time()
-    bar = progress(range(done + 1, args.iterations + 1), desc=name, initial=done,
-                   total=args.iterations, position=bar_position)
-    for iteration in bar:
+    def step(agent, optimizer, generator):  # the env draws from `generator`
         reward, loss = train_iteration(agent, optimizer, env, args)
-        rewards.append(reward)
-        losses.append(loss)
-        if iteration % args.log_every == 0 or iteration == args.iterations:
-            row = dict(iteration=iteration, episodes=iteration * args.batch_size,
-                       reward=sum(rewards) / len(rewards), loss=sum(losses) / len(losses),
-                       seconds=time.time() - start)
-            append_csv(log, LOG_FIELDS, [row])
-            bar.set_postfix(reward=f"{row['reward']:.2f}")
-            rewards, losses = [], []
-        if iteration % args.save_every == 0 or iteration == args.iterations:
-            checkpoint.save(iteration)
-    bar.close()
-    return agent
+        return dict(reward=reward, loss=loss)
+
+    return train_run(args, run_name(network_type, seed), out, agent, RESUME_MAY_CHANGE,
+                     LOG_FIELDS, step, optimizer, generator, bar_position)
 
 
 def train_and_plot(args, make_env, network_type, hidden, seed, out, bar_position=0):
-    """train_run, then for the first seed the plot of one episode (episode-<type>.png)."""
-    agent = train_run(args, make_env, network_type, hidden, seed, out, bar_position)
+    """train_agent, then for the first seed the plot of one episode (episode-<type>.png)."""
+    agent = train_agent(args, make_env, network_type, hidden, seed, out, bar_position)
     if seed == args.seeds[0]:
         env = make_env(args, torch.Generator(args.device).manual_seed(10_000 + seed))
         plot_episode(agent, env, out / f"episode-{network_type}.png")

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import backpropamine_cuda as bp
-from backpropamine_cuda.training import closest_size, count_parameters
+from experiments.common import closest_size, count_parameters
 
 NETWORK_TYPES = {
     "rnn": dict(plastic=False),

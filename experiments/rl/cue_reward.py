@@ -13,9 +13,13 @@ type learned it in our runs.
 
 See experiments/rl/README.md.
 """
-import a2c
-from backpropamine_cuda.training import number
-from envs import CueReward
+import sys
+from pathlib import Path
+
+sys.path.append(str(Path(__file__).resolve().parents[2]))  # the root, for experiments.common
+import a2c  # noqa: E402
+from envs import CueReward  # noqa: E402
+from experiments.common import number  # noqa: E402
 
 TYPES = ("rnn", "plastic", "simple", "retroactive")
 PRESETS = {

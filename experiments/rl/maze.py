@@ -8,9 +8,13 @@ must remember where it was to come back fast within the episode. A2C on plastic 
 
 See experiments/rl/README.md.
 """
-import a2c
-from backpropamine_cuda.training import number
-from envs import GridMaze
+import sys
+from pathlib import Path
+
+sys.path.append(str(Path(__file__).resolve().parents[2]))  # the root, for experiments.common
+import a2c  # noqa: E402
+from envs import GridMaze  # noqa: E402
+from experiments.common import number  # noqa: E402
 
 TYPES = ("rnn", "plastic", "simple", "retroactive", "fanout", "oja", "oja-scalar")
 PRESETS = {

@@ -1,10 +1,13 @@
-"""What the experiments' training scripts share: checkpoints written atomically with the
+"""What the experiment scripts and the benchmarks share: checkpoints written atomically with the
 random generators' states (so that a resumed run continues exactly), CSV logs that a resumed run
-restarts at its checkpoint, command lines with presets and checked numbers, progress displays
-fit for terminals and log files, optional dependencies, plots, and sizing networks by parameter
-count.
+restarts at its checkpoint, command lines with presets and checked numbers, the training loop,
+progress displays fit for terminals and log files, optional dependencies, plots, and sizing
+networks by parameter count. Not part of the package (nothing in backpropamine_cuda needs it).
 
-    from backpropamine_cuda.training import RunCheckpoint, resume_csv, append_csv
+    from experiments.common import RunCheckpoint, resume_csv, append_csv
+
+A script run as a program (python experiments/ptb/main.py) first appends the repository root to
+sys.path; the tests have it there from pytest's `pythonpath` (pyproject.toml).
 """
 import argparse
 import csv
@@ -162,15 +165,20 @@ def read_checkpoint(path, keys):
     return saved
 
 
-def load_checkpoint(path, args, may_change=(), keys=()):
-    """The checkpoint dict at `path` (read_checkpoint: holding `keys`), saved with the run's
-    options as "args" (vars of its argparse namespace) and rng_states() as "rng", after
-    checking that `args` has the same value for every option but those in `may_change`;
-    restores the random states. A mismatch exits with a message naming each option, its value
-    there and here; a file torch cannot read exits naming it."""
-    saved = read_checkpoint(path, ("args", "rng", *keys))
-    differ = [f"--{k.replace('_', '-')} {v} there, {getattr(args, k, None)} here"
-              for k, v in saved["args"].items()
+def load_checkpoint(path, args, may_change, keys=(), flags=None):
+    """The checkpoint dict at `path`, which holds `keys`, the run's options as "args" (vars of
+    its argparse namespace) and rng_states() as "rng" (read_checkpoint; a file torch cannot
+    read exits naming it; "args" and "rng" are looked for first unless `keys` places them);
+    restores the random states. Every script's policy: the resumed run must have the
+    checkpoint's value of every option but those in `may_change` (where to write, how long to
+    train, on which device, ...), so that an option added later is checked until it is declared
+    free to change. A mismatch exits with a message naming each option by its flag (--option
+    with hyphens, or flags[option] where the flag is spelt otherwise), its value there and
+    here."""
+    saved = read_checkpoint(path, (*(k for k in ("args", "rng") if k not in keys), *keys))
+    flags = flags or {}
+    differ = [f"{flags.get(k, '--' + k.replace('_', '-'))} {v} there, "
+              f"{getattr(args, k, None)} here" for k, v in saved["args"].items()
               if k not in may_change and v != getattr(args, k, None)]
     if differ:
         raise SystemExit(f"--resume: {path} was written with other options: " + "; ".join(differ))
@@ -281,16 +289,17 @@ def add_training_flags(parser, out, eval_help):
         help="continue every run from its checkpoint in --out (finished runs are only evaluated)")
 
 
-def train_iterations(args, name, checkpoint, done, log, fields, train_step, after=None):
-    """The training loop of the supervised experiments: iterations done + 1 .. args.iterations
-    of `train_step(iteration)`, which returns {metric: number}. Every --log-every iterations
-    the metrics' means go to the CSV `log` as a row of `fields` (iteration, episodes, the
-    metrics, seconds since this call) and the first two to the progress display; `after(
-    iteration, bar)`, if given, runs next (e.g. an evaluation); a checkpoint every --save-every
-    iterations and at the end (after the row: see resume_csv)."""
+def train_iterations(args, name, checkpoint, done, log, fields, train_step, after=None,
+                     bar_position=0):
+    """The training loop of the experiments: iterations done + 1 .. args.iterations of
+    `train_step(iteration)`, which returns {metric: number}. Every --log-every iterations the
+    metrics' means go to the CSV `log` as a row of `fields` (iteration, episodes, the metrics,
+    seconds since this call) and the first two to the progress display (on terminal line
+    `bar_position`); `after(iteration, bar)`, if given, runs next (e.g. an evaluation); a
+    checkpoint every --save-every iterations and at the end (after the row: see resume_csv)."""
     results, start = [], time.time()
     bar = progress(range(done + 1, args.iterations + 1), desc=name, initial=done,
-                   total=args.iterations)
+                   total=args.iterations, position=bar_position)
     for iteration in bar:
         results.append(train_step(iteration))
         if iteration % args.log_every == 0 or iteration == args.iterations:
@@ -306,21 +315,25 @@ def train_iterations(args, name, checkpoint, done, log, fields, train_step, afte
     bar.close()
 
 
-def train_run(args, name, out, model, may_change, fields, step):
-    """One training run of a supervised experiment: `model` trained with Adam (--lr) for
-    --iterations of step(model, optimizer, generator) -> {metric: number} (`generator`, seeded
-    with --seed, draws the episodes), resumed from <out>/<name>.checkpoint.pt with --resume
-    (options outside `may_change` must match), logged to <out>/<name>.csv (`fields`, see
-    train_iterations). Returns the model."""
+def train_run(args, name, out, model, may_change, fields, step, optimizer=None, generator=None,
+              bar_position=0):
+    """One training run: `model` trained for --iterations of step(model, optimizer, generator)
+    -> {metric: number}, with `optimizer` (default Adam with --lr) and `generator`, which draws
+    the episodes (default a CPU generator seeded with --seed); resumed from
+    <out>/<name>.checkpoint.pt with --resume (options outside `may_change` must match), logged
+    to <out>/<name>.csv (`fields`, see train_iterations). Returns the model."""
     log = out / f"{name}.csv"
-    generator = torch.Generator().manual_seed(args.seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    if generator is None:
+        generator = torch.Generator().manual_seed(args.seed)
+    if optimizer is None:
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     checkpoint = RunCheckpoint(out / f"{name}.checkpoint.pt", args, may_change, model, optimizer,
                                generator)
     done = checkpoint.resume() if args.resume else 0
     resume_csv(log, fields, "iteration", done)
     train_iterations(args, name, checkpoint, done, log, fields,
-                     lambda iteration: step(model, optimizer, generator))
+                     lambda iteration: step(model, optimizer, generator),
+                     bar_position=bar_position)
     return model
 
 
