@@ -103,12 +103,12 @@ XSizes check_x(const char* op, const char* name, const at::Tensor& x, int64_t wi
   return s;
 }
 
-// Gradients handed to a backward op: same dtype/device as `like`, the shape of the matching
-// output, contiguous.
+// A gradient handed to a backward op (grad_<output>): same dtype/device as `like`, the shape of
+// the forward output it is the gradient of, contiguous.
 void check_grad(const char* op, const char* name, const at::Tensor& grad, at::IntArrayRef shape,
                 const at::Tensor& like) {
   check_tensor(op, name, grad, like);
-  check_shape(op, name, grad, shape, "(the shape of the matching output)");
+  check_shape(op, name, grad, shape, "(the shape of the forward output it is the gradient of)");
 }
 
 void check_grad(const char* op, const char* name, const OptTensor& grad, at::IntArrayRef shape,

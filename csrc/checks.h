@@ -5,11 +5,11 @@
 
 #include <ATen/core/Tensor.h>
 
-#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "ops.h"
 #include "trace_pass.h"
 
 namespace bp {
@@ -21,8 +21,6 @@ struct PlasticConfig {
   int64_t T, B, N, K;  // K: number of modulators (0 without modulation)
   double clip;
 };
-
-using OptTensor = std::optional<at::Tensor>;
 
 // The plastic part of a recurrent layer: the trace state, its parameters and the modulator.
 struct PlasticInputs {

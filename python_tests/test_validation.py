@@ -468,7 +468,7 @@ def test_sequence_backward_wrong_grad_shape(name, shape):
     expected = {"grad_out": (T, B, N), "grad_hebb": (B, N, N), "grad_elig": (B, N, N),
                 "grad_m": (T, B, K), "hebb_checkpoints": (1, B, N, N)}[name]
     meaning = ("(ceil(T / checkpoint_every) - 1, B, N, N)" if name == "hebb_checkpoints"
-               else "(the shape of the matching output)")
+               else "(the shape of the forward output it is the gradient of)")
     with raises(RuntimeError, f"plastic_rnn_sequence_backward: expected {name} to have shape "
                 f"{shape_str(expected)} {meaning}, got {shape_str(shape)}"):
         OPS.plastic_rnn_sequence_backward(*args)
@@ -496,8 +496,8 @@ def test_step_backward_wrong_grad_shape(name, shape):
     expected = {"grad_h_new": (B, N), "grad_hebb": (B, N, N), "grad_elig": (B, N, N),
                 "grad_m": (B, K)}[name]
     with raises(RuntimeError, f"plastic_rnn_step_backward: expected {name} to have shape "
-                f"{shape_str(expected)} (the shape of the matching output), got "
-                f"{shape_str(shape)}"):
+                f"{shape_str(expected)} (the shape of the forward output it is the gradient of), "
+                f"got {shape_str(shape)}"):
         OPS.plastic_rnn_step_backward(*g.values(), *[inputs[k] for k in RNN_INPUTS[1:]],
                                       "retroactive", 1.0, h_new, m, eta_t)
 
@@ -505,7 +505,7 @@ def test_step_backward_wrong_grad_shape(name, shape):
 def test_matvec_backward_wrong_grad_shape():
     x, w, alpha, hebb = (torch.zeros(s) for s in ((3, 4), (4, 5), (), (3, 4, 5)))
     with raises(RuntimeError, "plastic_matvec_backward: expected grad_u to have shape [3, 5] "
-                "(the shape of the matching output), got [3, 4]"):
+                "(the shape of the forward output it is the gradient of), got [3, 4]"):
         OPS.plastic_matvec_backward(torch.zeros(3, 4), x, w, alpha, hebb)
 
 
@@ -515,7 +515,7 @@ def test_hebb_update_backward_wrong_grad_shape(name):
     grads = [None, None]
     grads[name == "grad_elig_new"] = torch.zeros(3, 4, 4)
     with raises(RuntimeError, f"hebb_update_backward: expected {name} to have shape [3, 4, 5] "
-                "(the shape of the matching output), got [3, 4, 4]"):
+                "(the shape of the forward output it is the gradient of), got [3, 4, 4]"):
         OPS.hebb_update_backward(*grads, hebb, pre, post, eta, torch.zeros(3, 4, 5),
                                  torch.tensor(0.5), "retroactive", 1.0)
 

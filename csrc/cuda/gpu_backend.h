@@ -1,6 +1,7 @@
 // The GPU trace passes (trace_kernels.h) behind the interface the op drivers (csrc/ops/) use,
-// for a launch policy: the CUDA launch (ops_cuda.cu) or the CPU emulator (emulated_ops.cpp),
-// which runs the same kernels on CPU tensors with every memory access checked.
+// for a launch policy: the CUDA launch (ops_cuda.cu) or the CPU emulator
+// (cpu/emulated_cuda_ops.cpp), which runs the same kernels on CPU tensors with every memory
+// access checked.
 #pragma once
 
 #include <ATen/ATen.h>
