@@ -17,7 +17,8 @@ part under a time limit, and writes the report under benchmarks/results/gpu/.)
    BACKPROPAMINE_SEQUENCE_PATH=steps (the per-step kernels everywhere).
 2. Speed: forward and forward+backward of the fused ops (the RNN op also forced onto the
    per-step kernels) against the eager reference on the same GPU and against the HBM bandwidth
-   floor (the trace bytes the op must move / the bandwidth of a large device-to-device copy);
+   floor (the trace bytes the op must move / the measured memory bandwidth, both as the
+   benchmarks count them: backpropamine_cuda/measure.py);
    GPU operations per step; peak memory; the 3-layer PTB stack at batch 20 and 80.
 3. Tests: `pytest python_tests -k "cuda and not emulat"` (the tests on the GPU), when this
    package runs from a source checkout.
@@ -35,7 +36,6 @@ import contextlib
 import dataclasses
 import math
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -46,6 +46,8 @@ import torch.nn.functional as F
 
 import backpropamine_cuda as bp
 from backpropamine_cuda import _extension, reference
+from backpropamine_cuda.measure import (markdown_table, measure_bandwidth, peak_memory_mb, sync,
+                                        time_fn, trace_floor_bytes)
 
 RULE, CLIP = "clip", 2.0
 PACKAGE_PARENT = Path(bp.__file__).resolve().parent.parent
@@ -53,11 +55,6 @@ PACKAGE_PARENT = Path(bp.__file__).resolve().parent.parent
 # times that of the float32 reference, or FLOAT32_FLOOR (the test suite's float32 tolerance),
 # whichever is larger.
 FLOAT64_LIMIT, FLOAT32_FACTOR, FLOAT32_FLOOR = 1e-9, 10.0, 1e-4
-# Trace passes (B x N x N) per step the fused ops must make: forward 2 (read H_{t-1}, write H_t);
-# forward+backward 7 (backward: recompute H_t from the checkpoint 2, read H_{t-1} 1, read and
-# write dL/dH 2). benchmarks/common.py trace_floor_bytes is the same model, plus the per-step
-# (B, N) vectors (< 1 % here).
-FLOOR_PASSES = {"fwd": 2, "fwdbwd": 7}
 # The targets of the PTB layer's sequence op on a GPU, checked at B=6 N=1149 T=70.
 PTB_TARGETS = {"floor": 1.5, "speedup": 20.0}
 
@@ -108,11 +105,6 @@ def sequence_path(path):
             del os.environ[PATH_VARIABLE]
         else:
             os.environ[PATH_VARIABLE] = old
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,38 +266,6 @@ ACCURACY_HEADERS = ["case", "sizes", "dtype", "impl", "against", "fwd max abs", 
 # 3. Speed
 
 
-def median_ms(fn, device, repeats):
-    fn()  # warm-up
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def peak_mb(fn, device):
-    """Peak device memory of one call above what was allocated before it (CUDA only)."""
-    if device.type != "cuda":
-        return None
-    sync(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    fn()
-    sync(device)
-    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
-
-
-def copy_bandwidth_gbs(device, mb, repeats=10):
-    """Device memory bandwidth in GB/s (1e9 B/s): a copy of `mb` MB reads and writes it once."""
-    src = torch.rand(mb * 2**20 // 4, device=device)
-    dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src), device, repeats)
-    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
-
-
 def device_ops(fn, device):
     """The operations one call of fn puts on the GPU (kernels, copies, memsets), as the profiler
     counts them; None on the CPU."""
@@ -332,8 +292,9 @@ def timed(call, leaves, device, repeats):
         outs = call(leaves)
         torch.autograd.grad(sum(o.sum() for o in outs if o is not None), given)
 
-    return dict(fwd=median_ms(fwd, device, repeats), fwdbwd=median_ms(fwdbwd, device, repeats),
-                peak_mb=peak_mb(fwdbwd, device),
+    return dict(fwd=time_fn(fwd, device, repeats)["ms"],
+                fwdbwd=time_fn(fwdbwd, device, repeats)["ms"],
+                peak_mb=peak_memory_mb(fwdbwd, device),
                 launches=(device_ops(fwd, device), device_ops(fwdbwd, device)))
 
 
@@ -343,8 +304,9 @@ def speed(cases, stacks, fused_ops, device, repeats, bandwidth):
     for case in cases:
         inputs, _ = make_inputs(case)
         leaves = to_leaves(inputs, device, torch.float32)
-        trace_bytes = case.T * case.B * case.N ** 2 * 4
-        floor = {m: p * trace_bytes / (bandwidth * 1e9) * 1e3 for m, p in FLOOR_PASSES.items()}
+        # The trace's bytes alone (no per-step vectors: < 1 % here), over the bandwidth, in ms.
+        floor_bytes = trace_floor_bytes(case.T, case.B, case.N, 4, vec_fwd=0, vec_bwd=0)
+        floor = {m: b / (bandwidth * 1e9) * 1e3 for m, b in zip(("fwd", "fwdbwd"), floor_bytes)}
         res = {}
         impls = [("fused", fused_ops, "auto"), ("eager", reference, "auto")]
         if case.op == "rnn":
@@ -505,12 +467,6 @@ def emit(*lines):
     print("\n".join(lines), flush=True)
 
 
-def markdown(headers, rows):
-    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
-    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
-
-
 def has_kernels(namespace, dispatch_key):
     return torch._C._dispatch_has_kernel_for_dispatch_key(
         f"{namespace}::plastic_rnn_sequence", dispatch_key)
@@ -561,12 +517,12 @@ def main():
         return 1
     started = time.time()
     cases, stacks = (QUICK_CASES, QUICK_STACKS) if args.quick else (CASES, STACKS)
-    bandwidth = copy_bandwidth_gbs(device, 64 if args.quick else 1024)
+    bandwidth = measure_bandwidth(device, 64 if args.quick else 1024)["gbs"]
     # Each section is printed when it is done, so that a run stopped at a time limit still
     # reports what it finished.
     emit(f"## backpropamine_cuda selftest ({'quick' if args.quick else 'full'} sizes)", "",
          f"{describe(device)}; torch {torch.__version__}; extension {how} from "
-         f"{Path(bp.__file__).parent}; measured copy bandwidth {bandwidth:.0f} GB/s.")
+         f"{Path(bp.__file__).parent}; measured memory bandwidth {bandwidth:.0f} GB/s.")
     ok = True
 
     if device.type == "cuda":
@@ -580,7 +536,7 @@ def main():
             impls["emulated cuda per-step"] = (bp.fused.emulated_cuda, device, "steps")
     acc_rows, acc_ok = accuracy(cases, impls, device)
     ok &= acc_ok
-    emit("", "### Accuracy", "", markdown(ACCURACY_HEADERS, acc_rows), "",
+    emit("", "### Accuracy", "", markdown_table(ACCURACY_HEADERS, acc_rows), "",
          "Errors against the eager reference in float64 on the same inputs; rel = max |a - e| / "
          "max |e| per tensor, the worst tensor named. Loss: sum of every output times a fixed "
          "random tensor; gradients of every input. The float32 limit is "
@@ -591,14 +547,14 @@ def main():
     else:
         speed_rows, target_rows = speed(cases, stacks, bp.fused, device, args.repeats,
                                         bandwidth)
-        emit("", "### Speed (float32)", "", markdown(SPEED_HEADERS, speed_rows), "",
+        emit("", "### Speed (float32)", "", markdown_table(SPEED_HEADERS, speed_rows), "",
              f"Median of {args.repeats} runs after a warm-up; fwd under no_grad, fwd+bwd = loss "
-             "sum of the outputs and autograd.grad to every input. Floor = trace bytes / "
-             f"measured copy bandwidth, with {FLOOR_PASSES['fwd']} (fwd) and "
-             f"{FLOOR_PASSES['fwdbwd']} (fwd+bwd) passes over the B x N x N trace per step. GPU "
+             "sum of the outputs and autograd.grad to every input. Floor = the trace bytes the op "
+             "must move (2 passes over the B x N x N trace per step forward, 7 forward+backward: "
+             "measure.trace_floor_bytes) / the measured bandwidth. GPU "
              "ops: kernels, copies and memsets of one call (torch.profiler), and per step (/ T).")
         if target_rows:
-            emit("", markdown(["case", "target", "measured", "status"], target_rows))
+            emit("", markdown_table(["case", "target", "measured", "status"], target_rows))
 
     if args.no_tests:
         emit("", "Tests: skipped (--no-tests)")
