@@ -5,13 +5,14 @@ This file holds the glue that makes the ops first-class PyTorch ops: fake implem
 torch.compile and meta tensors) and autograd formulas that call the hand-written backward ops.
 """
 import functools
-import inspect
 import math
+import types
 from typing import NamedTuple
 
 import torch
 
 from . import _extension, reference
+from .params import PlasticParams
 
 _extension.load()
 # The ops' namespaces: the real ones (CPU and, where built, CUDA kernels), and the CUDA kernels
@@ -56,14 +57,44 @@ def _contiguous(t):
 
 
 # ----------------------------------------------------------------------------------------------
-# Fake implementations: output shapes and dtypes only.
+# Fake implementations: output shapes and dtypes only. Each takes the op's arguments as the
+# attributes of one object, named as in the op's schema (csrc/ops/register.h).
 
-def _check_one_device(name, signature, args, kwargs):
+def _schema(namespace, name):
+    return getattr(getattr(torch.ops, namespace), name).default._schema
+
+
+def _tensor_argument_names(schema):
+    return tuple(argument.name for argument in schema.arguments
+                 if str(argument.type) in ("Tensor", "Optional[Tensor]"))
+
+
+def _differentiable_inputs(name):
+    """The inputs of recurrent op `name` that its backward op returns gradients for after that
+    of x: its tensor arguments but x and the bool mask clamp, in schema order."""
+    return tuple(arg for arg in _tensor_argument_names(_schema("backpropamine", name))
+                 if arg not in ("x", "clamp"))
+
+
+def _named_arguments(schema, args, kwargs):
+    """The arguments of a call of the op of `schema`, by name, in schema order."""
+    named = {}
+    for k, argument in enumerate(schema.arguments):
+        if k < len(args):
+            named[argument.name] = args[k]
+        elif argument.name in kwargs:
+            named[argument.name] = kwargs[argument.name]
+        else:
+            named[argument.name] = argument.default_value if argument.has_default_value() else None
+    return named
+
+
+def _check_one_device(name, arguments):
     """Raises unless every tensor argument is on the device of the first, with the message of
     the kernels' checks (csrc/checks.cpp). The fakes also serve the `meta` device: without this,
     one meta tensor among CPU tensors would win the dispatch and return uninitialised memory."""
     first = None
-    for arg, value in signature.bind(*args, **kwargs).arguments.items():
+    for arg, value in arguments.items():
         if not isinstance(value, torch.Tensor):
             continue
         if first is None:
@@ -75,14 +106,14 @@ def _check_one_device(name, signature, args, kwargs):
 
 def _register_fake(name):
     def register(fn):
-        signature = inspect.signature(fn)
-
-        @functools.wraps(fn)
-        def fake(*args, **kwargs):
-            _check_one_device(name, signature, args, kwargs)
-            return fn(*args, **kwargs)
-
         for namespace in NAMESPACES:
+            schema = _schema(namespace, name)
+
+            def fake(*args, schema=schema, **kwargs):
+                arguments = _named_arguments(schema, args, kwargs)
+                _check_one_device(name, arguments)
+                return fn(types.SimpleNamespace(**arguments))
+
             torch.library.register_fake(f"{namespace}::{name}")(fake)
         return fn
     return register
@@ -107,115 +138,97 @@ def _step_trace_fakes(new, B, N, K, rule):
 
 
 @_register_fake("plastic_rnn_sequence")
-def _(x, h0, hebb0, elig0, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fanout_weight,
-      fanout_bias, rule, clip, checkpoint_every, clamp=None):
-    T, B, N = x.shape
+def _(a):
+    T, B, N = a.x.shape
     hebb_t, elig_t, m, eta_seq, ckpt_h, ckpt_e = _trace_fakes(
-        x.new_empty, T, B, N, _n_modulators(h2mod_weight), rule, checkpoint_every)
-    return x.new_empty(T, B, N), hebb_t, elig_t, m, eta_seq, ckpt_h, ckpt_e
+        a.x.new_empty, T, B, N, _n_modulators(a.h2mod_weight), a.rule, a.checkpoint_every)
+    return a.x.new_empty(T, B, N), hebb_t, elig_t, m, eta_seq, ckpt_h, ckpt_e
 
 
 @_register_fake("plastic_rnn_step")
-def _(x, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fanout_weight,
-      fanout_bias, rule, clip, clamp=None):
-    B, N = x.shape
-    return (x.new_empty(B, N),
-            *_step_trace_fakes(x.new_empty, B, N, _n_modulators(h2mod_weight), rule))
+def _(a):
+    B, N = a.x.shape
+    return (a.x.new_empty(B, N),
+            *_step_trace_fakes(a.x.new_empty, B, N, _n_modulators(a.h2mod_weight), a.rule))
 
 
 @_register_fake("plastic_rnn_rollout_step")
-def _(x, u, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fanout_weight,
-      fanout_bias, rule, clip, clamp=None, hebb_out=None, elig_out=None):
-    B, N = x.shape
-    return x.new_empty(B, N), x.new_empty(B, N), x.new_empty(B, _n_modulators(h2mod_weight))
+def _(a):
+    B, N = a.x.shape
+    new = a.x.new_empty
+    return new(B, N), new(B, N), new(B, _n_modulators(a.h2mod_weight))
 
 
 @_register_fake("plastic_lstm_sequence")
-def _(x, h0, c0, hebb0, elig0, h2g_weight, h2g_bias, w, alpha, eta, elig_rate, h2mod_weight,
-      h2mod_bias, fanout_weight, fanout_bias, rule, clip, modulator_input, checkpoint_every):
-    T, B, N = x.shape[0], x.shape[1], x.shape[2] // 4
+def _(a):
+    T, B, N = a.x.shape[0], a.x.shape[1], a.x.shape[2] // 4
     hebb_t, elig_t, m, eta_seq, ckpt_h, ckpt_e = _trace_fakes(
-        x.new_empty, T, B, N, _n_modulators(h2mod_weight), rule, checkpoint_every)
-    new = x.new_empty
+        a.x.new_empty, T, B, N, _n_modulators(a.h2mod_weight), a.rule, a.checkpoint_every)
+    new = a.x.new_empty
     return (new(T, B, N), new(T, B, N), hebb_t, elig_t, m, eta_seq, new(T, 4, B, N), ckpt_h,
             ckpt_e)
 
 
 @_register_fake("plastic_lstm_step")
-def _(x, h, c, hebb, elig, h2g_weight, h2g_bias, w, alpha, eta, elig_rate, h2mod_weight,
-      h2mod_bias, fanout_weight, fanout_bias, rule, clip, modulator_input):
-    B, N = x.shape[0], x.shape[1] // 4
-    new = x.new_empty
-    return (new(B, N), new(B, N), *_step_trace_fakes(new, B, N, _n_modulators(h2mod_weight), rule),
-            new(4, B, N))
+def _(a):
+    B, N = a.x.shape[0], a.x.shape[1] // 4
+    new = a.x.new_empty
+    return (new(B, N), new(B, N),
+            *_step_trace_fakes(new, B, N, _n_modulators(a.h2mod_weight), a.rule), new(4, B, N))
 
 
-def _grads_fake(grad_x, inputs):
-    """The backward op's outputs: grad_x, then one per input (empty where it is None)."""
+def _grads_fake(grad_x, a, forward):
+    """The backward op's outputs: grad_x, then one per differentiable input of the op `forward`
+    (empty where it is None)."""
+    inputs = [getattr(a, name) for name in _differentiable_inputs(forward)]
     return (grad_x, *[grad_x.new_empty(0) if t is None else torch.empty_like(t) for t in inputs])
 
 
 @_register_fake("plastic_rnn_sequence_backward")
-def _(grad_out, grad_hebb, grad_elig, grad_m, h0, hebb0, elig0, w, alpha, eta, elig_rate,
-      h2mod_weight, h2mod_bias, fanout_weight, fanout_bias, rule, clip, out, m, eta_seq,
-      hebb_checkpoints, elig_checkpoints, checkpoint_every, clamp=None):
-    return _grads_fake(torch.empty_like(out), (h0, hebb0, elig0, w, alpha, eta, elig_rate,
-                                               h2mod_weight, h2mod_bias, fanout_weight,
-                                               fanout_bias))
+def _(a):
+    return _grads_fake(torch.empty_like(a.out), a, "plastic_rnn_sequence")
 
 
 @_register_fake("plastic_rnn_step_backward")
-def _(grad_h_new, grad_hebb, grad_elig, grad_m, h, hebb, elig, w, alpha, eta, elig_rate,
-      h2mod_weight, h2mod_bias, fanout_weight, fanout_bias, rule, clip, h_new, m, eta_t,
-      clamp=None):
-    return _grads_fake(torch.empty_like(h_new), (h, hebb, elig, w, alpha, eta, elig_rate,
-                                                 h2mod_weight, h2mod_bias, fanout_weight,
-                                                 fanout_bias))
+def _(a):
+    return _grads_fake(torch.empty_like(a.h_new), a, "plastic_rnn_step")
 
 
 @_register_fake("plastic_lstm_sequence_backward")
-def _(grad_out, grad_c, grad_hebb, grad_elig, grad_m, h0, c0, hebb0, elig0, h2g_weight, h2g_bias,
-      w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fanout_weight, fanout_bias, rule, clip,
-      modulator_input, out, c_seq, m, eta_seq, gates, hebb_checkpoints, elig_checkpoints,
-      checkpoint_every):
-    T, B, N = out.shape
-    return _grads_fake(out.new_empty(T, B, 4 * N), (h0, c0, hebb0, elig0, h2g_weight, h2g_bias,
-                                                    w, alpha, eta, elig_rate, h2mod_weight,
-                                                    h2mod_bias, fanout_weight, fanout_bias))
+def _(a):
+    T, B, N = a.out.shape
+    return _grads_fake(a.out.new_empty(T, B, 4 * N), a, "plastic_lstm_sequence")
 
 
 @_register_fake("plastic_lstm_step_backward")
-def _(grad_h_new, grad_c_new, grad_hebb, grad_elig, grad_m, h, c, hebb, elig, h2g_weight,
-      h2g_bias, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fanout_weight, fanout_bias,
-      rule, clip, modulator_input, h_new, c_new, m, eta_t, gates):
-    B, N = h_new.shape
-    return _grads_fake(h_new.new_empty(B, 4 * N), (h, c, hebb, elig, h2g_weight, h2g_bias, w,
-                                                   alpha, eta, elig_rate, h2mod_weight,
-                                                   h2mod_bias, fanout_weight, fanout_bias))
+def _(a):
+    B, N = a.h_new.shape
+    return _grads_fake(a.h_new.new_empty(B, 4 * N), a, "plastic_lstm_step")
 
 
 @_register_fake("plastic_matvec")
-def _(x, w, alpha, hebb):
-    return x.new_empty(x.shape[0], w.shape[1])
+def _(a):
+    return a.x.new_empty(a.x.shape[0], a.w.shape[1])
 
 
 @_register_fake("plastic_matvec_backward")
-def _(grad_u, x, w, alpha, hebb):
-    return (torch.empty_like(x), torch.empty_like(w), torch.empty_like(alpha),
-            torch.empty_like(hebb))
+def _(a):
+    return (torch.empty_like(a.x), torch.empty_like(a.w), torch.empty_like(a.alpha),
+            torch.empty_like(a.hebb))
 
 
 @_register_fake("hebb_update")
-def _(hebb, pre, post, eta, elig, elig_rate, rule, clip):
-    return torch.empty_like(hebb), (torch.empty_like(hebb) if rule == "retroactive"
-                                    else hebb.new_empty(0))
+def _(a):
+    return torch.empty_like(a.hebb), (torch.empty_like(a.hebb) if a.rule == "retroactive"
+                                      else a.hebb.new_empty(0))
 
 
 @_register_fake("hebb_update_backward")
-def _(grad_hebb_new, grad_elig_new, hebb, pre, post, eta, elig, elig_rate, rule, clip):
-    retro = rule == "retroactive"
-    return (torch.empty_like(hebb), torch.empty_like(pre), torch.empty_like(post),
-            torch.empty_like(eta), torch.empty_like(hebb) if retro else hebb.new_empty(0),
+def _(a):
+    retro = a.rule == "retroactive"
+    hebb = a.hebb
+    return (torch.empty_like(hebb), torch.empty_like(a.pre), torch.empty_like(a.post),
+            torch.empty_like(a.eta), torch.empty_like(hebb) if retro else hebb.new_empty(0),
             hebb.new_empty(()) if retro else hebb.new_empty(0))
 
 
@@ -257,59 +270,80 @@ def _once_differentiable(backward):
     return wrapper
 
 
-def _register_recurrent_autograd(name, n_grads, n_options, n_tail, clamp=False):
-    """Autograd of a recurrent op (RNN or LSTM, sequence or step) through its backward op.
+class _RecurrentAutograd:
+    """Autograd of a recurrent op (RNN or LSTM, sequence or step) through its backward op, every
+    tensor matched by name: the forward's inputs by the names of its schema, its outputs by
+    `outputs` (the schemas' returns have no names). The backward op's arguments are looked up by
+    their own names: ``grad_<x>`` takes the incoming gradient of the output `grads[grad_<x>]`,
+    any other argument the forward's input or output of that name. It returns the gradient of
+    x, then those of _differentiable_inputs."""
 
-    The op's inputs are (x, *params, *options) with `n_options` non-tensor options, rule first,
-    then, for the RNN ops (`clamp` True), the optional bool mask clamp. Its outputs are (*states,
-    hebb, elig, m, *extras): the first `n_grads` are differentiable, the extras (eta, gates,
-    checkpoints) are saved for the backward. The backward op takes (grads of the n_grads outputs,
-    *params, options but the last n_tail, *states, m, *extras, the last n_tail options, clamp)
-    and returns the gradients of x and of every param.
-    """
-    n_states = n_grads - 3
-    n_clamp = int(clamp)
+    def __init__(self, namespace, name, outputs, grads):
+        self.backward_op = getattr(getattr(torch.ops, namespace), name + "_backward")
+        self.inputs = tuple(argument.name for argument in _schema(namespace, name).arguments)
+        self.outputs = outputs
+        self.grads = grads
+        self.saved = tuple(argument.name
+                           for argument in _schema(namespace, name + "_backward").arguments
+                           if argument.name not in grads)
+        self.grad_inputs = ("x", *_differentiable_inputs(name))
+        unknown = [arg for arg in self.saved if arg not in self.inputs and arg not in outputs]
+        assert not unknown, f"{name}_backward: no input or output of {name} named {unknown}"
 
-    def setup_context(ctx, inputs, output):
-        _, *rest = inputs
-        masks = rest[len(rest) - n_clamp:]
-        rest = rest[:len(rest) - n_clamp]
-        params, ctx.options = rest[:-n_options], rest[-n_options:]
-        ctx.n_params = len(params)
-        ctx.retro = ctx.options[0] == "retroactive"
-        ctx.modulated = params[-4] is not None  # h2mod_weight
-        ctx.save_for_backward(*params, *output[:n_states], *output[n_grads - 1:], *masks)
-        ctx.mark_non_differentiable(*output[n_grads:])
+    def setup_context(self, ctx, inputs, output):
+        values = {**dict(zip(self.inputs, inputs)), **dict(zip(self.outputs, output))}
+        ctx.retro = values["rule"] == "retroactive"
+        ctx.modulated = values["h2mod_weight"] is not None
+        ctx.given = {name: values[name] is not None for name in self.grad_inputs}
+        ctx.tensor_names = tuple(name for name in self.saved
+                                 if isinstance(values[name], torch.Tensor))
+        ctx.options = {name: values[name] for name in self.saved
+                       if name not in ctx.tensor_names}
+        ctx.save_for_backward(*(values[name] for name in ctx.tensor_names))
+        ctx.mark_non_differentiable(*(values[name] for name in self.outputs
+                                      if name not in self.grads.values()))
         ctx.set_materialize_grads(False)  # no zero-filled trace-sized gradients for unused outputs
 
-    @_once_differentiable
-    def backward(backward_op, ctx, *grads):
-        params, saved = ctx.saved_tensors[:ctx.n_params], ctx.saved_tensors[ctx.n_params:]
-        masks = saved[len(saved) - n_clamp:]
-        saved = saved[:len(saved) - n_clamp]
-        g = [_contiguous(t) for t in grads[:n_grads]]
+    def backward(self, ctx, *output_grads):
+        incoming = dict(zip(self.outputs, output_grads))
+        arguments = {**dict(zip(ctx.tensor_names, ctx.saved_tensors)), **ctx.options}
+        for grad_name, output in self.grads.items():
+            arguments[grad_name] = _contiguous(incoming[output])
         if not ctx.retro:
-            g[-2] = None  # elig
+            arguments["grad_elig"] = None
         if not ctx.modulated:
-            g[-1] = None  # m
-        split = len(ctx.options) - n_tail
-        g_x, *g_params = backward_op(*g, *params, *ctx.options[:split], *saved,
-                                     *ctx.options[split:], *masks)
-        # None for the inputs that were None, and for the options and the mask
-        return (g_x, *[None if t is None else gp for gp, t in zip(g_params, params)],
-                *[None] * (n_options + n_clamp))
-
-    for namespace in NAMESPACES:
-        backward_op = getattr(getattr(torch.ops, namespace), name + "_backward")
-        torch.library.register_autograd(f"{namespace}::{name}",
-                                        functools.partial(backward, backward_op),
-                                        setup_context=setup_context)
+            arguments["grad_m"] = None
+        grads = dict(zip(self.grad_inputs, self.backward_op(**arguments)))
+        # None for the inputs that were None, and for the options and the clamp mask
+        return tuple(grads[name] if ctx.given.get(name) else None for name in self.inputs)
 
 
-_register_recurrent_autograd("plastic_rnn_sequence", n_grads=4, n_options=3, n_tail=1, clamp=True)
-_register_recurrent_autograd("plastic_rnn_step", n_grads=4, n_options=2, n_tail=0, clamp=True)
-_register_recurrent_autograd("plastic_lstm_sequence", n_grads=5, n_options=4, n_tail=1)
-_register_recurrent_autograd("plastic_lstm_step", n_grads=5, n_options=3, n_tail=0)
+
+# The outputs of each recurrent op, and the output whose gradient each grad_ argument of its
+# backward op takes.
+_RECURRENT_OUTPUTS = {
+    "plastic_rnn_sequence": (("out", "hebb_new", "elig_new", "m", "eta_seq", "hebb_checkpoints",
+                              "elig_checkpoints"),
+                             {"grad_out": "out", "grad_hebb": "hebb_new",
+                              "grad_elig": "elig_new", "grad_m": "m"}),
+    "plastic_rnn_step": (("h_new", "hebb_new", "elig_new", "m", "eta_t"),
+                         {"grad_h_new": "h_new", "grad_hebb": "hebb_new",
+                          "grad_elig": "elig_new", "grad_m": "m"}),
+    "plastic_lstm_sequence": (("out", "c_seq", "hebb_new", "elig_new", "m", "eta_seq", "gates",
+                               "hebb_checkpoints", "elig_checkpoints"),
+                              {"grad_out": "out", "grad_c": "c_seq", "grad_hebb": "hebb_new",
+                               "grad_elig": "elig_new", "grad_m": "m"}),
+    "plastic_lstm_step": (("h_new", "c_new", "hebb_new", "elig_new", "m", "eta_t", "gates"),
+                          {"grad_h_new": "h_new", "grad_c_new": "c_new",
+                           "grad_hebb": "hebb_new", "grad_elig": "elig_new", "grad_m": "m"}),
+}
+
+for _namespace in NAMESPACES:
+    for _name, (_outputs, _grads) in _RECURRENT_OUTPUTS.items():
+        _autograd = _RecurrentAutograd(_namespace, _name, _outputs, _grads)
+        torch.library.register_autograd(f"{_namespace}::{_name}",
+                                        _once_differentiable(_autograd.backward),
+                                        setup_context=_autograd.setup_context)
 
 
 def _matvec_setup(ctx, inputs, output):
@@ -376,33 +410,39 @@ class _ReplayedSequence(torch.autograd.Function):
     """The recorded out and m of a sequence, in the autograd graph of (x, the initial state, the
     parameters) through the sequence op's hand-written backward: a replay without a forward."""
 
+    # The tensors after x, as plastic_rnn_sequence_backward names them.
+    INPUTS = ("h0", "hebb0", "elig0", *PlasticParams._fields)
+
     @staticmethod
     def forward(ctx, ops, record, rule, clip, x, *tensors):
-        h0, hebb0, elig0, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fanout_weight, \
-            fanout_bias = tensors
+        inputs = dict(zip(_ReplayedSequence.INPUTS, tensors))
         with torch.no_grad():
-            eta_seq = _rates(record.m, h2mod_weight, fanout_weight, fanout_bias, x.shape[2])
-        ctx.ops, ctx.options = ops, (rule, clip, record.checkpoint_every)
-        ctx.n_params = len(tensors)
+            eta_seq = _rates(record.m, inputs["h2mod_weight"], inputs["fanout_weight"],
+                             inputs["fanout_bias"], x.shape[2])
+        ctx.ops = ops
+        ctx.options = dict(rule=rule, clip=clip, checkpoint_every=record.checkpoint_every)
+        ctx.modulated = inputs["h2mod_weight"] is not None
+        ctx.given = tuple(t is not None for t in tensors)
         ctx.save_for_backward(*tensors, record.out, record.m, eta_seq, record.hebb_checkpoints,
                               record.elig_checkpoints)
         ctx.set_materialize_grads(False)
         out, m = record.out.clone(), record.m.clone()
-        if h2mod_weight is None:
+        if not ctx.modulated:
             ctx.mark_non_differentiable(m)
         return out, m
 
     @staticmethod
     @_once_differentiable
     def backward(ctx, g_out, g_m):
-        params, saved = ctx.saved_tensors[:ctx.n_params], ctx.saved_tensors[ctx.n_params:]
-        rule, clip, L = ctx.options
-        if params[-4] is None:  # h2mod_weight: no modulation, m is not an output of the model
-            g_m = None
-        g_x, *g_params = ctx.ops.plastic_rnn_sequence_backward(
-            _contiguous(g_out), None, None, _contiguous(g_m), *params, rule, clip, *saved, L)
+        names = (*_ReplayedSequence.INPUTS, "out", "m", "eta_seq", "hebb_checkpoints",
+                 "elig_checkpoints")
+        g_x, *g_inputs = ctx.ops.plastic_rnn_sequence_backward(
+            grad_out=_contiguous(g_out), grad_hebb=None, grad_elig=None,
+            # without modulation m is not an output of the model
+            grad_m=_contiguous(g_m) if ctx.modulated else None,
+            **dict(zip(names, ctx.saved_tensors)), **ctx.options)
         return (None, None, None, None, g_x,
-                *[None if t is None else gp for gp, t in zip(g_params, params)])
+                *[g if given else None for g, given in zip(g_inputs, ctx.given)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -457,8 +497,9 @@ class FusedOps:
                              checkpoint_every=None, clamp=None):
         """Fused sequence op; see reference.plastic_rnn_sequence. ``checkpoint_every`` defaults
         to ceil(sqrt(T))."""
-        tensors = (x, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
-                   fanout_weight, fanout_bias)
+        params = PlasticParams(w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
+                               fanout_weight, fanout_bias)
+        tensors = (x, h, hebb, elig, *params)
         out, hebb_t, elig_t, m, *_ = self._ops.plastic_rnn_sequence(
             *tensors, rule, float(clip), _sequence_checkpoint_every(x, checkpoint_every, tensors),
             clamp)
@@ -468,9 +509,10 @@ class FusedOps:
                          h2mod_bias, fanout_weight, fanout_bias, rule="clip", clip=2.0,
                          clamp=None):
         """Fused step op; see reference.plastic_rnn_step."""
+        params = PlasticParams(w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
+                               fanout_weight, fanout_bias)
         h_new, hebb_new, elig_new, m, _ = self._ops.plastic_rnn_step(
-            x, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fanout_weight,
-            fanout_bias, rule, float(clip), clamp)
+            x, h, hebb, elig, *params, rule, float(clip), clamp)
         return h_new, hebb_new, _none_if_empty(elig_new), _modulation_output(m, h2mod_weight)
 
     def plastic_rnn_rollout_step(self, x, u, h, hebb, elig, w, alpha, eta, elig_rate,
@@ -478,8 +520,9 @@ class FusedOps:
                                  rule="clip", clip=2.0, clamp=None, hebb_out=None,
                                  elig_out=None):
         """Fused rollout step, no autograd; see reference.plastic_rnn_rollout_step."""
-        tensors = (x, u, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
-                   fanout_weight, fanout_bias)
+        params = PlasticParams(w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
+                               fanout_weight, fanout_bias)
+        tensors = (x, u, h, hebb, elig, *params)
         reference.check_no_grad("plastic_rnn_rollout_step", tensors)
         h_new, u_next, m = self._ops.plastic_rnn_rollout_step(*tensors, rule, float(clip), clamp,
                                                               hebb_out, elig_out)
@@ -493,9 +536,10 @@ class FusedOps:
         with the sequence op's gradients: the replay of a rollout without running it again.
         ``m`` is None without modulation. The record must come from these very inputs: it is
         not checked against them."""
+        params = PlasticParams(w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
+                               fanout_weight, fanout_bias)
         out, m = _ReplayedSequence.apply(self._ops, record, rule, float(clip), x, h, hebb, elig,
-                                         w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
-                                         fanout_weight, fanout_bias)
+                                         *params)
         return out, _modulation_output(m, h2mod_weight)
 
     def plastic_lstm_sequence(self, x, h, c, hebb, elig, h2g_weight, h2g_bias, w, alpha, eta,
@@ -503,8 +547,9 @@ class FusedOps:
                               rule="clip", clip=2.0, modulator_input="h", checkpoint_every=None):
         """Fused plastic LSTM sequence op; see reference.plastic_lstm_sequence.
         ``checkpoint_every`` defaults to ceil(sqrt(T))."""
-        tensors = (x, h, c, hebb, elig, h2g_weight, h2g_bias, w, alpha, eta, elig_rate,
-                   h2mod_weight, h2mod_bias, fanout_weight, fanout_bias)
+        params = PlasticParams(w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
+                               fanout_weight, fanout_bias)
+        tensors = (x, h, c, hebb, elig, h2g_weight, h2g_bias, *params)
         out, c_seq, hebb_t, elig_t, m, *_ = self._ops.plastic_lstm_sequence(
             *tensors, rule, float(clip), modulator_input,
             _sequence_checkpoint_every(x, checkpoint_every, tensors))
@@ -515,9 +560,10 @@ class FusedOps:
                           elig_rate, h2mod_weight, h2mod_bias, fanout_weight, fanout_bias,
                           rule="clip", clip=2.0, modulator_input="h"):
         """Fused plastic LSTM step op; see reference.plastic_lstm_step."""
+        params = PlasticParams(w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
+                               fanout_weight, fanout_bias)
         h_new, c_new, hebb_new, elig_new, m, *_ = self._ops.plastic_lstm_step(
-            x, h, c, hebb, elig, h2g_weight, h2g_bias, w, alpha, eta, elig_rate, h2mod_weight,
-            h2mod_bias, fanout_weight, fanout_bias, rule, float(clip), modulator_input)
+            x, h, c, hebb, elig, h2g_weight, h2g_bias, *params, rule, float(clip), modulator_input)
         return (h_new, c_new, hebb_new, _none_if_empty(elig_new),
                 _modulation_output(m, h2mod_weight))
 

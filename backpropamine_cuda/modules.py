@@ -1,4 +1,5 @@
-"""nn.Modules of the plastic recurrent layers (DESIGN 4)."""
+"""nn.Modules of the plastic recurrent layers, on the ops specified in
+backpropamine_cuda/reference.py (docs/design.md explains them)."""
 import math
 from typing import NamedTuple, Optional
 
@@ -6,6 +7,7 @@ import torch
 from torch import nn
 
 from . import reference
+from .params import PlasticParams
 
 ALPHA_OPTIONS = ("full", "neuron", "scalar")
 MODULATION_OPTIONS = ("none", "simple", "fanout")
@@ -202,15 +204,19 @@ class _PlasticBase(nn.Module):
             return self.initial_state(batch, x), self._backend(x)
         return self._check_state(state, batch, x), self._backend(x)
 
-    def _plastic_args(self):
-        mod = self.modulation
-        return (self.w, self.alpha,
-                self.eta if mod == "none" else None,
-                self.elig_rate if self.rule == "retroactive" else None,
-                None if mod == "none" else self.h2mod.weight,
-                None if mod == "none" else self.h2mod.bias,
-                self.fanout.weight if mod == "fanout" else None,
-                self.fanout.bias if mod == "fanout" else None)
+    def _plastic_params(self):
+        """The PlasticParams of this layer, for the ops."""
+        params = PlasticParams(self.w, self.alpha)
+        if self.modulation == "none":
+            params = params._replace(eta=self.eta)
+        else:
+            params = params._replace(h2mod_weight=self.h2mod.weight, h2mod_bias=self.h2mod.bias)
+        if self.modulation == "fanout":
+            params = params._replace(fanout_weight=self.fanout.weight,
+                                     fanout_bias=self.fanout.bias)
+        if self.rule == "retroactive":
+            params = params._replace(elig_rate=self.elig_rate)
+        return params
 
     def _op_options(self):
         """Keyword arguments of the plastic ops."""
@@ -278,7 +284,8 @@ class _Step(_PlasticBase):
 
 
 class _RNN(_PlasticBase):
-    """The plastic tanh RNN (DESIGN 2.1); initialisation as documented in PlasticRNN."""
+    """The plastic tanh RNN (docs/design.md, 'The plastic tanh RNN'); initialisation as
+    documented in PlasticRNN."""
     _state_type = PlasticState
     _op = "plastic_rnn"
 
@@ -287,7 +294,7 @@ class _RNN(_PlasticBase):
         self.w = nn.Parameter(0.001 * torch.rand(N, N))
 
     def _op_inputs(self, x, state):
-        return (self.i2h(x), state.h, state.hebb, state.elig, *self._plastic_args())
+        return (self.i2h(x), state.h, state.hebb, state.elig, *self._plastic_params())
 
     @torch.no_grad()
     def rollout_step(self, x, state=None, return_modulation=False):
@@ -319,7 +326,7 @@ class _RNN(_PlasticBase):
             h = self._fixed_step(x, state, backend).h
             return h, RolloutState(h), None
         h, drive, m = backend.plastic_rnn_rollout_step(
-            self.i2h(x), drive, state.h, state.hebb, state.elig, *self._plastic_args(),
+            self.i2h(x), drive, state.h, state.hebb, state.elig, *self._plastic_params(),
             **self._op_options(), hebb_out=hebb_out, elig_out=elig_out)
         hebb = state.hebb if hebb_out is None else hebb_out
         elig = state.elig if elig_out is None else elig_out
@@ -348,7 +355,8 @@ class _RNN(_PlasticBase):
 
 
 class _LSTM(_PlasticBase):
-    """The LSTM with plastic h -> g weights (DESIGN 2.3); initialisation as in PlasticLSTM."""
+    """The LSTM with plastic h -> g weights (docs/design.md, 'The plastic LSTM'); initialisation
+    as in PlasticLSTM."""
     _state_type = PlasticLSTMState
     _op = "plastic_lstm"
     _alpha_init = 0.0001
@@ -374,7 +382,7 @@ class _LSTM(_PlasticBase):
 
     def _op_inputs(self, x, state):
         return (self.i2g(x), state.h, state.c, state.hebb, state.elig, self.h2g.weight,
-                self.h2g.bias, *self._plastic_args())
+                self.h2g.bias, *self._plastic_params())
 
     def _torch_lstm_weights(self):
         """(w_ih, w_hh, b_ih, b_hh) of torch.nn.LSTM computing this (non-plastic) layer: the h -> g
@@ -526,7 +534,7 @@ class RecordedRollout:
             return self._forward(x)
         zeros = layer.initial_state(x.shape[1], x)
         return backend.plastic_rnn_sequence_replay(
-            layer.i2h(x), zeros.h, zeros.hebb, zeros.elig, *layer._plastic_args(),
+            layer.i2h(x), zeros.h, zeros.hebb, zeros.elig, *layer._plastic_params(),
             **layer._op_options(), record=self._record)
 
     def _forward(self, x):
@@ -543,7 +551,7 @@ class RecordedRollout:
 
 
 class PlasticRNN(_Sequence, _RNN):
-    """Plastic tanh RNN over a whole sequence (DESIGN 2.1).
+    """Plastic tanh RNN over a whole sequence (docs/design.md, 'The plastic tanh RNN').
 
     ``out, state = rnn(x, state=None)`` with x (T, B, I) (or (B, T, I) when ``batch_first``);
     ``out, state, m = rnn(x, state, return_modulation=True)`` also returns the neuromodulator
@@ -565,7 +573,8 @@ class PlasticRNNCell(_Step, _RNN):
 
 
 class PlasticLSTM(_Sequence, _LSTM):
-    """LSTM with plastic, neuromodulated h -> g weights over a whole sequence (DESIGN 2.3).
+    """LSTM with plastic, neuromodulated h -> g weights over a whole sequence (docs/design.md,
+    'The plastic LSTM').
 
     ``PlasticLSTM(input_size, hidden_size, alpha="neuron", modulation="fanout",
     modulator_input="h", rule="clip", clip=2.0, n_modulators=1, eta_shape="scalar",

@@ -1,4 +1,5 @@
-"""Pure-PyTorch reference of every op: the readable specification (DESIGN.md section 2).
+"""Pure-PyTorch reference of every op: the readable specification (docs/design.md explains the
+math, the gradients and the kernels).
 
 The fused C++/CUDA kernels compute exactly these functions (up to floating-point summation
 order) and their autograd gradients. Shapes: batch ``B``, pre-synaptic size ``P``, post-synaptic
@@ -15,13 +16,16 @@ Parameter shapes select the options:
   ``x`` itself instead of ``tanh(x + u)`` (input neurons pinned to their input, as in the
   differentiable-plasticity image task). Its Hebbian terms and the modulator then read ``x``.
 
-The plastic LSTM (DESIGN 2.3) takes ``x = i2g(input)`` of width 4N (gates i, f, g, o), ``h2g``
-(weight (3N, N), bias (3N,), gates i, f, o) and makes only the h -> g path plastic: ``w``,
-``alpha`` and the trace belong to it, the Hebbian product is ``h_{t-1}[i] * g_t[j]``, and the
-modulator reads ``h_t`` (``modulator_input="h"``) or the cell state ``c_t`` (``"c"``).
+The plastic LSTM (docs/design.md, 'The plastic LSTM') takes ``x = i2g(input)`` of width 4N
+(gates i, f, g, o), ``h2g`` (weight (3N, N), bias (3N,), gates i, f, o) and makes only the h -> g
+path plastic: ``w``, ``alpha`` and the trace belong to it, the Hebbian product is
+``h_{t-1}[i] * g_t[j]``, and the modulator reads ``h_t`` (``modulator_input="h"``) or the cell
+state ``c_t`` (``"c"``).
 """
 import torch
 import torch.nn.functional as F
+
+from .params import PlasticParams
 
 RULES = ("clip", "softclip", "decay", "oja", "retroactive")
 MODULATOR_INPUTS = ("h", "c")
@@ -66,26 +70,35 @@ def modulation_of(h2mod_weight, fanout_weight):
     return "simple" if fanout_weight is None else "fanout"
 
 
-def plasticity_rate(post, eta, h2mod_weight, h2mod_bias, fanout_weight, fanout_bias):
-    """``(eta_t broadcastable to (B, P, N), m_t (B, K) or None)`` for the new output ``post``."""
-    if h2mod_weight is None:
-        return eta, None
-    m = torch.tanh(F.linear(post, h2mod_weight, h2mod_bias))
-    if fanout_weight is None:
+def plasticity_rate(post, params):
+    """``(eta_t broadcastable to (B, P, N), m_t (B, K) or None)`` for the new output ``post``
+    under the PlasticParams ``params``."""
+    if params.h2mod_weight is None:
+        return params.eta, None
+    m = torch.tanh(F.linear(post, params.h2mod_weight, params.h2mod_bias))
+    if params.fanout_weight is None:
         return m[:, :1, None], m  # "simple": one rate per sample
-    return F.linear(m, fanout_weight, fanout_bias).unsqueeze(1), m  # one rate per post neuron
+    # one rate per post neuron
+    return F.linear(m, params.fanout_weight, params.fanout_bias).unsqueeze(1), m
 
 
 def plastic_rnn_step(x, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
                      fanout_weight, fanout_bias, rule="clip", clip=2.0, clamp=None):
-    """One step of the plastic tanh RNN (DESIGN 2.1). ``x`` is the projected input ``i2h(input_t)``;
-    ``clamp`` (B, N) bool, optional, pins the neurons where it is True to ``x``.
+    """One step of the plastic tanh RNN (docs/design.md, 'The plastic tanh RNN'). ``x`` is the
+    projected input ``i2h(input_t)``; ``clamp`` (B, N) bool, optional, pins the neurons where it
+    is True to ``x``.
 
     Returns ``(h_new, hebb_new, elig_new, m)``; ``m`` (B, K) is None without modulation.
     """
-    h_new = rnn_cell(x, plastic_matvec(h, w, alpha, hebb), clamp)
-    eta_t, m = plasticity_rate(h_new, eta, h2mod_weight, h2mod_bias, fanout_weight, fanout_bias)
-    hebb_new, elig_new = hebb_update(hebb, h, h_new, eta_t, rule, clip, elig, elig_rate)
+    params = PlasticParams(w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fanout_weight,
+                           fanout_bias)
+    return _rnn_step(x, h, hebb, elig, params, rule, clip, clamp)
+
+
+def _rnn_step(x, h, hebb, elig, params, rule, clip, clamp):
+    h_new = rnn_cell(x, plastic_matvec(h, params.w, params.alpha, hebb), clamp)
+    eta_t, m = plasticity_rate(h_new, params)
+    hebb_new, elig_new = hebb_update(hebb, h, h_new, eta_t, rule, clip, elig, params.elig_rate)
     return h_new, hebb_new, elig_new, m
 
 
@@ -113,9 +126,9 @@ def plastic_rnn_rollout_step(x, u, h, hebb, elig, w, alpha, eta, elig_rate, h2mo
     ``u`` (None: computed from ``h`` and ``hebb``). The fused op thereby sweeps the trace once
     per step. Returns ``(h_new, u_next, m)``.
     """
-    check_no_grad("plastic_rnn_rollout_step", (x, u, h, hebb, elig, w, alpha, eta, elig_rate,
-                                               h2mod_weight, h2mod_bias, fanout_weight,
-                                               fanout_bias))
+    params = PlasticParams(w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fanout_weight,
+                           fanout_bias)
+    check_no_grad("plastic_rnn_rollout_step", (x, u, h, hebb, elig, *params))
     if hebb_out is None and elig_out is not None:
         raise ValueError("plastic_rnn_rollout_step: elig_out needs hebb_out (pass both or "
                          "neither)")
@@ -126,7 +139,7 @@ def plastic_rnn_rollout_step(x, u, h, hebb, elig, w, alpha, eta, elig_rate, h2mo
     if u is None:
         u = plastic_matvec(h, w, alpha, hebb)
     h_new = rnn_cell(x, u, clamp)
-    eta_t, m = plasticity_rate(h_new, eta, h2mod_weight, h2mod_bias, fanout_weight, fanout_bias)
+    eta_t, m = plasticity_rate(h_new, params)
     hebb_new, elig_new = hebb_update(hebb, h, h_new, eta_t, rule, clip, elig, elig_rate)
     (hebb if hebb_out is None else hebb_out).copy_(hebb_new)
     if elig is not None:
@@ -142,12 +155,12 @@ def plastic_rnn_sequence(x, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weigh
 
     ``checkpoint_every`` only affects the fused op's memory use; it is accepted for symmetry.
     """
+    params = PlasticParams(w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fanout_weight,
+                           fanout_bias)
     outs, mods = [], []
     for t, x_t in enumerate(x.unbind(0)):
-        h, hebb, elig, m = plastic_rnn_step(x_t, h, hebb, elig, w, alpha, eta, elig_rate,
-                                            h2mod_weight, h2mod_bias, fanout_weight,
-                                            fanout_bias, rule, clip,
-                                            None if clamp is None else clamp[t])
+        h, hebb, elig, m = _rnn_step(x_t, h, hebb, elig, params, rule, clip,
+                                     None if clamp is None else clamp[t])
         outs.append(h)
         mods.append(m)
     m_seq = None if mods[0] is None else torch.stack(mods)
@@ -178,19 +191,27 @@ def lstm_step(x, h, c, h2g_weight, h2g_bias, w):
 def plastic_lstm_step(x, h, c, hebb, elig, h2g_weight, h2g_bias, w, alpha, eta, elig_rate,
                       h2mod_weight, h2mod_bias, fanout_weight, fanout_bias, rule="clip", clip=2.0,
                       modulator_input="h"):
-    """One step of the plastic LSTM (DESIGN 2.3). ``x`` is the projected input ``i2g(input_t)``.
+    """One step of the plastic LSTM (docs/design.md, 'The plastic LSTM'). ``x`` is the projected
+    input ``i2g(input_t)``.
 
     Returns ``(h_new, c_new, hebb_new, elig_new, m)``; ``m`` (B, K) is None without modulation.
     """
+    params = PlasticParams(w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fanout_weight,
+                           fanout_bias)
+    return _lstm_step(x, h, c, hebb, elig, h2g_weight, h2g_bias, params, rule, clip,
+                      modulator_input)
+
+
+def _lstm_step(x, h, c, hebb, elig, h2g_weight, h2g_bias, params, rule, clip, modulator_input):
     if modulator_input not in MODULATOR_INPUTS:
         raise ValueError(f"modulator_input must be one of {MODULATOR_INPUTS}, got "
                          f"{modulator_input!r}")
-    i, f, g, o = lstm_gates(x, h, h2g_weight, h2g_bias, plastic_matvec(h, w, alpha, hebb))
+    i, f, g, o = lstm_gates(x, h, h2g_weight, h2g_bias,
+                            plastic_matvec(h, params.w, params.alpha, hebb))
     c_new = f * c + i * g
     h_new = o * torch.tanh(c_new)
-    eta_t, m = plasticity_rate(h_new if modulator_input == "h" else c_new, eta, h2mod_weight,
-                               h2mod_bias, fanout_weight, fanout_bias)
-    hebb_new, elig_new = hebb_update(hebb, h, g, eta_t, rule, clip, elig, elig_rate)
+    eta_t, m = plasticity_rate(h_new if modulator_input == "h" else c_new, params)
+    hebb_new, elig_new = hebb_update(hebb, h, g, eta_t, rule, clip, elig, params.elig_rate)
     return h_new, c_new, hebb_new, elig_new, m
 
 
@@ -199,11 +220,12 @@ def plastic_lstm_sequence(x, h, c, hebb, elig, h2g_weight, h2g_bias, w, alpha, e
                           clip=2.0, modulator_input="h", checkpoint_every=None):
     """All T steps: ``x`` (T, B, 4N) -> ``(out (T, B, N), c_T, hebb_T, elig_T, m (T, B, K) or
     None)``. ``checkpoint_every`` only affects the fused op's memory use."""
+    params = PlasticParams(w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fanout_weight,
+                           fanout_bias)
     outs, mods = [], []
     for x_t in x.unbind(0):
-        h, c, hebb, elig, m = plastic_lstm_step(
-            x_t, h, c, hebb, elig, h2g_weight, h2g_bias, w, alpha, eta, elig_rate, h2mod_weight,
-            h2mod_bias, fanout_weight, fanout_bias, rule, clip, modulator_input)
+        h, c, hebb, elig, m = _lstm_step(x_t, h, c, hebb, elig, h2g_weight, h2g_bias, params,
+                                         rule, clip, modulator_input)
         outs.append(h)
         mods.append(m)
     m_seq = None if mods[0] is None else torch.stack(mods)

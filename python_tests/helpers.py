@@ -19,18 +19,16 @@ import pytest
 import torch
 
 import backpropamine_cuda
-from backpropamine_cuda import reference
+from backpropamine_cuda import params, reference
 
 ALPHAS = ("full", "neuron", "scalar")
 MODULATIONS = ("none_scalar", "none_full", "simple", "fanout1", "fanout3")
 RULES = reference.RULES
 CLIP_RULES = ("clip", "softclip", "retroactive")  # rules whose trace is clamped to [-clip, clip]
 
-# Argument names of plastic_rnn_sequence / plastic_rnn_step (identical in reference and fused).
-RNN_INPUTS = ("x", "h", "hebb", "elig", "w", "alpha", "eta", "elig_rate", "h2mod_weight",
-              "h2mod_bias", "fanout_weight", "fanout_bias")
-# ... and of plastic_lstm_sequence / plastic_lstm_step.
-LSTM_INPUTS = ("x", "h", "c", "hebb", "elig", "h2g_weight", "h2g_bias", *RNN_INPUTS[4:])
+# Argument names of plastic_rnn_sequence / plastic_rnn_step and of plastic_lstm_sequence /
+# plastic_lstm_step (identical in reference and fused).
+RNN_INPUTS, LSTM_INPUTS = params.RNN_INPUTS, params.LSTM_INPUTS
 
 # float64 results are compared element by element with the float64 reference (TOL). Results in
 # float32 are judged norm-wise (see assert_tensor_close): err(t) = ||t - e|| / ||e|| against the
