@@ -13,7 +13,8 @@ import importlib
 
 from . import reference
 from .modules import (PlasticLSTM, PlasticLSTMCell, PlasticLSTMState, PlasticRNN, PlasticRNNCell,
-                      PlasticState, RecordedRollout, RolloutState)
+                      PlasticState)
+from .rollout import RecordedRollout, RolloutState
 
 __all__ = ["PlasticRNN", "PlasticRNNCell", "PlasticState", "RolloutState", "RecordedRollout",
            "PlasticLSTM", "PlasticLSTMCell", "PlasticLSTMState", "reference", "fused"]

@@ -24,15 +24,6 @@ class PlasticState(NamedTuple):
     elig: Optional[torch.Tensor] = None
 
 
-class RolloutState(NamedTuple):
-    """State of ``rollout_step``: those of PlasticState, whose traces it updates in place, and the
-    next step's recurrent drive ``h @ (w + alpha * hebb)`` (B, N), None for plastic=False."""
-    h: torch.Tensor
-    hebb: Optional[torch.Tensor] = None
-    elig: Optional[torch.Tensor] = None
-    drive: Optional[torch.Tensor] = None
-
-
 class PlasticLSTMState(NamedTuple):
     """LSTM state: h and the cell state c (B, N); hebb and elig as in PlasticState (the traces of
     the plastic h -> g weights)."""
@@ -64,19 +55,13 @@ def _autocast_input(x):
     return x
 
 
-class _PlasticBase(nn.Module):
-    """Options, plastic parameters, state checks and backend choice of every plastic layer.
+class _PlasticLayer(nn.Module):
+    """The options, plastic parameters, state checks and backend choice that every plastic layer
+    shares. A layer's __init__ checks and stores the options (this __init__), creates its own
+    weights, then calls _add_plastic_parameters; ``_state_type`` is its state NamedTuple."""
 
-    A layer kind (RNN, LSTM) sets ``_state_type`` (its state NamedTuple), ``_op`` (the prefix of
-    its ops in ``reference`` and ``fused``) and ``_alpha_init``, and defines ``_make_weights``
-    (the non-plastic weights), ``_op_inputs`` (the ops' tensor arguments), ``_fixed_step`` and
-    ``_native_sequence`` (the ``plastic=False`` layer).
-    """
-    _alpha_init = 0.001  # alpha ~ U[0, _alpha_init)
-
-    def __init__(self, input_size, hidden_size, alpha="full", modulation="fanout", rule="clip",
-                 clip=2.0, n_modulators=1, eta_shape="scalar", plastic=True, impl="auto",
-                 eta_init=0.01, elig_rate_init=0.1):
+    def __init__(self, input_size, hidden_size, alpha, modulation, rule, clip, n_modulators,
+                 eta_shape, plastic, impl):
         super().__init__()
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size),
                             ("n_modulators", n_modulators)):
@@ -98,20 +83,23 @@ class _PlasticBase(nn.Module):
         self.clip = float(clip)
         self.n_modulators, self.eta_shape, self.plastic, self.impl = (
             n_modulators, eta_shape, plastic, impl)
-        N = hidden_size
-        self._make_weights(input_size, N)
-        if not plastic:
+
+    def _add_plastic_parameters(self, alpha_init, eta_init, elig_rate_init):
+        """alpha ~ U[0, alpha_init), eta (modulation "none") = eta_init, elig_rate (rule
+        "retroactive") = elig_rate_init, and the modulator's Linears; none for plastic=False."""
+        if not self.plastic:
             return
-        alpha_shape = {"full": (N, N), "neuron": (N,), "scalar": ()}[alpha]
-        self.alpha = nn.Parameter(self._alpha_init * torch.rand(alpha_shape))
-        if modulation == "none":
-            eta_size = (N, N) if eta_shape == "full" else ()
+        N = self.hidden_size
+        alpha_shape = {"full": (N, N), "neuron": (N,), "scalar": ()}[self.alpha_mode]
+        self.alpha = nn.Parameter(alpha_init * torch.rand(alpha_shape))
+        if self.modulation == "none":
+            eta_size = (N, N) if self.eta_shape == "full" else ()
             self.eta = nn.Parameter(torch.full(eta_size, float(eta_init)))
         else:
-            self.h2mod = nn.Linear(N, n_modulators)
-            if modulation == "fanout":
-                self.fanout = nn.Linear(n_modulators, N)
-        if rule == "retroactive":
+            self.h2mod = nn.Linear(N, self.n_modulators)
+            if self.modulation == "fanout":
+                self.fanout = nn.Linear(self.n_modulators, N)
+        if self.rule == "retroactive":
             self.elig_rate = nn.Parameter(torch.tensor(float(elig_rate_init)))
 
     @property
@@ -218,16 +206,9 @@ class _PlasticBase(nn.Module):
             params = params._replace(elig_rate=self.elig_rate)
         return params
 
-    def _op_options(self):
-        """Keyword arguments of the plastic ops."""
-        return dict(rule=self.rule, clip=self.clip)
+    # The sequence layers' (PlasticRNN, PlasticLSTM) options, input and output.
 
-
-class _Sequence(_PlasticBase):
-    """forward over a whole sequence (PlasticRNN, PlasticLSTM)."""
-
-    def __init__(self, *args, batch_first=False, checkpoint_every=None, **options):
-        super().__init__(*args, **options)
+    def _set_sequence_options(self, batch_first, checkpoint_every):
         if checkpoint_every is not None and (not isinstance(checkpoint_every, int)
                                              or checkpoint_every < 1):
             raise ValueError("checkpoint_every must be None or an int >= 1, got "
@@ -235,66 +216,59 @@ class _Sequence(_PlasticBase):
         self.batch_first = batch_first
         self.checkpoint_every = checkpoint_every
 
-    def forward(self, x, state=None, return_modulation=False):
+    def _sequence_input(self, x, state):
+        """(x checked, in float32 under autocast and time-major (T, B, input_size); the state,
+        checked or zeros; the backend)."""
         self._check_input(x, 3, "(B, T, input_size)" if self.batch_first else "(T, B, input_size)")
         x = _autocast_input(x)
         if self.batch_first:
             x = x.transpose(0, 1)
-        state, backend = self._prepare(x, state)
-        m = None
-        if not self.plastic:
-            out, new_state = self._fixed_sequence(x, state, backend)
-        else:
-            op = getattr(backend, self._op + "_sequence")
-            # The op returns out, the final values of the state's other fields, then m.
-            out, *rest, m = op(*self._op_inputs(x, state), **self._op_options(),
-                               checkpoint_every=self.checkpoint_every)
-            new_state = self._state_type(out[-1], *rest)
+        return (x, *self._prepare(x, state))
+
+    def _sequence_result(self, out, state, m, return_modulation):
+        """forward's result for the time-major out and m, in the layout of the input."""
         if self.batch_first:
             out = out.transpose(0, 1)
             m = None if m is None else m.transpose(0, 1)
-        return (out, new_state, m) if return_modulation else (out, new_state)
+        return (out, state, m) if return_modulation else (out, state)
 
-    def _fixed_sequence(self, x, state, backend):
-        """The plastic=False layer over the sequence: (out, final state)."""
-        if backend is not reference:
-            return self._native_sequence(x, state)
-        outs = []
-        for x_t in x.unbind(0):
-            state = self._fixed_step(x_t, state, reference)
-            outs.append(state.h)
-        return torch.stack(outs), state
-
-
-class _Step(_PlasticBase):
-    """forward of one time step (PlasticRNNCell, PlasticLSTMCell)."""
-
-    def forward(self, x, state=None, return_modulation=False):
+    def _step_input(self, x, state):
+        """(x checked and in float32 under autocast; the state, checked or zeros; the
+        backend)."""
         self._check_input(x, 2, "(B, input_size)")
         x = _autocast_input(x)
-        state, backend = self._prepare(x, state)
-        m = None
-        if not self.plastic:
-            new_state = self._fixed_step(x, state, backend)
-        else:
-            op = getattr(backend, self._op + "_step")
-            *new, m = op(*self._op_inputs(x, state), **self._op_options())  # new state, then m
-            new_state = self._state_type(*new)
-        return (new_state.h, new_state, m) if return_modulation else (new_state.h, new_state)
+        return (x, *self._prepare(x, state))
 
 
-class _RNN(_PlasticBase):
-    """The plastic tanh RNN (docs/design.md, 'The plastic tanh RNN'); initialisation as
-    documented in PlasticRNN."""
+def _loop(step, x, state):
+    """(out, final state) of step(x_t, state) -> state over the time steps of x."""
+    outs = []
+    for x_t in x.unbind(0):
+        state = step(x_t, state)
+        outs.append(state.h)
+    return torch.stack(outs), state
+
+
+class _PlasticRNNLayer(_PlasticLayer):
+    """The weights, the plastic=False cell and the rollout steps of PlasticRNN and
+    PlasticRNNCell; initialisation as documented in PlasticRNN."""
     _state_type = PlasticState
-    _op = "plastic_rnn"
 
-    def _make_weights(self, input_size, N):
+    def __init__(self, input_size, hidden_size, alpha, modulation, rule, clip, n_modulators,
+                 eta_shape, plastic, impl, eta_init, elig_rate_init):
+        super().__init__(input_size, hidden_size, alpha, modulation, rule, clip, n_modulators,
+                         eta_shape, plastic, impl)
+        N = hidden_size
         self.i2h = nn.Linear(input_size, N)
         self.w = nn.Parameter(0.001 * torch.rand(N, N))
+        self._add_plastic_parameters(0.001, eta_init, elig_rate_init)
 
-    def _op_inputs(self, x, state):
-        return (self.i2h(x), state.h, state.hebb, state.elig, *self._plastic_params())
+    def _fixed_step(self, x, state, backend):
+        """The plastic=False cell."""
+        if backend is reference:
+            return PlasticState(reference.rnn_step(self.i2h(x), state.h, self.w))
+        return PlasticState(torch.rnn_tanh_cell(x, state.h, self.i2h.weight, self.w.t(),
+                                                self.i2h.bias))
 
     @torch.no_grad()
     def rollout_step(self, x, state=None, return_modulation=False):
@@ -307,6 +281,7 @@ class _RNN(_PlasticBase):
         travels in the state, so that the fused kernels sweep the trace once per step, as a
         sequence does, where a one-step forward sweeps it twice and allocates new traces.
         """
+        from .rollout import RolloutState
         self._check_input(x, 2, "(B, input_size)")
         x = _autocast_input(x)
         drive = None
@@ -322,12 +297,13 @@ class _RNN(_PlasticBase):
     def _rollout(self, x, state, drive, backend, hebb_out=None, elig_out=None):
         """rollout_step on a checked state: (h, RolloutState, m). The new traces go to hebb_out
         and elig_out when given, else into the state's own."""
+        from .rollout import RolloutState
         if not self.plastic:
             h = self._fixed_step(x, state, backend).h
             return h, RolloutState(h), None
         h, drive, m = backend.plastic_rnn_rollout_step(
             self.i2h(x), drive, state.h, state.hebb, state.elig, *self._plastic_params(),
-            **self._op_options(), hebb_out=hebb_out, elig_out=elig_out)
+            rule=self.rule, clip=self.clip, hebb_out=hebb_out, elig_out=elig_out)
         hebb = state.hebb if hebb_out is None else hebb_out
         elig = state.elig if elig_out is None else elig_out
         return h, RolloutState(h, hebb, elig, drive), m
@@ -338,219 +314,11 @@ class _RNN(_PlasticBase):
         whose replay is no longer needed (e.g. the previous training iteration's): the new one
         takes over its buffers where they fit, which saves allocating and first touching them;
         the earlier one can then neither step nor replay."""
+        from .rollout import RecordedRollout
         return RecordedRollout(self, batch_size, steps, like, reuse)
 
-    def _fixed_step(self, x, state, backend):
-        if backend is reference:
-            return PlasticState(reference.rnn_step(self.i2h(x), state.h, self.w))
-        return PlasticState(torch.rnn_tanh_cell(x, state.h, self.i2h.weight, self.w.t(),
-                                                self.i2h.bias))
 
-    def _native_sequence(self, x, state):
-        # PyTorch's own fused tanh RNN; w is (pre, post), nn.RNN's weight_hh is (post, pre).
-        params = [self.i2h.weight, self.w.t(), self.i2h.bias, torch.zeros_like(self.i2h.bias)]
-        out, _ = torch.rnn_tanh(x, state.h.unsqueeze(0), params, True, 1, 0.0, self.training,
-                                False, False)
-        return out, PlasticState(out[-1])
-
-
-class _LSTM(_PlasticBase):
-    """The LSTM with plastic h -> g weights (docs/design.md, 'The plastic LSTM'); initialisation
-    as in PlasticLSTM."""
-    _state_type = PlasticLSTMState
-    _op = "plastic_lstm"
-    _alpha_init = 0.0001
-
-    def __init__(self, input_size, hidden_size, alpha="neuron", modulation="fanout",
-                 modulator_input="h", *args, **options):
-        _check_choice("modulator_input", modulator_input, reference.MODULATOR_INPUTS)
-        super().__init__(input_size, hidden_size, alpha, modulation, *args, **options)
-        self.modulator_input = modulator_input
-
-    def _make_weights(self, input_size, N):
-        self.i2g = nn.Linear(input_size, 4 * N)  # gates i, f, g, o
-        self.h2g = nn.Linear(N, 3 * N)  # gates i, f, o; the h -> g weight is w
-        self.w = nn.Parameter(0.02 * torch.rand(N, N) - 0.01)
-
-    def _options(self):
-        options = super()._options()
-        options.insert(2, ("modulator_input", self.modulator_input))
-        return options
-
-    def _op_options(self):
-        return dict(super()._op_options(), modulator_input=self.modulator_input)
-
-    def _op_inputs(self, x, state):
-        return (self.i2g(x), state.h, state.c, state.hebb, state.elig, self.h2g.weight,
-                self.h2g.bias, *self._plastic_params())
-
-    def _torch_lstm_weights(self):
-        """(w_ih, w_hh, b_ih, b_hh) of torch.nn.LSTM computing this (non-plastic) layer: the h -> g
-        rows of w_hh are w (pre, post) transposed; our h -> g path has no bias of its own."""
-        N = self.hidden_size
-        w_hh = torch.cat([self.h2g.weight[:2 * N], self.w.t(), self.h2g.weight[2 * N:]])
-        b_hh = torch.cat([self.h2g.bias[:2 * N], self.h2g.bias.new_zeros(N),
-                          self.h2g.bias[2 * N:]])
-        return self.i2g.weight, w_hh, self.i2g.bias, b_hh
-
-    def _fixed_step(self, x, state, backend):
-        if backend is reference:
-            return PlasticLSTMState(*reference.lstm_step(self.i2g(x), state.h, state.c,
-                                                         self.h2g.weight, self.h2g.bias, self.w))
-        return PlasticLSTMState(*torch.lstm_cell(x, (state.h, state.c),
-                                                 *self._torch_lstm_weights()))
-
-    def _native_sequence(self, x, state):
-        out, _, c = torch.lstm(x, (state.h.unsqueeze(0), state.c.unsqueeze(0)),
-                               list(self._torch_lstm_weights()), True, 1, 0.0, self.training,
-                               False, False)
-        return out, PlasticLSTMState(out[-1], c[0])
-
-
-class RecordedRollout:
-    """A rollout (acting without gradients) of a PlasticRNN or PlasticRNNCell that can then be
-    replayed with gradients without running the network again: the fused sequence op's backward
-    needs only what the rollout saw, each h_t and m_t and the traces every checkpoint_every steps.
-
-        rollout = layer.recorded_rollout(batch_size, steps, like=x)   # from the zero state
-        for t in range(steps):
-            h, m = rollout.step(x[t])      # layer.rollout_step, recording
-        out, m = rollout.replay(x)         # layer(x)'s out and m, differentiable
-
-    replay() checks that every step was taken, that x is what the steps saw, and that no
-    parameter of the layer changed since the rollout began (e.g. by an optimizer step); it raises
-    otherwise. Without fused kernels for the tensors (or with impl "reference", or plastic=False)
-    it computes layer(x) instead, with the same results.
-
-    In a training loop, pass the previous iteration's rollout as ``reuse`` (see
-    ``recorded_rollout``) once its loss has been backpropagated: the record's buffers are then
-    allocated once, not every iteration. Should a graph of the old replay still be
-    backpropagated, autograd raises (the buffers it saved were modified).
-    """
-
-    def __init__(self, layer, batch_size, steps, like, reuse=None):
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-        if reuse is not None and not isinstance(reuse, RecordedRollout):
-            raise ValueError(f"reuse must be None or a RecordedRollout, got {type(reuse)}")
-        self.layer, self.steps, self.t = layer, steps, 0
-        self._handed_over = False
-        self._versions = [p._version for p in layer.parameters()]
-        # Large fresh buffers cost page faults at their first write, every rollout: an earlier
-        # rollout's are taken over instead where they fit (it cannot be replayed afterwards).
-        spare = [] if reuse is None else reuse._hand_over()
-
-        def buffer(*shape):
-            for k, t in enumerate(spare):
-                if t.shape == shape and t.dtype == like.dtype and t.device == like.device:
-                    return spare.pop(k)
-            return like.new_empty(shape)
-
-        self._inputs = buffer(steps, batch_size, layer.input_size)
-        self._state = self._backend = self._record = self._traces = None
-        if not layer.plastic:
-            return
-        from .fused import SequenceRecord, default_checkpoint_every
-        N, K = layer.hidden_size, 0 if layer.modulation == "none" else layer.n_modulators
-        L = default_checkpoint_every(steps)
-        n_ckpt = -(-steps // L) - 1
-        retro = layer.rule == "retroactive"
-        # The traces the steps update in place, zeroed at the first step.
-        self._traces = buffer(batch_size, N, N), buffer(batch_size, N, N) if retro else None
-        self._record = SequenceRecord(
-            buffer(steps, batch_size, N), buffer(steps, batch_size, K),
-            buffer(n_ckpt, batch_size, N, N), buffer(n_ckpt if retro else 0, batch_size, N, N), L)
-
-    def _hand_over(self):
-        """This rollout's buffers, for a new one; this one can no longer step or replay."""
-        buffers = [self._inputs]
-        if self._record is not None:
-            buffers += [*self._traces, *self._record[:4]]
-        self._inputs = self._record = self._state = self._traces = None
-        self._handed_over = True
-        return [t for t in buffers if t is not None]
-
-    def _check_not_handed_over(self, method):
-        if self._handed_over:
-            raise ValueError(f"{method}: this rollout's buffers went to a newer rollout "
-                             "(reuse=...); it can no longer step or replay")
-
-    @torch.no_grad()
-    def step(self, x):
-        """One step on x (B, input_size): (h, m), as layer.rollout_step (m None without
-        modulation)."""
-        self._check_not_handed_over("step")
-        if self.t == self.steps:
-            raise ValueError(f"step: the rollout's {self.steps} steps are all taken")
-        self.layer._check_input(x, 2, "(B, input_size)")
-        if x.shape[0] != self._inputs.shape[1] or x.dtype != self._inputs.dtype:
-            raise ValueError(f"step: x must have batch size {self._inputs.shape[1]} and dtype "
-                             f"{self._inputs.dtype}, got {tuple(x.shape)} {x.dtype}")
-        if self._state is None:
-            self._backend = self.layer._backend(x)
-            if self._record is None:
-                state = self.layer.initial_state(x.shape[0], x)
-            else:  # zeros, in the rollout's own traces
-                hebb, elig = (None if t is None else t.zero_() for t in self._traces)
-                state = PlasticState(x.new_zeros(x.shape[0], self.layer.hidden_size), hebb, elig)
-            drive = None
-        else:  # the state is the rollout's own, checked at the first step
-            state, drive = self._state, self._state.drive
-        t = self.t + 1
-        # The trace after a checkpoint step is written straight into the record, and the next
-        # step writes back into the rollout's own traces: no copies.
-        record, hebb_out, elig_out = self._record, None, None
-        if record is not None:
-            L = record.checkpoint_every
-            if t % L == 0 and t < self.steps:
-                hebb_out = record.hebb_checkpoints[t // L - 1]
-                if state.elig is not None:
-                    elig_out = record.elig_checkpoints[t // L - 1]
-            elif state.hebb is not self._traces[0]:
-                hebb_out, elig_out = self._traces
-        h, self._state, m = self.layer._rollout(x, state, drive, self._backend, hebb_out,
-                                                elig_out)
-        self.t = t
-        self._inputs[t - 1] = x
-        if record is not None:
-            record.out[t - 1] = h
-            if m is not None:
-                record.m[t - 1] = m
-        return h, m
-
-    def replay(self, x):
-        """(out (T, B, N), m (T, B, K) or None) of layer(x), differentiable, from the record."""
-        self._check_not_handed_over("replay")
-        if self.t < self.steps:
-            raise ValueError(f"replay: the rollout took {self.t} of its {self.steps} steps")
-        if not torch.equal(x, self._inputs):
-            raise ValueError("replay: x differs from the inputs of the rollout's steps")
-        if [p._version for p in self.layer.parameters()] != self._versions:
-            raise RuntimeError("replay: the layer's parameters changed since the rollout began "
-                               "(an optimizer step?); the record no longer describes them")
-        layer = self.layer
-        backend = layer._backend(x)
-        if self._record is None or backend is reference:
-            return self._forward(x)
-        zeros = layer.initial_state(x.shape[1], x)
-        return backend.plastic_rnn_sequence_replay(
-            layer.i2h(x), zeros.h, zeros.hebb, zeros.elig, *layer._plastic_params(),
-            **layer._op_options(), record=self._record)
-
-    def _forward(self, x):
-        """(out, m) of the layer's own forward over x, from the zero state."""
-        if isinstance(self.layer, _Sequence):
-            out, _, m = self.layer(x, return_modulation=True)
-            return out, m
-        state, outs, mods = None, [], []
-        for x_t in x.unbind(0):
-            h, state, m = self.layer(x_t, state, return_modulation=True)
-            outs.append(h)
-            mods.append(m)
-        return torch.stack(outs), None if mods[0] is None else torch.stack(mods)
-
-
-class PlasticRNN(_Sequence, _RNN):
+class PlasticRNN(_PlasticRNNLayer):
     """Plastic tanh RNN over a whole sequence (docs/design.md, 'The plastic tanh RNN').
 
     ``out, state = rnn(x, state=None)`` with x (T, B, I) (or (B, T, I) when ``batch_first``);
@@ -563,16 +331,101 @@ class PlasticRNN(_Sequence, _RNN):
     ``i2h``, ``h2mod`` and ``fanout`` keep PyTorch's Linear initialisation.
     """
 
+    def __init__(self, input_size, hidden_size, alpha="full", modulation="fanout", rule="clip",
+                 clip=2.0, n_modulators=1, eta_shape="scalar", plastic=True, impl="auto",
+                 eta_init=0.01, elig_rate_init=0.1, *, batch_first=False, checkpoint_every=None):
+        super().__init__(input_size, hidden_size, alpha, modulation, rule, clip, n_modulators,
+                         eta_shape, plastic, impl, eta_init, elig_rate_init)
+        self._set_sequence_options(batch_first, checkpoint_every)
 
-class PlasticRNNCell(_Step, _RNN):
+    def forward(self, x, state=None, return_modulation=False):
+        x, state, backend = self._sequence_input(x, state)
+        if self.plastic:
+            out, hebb, elig, m = backend.plastic_rnn_sequence(
+                self.i2h(x), state.h, state.hebb, state.elig, *self._plastic_params(),
+                rule=self.rule, clip=self.clip, checkpoint_every=self.checkpoint_every)
+            state = PlasticState(out[-1], hebb, elig)
+        else:
+            (out, state), m = self._fixed_sequence(x, state, backend), None
+        return self._sequence_result(out, state, m, return_modulation)
+
+    def _fixed_sequence(self, x, state, backend):
+        """The plastic=False RNN over the sequence: (out, final state)."""
+        if backend is reference:
+            return _loop(lambda x_t, s: self._fixed_step(x_t, s, reference), x, state)
+        # PyTorch's own fused tanh RNN; w is (pre, post), nn.RNN's weight_hh is (post, pre).
+        params = [self.i2h.weight, self.w.t(), self.i2h.bias, torch.zeros_like(self.i2h.bias)]
+        out, _ = torch.rnn_tanh(x, state.h.unsqueeze(0), params, True, 1, 0.0, self.training,
+                                False, False)
+        return out, PlasticState(out[-1])
+
+
+class PlasticRNNCell(_PlasticRNNLayer):
     """One step of the plastic tanh RNN, for loops that interact with an environment.
 
     ``h, state = cell(x, state=None)`` with x (B, I); ``h, state, m = cell(x, state,
     return_modulation=True)``. Options, parameters and initialisation as PlasticRNN.
     """
 
+    def __init__(self, input_size, hidden_size, alpha="full", modulation="fanout", rule="clip",
+                 clip=2.0, n_modulators=1, eta_shape="scalar", plastic=True, impl="auto",
+                 eta_init=0.01, elig_rate_init=0.1):
+        super().__init__(input_size, hidden_size, alpha, modulation, rule, clip, n_modulators,
+                         eta_shape, plastic, impl, eta_init, elig_rate_init)
 
-class PlasticLSTM(_Sequence, _LSTM):
+    def forward(self, x, state=None, return_modulation=False):
+        x, state, backend = self._step_input(x, state)
+        if self.plastic:
+            h, hebb, elig, m = backend.plastic_rnn_step(
+                self.i2h(x), state.h, state.hebb, state.elig, *self._plastic_params(),
+                rule=self.rule, clip=self.clip)
+            state = PlasticState(h, hebb, elig)
+        else:
+            state, m = self._fixed_step(x, state, backend), None
+        return (state.h, state, m) if return_modulation else (state.h, state)
+
+
+class _PlasticLSTMLayer(_PlasticLayer):
+    """The weights, options and plastic=False cell of PlasticLSTM and PlasticLSTMCell;
+    initialisation as documented in PlasticLSTM (docs/design.md, 'The plastic LSTM')."""
+    _state_type = PlasticLSTMState
+
+    def __init__(self, input_size, hidden_size, alpha, modulation, modulator_input, rule, clip,
+                 n_modulators, eta_shape, plastic, impl, eta_init, elig_rate_init):
+        _check_choice("modulator_input", modulator_input, reference.MODULATOR_INPUTS)
+        super().__init__(input_size, hidden_size, alpha, modulation, rule, clip, n_modulators,
+                         eta_shape, plastic, impl)
+        self.modulator_input = modulator_input
+        N = hidden_size
+        self.i2g = nn.Linear(input_size, 4 * N)  # gates i, f, g, o
+        self.h2g = nn.Linear(N, 3 * N)  # gates i, f, o; the h -> g weight is w
+        self.w = nn.Parameter(0.02 * torch.rand(N, N) - 0.01)
+        self._add_plastic_parameters(0.0001, eta_init, elig_rate_init)
+
+    def _options(self):
+        options = super()._options()
+        options.insert(2, ("modulator_input", self.modulator_input))
+        return options
+
+    def _torch_lstm_weights(self):
+        """(w_ih, w_hh, b_ih, b_hh) of torch.nn.LSTM computing this (non-plastic) layer: the h -> g
+        rows of w_hh are w (pre, post) transposed; our h -> g path has no bias of its own."""
+        N = self.hidden_size
+        w_hh = torch.cat([self.h2g.weight[:2 * N], self.w.t(), self.h2g.weight[2 * N:]])
+        b_hh = torch.cat([self.h2g.bias[:2 * N], self.h2g.bias.new_zeros(N),
+                          self.h2g.bias[2 * N:]])
+        return self.i2g.weight, w_hh, self.i2g.bias, b_hh
+
+    def _fixed_step(self, x, state, backend):
+        """The plastic=False cell."""
+        if backend is reference:
+            return PlasticLSTMState(*reference.lstm_step(self.i2g(x), state.h, state.c,
+                                                         self.h2g.weight, self.h2g.bias, self.w))
+        return PlasticLSTMState(*torch.lstm_cell(x, (state.h, state.c),
+                                                 *self._torch_lstm_weights()))
+
+
+class PlasticLSTM(_PlasticLSTMLayer):
     """LSTM with plastic, neuromodulated h -> g weights over a whole sequence (docs/design.md,
     'The plastic LSTM').
 
@@ -597,8 +450,56 @@ class PlasticLSTM(_Sequence, _LSTM):
     initialisation.
     """
 
+    def __init__(self, input_size, hidden_size, alpha="neuron", modulation="fanout",
+                 modulator_input="h", rule="clip", clip=2.0, n_modulators=1, eta_shape="scalar",
+                 plastic=True, impl="auto", eta_init=0.01, elig_rate_init=0.1, *,
+                 batch_first=False, checkpoint_every=None):
+        super().__init__(input_size, hidden_size, alpha, modulation, modulator_input, rule, clip,
+                         n_modulators, eta_shape, plastic, impl, eta_init, elig_rate_init)
+        self._set_sequence_options(batch_first, checkpoint_every)
 
-class PlasticLSTMCell(_Step, _LSTM):
+    def forward(self, x, state=None, return_modulation=False):
+        x, state, backend = self._sequence_input(x, state)
+        if self.plastic:
+            out, c, hebb, elig, m = backend.plastic_lstm_sequence(
+                self.i2g(x), state.h, state.c, state.hebb, state.elig, self.h2g.weight,
+                self.h2g.bias, *self._plastic_params(), rule=self.rule, clip=self.clip,
+                modulator_input=self.modulator_input, checkpoint_every=self.checkpoint_every)
+            state = PlasticLSTMState(out[-1], c, hebb, elig)
+        else:
+            (out, state), m = self._fixed_sequence(x, state, backend), None
+        return self._sequence_result(out, state, m, return_modulation)
+
+    def _fixed_sequence(self, x, state, backend):
+        """The plastic=False LSTM over the sequence, (out, final state): PyTorch's own fused
+        LSTM, or step by step with the reference."""
+        if backend is not reference:
+            out, _, c = torch.lstm(x, (state.h.unsqueeze(0), state.c.unsqueeze(0)),
+                                   list(self._torch_lstm_weights()), True, 1, 0.0,
+                                   self.training, False, False)
+            return out, PlasticLSTMState(out[-1], c[0])
+        return _loop(lambda x_t, s: self._fixed_step(x_t, s, reference), x, state)
+
+
+class PlasticLSTMCell(_PlasticLSTMLayer):
     """One step of the plastic LSTM: ``h, state = cell(x, state=None)`` with x (B, I);
     ``h, state, m = cell(x, state, return_modulation=True)``. Options, parameters and
     initialisation as PlasticLSTM (without batch_first and checkpoint_every)."""
+
+    def __init__(self, input_size, hidden_size, alpha="neuron", modulation="fanout",
+                 modulator_input="h", rule="clip", clip=2.0, n_modulators=1, eta_shape="scalar",
+                 plastic=True, impl="auto", eta_init=0.01, elig_rate_init=0.1):
+        super().__init__(input_size, hidden_size, alpha, modulation, modulator_input, rule, clip,
+                         n_modulators, eta_shape, plastic, impl, eta_init, elig_rate_init)
+
+    def forward(self, x, state=None, return_modulation=False):
+        x, state, backend = self._step_input(x, state)
+        if self.plastic:
+            h, c, hebb, elig, m = backend.plastic_lstm_step(
+                self.i2g(x), state.h, state.c, state.hebb, state.elig, self.h2g.weight,
+                self.h2g.bias, *self._plastic_params(), rule=self.rule, clip=self.clip,
+                modulator_input=self.modulator_input)
+            state = PlasticLSTMState(h, c, hebb, elig)
+        else:
+            state, m = self._fixed_step(x, state, backend), None
+        return (state.h, state, m) if return_modulation else (state.h, state)
