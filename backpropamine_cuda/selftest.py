@@ -182,7 +182,7 @@ def errors(result, truth):
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. Accuracy
+# 1. Accuracy
 
 
 def attempt(what, fn):
@@ -263,7 +263,7 @@ ACCURACY_HEADERS = ["case", "sizes", "dtype", "impl", "against", "fwd max abs", 
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. Speed
+# 2. Speed
 
 
 def device_ops(fn, device):
@@ -417,7 +417,7 @@ SPEED_HEADERS = ["case", "sizes", "impl", "fwd ms", "fwd+bwd ms", "peak MB fwd+b
 
 
 # ----------------------------------------------------------------------------------------------
-# 1. and 4.: the test suite and the benchmarks, in subprocesses on this same package
+# 3. and 4.: the test suite and the benchmarks, in subprocesses on this same package
 
 
 def run_logged(cmd, cwd):
