@@ -24,20 +24,11 @@ import torch
 from backpropamine_cuda.measure import (  # noqa: F401  (re-exported for the bench scripts)
     cpu_memory_method, markdown_table, measure_bandwidth, peak_memory_mb, sync, time_fn,
     trace_floor_bytes)
-from experiments.common import pyplot, require_extras
+from experiments.common import (  # noqa: F401  (manifest, write_json: for the bench scripts)
+    cpu_model, manifest, pyplot, require_extras, write_json)
 
 # ----------------------------------------------------------------------------------------------
 # Device helpers
-
-
-def cpu_model():
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def cache_sizes():
@@ -246,24 +237,6 @@ def write_csv(path, records):
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(records)
-
-
-def manifest():
-    """What produced a result file: the command line, the package's environment variables (e.g.
-    BACKPROPAMINE_SEQUENCE_PATH), the commit, torch's version, the date."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    environment = {k: v for k, v in os.environ.items() if k.startswith("BACKPROPAMINE_")}
-    return dict(command=[sys.executable, *sys.argv], environment=environment, commit=commit or None,
-                torch=torch.__version__, date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-
-
-def write_json(path, obj):
-    """obj with a "manifest" (see manifest) added, as indented JSON."""
-    Path(path).write_text(json.dumps(dict(obj, manifest=manifest()), indent=2, default=str) + "\n")
 
 
 def fmt_num(x, digits=3):

@@ -12,13 +12,17 @@ sys.path; the tests have it there from pytest's `pythonpath` (pyproject.toml).
 import argparse
 import csv
 import importlib
+import json
 import math
 import os
+import platform
 import random
 import signal
+import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -335,6 +339,47 @@ def train_run(args, name, out, model, may_change, fields, step, optimizer=None, 
                      lambda iteration: step(model, optimizer, generator),
                      bar_position=bar_position)
     return model
+
+
+# ----------------------------------------------------------------------------------------------
+# What produced a result file
+
+
+def cpu_model():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def manifest(started=None):
+    """What produced a result file: the command line, the package's environment variables (e.g.
+    BACKPROPAMINE_SEQUENCE_PATH), the commit, the versions, the machine, the date and, given the
+    time.time() the work `started` at, its wall time in seconds."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    environment = {k: v for k, v in os.environ.items() if k.startswith("BACKPROPAMINE_")}
+    record = dict(command=[sys.executable, *sys.argv], environment=environment,
+                  commit=commit or None, torch=torch.__version__,
+                  python=platform.python_version(),
+                  machine=dict(cpu=cpu_model(), cpu_count=os.cpu_count(),
+                               torch_threads=torch.get_num_threads()),
+                  date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    if started is not None:
+        record["wall_seconds"] = round(time.time() - started, 1)
+    return record
+
+
+def write_json(path, obj, started=None):
+    """obj with a "manifest" (see manifest) added, as indented JSON, written atomically."""
+    text = json.dumps(dict(obj, manifest=manifest(started)), indent=2, default=str) + "\n"
+    write_atomically(path, lambda f: f.write(text), mode="w")
 
 
 # ----------------------------------------------------------------------------------------------
