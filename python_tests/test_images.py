@@ -3,6 +3,7 @@ images: the episode generator and its clamp mask, data loading (npz and CIFAR-10
 clamped networks, fused against reference, learning on a tiny setting, exact resume, the script
 end to end with its plots, and flag validation."""
 import csv
+import json
 import pickle
 import sys
 from pathlib import Path
@@ -357,6 +358,10 @@ def test_script_end_to_end(tiny, tmp_path, capsys):
     rows = log_rows_without_timings(tmp_path / "plastic-seed3.csv")
     assert [row["iteration"] for row in rows] == ["2", "4", "5"]
     assert set(rows[0]) == {"iteration", "episodes", "loss", "error_erased"}
+    saved = json.loads((tmp_path / "plastic-seed3.json").read_text())
+    assert (saved["iterations"], saved["episodes"]) == (5, 5 * saved["options"]["batch_size"])
+    assert (saved["loss"], saved["error_erased"]) == summary["plastic"]
+    assert {"commit", "torch", "date", "wall_seconds"} <= set(saved["manifest"])
     assert "mean squared error on the erased half" in capsys.readouterr().out
     # a second run sharing --out replaces its own evaluation rows and keeps the others'
     images.main([*tiny, "--iterations", "2", "--seed", "3", "--types", "rnn", "--out",

@@ -2,6 +2,7 @@
 generator, the networks and the loss, fused against reference, learning on a tiny setting, exact
 resume, the script end to end with its plots, and flag validation."""
 import csv
+import json
 import sys
 from pathlib import Path
 
@@ -170,6 +171,10 @@ def test_script_end_to_end(tmp_path):
                  "plastic-seed3.checkpoint.pt", "lstm-seed3.csv", "evaluation.csv"):
         assert (tmp_path / name).stat().st_size > 0, name
     assert [row["iteration"] for row in log_rows_without_timings(tmp_path / "rnn-seed3.csv")] == ["2", "4", "5"]
+    saved = json.loads((tmp_path / "rnn-seed3.json").read_text())
+    assert (saved["iterations"], saved["options"]["bits"]) == (5, 8)
+    assert (saved["loss"], saved["error_zeroed"], saved["error_all"]) == summary["rnn"]
+    assert {"commit", "torch", "date", "wall_seconds"} <= set(saved["manifest"])
     # a second run sharing --out replaces its own evaluation rows and keeps the others'
     patterns.main([*TINY, "--iterations", "2", "--seed", "3", "--types", "rnn", "--impl",
                    "reference", "--out", str(tmp_path)])

@@ -18,6 +18,7 @@ See experiments/images/README.md.
 import os
 import pickle
 import sys
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -31,7 +32,7 @@ import backpropamine_cuda as bp
 sys.path.append(str(Path(__file__).resolve().parents[2]))  # the root, for experiments.common
 from experiments.common import (DataError, add_training_flags, append_csv, count_parameters, number,
                                 parse_with_preset, preset_parser, pyplot, read_csv_columns, reading,
-                                require_extras, start_csv, train_run)  # noqa: E402
+                                require_extras, start_csv, train_run, write_json)  # noqa: E402
 
 TYPES = ("plastic", "rnn")
 SIZES = (2, 4, 8, 16, 32)  # divisors of 32 (a pixel: the mean of a square), even (two halves)
@@ -388,8 +389,9 @@ def check_images(image_set, args):
 
 def main(argv=None):
     """Trains every type of --types on episodes of the training images, evaluates each on
-    --eval-episodes fresh episodes of the test images (evaluation.csv), plots the curves
-    (curves.png) and a few completions per type (completion-<type>.png); returns
+    --eval-episodes fresh episodes of the test images (evaluation.csv; <type>-seed<k>.json: the
+    run's result, options and manifest), plots the curves (curves.png) and a few completions per
+    type (completion-<type>.png); returns
     {type: (loss, error on the erased half)}."""
     args = parse_args(argv)
     require_extras()
@@ -403,12 +405,19 @@ def main(argv=None):
           f"{episode_steps(args)} steps per episode; parameters: " + ", ".join(
               f"{t} {count_parameters(make_network(t, args)):,}" for t in args.types), flush=True)
     summary = {}
+    blank = blank_error(image_set.test, args, args.eval_episodes)
     for network_type in args.types:
+        started = time.time()
         model = train_network(args, network_type, image_set.train, out)
-        summary[network_type] = evaluate(model, image_set.test, args, args.eval_episodes)
+        summary[network_type] = loss, error_erased = evaluate(model, image_set.test, args,
+                                                              args.eval_episodes)
+        write_json(out / f"{run_name(network_type, args.seed)}.json", dict(
+            type=network_type, seed=args.seed, parameters=count_parameters(model),
+            iterations=args.iterations, episodes=args.iterations * args.batch_size,
+            eval_episodes=args.eval_episodes, loss=loss, error_erased=error_erased,
+            error_erased_blank=blank, options=vars(args)), started=started)
         plot_completions(model, image_set.test, args, network_type,
                          out / f"completion-{network_type}.png")
-    blank = blank_error(image_set.test, args, args.eval_episodes)
     evaluation, this_seed = out / "evaluation.csv", str(args.seed)
     start_csv(evaluation, EVAL_FIELDS,  # keeps the rows of other runs sharing --out
               keep=lambda row: row["seed"] != this_seed or row["type"] not in args.types)

@@ -16,10 +16,10 @@ characters never overlap (--split).
 See experiments/omniglot/README.md.
 """
 import argparse
-import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -33,7 +33,8 @@ import backpropamine_cuda as bp
 sys.path.append(str(Path(__file__).resolve().parents[2]))  # the root, for experiments.common
 from experiments.common import (DataError, RunCheckpoint, append_csv, count_parameters, number,
                                 parse_with_preset, preset_parser, pyplot, read_csv_columns, reading,
-                                require_extras, resume_csv, train_iterations)  # noqa: E402
+                                require_extras, resume_csv, train_iterations,
+                                write_json)  # noqa: E402
 
 IMAGE_SIZE = 31  # four stride-2 3x3 convolutions: 31 -> 15 -> 7 -> 3 -> 1
 SPLITS = ("background-evaluation", "paper-1200")
@@ -442,8 +443,9 @@ def check_dataset(dataset, characters, args):
 
 
 def main(argv=None):
-    """Trains, tests on --test-episodes fresh episodes of the test characters (test.json),
-    plots the curves (curves.png) and one test episode (episode.png); returns the test result."""
+    """Trains, tests on --test-episodes fresh episodes of the test characters (test.json: the
+    result, the options and a manifest), plots the curves (curves.png) and one test episode
+    (episode.png); returns the test result."""
     args = parse_args(argv)
     require_extras()
     out = Path(args.out)
@@ -454,13 +456,14 @@ def main(argv=None):
     print(f"{len(train_characters)} training and {len(test_characters)} test characters "
           f"({args.split}), {dataset.images.shape[1]} drawings each; "
           f"{count_parameters(make_model(args)):,} parameters", flush=True)
+    started = time.time()
     model = train(args, dataset, train_characters, test_characters, out)
     result = evaluate(model, dataset.images, test_characters, args, args.test_episodes)
     result.update(interval="95% Wilson score", split=args.split,
                   test_characters=len(test_characters), iterations=args.iterations,
                   training_episodes=args.iterations * args.batch_size, seed=args.seed,
                   alpha=args.alpha, impl=args.impl)
-    (out / "test.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out / "test.json", dict(result, options=vars(args)), started=started)
     plot_curves(out, args, out / "curves.png")
     plot_episode(model, dataset.images, test_characters, args, out / "episode.png")
     print(f"test accuracy on {args.test_episodes} episodes of the {len(test_characters)} test "

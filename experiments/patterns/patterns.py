@@ -17,6 +17,7 @@ backward (BOHP needed O(N^4) memory for hand-derived gradients of this network).
 See experiments/patterns/README.md.
 """
 import sys
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -29,7 +30,7 @@ import backpropamine_cuda as bp
 sys.path.append(str(Path(__file__).resolve().parents[2]))  # the root, for experiments.common
 from experiments.common import (add_training_flags, append_csv, count_parameters, number,
                                 parse_with_preset, preset_parser, pyplot, read_csv_columns,
-                                require_extras, start_csv, train_run)  # noqa: E402
+                                require_extras, start_csv, train_run, write_json)  # noqa: E402
 
 TYPES = ("plastic", "rnn", "lstm")
 PRESETS = {
@@ -253,8 +254,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     """Trains every type of --types, evaluates each on --eval-episodes fresh episodes
-    (evaluation.csv), plots the curves (curves.png) and one test episode per type
-    (episode-<type>.png); returns {type: (loss, error on zeroed bits, error on all bits)}."""
+    (evaluation.csv; <type>-seed<k>.json: the run's result, options and manifest), plots the
+    curves (curves.png) and one test episode per type (episode-<type>.png); returns
+    {type: (loss, error on zeroed bits, error on all bits)}."""
     args = parse_args(argv)
     require_extras()
     out = Path(args.out)
@@ -263,8 +265,15 @@ def main(argv=None):
         f"{t} {count_parameters(make_network(t, args)):,}" for t in args.types), flush=True)
     summary = {}
     for network_type in args.types:
+        started = time.time()
         model = train_network(args, network_type, out)
-        summary[network_type] = evaluate(model, args, args.eval_episodes)
+        summary[network_type] = loss, error_zeroed, error_all = evaluate(model, args,
+                                                                         args.eval_episodes)
+        write_json(out / f"{run_name(network_type, args.seed)}.json", dict(
+            type=network_type, seed=args.seed, parameters=count_parameters(model),
+            iterations=args.iterations, episodes=args.iterations * args.batch_size,
+            eval_episodes=args.eval_episodes, loss=loss, error_zeroed=error_zeroed,
+            error_all=error_all, options=vars(args)), started=started)
         plot_episode(model, args, network_type, out / f"episode-{network_type}.png")
     evaluation, this_seed = out / "evaluation.csv", str(args.seed)
     start_csv(evaluation, EVAL_FIELDS,  # keeps the rows of other runs sharing --out
