@@ -1,6 +1,9 @@
-"""The RL experiments (experiments/rl): A2C's returns and loss, the agents and their matched
-sizes, rollout-then-replay against the papers' per-step autograd loop, one training iteration of
-every network type on both tasks, exact resume, and the scripts end to end with their plots."""
+"""The RL experiments (experiments/rl): A2C's returns and loss (the original code's baseline
+against its per-step loop), the agents and their matched sizes, the paper presets against the
+original code's settings, rollout-then-replay against the papers' per-step autograd loop, one
+training iteration of every network type on both tasks, the burn-in, exact resume, the time
+limit, and the scripts end to end with their plots and results files."""
+import json
 import os
 import signal
 import subprocess
@@ -73,6 +76,74 @@ def test_a2c_loss_by_hand():
                                expected)
 
 
+def original_loss(episode, gamma, value_coef, entropy_coef):
+    """The original code's A2C loss, written as its loop: returns accumulated backwards, and at
+    every step batch element 0's value as every element's baseline."""
+    steps, batch = episode.rewards.shape
+    probs = episode.logits.softmax(-1)
+    loss = sum(entropy_coef * probs[t].pow(2).sum() / batch for t in range(steps))
+    value_loss, R = 0, torch.zeros(batch, dtype=episode.values.dtype)
+    for t in reversed(range(steps)):
+        R = gamma * R + episode.rewards[t]
+        centred = R - episode.values[t][0]
+        value_loss = value_loss + centred.pow(2).sum() / batch
+        log_prob = probs[t].log().gather(1, episode.actions[t][:, None]).squeeze(1)
+        loss = loss - (log_prob * centred.detach()).sum() / batch
+    return (loss + value_coef * value_loss) / steps
+
+
+def test_legacy_baseline_is_the_original_loop():
+    """--legacy-baseline gives the original code's loss and gradients; the default baseline
+    (each episode's own value) does not."""
+    torch.manual_seed(0)
+    steps, batch, n_actions = 7, 5, 4
+    logits = torch.randn(steps, batch, n_actions, dtype=torch.float64, requires_grad=True)
+    values = torch.randn(steps, batch, dtype=torch.float64, requires_grad=True)
+    rewards = torch.randint(0, 3, (steps, batch)).double()
+    episode = a2c.Episode(None, torch.randint(n_actions, (steps, batch)), rewards, logits, values,
+                          None)
+    expected = original_loss(episode, 0.9, 0.1, 0.03)
+    expected_grads = torch.autograd.grad(expected, (logits, values))
+    legacy = a2c.a2c_loss(episode, 0.9, 0.1, 0.03, legacy_baseline=True)
+    torch.testing.assert_close(legacy, expected, rtol=1e-12, atol=1e-12)
+    for got, want in zip(torch.autograd.grad(legacy, (logits, values)), expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert not torch.isclose(a2c.a2c_loss(episode, 0.9, 0.1, 0.03), expected)
+    args = task_args("maze", "--legacy-baseline")
+    assert args.legacy_baseline and not task_args("maze").legacy_baseline
+
+
+def test_paper_presets_follow_the_original_code():
+    """The paper presets take the original code's settings (maze/batch.py and its job files,
+    sr/srbatch.py and sr/modul.py); the quick presets keep the layer's own initialisation and
+    no burn-in."""
+    def preset(task, name):
+        return a2c.parse_args(TASKS[task].make_parser(), TASKS[task].PRESETS, ["--preset", name])
+
+    maze_paper = preset("maze", "paper")
+    assert (maze_paper.size, maze_paper.hidden, maze_paper.iterations, maze_paper.lr) == (
+        13, 100, 200_000, 1e-4)
+    assert (maze_paper.weight_init, maze_paper.eta_init, maze_paper.elig_rate_init,
+            maze_paper.burn_in) == (0.01, 0.01, 0.01, 101)
+    cue_paper = preset("cue_reward", "paper")
+    assert (cue_paper.hidden, cue_paper.iterations, cue_paper.episode_length) == (200, 200_000, 120)
+    assert (cue_paper.trial_min, cue_paper.trial_max) == (5, 8)
+    assert (cue_paper.weight_init, cue_paper.eta_init, cue_paper.elig_rate_init,
+            cue_paper.burn_in, cue_paper.blank_first_step) == (0.01, 0.1, 0.1, 101, True)
+    assert make_env("cue_reward", cue_paper).blank_first_step
+    assert preset("maze", "simplemaze").burn_in == 101
+    for task in TASKS:
+        quick = preset(task, "quick")
+        assert (quick.weight_init, quick.burn_in) == (None, 0)
+    agent = a2c.make_agent(cue_paper, 26, 2, "retroactive", 12)
+    for weights in (agent.rnn.w, agent.rnn.alpha):
+        assert 0 <= weights.min() and 0.001 < weights.max() < 0.01  # beyond the layer's own
+    assert agent.rnn.elig_rate.item() == pytest.approx(0.1)
+    assert a2c.make_agent(cue_paper, 26, 2, "plastic", 12).rnn.eta.item() == pytest.approx(0.1)
+    assert a2c.make_agent(maze_paper, 16, 4, "retroactive", 12).rnn.elig_rate.item() == (
+        pytest.approx(0.01))
+
+
 def test_matched_sizes_of_the_maze():
     """The Backpropamine maze: 100 modulated neurons match 139 non-plastic ones."""
     args = task_args("maze", "--hidden", "100", "--types", *maze.TYPES)
@@ -137,11 +208,12 @@ def test_one_iteration_changes_every_parameter(task, impl, network_type):
         assert not torch.equal(p, before[name]), f"{name} did not change"
 
 
-def test_resume_continues_exactly(tmp_path):
+@pytest.mark.parametrize("burn_in, interrupted_at", [(0, 8), (6, 4)])
+def test_resume_continues_exactly(tmp_path, burn_in, interrupted_at):
     whole, interrupted = tmp_path / "whole", tmp_path / "interrupted"
-    common = ["--types", "retroactive", "--seeds", "1"]
+    common = ["--types", "retroactive", "--seeds", "1", "--burn-in", str(burn_in)]
     maze.main([*TINY, *common, "--iterations", "12", "--out", str(whole)])
-    maze.main([*TINY, *common, "--iterations", "8", "--out", str(interrupted)])
+    maze.main([*TINY, *common, "--iterations", str(interrupted_at), "--out", str(interrupted)])
     maze.main([*TINY, *common, "--iterations", "12", "--out", str(interrupted), "--resume"])
     name = "retroactive-seed1"
     assert log_rows_without_timings(whole / f"{name}.csv") == log_rows_without_timings(interrupted / f"{name}.csv")
@@ -153,6 +225,43 @@ def test_resume_continues_exactly(tmp_path):
     with pytest.raises(SystemExit, match="--lr"):
         maze.main([*TINY, *common, "--iterations", "14", "--out", str(interrupted), "--resume",
                    "--lr", "0.5"])
+
+
+def test_burn_in_takes_no_optimizer_step(tmp_path):
+    """--burn-in 4: the first 4 iterations play and log, but leave the agent as initialised;
+    the 5th changes it."""
+    common = [*TINY, "--types", "simple", "--seeds", "3", "--burn-in", "4"]
+    maze.main([*common, "--iterations", "4", "--out", str(tmp_path / "burn-in")])
+    maze.main([*common, "--iterations", "6", "--out", str(tmp_path / "after")])
+    args = task_args("maze", *common)
+    torch.manual_seed(3)  # as train_agent: the seed, then the agent
+    initial = a2c.make_agent(args, 16, 4, "simple", 12).state_dict()
+    for folder, changed in (("burn-in", False), ("after", True)):
+        saved = torch.load(tmp_path / folder / "simple-seed3.checkpoint.pt", weights_only=True)
+        assert any(not torch.equal(v, initial[k]) for k, v in saved["model"].items()) == changed
+    assert len(log_rows_without_timings(tmp_path / "burn-in" / "simple-seed3.csv")) == 2
+
+
+def test_time_limit_stops_at_a_checkpoint_and_resume_finishes(tmp_path):
+    """Past --time-limit a run stops at its next checkpoint (its JSON says how far it got);
+    --resume then finishes it with the logs of an uninterrupted run."""
+    common = [*TINY, "--types", "rnn", "--seeds", "0"]
+    limited = tmp_path / "limited"
+    assert maze.main([*common, "--iterations", "100000", "--time-limit", "1",
+                      "--out", str(limited)]) is None
+    result = json.loads((limited / "rnn-seed0.json").read_text())
+    reached = result["iterations"]
+    assert not result["finished"] and reached > 0 and reached % 4 == 0  # --save-every 4
+    assert torch.load(limited / "rnn-seed0.checkpoint.pt", weights_only=True)["iteration"] == reached
+    assert int(log_rows_without_timings(limited / "rnn-seed0.csv")[-1]["iteration"]) == reached
+    assert not (limited / "results.json").exists()
+    target = str(reached + 4)
+    maze.main([*common, "--iterations", target, "--out", str(limited), "--resume"])
+    maze.main([*common, "--iterations", target, "--out", str(tmp_path / "whole")])
+    assert (log_rows_without_timings(limited / "rnn-seed0.csv")
+            == log_rows_without_timings(tmp_path / "whole" / "rnn-seed0.csv"))
+    result = json.loads((limited / "rnn-seed0.json").read_text())
+    assert result["finished"] and result["iterations"] == reached + 4
 
 
 def test_parallel_runs_equal_sequential_ones(tmp_path):
@@ -193,6 +302,13 @@ def test_script_end_to_end(task, tmp_path):
                  "rnn-seed1.csv", "retroactive-seed0.checkpoint.pt"):
         assert (tmp_path / name).stat().st_size > 0, name
     assert len(log_rows_without_timings(tmp_path / "rnn-seed0.csv")) == 2
+    run = json.loads((tmp_path / "rnn-seed0.json").read_text())
+    assert (run["iterations"], run["episodes"], run["finished"]) == (4, 16, True)
+    assert run["final_reward"] == pytest.approx(a2c.final_reward(tmp_path / "rnn-seed0.csv"))
+    assert run["manifest"]["commit"] and "wall_seconds" in run["manifest"]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["final_reward"]["rnn"]["median"] == pytest.approx(summary["rnn"][0])
+    assert set(results["final_reward"]["retroactive"]["per_seed"]) == {"0", "1"}
 
 
 def test_cue_reward_task_flags_reach_the_environment():

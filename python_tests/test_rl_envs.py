@@ -255,17 +255,21 @@ def test_cue_reward_schedule_over_whole_episodes():
     assert set(lengths) == {5, 6, 7, 8}
 
 
-def test_cue_reward_state_matches_the_trial_rules():
-    env = envs.CueReward(512, trial_min=4, trial_max=9, episode_length=60, generator=seeded(9))
+@pytest.mark.parametrize("blank_first_step", [False, True])
+def test_cue_reward_state_matches_the_trial_rules(blank_first_step):
+    shortest, first_cue_step = (5, 1) if blank_first_step else (4, 0)
+    env = envs.CueReward(512, trial_min=shortest, trial_max=9, episode_length=60,
+                         blank_first_step=blank_first_step, generator=seeded(9))
     env.reset()
     seen_lengths, seen_cue_steps = Counter(), Counter()
     target_shown = target_first = trials = 0
     for _ in range(60):
         starting = env.trial_step == 0
         length, cue_steps, shown = env.trial_length, env.cue_steps, env.shown_cues
-        assert ((length >= 4) & (length <= 9)).all()
+        assert ((length >= shortest) & (length <= 9)).all()
         assert (cue_steps[:, 0] != cue_steps[:, 1]).all()
-        assert (cue_steps.max(1).values <= length - 3).all() and (cue_steps >= 0).all()
+        assert (cue_steps.max(1).values <= length - 3).all()
+        assert (cue_steps >= first_cue_step).all()
         assert (shown[:, 0] != shown[:, 1]).all() and ((shown >= 0) & (shown < 4)).all()
         assert torch.equal(env.is_go, env.trial_step == length - 2)
         seen_lengths.update(length[starting].tolist())
@@ -274,8 +278,8 @@ def test_cue_reward_state_matches_the_trial_rules():
         target_shown += int(env.target_shown[starting].sum())
         target_first += int((shown[starting, 0] == 0).sum())
         env.step(torch.zeros(512, dtype=torch.long))
-    assert set(seen_lengths) == set(range(4, 10))
-    assert set(seen_cue_steps) == set(range(7))
+    assert set(seen_lengths) == set(range(shortest, 10))
+    assert set(seen_cue_steps) == set(range(first_cue_step, 7))
     assert 0.45 < target_shown / trials < 0.55  # 2 of 4 cues shown: the target half the time
     assert 0.45 < target_first / target_shown < 0.55  # in random order
 
@@ -412,6 +416,8 @@ MAZE, CUE = envs.GridMaze, envs.CueReward
     (CUE, dict(penalty=float("-inf")), "penalty must be a finite real number, got -inf"),
     (CUE, dict(episode_length=-3), "episode_length must be an integer >= 1, got -3"),
     (CUE, dict(fixed_cues=1), "fixed_cues must be True or False, got 1"),
+    (CUE, dict(blank_first_step=True, trial_min=4), "trial_min must be an integer >= 5, got 4"),
+    (CUE, dict(blank_first_step=1), "blank_first_step must be True or False, got 1"),
 ])
 def test_constructor_validation(task, arguments, message):
     with pytest.raises(ValueError, match=re.escape(message)):

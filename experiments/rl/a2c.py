@@ -9,7 +9,7 @@ R_t = r_t + gamma * R_{t+1},
                                                 + entropy_coef * sum_a pi(a)^2 ]  (entropy term)
 
 --legacy-baseline reproduces the original code, which used batch element 0's value V_t as every
-element's baseline.
+element's baseline (in both the policy and the critic term).
 
 Why it is fast: acting needs no gradient, so an episode is first played one step at a time
 under no_grad with the fused rollout op (traces updated in place, one sweep of them per step),
@@ -26,6 +26,7 @@ import multiprocessing.connection
 import os
 import signal
 import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -34,8 +35,9 @@ import torch
 import torch.nn.functional as F
 
 from agents import MODULATED, Agent, count_parameters, matched_size
-from experiments.common import (number, parse_with_preset, preset_parser, pyplot,
-                                read_csv_columns, require_extras, sigterm_as_interrupt, train_run)
+from experiments.common import (RunCheckpoint, number, parse_with_preset, preset_parser, pyplot,
+                                read_csv_columns, require_extras, resume_csv,
+                                sigterm_as_interrupt, train_iterations, write_json)
 
 LOG_FIELDS = ("iteration", "episodes", "reward", "loss", "seconds")
 
@@ -140,6 +142,15 @@ def make_parser(description, types, presets):
     add("--clip-grad", type=number(float, 0), default=4.0, help="gradient norm clip (0: none)")
     add("--legacy-baseline", action="store_true",
         help="the original code's baseline: batch element 0's value for every element")
+    add("--burn-in", type=number(int, 0), default=0,
+        help="the first iterations take no optimizer step (the original code: 101, its "
+             "'iteration > 100' counting from 0)")
+    add("--weight-init", type=number(float, 0, strict=True), default=None,
+        help="w and alpha drawn from U[0, x) (default: the layer's own, U[0, 0.001))")
+    add("--eta-init", type=number(float), default=0.01,
+        help="initial learned plasticity rate (types plastic, oja, oja-scalar)")
+    add("--elig-rate-init", type=number(float, 0, maximum=1), default=0.1,
+        help="initial learned eligibility-trace rate (type retroactive)")
     add("--impl", choices=("fused", "reference"), default="fused",
         help="fused: roll out without gradients, replay through the fused sequence op; "
              "reference: the papers' per-step autograd loop on the pure-PyTorch reference")
@@ -155,12 +166,22 @@ def make_parser(description, types, presets):
     add("--save-every", type=number(int, 1), default=100, help="iterations between checkpoints")
     add("--resume", action="store_true",
         help="continue every run from its checkpoint in --out (finished runs are skipped)")
+    add("--time-limit", type=number(float, 0), default=0.0,
+        help="seconds; past them every run stops at its next checkpoint, for --resume to "
+             "continue (0: no limit)")
     return p
 
 
 def parse_args(parser, presets, argv=None):
     """Parses with the chosen preset's defaults (flags given explicitly still win)."""
     return parse_with_preset(parser, presets, argv)
+
+
+def make_agent(args, obs_size, n_actions, network_type, hidden):
+    """The agent of one run, initialised as args says."""
+    return Agent(obs_size, n_actions, network_type, hidden, impl=args.impl,
+                 weight_init=args.weight_init, eta_init=args.eta_init,
+                 elig_rate_init=args.elig_rate_init)
 
 
 def hidden_sizes(args, obs_size, n_actions):
@@ -175,13 +196,16 @@ def run_name(network_type, seed):
     return f"{network_type}-seed{seed}"
 
 
-def train_iteration(agent, optimizer, env, args):
-    """One A2C step on a batch of episodes; returns (mean reward per episode, loss)."""
+def train_iteration(agent, optimizer, env, args, update=True):
+    """One A2C step on a batch of episodes (the episodes and the loss alone when not `update`:
+    the burn-in); returns (mean reward per episode, loss)."""
     if args.stepwise or args.impl == "reference":
-        episode = play(agent, env, grad=True)
+        episode = play(agent, env, grad=update)
     else:
         episode = rollout_and_replay(agent, env)
     loss = a2c_loss(episode, args.gamma, args.value_coef, args.entropy_coef, args.legacy_baseline)
+    if not update:
+        return episode.rewards.sum(0).mean().item(), loss.item()
     optimizer.zero_grad()
     loss.backward()
     if args.clip_grad:
@@ -194,34 +218,67 @@ def train_iteration(agent, optimizer, env, args):
 # Flags a resumed run may change; all others (the task, the network, the hyperparameters, the
 # logging interval) must be those of the run that wrote the checkpoint.
 RESUME_MAY_CHANGE = ("preset", "types", "seeds", "iterations", "impl", "stepwise", "device", "jobs",
-                     "out", "save_every", "resume")
+                     "out", "save_every", "resume", "time_limit")
 
 
-def train_agent(args, make_env, network_type, hidden, seed, out, bar_position=0):
-    """Trains one agent (common.train_run with the A2C step, Adam with --eps, and the episodes
-    drawn on --device from `seed`); returns it. Writes <out>/<type>-seed<k>.csv and
-    .checkpoint.pt."""
+class TimeLimitReached(Exception):
+    """--time-limit has passed and the run's last iteration is checkpointed."""
+
+
+def train_agent(args, make_env, network_type, hidden, seed, out, deadline=None, bar_position=0):
+    """Trains one agent (common.train_iterations with the A2C step, Adam with --eps, and the
+    episodes drawn on --device from `seed`) until --iterations or, past the time.time()
+    `deadline`, its next checkpoint. Writes <out>/<type>-seed<k>.csv, .checkpoint.pt and .json
+    (the final metrics and the manifest). Returns (agent, whether it reached --iterations)."""
+    started = time.time()
+    name = run_name(network_type, seed)
     torch.manual_seed(seed)
     generator = torch.Generator(args.device).manual_seed(seed)
     env = make_env(args, generator)
-    agent = Agent(env.obs_size, env.n_actions, network_type, hidden, impl=args.impl)
-    agent.to(args.device)
+    agent = make_agent(args, env.obs_size, env.n_actions, network_type, hidden).to(args.device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.lr, eps=args.eps)
+    checkpoint = RunCheckpoint(out / f"{name}.checkpoint.pt", args, RESUME_MAY_CHANGE, agent,
+                               optimizer, generator)
+    done = checkpoint.resume() if args.resume else 0
+    log = out / f"{name}.csv"
+    resume_csv(log, LOG_FIELDS, "iteration", done)
+    reached = done
 
-    def step(agent, optimizer, generator):  # the env draws from `generator`
-        reward, loss = train_iteration(agent, optimizer, env, args)
+    def step(iteration):  # the env draws from `generator`
+        nonlocal reached
+        if (deadline is not None and time.time() >= deadline
+                and (iteration - 1) % args.save_every == 0):  # iteration - 1 is checkpointed
+            raise TimeLimitReached
+        reward, loss = train_iteration(agent, optimizer, env, args,
+                                       update=iteration > args.burn_in)
+        reached = iteration
         return dict(reward=reward, loss=loss)
 
-    return train_run(args, run_name(network_type, seed), out, agent, RESUME_MAY_CHANGE,
-                     LOG_FIELDS, step, optimizer, generator, bar_position)
+    try:
+        train_iterations(args, name, checkpoint, done, log, LOG_FIELDS, step,
+                         bar_position=bar_position)
+    except TimeLimitReached:
+        pass
+    finished = reached == args.iterations
+    write_json(out / f"{name}.json", dict(
+        type=network_type, seed=seed, hidden=hidden, parameters=count_parameters(agent),
+        iterations=reached, episodes=reached * args.batch_size, finished=finished,
+        final_reward=final_reward(log) if reached else None,
+        final_reward_is="mean reward per episode over the last 10% of the log's rows",
+        options=vars(args)), started=started)
+    return agent, finished
 
 
-def train_and_plot(args, make_env, network_type, hidden, seed, out, bar_position=0):
-    """train_agent, then for the first seed the plot of one episode (episode-<type>.png)."""
-    agent = train_agent(args, make_env, network_type, hidden, seed, out, bar_position)
-    if seed == args.seeds[0]:
+def train_and_plot(args, make_env, network_type, hidden, seed, out, deadline=None,
+                   bar_position=0):
+    """train_agent, then for the first seed of a finished run the plot of one episode
+    (episode-<type>.png). Returns whether the run finished."""
+    agent, finished = train_agent(args, make_env, network_type, hidden, seed, out, deadline,
+                                  bar_position)
+    if finished and seed == args.seeds[0]:
         env = make_env(args, torch.Generator(args.device).manual_seed(10_000 + seed))
         plot_episode(agent, env, out / f"episode-{network_type}.png")
+    return finished
 
 
 _bar_position = 0  # in a --jobs worker process: the terminal line of its progress bars
@@ -250,7 +307,7 @@ def _exit_with_parent(stop, poll_s=0.5):
 
 
 def _train_and_plot_in_worker(*run):
-    train_and_plot(*run, bar_position=_bar_position)
+    return train_and_plot(*run, bar_position=_bar_position)
 
 
 def usable_cores():
@@ -262,11 +319,9 @@ def usable_cores():
 
 def run_all(runs, jobs):
     """Calls train_and_plot(*run) for every run of `runs`, `jobs` at a time in worker
-    processes (jobs > 1) or one after the other here."""
+    processes (jobs > 1) or one after the other here; returns whether every run finished."""
     if jobs == 1:
-        for run in runs:
-            train_and_plot(*run)
-        return
+        return all([train_and_plot(*run) for run in runs])
     # spawn, not fork: a forked child of a process that has used OpenMP threads can hang.
     context = multiprocessing.get_context("spawn")
     free_lines, stop = context.Queue(), context.Event()
@@ -276,8 +331,7 @@ def run_all(runs, jobs):
                              initargs=(free_lines, stop)) as pool:
         futures = [pool.submit(_train_and_plot_in_worker, *run) for run in runs]
         try:
-            for future in futures:
-                future.result()  # a failed run raises its error here
+            return all([future.result() for future in futures])  # a failed run raises here
         except BaseException:  # a failed run, Ctrl-C, SIGTERM (sigterm_as_interrupt)
             stop.set()  # every worker exits now, not after its current run
             pool.shutdown(cancel_futures=True)
@@ -287,8 +341,12 @@ def run_all(runs, jobs):
 def main(args, make_env):
     """Trains every (type, seed) of args, `--jobs` runs at a time, then plots the learning
     curves (curves.png) and, for each trained type, one episode of its first seed
-    (episode-<type>.png). SIGTERM stops every run as Ctrl-C does; either exits with a line
-    saying that --resume continues the runs from their last checkpoints."""
+    (episode-<type>.png), and writes results.json (the final rewards and the manifest).
+    SIGTERM stops every run as Ctrl-C does; either exits with a line saying that --resume
+    continues the runs from their last checkpoints. Past --time-limit every run stops at its
+    next checkpoint, and main says so and returns None."""
+    started = time.time()
+    deadline = started + args.time_limit if args.time_limit else None
     require_extras()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -297,20 +355,33 @@ def main(args, make_env):
     print("network sizes (parameters matched):", ", ".join(
         f"{t} {n} ({count_parameters(Agent(probe.obs_size, probe.n_actions, t, n, 'reference')):,})"
         for t, n in sizes.items()), flush=True)
-    runs = [(args, make_env, t, sizes[t], seed, out) for t in args.types for seed in args.seeds]
+    runs = [(args, make_env, t, sizes[t], seed, out, deadline) for t in args.types
+            for seed in args.seeds]
     jobs = args.jobs or (1 if torch.device(args.device).type != "cpu" else usable_cores())
     try:
         with sigterm_as_interrupt():
-            run_all(runs, min(jobs, len(runs)))
+            finished = run_all(runs, min(jobs, len(runs)))
     except KeyboardInterrupt as interrupt:
         reason = str(interrupt) or "SIGINT"
         raise SystemExit(f"stopped ({reason}): every run has its last checkpoint in {out}; "
                          "--resume continues from there") from None
+    if not finished:
+        print(f"time limit ({args.time_limit:g} s): the runs stopped at their last checkpoints "
+              f"in {out} (see <type>-seed<k>.json); --resume continues from there", flush=True)
+        return None
     plot_curves(out, args.types, args.seeds, out / "curves.png")
     summary = final_rewards(out, args.types, args.seeds)
     for network_type, (median, low, high) in summary.items():
         print(f"{network_type:12s} reward over the last 10% of training: median {median:.2f} "
               f"(IQR {low:.2f} to {high:.2f})")
+    write_json(out / "results.json", dict(
+        final_reward_is="reward per episode, mean over the last 10% of each run's log rows; "
+                        "median and quartiles over the seeds",
+        final_reward={t: dict(median=m, q25=low, q75=high, per_seed={
+            seed: final_reward(out / f"{run_name(t, seed)}.csv") for seed in args.seeds})
+            for t, (m, low, high) in summary.items()},
+        sizes=sizes, iterations=args.iterations, episodes=args.iterations * args.batch_size,
+        options=vars(args)), started=started)
     return summary
 
 
@@ -324,16 +395,20 @@ def load_curve(path):
     return log["episodes"], log["reward"]
 
 
+def final_reward(log, fraction=0.1):
+    """The mean reward per episode in the last `fraction` of the rows of a run's CSV log."""
+    _, reward = load_curve(log)
+    tail = reward[-max(1, math.ceil(len(reward) * fraction)):]
+    return sum(tail) / len(tail)
+
+
 def final_rewards(out, types, seeds, fraction=0.1):
     """{type: (median, 25th, 75th percentile) over seeds of the mean reward in the last
     `fraction` of each run's log}."""
     result = {}
     for network_type in types:
-        finals = []
-        for seed in seeds:
-            _, reward = load_curve(out / f"{run_name(network_type, seed)}.csv")
-            tail = reward[-max(1, math.ceil(len(reward) * fraction)):]
-            finals.append(sum(tail) / len(tail))
+        finals = [final_reward(out / f"{run_name(network_type, seed)}.csv", fraction)
+                  for seed in seeds]
         q = torch.tensor(finals).quantile(torch.tensor([0.5, 0.25, 0.75])).tolist()
         result[network_type] = tuple(q)
     return result

@@ -15,6 +15,11 @@ The network types, as the papers name them:
 
 Sizes are matched by parameter count (`matched_size`): in the maze, 100 neurons for the
 modulated types give 139 for the RNN and 100 for `plastic` (the paper used 101).
+
+Initialisation: the layer's own (w and alpha uniform in [0, 0.001), as the simplemaze code), or
+with `weight_init` w and alpha uniform in [0, weight_init) (0.01 in the original maze and
+cue-reward code); `eta_init` and `elig_rate_init` start the learned plasticity rate (type
+`plastic`, `oja`, `oja-scalar`) and eligibility rate (`retroactive`).
 """
 import torch
 from torch import nn
@@ -40,13 +45,20 @@ class Agent(nn.Module):
     (`step`), and runs a recorded episode's observations in one call of the fused sequence op
     for the loss (`forward`): both go through the same layer and parameters."""
 
-    def __init__(self, obs_size, n_actions, network_type, hidden_size, impl="auto"):
+    def __init__(self, obs_size, n_actions, network_type, hidden_size, impl="auto",
+                 weight_init=None, eta_init=0.01, elig_rate_init=0.1):
         super().__init__()
         if network_type not in NETWORK_TYPES:
             raise ValueError(f"network_type must be one of {tuple(NETWORK_TYPES)}, got "
                              f"{network_type!r}")
         self.network_type = network_type
-        self.rnn = bp.PlasticRNN(obs_size, hidden_size, impl=impl, **NETWORK_TYPES[network_type])
+        self.rnn = bp.PlasticRNN(obs_size, hidden_size, impl=impl, eta_init=eta_init,
+                                 elig_rate_init=elig_rate_init, **NETWORK_TYPES[network_type])
+        if weight_init is not None:
+            with torch.no_grad():
+                for name in ("w", "alpha"):
+                    if hasattr(self.rnn, name):
+                        getattr(self.rnn, name).uniform_(0, weight_init)
         self.policy = nn.Linear(hidden_size, n_actions)
         self.value = nn.Linear(hidden_size, 1)
         self._rollout = None  # the last recorded rollout, whose buffers the next one takes over

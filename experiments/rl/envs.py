@@ -242,14 +242,18 @@ class CueReward(_BatchedEpisodes):
     series of trials, each on its own clock per sample, of length L drawn uniformly from
     [trial_min, trial_max]. In a trial, steps 0 .. L-1:
 
-      - two of the steps 0 .. L-3, drawn uniformly, show one cue each: two distinct cues drawn
-        uniformly from the N_CUES, in random order; the other steps before GO are blank;
+      - two of the steps 0 .. L-3 (1 .. L-3 with blank_first_step), drawn uniformly, show one
+        cue each: two distinct cues drawn uniformly from the N_CUES, in random order; the other
+        steps before GO are blank;
       - step L-2 shows GO, and the action taken there is the response: 1 = "the target was
         shown", 0 = "it was not"; it earns `reward` if right, `penalty` if wrong;
       - step L-1 is blank, and its observation carries that reward as the previous reward.
 
     Actions at the other steps do nothing and earn 0. The episode ends after episode_length
     steps, cutting its last trial short.
+
+    blank_first_step=True keeps step 0 of every trial blank, as the original code's trials
+    (blank, the cues among blanks, GO, blank); it needs trial_min >= 5.
 
     fixed_cues=True is the control task: four cues are drawn once, when the environment is made,
     and every sample of every episode uses them, so weights trained across episodes can learn
@@ -278,10 +282,14 @@ class CueReward(_BatchedEpisodes):
     n_actions = 2
 
     def __init__(self, batch_size, trial_min=5, trial_max=8, reward=1.0, penalty=-1.0,
-                 episode_length=120, fixed_cues=False, device="cpu", generator=None):
+                 episode_length=120, fixed_cues=False, blank_first_step=False, device="cpu",
+                 generator=None):
         super().__init__(batch_size, episode_length, device, generator)
-        # Two cue steps, GO and the step after it need at least 4 steps.
-        _check_int("trial_min", trial_min, 4)
+        _check(isinstance(blank_first_step, bool), "blank_first_step", "True or False",
+               blank_first_step)
+        self.blank_first_step = blank_first_step
+        # Two cue steps, GO and the step after it (and the blank first step) need 4 (5) steps.
+        _check_int("trial_min", trial_min, 5 if blank_first_step else 4)
         _check_int("trial_max", trial_max, trial_min)
         _check_real("reward", reward)
         _check_real("penalty", penalty)
@@ -308,11 +316,12 @@ class CueReward(_BatchedEpisodes):
         rows, device, generator = self.batch_size, self.device, self.generator
         length = torch.randint(self.trial_min, self.trial_max + 1, (rows,), generator=generator,
                                device=device)
-        # Two distinct uniform steps among 0 .. length-3: the first two of a random order in
-        # which the steps past length-3 are sent to the end.
+        # Two distinct uniform steps among 0 (or 1) .. length-3: the first two of a random order
+        # in which the steps outside that range are sent to the end.
         steps = torch.arange(self.trial_max - 2, device=device)
         keys = torch.rand(rows, len(steps), generator=generator, device=device)
-        cue_steps = keys.masked_fill(steps >= (length - 2)[:, None], 2.0).argsort(1)[:, :2]
+        excluded = (steps >= (length - 2)[:, None]) | (self.blank_first_step & (steps == 0))
+        cue_steps = keys.masked_fill(excluded, 2.0).argsort(1)[:, :2]
         shown_cues = torch.rand(rows, self.N_CUES, generator=generator,
                                 device=device).argsort(1)[:, :2]
         self.trial_length = torch.where(starting, length, self.trial_length)

@@ -20,10 +20,15 @@ TYPES = ("rnn", "plastic", "simple", "retroactive", "fanout", "oja", "oja-scalar
 PRESETS = {
     "quick": dict(types=["rnn", "plastic", "simple", "retroactive"], seeds=[0, 1], size=9,
                   hidden=50, iterations=700, lr=1e-3, out="runs/maze"),
-    "paper": dict(types=["rnn", "plastic", "simple", "retroactive"], size=11, hidden=100,
-                  iterations=20_000, lr=1e-4, out="runs/maze-paper"),
+    # The original code's runs (maze/batch.py and its job files): a 13 x 13 grid with its
+    # border (11 x 11 inside), w and alpha from U[0, 0.01), eta and the eligibility rate 0.01,
+    # no optimizer step in the first 101 iterations, 200,000 iterations of 30 episodes.
+    "paper": dict(types=["rnn", "plastic", "simple", "retroactive"], size=13, hidden=100,
+                  iterations=200_000, lr=1e-4, weight_init=0.01, eta_init=0.01,
+                  elig_rate_init=0.01, burn_in=101, out="runs/maze-paper"),
+    # simplemaze/maze.py: 11 x 11 with the border, the layer's own U[0, 0.001), the same burn-in.
     "simplemaze": dict(types=["fanout", "rnn"], size=11, hidden=100, iterations=20_000, lr=1e-4,
-                       out="runs/simplemaze"),
+                       burn_in=101, out="runs/simplemaze"),
     "diffplast": dict(types=["oja", "oja-scalar", "rnn"], size=9, hidden=200, iterations=20_000,
                       lr=1e-4, out="runs/maze-diffplast"),
 }
@@ -32,7 +37,7 @@ PRESETS = {
 def make_parser():
     parser = a2c.make_parser(__doc__.split("\n\n")[0], TYPES, PRESETS)
     add = parser.add_argument
-    add("--size", type=int, default=11, help="maze side (odd)")
+    add("--size", type=int, default=11, help="maze side (odd), the border walls included")
     add("--rew", type=number(float), default=10.0, help="reward for reaching the reward cell")
     add("--wp", type=number(float), default=0.0, help="penalty for bumping into a wall")
     add("--episode-length", type=number(int, 1), default=200)
