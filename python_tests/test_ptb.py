@@ -43,6 +43,24 @@ ORIGINAL_COMMANDS = {
 # layer where the original has 8N (see bp.PlasticLSTM): 24,221,600 - (1150 + 1150 + 400).
 ORIGINAL_PARAMETERS = {"plastic-fanout": 24_198_893, "plastic-none": 24_190_799,
                        "lstm": 24_218_900}
+# Every flag of the original awd-lstm-lm fork's parser, with its default there (as it would be
+# typed; --save's default there is a name made of the time).
+ORIGINAL_FLAGS = {
+    "--data": "data/penn/", "--model": "PLASTICLSTM", "--alphatype": "full",
+    "--modultype": "none", "--modulout": "single", "--cliptype": "clip", "--hebboutput": "i2c",
+    "--emsize": "400", "--nhid": "1150", "--nlayers": "3", "--clipval": "2.0", "--lr": "30",
+    "--agdiv": "1150.0", "--clip": "0.25", "--epochs": "300", "--batch_size": "80",
+    "--bptt": "70", "--dropout": "0.4", "--dropouth": "0.3", "--dropouti": "0.65",
+    "--dropoute": "0.1", "--proplstm": "0.5", "--wdrop": "0.5", "--seed": "1111",
+    "--asgdtime": "-1", "--nonmono": "5", "--numgpu": "0", "--log-interval": "200",
+    "--save": "1733000000.pt", "--alpha": "2", "--beta": "1", "--wdecay": "1.2e-6",
+    "--resume": "", "--optimizer": "sgd", "--when": "-1",
+}  # and --cuda, a switch (store_false: given, CUDA off)
+# The defaults here that differ from the original's: awd-lstm-lm's epochs, the large model's
+# plasticity flags of the Backpropamine README's first command, and a fixed file name.
+DEFAULTS_CHANGED = {"alphatype": "perneuron", "modultype": "modplasth2mod", "modulout": "fanout",
+                    "agdiv": 1.0, "epochs": 8000, "save": "PTB.pt", "numgpu": None,
+                    "resume": False, "data": "data/penn"}  # data: the same folder
 TINY = ["--emsize", "16", "--nhid", "24", "--batch_size", "4", "--bptt", "10"]
 # The small preset's loss sums over the 10 steps of a TINY segment: lr 0.2 there is lr 2 here.
 SMALL_LR = ["--lr", "0.2"]
@@ -104,17 +122,116 @@ def test_small_preset_variants_have_matched_sizes():
         model = ptb_main.build_model(retro, ptb_main.PTB_VOCABULARY)
     assert ptb_main.count_parameters(model) == sizes["retroactive"][1]
     assert model.rnns[0].rule == "retroactive" and model.decoder.weight is not model.encoder.weight
+    # the paper's Eq. 2: the small models' traces in [-1, 1], the large model's in [-2, 2]
+    assert model.rnns[0].clip == 1.0 and ptb_main.parse_args([]).clipval == 2.0
 
 
 def test_flags_are_checked(corpus, tmp_path):
     with pytest.raises(SystemExit):
-        ptb_main.parse_args(["--modultype", "none", "--modulout", "fanout"])
+        ptb_main.parse_args(["--modultype", "modplasth2mod", "--modulout", "none"])
     with pytest.raises(SystemExit):
         ptb_main.parse_args(["--variant", "simple"])  # needs --preset small
     with pytest.raises(SystemExit, match=r"nowhere.*train\.txt.*getdata\.sh"):
         ptb_main.main(["--data", str(tmp_path / "nowhere")])
     with pytest.raises(SystemExit, match="--batch_size 4 must be divisible .* 3"):
         ptb_main.run(ptb_main.parse_args(["--data", str(corpus), *TINY]), 0, 3, "cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# The original's command line
+
+
+def test_every_flag_of_the_original_parses_with_its_default():
+    flags = [part for flag, value in ORIGINAL_FLAGS.items()
+             for part in (flag, *(value.split() or [value]))]  # --resume '': an empty argument
+    args = ptb_main.parse_args(flags)
+    for flag, value in ORIGINAL_FLAGS.items():
+        parsed = getattr(args, flag.lstrip("-").replace("-", "_"))
+        expected = [int(value)] if flag == "--when" else type(parsed)(value) if value else value
+        assert parsed == expected, flag
+    assert args.cuda and not args.resume and args.tied
+    # with the original's --modultype none, its --modulout is ignored: no neuromodulation
+    assert ptb_main.layer_options(args)["modulation"] == "none"
+    with torch.device("meta"):
+        ptb_main.build_model(args, ptb_main.PTB_VOCABULARY)
+    defaults = vars(ptb_main.parse_args([]))
+    for flag, value in ORIGINAL_FLAGS.items():
+        name = flag.lstrip("-").replace("-", "_")
+        here = defaults[name]
+        if name in DEFAULTS_CHANGED:
+            assert here == DEFAULTS_CHANGED[name], flag
+        elif flag == "--when":
+            assert here == [-1]
+        else:
+            assert here == type(here)(value) or here == value, flag
+
+
+def test_asgdtime_has_the_original_meaning():
+    """< 0 (the default): Merity's non-monotone trigger; > 0: after epoch asgdtime + 1; 0: never;
+    with --optimizer adam: never."""
+    def starts(flags, epoch, loss, history):
+        return ptb_main.averaging_starts(ptb_main.parse_args(flags), epoch, loss, history)
+
+    stalled = [4.0, 5.0, 4.1, 4.2, 4.3, 4.4]  # the best is 6 epochs back: 4.5 is worse
+    assert ptb_main.parse_args([]).asgdtime == -1
+    assert starts([], 7, 4.5, stalled) and not starts([], 7, 3.9, stalled)
+    assert not starts(["--nonmono", "6"], 7, 4.5, stalled)
+    assert not starts(["--asgdtime", "3"], 3, 9.0, [9.0] * 2)
+    assert starts(["--asgdtime", "3"], 4, 1.0, [9.0] * 3)
+    assert not starts(["--asgdtime", "0"], 7, 4.5, stalled)
+    assert not starts(["--optimizer", "adam"], 7, 4.5, stalled)
+    assert not starts(["--optimizer", "adam", "--asgdtime", "3"], 4, 1.0, [9.0] * 3)
+
+
+def test_when_divides_the_learning_rate_after_its_epochs():
+    args = ptb_main.parse_args(["--lr", "20", "--when", "2", "4"])
+    assert [ptb_main.epoch_lr(args, e) for e in (1, 2, 3, 4, 5)] == pytest.approx(
+        [20, 20, 2, 2, 0.2])
+    # averaged SGD restarts at --lr, as the original, divided only when it started at a --when
+    assert ptb_main.epoch_lr(args, 5, switched_after=3) == 20
+    assert ptb_main.epoch_lr(args, 5, switched_after=4) == pytest.approx(2)
+    assert ptb_main.epoch_lr(ptb_main.parse_args([]), 9) == 30  # --when -1: never
+
+
+def test_when_saves_the_model_before_dividing(corpus, tmp_path):
+    _, rows = run(corpus, tmp_path, *TINY, "--lr", "2", "--epochs", "3", "--max-batches", "2",
+                  "--when", "2")
+    assert [float(r["lr"]) for r in rows] == pytest.approx([2, 2, 0.2])
+    saved = torch.load(tmp_path / "m.pt.e2", weights_only=True)
+    assert set(saved) == {"model", "args"} and not (tmp_path / "m.pt.e1").exists()
+
+
+def test_adam_trains_and_never_averages(corpus, tmp_path):
+    result, rows = run(corpus, tmp_path, *TINY, "--optimizer", "adam", "--lr", "0.01",
+                       "--asgdtime", "1", "--epochs", "3", "--max-batches", "4")
+    checkpoint = torch.load(tmp_path / "m.checkpoint.pt", weights_only=True)
+    assert not checkpoint["asgd"] and "exp_avg" in next(iter(
+        checkpoint["optimizer"]["state"].values()))
+    assert math.isfinite(result["test_ppl"]) and len(rows) == 3
+
+
+@pytest.mark.parametrize("flags, message", [
+    *[(["--hebboutput", value], f"--hebboutput {value}: not implemented by bp.PlasticLSTM; "
+                                "supported: i2c") for value in ("h2co", "cell", "hidden")],
+    (["--cliptype", "aditya"], "--cliptype aditya: not implemented by bp.PlasticLSTM; supported: "
+                               "clip, softclip, decay, oja, retroactive"),
+    (["--cuda", "--device", "cuda:1"], "--cuda (the original's switch: CUDA off) contradicts "
+                                       "--device cuda:1"),
+    (["--numgpu", "1", "--device", "cuda:0"], "--numgpu 1 contradicts --device cuda:0"),
+])
+def test_unimplemented_values_and_contradictions_are_errors(flags, message, capsys):
+    assert_parser_error(ptb_main.parse_args, flags, message, capsys)
+
+
+@pytest.mark.parametrize("flags, device", [
+    (["--cuda"], "cpu"),  # the original's store_false: CUDA off
+    (["--cuda", "--device", "cpu", "--numgpu", "1"], "cpu"),  # --numgpu: no effect on the CPU
+    (["--device", "cuda", "--numgpu", "1"], "cuda:1"),
+    (["--device", "cuda:1", "--numgpu", "1"], "cuda:1"),
+    (["--device", "cuda:2"], "cuda:2"),
+])
+def test_device_flags(flags, device):
+    assert ptb_main.select_device(ptb_main.parse_args(flags)) == torch.device(device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,7 +260,7 @@ def test_training_lowers_the_loss(corpus, tmp_path, flags):
     assert valid[-1] < 21  # below the vocabulary size, the perplexity of a uniform guess
     assert math.isfinite(result["test_ppl"]) and result["best_valid_ppl"] == min(valid)
     assert all(float(r["tokens_per_s"]) > 0 for r in rows)
-    for name in ("m.pt", "m.checkpoint.pt", "m.png"):
+    for name in ("m.pt", "m.checkpoint.pt", "m.png", "m.json"):
         assert (tmp_path / name).stat().st_size > 0
 
 
@@ -175,6 +292,33 @@ def test_resume_continues_exactly(corpus, tmp_path):
     for state_a, state_b in zip(a["optimizer"]["state"].values(),
                                 b["optimizer"]["state"].values()):
         assert torch.equal(state_a["ax"], state_b["ax"])
+
+
+def test_the_results_file_holds_the_numbers_and_what_produced_them(corpus, tmp_path):
+    result, rows = run(corpus, tmp_path, *TINY, "--lr", "2", "--epochs", "2", "--max-batches",
+                       "3")
+    saved = json.loads((tmp_path / "m.json").read_text())
+    valid = [float(r["valid_ppl"]) for r in rows]
+    assert saved["test_ppl"] == result["test_ppl"] and math.isfinite(saved["test_ppl"])
+    assert saved["best_valid_ppl"] == min(valid) and saved["final_valid_ppl"] == valid[-1]
+    assert saved["best_epoch"] == valid.index(min(valid)) + 1
+    assert (saved["epochs_run"], saved["stopped_by"]) == (2, "epochs")
+    assert saved["train_tokens_per_s"] == pytest.approx(
+        sum(float(r["tokens_per_s"]) for r in rows) / 2)
+    assert saved["args"]["lr"] == 2 and "best model" in saved["tested"]
+    assert {"command", "commit", "torch", "machine", "date", "wall_seconds"} <= set(
+        saved["manifest"])
+
+
+def test_resume_from_a_checkpoint_given_by_path(corpus, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    flags = [*TINY, "--max-batches", "2"]
+    run(corpus, first, *flags, "--epochs", "1")
+    _, rows = run(corpus, second, *flags, "--epochs", "2", "--resume",
+                  str(first / "m.checkpoint.pt"))
+    assert [int(r["epoch"]) for r in rows] == [2]
+    assert json.loads((second / "m.json").read_text())["epochs_run"] == 2
 
 
 def test_time_sum_loss_scales_the_gradient_by_the_segment_length(corpus):

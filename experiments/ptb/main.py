@@ -1,7 +1,9 @@
 """Word-level language modelling on Penn Treebank with plastic LSTMs (Backpropamine, Miconi et al.
 ICLR 2019) on the fused ops of backpropamine_cuda: awd-lstm-lm's training (Merity et al. 2018) as
-Backpropamine's fork ran it, with its command lines unchanged, and the paper's small model
-(Table 1) behind --preset small. See experiments/ptb/README.md.
+Backpropamine's fork ran it, every flag of its parser with its meaning, and the paper's small
+model (Table 1) behind --preset small. Writes the best model, a checkpoint every epoch, a CSV log
+with its plot, and at the end a results file (<log>.json: the perplexities, the test one
+included, and what produced them). See experiments/ptb/README.md.
 
     python main.py --batch_size 6 --data data/penn --dropouti 0.4 --dropouth 0.25 --epoch 500 \
         --save PTB.pt --wdrop 0 --model PLASTICLSTM --modultype modplasth2mod --modulout fanout \
@@ -16,6 +18,7 @@ import random
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +29,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 sys.path.append(str(Path(__file__).resolve().parents[2]))  # the root, for experiments.common
 from data import Corpus, batchify, get_batch  # noqa: E402
+import backpropamine_cuda as bp  # noqa: E402
 from experiments.common import (DataError, append_csv, atomic_save, closest_size,
                                 count_parameters, load_checkpoint, number, progress, pyplot,
-                                require_extras, resume_csv, rng_states)  # noqa: E402
+                                read_csv_rows, require_extras, resume_csv, rng_states,
+                                write_json)  # noqa: E402
 from model import LanguageModel, detach_state  # noqa: E402
 
 EVAL_BATCH_SIZE, TEST_BATCH_SIZE = 10, 1  # as awd-lstm-lm
@@ -41,7 +46,8 @@ HIDDEN_STATE_POLICY = ("hidden states and traces reset at the start of every tra
 RESUME_MAY_CHANGE = ("data", "init_range", "dropout", "dropouth", "dropouti", "dropoute", "wdrop",
                      "impl", "lr", "loss", "clip", "epochs", "variable_bptt", "alpha", "beta",
                      "wdecay", "lr_decay", "lr_decay_start", "asgdtime", "nonmono", "agdiv",
-                     "device", "save", "log", "resume", "max_batches", "time_limit")
+                     "when", "device", "cuda", "numgpu", "save", "log", "log_interval", "resume",
+                     "max_batches", "time_limit", "proplstm")
 FLAGS = {"batch_size": "--batch_size"}  # awd-lstm-lm's spelling; the other flags use hyphens
 
 # The paper's small model (Table 1): defaults of --preset small, and its four variants, each a
@@ -51,7 +57,7 @@ SMALL_PRESET = dict(
     emsize=None, nhid=None, nlayers=2, tied=False, init_range=0.1, dropout=0.0, dropouth=0.0,
     dropouti=0.0, dropoute=0.0, wdrop=0.0, alpha=0.0, beta=0.0, batch_size=20, bptt=20,
     variable_bptt=False, loss="time-sum", lr=1.0, clip=5.0, epochs=13, wdecay=1e-5, lr_decay=0.4,
-    lr_decay_start=6, asgdtime=-1)
+    lr_decay_start=6, asgdtime=0, clipval=1.0)
 SMALL_VARIANTS = {
     "baseline": dict(model="MYLSTM"),
     "plastic": dict(model="PLASTICLSTM", modultype="none", modulout="none", alphatype="full",
@@ -63,6 +69,13 @@ SMALL_VARIANTS = {
 }
 SMALL_TARGET_PARAMS, PTB_VOCABULARY = 4_800_000, 10_000
 ALPHA_SHAPES = {"full": "full", "perneuron": "neuron", "single": "scalar"}
+# Values of two of the original's flags that bp.PlasticLSTM implements, and those it does not
+# (yet): the parser lists both, parse_args rejects the second, here only; move a value once the
+# ops have it. --hebboutput is the post-synaptic term of the Hebbian product: i2c, the cell
+# candidate g_t; h2co, the plastic path's pre-activation; cell, c_t; hidden, h_t. --cliptype
+# aditya lets the trace grow and clips it only where it enters the product.
+SUPPORTED = {"hebboutput": ("i2c",), "cliptype": bp.reference.RULES}
+NOT_IMPLEMENTED = {"hebboutput": ("h2co", "cell", "hidden"), "cliptype": ("aditya",)}
 
 
 def make_parser():
@@ -82,15 +95,26 @@ def make_parser():
         help="none: learned plasticity rate eta; modplasth2mod / modplastc2mod: neuromodulation "
              "computed from h_t / c_t")
     add("--modulout", choices=("none", "single", "fanout"), default="fanout",
-        help="single: one rate per sample; fanout: one per post-synaptic neuron")
+        help="single: one rate per sample; fanout: one per post-synaptic neuron (ignored with "
+             "--modultype none, as in the original)")
     add("--alphatype", choices=tuple(ALPHA_SHAPES), default="perneuron",
         help="plasticity coefficients: one per connection, per post-synaptic neuron, or one")
     add("--etatype", choices=("scalar", "full"), default="scalar",
         help="shape of the learned eta with --modultype none")
-    add("--cliptype", choices=("clip", "decay", "retroactive"), default="clip",
-        help="plasticity rule (retroactive: eligibility traces, needs neuromodulation)")
+    add("--cliptype", choices=SUPPORTED["cliptype"] + NOT_IMPLEMENTED["cliptype"],
+        default="clip",
+        help="plasticity rule, bp.PlasticLSTM's `rule` (retroactive: eligibility traces, needs "
+             "neuromodulation); the original's aditya (clip only where the trace enters the "
+             "product) is not implemented")
     add("--clipval", type=number(float, 0, strict=True), default=2.0,
-        help="bound of the Hebbian traces")
+        help="bound of the Hebbian traces (small preset: 1)")
+    add("--hebboutput", choices=SUPPORTED["hebboutput"] + NOT_IMPLEMENTED["hebboutput"],
+        default="i2c",
+        help="post-synaptic term of the Hebbian product: i2c, the cell candidate g_t, is the "
+             "one implemented (h2co, cell and hidden, the original's others, are not)")
+    add("--proplstm", type=float, default=0.5,
+        help="the original's share of LSTM cells in its split-LSTM models, which are not part "
+             "of this package: accepted, no effect")
     add("--emsize", type=number(int, 1), default=400, help="embedding size (small preset: = nhid)")
     add("--nhid", type=number(int, 1), default=1150,
         help="units per layer (small preset: the variant's matched size)")
@@ -132,19 +156,36 @@ def make_parser():
     add("--lr-decay", type=number(float, 0, strict=True), default=1.0,
         help="learning rate factor per epoch ...")
     add("--lr-decay-start", type=int, default=1, help="... from this epoch on")
-    add("--asgdtime", type=int, default=0,
-        help="> 0: switch to averaged SGD at the end of epoch asgdtime + 1; 0: when validation "
-             "stops improving (--nonmono); < 0: never")
+    add("--optimizer", choices=("sgd", "adam"), default="sgd",
+        help="adam: torch's Adam with --lr and --wdecay, never switching to averaged SGD")
+    add("--asgdtime", type=int, default=-1,
+        help="< 0: switch to averaged SGD when validation stops improving (--nonmono); > 0: at "
+             "the end of epoch asgdtime + 1; 0: never (--optimizer sgd only)")
     add("--nonmono", type=number(int, 1), default=5, help="epochs of the non-monotone ASGD trigger")
+    add("--when", type=int, nargs="+", default=[-1], metavar="EPOCH",
+        help="divide the learning rate by 10 at the end of these epochs, first saving the model "
+             "to <--save>.e<epoch>; only before the switch to averaged SGD, which restarts at "
+             "--lr, as in the original (-1: never)")
     add("--agdiv", type=number(float, 0, strict=True), default=1.0,
         help="divide the gradients of alpha by this with --alphatype perneuron or single")
     add("--seed", type=int, default=1111)
     # running
     add("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    add("--cuda", action="store_false",
+        help="the original's switch, with its meaning: given, it turns CUDA OFF (the run uses "
+             "the CPU, as --device cpu; with another --device it is an error)")
+    add("--numgpu", type=number(int, 0), metavar="N",
+        help="the original's GPU index: cuda:N when the run uses CUDA (no effect on the CPU; "
+             "under torchrun each process uses the GPU of its local rank)")
     add("--save", default="PTB.pt", help="best model (by validation); the last checkpoint goes "
                                          "to <save stem>.checkpoint.pt")
     add("--log", help="CSV of the epochs (default <save stem>.csv), plotted to the same name .png")
-    add("--resume", action="store_true", help="continue from the last checkpoint")
+    add("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+        help="continue from the last checkpoint (<save stem>.checkpoint.pt, or the one given; "
+             "'', the original's default: start afresh)")
+    add("--log-interval", type=int, default=200,
+        help="the original's report interval in batches: accepted, no effect (the progress "
+             "display shows the running perplexity)")
     add("--max-batches", type=number(int, 0), default=0,
         help="> 0: end every epoch and evaluation after this many batches (quick runs)")
     add("--time-limit", type=number(float, 0), default=0.0,
@@ -166,10 +207,19 @@ def parse_args(argv=None):
         parser.error("--variant needs --preset small")
     if args.emsize is None:
         args.emsize = args.nhid
+    for flag, values in NOT_IMPLEMENTED.items():
+        if getattr(args, flag) in values:
+            parser.error(f"--{flag} {getattr(args, flag)}: not implemented by bp.PlasticLSTM; "
+                         f"supported: {', '.join(SUPPORTED[flag])}")
+    if not args.cuda and args.device not in ("auto", "cpu"):
+        parser.error(f"--cuda (the original's switch: CUDA off) contradicts --device {args.device}")
+    if (args.numgpu is not None and args.device.startswith("cuda:")
+            and torch.device(args.device).index != args.numgpu):
+        parser.error(f"--numgpu {args.numgpu} contradicts --device {args.device}")
     if args.model == "PLASTICLSTM":
-        if (args.modultype == "none") != (args.modulout == "none"):
-            parser.error(f"--modultype {args.modultype} with --modulout {args.modulout}: "
-                         "neuromodulation needs both set (modulout single or fanout) or both none")
+        if args.modultype != "none" and args.modulout == "none":
+            parser.error(f"--modultype {args.modultype} with --modulout none: neuromodulation "
+                         "needs --modulout single or fanout")
         if args.cliptype == "retroactive" and args.modultype == "none":
             parser.error("--cliptype retroactive needs neuromodulation (--modultype "
                          "modplasth2mod or modplastc2mod)")
@@ -180,7 +230,8 @@ def layer_options(args):
     """bp.PlasticLSTM options of the Backpropamine flags."""
     if args.model == "MYLSTM":
         return dict(plastic=False, impl=args.impl)
-    modulation = {"none": "none", "single": "simple", "fanout": "fanout"}[args.modulout]
+    modulation = ("none" if args.modultype == "none" else
+                  {"single": "simple", "fanout": "fanout"}[args.modulout])
     return dict(alpha=ALPHA_SHAPES[args.alphatype], modulation=modulation,
                 modulator_input="c" if args.modultype == "modplastc2mod" else "h",
                 rule=args.cliptype, clip=args.clipval, eta_shape=args.etatype, impl=args.impl)
@@ -222,8 +273,16 @@ def bptt_length(args):
     return min(max(5, int(np.random.normal(bptt, 5))), args.bptt + 10)
 
 
-def epoch_lr(args, epoch):
-    return args.lr * args.lr_decay ** max(0, epoch - args.lr_decay_start + 1)
+def epoch_lr(args, epoch, switched_after=None):
+    """The learning rate of `epoch`: --lr, --lr-decay's factor, and 1/10 for each epoch of
+    --when before it, as the original: only before the switch to averaged SGD (at the end of
+    epoch `switched_after`, None before it), which restarts at --lr, divided once more when the
+    switch epoch is itself in --when."""
+    if switched_after is None:
+        divisions = sum(1 for e in set(args.when) if 0 < e < epoch)
+    else:
+        divisions = int(switched_after in args.when)
+    return args.lr * args.lr_decay ** max(0, epoch - args.lr_decay_start + 1) * 0.1 ** divisions
 
 
 def divided_alphas(model, args):
@@ -336,12 +395,21 @@ def averaged_weights(model, optimizer):
 
 
 def averaging_starts(args, epoch, valid_loss, history):
-    """Whether to switch to averaged SGD after this epoch: at the end of epoch asgdtime + 1, or
-    with asgdtime 0 by Merity's non-monotone trigger: the validation loss is worse than the best
-    of the epochs before the last `nonmono` (`history`: the earlier epochs' losses)."""
-    if args.asgdtime != 0:
-        return 0 < args.asgdtime < epoch
+    """Whether SGD switches to averaged SGD after this epoch: with asgdtime < 0 by Merity's
+    non-monotone trigger (the validation loss is worse than the best of the epochs before the
+    last `nonmono`; `history`: the earlier epochs' losses), with asgdtime > 0 at the end of
+    epoch asgdtime + 1, with 0 never."""
+    if args.optimizer != "sgd" or args.asgdtime == 0:
+        return False
+    if args.asgdtime > 0:
+        return args.asgdtime < epoch
     return len(history) > args.nonmono and valid_loss > min(history[:-args.nonmono])
+
+
+def make_optimizer(model, args):
+    if args.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.wdecay)
+    return torch.optim.SGD(model.parameters(), lr=args.lr, weight_decay=args.wdecay)
 
 
 def averaged_sgd(model, args):
@@ -364,7 +432,7 @@ def output_paths(args):
         if not path.parent.is_dir():
             raise SystemExit(f"{flag} {path}: the folder {path.parent} does not exist")
     return dict(save=save, checkpoint=save.with_name(save.stem + ".checkpoint.pt"), log=log,
-                plot=log.with_suffix(".png"))
+                plot=log.with_suffix(".png"), results=log.with_suffix(".json"))
 
 
 CHECKPOINT_KEYS = ("model", "optimizer", "asgd", "epoch", "best_valid", "valid_history", "rng",
@@ -408,15 +476,29 @@ def log_epoch(paths, row):
 # ----------------------------------------------------------------------------------------------
 
 
+def select_device(args):
+    """--device, where the original's --cuda (given: CUDA off) means the CPU and its --numgpu N
+    the GPU cuda:N (parse_args refuses the contradictory combinations)."""
+    if not args.cuda:
+        return torch.device("cpu")
+    device = torch.device(args.device if args.device != "auto" else
+                          "cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and args.numgpu is not None:
+        return torch.device("cuda", args.numgpu)
+    return device
+
+
 def init_distributed(args):
     """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) joins the process group:
     nccl on GPUs (one per local rank), gloo on CPUs."""
-    device = torch.device(args.device if args.device != "auto" else
-                          "cuda" if torch.cuda.is_available() else "cpu")
+    device = select_device(args)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, device
     if device.type == "cuda":
+        if args.numgpu is not None:
+            raise SystemExit("--numgpu: under torchrun each process uses the GPU of its local "
+                             "rank")
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -447,25 +529,76 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
-def run(args, rank, world, device):
-    show = rank == 0
+@dataclass
+class Run:
+    """One run's parts, and what the epoch loop carries from one epoch to the next (the state
+    a checkpoint restores)."""
+    args: argparse.Namespace
+    paths: dict
+    data: dict  # train (this process's streams), valid, test
+    model: LanguageModel
+    trained: torch.nn.Module  # the model, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer
+    world: int
+    device: torch.device
+    show: bool  # process 0: prints and writes the files
+    first_epoch: int = 1
+    best_valid: float = math.inf
+    valid_history: list = field(default_factory=list)  # validation losses before averaging
+    stopped_by: str = "epochs"  # or "time limit"
 
-    def say(*text):
-        if show:
+    def say(self, *text):
+        if self.show:
             print(*text, flush=True)
 
+
+def run(args, rank, world, device):
+    """Trains, tests the best model, writes the results file; returns the results (process 0)
+    or None (the others)."""
+    started = time.time()
+    r = set_up(args, rank, world, device)
+    train(r)
+    if not r.show:  # the test runs in one process
+        return None
+    return report(r, started)
+
+
+def set_up(args, rank, world, device):
+    """Checks the outputs, seeds, loads the data, builds the model and its optimizer, and
+    resumes from the checkpoint with --resume."""
     if args.batch_size % world:
         raise SystemExit(f"--batch_size {args.batch_size} must be divisible by the number of "
                          f"processes, {world}: each process trains on an equal slice of streams")
     paths = output_paths(args)
-    say("args:", " ".join(f"{k}={v}" for k, v in vars(args).items()))
-    if args.preset == "small":
-        say("small preset: hidden size matched to", f"{SMALL_TARGET_PARAMS:,}", "parameters:",
-            ", ".join(f"{v} {n} ({c:,})" for v, (n, c) in small_hidden_sizes(args).items()))
+    show = rank == 0
+    if show:
+        print("args:", " ".join(f"{k}={v}" for k, v in vars(args).items()))
+        if args.preset == "small":
+            print("small preset: hidden size matched to", f"{SMALL_TARGET_PARAMS:,}",
+                  "parameters:", ", ".join(f"{v} {n} ({c:,})"
+                                           for v, (n, c) in small_hidden_sizes(args).items()))
     # The same seed everywhere: every process draws the same BPTT lengths and dropout masks.
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
+    corpus, data = load_data(args, rank, world, device)
+    model = build_model(args, len(corpus), shard=(rank, world)).to(device)
+    trained = model if world == 1 else DistributedDataParallel(
+        model, device_ids=[device] if device.type == "cuda" else None)
+    r = Run(args, paths, data, model, trained, make_optimizer(model, args), world, device, show)
+    r.say(f"vocabulary {len(corpus):,}, train {corpus.train.numel():,}, valid "
+          f"{corpus.valid.numel():,}, test {corpus.test.numel():,} tokens; "
+          f"{count_parameters(model):,} parameters; {world} process(es) on {device}")
+    if args.resume:
+        restore(r)
+    if show:  # a resumed run keeps the rows of the epochs it resumes after
+        resume_csv(paths["log"], LOG_FIELDS, "epoch", r.first_epoch - 1)
+    return r
+
+
+def load_data(args, rank, world, device):
+    """The corpus, and its splits in streams on `device`: this process's slice of the
+    training streams, the validation's and the test's."""
     try:
         corpus = Corpus(args.data)
     except (FileNotFoundError, DataError) as err:
@@ -473,84 +606,115 @@ def run(args, rank, world, device):
     check_lengths(corpus, args)
     streams = args.batch_size // world
     train_data = batchify(corpus.train, args.batch_size)[:, rank * streams:(rank + 1) * streams]
-    train_data = train_data.to(device)
-    valid_data = batchify(corpus.valid, EVAL_BATCH_SIZE).to(device)
-    test_data = batchify(corpus.test, TEST_BATCH_SIZE).to(device)
+    return corpus, dict(train=train_data.to(device),
+                        valid=batchify(corpus.valid, EVAL_BATCH_SIZE).to(device),
+                        test=batchify(corpus.test, TEST_BATCH_SIZE).to(device))
 
-    model = build_model(args, len(corpus), shard=(rank, world)).to(device)
-    say(f"vocabulary {len(corpus):,}, train {corpus.train.numel():,}, valid "
-        f"{corpus.valid.numel():,}, test {corpus.test.numel():,} tokens; "
-        f"{count_parameters(model):,} parameters; {world} process(es) on {device}")
-    trained = model if world == 1 else DistributedDataParallel(
-        model, device_ids=[device] if device.type == "cuda" else None)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, weight_decay=args.wdecay)
-    first_epoch, best_valid, valid_history = 1, math.inf, []
-    if args.resume:
-        ckpt = resume_checkpoint(paths["checkpoint"], args, model)
-        if ckpt["asgd"]:
-            optimizer = averaged_sgd(model, args)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        first_epoch, best_valid = ckpt["epoch"] + 1, ckpt["best_valid"]
-        valid_history = ckpt["valid_history"]
-        say(f"resumed from {paths['checkpoint']} after epoch {ckpt['epoch']}")
-    if show:  # a resumed run keeps the rows of the epochs it resumes after
-        resume_csv(paths["log"], LOG_FIELDS, "epoch", first_epoch - 1)
 
+def restore(r):
+    """The model, the optimizer and the loop's state from the checkpoint of --resume (the one
+    next to --save, or the path given)."""
+    path = r.paths["checkpoint"] if r.args.resume is True else Path(r.args.resume)
+    ckpt = resume_checkpoint(path, r.args, r.model)
+    if ckpt["asgd"]:
+        r.optimizer = averaged_sgd(r.model, r.args)
+    r.optimizer.load_state_dict(ckpt["optimizer"])
+    r.first_epoch, r.best_valid = ckpt["epoch"] + 1, ckpt["best_valid"]
+    r.valid_history = ckpt["valid_history"]
+    r.say(f"resumed from {path} after epoch {ckpt['epoch']}")
+
+
+def train(r):
+    """The epoch loop: train, validate (keeping the best model), switch to averaged SGD or
+    divide the learning rate when due, log and checkpoint; until --epochs or --time-limit."""
+    args = r.args
     deadline = time.time() + args.time_limit if args.time_limit else None
-    for epoch in range(first_epoch, args.epochs + 1):
+    for epoch in range(r.first_epoch, args.epochs + 1):
         start = time.time()
-        lr = epoch_lr(args, epoch)
-        loss_sum, tokens, complete = train_epoch(trained, model, optimizer, train_data, lr, args,
-                                                 deadline, world, show)
+        averaging = isinstance(r.optimizer, torch.optim.ASGD)
+        lr = epoch_lr(args, epoch, len(r.valid_history) if averaging else None)
+        loss_sum, tokens, complete = train_epoch(r.trained, r.model, r.optimizer, r.data["train"],
+                                                 lr, args, deadline, r.world, r.show)
         if not complete:
-            say(f"time limit: stopped during epoch {epoch}; --resume restarts it from the "
-                f"checkpoint of epoch {epoch - 1}")
+            r.say(f"time limit: stopped during epoch {epoch}; --resume restarts it from the "
+                  f"checkpoint of epoch {epoch - 1}")
+            r.stopped_by = "time limit"
             break
         train_seconds = time.time() - start
-        totals = torch.tensor([loss_sum.item(), tokens], dtype=torch.float64, device=device)
-        if world > 1:
+        totals = torch.tensor([loss_sum.item(), tokens], dtype=torch.float64, device=r.device)
+        if r.world > 1:
             dist.all_reduce(totals)
-        with averaged_weights(model, optimizer):
-            valid_loss = evaluate(model, valid_data, args, show, "valid")
-            if valid_loss < best_valid:
-                best_valid = valid_loss
-                if show:
-                    atomic_save(dict(model=model.state_dict(), args=vars(args)), paths["save"])
-        averaging = isinstance(optimizer, torch.optim.ASGD)
-        switch = not averaging and averaging_starts(args, epoch, valid_loss, valid_history)
+        valid_loss = validate(r)
+        switch = not averaging and averaging_starts(args, epoch, valid_loss, r.valid_history)
         if not averaging:
-            valid_history.append(valid_loss)
+            r.valid_history.append(valid_loss)
         loss_total, token_total = totals.tolist()
         row = dict(epoch=epoch, train_ppl=math.exp(loss_total / token_total),
                    valid_ppl=math.exp(valid_loss), lr=lr, seconds=time.time() - start,
                    tokens_per_s=token_total / train_seconds)
-        say(f"| epoch {epoch:3d} | {row['seconds']:6.0f} s | {row['tokens_per_s']:7.0f} tok/s | "
-            f"lr {lr:.3g} | train ppl {row['train_ppl']:8.2f} | valid ppl {row['valid_ppl']:8.2f}"
-            + (" (averaged weights)" if averaging else ""))
+        r.say(f"| epoch {epoch:3d} | {row['seconds']:6.0f} s | {row['tokens_per_s']:7.0f} tok/s "
+              f"| lr {lr:.3g} | train ppl {row['train_ppl']:8.2f} | valid ppl "
+              f"{row['valid_ppl']:8.2f}" + (" (averaged weights)" if averaging else ""))
         if switch:
-            say("switching to averaged SGD")
-            optimizer = averaged_sgd(model, args)
-        if show:  # the row first: a kill before the checkpoint redoes the epoch (resume_csv)
-            log_epoch(paths, row)
-            atomic_save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                             asgd=isinstance(optimizer, torch.optim.ASGD), epoch=epoch,
-                             best_valid=best_valid, valid_history=valid_history, rng=rng_states(),
-                             args=vars(args), hidden_state_policy=HIDDEN_STATE_POLICY),
-                        paths["checkpoint"])
-        if time_is_up(deadline, world, device):
+            r.say("switching to averaged SGD")
+            r.optimizer = averaged_sgd(r.model, args)
+        if not averaging and epoch in args.when and r.show:
+            path = f"{r.paths['save']}.e{epoch}"
+            r.say(f"learning rate divided by 10 from the next epoch; the model before: {path}")
+            atomic_save(dict(model=r.model.state_dict(), args=vars(args)), path)
+        if r.show:  # the row first: a kill before the checkpoint redoes the epoch (resume_csv)
+            log_epoch(r.paths, row)
+            save_checkpoint(r, epoch)
+        if time_is_up(deadline, r.world, r.device):
+            r.stopped_by = "time limit"
             break
 
-    if not show:  # the test runs in one process
-        return None
-    if best_valid < math.inf:
-        model.load_state_dict(torch.load(paths["save"], map_location=device,
-                                         weights_only=True)["model"])
-        which = f"best model ({paths['save']})"
+
+def validate(r):
+    """The validation loss (with ASGD's averaged weights once it averages); saves the model to
+    --save when it is the best so far."""
+    with averaged_weights(r.model, r.optimizer):
+        valid_loss = evaluate(r.model, r.data["valid"], r.args, r.show, "valid")
+        if valid_loss < r.best_valid:
+            r.best_valid = valid_loss
+            if r.show:
+                atomic_save(dict(model=r.model.state_dict(), args=vars(r.args)),
+                            r.paths["save"])
+    return valid_loss
+
+
+def save_checkpoint(r, epoch):
+    atomic_save(dict(model=r.model.state_dict(), optimizer=r.optimizer.state_dict(),
+                     asgd=isinstance(r.optimizer, torch.optim.ASGD), epoch=epoch,
+                     best_valid=r.best_valid, valid_history=r.valid_history, rng=rng_states(),
+                     args=vars(r.args), hidden_state_policy=HIDDEN_STATE_POLICY),
+                r.paths["checkpoint"])
+
+
+def report(r, started):
+    """Tests the best model (the last weights when no epoch completed), prints its perplexity
+    and writes the results file beside the CSV log; returns the results."""
+    if r.best_valid < math.inf:
+        r.model.load_state_dict(torch.load(r.paths["save"], map_location=r.device,
+                                           weights_only=True)["model"])
+        which = f"best model ({r.paths['save']})"
     else:
         which = "last weights (no epoch completed)"
-    test_loss = evaluate(model, test_data, args, show, "test")
-    say(f"| end of training | test ppl {math.exp(test_loss):8.2f} | {which}")
-    return dict(test_ppl=math.exp(test_loss), best_valid_ppl=math.exp(best_valid))
+    test_ppl = math.exp(evaluate(r.model, r.data["test"], r.args, r.show, "test"))
+    r.say(f"| end of training | test ppl {test_ppl:8.2f} | {which}")
+    rows = read_csv_rows(r.paths["log"])  # the epochs of this run and of those it resumed
+    valid = [float(row["valid_ppl"]) for row in rows]
+    speeds = [float(row["tokens_per_s"]) for row in rows]
+    results = dict(
+        test_ppl=test_ppl, tested=which, best_valid_ppl=min(valid, default=None),
+        best_epoch=int(rows[valid.index(min(valid))]["epoch"]) if rows else None,
+        final_valid_ppl=valid[-1] if rows else None,
+        epochs_run=int(rows[-1]["epoch"]) if rows else 0, stopped_by=r.stopped_by,
+        train_tokens_per_s=sum(speeds) / len(speeds) if rows else None,
+        log=str(r.paths["log"]), args=vars(r.args))
+    write_json(r.paths["results"], results, started=started)
+    r.say(f"results: {r.paths['results']}")
+    return results
 
 
 if __name__ == "__main__":
