@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Checks that the numbers of README tables and paragraphs come from the results files they cite.
 
-The convention. A line holding only an HTML comment
+The convention. An HTML comment at the start of a line (it may span lines)
 
     <!-- numbers: results/quick-evaluation.csv results/quick-*.json -->
 
@@ -47,7 +47,7 @@ import sys
 from decimal import Decimal
 from pathlib import Path
 
-MARKER = re.compile(r"^\s*<!--\s*numbers:(?P<body>.*?)-->\s*$")
+MARKER_START = re.compile(r"^\s*<!--\s*numbers:")
 NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?")
 UNIT = re.compile(r"\s*(%|ms|min|minutes?|h|hours?|s|seconds?)(?![\w])")
 MINUTES_SECONDS = re.compile(r"(?<![\w.])(\d+) min (\d+) s(?![\w])")
@@ -119,15 +119,19 @@ def table_cells(row):
 
 
 def blocks(lines):
-    """(line number of the marker, its body, [(line number, text to check)]) for each marker;
-    the list is empty when no block follows the marker."""
-    fenced = False
-    for i, line in enumerate(lines):
-        if line.lstrip().startswith("```"):
+    """(line number of the citation, its text, [(line number, text to check)]) for each
+    citation; the list is empty when no block follows it."""
+    fenced, i = False, 0
+    while i < len(lines):
+        if lines[i].lstrip().startswith("```"):
             fenced = not fenced
-        marker = None if fenced else MARKER.match(line)
-        if not marker:
+        if fenced or not MARKER_START.match(lines[i]):
+            i += 1
             continue
+        start, body = i, lines[i].split("numbers:", 1)[1]
+        while "-->" not in body and i + 1 < len(lines):  # a citation may span lines
+            i += 1
+            body += " " + lines[i]
         j = i + 1
         while j < len(lines) and not lines[j].strip():
             j += 1
@@ -138,10 +142,11 @@ def blocks(lines):
                 k += 1
             block = [(n + 1, " | ".join(table_cells(lines[n]))) for n in range(j + 2, k)]
         else:
-            while j < len(lines) and lines[j].strip() and not MARKER.match(lines[j]):
+            while j < len(lines) and lines[j].strip() and not MARKER_START.match(lines[j]):
                 block.append((j + 1, lines[j]))
                 j += 1
-        yield i + 1, marker.group("body"), block
+        yield start + 1, body.split("-->", 1)[0], block
+        i += 1
 
 
 def file_values(path):
