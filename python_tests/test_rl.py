@@ -26,6 +26,7 @@ import agents  # noqa: E402
 import cue_reward  # noqa: E402
 import envs  # noqa: E402
 import maze  # noqa: E402
+import summarize  # noqa: E402
 
 TASKS = {"maze": maze, "cue_reward": cue_reward}
 # A small, fast setting of either task's flags.
@@ -309,6 +310,30 @@ def test_script_end_to_end(task, tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["final_reward"]["rnn"]["median"] == pytest.approx(summary["rnn"][0])
     assert set(results["final_reward"]["retroactive"]["per_seed"]) == {"0", "1"}
+
+
+def test_summarize_by_hand(tmp_path):
+    """summarize.py on hand-written logs: the last 10% of the rows (at least one), the
+    quartiles over seeds, the training time over two sessions, the first episode count above
+    the threshold, and the logs cut at --episodes."""
+    rewards = {0: [0, 1, 2, 9, 4, 5, 6, 7, 8, 9, 10, 20], 1: [1] * 12, 2: [3] * 12}
+    seconds = [1, 2, 3, 4, 5, 6, 1, 2, 3, 4, 5, 6]  # resumed after the 6th row
+    for seed, reward in rewards.items():
+        rows = ["iteration,episodes,reward,loss,seconds"] + [
+            f"{i + 1},{(i + 1) * 30},{r},0.5,{seconds[i]}" for i, r in enumerate(reward)]
+        (tmp_path / f"simple-seed{seed}.csv").write_text("\n".join(rows) + "\n")
+    summary = summarize.main([str(tmp_path), "--threshold", "5"])
+    seed0 = summary["simple"]["seeds"][0]
+    assert seed0["final_reward"] == 15  # the last 2 of 12 rows
+    assert (seed0["episodes"], seed0["minutes"], seed0["first_episodes_above"]) == (360, 0.2, 120)
+    assert summary["simple"]["seeds"][1]["first_episodes_above"] is None
+    assert (summary["simple"]["median"], summary["simple"]["q25"], summary["simple"]["q75"]) == (
+        3, 2, 9)
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written["types"]["simple"]["median"] == 3 and "manifest" in written
+    cut = summarize.main([str(tmp_path), "--episodes", "150"])["simple"]["seeds"][0]
+    assert (cut["final_reward"], cut["episodes"], cut["minutes"]) == (4, 150, 5 / 60)
+    assert (tmp_path / "summary-150-episodes.json").is_file()
 
 
 def test_cue_reward_task_flags_reach_the_environment():

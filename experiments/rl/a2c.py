@@ -395,11 +395,15 @@ def load_curve(path):
     return log["episodes"], log["reward"]
 
 
+def mean_of_last(values, fraction=0.1):
+    """The mean of the last `fraction` of `values` (at least the last one)."""
+    tail = values[-max(1, math.ceil(len(values) * fraction)):]
+    return sum(tail) / len(tail)
+
+
 def final_reward(log, fraction=0.1):
     """The mean reward per episode in the last `fraction` of the rows of a run's CSV log."""
-    _, reward = load_curve(log)
-    tail = reward[-max(1, math.ceil(len(reward) * fraction)):]
-    return sum(tail) / len(tail)
+    return mean_of_last(load_curve(log)[1], fraction)
 
 
 def final_rewards(out, types, seeds, fraction=0.1):
