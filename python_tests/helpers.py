@@ -321,3 +321,22 @@ def assert_parser_error(parse, flags, message, capsys):
     with pytest.raises(SystemExit):
         parse(flags)
     assert message in capsys.readouterr().err
+
+
+# Argument validation (test_validation_*.py): c10's way of printing sizes, inputs that break one
+# requirement, and the ops that come as a sequence op and a step op.
+
+def shape_str(shape):
+    """How c10 prints sizes: [2, 5]."""
+    return "[" + ", ".join(str(s) for s in shape) + "]"
+
+
+def non_contiguous(t):
+    """Same values and shape, every stride doubled."""
+    nc = torch.stack([t, t], dim=-1)[..., 0]
+    assert not nc.is_contiguous()
+    return nc
+
+
+# The RNN and LSTM ops come as a sequence op and a step op that share their checks.
+SEQUENCE_OR_STEP = pytest.mark.parametrize("op", ["sequence", "step"])
