@@ -14,6 +14,9 @@ paper's figure) go after `except:`, as written in the text:
 
     <!-- numbers: results/paper-plastic-seed0.csv except: 1000 5 3e-4 -->
 
+Cite the smallest files that hold a block's numbers (the evaluation, not the training log): any
+value of a cited file can match, and a long log holds many values.
+
 Every other number of the block must be found in the cited files within the rounding it is
 shown with (46.5% matches 0.4647; 0.057 matches 0.0571), through its unit:
 
