@@ -17,8 +17,8 @@ paper's figure) go after `except:`, as written in the text:
 Cite the smallest files that hold a block's numbers (the evaluation, not the training log): any
 value of a cited file can match, and a long log holds many values.
 
-Every other number of the block must be found in the cited files within the rounding it is
-shown with (46.5% matches 0.4647; 0.057 matches 0.0571), through its unit:
+Every number of the block not listed after `except:` must be found in the cited files, within
+the rounding it is shown with (46.5% matches 0.4647; 0.057 matches 0.0571), through its unit:
 
     42, 0.057, 1,000, 3e-4   the value itself
     46.5%                    a fraction × 100
