@@ -65,9 +65,8 @@ UNIT_NAMES = {"minute": "min", "minutes": "min", "hour": "h", "hours": "h", "sec
 class Shown:
     """A number as the text shows it: its value, the unit it is read with, its rounding."""
 
-    def __init__(self, text, value, unit, tolerance, line):
-        self.text, self.value, self.unit, self.tolerance, self.line = (
-            text, value, unit, tolerance, line)
+    def __init__(self, text, value, unit, tolerance):
+        self.text, self.value, self.unit, self.tolerance = text, value, unit, tolerance
 
     def matches(self, candidate):
         return abs(candidate - self.value) <= self.tolerance * (1 + 1e-9) + 1e-12
@@ -84,19 +83,17 @@ def is_name(text, start, end):
     after = text[end] if end < len(text) else " "
     if after.isalnum() or after == "_" or (after == "." and text[end + 1:end + 2].isalnum()):
         return not UNIT.match(text, end)
-    if before.isalnum() or before in "_./":
-        return True
-    if text[start] == "-":  # a minus sign, unless glued to a word (paper-1200)
-        return before.isalnum()
-    return before == "-" and start >= 2 and (text[start - 2].isalpha() or text[start - 2] in "_")
+    if text[start] == "-":  # a minus sign or a range's dash (1-2%), unless after a word (a-12)
+        return before.isalpha() or before in "_./"
+    return before.isalnum() or before in "_./"
 
 
-def numbers_in(text, line, exempt):
+def numbers_in(text, exempt):
     """The checked numbers of one line of text (see the module's docstring)."""
     text = NOT_TEXT.sub(" ", text)
     found = []
     for m in MINUTES_SECONDS.finditer(text):
-        found.append(Shown(m.group(0), 60 * int(m.group(1)) + int(m.group(2)), "s", 0.5, line))
+        found.append(Shown(m.group(0), 60 * int(m.group(1)) + int(m.group(2)), "s", 0.5))
     text = MINUTES_SECONDS.sub(" ", text)
     for m in NUMBER.finditer(text):
         if is_name(text, m.start(), m.end()):
@@ -111,7 +108,7 @@ def numbers_in(text, line, exempt):
         if number in exempt or written in exempt:
             continue
         found.append(Shown(written if unit == "%" else number + (f" {unit}" if unit else ""),
-                           float(number.replace(",", "")), unit, half_last_digit(number), line))
+                           float(number.replace(",", "")), unit, half_last_digit(number)))
     return found
 
 
@@ -199,7 +196,7 @@ def check_file(markdown):
         values = [v for path in paths for v in file_values(path)]
         names = ", ".join(patterns)
         for line_number, text in block:
-            for shown in numbers_in(text, line_number, exempt):
+            for shown in numbers_in(text, exempt):
                 checked += 1
                 candidates = [v * scale for v in values for scale in SCALES[shown.unit]]
                 if not any(shown.matches(c) for c in candidates):
