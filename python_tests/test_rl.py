@@ -253,7 +253,8 @@ def test_time_limit_stops_at_a_checkpoint_and_resume_finishes(tmp_path):
     result = json.loads((limited / "rnn-seed0.json").read_text())
     reached = result["iterations"]
     assert not result["finished"] and reached > 0 and reached % 4 == 0  # --save-every 4
-    assert torch.load(limited / "rnn-seed0.checkpoint.pt", weights_only=True)["iteration"] == reached
+    checkpoint = torch.load(limited / "rnn-seed0.checkpoint.pt", weights_only=True)
+    assert checkpoint["iteration"] == reached
     assert int(log_rows_without_timings(limited / "rnn-seed0.csv")[-1]["iteration"]) == reached
     assert not (limited / "results.json").exists()
     target = str(reached + 4)
@@ -334,6 +335,31 @@ def test_summarize_by_hand(tmp_path):
     cut = summarize.main([str(tmp_path), "--episodes", "150"])["simple"]["seeds"][0]
     assert (cut["final_reward"], cut["episodes"], cut["minutes"]) == (4, 150, 5 / 60)
     assert (tmp_path / "summary-150-episodes.json").is_file()
+
+
+# The README's result tables: (summary file under experiments/rl/results, how a row writes a
+# type's median and quartiles).
+README_TABLES = [
+    ("maze/summary.json", "{median:.1f} ({q25:.1f}-{q75:.1f})"),
+    ("maze-other/summary.json", "{median:.1f} ({q25:.1f}-{q75:.1f})"),
+    ("maze-paper/summary.json", "| {median:.1f} |"),
+    ("cue-reward-short/summary.json", "{median:.2f} ({q25:.2f} to {q75:.2f})"),
+    ("cue-reward-standard/summary.json", "{median:.2f} ({q25:.2f} to {q75:.2f})"),
+    ("cue-reward-standard/summary-200000-episodes.json", "{median:.2f} ({q25:.2f} to {q75:.2f})"),
+    ("cue-reward-fixed/summary.json", "{type} {median:.2f}"),
+]
+
+
+@pytest.mark.parametrize("summary, row", README_TABLES)
+def test_readme_tables_quote_their_summary_files(summary, row):
+    """Each type's numbers in the README's result tables are those of the committed
+    summary.json the table cites (rounded as the table writes them)."""
+    readme = (RL / "README.md").read_text().replace("**", "")
+    assert f"results/{summary}" in readme or summary.split("/")[1] in readme, summary
+    types = json.loads((RL / "results" / summary).read_text())["types"]
+    for network_type, result in types.items():
+        quoted = row.format(type=network_type, **result)
+        assert quoted in readme, f"{summary} {network_type}: {quoted} not in the README"
 
 
 def test_cue_reward_task_flags_reach_the_environment():
