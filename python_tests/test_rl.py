@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -243,16 +244,26 @@ def test_burn_in_takes_no_optimizer_step(tmp_path):
     assert len(log_rows_without_timings(tmp_path / "burn-in" / "simple-seed3.csv")) == 2
 
 
-def test_time_limit_stops_at_a_checkpoint_and_resume_finishes(tmp_path):
+def test_time_limit_stops_at_a_checkpoint_and_resume_finishes(tmp_path, monkeypatch):
     """Past --time-limit a run stops at its next checkpoint (its JSON says how far it got);
     --resume then finishes it with the logs of an uninterrupted run."""
+    iterations, real_train_iteration = [0], a2c.train_iteration
+
+    def counted(*args, **kwargs):
+        iterations[0] += 1
+        return real_train_iteration(*args, **kwargs)
+
+    # a2c's clock jumps an hour ahead after 6 iterations: past the limit during iteration 7.
+    clock = types.SimpleNamespace(time=lambda: time.time() + 3600 * (iterations[0] >= 6))
+    monkeypatch.setattr(a2c, "train_iteration", counted)
+    monkeypatch.setattr(a2c, "time", clock)
     common = [*TINY, "--types", "rnn", "--seeds", "0"]
     limited = tmp_path / "limited"
-    assert maze.main([*common, "--iterations", "100000", "--time-limit", "1",
+    assert maze.main([*common, "--iterations", "100000", "--time-limit", "60",
                       "--out", str(limited)]) is None
     result = json.loads((limited / "rnn-seed0.json").read_text())
     reached = result["iterations"]
-    assert not result["finished"] and reached > 0 and reached % 4 == 0  # --save-every 4
+    assert not result["finished"] and reached == 8  # the first checkpoint (--save-every 4)
     checkpoint = torch.load(limited / "rnn-seed0.checkpoint.pt", weights_only=True)
     assert checkpoint["iteration"] == reached
     assert int(log_rows_without_timings(limited / "rnn-seed0.csv")[-1]["iteration"]) == reached
