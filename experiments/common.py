@@ -357,16 +357,23 @@ def cpu_model():
 
 def manifest(started=None):
     """What produced a result file: the command line, the package's environment variables (e.g.
-    BACKPROPAMINE_SEQUENCE_PATH), the commit, the versions, the machine, the date and, given the
-    time.time() the work `started` at, its wall time in seconds."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
+    BACKPROPAMINE_SEQUENCE_PATH), the commit (and whether tracked files differed from it), the
+    versions, the machine, the date and, given the time.time() the work `started` at, its wall
+    time in seconds."""
+    def git(*command):
+        try:
+            return subprocess.run(["git", *command], capture_output=True, text=True, timeout=10,
+                                  cwd=Path(__file__).resolve().parent).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = git("rev-parse", "HEAD")
     environment = {k: v for k, v in os.environ.items() if k.startswith("BACKPROPAMINE_")}
+    # dirty: tracked files differed from the commit when the file was written.
     record = dict(command=[sys.executable, *sys.argv], environment=environment,
-                  commit=commit or None, torch=torch.__version__,
+                  commit=commit or None,
+                  dirty=bool(git("status", "--porcelain", "--untracked-files=no")) if commit
+                  else None, torch=torch.__version__,
                   python=platform.python_version(),
                   machine=dict(cpu=cpu_model(), cpu_count=os.cpu_count(),
                                torch_threads=torch.get_num_threads()),

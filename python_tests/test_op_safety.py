@@ -9,7 +9,7 @@ kernels in the CPU emulator, and the GPU when there is one):
 * autocast: the ops run in float32 under torch.autocast (as PyTorch's recurrent ops do), so
   mixed-precision code works unchanged.
 
-Argument validation (shapes, dtypes, devices, contiguity) is in test_validation.py.
+Argument validation (shapes, dtypes, devices, contiguity) is in the test_validation_*.py files.
 """
 import pytest
 import torch
