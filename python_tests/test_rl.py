@@ -337,14 +337,15 @@ def test_summarize_by_hand(tmp_path):
     summary = summarize.main([str(tmp_path), "--threshold", "5"])
     seed0 = summary["simple"]["seeds"][0]
     assert seed0["final_reward"] == 15  # the last 2 of 12 rows
-    assert (seed0["episodes"], seed0["minutes"], seed0["first_episodes_above"]) == (360, 0.2, 120)
+    assert (seed0["episodes"], seed0["training_seconds"], seed0["first_episodes_above"]) == (
+        360, 12, 120)
     assert summary["simple"]["seeds"][1]["first_episodes_above"] is None
     assert (summary["simple"]["median"], summary["simple"]["q25"], summary["simple"]["q75"]) == (
         3, 2, 9)
     written = json.loads((tmp_path / "summary.json").read_text())
     assert written["types"]["simple"]["median"] == 3 and "manifest" in written
     cut = summarize.main([str(tmp_path), "--episodes", "150"])["simple"]["seeds"][0]
-    assert (cut["final_reward"], cut["episodes"], cut["minutes"]) == (4, 150, 5 / 60)
+    assert (cut["final_reward"], cut["episodes"], cut["training_seconds"]) == (4, 150, 5)
     assert (tmp_path / "summary-150-episodes.json").is_file()
 
 

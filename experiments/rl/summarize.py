@@ -1,6 +1,6 @@
 """The numbers the README quotes, from a results folder's CSV logs: per network type, the final
 reward of each seed (mean reward per episode over the last 10% of its log rows, as the training
-scripts print), their median and quartiles, the minutes each run trained (all its sessions),
+scripts print), their median and quartiles, the seconds each run trained (all its sessions),
 and with --threshold the first episode count at which each seed's logged reward exceeded it.
 Writes <folder>/summary.json (summary-<N>-episodes.json with --episodes N: the logs cut at N
 episodes).
@@ -31,7 +31,7 @@ def training_seconds(seconds):
 
 
 def summarize(folder, threshold=None, episodes=None, fraction=0.1):
-    """{type: {median, q25, q75, seeds: {seed: {final_reward, episodes, minutes[,
+    """{type: {median, q25, q75, seeds: {seed: {final_reward, episodes, training_seconds[,
     first_episodes_above]}}}} of every <type>-seed<k>.csv in `folder`."""
     runs = {}
     for log in sorted(Path(folder).glob("*-seed*.csv")):
@@ -40,7 +40,7 @@ def summarize(folder, threshold=None, episodes=None, fraction=0.1):
         keep = [i for i, e in enumerate(columns["episodes"]) if episodes is None or e <= episodes]
         run = dict(final_reward=mean_of_last([columns["reward"][i] for i in keep], fraction),
                    episodes=int(columns["episodes"][keep[-1]]),
-                   minutes=training_seconds(columns["seconds"][:keep[-1] + 1]) / 60)
+                   training_seconds=training_seconds(columns["seconds"][:keep[-1] + 1]))
         if threshold is not None:
             run["first_episodes_above"] = next(
                 (int(columns["episodes"][i]) for i in keep if columns["reward"][i] > threshold),
