@@ -181,15 +181,6 @@ struct SegmentTraces {
   T* slot(int64_t t) const { return recomputed + (t - start - 1) * trace_size; }
 };
 
-// The four callables of backward_schedule, for a caller that has them as lambdas.
-template <class Load, class Adjoints, class MatvecDone, class RuleDone>
-struct ScheduleSteps {
-  Load load_segment;
-  Adjoints adjoints;
-  MatvecDone matvec_done;
-  RuleDone rule_done;
-};
-
 // The backward's schedule over the steps (ops/trace_sequence.h describes the passes):
 //   ops.load_segment(k)     recompute segment k's traces (and select it in the SegmentTraces)
 //   ops.adjoints(t, s)      one sweep: the matvec adjoint of step t (t > 0) and the rule adjoint

@@ -38,10 +38,6 @@ inline CellSequences cell_sequences(const LstmConfig& lc, const Tensor& h0,
   return {h0, seq.out, post, lc.modulate_c ? seq.c_seq : seq.out};
 }
 
-inline bool whole_sequence(const auto& be, const PlasticConfig& c, int64_t itemsize) {
-  return be.whole_sequence(Cell::Lstm, c.B, c.N, c.modes.rule == Rule::Retroactive, itemsize);
-}
-
 // Gradients of the gate parameters and of x, and h_0's through step 1's gates i, f, o, from the
 // pre-activation gradients of all steps: g_u (gate g) and g_ifo (gates i, f, o).
 inline Tensors<4> gate_grads(const Tensor& h0, const Tensor& out, const LstmWeights& lw,
@@ -60,10 +56,10 @@ inline Tensors<4> gate_grads(const Tensor& h0, const Tensor& out, const LstmWeig
 template <typename T, class Backend>
 Tensors<9> sequence_forward(const Backend& be, const LstmConfig& lc, const PlasticInputs& in,
                             const Tensor& x, const Tensor& h0, const Tensor& c0,
-                            const LstmWeights& lw, int64_t L) {
+                            const LstmWeights& lw, int64_t L, bool whole) {
   const PlasticConfig& c = lc.plastic;
   if constexpr (Backend::kWholeSequence) {
-    if (whole_sequence(be, c, sizeof(T))) {
+    if (whole) {
       const LstmCellInputs cell{c0, lw.h2g_weight, lw.h2g_bias, lc.modulate_c};
       WholeForward f = whole_sequence_forward<T>(be, c, in, x, h0, std::nullopt, &cell, L);
       return {f.out, f.c_seq, f.hebb_T, f.elig_T, f.m, f.eta_seq, f.gates, f.ckpt_h, f.ckpt_e};
@@ -102,10 +98,11 @@ template <typename T, class Backend>
 Tensors<15> sequence_backward(const Backend& be, const LstmConfig& lc, const PlasticInputs& in,
                               const OptTensor& grad_out, const OptTensor& grad_c,
                               const TraceSaved& saved, const Tensor& h0, const Tensor& c0,
-                              const LstmWeights& lw, const LstmSequences& seq, int64_t L) {
+                              const LstmWeights& lw, const LstmSequences& seq, int64_t L,
+                              bool whole) {
   const PlasticConfig& c = lc.plastic;
   if constexpr (Backend::kWholeSequence) {
-    if (whole_sequence(be, c, sizeof(T))) {
+    if (whole) {
       const LstmCellInputs cell{c0, lw.h2g_weight, lw.h2g_bias, lc.modulate_c};
       const LstmCellSaved cell_saved{seq.c_seq, seq.gates, grad_c};
       const WholeBackward w = whole_sequence_backward<T>(be, c, in, grad_out, saved, h0, seq.out,
@@ -184,9 +181,11 @@ Tensors<9> plastic_lstm_sequence(
   const LstmConfig lc = check_lstm_inputs(op, x, 4, h0, c0, h2g_weight, h2g_bias, in, rule, clip,
                                           modulator_input, true);
   check_checkpoint_every(op, checkpoint_every);
+  const Backend be(x.options());
+  const bool whole = takes_whole_sequence(be, Cell::Lstm, lc.plastic, x);
   return dispatch_float(x, op, [&]<typename T>() {
-    return lstm_detail::sequence_forward<T>(Backend(x.options()), lc, in, x, h0, c0,
-                                            {h2g_weight, h2g_bias}, checkpoint_every);
+    return lstm_detail::sequence_forward<T>(be, lc, in, x, h0, c0, {h2g_weight, h2g_bias},
+                                            checkpoint_every, whole);
   });
 }
 
@@ -215,11 +214,12 @@ Tensors<15> plastic_lstm_sequence_backward(
                             checkpoint_every});
   const TraceSaved saved{m, eta_seq, hebb_checkpoints, elig_checkpoints,
                          grad_hebb, grad_elig, grad_m};
+  const Backend be(out.options());
+  const bool whole = takes_whole_sequence(be, Cell::Lstm, c, out);
   return dispatch_float(out, op, [&]<typename T>() {
-    return lstm_detail::sequence_backward<T>(Backend(out.options()), lc, in, grad_out, grad_c,
-                                             saved, h0, c0,
+    return lstm_detail::sequence_backward<T>(be, lc, in, grad_out, grad_c, saved, h0, c0,
                                              {h2g_weight, h2g_bias}, {out, c_seq, gates},
-                                             checkpoint_every);
+                                             checkpoint_every, whole);
   });
 }
 
@@ -236,10 +236,12 @@ Tensors<7> plastic_lstm_step(
                          fanout_weight, fanout_bias};
   const LstmConfig lc = check_lstm_inputs(op, x, 4, h, c, h2g_weight, h2g_bias, in, rule, clip,
                                           modulator_input, false);
+  const Backend be(x.options());
+  const bool whole = takes_whole_sequence(be, Cell::Lstm, lc.plastic, x);
   auto [out, c_seq, hebb_new, elig_new, m, eta_seq, gates, ckpt_h, ckpt_e] =
       dispatch_float(x, op, [&]<typename T>() {
-    return lstm_detail::sequence_forward<T>(Backend(x.options()), lc, in, x.unsqueeze(0), h,
-                                            c, {h2g_weight, h2g_bias}, 1);
+    return lstm_detail::sequence_forward<T>(be, lc, in, x.unsqueeze(0), h, c,
+                                            {h2g_weight, h2g_bias}, 1, whole);
   });
   // eta_t (B, N) is kept for the backward only when the rate is computed by the modulator.
   Tensor eta_t = eta_seq.numel() > 0 ? eta_seq.squeeze(0) : at::empty({0}, x.options());
@@ -275,10 +277,12 @@ Tensors<15> plastic_lstm_step_backward(
   const Tensor no_ckpt = at::empty({0, pc.B, pc.N, pc.N}, h_new.options());
   const Tensor eta_seq = eta_t.numel() > 0 ? eta_t.unsqueeze(0) : eta_t;
   const TraceSaved saved{m_seq, eta_seq, no_ckpt, no_ckpt, grad_hebb, grad_elig, g_m};
+  const Backend be(h_new.options());
+  const bool whole = takes_whole_sequence(be, Cell::Lstm, pc, h_new);
   auto grads = dispatch_float(h_new, op, [&]<typename T>() {
-    return lstm_detail::sequence_backward<T>(Backend(h_new.options()), lc, in, g_out, g_c,
-                                             saved, h, c, {h2g_weight, h2g_bias},
-                                             {out, c_seq, gates_seq}, 1);
+    return lstm_detail::sequence_backward<T>(be, lc, in, g_out, g_c, saved, h, c,
+                                             {h2g_weight, h2g_bias}, {out, c_seq, gates_seq}, 1,
+                                             whole);
   });
   std::get<0>(grads) = std::get<0>(grads).squeeze(0);
   return grads;

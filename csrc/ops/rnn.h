@@ -29,10 +29,9 @@ inline void cell_forward(Tensor& h, const Tensor& x, const Tensor& u, const OptT
 template <typename T, class Backend>
 Tensors<7> sequence_forward(const Backend& be, const PlasticConfig& c, const PlasticInputs& in,
                             const Tensor& x, const Tensor& h0, const OptTensor& clamp,
-                            int64_t L) {
+                            int64_t L, bool whole) {
   if constexpr (Backend::kWholeSequence) {
-    if (be.whole_sequence(Cell::Tanh, c.B, c.N, c.modes.rule == Rule::Retroactive,
-                          sizeof(T))) {
+    if (whole) {
       WholeForward f = whole_sequence_forward<T>(be, c, in, x, h0, clamp, nullptr, L);
       return {f.out, f.hebb_T, f.elig_T, f.m, f.eta_seq, f.ckpt_h, f.ckpt_e};
     }
@@ -51,10 +50,9 @@ template <typename T, class Backend>
 Tensors<12> sequence_backward(const Backend& be, const PlasticConfig& c,
                               const PlasticInputs& in, const OptTensor& grad_out,
                               const TraceSaved& saved, const Tensor& h0, const Tensor& out,
-                              const OptTensor& clamp, int64_t L) {
+                              const OptTensor& clamp, int64_t L, bool whole) {
   if constexpr (Backend::kWholeSequence) {
-    if (be.whole_sequence(Cell::Tanh, c.B, c.N, c.modes.rule == Rule::Retroactive,
-                          sizeof(T))) {
+    if (whole) {
       const WholeBackward w =
           whole_sequence_backward<T>(be, c, in, grad_out, saved, h0, out, clamp, nullptr, nullptr,
                                      L);
@@ -146,9 +144,10 @@ Tensors<7> plastic_rnn_sequence(
   const PlasticConfig c = check_rnn_inputs(op, x, h0, in, rule, clip, true);
   check_checkpoint_every(op, checkpoint_every);
   check_clamp(op, clamp, x);
+  const Backend be(x.options());
+  const bool whole = takes_whole_sequence(be, Cell::Tanh, c, x);
   return dispatch_float(x, op, [&]<typename T>() {
-    return rnn_detail::sequence_forward<T>(Backend(x.options()), c, in, x, h0, clamp,
-                                           checkpoint_every);
+    return rnn_detail::sequence_forward<T>(be, c, in, x, h0, clamp, checkpoint_every, whole);
   });
 }
 
@@ -173,9 +172,11 @@ Tensors<12> plastic_rnn_sequence_backward(
                             &elig_checkpoints, checkpoint_every});
   const TraceSaved saved{m, eta_seq, hebb_checkpoints, elig_checkpoints,
                          grad_hebb, grad_elig, grad_m};
+  const Backend be(out.options());
+  const bool whole = takes_whole_sequence(be, Cell::Tanh, c, out);
   return dispatch_float(out, op, [&]<typename T>() {
-    return rnn_detail::sequence_backward<T>(Backend(out.options()), c, in, grad_out, saved, h0,
-                                            out, clamp, checkpoint_every);
+    return rnn_detail::sequence_backward<T>(be, c, in, grad_out, saved, h0, out, clamp,
+                                            checkpoint_every, whole);
   });
 }
 
@@ -191,10 +192,12 @@ Tensors<5> plastic_rnn_step(
                          fanout_weight, fanout_bias};
   const PlasticConfig c = check_rnn_inputs(op, x, h, in, rule, clip, false);
   check_clamp(op, clamp, x);
+  const Backend be(x.options());
+  const bool whole = takes_whole_sequence(be, Cell::Tanh, c, x);
   auto [out, hebb_new, elig_new, m, eta_seq, ckpt_h, ckpt_e] =
       dispatch_float(x, op, [&]<typename T>() {
-    return rnn_detail::sequence_forward<T>(Backend(x.options()), c, in, x.unsqueeze(0), h,
-                                           unsqueeze0(clamp), 1);
+    return rnn_detail::sequence_forward<T>(be, c, in, x.unsqueeze(0), h, unsqueeze0(clamp), 1,
+                                           whole);
   });
   // eta_t (B, N) is kept for the backward only when the rate is computed by the modulator.
   Tensor eta_t = eta_seq.numel() > 0 ? eta_seq.squeeze(0) : at::empty({0}, x.options());
@@ -224,10 +227,11 @@ Tensors<12> plastic_rnn_step_backward(
   const Tensor m_seq = m.unsqueeze(0);
   const OptTensor grad_m_seq = unsqueeze0(grad_m);
   const TraceSaved saved{m_seq, eta_seq, no_ckpt, no_ckpt, grad_hebb, grad_elig, grad_m_seq};
+  const Backend be(h_new.options());
+  const bool whole = takes_whole_sequence(be, Cell::Tanh, c, h_new);
   auto grads = dispatch_float(h_new, op, [&]<typename T>() {
-    return rnn_detail::sequence_backward<T>(Backend(h_new.options()), c, in,
-                                            unsqueeze0(grad_h_new), saved, h,
-                                            h_new.unsqueeze(0), unsqueeze0(clamp), 1);
+    return rnn_detail::sequence_backward<T>(be, c, in, unsqueeze0(grad_h_new), saved, h,
+                                            h_new.unsqueeze(0), unsqueeze0(clamp), 1, whole);
   });
   std::get<0>(grads) = std::get<0>(grads).squeeze(0);
   return grads;

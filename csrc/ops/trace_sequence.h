@@ -18,6 +18,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "../checks.h"
 #include "../ops.h"
@@ -238,134 +239,177 @@ struct TraceSaved {
   const OptTensor& grad_m;
 };
 
-// `finish(s, grads)`, called for s = T down to 1, must write dL/du_s into step s of g_u
-// (T, B, N) from everything that reaches step s: grads from the trace half, its own sequences.
+// The backward over the steps of one sequence, in backward_schedule's order (T down to 1): the
+// segment of recomputed traces in memory, the backward pass's parameters, and the gradients that
+// flow from step to step. `finish(s, grads)`, called for s = T down to 1, must write dL/du_s into
+// step s of g_u (T, B, N) from everything that reaches step s: grads from the trace half, its
+// own sequences.
+template <typename T, class Backend, typename Finish>
+class TraceBackwardSweep {
+ public:
+  TraceBackwardSweep(const Backend& be, const PlasticConfig& c, const PlasticParams<T>& p,
+                     const CellSequences& seq, const TraceSaved& saved, int64_t L,
+                     const at::Tensor& g_u, Finish& finish)
+      : be_(be), c_(c), p_(p), a_(p.in), seq_(seq), saved_(saved), L_(L), g_u_(g_u),
+        finish_(finish), tl_(be.tiling(c.B, c.N, c.N)), tiles_(be.column_tiles(tl_)) {
+    const int64_t T_ = c.T, B = c.B, N = c.N, BNN = B * N * N;
+    const auto opts = seq.out.options();
+    g_hebb_ = saved.grad_hebb.has_value() ? saved.grad_hebb->clone() : at::zeros({B, N, N}, opts);
+    g_elig_ = !retro() ? at::empty({0}, opts)
+              : saved.grad_elig.has_value() ? saved.grad_elig->clone()
+                                            : at::zeros({B, N, N}, opts);
+    // One segment's recomputed traces; no segment is longer than the sequence, whatever L.
+    const int64_t seg_len = std::min(L, T_);
+    seg_h_ = at::empty({seg_len - 1, B, N, N}, opts);
+    seg_e_ = at::empty({retro() ? seg_len - 1 : 0, B, N, N}, opts);
+    g_alpha_acc_ = at::zeros({be.alpha_acc_size(c.modes.alpha, tl_, N, N)}, opts);
+    g_eta_conn_ = at::zeros({eta_conn() ? be.eta_acc_rows(tl_) : 0, N, N}, opts);
+    g_rate_acc_ = at::zeros({be.rate_acc_size(tl_)}, opts);
+    g_in_part_ = at::empty({tiles_, B, N}, opts);
+    g_pre_part_ = at::empty({tiles_, B, N}, opts);
+    g_post_ = at::empty({B, N}, opts);
+    g_eta_bj_ = at::empty({B, N}, opts);
+    g_in_ = at::empty({B, N}, opts);
+    g_pre_pending_ = at::zeros({B, N}, opts);
+    g_h_ = at::zeros({B, N}, opts);
+    g_z_ = at::zeros({T_, B, c.K}, opts);
+    g_eta_seq_ = at::empty({c.modulation == Modulation::Fanout ? T_ : 0, B, N}, opts);
+    g_eta_sum_ = at::zeros({B, N}, opts);
+    eta_fixed_ = fixed_rate(c, a_.eta);
+    hebb_ = {a_.hebb.data_ptr<T>(), saved.ckpt_h.data_ptr<T>(), seg_h_.data_ptr<T>(), BNN, L};
+    elig_ = {retro() ? a_.elig->data_ptr<T>() : nullptr, saved.ckpt_e.data_ptr<T>(),
+             seg_e_.data_ptr<T>(), BNN, L};
+    bp_.B = B; bp_.P = N; bp_.N = N;
+    bp_.g_hebb = g_hebb_.data_ptr<T>();
+    bp_.g_elig = retro() ? g_elig_.data_ptr<T>() : nullptr;
+    bp_.w = p.w; bp_.alpha = p.alpha; bp_.rule_args = p.rule_args;
+    bp_.g_in_partial = g_in_part_.data_ptr<T>();
+    bp_.g_alpha_acc = g_alpha_acc_.data_ptr<T>();
+    bp_.g_pre_partial = g_pre_part_.data_ptr<T>();
+    bp_.g_post = g_post_.data_ptr<T>();
+    bp_.g_eta = eta_conn() ? g_eta_conn_.data_ptr<T>() : g_eta_bj_.data_ptr<T>();
+    bp_.g_elig_rate_acc = g_rate_acc_.data_ptr<T>();
+  }
+
+  // Recomputes segment k's traces H_s .. H_{e-1} from its checkpoint H_s, and selects it.
+  void load_segment(int64_t k) {
+    hebb_.select(k);
+    elig_.select(k);
+    const int64_t end = std::min(hebb_.start + L_, c_.T);
+    ForwardPassParams<T> fp{};
+    fp.B = c_.B; fp.P = c_.N; fp.N = c_.N;
+    fp.update = true; fp.matvec = false; fp.rule_args = p_.rule_args;
+    for (int64_t t = hebb_.start + 1; t < end; ++t) {
+      fp.hebb = hebb_.at(t - 1); fp.hebb_out = hebb_.slot(t);
+      if (retro()) { fp.elig = elig_.at(t - 1); fp.elig_out = elig_.slot(t); }
+      fp.pre = h_at(t - 1); fp.post = step_ptr<T>(seq_.post, t); fp.eta = eta_at(t);
+      be_.forward(fp, c_.modes, tl_);
+    }
+  }
+
+  // One sweep: the adjoint of the matvec of step t (t > 0) and of the rule of step s (s > 0).
+  void adjoints(int64_t t, int64_t s) {
+    bp_.do_b = t > 0;
+    bp_.do_a = s > 0;
+    if (bp_.do_b) {
+      bp_.g_u = step_ptr<T>(g_u_, t);
+      bp_.b_in = h_at(t - 1);
+      bp_.b_hebb = hebb_.at(t - 1);
+    }
+    if (bp_.do_a) {
+      bp_.a_hebb = hebb_.at(s - 1);
+      bp_.a_elig = retro() ? elig_.at(s - 1) : nullptr;
+      bp_.a_pre = h_at(s - 1);
+      bp_.a_post = step_ptr<T>(seq_.post, s);
+      bp_.a_eta = eta_at(s);
+    }
+    be_.backward(bp_, c_.modes, tl_);
+  }
+
+  // g_h = g_in + g_pre_pending: dL/dh_{t-1} through the matvec and the rule of step t.
+  void matvec_done(int64_t) {
+    be_.sum_rows(g_in_part_.data_ptr<T>(), tiles_, c_.B * c_.N, g_in_.data_ptr<T>());
+    at::add_out(g_h_, g_in_, g_pre_pending_);
+  }
+
+  // Once the rule's adjoint of step s has run: the rate's gradient, through the modulator, then
+  // the cell's step s; then dL/d(pre of step s) through the rule, for step s's matvec_done.
+  void rule_done(int64_t s) {
+    const bool modulated = c_.modulation != Modulation::None;
+    if (!modulated && !eta_conn()) g_eta_sum_.add_(g_eta_bj_);
+    if (c_.modulation == Modulation::Fanout) g_eta_seq_.select(0, s - 1).copy_(g_eta_bj_);
+    if (modulated) {
+      // dL/dm_s = grad_m + dL/deta_s through eta = m ("simple") or fanout(m).
+      Tensor g_m = c_.modulation == Modulation::Simple ? g_eta_bj_.sum(1, true)
+                                                       : at::mm(g_eta_bj_, *a_.fanout_weight);
+      if (saved_.grad_m.has_value()) g_m.add_(saved_.grad_m->select(0, s - 1));
+      const Tensor m_s = saved_.m.select(0, s - 1);
+      Tensor g_z_s = g_z_.select(0, s - 1);
+      at::mul_out(g_z_s, g_m, 1 - m_s * m_s);
+      g_mod_in_ = at::mm(g_z_s, *a_.h2mod_weight);
+    }
+    finish_(s, StepGrads{g_post_, g_h_, g_mod_in_});
+    be_.sum_rows(g_pre_part_.data_ptr<T>(), tiles_, c_.B * c_.N, g_pre_pending_.data_ptr<T>());
+  }
+
+  // After the schedule: dL/dh_0, the initial traces' and the parameters' gradients.
+  TraceBackward result() const {
+    TraceBackward r;
+    r.g_h0 = g_h_;
+    r.g_hebb = g_hebb_;
+    r.g_elig = g_elig_;
+    parameter_grads(be_, c_, a_, seq_, {saved_.m, g_u_, g_z_, g_eta_seq_, g_eta_sum_,
+                                        g_alpha_acc_, g_eta_conn_, g_rate_acc_}, r);
+    return r;
+  }
+
+ private:
+  bool retro() const { return c_.modes.rule == Rule::Retroactive; }
+  bool eta_conn() const { return c_.modes.eta == EtaMode::PerConnection; }
+  const T* h_at(int64_t t) const {
+    return t == 0 ? seq_.h0.data_ptr<T>() : step_ptr<T>(seq_.out, t);
+  }
+  const T* eta_at(int64_t t) const {
+    return c_.modulation != Modulation::None ? step_ptr<T>(saved_.eta_seq, t)
+                                             : eta_fixed_.data_ptr<T>();
+  }
+
+  const Backend& be_;
+  const PlasticConfig& c_;
+  const PlasticParams<T>& p_;
+  const PlasticInputs& a_;
+  const CellSequences& seq_;
+  const TraceSaved& saved_;
+  const int64_t L_;
+  const at::Tensor& g_u_;
+  Finish& finish_;
+  const typename Backend::Tiling tl_;
+  const int64_t tiles_;
+  Tensor g_hebb_, g_elig_;                   // dL/d(the traces at the current step)
+  Tensor seg_h_, seg_e_;                     // the segment's recomputed traces
+  SegmentTraces<T> hebb_{}, elig_{};         // the segment in memory (its checkpoint first)
+  Tensor g_alpha_acc_, g_eta_conn_, g_rate_acc_;  // the passes' parameter accumulators
+  Tensor g_in_part_, g_pre_part_;            // per column tile, summed by sum_rows
+  Tensor g_post_, g_eta_bj_;                 // the rule adjoint's dL/dpost and dL/deta of a step
+  Tensor g_in_;                              // dL/d(pre of step t) through B(t)
+  Tensor g_pre_pending_;                     // dL/d(pre of step s+1) through A(s+1)
+  Tensor g_h_;                               // their sum, StepGrads::h
+  Tensor g_mod_in_;                          // dL/d(modulator input) of one step
+  Tensor g_z_;                               // dL/d(pre-activation of m), all steps
+  Tensor g_eta_seq_;                         // fanout: dL/deta_t, all steps
+  Tensor g_eta_sum_;                         // scalar eta: dL/deta_t summed over steps
+  Tensor eta_fixed_;                         // the unmodulated rate, as the passes read it
+  BackwardPassParams<T> bp_{};
+};
+
 template <typename T, class Backend, typename Finish>
 TraceBackward trace_backward(const Backend& be, const PlasticConfig& c, const PlasticParams<T>& p,
                              const CellSequences& seq, const TraceSaved& saved, int64_t L,
                              const at::Tensor& g_u, Finish&& finish) {
-  const int64_t T_ = c.T, B = c.B, N = c.N, K = c.K, BN = B * N, BNN = B * N * N;
-  const bool retro = c.modes.rule == Rule::Retroactive;
-  const bool modulated = c.modulation != Modulation::None;
-  const bool eta_conn = c.modes.eta == EtaMode::PerConnection;
-  const auto opts = seq.out.options();
-  const auto tl = be.tiling(B, N, N);
-  const int64_t tiles = be.column_tiles(tl);
-  const PlasticInputs& a = p.in;
-
-  Tensor g_hebb = saved.grad_hebb.has_value() ? saved.grad_hebb->clone()
-                                              : at::zeros({B, N, N}, opts);
-  Tensor g_elig = !retro ? at::empty({0}, opts)
-                  : saved.grad_elig.has_value() ? saved.grad_elig->clone()
-                                                : at::zeros({B, N, N}, opts);
-  // One segment's recomputed traces; no segment is longer than the sequence, whatever L.
-  const int64_t seg_len = std::min(L, T_);
-  Tensor seg_h = at::empty({seg_len - 1, B, N, N}, opts);
-  Tensor seg_e = at::empty({retro ? seg_len - 1 : 0, B, N, N}, opts);
-  Tensor g_alpha_acc = at::zeros({be.alpha_acc_size(c.modes.alpha, tl, N, N)}, opts);
-  Tensor g_eta_conn = at::zeros({eta_conn ? be.eta_acc_rows(tl) : 0, N, N}, opts);
-  Tensor g_rate_acc = at::zeros({be.rate_acc_size(tl)}, opts);
-  Tensor g_in_part = at::empty({tiles, B, N}, opts);
-  Tensor g_pre_part = at::empty({tiles, B, N}, opts);
-  Tensor g_post = at::empty({B, N}, opts);
-  Tensor g_eta_bj = at::empty({B, N}, opts);
-  Tensor g_in = at::empty({B, N}, opts);           // dL/d(pre of step t) through B(t)
-  Tensor g_pre_pending = at::zeros({B, N}, opts);  // dL/d(pre of step s+1) through A(s+1)
-  Tensor g_h = at::zeros({B, N}, opts);            // their sum, StepGrads::h
-  Tensor g_mod_in;                                 // dL/d(modulator input) of one step
-  Tensor g_z = at::zeros({T_, B, K}, opts);        // dL/d(pre-activation of m)
-  Tensor g_eta_seq = at::empty({c.modulation == Modulation::Fanout ? T_ : 0, B, N}, opts);
-  Tensor g_eta_sum = at::zeros({B, N}, opts);      // scalar eta: dL/deta_t summed over steps
-  const Tensor eta_fixed = fixed_rate(c, a.eta);
-
-  auto h_at = [&](int64_t t) -> const T* {
-    return t == 0 ? seq.h0.data_ptr<T>() : step_ptr<T>(seq.out, t);
-  };
-  auto eta_at = [&](int64_t t) -> const T* {
-    return modulated ? step_ptr<T>(saved.eta_seq, t) : eta_fixed.data_ptr<T>();
-  };
-
-  // The segment in memory: traces H_s .. H_{e-1}, H_s being its checkpoint.
-  SegmentTraces<T> hebb{a.hebb.data_ptr<T>(), saved.ckpt_h.data_ptr<T>(), seg_h.data_ptr<T>(),
-                        BNN, L};
-  SegmentTraces<T> elig{retro ? a.elig->data_ptr<T>() : nullptr, saved.ckpt_e.data_ptr<T>(),
-                        seg_e.data_ptr<T>(), BNN, L};
-  auto load_segment = [&](int64_t k) {
-    hebb.select(k);
-    elig.select(k);
-    const int64_t end = std::min(hebb.start + L, T_);
-    ForwardPassParams<T> fp{};
-    fp.B = B; fp.P = N; fp.N = N;
-    fp.update = true; fp.matvec = false; fp.rule_args = p.rule_args;
-    for (int64_t t = hebb.start + 1; t < end; ++t) {
-      fp.hebb = hebb.at(t - 1); fp.hebb_out = hebb.slot(t);
-      if (retro) { fp.elig = elig.at(t - 1); fp.elig_out = elig.slot(t); }
-      fp.pre = h_at(t - 1); fp.post = step_ptr<T>(seq.post, t); fp.eta = eta_at(t);
-      be.forward(fp, c.modes, tl);
-    }
-  };
-
-  BackwardPassParams<T> bp{};
-  bp.B = B; bp.P = N; bp.N = N;
-  bp.g_hebb = g_hebb.data_ptr<T>();
-  bp.g_elig = retro ? g_elig.data_ptr<T>() : nullptr;
-  bp.w = p.w; bp.alpha = p.alpha; bp.rule_args = p.rule_args;
-  bp.g_in_partial = g_in_part.data_ptr<T>();
-  bp.g_alpha_acc = g_alpha_acc.data_ptr<T>();
-  bp.g_pre_partial = g_pre_part.data_ptr<T>();
-  bp.g_post = g_post.data_ptr<T>();
-  bp.g_eta = eta_conn ? g_eta_conn.data_ptr<T>() : g_eta_bj.data_ptr<T>();
-  bp.g_elig_rate_acc = g_rate_acc.data_ptr<T>();
-  // One sweep: the adjoint of the matvec of step t (t > 0) and of the rule of step s (s > 0).
-  auto adjoints = [&](int64_t t, int64_t s) {
-    bp.do_b = t > 0;
-    bp.do_a = s > 0;
-    if (bp.do_b) {
-      bp.g_u = step_ptr<T>(g_u, t);
-      bp.b_in = h_at(t - 1);
-      bp.b_hebb = hebb.at(t - 1);
-    }
-    if (bp.do_a) {
-      bp.a_hebb = hebb.at(s - 1);
-      bp.a_elig = retro ? elig.at(s - 1) : nullptr;
-      bp.a_pre = h_at(s - 1);
-      bp.a_post = step_ptr<T>(seq.post, s);
-      bp.a_eta = eta_at(s);
-    }
-    be.backward(bp, c.modes, tl);
-  };
-  // g_h = g_in + g_pre_pending: dL/dh_{t-1} through the matvec and the rule of step t.
-  auto matvec_done = [&](int64_t) {
-    be.sum_rows(g_in_part.data_ptr<T>(), tiles, BN, g_in.data_ptr<T>());
-    at::add_out(g_h, g_in, g_pre_pending);
-  };
-  // Once A(s) has run: the rate's gradient, through the modulator, then the cell's step s.
-  auto rule_done = [&](int64_t s) {
-    if (!modulated && !eta_conn) g_eta_sum.add_(g_eta_bj);
-    if (c.modulation == Modulation::Fanout) g_eta_seq.select(0, s - 1).copy_(g_eta_bj);
-    if (modulated) {
-      // dL/dm_s = grad_m + dL/deta_s through eta = m ("simple") or fanout(m).
-      Tensor g_m = c.modulation == Modulation::Simple ? g_eta_bj.sum(1, true)
-                                                      : at::mm(g_eta_bj, *a.fanout_weight);
-      if (saved.grad_m.has_value()) g_m.add_(saved.grad_m->select(0, s - 1));
-      const Tensor m_s = saved.m.select(0, s - 1);
-      Tensor g_z_s = g_z.select(0, s - 1);
-      at::mul_out(g_z_s, g_m, 1 - m_s * m_s);
-      g_mod_in = at::mm(g_z_s, *a.h2mod_weight);
-    }
-    finish(s, StepGrads{g_post, g_h, g_mod_in});
-    be.sum_rows(g_pre_part.data_ptr<T>(), tiles, BN, g_pre_pending.data_ptr<T>());
-  };
-  ScheduleSteps ops{load_segment, adjoints, matvec_done, rule_done};
-  backward_schedule(T_, L, ops);
-
-  TraceBackward r;
-  r.g_h0 = g_h;
-  r.g_hebb = g_hebb;
-  r.g_elig = g_elig;
-  parameter_grads(be, c, a, seq, {saved.m, g_u, g_z, g_eta_seq, g_eta_sum, g_alpha_acc, g_eta_conn,
-                                  g_rate_acc}, r);
-  return r;
+  TraceBackwardSweep<T, Backend, std::remove_reference_t<Finish>> sweep(be, c, p, seq, saved, L,
+                                                                        g_u, finish);
+  backward_schedule(c.T, L, sweep);
+  return sweep.result();
 }
 
 }  // namespace bp

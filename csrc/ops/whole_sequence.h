@@ -14,6 +14,18 @@
 
 namespace bp {
 
+// Whether a sequence op takes the whole-sequence path at these sizes (sequence_pass.h). The op
+// decides it once, before its dtype dispatch: a path forced where it cannot run fails there.
+template <class Backend>
+bool takes_whole_sequence(const Backend& be, Cell cell, const PlasticConfig& c,
+                          const Tensor& like) {
+  if constexpr (Backend::kWholeSequence) {
+    return be.whole_sequence(cell, c.B, c.N, c.modes.rule == Rule::Retroactive,
+                             like.element_size());
+  }
+  return false;
+}
+
 // The LSTM cell's fixed inputs.
 struct LstmCellInputs {
   const Tensor& c0;          // (B, N)
