@@ -323,6 +323,41 @@ def assert_parser_error(parse, flags, message, capsys):
     assert message in capsys.readouterr().err
 
 
+class OnCuda:
+    """The fused functions of `ops` with every tensor argument (also inside a tuple, such as a
+    SequenceRecord) moved to the GPU and every result moved back (differentiably), so that tests
+    written for CPU tensors run the CUDA kernels. A tensor the op updates in place (the rollout
+    step's traces) is copied back into the caller's tensor."""
+
+    def __init__(self, ops):
+        self._ops = ops
+
+    def __getattr__(self, name):
+        fn = getattr(self._ops, name)
+
+        def on_cuda(*args, **kwargs):
+            moved = []  # (caller's tensor, its GPU copy, the copy's version before the call)
+
+            def move(v):
+                if isinstance(v, torch.Tensor):
+                    copy = v.cuda()
+                    moved.append((v, copy, copy._version))
+                    return copy
+                if isinstance(v, tuple):
+                    items = [move(item) for item in v]
+                    return type(v)(*items) if hasattr(v, "_fields") else tuple(items)
+                return v
+
+            out = fn(*map(move, args), **{k: move(v) for k, v in kwargs.items()})
+            with torch.no_grad():
+                for original, copy, version in moved:
+                    if copy._version != version:
+                        original.copy_(copy)
+            return tuple(o.cpu() if isinstance(o, torch.Tensor) else o for o in out) \
+                if isinstance(out, tuple) else out.cpu()
+        return on_cuda
+
+
 # Argument validation (test_validation_*.py): c10's way of printing sizes, inputs that break one
 # requirement, and the ops that come as a sequence op and a step op.
 

@@ -9,7 +9,7 @@ import torch
 
 import backpropamine_cuda as bp
 from backpropamine_cuda import reference
-from helpers import (RNN_INPUTS, RULE_CONFIG, RULES, TOL, assert_results_close,
+from helpers import (RNN_INPUTS, RULE_CONFIG, RULES, TOL, OnCuda, assert_results_close,
                      assert_results_equal, lstm_inputs, relative_error, rnn_inputs,
                      run_forward_backward, upcast)
 
@@ -33,8 +33,9 @@ def forward_backward(module, x):
     module.zero_grad()
     out, state = module(x)
     (out.square().sum() + state.hebb.sin().sum()).backward()
+    # Copies: on the CPU .cpu() returns the gradient itself, which module.cuda() then moves.
     return out.detach().cpu(), state.hebb.detach().cpu(), {
-        k: p.grad.cpu() for k, p in module.named_parameters()}
+        k: p.grad.to("cpu", copy=True) for k, p in module.named_parameters()}
 
 
 def assert_same(a, b, dtype):
@@ -44,7 +45,8 @@ def assert_same(a, b, dtype):
     torch.testing.assert_close(hebb_a, hebb_b, **tol)
     assert grads_a.keys() == grads_b.keys()
     for k in grads_a:
-        torch.testing.assert_close(grads_a[k], grads_b[k], **tol, msg=k)
+        torch.testing.assert_close(grads_a[k], grads_b[k], **tol,
+                                   msg=lambda message, k=k: f"grad of {k}: {message}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
@@ -119,17 +121,9 @@ def test_ops_cuda_match_cpu(rule):
             torch.testing.assert_close(a.cpu(), e, **TOL[torch.float64])
 
 
-def on_cuda(op):
-    """op on CUDA copies of its tensor arguments, its outputs moved back (differentiably)."""
-    def call(**kwargs):
-        moved = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-        return tuple(None if o is None else o.cpu() for o in op(**moved))
-    return call
-
-
 def assert_as_accurate_as(actual, bars, expected, dtype, factor=10):
     """Norm-wise, every output and gradient of `actual` is within `factor` times the largest
-    error of the `bars` (runs of the same op on the CPU) against `expected` (the float64
+    error of the `bars` (other runs of the same computation) against `expected` (the float64
     reference), or 64 unit roundoffs of `dtype`. Element-wise tolerances do not hold at
     N = 100: the gradients grow over the steps, and the GPU's tanh and fused multiply-adds round
     differently from the CPU's in the last bit."""
@@ -143,7 +137,7 @@ def assert_as_accurate_as(actual, bars, expected, dtype, factor=10):
         err = relative_error(pick(actual), pick(expected))
         bar = max(relative_error(pick(b), pick(expected)) for b in bars)
         assert err <= factor * max(bar, floor), (
-            f"{name}: norm-wise error {err:.3g} on the GPU, at most {bar:.3g} on the CPU")
+            f"{name}: norm-wise error {err:.3g} on the GPU, at most {bar:.3g} in the other runs")
 
 
 @requires_cuda_kernels
@@ -153,7 +147,8 @@ def assert_as_accurate_as(actual, bars, expected, dtype, factor=10):
 def test_rnn_sequence_paths_on_gpu(monkeypatch, rule, path, dtype):
     """The RNN sequence op's whole-sequence kernels (one launch forward, one backward) and its
     per-step kernels on the GPU, at the maze's N = 100 and at N = 33, against the reference:
-    as accurate as the same path on the CPU (and, in float32, the float32 reference); bitwise
+    as accurate as the same path on the CPU or the reference on the GPU (and, in float32, the
+    float32 reference on the CPU); bitwise
     reproducible run to run (no atomics)."""
     monkeypatch.setenv("BACKPROPAMINE_SEQUENCE_PATH", path)
     alpha, modulation = RULE_CONFIG[rule]
@@ -163,11 +158,14 @@ def test_rnn_sequence_paths_on_gpu(monkeypatch, rule, path, dtype):
         inputs = rnn_inputs(alpha, modulation, rule, T=9, B=3, N=N, dtype=dtype, seed=40,
                             hebb_scale=scale, eta_scale=0.5 * scale)
         kw = dict(rule=rule, clip=0.5)
-        op = on_cuda(bp.fused.plastic_rnn_sequence)
+        op = OnCuda(bp.fused).plastic_rnn_sequence
         expected = run_forward_backward(reference.plastic_rnn_sequence, upcast(inputs), **kw)
         actual = run_forward_backward(op, inputs, **kw, checkpoint_every=L)
+        # The bars: the same op on the CPU, and the reference on the GPU (the GPU's tanh and
+        # matrix products round differently from the CPU's, and the steps amplify it).
         bars = [run_forward_backward(bp.fused.plastic_rnn_sequence, inputs, **kw,
-                                     checkpoint_every=L)]
+                                     checkpoint_every=L),
+                run_forward_backward(OnCuda(reference).plastic_rnn_sequence, inputs, **kw)]
         if dtype != torch.float64:
             bars.append(run_forward_backward(reference.plastic_rnn_sequence, inputs, **kw))
         assert_as_accurate_as(actual, bars, expected, dtype)
@@ -249,7 +247,7 @@ def test_tiled_sizes_match_emulator(monkeypatch, op, path, rule, N, B, T):
     inputs = make_inputs(alpha, modulation, rule, T=T, B=B, N=N, seed=N + B,
                          hebb_scale=0.3, eta_scale=0.2)
     kw = dict(rule=rule, clip=0.5)
-    native = run_forward_backward(on_cuda(getattr(bp.fused, name)), inputs, **kw)
+    native = run_forward_backward(getattr(OnCuda(bp.fused), name), inputs, **kw)
     emulated = run_forward_backward(getattr(bp.fused.emulated_cuda, name), inputs, **kw)
     expected = run_forward_backward(getattr(reference, name), inputs, **kw)
     assert_results_close(emulated, native, torch.float64)
@@ -321,3 +319,24 @@ def test_rollout_step_captures_in_cuda_graph():
     replayed = capture_and_replay(step)
     for k, (a, e) in enumerate(zip(replayed, eager)):
         torch.testing.assert_close(a, e, **TOL[torch.float32], msg=f"result {k}")
+
+
+@requires_cuda_kernels
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("rule", RULES)
+def test_primitives_forward_bitwise_as_emulated(rule, dtype):
+    """The feed-forward primitives' kernels, native and emulated, at a multi-tile size with a
+    batch-chunk tail: the same arithmetic in the same order (no contraction into fused
+    multiply-adds on either side, `--fmad=false`), so their forward outputs agree bit for bit;
+    gradients (some through ATen's products, which differ by device) to the float64 tolerance."""
+    from test_primitives import matvec_as_tuple, matvec_inputs, update_inputs
+    B, P, N = 17, 129, 257
+    update = update_inputs(rule, (P, N), B, P, N, dtype=dtype, seed=3)
+    kw = dict(rule=rule, clip=0.5)
+    for make, inputs, kwargs in ((lambda ops: ops.hebb_update, update, kw),
+                                 (matvec_as_tuple, matvec_inputs("full", B, P, N, dtype), {})):
+        native = run_forward_backward(make(OnCuda(bp.fused)), inputs, **kwargs)
+        emulated = run_forward_backward(make(bp.fused.emulated_cuda), inputs, **kwargs)
+        assert_results_equal((native[0], {}), (emulated[0], {}))
+        if dtype == torch.float64:
+            assert_results_close(emulated, native, dtype)
