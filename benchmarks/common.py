@@ -471,11 +471,6 @@ def run_benchmark(name, doc, script, *, cases, quick_cases, impls, targets, setu
     require_extras("bench")  # now, not when plotting at the end
     if args.threads:
         torch.set_num_threads(args.threads)
-    sizes = quick_cases if args.quick else cases
-    case_names = [c for c in args.cases.split(",") if c]
-    impl_names = [i for i in args.impls.split(",") if i]
-    itemsize = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
-
     start = time.time()
     info = machine_info(args.device)
     info["cpu_peak_memory_method"] = (cpu_memory_method() if args.device == "cpu"
@@ -487,11 +482,47 @@ def run_benchmark(name, doc, script, *, cases, quick_cases, impls, targets, setu
           f"copy {bw['copy_gbs']:.1f}, in place {bw['inplace_gbs']:.1f}; {bw_mb} MB arrays)",
           file=sys.stderr, flush=True)
 
+    records = measure_cases(args, script, quick_cases if args.quick else cases, floor_bytes,
+                            need_mb, bw["gbs"], start)
+    summarize(records, light)
+    total_s = time.time() - start
+    table = results_table(records, light)
+    if args.contention:
+        table += "\n\nBeside one busy single-threaded process (--contention):\n\n" + \
+            contention_table(records)
+    target_table, checks = check_targets(records, targets)
+    # Other processes competing for the cores distort timings (OpenMP waits for every thread).
+    info["loadavg_1min_start_end"] = (load_start, os.getloadavg()[0])
+    report = "\n".join([
+        f"## {name} ({'quick sizes' if args.quick else 'full sizes'})", "",
+        machine_line(args, info, bw, bw_mb), "",
+        table, "", "Targets" + (" (they apply to the full sizes, not to --quick)"
+                                if args.quick else "") + ":", "", target_table, "",
+        *[f"- {f}" for f in footnotes(args, notes, light)], "", f"Whole run: {total_s:.0f} s.",
+    ])
+    print(report)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    flat = [{k: v for k, v in r.items() if not k.endswith("_all_ms")} for r in records]
+    write_csv(out / f"{name}.csv", flat)
+    write_json(out / f"{name}.json", dict(
+        machine=info, bandwidth=bw, args=vars(args), total_s=total_s, results=records,
+        targets=checks))
+    plot(records, out / f"{name}.png", [i for i in args.impls.split(",") if i])
+    print(f"\nwrote {out / name}.csv, .json, .png", file=sys.stderr)
+
+
+def measure_cases(args, script, sizes, floor_bytes, need_mb, gbs, start):
+    """One record per selected (case, impl): the worker's measurements (and, with --contention,
+    the times beside a busy process), the case's sizes, the bandwidth floors at `gbs` GB/s and
+    the load average after it; a progress line per record on stderr."""
+    itemsize = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
     records = []
-    for case in case_names:
+    for case in [c for c in args.cases.split(",") if c]:
         cfg = sizes[case]
-        floor_fwd, floor_fwdbwd = (b / (bw["gbs"] * 1e9) * 1e3 for b in floor_bytes(cfg, itemsize))
-        for impl in impl_names:
+        floor_fwd, floor_fwdbwd = (b / (gbs * 1e9) * 1e3 for b in floor_bytes(cfg, itemsize))
+        for impl in [i for i in args.impls.split(",") if i]:
             t0 = time.time()
             spec = dict(case=case, cfg=cfg, impl=impl, device=args.device, dtype=args.dtype,
                         repeats=args.repeats, budget=args.budget, threads=args.threads,
@@ -515,22 +546,26 @@ def run_benchmark(name, doc, script, *, cases, quick_cases, impls, targets, setu
                   f"fwd+bwd {fmt_num(res.get('fwdbwd_ms'))} ms{busy_note} "
                   f"({time.time() - t0:.0f} s)" + "".join(f"  {t}" for t in trouble),
                   file=sys.stderr, flush=True)
+    return records
 
-    summarize(records, light)
-    total_s = time.time() - start
-    table = results_table(records, light)
-    target_table, checks = check_targets(records, targets)
+
+def machine_line(args, info, bw, bw_mb):
+    """The report's line on the machine: processor, threads, versions, measured bandwidth,
+    caches and the load average at the start and end (info["loadavg_1min_start_end"])."""
     threads = args.threads or info["torch_threads"]
-    machine = (f"{info.get('gpu', info['cpu'])}, {threads} threads, torch {info['torch']}, "
-               f"{args.device}, {args.dtype}; measured memory bandwidth {bw['gbs']:.1f} GB/s "
-               f"(add {bw['add_gbs']:.1f}, copy {bw['copy_gbs']:.1f}, in place "
-               f"{bw['inplace_gbs']:.1f} GB/s on {bw_mb} MB arrays)")
+    line = (f"{info.get('gpu', info['cpu'])}, {threads} threads, torch {info['torch']}, "
+            f"{args.device}, {args.dtype}; measured memory bandwidth {bw['gbs']:.1f} GB/s "
+            f"(add {bw['add_gbs']:.1f}, copy {bw['copy_gbs']:.1f}, in place "
+            f"{bw['inplace_gbs']:.1f} GB/s on {bw_mb} MB arrays)")
     if "cache_L3" in info:
-        machine += f"; L2 {info.get('cache_L2', '?')}, L3 {info['cache_L3']}"
-    # Other processes competing for the cores distort timings (OpenMP waits for every thread).
-    info["loadavg_1min_start_end"] = (load_start, os.getloadavg()[0])
-    machine += f"; 1-min load average {load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end"
-    footnotes = [
+        line += f"; L2 {info.get('cache_L2', '?')}, L3 {info['cache_L3']}"
+    load_start, load_end = info["loadavg_1min_start_end"]
+    return line + f"; 1-min load average {load_start:.1f} at start, {load_end:.1f} at end"
+
+
+def footnotes(args, notes, light):
+    """The report's footnotes: how times, memory and floors were measured, and `notes`."""
+    return [
         f"Median of up to {args.repeats} runs after a warm-up ('runs' column, fwd / fwd+bwd; "
         f"fewer once a measurement has used {args.budget:g} s). fwd runs under no_grad; fwd+bwd "
         "is the loss below and torch.autograd.grad to all inputs.",
@@ -552,23 +587,3 @@ def run_benchmark(name, doc, script, *, cases, quick_cases, impls, targets, setu
         *([f"Reference time = {light} time + bandwidth floor: a non-plastic layer plus the "
            "trace traffic that plasticity cannot avoid."] if light else []),
     ]
-    if args.contention:
-        table += "\n\nBeside one busy single-threaded process (--contention):\n\n" + \
-            contention_table(records)
-    report = "\n".join([
-        f"## {name} ({'quick sizes' if args.quick else 'full sizes'})", "", machine, "",
-        table, "", "Targets" + (" (they apply to the full sizes, not to --quick)"
-                                if args.quick else "") + ":", "", target_table, "",
-        *[f"- {f}" for f in footnotes], "", f"Whole run: {total_s:.0f} s.",
-    ])
-    print(report)
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    flat = [{k: v for k, v in r.items() if not k.endswith("_all_ms")} for r in records]
-    write_csv(out / f"{name}.csv", flat)
-    write_json(out / f"{name}.json", dict(
-        machine=info, bandwidth=bw, args=vars(args), total_s=total_s, results=records,
-        targets=checks))
-    plot(records, out / f"{name}.png", impl_names)
-    print(f"\nwrote {out / name}.csv, .json, .png", file=sys.stderr)
