@@ -12,11 +12,15 @@
 #      small multi-tile size, when the tool is on the machine;
 #   4. every other test on the GPU (pytest -k "cuda and not emulat": the op tests through the
 #      `fused` fixture), on 8 workers when pytest-xdist is there, until the budget is spent.
+# A test that crashes its process (a segmentation fault) is run again alone under gdb, when gdb
+# is on the machine, for the native stack of the crash (crashes.log).
 # The report (markdown, committed as it is) and the logs go to benchmarks/results/gpu/, or to
 # $GPU_CHECK_OUT.
 #
 #   bash benchmarks/gpu_check.sh                      # about 10 minutes on an H200
 #   GPU_CHECK_BUDGET=300 bash benchmarks/gpu_check.sh # every part stops by 300 s after the start
+#   GPU_CHECK_PARTS="tests ops" bash benchmarks/gpu_check.sh  # the build and parts 2 and 4 only
+#                                   (parts: selftest tests sanitizer ops; default all four)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${GPU_CHECK_OUT:-benchmarks/results/gpu}
@@ -24,6 +28,8 @@ mkdir -p "$out"
 report=$out/gpu_check.md
 python=${PYTHON:-python3}
 budget=${GPU_CHECK_BUDGET:-560}
+parts=" ${GPU_CHECK_PARTS:-selftest tests sanitizer ops} "
+wanted() { [[ $parts == *" $1 "* ]]; }
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 start=$SECONDS
 
@@ -70,10 +76,12 @@ if ! "$python" -c "import backpropamine_cuda as bp, sys; sys.exit(not bp.fused.h
   exit 1
 fi
 
-say "" "## Selftest" ""
-status=$(run_part 150 "$out/selftest.log" bash -c \
-  "'$python' -m backpropamine_cuda.selftest --require-gpu --no-tests | tee -a '$report'")
-say "" "Selftest: $status (progress and errors: selftest.log)"
+if wanted selftest; then
+  say "" "## Selftest" ""
+  status=$(run_part 150 "$out/selftest.log" bash -c \
+    "'$python' -m backpropamine_cuda.selftest --require-gpu --no-tests | tee -a '$report'")
+  say "" "Selftest: $status (progress and errors: selftest.log)"
+fi
 
 say "" "## GPU tests" ""
 # On pytest-xdist's workers when it is there: a test that crashes its worker is reported as such
@@ -89,12 +97,28 @@ tests() {
     -p no:cacheprovider "${workers[@]}" "$@")
   say "\`pytest $*\`: $status; $(grep -E '^=+ .* in [0-9.]+s' "$log" | tail -n 1) (log: $(basename "$log"))"
   grep -E "(FAILED|ERROR)( |$)" "$log" | grep -v "^=" | head -n 30 | sed 's/^/    /' | tee -a "$report"
+  backtraces "$log"
 }
-tests 90 "$out/tests_cuda.log" python_tests/test_cuda.py -k "not emulat"
+# backtraces LOG: each test whose worker crashed in LOG (xdist: "node down", then the test
+# FAILED on that worker) run alone under gdb; the stack of every thread goes to crashes.log.
+backtraces() {
+  local gdb test status
+  gdb=$(command -v gdb) || return 0
+  for test in $(awk '/node down/ {down[$1] = 1; next}
+                     $1 in down && /FAILED/ {print $NF; delete down[$1]}' "$1" | head -n 3); do
+    echo "### $test" >> "$out/crashes.log"
+    status=$(run_part 60 "$out/crashes.log" "$gdb" -q -batch -ex run -ex "thread apply all bt 30" \
+      --args "$python" -m pytest -q -p no:cacheprovider "$test")
+    say "    crashed: $test, run under gdb: $status (crashes.log)"
+  done
+}
+wanted tests && tests 90 "$out/tests_cuda.log" python_tests/test_cuda.py -k "not emulat"
 
-say "" "## compute-sanitizer" ""
+wanted sanitizer && say "" "## compute-sanitizer" ""
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
-if [ -z "$sanitizer" ]; then
+if ! wanted sanitizer; then
+  :
+elif [ -z "$sanitizer" ]; then
   say "compute-sanitizer is not on this machine: not run."
 else
   # Every kernel at a multi-tile size (N = 129: two column tiles, the RNN's whole-sequence and
@@ -111,7 +135,9 @@ else
     say "- $tool: $status; ${errors:-no summary line}"
   done
 fi
-say "" "## Every other test on the GPU" ""
-tests 600 "$out/tests_ops.log" python_tests --ignore=python_tests/test_cuda.py \
-  -k "cuda and not emulat"
+if wanted ops; then
+  say "" "## Every other test on the GPU" ""
+  tests 600 "$out/tests_ops.log" python_tests --ignore=python_tests/test_cuda.py \
+    -k "cuda and not emulat"
+fi
 say "" "Done in $((SECONDS - start)) s."
