@@ -3,12 +3,15 @@
 # headers, on machines without a GPU, with the flags of the real build (_build_config.NVCC_FLAGS
 # and torch's own nvcc flags). Fails on any error and on any warning located in our sources
 # (csrc/): torch's headers are included as system headers, so their own warnings stay quiet.
+# Then the resources of every kernel (.ci/kernel_resources.py: registers, stack frame, local
+# memory, resident warps; fails on a stack frame or a spill).
 # A CPU-only torch lacks one generated header (c10/cuda/impl/cuda_cmake_macros.h), which a
 # one-line stub in a temporary directory provides.
 #
 #   bash .ci/nvcc_check.sh                           every csrc/**/*.cu
 #   NVCC_CHECK_SOURCES="a.cu b.cu" bash .ci/nvcc_check.sh   only these (paths from the repo root)
 #   NVCC=/path/to/nvcc bash .ci/nvcc_check.sh
+#   NVCC_CHECK_KEEP=DIR bash .ci/nvcc_check.sh       keep ptxas's reports (sm80.log, sm90.log) in DIR
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -n "${NVCC_CHECK_SOURCES:-}" ]; then
@@ -60,16 +63,30 @@ show() {
 }
 
 failed=0
+archs=(80 90)
 for src in "${sources[@]}"; do
   echo "nvcc check: $src"
-  log="$tmp/$(basename "$src").log"
-  # -t 0: the two architectures compile in parallel.
-  if ! "$nvcc" -c "$src" -o "$tmp/out.o" "${flags[@]}" -Xcompiler -fPIC,-Wall -t 0 \
-      -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
-      > "$log" 2>&1; then
+  # One nvcc per architecture, side by side, each with its own log: ptxas's report (-v) of one
+  # architecture's kernels must not interleave with the other's.
+  pids=() ptxas_logs=()
+  for arch in "${archs[@]}"; do
+    ptxas_logs+=("$tmp/sm$arch.log")
+    "$nvcc" -c "$src" -o "$tmp/out$arch.o" "${flags[@]}" -Xcompiler -fPIC,-Wall -Xptxas -v \
+      -gencode "arch=compute_$arch,code=sm_$arch" > "${ptxas_logs[-1]}" 2>&1 &
+    pids+=($!)
+  done
+  compiled=1
+  for k in "${!archs[@]}"; do
+    wait "${pids[$k]}" || compiled=0
+  done
+  log="$tmp/$(basename "$src").log"  # both logs without ptxas's resource lines
+  cat "${ptxas_logs[@]}" | { grep -v "^ptxas info\|bytes stack frame" || true; } > "$log"
+  rm -f "$tmp"/out*.o
+  if [ "$compiled" -eq 0 ]; then
     show "$log"
     echo "nvcc check: $src FAILED to compile"
     failed=1
+    continue
   elif grep -Eq "$ours|ptxas warning" "$log"; then
     show "$log"
     echo "nvcc check: $src compiles, with warnings in our code:"
@@ -78,6 +95,15 @@ for src in "${sources[@]}"; do
   else
     cat "$log"  # warnings outside csrc/, if any (nvcc's own notes)
   fi
+  # The kernels' registers, stack frames and spills (fails on a stack frame or a spill).
+  if [ -n "${NVCC_CHECK_KEEP:-}" ]; then
+    mkdir -p "$NVCC_CHECK_KEEP" && cp "${ptxas_logs[@]}" "$NVCC_CHECK_KEEP/"
+  fi
+  if ! python .ci/kernel_resources.py "${ptxas_logs[@]}"; then
+    echo "nvcc check: $src has kernels with a stack frame or spills"
+    failed=1
+  fi
 done
 [ "$failed" -eq 0 ] || exit 1
-echo "nvcc check: ${#sources[@]} file(s) compiled for sm_80 and sm_90, no warnings in csrc/"
+echo "nvcc check: ${#sources[@]} file(s) compiled for sm_80 and sm_90, no warnings in csrc/," \
+  "no stack frame or spill in a kernel"

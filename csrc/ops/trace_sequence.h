@@ -252,7 +252,7 @@ class TraceBackwardSweep {
                      const at::Tensor& g_u, Finish& finish)
       : be_(be), c_(c), p_(p), a_(p.in), seq_(seq), saved_(saved), L_(L), g_u_(g_u),
         finish_(finish), tl_(be.tiling(c.B, c.N, c.N)), tiles_(be.column_tiles(tl_)) {
-    const int64_t T_ = c.T, B = c.B, N = c.N, BNN = B * N * N;
+    const int64_t T_ = c.T, B = c.B, N = c.N;
     const auto opts = seq.out.options();
     g_hebb_ = saved.grad_hebb.has_value() ? saved.grad_hebb->clone() : at::zeros({B, N, N}, opts);
     g_elig_ = !retro() ? at::empty({0}, opts)
@@ -276,9 +276,10 @@ class TraceBackwardSweep {
     g_eta_seq_ = at::empty({c.modulation == Modulation::Fanout ? T_ : 0, B, N}, opts);
     g_eta_sum_ = at::zeros({B, N}, opts);
     eta_fixed_ = fixed_rate(c, a_.eta);
-    hebb_ = {a_.hebb.data_ptr<T>(), saved.ckpt_h.data_ptr<T>(), seg_h_.data_ptr<T>(), BNN, L};
+    hebb_ = {a_.hebb.data_ptr<T>(), saved.ckpt_h.data_ptr<T>(), seg_h_.data_ptr<T>(), B * N * N,
+             L};
     elig_ = {retro() ? a_.elig->data_ptr<T>() : nullptr, saved.ckpt_e.data_ptr<T>(),
-             seg_e_.data_ptr<T>(), BNN, L};
+             seg_e_.data_ptr<T>(), B * N * N, L};
     bp_.B = B; bp_.P = N; bp_.N = N;
     bp_.g_hebb = g_hebb_.data_ptr<T>();
     bp_.g_elig = retro() ? g_elig_.data_ptr<T>() : nullptr;
