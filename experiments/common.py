@@ -7,7 +7,9 @@ networks by parameter count. Not part of the package (nothing in backpropamine_c
     from experiments.common import RunCheckpoint, resume_csv, append_csv
 
 A script run as a program (python experiments/ptb/main.py) first appends the repository root to
-sys.path; the tests have it there from pytest's `pythonpath` (pyproject.toml).
+sys.path, then imports this module and its own folder's modules as packages
+(experiments.ptb.data); the tests have the root there from pytest's `pythonpath`
+(pyproject.toml) and import the scripts the same way (from experiments.ptb import main).
 """
 import argparse
 import csv

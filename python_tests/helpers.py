@@ -26,6 +26,10 @@ MODULATIONS = ("none_scalar", "none_full", "simple", "fanout1", "fanout3")
 RULES = reference.RULES
 CLIP_RULES = ("clip", "softclip", "retroactive")  # rules whose trace is clamped to [-clip, clip]
 
+# This folder (subprocesses put it on sys.path to import helpers) and the repository root.
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+
 # Argument names of plastic_rnn_sequence / plastic_rnn_step and of plastic_lstm_sequence /
 # plastic_lstm_step (identical in reference and fused).
 RNN_INPUTS, LSTM_INPUTS = params.RNN_INPUTS, params.LSTM_INPUTS
@@ -256,7 +260,7 @@ def subprocess_env(**extra):
 
 
 # ---------------------------------------------------------------------------------------------
-# Modules (test_modules.py, test_lstm_modules.py): small layers, I inputs and N neurons.
+# Modules (modules/test_modules.py, test_lstm_modules.py): small layers, I inputs and N neurons.
 
 I, N = 4, 6
 
@@ -306,7 +310,7 @@ def assert_dicts_close(actual, expected, **tol):
 
 
 # ---------------------------------------------------------------------------------------------
-# Experiments (test_rl.py, test_patterns.py, test_omniglot.py)
+# Experiments (the tests in experiments/)
 
 
 def log_rows_without_timings(path):

@@ -28,13 +28,13 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.append(str(Path(__file__).resolve().parents[2]))  # the root, for experiments.common
-from data import Corpus, batchify, get_batch  # noqa: E402
 import backpropamine_cuda as bp  # noqa: E402
 from experiments.common import (DataError, append_csv, atomic_save, closest_size,
                                 count_parameters, load_checkpoint, number, progress, pyplot,
                                 read_csv_rows, require_extras, resume_csv, rng_states,
                                 write_json)  # noqa: E402
-from model import LanguageModel, detach_state  # noqa: E402
+from experiments.ptb.data import Corpus, batchify, get_batch  # noqa: E402
+from experiments.ptb.model import LanguageModel, detach_state  # noqa: E402
 
 EVAL_BATCH_SIZE, TEST_BATCH_SIZE = 10, 1  # as awd-lstm-lm
 LOG_FIELDS = ("epoch", "train_ppl", "valid_ppl", "lr", "seconds", "tokens_per_s")

@@ -34,10 +34,10 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from agents import MODULATED, Agent, count_parameters, matched_size
 from experiments.common import (RunCheckpoint, number, parse_with_preset, preset_parser, pyplot,
                                 read_csv_columns, require_extras, resume_csv,
                                 sigterm_as_interrupt, train_iterations, write_json)
+from experiments.rl.agents import MODULATED, Agent, count_parameters, matched_size
 
 LOG_FIELDS = ("iteration", "episodes", "reward", "loss", "seconds")
 

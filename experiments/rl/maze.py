@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 sys.path.append(str(Path(__file__).resolve().parents[2]))  # the root, for experiments.common
-import a2c  # noqa: E402
-from envs import GridMaze  # noqa: E402
 from experiments.common import number  # noqa: E402
+from experiments.rl import a2c  # noqa: E402
+from experiments.rl.envs import GridMaze  # noqa: E402
 
 TYPES = ("rnn", "plastic", "simple", "retroactive", "fanout", "oja", "oja-scalar")
 PRESETS = {

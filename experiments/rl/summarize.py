@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.append(str(Path(__file__).resolve().parents[2]))  # the root, for experiments.common
-from a2c import mean_of_last  # noqa: E402
 from experiments.common import number, read_csv_columns, write_json  # noqa: E402
+from experiments.rl.a2c import mean_of_last  # noqa: E402
 
 RUN_LOG = re.compile(r"(?P<type>.+)-seed(?P<seed>\d+)\.csv")
 

@@ -5,24 +5,20 @@ resume, the script end to end, flag validation; and, when BACKPROPAMINE_DATA hol
 omniglot/omniglot.npz, the real data."""
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import assert_parser_error, log_rows_without_timings
+from helpers import ROOT, assert_parser_error, log_rows_without_timings
 import torch.nn.functional as F
 
 import backpropamine_cuda as bp
 
-ROOT = Path(__file__).resolve().parent.parent
-OMNIGLOT = ROOT / "experiments" / "omniglot"
-if not OMNIGLOT.is_dir():
+if not (ROOT / "experiments" / "omniglot").is_dir():
     pytest.skip("experiments/ is not next to the tests", allow_module_level=True)
-sys.path.insert(0, str(OMNIGLOT))
-import omniglot  # noqa: E402
+from experiments.omniglot import omniglot  # noqa: E402
 
 BACKGROUND, EVALUATION = 10, 7  # synthetic characters per split
 DRAWINGS, SIZE = 4, 42  # 42 is not a multiple of 8: packbits pads each row

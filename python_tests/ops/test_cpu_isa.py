@@ -3,12 +3,11 @@ widest the CPU runs, but AVX2 on AMD). Here each one the CPU runs, forced with
 BACKPROPAMINE_CPU_ISA in a subprocess, runs a sweep of every rule against the reference."""
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import subprocess_env
+from helpers import TESTS, subprocess_env
 
 ISAS = ("default", "avx2", "avx512")
 
@@ -37,7 +36,7 @@ def test_default_choice_is_the_fastest_build():
     env = subprocess_env()
     env.pop("BACKPROPAMINE_CPU_ISA", None)
     result = subprocess.run([sys.executable, "-c", script], env=env,
-                            capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent)
+                            capture_output=True, text=True, timeout=300, cwd=TESTS)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [expected]
 
@@ -64,10 +63,10 @@ for rule, (alpha, modulation) in RULE_CONFIG.items():
 def test_isa_matches_reference(fused_cpu, isa):
     best = widest_supported()
     env = subprocess_env(BACKPROPAMINE_CPU_ISA=isa)
-    script = SCRIPT.format(tests=str(Path(__file__).parent))
+    script = SCRIPT.format(tests=str(TESTS))
     # cwd: not a checkout, whose package `-c` would import instead of the one under test.
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                            text=True, timeout=300, cwd=Path(__file__).parent)
+                            text=True, timeout=300, cwd=TESTS)
     assert result.returncode == 0, result.stderr
     used, *lines = result.stdout.split("\n")
     # The request is capped by what the CPU supports.
@@ -82,19 +81,18 @@ def test_isa_matches_reference(fused_cpu, isa):
 
 # The float32 comparisons with the reference: their rounding depends on the instruction set
 # (FMA, vector widths), so each build passes them, not only the suite's own.
-FLOAT32_TEST_FILES = ("test_rnn_ops.py", "test_lstm_ops.py", "test_primitives.py",
-                      "test_cuda_emulation.py", "test_modules.py")
+FLOAT32_TEST_FILES = ("ops/test_rnn_ops.py", "ops/test_lstm_ops.py", "ops/test_primitives.py",
+                      "ops/test_cuda_emulation.py", "modules/test_modules.py")
 
 
 @pytest.mark.parametrize("isa", ISAS)
 def test_isa_float32_tests(fused_cpu, isa):
     if ISAS.index(isa) > ISAS.index(widest_supported()):
         pytest.skip(f"this CPU does not run the {isa} build")
-    tests = Path(__file__).parent
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "float32",
-         *(str(tests / name) for name in FLOAT32_TEST_FILES)],
+         *(str(TESTS / name) for name in FLOAT32_TEST_FILES)],
         env=subprocess_env(BACKPROPAMINE_CPU_ISA=isa), capture_output=True, text=True,
-        timeout=600, cwd=tests)
+        timeout=600, cwd=TESTS)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert " passed" in result.stdout.splitlines()[-1], result.stdout[-2000:]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import (LSTM_INPUTS, RNN_INPUTS, lstm_inputs, non_contiguous, rnn_inputs,
+from helpers import (LSTM_INPUTS, RNN_INPUTS, TESTS, lstm_inputs, non_contiguous, rnn_inputs,
                      subprocess_env)
 
 OPS = torch.ops.backpropamine
@@ -192,7 +192,7 @@ def test_backward_empty_rates_in_a_subprocess(op):
     """The crash these checks guard against, reported as such should it come back: an empty
     eta_seq / eta_t of a modulated backward ended the process (SIGSEGV)."""
     code = (
-        "import sys, torch, backpropamine_cuda.fused; sys.path.insert(0, %r)\n"
+        "import sys, torch, backpropamine_cuda.fused; sys.path[:0] = [%r, %r]\n"
         "import test_validation_registered_ops as tv\n"
         "kwargs = tv.op_kwargs(%r, 'modulated')\n"
         "name = 'eta_seq' if 'sequence' in %r else 'eta_t'\n"
@@ -201,7 +201,7 @@ def test_backward_empty_rates_in_a_subprocess(op):
         "    getattr(torch.ops.backpropamine, %r)(**kwargs)\n"
         "except RuntimeError as e:\n"
         "    print(e)\n"
-    ) % (str(Path(__file__).parent), op, op, op)
+    ) % (str(Path(__file__).parent), str(TESTS), op, op, op)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env=subprocess_env(), timeout=300)
     assert result.returncode == 0, f"exit code {result.returncode}: {result.stderr[-2000:]}"

@@ -4,19 +4,16 @@ schedule checked step by step from the observations over whole episodes, its rew
 statistics; episode-length enforcement and every validation message; determinism from the
 generator, exact resume from its state, and rows that do not depend on each other's actions."""
 import re
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-RL = ROOT / "experiments" / "rl"
-if not RL.is_dir():
+from helpers import ROOT
+
+if not (ROOT / "experiments" / "rl").is_dir():
     pytest.skip("experiments/ is not next to the tests", allow_module_level=True)
-sys.path.insert(0, str(RL))
-import envs  # noqa: E402
+from experiments.rl import envs  # noqa: E402
 
 UP, DOWN, LEFT, RIGHT = range(4)
 

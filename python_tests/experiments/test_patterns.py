@@ -3,22 +3,17 @@ generator, the networks and the loss, fused against reference, learning on a tin
 resume, the script end to end with its plots, and flag validation."""
 import csv
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import assert_parser_error, log_rows_without_timings
+from helpers import ROOT, assert_parser_error, log_rows_without_timings
 
 import backpropamine_cuda as bp
 
-ROOT = Path(__file__).resolve().parent.parent
-PATTERNS = ROOT / "experiments" / "patterns"
-if not PATTERNS.is_dir():
+if not (ROOT / "experiments" / "patterns").is_dir():
     pytest.skip("experiments/ is not next to the tests", allow_module_level=True)
-sys.path.insert(0, str(PATTERNS))
-import patterns  # noqa: E402
+from experiments.patterns import patterns  # noqa: E402
 
 # A small, fast setting of the flags.
 TINY = ["--bits", "8", "--patterns", "2", "--presentations", "2", "--presentation-steps", "2",

@@ -14,15 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import assert_parser_error, subprocess_env
+from helpers import ROOT, assert_parser_error, subprocess_env
 
-ROOT = Path(__file__).resolve().parent.parent
 PTB = ROOT / "experiments" / "ptb"
 if not PTB.is_dir():
     pytest.skip("experiments/ is not next to the tests", allow_module_level=True)
-sys.path.insert(0, str(PTB))
-import data as ptb_data  # noqa: E402
-import main as ptb_main  # noqa: E402
+from experiments.ptb import data as ptb_data  # noqa: E402
+from experiments.ptb import main as ptb_main  # noqa: E402
 
 # Backpropamine's awd-lstm README commands (the third: the non-plastic baseline), with the data
 # path replaced by the tiny corpus.

@@ -15,19 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import assert_parser_error, log_rows_without_timings, subprocess_env
+from helpers import ROOT, assert_parser_error, log_rows_without_timings, subprocess_env
 
-ROOT = Path(__file__).resolve().parent.parent
 RL = ROOT / "experiments" / "rl"
 if not RL.is_dir():
     pytest.skip("experiments/ is not next to the tests", allow_module_level=True)
-sys.path.insert(0, str(RL))
-import a2c  # noqa: E402
-import agents  # noqa: E402
-import cue_reward  # noqa: E402
-import envs  # noqa: E402
-import maze  # noqa: E402
-import summarize  # noqa: E402
+from experiments.rl import a2c, agents, cue_reward, envs, maze, summarize  # noqa: E402
 
 TASKS = {"maze": maze, "cue_reward": cue_reward}
 # A small, fast setting of either task's flags.

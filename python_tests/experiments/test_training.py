@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import subprocess_env
+from helpers import ROOT, subprocess_env
 
-ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS, BENCHMARKS = ROOT / "experiments", ROOT / "benchmarks"
 if not EXPERIMENTS.is_dir():
     pytest.skip("experiments/ is not next to the tests", allow_module_level=True)

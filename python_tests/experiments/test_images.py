@@ -5,23 +5,18 @@ end to end with its plots, and flag validation."""
 import csv
 import json
 import pickle
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import assert_parser_error, log_rows_without_timings
+from helpers import ROOT, assert_parser_error, log_rows_without_timings
 
 import backpropamine_cuda as bp
 
-ROOT = Path(__file__).resolve().parent.parent
-IMAGES = ROOT / "experiments" / "images"
-if not IMAGES.is_dir():
+if not (ROOT / "experiments" / "images").is_dir():
     pytest.skip("experiments/ is not next to the tests", allow_module_level=True)
-sys.path.insert(0, str(IMAGES))
-import images  # noqa: E402
+from experiments.images import images  # noqa: E402
 
 TRAIN, TEST = 40, 12  # synthetic images in the data files
 

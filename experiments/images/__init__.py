@@ -1,0 +1,1 @@
+"""Natural-image memorisation and completion (images.py, run as a program); see README.md."""

@@ -1,0 +1,1 @@
+"""Penn Treebank language models (main.py, run as a program); see README.md."""
