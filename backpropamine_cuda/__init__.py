@@ -12,8 +12,14 @@ the compiled kernels (imported on first use, which builds the extension if pip d
 import importlib
 
 from . import reference
-from .modules import (PlasticLSTM, PlasticLSTMCell, PlasticLSTMState, PlasticRNN, PlasticRNNCell,
-                      PlasticState)
+from .modules import (
+    PlasticLSTM,
+    PlasticLSTMCell,
+    PlasticLSTMState,
+    PlasticRNN,
+    PlasticRNNCell,
+    PlasticState,
+)
 from .rollout import RecordedRollout, RolloutState
 
 __all__ = ["PlasticRNN", "PlasticRNNCell", "PlasticState", "RolloutState", "RecordedRollout",

@@ -46,8 +46,14 @@ import torch.nn.functional as F
 
 import backpropamine_cuda as bp
 from backpropamine_cuda import _extension, reference
-from backpropamine_cuda.measure import (markdown_table, measure_bandwidth, peak_memory_mb, sync,
-                                        time_fn, trace_floor_bytes)
+from backpropamine_cuda.measure import (
+    markdown_table,
+    measure_bandwidth,
+    peak_memory_mb,
+    sync,
+    time_fn,
+    trace_floor_bytes,
+)
 
 RULE, CLIP = "clip", 2.0
 PACKAGE_PARENT = Path(bp.__file__).resolve().parent.parent
@@ -316,7 +322,7 @@ def speed(cases, stacks, fused_ops, device, repeats, bandwidth):
             op = sequence_op(ops, case)
             with sequence_path(path):
                 res[impl] = attempt(f"{case.name} {impl}", lambda: timed(
-                    lambda kw: op(**kw, rule=RULE, clip=CLIP), leaves, device, repeats))
+                    lambda kw: op(**kw, rule=RULE, clip=CLIP), leaves, device, repeats))  # noqa: F821
         del leaves
         (f, f_error), (e, e_error) = res["fused"], res["eager"]
         floor_cell = f"{floor['fwd']:.3g} / {floor['fwdbwd']:.3g}"

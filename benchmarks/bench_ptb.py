@@ -40,9 +40,10 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.append(str(HERE.parent))  # the root, for the experiments package
+from experiments.ptb import main as ptb  # noqa: E402
+
 import bench_lstm  # noqa: E402  (the reference's memory model)
 import common  # noqa: E402
-from experiments.ptb import main as ptb  # noqa: E402
 
 LARGE_MODEL = ("--batch_size 6 --dropouti 0.4 --dropouth 0.25 --wdrop 0 --model PLASTICLSTM "
                "--modultype modplasth2mod --modulout fanout --nhid 1149 --alphatype perneuron "

@@ -29,9 +29,10 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.append(str(HERE.parent))  # the root, for the experiments package
-import common  # noqa: E402
 from experiments.rl import a2c, cue_reward, maze  # noqa: E402
 from experiments.rl.agents import Agent  # noqa: E402
+
+import common  # noqa: E402
 
 TASKS = {"maze": maze, "cue-reward": cue_reward}
 CASES = {"maze": ["--hidden", "100", "--size", "11"], "cue-reward": ["--hidden", "200"]}

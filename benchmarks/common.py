@@ -22,10 +22,15 @@ from pathlib import Path
 import torch
 
 from backpropamine_cuda.measure import (  # noqa: F401  (re-exported for the bench scripts)
-    cpu_memory_method, markdown_table, measure_bandwidth, peak_memory_mb, sync, time_fn,
-    trace_floor_bytes)
-from experiments.common import (  # noqa: F401  (manifest, write_json: for the bench scripts)
-    cpu_model, manifest, pyplot, require_extras, write_json)
+    cpu_memory_method,
+    markdown_table,
+    measure_bandwidth,
+    peak_memory_mb,
+    sync,
+    time_fn,
+    trace_floor_bytes,
+)
+from experiments.common import cpu_model, manifest, pyplot, require_extras, write_json  # noqa: F401  (manifest, write_json: for the bench scripts)
 
 # ----------------------------------------------------------------------------------------------
 # Device helpers
@@ -412,7 +417,8 @@ def benchmark_parser(doc, cases, impls, *, repeats, budget):
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--cases", default=",".join(cases), help=f"comma list of {list(cases)}")
     p.add_argument("--impls", default=",".join(impls), help=f"comma list of {list(impls)}")
-    p.add_argument("--repeats", type=int, default=repeats, help="timed runs per measurement (median)")
+    p.add_argument("--repeats", type=int, default=repeats,
+                   help="timed runs per measurement (median)")
     p.add_argument("--budget", type=float, default=budget,
                    help="stop repeating a measurement once its runs took this long (>= 1 run)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

@@ -13,9 +13,9 @@ import time
 
 import pytest
 
-from helpers import subprocess_env
-
 from backpropamine_cuda import _extension
+
+from helpers import subprocess_env
 
 # Runs load() twice on SOURCE (argv[1]) in TORCH_EXTENSIONS_DIR, after creating a leftover lock
 # file when argv[2] == "stale"; prints what happened as JSON: each call's outcome, message and

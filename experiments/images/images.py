@@ -30,9 +30,22 @@ from torch import nn
 import backpropamine_cuda as bp
 
 sys.path.append(str(Path(__file__).resolve().parents[2]))  # the root, for experiments.common
-from experiments.common import (DataError, add_training_flags, append_csv, count_parameters, number,
-                                parse_with_preset, preset_parser, pyplot, read_csv_columns, reading,
-                                require_extras, start_csv, train_run, write_json)  # noqa: E402
+from experiments.common import (  # noqa: E402
+    DataError,
+    add_training_flags,
+    append_csv,
+    count_parameters,
+    number,
+    parse_with_preset,
+    preset_parser,
+    pyplot,
+    read_csv_columns,
+    reading,
+    require_extras,
+    start_csv,
+    train_run,
+    write_json,
+)
 
 TYPES = ("plastic", "rnn")
 SIZES = (2, 4, 8, 16, 32)  # divisors of 32 (a pixel: the mean of a square), even (two halves)

@@ -31,10 +31,22 @@ from torch import nn
 import backpropamine_cuda as bp
 
 sys.path.append(str(Path(__file__).resolve().parents[2]))  # the root, for experiments.common
-from experiments.common import (DataError, RunCheckpoint, append_csv, count_parameters, number,
-                                parse_with_preset, preset_parser, pyplot, read_csv_columns, reading,
-                                require_extras, resume_csv, train_iterations,
-                                write_json)  # noqa: E402
+from experiments.common import (  # noqa: E402
+    DataError,
+    RunCheckpoint,
+    append_csv,
+    count_parameters,
+    number,
+    parse_with_preset,
+    preset_parser,
+    pyplot,
+    read_csv_columns,
+    reading,
+    require_extras,
+    resume_csv,
+    train_iterations,
+    write_json,
+)
 
 IMAGE_SIZE = 31  # four stride-2 3x3 convolutions: 31 -> 15 -> 7 -> 3 -> 1
 SPLITS = ("background-evaluation", "paper-1200")

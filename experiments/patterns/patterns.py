@@ -28,9 +28,20 @@ from torch import nn
 import backpropamine_cuda as bp
 
 sys.path.append(str(Path(__file__).resolve().parents[2]))  # the root, for experiments.common
-from experiments.common import (add_training_flags, append_csv, count_parameters, number,
-                                parse_with_preset, preset_parser, pyplot, read_csv_columns,
-                                require_extras, start_csv, train_run, write_json)  # noqa: E402
+from experiments.common import (  # noqa: E402
+    add_training_flags,
+    append_csv,
+    count_parameters,
+    number,
+    parse_with_preset,
+    preset_parser,
+    pyplot,
+    read_csv_columns,
+    require_extras,
+    start_csv,
+    train_run,
+    write_json,
+)
 
 TYPES = ("plastic", "rnn", "lstm")
 PRESETS = {

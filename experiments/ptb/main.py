@@ -29,10 +29,22 @@ from torch.nn.parallel import DistributedDataParallel
 
 sys.path.append(str(Path(__file__).resolve().parents[2]))  # the root, for experiments.common
 import backpropamine_cuda as bp  # noqa: E402
-from experiments.common import (DataError, append_csv, atomic_save, closest_size,
-                                count_parameters, load_checkpoint, number, progress, pyplot,
-                                read_csv_rows, require_extras, resume_csv, rng_states,
-                                write_json)  # noqa: E402
+from experiments.common import (  # noqa: E402
+    DataError,
+    append_csv,
+    atomic_save,
+    closest_size,
+    count_parameters,
+    load_checkpoint,
+    number,
+    progress,
+    pyplot,
+    read_csv_rows,
+    require_extras,
+    resume_csv,
+    rng_states,
+    write_json,
+)
 from experiments.ptb.data import Corpus, batchify, get_batch  # noqa: E402
 from experiments.ptb.model import LanguageModel, detach_state  # noqa: E402
 
@@ -602,7 +614,7 @@ def load_data(args, rank, world, device):
     try:
         corpus = Corpus(args.data)
     except (FileNotFoundError, DataError) as err:
-        raise SystemExit(f"--data: {err}" if isinstance(err, DataError) else str(err))
+        raise SystemExit(f"--data: {err}" if isinstance(err, DataError) else str(err)) from err
     check_lengths(corpus, args)
     streams = args.batch_size // world
     train_data = batchify(corpus.train, args.batch_size)[:, rank * streams:(rank + 1) * streams]

@@ -4,7 +4,7 @@ and the command line and runs that the task scripts (maze.py, cue_reward.py) sha
 Loss of a batch of episodes of length T, as the papers: with Monte-Carlo returns
 R_t = r_t + gamma * R_{t+1},
 
-    loss = mean over episodes of  1/T * sum_t [ -log pi(a_t) * (R_t - V_t)      (policy, V_t detached)
+    loss = mean over episodes of  1/T * sum_t [ -log pi(a_t) * (R_t - V_t)    (policy, V_t detached)
                                                 + value_coef * (R_t - V_t)^2      (critic)
                                                 + entropy_coef * sum_a pi(a)^2 ]  (entropy term)
 
@@ -34,9 +34,19 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from experiments.common import (RunCheckpoint, number, parse_with_preset, preset_parser, pyplot,
-                                read_csv_columns, require_extras, resume_csv,
-                                sigterm_as_interrupt, train_iterations, write_json)
+from experiments.common import (
+    RunCheckpoint,
+    number,
+    parse_with_preset,
+    preset_parser,
+    pyplot,
+    read_csv_columns,
+    require_extras,
+    resume_csv,
+    sigterm_as_interrupt,
+    train_iterations,
+    write_json,
+)
 from experiments.rl.agents import MODULATED, Agent, count_parameters, matched_size
 
 LOG_FIELDS = ("iteration", "episodes", "reward", "loss", "seconds")

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ROOT, assert_parser_error, log_rows_without_timings
-
 import backpropamine_cuda as bp
+
+from helpers import ROOT, assert_parser_error, log_rows_without_timings
 
 if not (ROOT / "experiments" / "images").is_dir():
     pytest.skip("experiments/ is not next to the tests", allow_module_level=True)

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from helpers import ROOT, assert_parser_error, log_rows_without_timings
 import torch.nn.functional as F
 
 import backpropamine_cuda as bp
+
+from helpers import ROOT, assert_parser_error, log_rows_without_timings
 
 if not (ROOT / "experiments" / "omniglot").is_dir():
     pytest.skip("experiments/ is not next to the tests", allow_module_level=True)
@@ -351,8 +351,10 @@ def test_resume_continues_exactly(tmp_path, data_file):
     omniglot.main([*flags, "--iterations", "4", "--out", str(interrupted)])
     omniglot.main([*flags, "--iterations", "8", "--out", str(interrupted), "--resume"])
     for log in ("train.csv", "eval.csv"):
-        assert log_rows_without_timings(whole / log) == log_rows_without_timings(interrupted / log), log
-    assert [row["iteration"] for row in log_rows_without_timings(whole / "eval.csv")] == ["0", "4", "8"]
+        assert (log_rows_without_timings(whole / log)
+                == log_rows_without_timings(interrupted / log)), log
+    assert ([row["iteration"] for row in log_rows_without_timings(whole / "eval.csv")]
+            == ["0", "4", "8"])
     a, b = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (whole, interrupted))
     assert a["iteration"] == b["iteration"] == 8
     for key, value in a["model"].items():
@@ -370,7 +372,8 @@ def test_resume_continues_exactly(tmp_path, data_file):
     (interrupted / "checkpoint.pt").unlink()
     omniglot.main([*flags, "--iterations", "8", "--out", str(interrupted), "--resume"])
     for log in ("train.csv", "eval.csv"):
-        assert log_rows_without_timings(whole / log) == log_rows_without_timings(interrupted / log), log
+        assert (log_rows_without_timings(whole / log)
+                == log_rows_without_timings(interrupted / log)), log
 
 
 def test_script_end_to_end(tmp_path, data_file):
@@ -379,7 +382,8 @@ def test_script_end_to_end(tmp_path, data_file):
     for name in ("train.csv", "eval.csv", "test.json", "checkpoint.pt", "curves.png",
                  "episode.png"):
         assert (tmp_path / name).stat().st_size > 0, name
-    assert [row["iteration"] for row in log_rows_without_timings(tmp_path / "train.csv")] == ["2", "4", "5"]
+    assert ([row["iteration"] for row in log_rows_without_timings(tmp_path / "train.csv")]
+            == ["2", "4", "5"])
     saved = json.loads((tmp_path / "test.json").read_text())
     assert {"commit", "torch", "date", "wall_seconds"} <= set(saved.pop("manifest"))
     assert saved.pop("options")["alpha"] == "scalar"

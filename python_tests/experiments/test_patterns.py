@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from helpers import ROOT, assert_parser_error, log_rows_without_timings
-
 import backpropamine_cuda as bp
+
+from helpers import ROOT, assert_parser_error, log_rows_without_timings
 
 if not (ROOT / "experiments" / "patterns").is_dir():
     pytest.skip("experiments/ is not next to the tests", allow_module_level=True)
@@ -146,7 +146,8 @@ def test_resume_continues_exactly(tmp_path):
     patterns.main([*TINY, "--iterations", "8", "--out", str(interrupted), "--resume"])
     for network_type in patterns.TYPES:
         name = f"{network_type}-seed0"
-        assert log_rows_without_timings(whole / f"{name}.csv") == log_rows_without_timings(interrupted / f"{name}.csv")
+        assert (log_rows_without_timings(whole / f"{name}.csv")
+                == log_rows_without_timings(interrupted / f"{name}.csv"))
         a, b = (torch.load(d / f"{name}.checkpoint.pt", weights_only=True)
                 for d in (whole, interrupted))
         assert a["iteration"] == b["iteration"] == 8
@@ -165,7 +166,8 @@ def test_script_end_to_end(tmp_path):
     for name in ("curves.png", "episode-plastic.png", "episode-rnn.png", "episode-lstm.png",
                  "plastic-seed3.checkpoint.pt", "lstm-seed3.csv", "evaluation.csv"):
         assert (tmp_path / name).stat().st_size > 0, name
-    assert [row["iteration"] for row in log_rows_without_timings(tmp_path / "rnn-seed3.csv")] == ["2", "4", "5"]
+    assert ([row["iteration"] for row in log_rows_without_timings(tmp_path / "rnn-seed3.csv")]
+            == ["2", "4", "5"])
     saved = json.loads((tmp_path / "rnn-seed3.json").read_text())
     assert (saved["iterations"], saved["options"]["bits"]) == (5, 8)
     assert (saved["loss"], saved["error_zeroed"], saved["error_all"]) == summary["rnn"]

@@ -211,7 +211,8 @@ def test_resume_continues_exactly(tmp_path, burn_in, interrupted_at):
     maze.main([*TINY, *common, "--iterations", str(interrupted_at), "--out", str(interrupted)])
     maze.main([*TINY, *common, "--iterations", "12", "--out", str(interrupted), "--resume"])
     name = "retroactive-seed1"
-    assert log_rows_without_timings(whole / f"{name}.csv") == log_rows_without_timings(interrupted / f"{name}.csv")
+    assert (log_rows_without_timings(whole / f"{name}.csv")
+            == log_rows_without_timings(interrupted / f"{name}.csv"))
     a, b = (torch.load(d / f"{name}.checkpoint.pt", weights_only=True)
             for d in (whole, interrupted))
     assert a["iteration"] == b["iteration"] == 12

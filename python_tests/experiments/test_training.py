@@ -17,7 +17,6 @@ if not EXPERIMENTS.is_dir():
     pytest.skip("experiments/ is not next to the tests", allow_module_level=True)
 from experiments import common  # noqa: E402  (the root is on sys.path: pyproject.toml)
 
-
 # ----------------------------------------------------------------------------------------------
 # Checkpoints on a full disk
 

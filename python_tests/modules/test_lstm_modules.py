@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 import backpropamine_cuda as bp
-from helpers import (I, N, TOL, assert_dicts_close, expected_param_shapes, grads_of, make,
-                     opt_id)
+
+from helpers import TOL, I, N, assert_dicts_close, expected_param_shapes, grads_of, make, opt_id
 
 F64 = TOL[torch.float64]
 # Every rule, alpha, modulation and modulator input at least once.

@@ -7,8 +7,18 @@ import pytest
 import torch
 
 import backpropamine_cuda as bp
-from helpers import (I, N, TOL, assert_dicts_close, assert_tensor_close, expected_param_shapes,
-                     grads_of, make, opt_id)
+
+from helpers import (
+    TOL,
+    I,
+    N,
+    assert_dicts_close,
+    assert_tensor_close,
+    expected_param_shapes,
+    grads_of,
+    make,
+    opt_id,
+)
 
 OPTION_GRID = [dict(alpha=a, modulation=m, rule=r, n_modulators=k, eta_shape=e)
                for a, m, r, k, e in itertools.product(
@@ -228,7 +238,7 @@ def test_recorded_rollout_reusing_buffers(options):
     x = torch.randn(7, 2, I, dtype=torch.float64)
     results = []
     earlier = layer.recorded_rollout(2, 7, x)
-    for t in range(7):
+    for _ in range(7):
         earlier.step(torch.randn(2, I, dtype=torch.float64))  # other inputs, other traces
     earlier.replay(earlier._inputs.clone())[0].sum().backward()
     old_out = None if earlier._record is None else earlier._record.out.data_ptr()

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import backpropamine_cuda as bp
+
 from helpers import shape_str
 
 # torch.ops.backpropamine exists once the fused module has loaded the extension.

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from helpers import TESTS, subprocess_env
 
@@ -49,7 +48,8 @@ from helpers import RULE_CONFIG, rnn_inputs, run_forward_backward
 print(torch.ops.backpropamine.cpu_isa())
 for rule, (alpha, modulation) in RULE_CONFIG.items():
     inputs = rnn_inputs(alpha, modulation, rule, T=5, B=3, N=37)
-    (out_e, g_e) = run_forward_backward(bp.reference.plastic_rnn_sequence, inputs, rule=rule, clip=0.5)
+    (out_e, g_e) = run_forward_backward(bp.reference.plastic_rnn_sequence, inputs, rule=rule,
+                                        clip=0.5)
     (out_a, g_a) = run_forward_backward(bp.fused.plastic_rnn_sequence, inputs, rule=rule, clip=0.5,
                                         checkpoint_every=2)
     rel = lambda a, e: ((a - e).abs().max() / e.abs().max().clamp(min=1)).item()

@@ -9,9 +9,21 @@ import torch
 
 import backpropamine_cuda as bp
 from backpropamine_cuda import reference
-from helpers import (RNN_INPUTS, RULE_CONFIG, RULES, TOL, OnCuda, assert_results_close,
-                     assert_results_equal, lstm_inputs, relative_error, rnn_inputs,
-                     run_forward_backward, upcast)
+
+from helpers import (
+    RNN_INPUTS,
+    RULE_CONFIG,
+    RULES,
+    TOL,
+    OnCuda,
+    assert_results_close,
+    assert_results_equal,
+    lstm_inputs,
+    relative_error,
+    rnn_inputs,
+    run_forward_backward,
+    upcast,
+)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -7,9 +7,22 @@ import pytest
 import torch
 
 from backpropamine_cuda import reference
-from helpers import (RULE_CONFIG, RULES, TOL, all_combos, assert_results_close,
-                     assert_results_equal, compare_with_reference, loss_weights, lstm_inputs,
-                     rnn_inputs, run_forward_backward, upcast, with_grad)
+
+from helpers import (
+    RULE_CONFIG,
+    RULES,
+    TOL,
+    all_combos,
+    assert_results_close,
+    assert_results_equal,
+    compare_with_reference,
+    loss_weights,
+    lstm_inputs,
+    rnn_inputs,
+    run_forward_backward,
+    upcast,
+    with_grad,
+)
 
 CLIP = 0.5
 KERNEL_THREADS = 128  # columns per block in csrc/cuda/trace_kernels.h (kThreads)
@@ -78,7 +91,8 @@ def reverse_thread_order(fused_cpu):
 
 def _race_cases():
     rnn = [("rnn", *RULE_CONFIG[r], r) for r in RULES]
-    return rnn + [("lstm", "full", "fanout3", "retroactive"), ("lstm", "neuron", "none_full", "clip")]
+    return rnn + [("lstm", "full", "fanout3", "retroactive"),
+                  ("lstm", "neuron", "none_full", "clip")]
 
 
 @pytest.mark.parametrize("kind,alpha,modulation,rule", _race_cases())

@@ -11,8 +11,14 @@ over the threads.
 import pytest
 import torch
 
-from helpers import (RULE_CONFIG, RULES, assert_results_equal, lstm_inputs, rnn_inputs,
-                     run_forward_backward)
+from helpers import (
+    RULE_CONFIG,
+    RULES,
+    assert_results_equal,
+    lstm_inputs,
+    rnn_inputs,
+    run_forward_backward,
+)
 
 # Every test on both paths of the sequence op (conftest.py).
 pytestmark = pytest.mark.usefixtures("sequence_path")

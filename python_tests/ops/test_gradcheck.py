@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from backpropamine_cuda import reference
+
 from helpers import CLIP_RULES, RULES, lstm_inputs, rnn_inputs, valid_combo
 
 # Every test on both paths of the sequence op (conftest.py).

@@ -8,8 +8,17 @@ import pytest
 import torch
 
 from backpropamine_cuda import reference
-from helpers import (CLIP_RULES, RULE_CONFIG, RULES, TOL, all_combos, clamp_engaged,
-                     compare_with_reference, lstm_inputs)
+
+from helpers import (
+    CLIP_RULES,
+    RULE_CONFIG,
+    RULES,
+    TOL,
+    all_combos,
+    clamp_engaged,
+    compare_with_reference,
+    lstm_inputs,
+)
 
 CLIP = 0.5
 SEQ_OUTPUTS = ("out", "c_T", "hebb_T", "elig_T", "m")

@@ -16,7 +16,8 @@ import torch
 
 import backpropamine_cuda as bp
 from backpropamine_cuda import reference
-from helpers import (LSTM_INPUTS, RNN_INPUTS, lstm_inputs, make, rnn_inputs, with_grad)
+
+from helpers import LSTM_INPUTS, RNN_INPUTS, lstm_inputs, make, rnn_inputs, with_grad
 
 IN_PLACE_ERROR = "modified by an inplace operation"
 DOUBLE_BACKWARD_ERROR = ("double backward through the fused ops is not supported",

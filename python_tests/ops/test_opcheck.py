@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import backpropamine_cuda as bp
+
 from helpers import LSTM_INPUTS, RNN_INPUTS, TOL, lstm_inputs, rnn_inputs
 
 OPS = torch.ops.backpropamine

@@ -5,8 +5,16 @@ import pytest
 import torch
 
 from backpropamine_cuda import reference
-from helpers import ALPHAS, CLIP_RULES, RULES, assert_results_close, clamp_engaged, \
-    compare_with_reference, run_forward_backward
+
+from helpers import (
+    ALPHAS,
+    CLIP_RULES,
+    RULES,
+    assert_results_close,
+    clamp_engaged,
+    compare_with_reference,
+    run_forward_backward,
+)
 
 CLIP = 0.5
 SIZES = [(3, 5, 7), (1, 1, 33), (2, 33, 1), (3, 7, 5)]  # (B, P, N)

@@ -6,9 +6,22 @@ import pytest
 import torch
 
 from backpropamine_cuda import reference
-from helpers import (CLIP_RULES, RULE_CONFIG, RULES, TOL, all_combos, assert_results_close,
-                     assert_results_equal, assert_tensor_close, clamp_engaged,
-                     compare_with_reference, rnn_inputs, run_forward_backward, upcast)
+
+from helpers import (
+    CLIP_RULES,
+    RULE_CONFIG,
+    RULES,
+    TOL,
+    all_combos,
+    assert_results_close,
+    assert_results_equal,
+    assert_tensor_close,
+    clamp_engaged,
+    compare_with_reference,
+    rnn_inputs,
+    run_forward_backward,
+    upcast,
+)
 
 # Every test on both paths of the sequence op (conftest.py).
 pytestmark = pytest.mark.usefixtures("sequence_path")

@@ -8,8 +8,17 @@ import pytest
 import torch
 
 from backpropamine_cuda import fused, reference
-from helpers import (RULE_CONFIG, RULES, assert_results_close, compare_with_reference,
-                     lstm_inputs, rnn_inputs, run_forward_backward, upcast)
+
+from helpers import (
+    RULE_CONFIG,
+    RULES,
+    assert_results_close,
+    compare_with_reference,
+    lstm_inputs,
+    rnn_inputs,
+    run_forward_backward,
+    upcast,
+)
 
 CLIP = 0.5
 ENV = "BACKPROPAMINE_SEQUENCE_PATH"

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import backpropamine_cuda as bp
+
 from helpers import LSTM_INPUTS, SEQUENCE_OR_STEP, lstm_inputs, non_contiguous, shape_str
 
 B, N, T = 2, 5, 3

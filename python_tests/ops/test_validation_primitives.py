@@ -11,6 +11,7 @@ import torch
 
 import backpropamine_cuda as bp
 from backpropamine_cuda import reference
+
 from helpers import non_contiguous, shape_str
 
 OPS = torch.ops.backpropamine

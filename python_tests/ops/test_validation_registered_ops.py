@@ -15,8 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import (LSTM_INPUTS, RNN_INPUTS, TESTS, lstm_inputs, non_contiguous, rnn_inputs,
-                     subprocess_env)
+from helpers import (
+    LSTM_INPUTS,
+    RNN_INPUTS,
+    TESTS,
+    lstm_inputs,
+    non_contiguous,
+    rnn_inputs,
+    subprocess_env,
+)
 
 OPS = torch.ops.backpropamine
 B, N, T = 2, 5, 3

@@ -16,8 +16,16 @@ import torch
 
 import backpropamine_cuda as bp
 from backpropamine_cuda import reference
-from helpers import (RNN_INPUTS, SEQUENCE_OR_STEP, TOL, non_contiguous, rnn_inputs,
-                     run_forward_backward, shape_str)
+
+from helpers import (
+    RNN_INPUTS,
+    SEQUENCE_OR_STEP,
+    TOL,
+    non_contiguous,
+    rnn_inputs,
+    run_forward_backward,
+    shape_str,
+)
 
 OPS = torch.ops.backpropamine
 B, N, K, T = 2, 5, 3, 3
