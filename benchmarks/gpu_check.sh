@@ -6,7 +6,7 @@
 #   1. the selftest without its tests (python -m backpropamine_cuda.selftest --no-tests): every
 #      kernel against the reference at the papers' sizes, speed against the eager reference and
 #      the HBM floor, GPU operations per step, the PTB stack's memory at batch 20 and 80;
-#   2. python_tests/test_cuda.py (among them the native kernels against the emulated ones at
+#   2. python_tests/ops/test_cuda.py (among them the native kernels against the emulated ones at
 #      multi-tile sizes, the CUDA-graph captures);
 #   3. compute-sanitizer memcheck, racecheck, synccheck and initcheck over the GPU tests at a
 #      small multi-tile size, when the tool is on the machine;
@@ -112,7 +112,7 @@ backtraces() {
     say "    crashed: $test, run under gdb: $status (crashes.log)"
   done
 }
-wanted tests && tests 90 "$out/tests_cuda.log" python_tests/test_cuda.py -k "not emulat"
+wanted tests && tests 90 "$out/tests_cuda.log" python_tests/ops/test_cuda.py -k "not emulat"
 
 wanted sanitizer && say "" "## compute-sanitizer" ""
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
@@ -124,11 +124,11 @@ else
   # Every kernel at a multi-tile size (N = 129: two column tiles, the RNN's whole-sequence and
   # per-step kernels, the LSTM) and the rollout step.
   selection="tiled and 129 or rollout_step_captures"
-  say "Over \`pytest python_tests/test_cuda.py -k '$selection'\` (log: sanitizer.log):" ""
+  say "Over \`pytest python_tests/ops/test_cuda.py -k '$selection'\` (log: sanitizer.log):" ""
   for tool in memcheck racecheck synccheck initcheck; do
     echo "### $tool" >> "$out/sanitizer.log"
     status=$(run_part 40 "$out/sanitizer.log" "$sanitizer" --tool "$tool" --error-exitcode 99 \
-      --print-limit 10 "$python" -m pytest python_tests/test_cuda.py -q -p no:cacheprovider \
+      --print-limit 10 "$python" -m pytest python_tests/ops/test_cuda.py -q -p no:cacheprovider \
       -k "$selection")
     errors=$(awk -v mark="### $tool" '$0 == mark {on = 1; next} /^### / {on = 0} on' \
       "$out/sanitizer.log" | grep -m1 "SUMMARY" || true)
@@ -137,7 +137,7 @@ else
 fi
 if wanted ops; then
   say "" "## Every other test on the GPU" ""
-  tests 600 "$out/tests_ops.log" python_tests --ignore=python_tests/test_cuda.py \
+  tests 600 "$out/tests_ops.log" python_tests --ignore=python_tests/ops/test_cuda.py \
     -k "cuda and not emulat"
 fi
 say "" "Done in $((SECONDS - start)) s."
