@@ -12,8 +12,8 @@
 #      small multi-tile size, when the tool is on the machine;
 #   4. every other test on the GPU (pytest -k "cuda and not emulat": the op tests through the
 #      `fused` fixture), on 8 workers when pytest-xdist is there, until the budget is spent.
-# A test that crashes its process (a segmentation fault) is run again alone under gdb, when gdb
-# is on the machine, for the native stack of the crash (crashes.log).
+# A test that crashes its process (a segmentation fault) is run again alone with torch's
+# fatal-signal handler, for the native stack of the crash (crashes.log).
 # The report (markdown, committed as it is) and the logs go to benchmarks/results/gpu/, or to
 # $GPU_CHECK_OUT.
 #
@@ -100,16 +100,17 @@ tests() {
   backtraces "$log"
 }
 # backtraces LOG: each test whose worker crashed in LOG (xdist: "node down", then the test
-# FAILED on that worker) run alone under gdb; the stack of every thread goes to crashes.log.
+# FAILED on that worker) run alone with torch's fatal-signal handler on, which prints the native
+# stack of every thread (no debugger needed); into crashes.log.
 backtraces() {
-  local gdb test status
-  gdb=$(command -v gdb) || return 0
+  local test status
   for test in $(awk '/node down/ {down[$1] = 1; next}
                      $1 in down && /FAILED/ {print $NF; delete down[$1]}' "$1" | head -n 3); do
     echo "### $test" >> "$out/crashes.log"
-    status=$(run_part 60 "$out/crashes.log" "$gdb" -q -batch -ex run -ex "thread apply all bt 30" \
-      --args "$python" -m pytest -q -p no:cacheprovider "$test")
-    say "    crashed: $test, run under gdb: $status (crashes.log)"
+    status=$(run_part 60 "$out/crashes.log" "$python" -c "import sys, pytest, torch
+torch._C._set_print_stack_traces_on_fatal_signal(True)
+sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-p', 'no:faulthandler', '-s', sys.argv[1]]))" "$test")
+    say "    crashed: $test; run alone for its native stack: $status (crashes.log)"
   done
 }
 wanted tests && tests 90 "$out/tests_cuda.log" python_tests/ops/test_cuda.py -k "not emulat"
