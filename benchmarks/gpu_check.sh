@@ -83,7 +83,6 @@ if wanted selftest; then
   say "" "Selftest: $status (progress and errors: selftest.log)"
 fi
 
-say "" "## GPU tests" ""
 # On pytest-xdist's workers when it is there: a test that crashes its worker is reported as such
 # and the others go on (one crash stopped the serial run before it printed any traceback).
 workers=()
@@ -113,28 +112,31 @@ sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-p', 'no:faulthandler', '
     say "    crashed: $test; run alone for its native stack: $status (crashes.log)"
   done
 }
-wanted tests && tests 90 "$out/tests_cuda.log" python_tests/ops/test_cuda.py -k "not emulat"
+if wanted tests; then
+  say "" "## GPU tests" ""
+  tests 90 "$out/tests_cuda.log" python_tests/ops/test_cuda.py -k "not emulat"
+fi
 
-wanted sanitizer && say "" "## compute-sanitizer" ""
-sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
-if ! wanted sanitizer; then
-  :
-elif [ -z "$sanitizer" ]; then
-  say "compute-sanitizer is not on this machine: not run."
-else
-  # Every kernel at a multi-tile size (N = 129: two column tiles, the RNN's whole-sequence and
-  # per-step kernels, the LSTM) and the rollout step.
-  selection="tiled and 129 or rollout_step_captures"
-  say "Over \`pytest python_tests/ops/test_cuda.py -k '$selection'\` (log: sanitizer.log):" ""
-  for tool in memcheck racecheck synccheck initcheck; do
-    echo "### $tool" >> "$out/sanitizer.log"
-    status=$(run_part 40 "$out/sanitizer.log" "$sanitizer" --tool "$tool" --error-exitcode 99 \
-      --print-limit 10 "$python" -m pytest python_tests/ops/test_cuda.py -q -p no:cacheprovider \
-      -k "$selection")
-    errors=$(awk -v mark="### $tool" '$0 == mark {on = 1; next} /^### / {on = 0} on' \
-      "$out/sanitizer.log" | grep -m1 "SUMMARY" || true)
-    say "- $tool: $status; ${errors:-no summary line}"
-  done
+if wanted sanitizer; then
+  say "" "## compute-sanitizer" ""
+  sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+  if [ -z "$sanitizer" ]; then
+    say "compute-sanitizer is not on this machine: not run."
+  else
+    # Every kernel at a multi-tile size (N = 129: two column tiles, the RNN's whole-sequence and
+    # per-step kernels, the LSTM) and the rollout step.
+    selection="tiled and 129 or rollout_step_captures"
+    say "Over \`pytest python_tests/ops/test_cuda.py -k '$selection'\` (log: sanitizer.log):" ""
+    for tool in memcheck racecheck synccheck initcheck; do
+      echo "### $tool" >> "$out/sanitizer.log"
+      status=$(run_part 40 "$out/sanitizer.log" "$sanitizer" --tool "$tool" --error-exitcode 99 \
+        --print-limit 10 "$python" -m pytest python_tests/ops/test_cuda.py -q \
+        -p no:cacheprovider -k "$selection")
+      errors=$(awk -v mark="### $tool" '$0 == mark {on = 1; next} /^### / {on = 0} on' \
+        "$out/sanitizer.log" | grep -m1 "SUMMARY" || true)
+      say "- $tool: $status; ${errors:-no summary line}"
+    done
+  fi
 fi
 if wanted ops; then
   say "" "## Every other test on the GPU" ""
