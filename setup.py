@@ -1,6 +1,7 @@
 """Builds the fused ops ahead of time when torch is importable (pip install --no-build-isolation .),
 with the CUDA kernels when torch is a CUDA build and nvcc is found, and always ships the C++/CUDA
 sources inside the package so they can be compiled at first use."""
+
 import importlib.util
 import os
 import shutil
@@ -11,7 +12,8 @@ from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 _spec = importlib.util.spec_from_file_location(
-    "_build_config", ROOT / "backpropamine_cuda" / "_build_config.py")
+    "_build_config", ROOT / "backpropamine_cuda" / "_build_config.py"
+)
 build_config = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(build_config)
 
@@ -32,8 +34,10 @@ try:
     import torch  # noqa: F401
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 except ImportError:
-    print("backpropamine_cuda: torch is not importable at build time; the fused ops will be "
-          "compiled at first use (install with --no-build-isolation to build them now)")
+    print(
+        "backpropamine_cuda: torch is not importable at build time; the fused ops will be "
+        "compiled at first use (install with --no-build-isolation to build them now)"
+    )
 else:
     csrc = ROOT / "csrc"
     sources = build_config.cpu_sources(csrc)
@@ -45,16 +49,23 @@ else:
     if toolkit:
         # torch's build helpers read the architectures from the environment.
         os.environ["TORCH_CUDA_ARCH_LIST"] = build_config.cuda_arch_list()
-        print(f"backpropamine_cuda: building the CUDA kernels too (nvcc from {toolkit}, "
-              f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})")
+        print(
+            f"backpropamine_cuda: building the CUDA kernels too (nvcc from {toolkit}, "
+            f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})"
+        )
         sources += build_config.cuda_sources(csrc)
         flags["nvcc"] = build_config.NVCC_FLAGS
         extension = CUDAExtension
     relative = lambda paths: [str(Path(p).relative_to(ROOT)) for p in paths]  # noqa: E731
-    ext_modules.append(extension(
-        "backpropamine_cuda._C", relative(sources),
-        depends=relative(build_config.header_files(csrc)),
-        extra_compile_args=flags, extra_link_args=build_config.LD_FLAGS))
+    ext_modules.append(
+        extension(
+            "backpropamine_cuda._C",
+            relative(sources),
+            depends=relative(build_config.header_files(csrc)),
+            extra_compile_args=flags,
+            extra_link_args=build_config.LD_FLAGS,
+        )
+    )
     cmdclass["build_ext"] = BuildExtension
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -10,6 +10,7 @@ that the baseline can be lowered (--write-baseline).
 
     python .ci/kernel_resources.py PTXAS_LOG... [--markdown] [--write-baseline]
 """
+
 import argparse
 import json
 import re
@@ -28,12 +29,21 @@ def block_sizes():
     """Threads per block of each kernel family (the __launch_bounds__ they are compiled for),
     read from the headers that define them."""
     cuda = ROOT / "csrc" / "cuda"
-    trace = int(re.search(r"constexpr int kThreads = (\d+);",
-                          (cuda / "trace_kernels.h").read_text())[1])
-    sequence = int(re.search(r"constexpr int kSequenceMaxThreads = (\d+);",
-                             (cuda / "sequence_kernels.h").read_text())[1])
-    return {"ForwardKernel": trace, "BackwardKernel": trace, "ColumnSumKernel": trace,
-            "SequenceForwardKernel": sequence, "SequenceBackwardKernel": sequence}
+    trace = int(
+        re.search(r"constexpr int kThreads = (\d+);", (cuda / "trace_kernels.h").read_text())[1]
+    )
+    sequence = int(
+        re.search(
+            r"constexpr int kSequenceMaxThreads = (\d+);", (cuda / "sequence_kernels.h").read_text()
+        )[1]
+    )
+    return {
+        "ForwardKernel": trace,
+        "BackwardKernel": trace,
+        "ColumnSumKernel": trace,
+        "SequenceForwardKernel": sequence,
+        "SequenceBackwardKernel": sequence,
+    }
 
 
 def resources(log):
@@ -46,17 +56,22 @@ def resources(log):
             functions.setdefault(current, {})
         elif m := re.search(r"Function properties for (\S+)", line):
             current = m[1]
-        elif m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
-                            r"(\d+) bytes spill loads", line):
+        elif m := re.search(
+            r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
+            r"(\d+) bytes spill loads",
+            line,
+        ):
             if current in functions:
-                functions[current].update(STACK=int(m[1]), SPILL_STORES=int(m[2]),
-                                          SPILL_LOADS=int(m[3]))
+                functions[current].update(
+                    STACK=int(m[1]), SPILL_STORES=int(m[2]), SPILL_LOADS=int(m[3])
+                )
         elif m := re.search(r"Used (\d+) registers", line):
             if current in functions:
                 functions[current]["REG"] = int(m[1])
     names = list(functions)
-    demangled = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True,
-                               text=True, check=True).stdout.splitlines()
+    demangled = subprocess.run(
+        ["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True
+    ).stdout.splitlines()
     return [(arch, d, functions[n]) for n, d in zip(names, demangled)]
 
 
@@ -80,8 +95,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("logs", type=Path, nargs="+", help="ptxas -v logs, one per architecture")
     parser.add_argument("--markdown", action="store_true", help="the table as markdown")
-    parser.add_argument("--write-baseline", action="store_true",
-                        help=f"write these stack frames and spills to {BASELINE.name}")
+    parser.add_argument(
+        "--write-baseline",
+        action="store_true",
+        help=f"write these stack frames and spills to {BASELINE.name}",
+    )
     args = parser.parse_args()
     threads = block_sizes()
     groups = defaultdict(list)
@@ -91,16 +109,36 @@ def main():
             groups[" ".join((*family, arch))].append(res)
     if not groups:
         sys.exit(f"no kernels of ours in {', '.join(map(str, args.logs))}")
-    header = ["kernel", "dtype", "arch", "instances", "threads/block", "registers (max)",
-              "stack frame B (max)", "spill stores B (max)", "warps/SM by registers (min)"]
+    header = [
+        "kernel",
+        "dtype",
+        "arch",
+        "instances",
+        "threads/block",
+        "registers (max)",
+        "stack frame B (max)",
+        "spill stores B (max)",
+        "warps/SM by registers (min)",
+    ]
     rows, worst = [], {}
     for key, items in sorted(groups.items()):
         family = key.split()[0]
         regs = max(r.get("REG", 0) for r in items)
-        worst[key] = dict(stack=max(r.get("STACK", 0) for r in items),
-                          spill=max(r.get("SPILL_STORES", 0) for r in items))
-        rows.append([*key.split(), len(items), threads[family], regs, worst[key]["stack"],
-                     worst[key]["spill"], resident_warps(regs, threads[family])])
+        worst[key] = dict(
+            stack=max(r.get("STACK", 0) for r in items),
+            spill=max(r.get("SPILL_STORES", 0) for r in items),
+        )
+        rows.append(
+            [
+                *key.split(),
+                len(items),
+                threads[family],
+                regs,
+                worst[key]["stack"],
+                worst[key]["spill"],
+                resident_warps(regs, threads[family]),
+            ]
+        )
     if args.markdown:
         print("| " + " | ".join(header) + " |")
         print("|" + "---|" * len(header))
@@ -116,11 +154,19 @@ def main():
         return
     baseline = json.loads(BASELINE.read_text()) if BASELINE.exists() else {}
     none = dict(stack=0, spill=0)
-    worse = [f"{key}: {kind} {worst[key][kind]} B, baseline {baseline.get(key, none)[kind]} B"
-             for key in worst for kind in ("stack", "spill")
-             if worst[key][kind] > baseline.get(key, none)[kind]]
-    better = [key for key in worst if key in baseline and worst[key] != baseline[key]
-              and all(worst[key][k] <= baseline[key][k] for k in ("stack", "spill"))]
+    worse = [
+        f"{key}: {kind} {worst[key][kind]} B, baseline {baseline.get(key, none)[kind]} B"
+        for key in worst
+        for kind in ("stack", "spill")
+        if worst[key][kind] > baseline.get(key, none)[kind]
+    ]
+    better = [
+        key
+        for key in worst
+        if key in baseline
+        and worst[key] != baseline[key]
+        and all(worst[key][k] <= baseline[key][k] for k in ("stack", "spill"))
+    ]
     if better:
         print("\nbelow the baseline (lower it: --write-baseline):", ", ".join(better))
     if worse:

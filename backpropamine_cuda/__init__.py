@@ -9,6 +9,7 @@
 ``bp.reference`` is the pure-PyTorch specification of every op; ``bp.fused`` the same functions on
 the compiled kernels (imported on first use, which builds the extension if pip did not).
 """
+
 import importlib
 
 from . import reference
@@ -22,8 +23,18 @@ from .modules import (
 )
 from .rollout import RecordedRollout, RolloutState
 
-__all__ = ["PlasticRNN", "PlasticRNNCell", "PlasticState", "RolloutState", "RecordedRollout",
-           "PlasticLSTM", "PlasticLSTMCell", "PlasticLSTMState", "reference", "fused"]
+__all__ = [
+    "PlasticRNN",
+    "PlasticRNNCell",
+    "PlasticState",
+    "RolloutState",
+    "RecordedRollout",
+    "PlasticLSTM",
+    "PlasticLSTMCell",
+    "PlasticLSTMState",
+    "reference",
+    "fused",
+]
 __version__ = "0.1.0"
 
 

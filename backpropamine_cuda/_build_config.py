@@ -1,6 +1,7 @@
 """Sources and compiler flags of the extension, shared by setup.py (ahead-of-time build), the
 first-use build of _extension.py and .ci/nvcc_check.sh. Imports nothing from torch at module level
 so setup.py can read it anywhere; the functions that look at torch import it when called."""
+
 import os
 from pathlib import Path
 
@@ -15,8 +16,7 @@ from pathlib import Path
 # and PTB sizes (AMD EPYC, AVX2).
 # -std=c++20: the sources are C++20 (concepts, requires); torch before 2.13 adds -std=c++17 to a
 # build whose flags name no standard.
-CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-fno-trapping-math", "-ffp-contract=off",
-             "-DNDEBUG"]
+CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-fno-trapping-math", "-ffp-contract=off", "-DNDEBUG"]
 LD_FLAGS = ["-fopenmp"]
 # The CUDA sources include the same C++20 headers as the CPU ones; --expt-relaxed-constexpr lets
 # device code call constexpr host functions (std::numeric_limits, ...); the host half of the .cu
@@ -26,8 +26,15 @@ LD_FLAGS = ["-fopenmp"]
 # H200, decay rule), as they did on the CPU before -ffp-contract=off.
 # The kernels are bound by memory traffic, so the separate multiply and add should cost little
 # (not yet measured on a GPU).
-NVCC_FLAGS = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "--fmad=false", "-DNDEBUG",
-              "-Xcompiler", "-fopenmp"]
+NVCC_FLAGS = [
+    "-O3",
+    "-std=c++20",
+    "--expt-relaxed-constexpr",
+    "--fmad=false",
+    "-DNDEBUG",
+    "-Xcompiler",
+    "-fopenmp",
+]
 # TORCH_CUDA_ARCH_LIST when it is unset and no GPU is visible: A100 (sm_80) and H100/H200
 # (sm_90), plus sm_90 PTX that the driver compiles for newer GPUs.
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
@@ -62,8 +69,10 @@ def cuda_toolkit():
     if os.environ.get(BUILD_CUDA_ENV) == "0":
         return None, f"{BUILD_CUDA_ENV}=0: building the CPU ops only"
     if CUDA_HOME is None or not (Path(CUDA_HOME) / "bin" / "nvcc").exists():
-        return None, (f"torch {torch.__version__} is a CUDA build but nvcc was not found (set "
-                      "CUDA_HOME or put nvcc on PATH): building the CPU ops only")
+        return None, (
+            f"torch {torch.__version__} is a CUDA build but nvcc was not found (set "
+            "CUDA_HOME or put nvcc on PATH): building the CPU ops only"
+        )
     return CUDA_HOME, None
 
 
@@ -76,7 +85,8 @@ def cuda_arch_list():
     if os.environ.get("TORCH_CUDA_ARCH_LIST"):
         return os.environ["TORCH_CUDA_ARCH_LIST"]
     if torch.cuda.is_available():
-        caps = sorted({torch.cuda.get_device_capability(i)
-                       for i in range(torch.cuda.device_count())})
+        caps = sorted(
+            {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+        )
         return ";".join(f"{major}.{minor}" for major, minor in caps)
     return DEFAULT_CUDA_ARCHS

@@ -2,6 +2,7 @@
 build it, otherwise a build at first use with torch.utils.cpp_extension (ninja), cached under
 TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions). Either build includes the CUDA kernels
 when torch is a CUDA build and nvcc is found (_build_config.cuda_toolkit)."""
+
 import contextlib
 import fcntl
 import functools
@@ -33,8 +34,9 @@ def _csrc_dir() -> Path:
     for candidate in (here / "csrc", here.parent / "csrc"):  # installed copy, source checkout
         if (candidate / "ops.cpp").is_file():
             return candidate
-    raise RuntimeError(f"backpropamine_cuda: C++ sources not found next to {here}; reinstall the "
-                       "package")
+    raise RuntimeError(
+        f"backpropamine_cuda: C++ sources not found next to {here}; reinstall the package"
+    )
 
 
 def build_directory(with_cuda: bool) -> Path:
@@ -43,8 +45,10 @@ def build_directory(with_cuda: bool) -> Path:
     from torch.utils.cpp_extension import get_default_build_root
 
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
-    return root / (f"{EXTENSION_NAME}-torch{torch.__version__}-py{sys.version_info[0]}"
-                   f"{sys.version_info[1]}{'-cuda' if with_cuda else ''}")
+    return root / (
+        f"{EXTENSION_NAME}-torch{torch.__version__}-py{sys.version_info[0]}"
+        f"{sys.version_info[1]}{'-cuda' if with_cuda else ''}"
+    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -53,12 +57,15 @@ def load() -> str:
     global _build_failure
     try:
         from . import _C  # noqa: F401  (ahead-of-time build)
+
         return "prebuilt"
     except ImportError:
         pass
     if _build_failure is not None:
-        raise RuntimeError(f"{_build_failure}\n(This build already failed in this process and "
-                           "is not retried: restart Python after fixing the cause.)")
+        raise RuntimeError(
+            f"{_build_failure}\n(This build already failed in this process and "
+            "is not retried: restart Python after fixing the cause.)"
+        )
     csrc = _csrc_dir()
     toolkit, why_not = _build_config.cuda_toolkit()
     sources = _build_config.cpu_sources(csrc)
@@ -71,18 +78,33 @@ def load() -> str:
     if not (build_dir / f"{EXTENSION_NAME}.so").exists():
         if why_not:
             print(f"backpropamine_cuda: {why_not}", file=sys.stderr)
-        what = (f"the fused CPU and CUDA ops on first use (several minutes; TORCH_CUDA_ARCH_LIST="
-                f"{env['TORCH_CUDA_ARCH_LIST']}" if toolkit else
-                "the fused ops on first use (a few minutes")
-        print(f"backpropamine_cuda: compiling {what}; cached in {build_dir})", file=sys.stderr,
-              flush=True)
-    hint = (f"; {_build_config.BUILD_CUDA_ENV}=0 builds the CPU ops only (nvcc from {toolkit})"
-            if toolkit else "")
+        what = (
+            f"the fused CPU and CUDA ops on first use (several minutes; TORCH_CUDA_ARCH_LIST="
+            f"{env['TORCH_CUDA_ARCH_LIST']}"
+            if toolkit
+            else "the fused ops on first use (a few minutes"
+        )
+        print(
+            f"backpropamine_cuda: compiling {what}; cached in {build_dir})",
+            file=sys.stderr,
+            flush=True,
+        )
+    hint = (
+        f"; {_build_config.BUILD_CUDA_ENV}=0 builds the CPU ops only (nvcc from {toolkit})"
+        if toolkit
+        else ""
+    )
     try:
         with _environ(env):
-            build_and_load(EXTENSION_NAME, sources, build_dir, hint=hint,
-                           extra_cflags=_build_config.CXX_FLAGS,
-                           extra_ldflags=_build_config.LD_FLAGS, **cuda_args)
+            build_and_load(
+                EXTENSION_NAME,
+                sources,
+                build_dir,
+                hint=hint,
+                extra_cflags=_build_config.CXX_FLAGS,
+                extra_ldflags=_build_config.LD_FLAGS,
+                **cuda_args,
+            )
     except BuildError as err:
         _build_failure = err
         raise
@@ -98,8 +120,13 @@ def build_and_load(name, sources, build_dir: Path, hint="", **build_args):
     build_dir.mkdir(parents=True, exist_ok=True)
     with _exclusive_build(build_dir):
         try:
-            jit_load(name=name, sources=sources, build_directory=str(build_dir),
-                     is_python_module=False, **build_args)
+            jit_load(
+                name=name,
+                sources=sources,
+                build_directory=str(build_dir),
+                is_python_module=False,
+                **build_args,
+            )
         except Exception as err:
             raise BuildError(_build_error_message(err, build_dir, hint)) from err
 
@@ -118,9 +145,11 @@ def _build_error_message(err, build_dir: Path, hint):
         pass
     detail = f" ({'; '.join(notes)})" if notes else ""
     tail = "\n".join(lines[-ERROR_TAIL_LINES:])
-    return (f"backpropamine_cuda: building the fused ops in {build_dir} failed; the compiler's "
-            f"output follows{detail}. The build needs a C++20 compiler with OpenMP, and ninja; "
-            f"impl='reference' needs neither{hint}.\n{tail}")
+    return (
+        f"backpropamine_cuda: building the fused ops in {build_dir} failed; the compiler's "
+        f"output follows{detail}. The build needs a C++20 compiler with OpenMP, and ninja; "
+        f"impl='reference' needs neither{hint}.\n{tail}"
+    )
 
 
 @contextlib.contextmanager
@@ -150,10 +179,15 @@ def _exclusive_build(build_dir: Path, wait_s: float = None):
                     raise RuntimeError(
                         f"backpropamine_cuda: waited {waited:.0f} s for process {pid} that is "
                         f"building the fused ops in {build_dir}; if no such build is running, "
-                        f"delete that directory and try again") from None
+                        f"delete that directory and try again"
+                    ) from None
                 if not told:
-                    print(f"backpropamine_cuda: process {pid} is building the fused ops in "
-                          f"{build_dir}; waiting for it", file=sys.stderr, flush=True)
+                    print(
+                        f"backpropamine_cuda: process {pid} is building the fused ops in "
+                        f"{build_dir}; waiting for it",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     told = True
                 time.sleep(min(0.5, wait_s))
         try:
@@ -163,8 +197,11 @@ def _exclusive_build(build_dir: Path, wait_s: float = None):
             owner.flush()
             stale = build_dir / "lock"
             if stale.exists():
-                print(f"backpropamine_cuda: removing {stale}, left by an interrupted build",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"backpropamine_cuda: removing {stale}, left by an interrupted build",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 stale.unlink(missing_ok=True)
             yield
         finally:

@@ -1,6 +1,7 @@
 """Measuring the ops: wall time, peak memory, memory bandwidth and the bandwidth floor of the
 plastic trace, markdown tables. Shared by the GPU selftest (selftest.py) and the benchmark scripts
 (benchmarks/common.py), so that both time and count the same way."""
+
 import ctypes
 import statistics
 import sys
@@ -130,10 +131,12 @@ def measure_bandwidth(device, mb_per_array=1024, repeats=7):
     a = torch.rand(n, device=device)
     b = torch.rand(n, device=device)
     c = torch.empty(n, device=device)
-    # F821: the lambdas' last call comes before `del a, b, c` below, which ruff sees alone.
-    kernels = {"add": (lambda: torch.add(a, b, out=c), 3), "copy": (lambda: c.copy_(a), 2),  # noqa: F821
-               # In place (read a, write a): no write-allocate reads, as the trace updates.
-               "inplace": (lambda: a.mul_(1.0000001), 2)}  # noqa: F821
+    kernels = {
+        "add": (lambda: torch.add(a, b, out=c), 3),
+        "copy": (lambda: c.copy_(a), 2),
+        # In place (read a, write a): no write-allocate reads, as the trace updates.
+        "inplace": (lambda: a.mul_(1.0000001), 2),
+    }
     result = {}
     for name, (fn, arrays) in kernels.items():
         fn()  # touch every page / warm up
@@ -145,7 +148,6 @@ def measure_bandwidth(device, mb_per_array=1024, repeats=7):
             sync(device)
             times.append(time.perf_counter() - t0)
         result[f"{name}_gbs"] = arrays * n * 4 / statistics.median(times) / 1e9
-    del a, b, c
     result["gbs"] = max(result[f"{name}_gbs"] for name in kernels)
     result["mb_per_array"] = mb_per_array
     return result
@@ -175,10 +177,12 @@ def trace_floor_bytes(T, B, N, itemsize, vec_fwd, vec_bwd):
 
 def markdown_table(headers, rows):
     cells = [[str(c) for c in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h)
-              for i, h in enumerate(headers)]
+    widths = [
+        max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)
+    ]
 
     def fmt(row):
         return "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"
+
     lines = [fmt(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     return "\n".join([*lines, *(fmt(r) for r in cells)])

@@ -1,5 +1,6 @@
 """nn.Modules of the plastic recurrent layers, on the ops specified in
 backpropamine_cuda/reference.py (docs/design.md explains them)."""
+
 import math
 from typing import NamedTuple, Optional
 
@@ -19,6 +20,7 @@ TRACES = ("hebb", "elig")  # the (B, N, N) fields of a state, always its last tw
 class PlasticState(NamedTuple):
     """Recurrent state: h (B, N); hebb (B, N, N); elig (B, N, N) for rule 'retroactive', else None.
     For plastic=False layers hebb and elig are None."""
+
     h: torch.Tensor
     hebb: Optional[torch.Tensor] = None
     elig: Optional[torch.Tensor] = None
@@ -27,6 +29,7 @@ class PlasticState(NamedTuple):
 class PlasticLSTMState(NamedTuple):
     """LSTM state: h and the cell state c (B, N); hebb and elig as in PlasticState (the traces of
     the plastic h -> g weights)."""
+
     h: torch.Tensor
     c: torch.Tensor
     hebb: Optional[torch.Tensor] = None
@@ -43,6 +46,7 @@ def _fused_module(x):
     if x.device.type not in ("cpu", "cuda") or x.dtype not in (torch.float32, torch.float64):
         return None
     from . import fused  # builds or loads the extension; raises if that fails
+
     return fused if x.device.type == "cpu" or fused.has_cuda_kernels() else None
 
 
@@ -60,11 +64,25 @@ class _PlasticLayer(nn.Module):
     shares. A layer's __init__ checks and stores the options (this __init__), creates its own
     weights, then calls _add_plastic_parameters; ``_state_type`` is its state NamedTuple."""
 
-    def __init__(self, input_size, hidden_size, alpha, modulation, rule, clip, n_modulators,
-                 eta_shape, plastic, impl):
+    def __init__(
+        self,
+        input_size,
+        hidden_size,
+        alpha,
+        modulation,
+        rule,
+        clip,
+        n_modulators,
+        eta_shape,
+        plastic,
+        impl,
+    ):
         super().__init__()
-        for name, value in (("input_size", input_size), ("hidden_size", hidden_size),
-                            ("n_modulators", n_modulators)):
+        for name, value in (
+            ("input_size", input_size),
+            ("hidden_size", hidden_size),
+            ("n_modulators", n_modulators),
+        ):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         _check_choice("alpha", alpha, ALPHA_OPTIONS)
@@ -76,13 +94,19 @@ class _PlasticLayer(nn.Module):
         if plastic and rule == "retroactive" and modulation == "none":
             raise ValueError("rule 'retroactive' needs modulation 'simple' or 'fanout', got 'none'")
         if modulation == "simple" and n_modulators != 1:
-            raise ValueError(f"modulation 'simple' takes n_modulators=1, got {n_modulators}; "
-                             "use modulation='fanout' for several modulators")
+            raise ValueError(
+                f"modulation 'simple' takes n_modulators=1, got {n_modulators}; "
+                "use modulation='fanout' for several modulators"
+            )
         self.input_size, self.hidden_size = input_size, hidden_size
         self.alpha_mode, self.modulation, self.rule = alpha, modulation, rule
         self.clip = float(clip)
         self.n_modulators, self.eta_shape, self.plastic, self.impl = (
-            n_modulators, eta_shape, plastic, impl)
+            n_modulators,
+            eta_shape,
+            plastic,
+            impl,
+        )
 
     def _add_plastic_parameters(self, alpha_init, eta_init, elig_rate_init):
         """alpha ~ U[0, alpha_init), eta (modulation "none") = eta_init, elig_rate (rule
@@ -104,7 +128,7 @@ class _PlasticLayer(nn.Module):
 
     @property
     def impl(self):
-        """"auto", "fused" or "reference" (see _backend); checked whenever it is set."""
+        """ "auto", "fused" or "reference" (see _backend); checked whenever it is set."""
         return self._impl
 
     @impl.setter
@@ -114,14 +138,21 @@ class _PlasticLayer(nn.Module):
 
     def _options(self):
         """(name, value) of the plastic options, for extra_repr."""
-        return [("alpha", self.alpha_mode), ("modulation", self.modulation), ("rule", self.rule),
-                ("clip", self.clip), ("n_modulators", self.n_modulators),
-                ("eta_shape", self.eta_shape)]
+        return [
+            ("alpha", self.alpha_mode),
+            ("modulation", self.modulation),
+            ("rule", self.rule),
+            ("clip", self.clip),
+            ("n_modulators", self.n_modulators),
+            ("eta_shape", self.eta_shape),
+        ]
 
     def extra_repr(self):
         options = [("plastic", False)] if not self.plastic else self._options()
-        return ", ".join([f"{self.input_size}, {self.hidden_size}"]
-                         + [f"{k}={v!r}" for k, v in options + [("impl", self.impl)]])
+        return ", ".join(
+            [f"{self.input_size}, {self.hidden_size}"]
+            + [f"{k}={v!r}" for k, v in options + [("impl", self.impl)]]
+        )
 
     @torch.no_grad()
     def clamp_elig_rate_(self):
@@ -135,8 +166,9 @@ class _PlasticLayer(nn.Module):
     def initial_state(self, batch_size, like):
         """Zeros: the state at the start of an episode."""
         N = self.hidden_size
-        vectors = [like.new_zeros(batch_size, N)
-                   for name in self._state_type._fields if name not in TRACES]
+        vectors = [
+            like.new_zeros(batch_size, N) for name in self._state_type._fields if name not in TRACES
+        ]
         if not self.plastic:
             return self._state_type(*vectors)
         elig = like.new_zeros(batch_size, N, N) if self.rule == "retroactive" else None
@@ -145,8 +177,10 @@ class _PlasticLayer(nn.Module):
     def _check_state(self, state, batch_size, x):
         fields = self._state_type._fields
         if not isinstance(state, tuple) or len(state) != len(fields):
-            raise ValueError(f"state must be a {self._state_type.__name__}({', '.join(fields)}) "
-                             f"or None, got {type(state).__name__}")
+            raise ValueError(
+                f"state must be a {self._state_type.__name__}({', '.join(fields)}) "
+                f"or None, got {type(state).__name__}"
+            )
         N = self.hidden_size
         want = {name: (batch_size, N) for name in fields if name not in TRACES}
         if self.plastic:
@@ -160,20 +194,25 @@ class _PlasticLayer(nn.Module):
                 got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise ValueError(f"state.{name} must have shape {want[name]}, got {got}")
             if t.dtype != x.dtype or t.device != x.device:
-                raise ValueError(f"state.{name} must have dtype {x.dtype} on {x.device} like the "
-                                 f"input, got {t.dtype} on {t.device}")
+                raise ValueError(
+                    f"state.{name} must have dtype {x.dtype} on {x.device} like the "
+                    f"input, got {t.dtype} on {t.device}"
+                )
         return self._state_type(*(None if t is None else t.contiguous() for t in state))
 
     def _check_input(self, x, dims, layout):
         if not isinstance(x, torch.Tensor) or x.dim() != dims or x.shape[-1] != self.input_size:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"input must have shape {layout} with input_size = {self.input_size}, "
-                             f"got {got}")
+            raise ValueError(
+                f"input must have shape {layout} with input_size = {self.input_size}, got {got}"
+            )
         if not x.is_floating_point():
             raise ValueError(f"input must be a floating-point tensor, got {x.dtype}")
         if x.numel() == 0:
-            raise ValueError(f"input must have at least one time step and one sample, got shape "
-                             f"{tuple(x.shape)} for {layout}")
+            raise ValueError(
+                f"input must have at least one time step and one sample, got shape "
+                f"{tuple(x.shape)} for {layout}"
+            )
 
     def _backend(self, x):
         """reference or fused, per `impl` and the input's device and dtype."""
@@ -181,8 +220,10 @@ class _PlasticLayer(nn.Module):
             return reference
         fused = _fused_module(x)
         if fused is None and self.impl == "fused":
-            raise RuntimeError(f"impl='fused': no fused kernels for {x.dtype} tensors on "
-                               f"{x.device}; use impl='auto' or 'reference'")
+            raise RuntimeError(
+                f"impl='fused': no fused kernels for {x.dtype} tensors on "
+                f"{x.device}; use impl='auto' or 'reference'"
+            )
         return fused or reference
 
     def _prepare(self, x, state):
@@ -200,8 +241,7 @@ class _PlasticLayer(nn.Module):
         else:
             params = params._replace(h2mod_weight=self.h2mod.weight, h2mod_bias=self.h2mod.bias)
         if self.modulation == "fanout":
-            params = params._replace(fanout_weight=self.fanout.weight,
-                                     fanout_bias=self.fanout.bias)
+            params = params._replace(fanout_weight=self.fanout.weight, fanout_bias=self.fanout.bias)
         if self.rule == "retroactive":
             params = params._replace(elig_rate=self.elig_rate)
         return params
@@ -209,10 +249,12 @@ class _PlasticLayer(nn.Module):
     # The sequence layers' (PlasticRNN, PlasticLSTM) options, input and output.
 
     def _set_sequence_options(self, batch_first, checkpoint_every):
-        if checkpoint_every is not None and (not isinstance(checkpoint_every, int)
-                                             or checkpoint_every < 1):
-            raise ValueError("checkpoint_every must be None or an int >= 1, got "
-                             f"{checkpoint_every!r}")
+        if checkpoint_every is not None and (
+            not isinstance(checkpoint_every, int) or checkpoint_every < 1
+        ):
+            raise ValueError(
+                f"checkpoint_every must be None or an int >= 1, got {checkpoint_every!r}"
+            )
         self.batch_first = batch_first
         self.checkpoint_every = checkpoint_every
 
@@ -252,12 +294,36 @@ def _loop(step, x, state):
 class _PlasticRNNLayer(_PlasticLayer):
     """The weights, the plastic=False cell and the rollout steps of PlasticRNN and
     PlasticRNNCell; initialisation as documented in PlasticRNN."""
+
     _state_type = PlasticState
 
-    def __init__(self, input_size, hidden_size, alpha, modulation, rule, clip, n_modulators,
-                 eta_shape, plastic, impl, eta_init, elig_rate_init):
-        super().__init__(input_size, hidden_size, alpha, modulation, rule, clip, n_modulators,
-                         eta_shape, plastic, impl)
+    def __init__(
+        self,
+        input_size,
+        hidden_size,
+        alpha,
+        modulation,
+        rule,
+        clip,
+        n_modulators,
+        eta_shape,
+        plastic,
+        impl,
+        eta_init,
+        elig_rate_init,
+    ):
+        super().__init__(
+            input_size,
+            hidden_size,
+            alpha,
+            modulation,
+            rule,
+            clip,
+            n_modulators,
+            eta_shape,
+            plastic,
+            impl,
+        )
         N = hidden_size
         self.i2h = nn.Linear(input_size, N)
         self.w = nn.Parameter(0.001 * torch.rand(N, N))
@@ -267,8 +333,9 @@ class _PlasticRNNLayer(_PlasticLayer):
         """The plastic=False cell."""
         if backend is reference:
             return PlasticState(reference.rnn_step(self.i2h(x), state.h, self.w))
-        return PlasticState(torch.rnn_tanh_cell(x, state.h, self.i2h.weight, self.w.t(),
-                                                self.i2h.bias))
+        return PlasticState(
+            torch.rnn_tanh_cell(x, state.h, self.i2h.weight, self.w.t(), self.i2h.bias)
+        )
 
     @torch.no_grad()
     def rollout_step(self, x, state=None, return_modulation=False):
@@ -282,6 +349,7 @@ class _PlasticRNNLayer(_PlasticLayer):
         sequence does, where a one-step forward sweeps it twice and allocates new traces.
         """
         from .rollout import RolloutState
+
         self._check_input(x, 2, "(B, input_size)")
         x = _autocast_input(x)
         drive = None
@@ -298,12 +366,22 @@ class _PlasticRNNLayer(_PlasticLayer):
         """rollout_step on a checked state: (h, RolloutState, m). The new traces go to hebb_out
         and elig_out when given, else into the state's own."""
         from .rollout import RolloutState
+
         if not self.plastic:
             h = self._fixed_step(x, state, backend).h
             return h, RolloutState(h), None
         h, drive, m = backend.plastic_rnn_rollout_step(
-            self.i2h(x), drive, state.h, state.hebb, state.elig, *self._plastic_params(),
-            rule=self.rule, clip=self.clip, hebb_out=hebb_out, elig_out=elig_out)
+            self.i2h(x),
+            drive,
+            state.h,
+            state.hebb,
+            state.elig,
+            *self._plastic_params(),
+            rule=self.rule,
+            clip=self.clip,
+            hebb_out=hebb_out,
+            elig_out=elig_out,
+        )
         hebb = state.hebb if hebb_out is None else hebb_out
         elig = state.elig if elig_out is None else elig_out
         return h, RolloutState(h, hebb, elig, drive), m
@@ -315,6 +393,7 @@ class _PlasticRNNLayer(_PlasticLayer):
         takes over its buffers where they fit, which saves allocating and first touching them;
         the earlier one can then neither step nor replay."""
         from .rollout import RecordedRollout
+
         return RecordedRollout(self, batch_size, steps, like, reuse)
 
 
@@ -331,19 +410,53 @@ class PlasticRNN(_PlasticRNNLayer):
     ``i2h``, ``h2mod`` and ``fanout`` keep PyTorch's Linear initialisation.
     """
 
-    def __init__(self, input_size, hidden_size, alpha="full", modulation="fanout", rule="clip",
-                 clip=2.0, n_modulators=1, eta_shape="scalar", plastic=True, impl="auto",
-                 eta_init=0.01, elig_rate_init=0.1, *, batch_first=False, checkpoint_every=None):
-        super().__init__(input_size, hidden_size, alpha, modulation, rule, clip, n_modulators,
-                         eta_shape, plastic, impl, eta_init, elig_rate_init)
+    def __init__(
+        self,
+        input_size,
+        hidden_size,
+        alpha="full",
+        modulation="fanout",
+        rule="clip",
+        clip=2.0,
+        n_modulators=1,
+        eta_shape="scalar",
+        plastic=True,
+        impl="auto",
+        eta_init=0.01,
+        elig_rate_init=0.1,
+        *,
+        batch_first=False,
+        checkpoint_every=None,
+    ):
+        super().__init__(
+            input_size,
+            hidden_size,
+            alpha,
+            modulation,
+            rule,
+            clip,
+            n_modulators,
+            eta_shape,
+            plastic,
+            impl,
+            eta_init,
+            elig_rate_init,
+        )
         self._set_sequence_options(batch_first, checkpoint_every)
 
     def forward(self, x, state=None, return_modulation=False):
         x, state, backend = self._sequence_input(x, state)
         if self.plastic:
             out, hebb, elig, m = backend.plastic_rnn_sequence(
-                self.i2h(x), state.h, state.hebb, state.elig, *self._plastic_params(),
-                rule=self.rule, clip=self.clip, checkpoint_every=self.checkpoint_every)
+                self.i2h(x),
+                state.h,
+                state.hebb,
+                state.elig,
+                *self._plastic_params(),
+                rule=self.rule,
+                clip=self.clip,
+                checkpoint_every=self.checkpoint_every,
+            )
             state = PlasticState(out[-1], hebb, elig)
         else:
             (out, state), m = self._fixed_sequence(x, state, backend), None
@@ -355,8 +468,9 @@ class PlasticRNN(_PlasticRNNLayer):
             return _loop(lambda x_t, s: self._fixed_step(x_t, s, reference), x, state)
         # PyTorch's own fused tanh RNN; w is (pre, post), nn.RNN's weight_hh is (post, pre).
         params = [self.i2h.weight, self.w.t(), self.i2h.bias, torch.zeros_like(self.i2h.bias)]
-        out, _ = torch.rnn_tanh(x, state.h.unsqueeze(0), params, True, 1, 0.0, self.training,
-                                False, False)
+        out, _ = torch.rnn_tanh(
+            x, state.h.unsqueeze(0), params, True, 1, 0.0, self.training, False, False
+        )
         return out, PlasticState(out[-1])
 
 
@@ -367,18 +481,48 @@ class PlasticRNNCell(_PlasticRNNLayer):
     return_modulation=True)``. Options, parameters and initialisation as PlasticRNN.
     """
 
-    def __init__(self, input_size, hidden_size, alpha="full", modulation="fanout", rule="clip",
-                 clip=2.0, n_modulators=1, eta_shape="scalar", plastic=True, impl="auto",
-                 eta_init=0.01, elig_rate_init=0.1):
-        super().__init__(input_size, hidden_size, alpha, modulation, rule, clip, n_modulators,
-                         eta_shape, plastic, impl, eta_init, elig_rate_init)
+    def __init__(
+        self,
+        input_size,
+        hidden_size,
+        alpha="full",
+        modulation="fanout",
+        rule="clip",
+        clip=2.0,
+        n_modulators=1,
+        eta_shape="scalar",
+        plastic=True,
+        impl="auto",
+        eta_init=0.01,
+        elig_rate_init=0.1,
+    ):
+        super().__init__(
+            input_size,
+            hidden_size,
+            alpha,
+            modulation,
+            rule,
+            clip,
+            n_modulators,
+            eta_shape,
+            plastic,
+            impl,
+            eta_init,
+            elig_rate_init,
+        )
 
     def forward(self, x, state=None, return_modulation=False):
         x, state, backend = self._step_input(x, state)
         if self.plastic:
             h, hebb, elig, m = backend.plastic_rnn_step(
-                self.i2h(x), state.h, state.hebb, state.elig, *self._plastic_params(),
-                rule=self.rule, clip=self.clip)
+                self.i2h(x),
+                state.h,
+                state.hebb,
+                state.elig,
+                *self._plastic_params(),
+                rule=self.rule,
+                clip=self.clip,
+            )
             state = PlasticState(h, hebb, elig)
         else:
             state, m = self._fixed_step(x, state, backend), None
@@ -388,13 +532,38 @@ class PlasticRNNCell(_PlasticRNNLayer):
 class _PlasticLSTMLayer(_PlasticLayer):
     """The weights, options and plastic=False cell of PlasticLSTM and PlasticLSTMCell;
     initialisation as documented in PlasticLSTM (docs/design.md, 'The plastic LSTM')."""
+
     _state_type = PlasticLSTMState
 
-    def __init__(self, input_size, hidden_size, alpha, modulation, modulator_input, rule, clip,
-                 n_modulators, eta_shape, plastic, impl, eta_init, elig_rate_init):
+    def __init__(
+        self,
+        input_size,
+        hidden_size,
+        alpha,
+        modulation,
+        modulator_input,
+        rule,
+        clip,
+        n_modulators,
+        eta_shape,
+        plastic,
+        impl,
+        eta_init,
+        elig_rate_init,
+    ):
         _check_choice("modulator_input", modulator_input, reference.MODULATOR_INPUTS)
-        super().__init__(input_size, hidden_size, alpha, modulation, rule, clip, n_modulators,
-                         eta_shape, plastic, impl)
+        super().__init__(
+            input_size,
+            hidden_size,
+            alpha,
+            modulation,
+            rule,
+            clip,
+            n_modulators,
+            eta_shape,
+            plastic,
+            impl,
+        )
         self.modulator_input = modulator_input
         N = hidden_size
         self.i2g = nn.Linear(input_size, 4 * N)  # gates i, f, g, o
@@ -411,18 +580,23 @@ class _PlasticLSTMLayer(_PlasticLayer):
         """(w_ih, w_hh, b_ih, b_hh) of torch.nn.LSTM computing this (non-plastic) layer: the h -> g
         rows of w_hh are w (pre, post) transposed; our h -> g path has no bias of its own."""
         N = self.hidden_size
-        w_hh = torch.cat([self.h2g.weight[:2 * N], self.w.t(), self.h2g.weight[2 * N:]])
-        b_hh = torch.cat([self.h2g.bias[:2 * N], self.h2g.bias.new_zeros(N),
-                          self.h2g.bias[2 * N:]])
+        w_hh = torch.cat([self.h2g.weight[: 2 * N], self.w.t(), self.h2g.weight[2 * N :]])
+        b_hh = torch.cat(
+            [self.h2g.bias[: 2 * N], self.h2g.bias.new_zeros(N), self.h2g.bias[2 * N :]]
+        )
         return self.i2g.weight, w_hh, self.i2g.bias, b_hh
 
     def _fixed_step(self, x, state, backend):
         """The plastic=False cell."""
         if backend is reference:
-            return PlasticLSTMState(*reference.lstm_step(self.i2g(x), state.h, state.c,
-                                                         self.h2g.weight, self.h2g.bias, self.w))
-        return PlasticLSTMState(*torch.lstm_cell(x, (state.h, state.c),
-                                                 *self._torch_lstm_weights()))
+            return PlasticLSTMState(
+                *reference.lstm_step(
+                    self.i2g(x), state.h, state.c, self.h2g.weight, self.h2g.bias, self.w
+                )
+            )
+        return PlasticLSTMState(
+            *torch.lstm_cell(x, (state.h, state.c), *self._torch_lstm_weights())
+        )
 
 
 class PlasticLSTM(_PlasticLSTMLayer):
@@ -450,21 +624,59 @@ class PlasticLSTM(_PlasticLSTMLayer):
     initialisation.
     """
 
-    def __init__(self, input_size, hidden_size, alpha="neuron", modulation="fanout",
-                 modulator_input="h", rule="clip", clip=2.0, n_modulators=1, eta_shape="scalar",
-                 plastic=True, impl="auto", eta_init=0.01, elig_rate_init=0.1, *,
-                 batch_first=False, checkpoint_every=None):
-        super().__init__(input_size, hidden_size, alpha, modulation, modulator_input, rule, clip,
-                         n_modulators, eta_shape, plastic, impl, eta_init, elig_rate_init)
+    def __init__(
+        self,
+        input_size,
+        hidden_size,
+        alpha="neuron",
+        modulation="fanout",
+        modulator_input="h",
+        rule="clip",
+        clip=2.0,
+        n_modulators=1,
+        eta_shape="scalar",
+        plastic=True,
+        impl="auto",
+        eta_init=0.01,
+        elig_rate_init=0.1,
+        *,
+        batch_first=False,
+        checkpoint_every=None,
+    ):
+        super().__init__(
+            input_size,
+            hidden_size,
+            alpha,
+            modulation,
+            modulator_input,
+            rule,
+            clip,
+            n_modulators,
+            eta_shape,
+            plastic,
+            impl,
+            eta_init,
+            elig_rate_init,
+        )
         self._set_sequence_options(batch_first, checkpoint_every)
 
     def forward(self, x, state=None, return_modulation=False):
         x, state, backend = self._sequence_input(x, state)
         if self.plastic:
             out, c, hebb, elig, m = backend.plastic_lstm_sequence(
-                self.i2g(x), state.h, state.c, state.hebb, state.elig, self.h2g.weight,
-                self.h2g.bias, *self._plastic_params(), rule=self.rule, clip=self.clip,
-                modulator_input=self.modulator_input, checkpoint_every=self.checkpoint_every)
+                self.i2g(x),
+                state.h,
+                state.c,
+                state.hebb,
+                state.elig,
+                self.h2g.weight,
+                self.h2g.bias,
+                *self._plastic_params(),
+                rule=self.rule,
+                clip=self.clip,
+                modulator_input=self.modulator_input,
+                checkpoint_every=self.checkpoint_every,
+            )
             state = PlasticLSTMState(out[-1], c, hebb, elig)
         else:
             (out, state), m = self._fixed_sequence(x, state, backend), None
@@ -474,9 +686,17 @@ class PlasticLSTM(_PlasticLSTMLayer):
         """The plastic=False LSTM over the sequence, (out, final state): PyTorch's own fused
         LSTM, or step by step with the reference."""
         if backend is not reference:
-            out, _, c = torch.lstm(x, (state.h.unsqueeze(0), state.c.unsqueeze(0)),
-                                   list(self._torch_lstm_weights()), True, 1, 0.0,
-                                   self.training, False, False)
+            out, _, c = torch.lstm(
+                x,
+                (state.h.unsqueeze(0), state.c.unsqueeze(0)),
+                list(self._torch_lstm_weights()),
+                True,
+                1,
+                0.0,
+                self.training,
+                False,
+                False,
+            )
             return out, PlasticLSTMState(out[-1], c[0])
         return _loop(lambda x_t, s: self._fixed_step(x_t, s, reference), x, state)
 
@@ -486,19 +706,54 @@ class PlasticLSTMCell(_PlasticLSTMLayer):
     ``h, state, m = cell(x, state, return_modulation=True)``. Options, parameters and
     initialisation as PlasticLSTM (without batch_first and checkpoint_every)."""
 
-    def __init__(self, input_size, hidden_size, alpha="neuron", modulation="fanout",
-                 modulator_input="h", rule="clip", clip=2.0, n_modulators=1, eta_shape="scalar",
-                 plastic=True, impl="auto", eta_init=0.01, elig_rate_init=0.1):
-        super().__init__(input_size, hidden_size, alpha, modulation, modulator_input, rule, clip,
-                         n_modulators, eta_shape, plastic, impl, eta_init, elig_rate_init)
+    def __init__(
+        self,
+        input_size,
+        hidden_size,
+        alpha="neuron",
+        modulation="fanout",
+        modulator_input="h",
+        rule="clip",
+        clip=2.0,
+        n_modulators=1,
+        eta_shape="scalar",
+        plastic=True,
+        impl="auto",
+        eta_init=0.01,
+        elig_rate_init=0.1,
+    ):
+        super().__init__(
+            input_size,
+            hidden_size,
+            alpha,
+            modulation,
+            modulator_input,
+            rule,
+            clip,
+            n_modulators,
+            eta_shape,
+            plastic,
+            impl,
+            eta_init,
+            elig_rate_init,
+        )
 
     def forward(self, x, state=None, return_modulation=False):
         x, state, backend = self._step_input(x, state)
         if self.plastic:
             h, c, hebb, elig, m = backend.plastic_lstm_step(
-                self.i2g(x), state.h, state.c, state.hebb, state.elig, self.h2g.weight,
-                self.h2g.bias, *self._plastic_params(), rule=self.rule, clip=self.clip,
-                modulator_input=self.modulator_input)
+                self.i2g(x),
+                state.h,
+                state.c,
+                state.hebb,
+                state.elig,
+                self.h2g.weight,
+                self.h2g.bias,
+                *self._plastic_params(),
+                rule=self.rule,
+                clip=self.clip,
+                modulator_input=self.modulator_input,
+            )
             state = PlasticLSTMState(h, c, hebb, elig)
         else:
             state, m = self._fixed_step(x, state, backend), None

@@ -1,6 +1,7 @@
 """The plastic parameters of a recurrent layer: the one description of the tensors that the
 reference functions, the fused ops (after their state arguments), the modules and the tests
 pass around. backpropamine_cuda/reference.py says what each selects."""
+
 from typing import NamedTuple, Optional
 
 import torch
@@ -10,6 +11,7 @@ class PlasticParams(NamedTuple):
     """The plastic connection ``w + alpha * hebb`` and how its trace learns, in the order the
     ops take them: ``eta`` without modulation, else the modulator ``h2mod_*`` (and
     ``fanout_*``); ``elig_rate`` for the rule "retroactive". Absent ones are None."""
+
     w: torch.Tensor
     alpha: torch.Tensor
     eta: Optional[torch.Tensor] = None

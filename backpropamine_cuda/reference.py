@@ -22,6 +22,7 @@ path plastic: ``w``, ``alpha`` and the trace belong to it, the Hebbian product i
 ``h_{t-1}[i] * g_t[j]``, and the modulator reads ``h_t`` (``modulator_input="h"``) or the cell
 state ``c_t`` (``"c"``).
 """
+
 import torch
 import torch.nn.functional as F
 
@@ -82,16 +83,32 @@ def plasticity_rate(post, params):
     return F.linear(m, params.fanout_weight, params.fanout_bias).unsqueeze(1), m
 
 
-def plastic_rnn_step(x, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
-                     fanout_weight, fanout_bias, rule="clip", clip=2.0, clamp=None):
+def plastic_rnn_step(
+    x,
+    h,
+    hebb,
+    elig,
+    w,
+    alpha,
+    eta,
+    elig_rate,
+    h2mod_weight,
+    h2mod_bias,
+    fanout_weight,
+    fanout_bias,
+    rule="clip",
+    clip=2.0,
+    clamp=None,
+):
     """One step of the plastic tanh RNN (docs/design.md, 'The plastic tanh RNN'). ``x`` is the
     projected input ``i2h(input_t)``; ``clamp`` (B, N) bool, optional, pins the neurons where it
     is True to ``x``.
 
     Returns ``(h_new, hebb_new, elig_new, m)``; ``m`` (B, K) is None without modulation.
     """
-    params = PlasticParams(w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fanout_weight,
-                           fanout_bias)
+    params = PlasticParams(
+        w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fanout_weight, fanout_bias
+    )
     return _rnn_step(x, h, hebb, elig, params, rule, clip, clamp)
 
 
@@ -111,13 +128,32 @@ def rnn_cell(x, u, clamp=None):
 def check_no_grad(op, tensors):
     """Raises when autograd would be needed through `op`, which has none."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        raise RuntimeError(f"{op}: no autograd (it updates hebb and elig in place); call it "
-                           "under torch.no_grad(), or use plastic_rnn_step to backpropagate")
+        raise RuntimeError(
+            f"{op}: no autograd (it updates hebb and elig in place); call it "
+            "under torch.no_grad(), or use plastic_rnn_step to backpropagate"
+        )
 
 
-def plastic_rnn_rollout_step(x, u, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight,
-                             h2mod_bias, fanout_weight, fanout_bias, rule="clip", clip=2.0,
-                             clamp=None, hebb_out=None, elig_out=None):
+def plastic_rnn_rollout_step(
+    x,
+    u,
+    h,
+    hebb,
+    elig,
+    w,
+    alpha,
+    eta,
+    elig_rate,
+    h2mod_weight,
+    h2mod_bias,
+    fanout_weight,
+    fanout_bias,
+    rule="clip",
+    clip=2.0,
+    clamp=None,
+    hebb_out=None,
+    elig_out=None,
+):
     """plastic_rnn_step for acting without gradients (RL rollouts): ``hebb`` and ``elig`` are
     updated in place, or, given ``hebb_out`` and ``elig_out`` (both, or hebb_out alone without
     elig), the new traces are written there and ``hebb`` and ``elig`` are left as they were (a
@@ -126,16 +162,21 @@ def plastic_rnn_rollout_step(x, u, h, hebb, elig, w, alpha, eta, elig_rate, h2mo
     ``u`` (None: computed from ``h`` and ``hebb``). The fused op thereby sweeps the trace once
     per step. Returns ``(h_new, u_next, m)``.
     """
-    params = PlasticParams(w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fanout_weight,
-                           fanout_bias)
+    params = PlasticParams(
+        w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fanout_weight, fanout_bias
+    )
     check_no_grad("plastic_rnn_rollout_step", (x, u, h, hebb, elig, *params))
     if hebb_out is None and elig_out is not None:
-        raise ValueError("plastic_rnn_rollout_step: elig_out needs hebb_out (pass both or "
-                         "neither)")
+        raise ValueError("plastic_rnn_rollout_step: elig_out needs hebb_out (pass both or neither)")
     if hebb_out is not None and (elig_out is None) != (elig is None):
-        raise ValueError("plastic_rnn_rollout_step: " + (
-            "with elig and hebb_out, pass elig_out too" if elig is not None
-            else "elig_out is only used with elig; pass None"))
+        raise ValueError(
+            "plastic_rnn_rollout_step: "
+            + (
+                "with elig and hebb_out, pass elig_out too"
+                if elig is not None
+                else "elig_out is only used with elig; pass None"
+            )
+        )
     if u is None:
         u = plastic_matvec(h, w, alpha, hebb)
     h_new = rnn_cell(x, u, clamp)
@@ -147,20 +188,37 @@ def plastic_rnn_rollout_step(x, u, h, hebb, elig, w, alpha, eta, elig_rate, h2mo
     return h_new, plastic_matvec(h_new, w, alpha, hebb_new), m
 
 
-def plastic_rnn_sequence(x, h, hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
-                         fanout_weight, fanout_bias, rule="clip", clip=2.0, checkpoint_every=None,
-                         clamp=None):
+def plastic_rnn_sequence(
+    x,
+    h,
+    hebb,
+    elig,
+    w,
+    alpha,
+    eta,
+    elig_rate,
+    h2mod_weight,
+    h2mod_bias,
+    fanout_weight,
+    fanout_bias,
+    rule="clip",
+    clip=2.0,
+    checkpoint_every=None,
+    clamp=None,
+):
     """All T steps: ``x`` (T, B, N) -> ``(out (T, B, N), hebb_T, elig_T, m (T, B, K) or None)``;
     ``clamp`` (T, B, N) bool, optional, as in plastic_rnn_step.
 
     ``checkpoint_every`` only affects the fused op's memory use; it is accepted for symmetry.
     """
-    params = PlasticParams(w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fanout_weight,
-                           fanout_bias)
+    params = PlasticParams(
+        w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fanout_weight, fanout_bias
+    )
     outs, mods = [], []
     for t, x_t in enumerate(x.unbind(0)):
-        h, hebb, elig, m = _rnn_step(x_t, h, hebb, elig, params, rule, clip,
-                                     None if clamp is None else clamp[t])
+        h, hebb, elig, m = _rnn_step(
+            x_t, h, hebb, elig, params, rule, clip, None if clamp is None else clamp[t]
+        )
         outs.append(h)
         mods.append(m)
     m_seq = None if mods[0] is None else torch.stack(mods)
@@ -177,8 +235,12 @@ def lstm_gates(x, h, h2g_weight, h2g_bias, u):
     drive (``h @ w``, plus the plastic part when plastic)."""
     x_i, x_f, x_g, x_o = x.chunk(4, dim=1)
     r_i, r_f, r_o = F.linear(h, h2g_weight, h2g_bias).chunk(3, dim=1)
-    return (torch.sigmoid(x_i + r_i), torch.sigmoid(x_f + r_f), torch.tanh(x_g + u),
-            torch.sigmoid(x_o + r_o))
+    return (
+        torch.sigmoid(x_i + r_i),
+        torch.sigmoid(x_f + r_f),
+        torch.tanh(x_g + u),
+        torch.sigmoid(x_o + r_o),
+    )
 
 
 def lstm_step(x, h, c, h2g_weight, h2g_bias, w):
@@ -188,26 +250,47 @@ def lstm_step(x, h, c, h2g_weight, h2g_bias, w):
     return o * torch.tanh(c_new), c_new
 
 
-def plastic_lstm_step(x, h, c, hebb, elig, h2g_weight, h2g_bias, w, alpha, eta, elig_rate,
-                      h2mod_weight, h2mod_bias, fanout_weight, fanout_bias, rule="clip", clip=2.0,
-                      modulator_input="h"):
+def plastic_lstm_step(
+    x,
+    h,
+    c,
+    hebb,
+    elig,
+    h2g_weight,
+    h2g_bias,
+    w,
+    alpha,
+    eta,
+    elig_rate,
+    h2mod_weight,
+    h2mod_bias,
+    fanout_weight,
+    fanout_bias,
+    rule="clip",
+    clip=2.0,
+    modulator_input="h",
+):
     """One step of the plastic LSTM (docs/design.md, 'The plastic LSTM'). ``x`` is the projected
     input ``i2g(input_t)``.
 
     Returns ``(h_new, c_new, hebb_new, elig_new, m)``; ``m`` (B, K) is None without modulation.
     """
-    params = PlasticParams(w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fanout_weight,
-                           fanout_bias)
-    return _lstm_step(x, h, c, hebb, elig, h2g_weight, h2g_bias, params, rule, clip,
-                      modulator_input)
+    params = PlasticParams(
+        w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fanout_weight, fanout_bias
+    )
+    return _lstm_step(
+        x, h, c, hebb, elig, h2g_weight, h2g_bias, params, rule, clip, modulator_input
+    )
 
 
 def _lstm_step(x, h, c, hebb, elig, h2g_weight, h2g_bias, params, rule, clip, modulator_input):
     if modulator_input not in MODULATOR_INPUTS:
-        raise ValueError(f"modulator_input must be one of {MODULATOR_INPUTS}, got "
-                         f"{modulator_input!r}")
-    i, f, g, o = lstm_gates(x, h, h2g_weight, h2g_bias,
-                            plastic_matvec(h, params.w, params.alpha, hebb))
+        raise ValueError(
+            f"modulator_input must be one of {MODULATOR_INPUTS}, got {modulator_input!r}"
+        )
+    i, f, g, o = lstm_gates(
+        x, h, h2g_weight, h2g_bias, plastic_matvec(h, params.w, params.alpha, hebb)
+    )
     c_new = f * c + i * g
     h_new = o * torch.tanh(c_new)
     eta_t, m = plasticity_rate(h_new if modulator_input == "h" else c_new, params)
@@ -215,17 +298,37 @@ def _lstm_step(x, h, c, hebb, elig, h2g_weight, h2g_bias, params, rule, clip, mo
     return h_new, c_new, hebb_new, elig_new, m
 
 
-def plastic_lstm_sequence(x, h, c, hebb, elig, h2g_weight, h2g_bias, w, alpha, eta, elig_rate,
-                          h2mod_weight, h2mod_bias, fanout_weight, fanout_bias, rule="clip",
-                          clip=2.0, modulator_input="h", checkpoint_every=None):
+def plastic_lstm_sequence(
+    x,
+    h,
+    c,
+    hebb,
+    elig,
+    h2g_weight,
+    h2g_bias,
+    w,
+    alpha,
+    eta,
+    elig_rate,
+    h2mod_weight,
+    h2mod_bias,
+    fanout_weight,
+    fanout_bias,
+    rule="clip",
+    clip=2.0,
+    modulator_input="h",
+    checkpoint_every=None,
+):
     """All T steps: ``x`` (T, B, 4N) -> ``(out (T, B, N), c_T, hebb_T, elig_T, m (T, B, K) or
     None)``. ``checkpoint_every`` only affects the fused op's memory use."""
-    params = PlasticParams(w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fanout_weight,
-                           fanout_bias)
+    params = PlasticParams(
+        w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fanout_weight, fanout_bias
+    )
     outs, mods = [], []
     for x_t in x.unbind(0):
-        h, c, hebb, elig, m = _lstm_step(x_t, h, c, hebb, elig, h2g_weight, h2g_bias, params,
-                                         rule, clip, modulator_input)
+        h, c, hebb, elig, m = _lstm_step(
+            x_t, h, c, hebb, elig, h2g_weight, h2g_bias, params, rule, clip, modulator_input
+        )
         outs.append(h)
         mods.append(m)
     m_seq = None if mods[0] is None else torch.stack(mods)

@@ -1,6 +1,7 @@
 """Acting without gradients and replaying with them: the state of PlasticRNN.rollout_step and
 PlasticRNNCell.rollout_step, and RecordedRollout (docs/design.md, 'The rollout step and recorded
 replay')."""
+
 from typing import NamedTuple, Optional
 
 import torch
@@ -12,11 +13,11 @@ from .modules import PlasticRNN, PlasticState
 class RolloutState(NamedTuple):
     """State of ``rollout_step``: those of PlasticState, whose traces it updates in place, and the
     next step's recurrent drive ``h @ (w + alpha * hebb)`` (B, N), None for plastic=False."""
+
     h: torch.Tensor
     hebb: Optional[torch.Tensor] = None
     elig: Optional[torch.Tensor] = None
     drive: Optional[torch.Tensor] = None
-
 
 
 class RecordedRollout:
@@ -63,6 +64,7 @@ class RecordedRollout:
         if not layer.plastic:
             return
         from .fused import SequenceRecord, default_checkpoint_every
+
         N, K = layer.hidden_size, 0 if layer.modulation == "none" else layer.n_modulators
         L = default_checkpoint_every(steps)
         n_ckpt = -(-steps // L) - 1
@@ -70,8 +72,12 @@ class RecordedRollout:
         # The traces the steps update in place, zeroed at the first step.
         self._traces = buffer(batch_size, N, N), buffer(batch_size, N, N) if retro else None
         self._record = SequenceRecord(
-            buffer(steps, batch_size, N), buffer(steps, batch_size, K),
-            buffer(n_ckpt, batch_size, N, N), buffer(n_ckpt if retro else 0, batch_size, N, N), L)
+            buffer(steps, batch_size, N),
+            buffer(steps, batch_size, K),
+            buffer(n_ckpt, batch_size, N, N),
+            buffer(n_ckpt if retro else 0, batch_size, N, N),
+            L,
+        )
 
     def _hand_over(self):
         """This rollout's buffers, for a new one; this one can no longer step or replay."""
@@ -84,8 +90,10 @@ class RecordedRollout:
 
     def _check_not_handed_over(self, method):
         if self._handed_over:
-            raise ValueError(f"{method}: this rollout's buffers went to a newer rollout "
-                             "(reuse=...); it can no longer step or replay")
+            raise ValueError(
+                f"{method}: this rollout's buffers went to a newer rollout "
+                "(reuse=...); it can no longer step or replay"
+            )
 
     @torch.no_grad()
     def step(self, x):
@@ -96,8 +104,10 @@ class RecordedRollout:
             raise ValueError(f"step: the rollout's {self.steps} steps are all taken")
         self.layer._check_input(x, 2, "(B, input_size)")
         if x.shape[0] != self._inputs.shape[1] or x.dtype != self._inputs.dtype:
-            raise ValueError(f"step: x must have batch size {self._inputs.shape[1]} and dtype "
-                             f"{self._inputs.dtype}, got {tuple(x.shape)} {x.dtype}")
+            raise ValueError(
+                f"step: x must have batch size {self._inputs.shape[1]} and dtype "
+                f"{self._inputs.dtype}, got {tuple(x.shape)} {x.dtype}"
+            )
         if self._state is None:
             self._backend = self.layer._backend(x)
             if self._record is None:
@@ -120,8 +130,7 @@ class RecordedRollout:
                     elig_out = record.elig_checkpoints[t // L - 1]
             elif state.hebb is not self._traces[0]:
                 hebb_out, elig_out = self._traces
-        h, self._state, m = self.layer._rollout(x, state, drive, self._backend, hebb_out,
-                                                elig_out)
+        h, self._state, m = self.layer._rollout(x, state, drive, self._backend, hebb_out, elig_out)
         self.t = t
         self._inputs[t - 1] = x
         if record is not None:
@@ -138,16 +147,25 @@ class RecordedRollout:
         if not torch.equal(x, self._inputs):
             raise ValueError("replay: x differs from the inputs of the rollout's steps")
         if [p._version for p in self.layer.parameters()] != self._versions:
-            raise RuntimeError("replay: the layer's parameters changed since the rollout began "
-                               "(an optimizer step?); the record no longer describes them")
+            raise RuntimeError(
+                "replay: the layer's parameters changed since the rollout began "
+                "(an optimizer step?); the record no longer describes them"
+            )
         layer = self.layer
         backend = layer._backend(x)
         if self._record is None or backend is reference:
             return self._forward(x)
         zeros = layer.initial_state(x.shape[1], x)
         return backend.plastic_rnn_sequence_replay(
-            layer.i2h(x), zeros.h, zeros.hebb, zeros.elig, *layer._plastic_params(),
-            rule=layer.rule, clip=layer.clip, record=self._record)
+            layer.i2h(x),
+            zeros.h,
+            zeros.hebb,
+            zeros.elig,
+            *layer._plastic_params(),
+            rule=layer.rule,
+            clip=layer.clip,
+            record=self._record,
+        )
 
     def _forward(self, x):
         """(out, m) of the layer's own forward over x, from the zero state."""

@@ -31,6 +31,7 @@ with --require-gpu; without it, no device is exit 0 after saying so). `--device 
 and 2 for the CPU kernels and the emulated CUDA kernels against the reference: a check of this
 script on machines without a GPU (use --quick; the emulator is slow).
 """
+
 import argparse
 import contextlib
 import dataclasses
@@ -78,10 +79,16 @@ class Case:
         return f"B={self.B} N={self.N} T={self.T} alpha={self.alpha}"
 
 
-CASES = [Case("maze", "rnn", 30, 100, 200, "full"), Case("ptb-rnn", "rnn", 6, 1149, 70, "neuron"),
-         Case("ptb-lstm", "lstm", 6, 1149, 70, "neuron")]
-QUICK_CASES = [Case("maze", "rnn", 4, 20, 12, "full"), Case("ptb-rnn", "rnn", 2, 33, 6, "neuron"),
-               Case("ptb-lstm", "lstm", 2, 33, 6, "neuron")]
+CASES = [
+    Case("maze", "rnn", 30, 100, 200, "full"),
+    Case("ptb-rnn", "rnn", 6, 1149, 70, "neuron"),
+    Case("ptb-lstm", "lstm", 6, 1149, 70, "neuron"),
+]
+QUICK_CASES = [
+    Case("maze", "rnn", 4, 20, 12, "full"),
+    Case("ptb-rnn", "rnn", 2, 33, 6, "neuron"),
+    Case("ptb-lstm", "lstm", 2, 33, 6, "neuron"),
+]
 # The Backpropamine PTB stack (embedding 400 -> 1149 -> 1149 -> 400) at batch 20 and 80: it
 # must fit in GPU memory with room to spare.
 STACKS = [dict(B=B, T=70, widths=(400, 1149, 1149, 400)) for B in (20, 80)]
@@ -129,27 +136,33 @@ def make_inputs(case, seed=0):
     # Recurrent weights small enough that the RNN's gradients do not explode over T = 200 steps
     # (there float32 rounding alone would give errors of 1 %); the trace saturates at the clip.
     s = 0.5 / math.sqrt(N)
-    d = dict(x=randn(T, B, 4 * N if case.op == "lstm" else N),
-             h=torch.tanh(randn(B, N).float()).double())
+    d = dict(
+        x=randn(T, B, 4 * N if case.op == "lstm" else N), h=torch.tanh(randn(B, N).float()).double()
+    )
     if case.op == "lstm":
         d["c"] = randn(B, N, scale=0.5)
     d.update(hebb=randn(B, N, N, scale=0.5), elig=None)
     if case.op == "lstm":
         d.update(h2g_weight=randn(3 * N, N, scale=s), h2g_bias=randn(3 * N, scale=0.1))
-    d.update(w=randn(N, N, scale=s), alpha=randn(*((N, N) if case.alpha == "full" else (N,)),
-                                                  scale=s),
-             eta=None, elig_rate=None, h2mod_weight=randn(1, N, scale=s),
-             h2mod_bias=randn(1, scale=0.1), fanout_weight=randn(N, 1, scale=0.5),
-             fanout_bias=randn(N, scale=0.1))
+    d.update(
+        w=randn(N, N, scale=s),
+        alpha=randn(*((N, N) if case.alpha == "full" else (N,)), scale=s),
+        eta=None,
+        elig_rate=None,
+        h2mod_weight=randn(1, N, scale=s),
+        h2mod_bias=randn(1, scale=0.1),
+        fanout_weight=randn(N, 1, scale=0.5),
+        fanout_bias=randn(N, scale=0.1),
+    )
     out_shapes = {"out": (T, B, N), "c_T": (B, N), "hebb_T": (B, N, N), "m": (T, B, 1)}
-    cotangents = {k: randn(*shape) for k, shape in out_shapes.items()
-                  if k in OUTPUTS[case.op]}
+    cotangents = {k: randn(*shape) for k, shape in out_shapes.items() if k in OUTPUTS[case.op]}
     return d, cotangents
 
 
 def to_leaves(inputs, device, dtype):
-    return {k: None if v is None else v.to(device, dtype).requires_grad_()
-            for k, v in inputs.items()}
+    return {
+        k: None if v is None else v.to(device, dtype).requires_grad_() for k, v in inputs.items()
+    }
 
 
 def sequence_op(ops, case):
@@ -209,8 +222,10 @@ def accuracy(cases, impls, device):
     for case in cases:
         inputs, cotangents = make_inputs(case)
         log(f"accuracy: {case.name} ({case.sizes()}): reference float64 on {device}")
-        truth, error = attempt(case.name, lambda: outputs_and_grads(
-            reference, case, inputs, cotangents, device, torch.float64))
+        truth, error = attempt(
+            case.name,
+            lambda: outputs_and_grads(reference, case, inputs, cotangents, device, torch.float64),
+        )
         if truth is None:
             rows.append(failed_row(case, "float64", f"reference ({device.type})", error))
             ok = False
@@ -221,21 +236,33 @@ def accuracy(cases, impls, device):
             results = {}
             if dtype == torch.float32:
                 log(f"accuracy: {case.name} {dname}: reference on {device}")
-                base, error = attempt(case.name, lambda: outputs_and_grads(
-                    reference, case, inputs, cotangents, device, dtype))
+                base, error = attempt(
+                    case.name,
+                    lambda: outputs_and_grads(reference, case, inputs, cotangents, device, dtype),
+                )
                 if base is None:
                     rows.append(failed_row(case, dname, f"reference ({device.type})", error))
                     ok = False
                     continue
                 base = errors(base, truth)
                 limit = max(FLOAT32_FLOOR, FLOAT32_FACTOR * max(e[1] for e in base.values()))
-                rows.append(row(case, dname, f"reference ({device.type})", "reference float64",
-                                base, "baseline"))
+                rows.append(
+                    row(
+                        case,
+                        dname,
+                        f"reference ({device.type})",
+                        "reference float64",
+                        base,
+                        "baseline",
+                    )
+                )
             for name, (ops, dev, path) in impls.items():
                 log(f"accuracy: {case.name} {dname}: {name}")
                 with sequence_path(path):
-                    result, error = attempt(f"{case.name} {name}", lambda: outputs_and_grads(
-                        ops, case, inputs, cotangents, dev, dtype))
+                    result, error = attempt(
+                        f"{case.name} {name}",
+                        lambda: outputs_and_grads(ops, case, inputs, cotangents, dev, dtype),
+                    )
                 if result is None:
                     rows.append(failed_row(case, dname, name, error))
                     ok = False
@@ -244,8 +271,16 @@ def accuracy(cases, impls, device):
                 err = errors(result, truth)
                 passed = all(e[1] <= limit for e in err.values())
                 ok &= passed
-                rows.append(row(case, dname, name, "reference float64", err,
-                                f"{'ok' if passed else 'FAILED'} (<= {limit:.1e})"))
+                rows.append(
+                    row(
+                        case,
+                        dname,
+                        name,
+                        "reference float64",
+                        err,
+                        f"{'ok' if passed else 'FAILED'} (<= {limit:.1e})",
+                    )
+                )
             # The first fused implementation against the others.
             (a, ra), *others = results.items()
             for b, rb in others:
@@ -259,13 +294,34 @@ def failed_row(case, dtype, impl, error):
 
 def row(case, dtype, impl, against, err, status):
     fmt = "{:.2e}".format
-    return [case.name, case.sizes(), dtype, impl, against, fmt(err["fwd"][0]), fmt(err["fwd"][1]),
-            fmt(err["grad"][0]), fmt(err["grad"][1]), max(err.values(), key=lambda e: e[1])[2],
-            status]
+    return [
+        case.name,
+        case.sizes(),
+        dtype,
+        impl,
+        against,
+        fmt(err["fwd"][0]),
+        fmt(err["fwd"][1]),
+        fmt(err["grad"][0]),
+        fmt(err["grad"][1]),
+        max(err.values(), key=lambda e: e[1])[2],
+        status,
+    ]
 
 
-ACCURACY_HEADERS = ["case", "sizes", "dtype", "impl", "against", "fwd max abs", "fwd max rel",
-                    "grad max abs", "grad max rel", "worst tensor", "status"]
+ACCURACY_HEADERS = [
+    "case",
+    "sizes",
+    "dtype",
+    "impl",
+    "against",
+    "fwd max abs",
+    "fwd max rel",
+    "grad max abs",
+    "grad max rel",
+    "worst tensor",
+    "status",
+]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,10 +354,12 @@ def timed(call, leaves, device, repeats):
         outs = call(leaves)
         torch.autograd.grad(sum(o.sum() for o in outs if o is not None), given)
 
-    return dict(fwd=time_fn(fwd, device, repeats)["ms"],
-                fwdbwd=time_fn(fwdbwd, device, repeats)["ms"],
-                peak_mb=peak_memory_mb(fwdbwd, device),
-                launches=(device_ops(fwd, device), device_ops(fwdbwd, device)))
+    return dict(
+        fwd=time_fn(fwd, device, repeats)["ms"],
+        fwdbwd=time_fn(fwdbwd, device, repeats)["ms"],
+        peak_mb=peak_memory_mb(fwdbwd, device),
+        launches=(device_ops(fwd, device), device_ops(fwdbwd, device)),
+    )
 
 
 def speed(cases, stacks, fused_ops, device, repeats, bandwidth):
@@ -321,40 +379,99 @@ def speed(cases, stacks, fused_ops, device, repeats, bandwidth):
             log(f"speed: {case.name} {impl}")
             op = sequence_op(ops, case)
             with sequence_path(path):
-                res[impl] = attempt(f"{case.name} {impl}", lambda: timed(
-                    lambda kw: op(**kw, rule=RULE, clip=CLIP), leaves, device, repeats))  # noqa: F821
+                res[impl] = attempt(
+                    f"{case.name} {impl}",
+                    lambda: timed(
+                        # F821: ruff reads `del leaves` below as ending the closure's variable.
+                        lambda kw: op(**kw, rule=RULE, clip=CLIP),
+                        leaves,  # noqa: F821
+                        device,
+                        repeats,
+                    ),
+                )
         del leaves
         (f, f_error), (e, e_error) = res["fused"], res["eager"]
         floor_cell = f"{floor['fwd']:.3g} / {floor['fwdbwd']:.3g}"
-        rows.append([case.name, case.sizes(), "fused", *ms_cells(f, f_error),
-                     ratio_cells(e, f), ratio_cells(f, floor), floor_cell,
-                     launch_cells(f, case.T)])
+        rows.append(
+            [
+                case.name,
+                case.sizes(),
+                "fused",
+                *ms_cells(f, f_error),
+                ratio_cells(e, f),
+                ratio_cells(f, floor),
+                floor_cell,
+                launch_cells(f, case.T),
+            ]
+        )
         if "fused per-step" in res:
             p, p_error = res["fused per-step"]
-            rows.append([case.name, case.sizes(), "fused per-step", *ms_cells(p, p_error),
-                         ratio_cells(e, p), ratio_cells(p, floor), floor_cell,
-                         launch_cells(p, case.T)])
-        rows.append([case.name, case.sizes(), "eager", *ms_cells(e, e_error), "", "", floor_cell,
-                     launch_cells(e, case.T)])
+            rows.append(
+                [
+                    case.name,
+                    case.sizes(),
+                    "fused per-step",
+                    *ms_cells(p, p_error),
+                    ratio_cells(e, p),
+                    ratio_cells(p, floor),
+                    floor_cell,
+                    launch_cells(p, case.T),
+                ]
+            )
+        rows.append(
+            [
+                case.name,
+                case.sizes(),
+                "eager",
+                *ms_cells(e, e_error),
+                "",
+                "",
+                floor_cell,
+                launch_cells(e, case.T),
+            ]
+        )
         if (case.B, case.N, case.T) == (6, 1149, 70) and device.type == "cuda" and f and e:
             x_floor, x_eager = f["fwdbwd"] / floor["fwdbwd"], e["fwdbwd"] / f["fwdbwd"]
             target_rows += [
-                [case.name, f"fused fwd+bwd <= {PTB_TARGETS['floor']:g}x the HBM floor",
-                 f"{x_floor:.2f}x", met(x_floor <= PTB_TARGETS["floor"])],
-                [case.name, f"fused fwd+bwd >= {PTB_TARGETS['speedup']:g}x faster than eager",
-                 f"{x_eager:.1f}x", met(x_eager >= PTB_TARGETS["speedup"])]]
+                [
+                    case.name,
+                    f"fused fwd+bwd <= {PTB_TARGETS['floor']:g}x the HBM floor",
+                    f"{x_floor:.2f}x",
+                    met(x_floor <= PTB_TARGETS["floor"]),
+                ],
+                [
+                    case.name,
+                    f"fused fwd+bwd >= {PTB_TARGETS['speedup']:g}x faster than eager",
+                    f"{x_eager:.1f}x",
+                    met(x_eager >= PTB_TARGETS["speedup"]),
+                ],
+            ]
     for stack in stacks:
         log(f"speed: PTB stack at B={stack['B']}, fused")
         r, error = attempt("stack", lambda: stack_run(stack, fused_ops, device, repeats))
         name = f"stack B={stack['B']} T={stack['T']} widths={'-'.join(map(str, stack['widths']))}"
-        rows.append(["ptb-stack", name, "fused", *ms_cells(r, error), "", "", "",
-                     launch_cells(r, stack["T"])])
+        rows.append(
+            [
+                "ptb-stack",
+                name,
+                "fused",
+                *ms_cells(r, error),
+                "",
+                "",
+                "",
+                launch_cells(r, stack["T"]),
+            ]
+        )
         if device.type == "cuda" and r:
             total = torch.cuda.get_device_properties(device).total_memory / 2**20
-            target_rows.append([f"ptb-stack B={stack['B']}", "fused fwd+bwd fits in GPU memory "
-                                "with room to spare (peak < half)", f"peak "
-                                f"{r['peak_mb'] / 2**10:.1f} of {total / 2**10:.0f} GiB",
-                                met(r["peak_mb"] < 0.5 * total)])
+            target_rows.append(
+                [
+                    f"ptb-stack B={stack['B']}",
+                    "fused fwd+bwd fits in GPU memory with room to spare (peak < half)",
+                    f"peak {r['peak_mb'] / 2**10:.1f} of {total / 2**10:.0f} GiB",
+                    met(r["peak_mb"] < 0.5 * total),
+                ]
+            )
     return rows, target_rows
 
 
@@ -369,13 +486,23 @@ def stack_run(cfg, ops, device, repeats):
     layers = []
     for P, N in zip(widths[:-1], widths[1:]):
         s = 1 / math.sqrt(N)
-        layers.append(dict(
-            i2g_weight=leaf(4 * N, P, scale=1 / math.sqrt(P)), i2g_bias=leaf(4 * N, scale=0.1),
-            h=leaf(B, N, scale=0.5), c=leaf(B, N, scale=0.5), hebb=leaf(B, N, N, scale=0.5),
-            h2g_weight=leaf(3 * N, N, scale=s), h2g_bias=leaf(3 * N, scale=0.1),
-            w=leaf(N, N, scale=s), alpha=leaf(N, scale=s), h2mod_weight=leaf(1, N, scale=s),
-            h2mod_bias=leaf(1, scale=0.1), fanout_weight=leaf(N, 1, scale=0.5),
-            fanout_bias=leaf(N, scale=0.1)))
+        layers.append(
+            dict(
+                i2g_weight=leaf(4 * N, P, scale=1 / math.sqrt(P)),
+                i2g_bias=leaf(4 * N, scale=0.1),
+                h=leaf(B, N, scale=0.5),
+                c=leaf(B, N, scale=0.5),
+                hebb=leaf(B, N, N, scale=0.5),
+                h2g_weight=leaf(3 * N, N, scale=s),
+                h2g_bias=leaf(3 * N, scale=0.1),
+                w=leaf(N, N, scale=s),
+                alpha=leaf(N, scale=s),
+                h2mod_weight=leaf(1, N, scale=s),
+                h2mod_bias=leaf(1, scale=0.1),
+                fanout_weight=leaf(N, 1, scale=0.5),
+                fanout_bias=leaf(N, scale=0.1),
+            )
+        )
     leaves = {f"{i}.{k}": v for i, layer in enumerate(layers) for k, v in layer.items()}
     leaves["x"] = leaf(T, B, widths[0], scale=1.0)
 
@@ -383,9 +510,15 @@ def stack_run(cfg, ops, device, repeats):
         x, outs = leaves["x"], []
         for p in layers:
             kw = {k: v for k, v in p.items() if not k.startswith("i2g")}
-            out = ops.plastic_lstm_sequence(F.linear(x, p["i2g_weight"], p["i2g_bias"]), **kw,
-                                            elig=None, eta=None, elig_rate=None, rule=RULE,
-                                            clip=CLIP)
+            out = ops.plastic_lstm_sequence(
+                F.linear(x, p["i2g_weight"], p["i2g_bias"]),
+                **kw,
+                elig=None,
+                eta=None,
+                elig_rate=None,
+                rule=RULE,
+                clip=CLIP,
+            )
             x = out[0]
             outs += [o for o in out[1:] if o is not None]
         return [x, *outs]
@@ -417,9 +550,18 @@ def met(ok):
     return "met" if ok else "NOT met"
 
 
-SPEED_HEADERS = ["case", "sizes", "impl", "fwd ms", "fwd+bwd ms", "peak MB fwd+bwd",
-                 "speedup vs eager fwd / fwd+bwd", "x floor fwd / fwd+bwd",
-                 "floor ms fwd / fwd+bwd", "GPU ops fwd / fwd+bwd"]
+SPEED_HEADERS = [
+    "case",
+    "sizes",
+    "impl",
+    "fwd ms",
+    "fwd+bwd ms",
+    "peak MB fwd+bwd",
+    "speedup vs eager fwd / fwd+bwd",
+    "x floor fwd / fwd+bwd",
+    "floor ms fwd / fwd+bwd",
+    "GPU ops fwd / fwd+bwd",
+]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -429,12 +571,17 @@ SPEED_HEADERS = ["case", "sizes", "impl", "fwd ms", "fwd+bwd ms", "peak MB fwd+b
 def run_logged(cmd, cwd):
     """Runs cmd with this package first on the path, echoing its output to stderr; returns
     (exit status, last output line)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(PACKAGE_PARENT), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(
+            [str(PACKAGE_PARENT), *filter(None, [os.environ.get("PYTHONPATH")])]
+        ),
+    )
     log(f"$ {' '.join(map(str, cmd))}")
     last = ""
-    with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True) as proc:
+    with subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as proc:
         for line in proc.stdout:
             print(line, end="", file=sys.stderr, flush=True)
             last = line.strip() or last
@@ -459,8 +606,18 @@ def run_benchmarks(device, quick):
         if not script.is_file():
             lines.append(f"- {name}: skipped (no {script})")
             continue
-        rc, _ = run_logged([sys.executable, str(script), "--device", device.type, "--out", str(out),
-                            *(["--quick"] if quick else [])], PACKAGE_PARENT)
+        rc, _ = run_logged(
+            [
+                sys.executable,
+                str(script),
+                "--device",
+                device.type,
+                "--out",
+                str(out),
+                *(["--quick"] if quick else []),
+            ],
+            PACKAGE_PARENT,
+        )
         lines.append(f"- {name}: exit {rc}; results in {out}")
     return lines
 
@@ -475,23 +632,32 @@ def emit(*lines):
 
 def has_kernels(namespace, dispatch_key):
     return torch._C._dispatch_has_kernel_for_dispatch_key(
-        f"{namespace}::plastic_rnn_sequence", dispatch_key)
+        f"{namespace}::plastic_rnn_sequence", dispatch_key
+    )
 
 
 def describe(device):
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
-        return (f"{p.name} (sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, "
-                f"{p.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}")
+        return (
+            f"{p.name} (sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, "
+            f"{p.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}"
+        )
     return f"CPU, {torch.get_num_threads()} threads"
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
-                   help="cpu: the CPU and emulated CUDA kernels (a check of this script)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    p.add_argument(
+        "--device",
+        default="cuda",
+        choices=["cuda", "cpu"],
+        help="cpu: the CPU and emulated CUDA kernels (a check of this script)",
+    )
     p.add_argument("--quick", action="store_true", help="tiny sizes")
     p.add_argument("--require-gpu", action="store_true", help="exit 2 when no GPU is visible")
     p.add_argument("--benchmarks", action="store_true", help="also run the benchmark scripts")
@@ -499,8 +665,11 @@ def parse_args():
     p.add_argument("--no-speed", action="store_true", help="skip the timings")
     # The tests on the GPU have "cuda" in their ids; those of the CPU emulator, which every CPU
     # machine runs already, "emulated_cuda" or test_cuda_emulation.
-    p.add_argument("--pytest-k", default="cuda and not emulat",
-                   help="tests to run (pytest -k expression; default: %(default)r)")
+    p.add_argument(
+        "--pytest-k",
+        default="cuda and not emulat",
+        help="tests to run (pytest -k expression; default: %(default)r)",
+    )
     p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
     return p.parse_args()
 
@@ -508,33 +677,42 @@ def parse_args():
 def main():
     args = parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
-        print(f"backpropamine_cuda selftest: no CUDA device visible to torch {torch.__version__} "
-              f"(CUDA build: {torch.version.cuda or 'no'}); nothing to verify. On a machine with "
-              "a GPU, install with a CUDA torch and nvcc and run this again; `--device cpu "
-              "--quick` checks this script on the CPU.")
+        print(
+            f"backpropamine_cuda selftest: no CUDA device visible to torch {torch.__version__} "
+            f"(CUDA build: {torch.version.cuda or 'no'}); nothing to verify. On a machine with "
+            "a GPU, install with a CUDA torch and nvcc and run this again; `--device cpu "
+            "--quick` checks this script on the CPU."
+        )
         return 2 if args.require_gpu else 0
     device = torch.device(args.device)
     how = _extension.load()
     key = "CUDA" if device.type == "cuda" else "CPU"
     if not has_kernels("backpropamine", key):
-        print(f"backpropamine_cuda selftest: the extension ({how}, from "
-              f"{Path(bp.__file__).parent}) has no {key} kernels. Reinstall with a CUDA build of "
-              "torch and nvcc on PATH or CUDA_HOME (README, Install).")
+        print(
+            f"backpropamine_cuda selftest: the extension ({how}, from "
+            f"{Path(bp.__file__).parent}) has no {key} kernels. Reinstall with a CUDA build of "
+            "torch and nvcc on PATH or CUDA_HOME (README, Install)."
+        )
         return 1
     started = time.time()
     cases, stacks = (QUICK_CASES, QUICK_STACKS) if args.quick else (CASES, STACKS)
     bandwidth = measure_bandwidth(device, 64 if args.quick else 1024)["gbs"]
     # Each section is printed when it is done, so that a run stopped at a time limit still
     # reports what it finished.
-    emit(f"## backpropamine_cuda selftest ({'quick' if args.quick else 'full'} sizes)", "",
-         f"{describe(device)}; torch {torch.__version__}; extension {how} from "
-         f"{Path(bp.__file__).parent}; measured memory bandwidth {bandwidth:.0f} GB/s.")
+    emit(
+        f"## backpropamine_cuda selftest ({'quick' if args.quick else 'full'} sizes)",
+        "",
+        f"{describe(device)}; torch {torch.__version__}; extension {how} from "
+        f"{Path(bp.__file__).parent}; measured memory bandwidth {bandwidth:.0f} GB/s.",
+    )
     ok = True
 
     if device.type == "cuda":
-        impls = {"fused cuda": (bp.fused, device, "auto"),
-                 "fused cuda per-step": (bp.fused, device, "steps"),
-                 "fused cpu": (bp.fused, torch.device("cpu"), "auto")}
+        impls = {
+            "fused cuda": (bp.fused, device, "auto"),
+            "fused cuda per-step": (bp.fused, device, "steps"),
+            "fused cpu": (bp.fused, torch.device("cpu"), "auto"),
+        }
     else:
         impls = {"fused cpu": (bp.fused, device, "auto")}
         if hasattr(bp.fused, "emulated_cuda") and has_kernels("backpropamine_emulated", "CPU"):
@@ -542,23 +720,34 @@ def main():
             impls["emulated cuda per-step"] = (bp.fused.emulated_cuda, device, "steps")
     acc_rows, acc_ok = accuracy(cases, impls, device)
     ok &= acc_ok
-    emit("", "### Accuracy", "", markdown_table(ACCURACY_HEADERS, acc_rows), "",
-         "Errors against the eager reference in float64 on the same inputs; rel = max |a - e| / "
-         "max |e| per tensor, the worst tensor named. Loss: sum of every output times a fixed "
-         "random tensor; gradients of every input. The float32 limit is "
-         f"{FLOAT32_FACTOR:g}x the float32 reference's error (at least {FLOAT32_FLOOR:g}).")
+    emit(
+        "",
+        "### Accuracy",
+        "",
+        markdown_table(ACCURACY_HEADERS, acc_rows),
+        "",
+        "Errors against the eager reference in float64 on the same inputs; rel = max |a - e| / "
+        "max |e| per tensor, the worst tensor named. Loss: sum of every output times a fixed "
+        "random tensor; gradients of every input. The float32 limit is "
+        f"{FLOAT32_FACTOR:g}x the float32 reference's error (at least {FLOAT32_FLOOR:g}).",
+    )
 
     if args.no_speed:
         emit("", "### Speed: skipped (--no-speed)")
     else:
-        speed_rows, target_rows = speed(cases, stacks, bp.fused, device, args.repeats,
-                                        bandwidth)
-        emit("", "### Speed (float32)", "", markdown_table(SPEED_HEADERS, speed_rows), "",
-             f"Median of {args.repeats} runs after a warm-up; fwd under no_grad, fwd+bwd = loss "
-             "sum of the outputs and autograd.grad to every input. Floor = the trace bytes the op "
-             "must move (2 passes over the B x N x N trace per step forward, 7 forward+backward: "
-             "measure.trace_floor_bytes) / the measured bandwidth. GPU "
-             "ops: kernels, copies and memsets of one call (torch.profiler), and per step (/ T).")
+        speed_rows, target_rows = speed(cases, stacks, bp.fused, device, args.repeats, bandwidth)
+        emit(
+            "",
+            "### Speed (float32)",
+            "",
+            markdown_table(SPEED_HEADERS, speed_rows),
+            "",
+            f"Median of {args.repeats} runs after a warm-up; fwd under no_grad, fwd+bwd = loss "
+            "sum of the outputs and autograd.grad to every input. Floor = the trace bytes the op "
+            "must move (2 passes over the B x N x N trace per step forward, 7 forward+backward: "
+            "measure.trace_floor_bytes) / the measured bandwidth. GPU "
+            "ops: kernels, copies and memsets of one call (torch.profiler), and per step (/ T).",
+        )
         if target_rows:
             emit("", markdown_table(["case", "target", "measured", "status"], target_rows))
 

@@ -25,6 +25,7 @@ sizes in float32); it is skipped, with the reason in the table, where its estima
 exceeds 70 % of the memory available when it would start. Timings on a shared machine suffer
 from other processes: the 1-min load average is printed and stored per row.
 """
+
 import itertools
 import math
 import sys
@@ -87,8 +88,10 @@ def floor_bytes(cfg, itemsize):
     rates eta_t (3); backward reads dL/dh_t, h_t, c_t, eta_t and x_t (to recompute the gates,
     8) and writes dL/dx_t (4): 12 more. The stack's i2g projections are left out (few bytes).
     """
-    per_layer = [common.trace_floor_bytes(cfg["T"], cfg["B"], n, itemsize, vec_fwd=7, vec_bwd=12)
-                 for _, n in layers_of(cfg)]
+    per_layer = [
+        common.trace_floor_bytes(cfg["T"], cfg["B"], n, itemsize, vec_fwd=7, vec_bwd=12)
+        for _, n in layers_of(cfg)
+    ]
     return tuple(map(sum, zip(*per_layer)))
 
 
@@ -109,19 +112,25 @@ def plastic_layer(P, N, B, alpha, randn, zeros):
     projection from width P unless P is None."""
     scale = 1 / math.sqrt(N)
     layer = dict(
-        h2g_weight=randn(3 * N, N, scale=scale), h2g_bias=zeros(3 * N),
-        w=randn(N, N, scale=scale), alpha=randn(*((N, N) if alpha == "full" else (N,)), scale=0.1),
-        h2mod_weight=randn(K, N, scale=scale), h2mod_bias=zeros(K),
-        fanout_weight=randn(N, K, scale=0.5), fanout_bias=zeros(N),
-        h0=zeros(B, N), c0=zeros(B, N), hebb0=zeros(B, N, N))
+        h2g_weight=randn(3 * N, N, scale=scale),
+        h2g_bias=zeros(3 * N),
+        w=randn(N, N, scale=scale),
+        alpha=randn(*((N, N) if alpha == "full" else (N,)), scale=0.1),
+        h2mod_weight=randn(K, N, scale=scale),
+        h2mod_bias=zeros(K),
+        fanout_weight=randn(N, K, scale=0.5),
+        fanout_bias=zeros(N),
+        h0=zeros(B, N),
+        c0=zeros(B, N),
+        hebb0=zeros(B, N, N),
+    )
     if P is not None:
         layer.update(i2g_weight=randn(4 * N, P, scale=1 / math.sqrt(P)), i2g_bias=zeros(4 * N))
     return layer
 
 
 def plastic_setup(cfg, impl, randn, zeros):
-    layers = [plastic_layer(P, N, cfg["B"], cfg["alpha"], randn, zeros)
-              for P, N in layers_of(cfg)]
+    layers = [plastic_layer(P, N, cfg["B"], cfg["alpha"], randn, zeros) for P, N in layers_of(cfg)]
     seq = common.package_op(impl, "plastic_lstm_sequence")
 
     def call(x):
@@ -130,9 +139,24 @@ def plastic_setup(cfg, impl, randn, zeros):
             if "i2g_weight" in p:
                 x = F.linear(x, p["i2g_weight"], p["i2g_bias"])
             x, _, hebb, _, _ = seq(
-                x, p["h0"], p["c0"], p["hebb0"], None, p["h2g_weight"], p["h2g_bias"], p["w"],
-                p["alpha"], None, None, p["h2mod_weight"], p["h2mod_bias"], p["fanout_weight"],
-                p["fanout_bias"], rule=RULE, clip=CLIP)
+                x,
+                p["h0"],
+                p["c0"],
+                p["hebb0"],
+                None,
+                p["h2g_weight"],
+                p["h2g_bias"],
+                p["w"],
+                p["alpha"],
+                None,
+                None,
+                p["h2mod_weight"],
+                p["h2mod_bias"],
+                p["fanout_weight"],
+                p["fanout_bias"],
+                rule=RULE,
+                clip=CLIP,
+            )
             hebbs.append(hebb)
         return x, hebbs
 
@@ -187,9 +211,20 @@ NOTES = [
 
 
 def main():
-    common.run_benchmark("bench_lstm", __doc__, Path(__file__).resolve(), cases=CASES,
-                         quick_cases=QUICK_CASES, impls=IMPLS, targets=TARGETS, setup=setup,
-                         floor_bytes=floor_bytes, notes=NOTES, need_mb=need_mb, light=LIGHT)
+    common.run_benchmark(
+        "bench_lstm",
+        __doc__,
+        Path(__file__).resolve(),
+        cases=CASES,
+        quick_cases=QUICK_CASES,
+        impls=IMPLS,
+        targets=TARGETS,
+        setup=setup,
+        floor_bytes=floor_bytes,
+        notes=NOTES,
+        need_mb=need_mb,
+        light=LIGHT,
+    )
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ The reference keeps about 4 traces (B, N, N) per step and layer for autograd (be
 ~19 GB at B=6, T=70. A measurement whose estimate exceeds 70 % of the memory available is
 skipped, with the reason in the table; B=6, T=35 is there to compare where the reference fits.
 """
+
 import json
 import os
 import sys
@@ -45,14 +46,19 @@ from experiments.ptb import main as ptb  # noqa: E402
 import bench_lstm  # noqa: E402  (the reference's memory model)
 import common  # noqa: E402
 
-LARGE_MODEL = ("--batch_size 6 --dropouti 0.4 --dropouth 0.25 --wdrop 0 --model PLASTICLSTM "
-               "--modultype modplasth2mod --modulout fanout --nhid 1149 --alphatype perneuron "
-               "--agdiv 1149").split()
+LARGE_MODEL = (
+    "--batch_size 6 --dropouti 0.4 --dropouth 0.25 --wdrop 0 --model PLASTICLSTM "
+    "--modultype modplasth2mod --modulout fanout --nhid 1149 --alphatype perneuron "
+    "--agdiv 1149"
+).split()
 QUICK_MODEL = [*LARGE_MODEL, "--emsize", "16", "--nhid", "32"]
 QUICK_SMALL_MODEL = ["--emsize", "16", "--nhid", "16"]  # added to --preset small with --quick
 SMALL = "small"  # the case of the small model; its rows are its variants, not implementations
-CASES = {"b6-t70": dict(B=6, T=70), "b6-t35": dict(B=6, T=35),
-         SMALL: dict(B=ptb.SMALL_PRESET["batch_size"], T=ptb.SMALL_PRESET["bptt"])}
+CASES = {
+    "b6-t70": dict(B=6, T=70),
+    "b6-t35": dict(B=6, T=35),
+    SMALL: dict(B=ptb.SMALL_PRESET["batch_size"], T=ptb.SMALL_PRESET["bptt"]),
+}
 QUICK_CASES = {"b6-t70": dict(B=2, T=10), "b6-t35": dict(B=2, T=5), SMALL: dict(B=2, T=5)}
 IMPLS = ("fused", "reference")
 VARIANTS, BASELINE = tuple(ptb.SMALL_VARIANTS), "baseline"  # the non-plastic one
@@ -67,8 +73,13 @@ MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 def model_args(spec):
     """main.py's options of spec's model: the small preset's spec["variant"], or the large one."""
     if spec.get("variant"):
-        flags = ["--preset", "small", "--variant", spec["variant"],
-                 *(QUICK_SMALL_MODEL if spec["quick"] else [])]
+        flags = [
+            "--preset",
+            "small",
+            "--variant",
+            spec["variant"],
+            *(QUICK_SMALL_MODEL if spec["quick"] else []),
+        ]
     else:
         flags = QUICK_MODEL if spec["quick"] else LARGE_MODEL
     return ptb.parse_args([*flags, "--impl", spec["impl"], "--device", spec["device"]])
@@ -101,20 +112,34 @@ def worker(spec):
 
         def step(batch, length):
             words = torch.randint(ptb.PTB_VOCABULARY, (length + 1, batch), device=device)
-            ptb.train_step(model, optimizer, words[:-1], words[1:].reshape(-1),
-                           [None] * args.nlayers, args, alphas)
+            ptb.train_step(
+                model,
+                optimizer,
+                words[:-1],
+                words[1:].reshape(-1),
+                [None] * args.nlayers,
+                args,
+                alphas,
+            )
 
         step(spec["B"], 2)  # warm-up: allocates the gradients, starts thread pools, loads kernels
         common.sync(device)
         if spec["measure"] == "memory":
+
             def peak_mb(batch):
                 return common.peak_memory_mb(lambda: step(batch, spec["T"]), device)
 
             return {"peak_mb": peak_mb(spec["B"]), **largest_batch(spec, peak_mb)}
-        timing = common.time_fn(lambda: step(spec["B"], spec["T"]), device, spec["repeats"],
-                                spec["budget"])
-        return {"step_ms": timing["ms"], "runs": timing["runs"], "all_ms": timing["all_ms"],
-                "tokens_per_s": spec["B"] * spec["T"] / timing["ms"] * 1e3, "nhid": args.nhid}
+        timing = common.time_fn(
+            lambda: step(spec["B"], spec["T"]), device, spec["repeats"], spec["budget"]
+        )
+        return {
+            "step_ms": timing["ms"],
+            "runs": timing["runs"],
+            "all_ms": timing["all_ms"],
+            "tokens_per_s": spec["B"] * spec["T"] / timing["ms"] * 1e3,
+            "nhid": args.nhid,
+        }
     except Exception as err:  # e.g. out of memory on a GPU: reported, not fatal
         return {"error": common.short_error(err)}
 
@@ -133,8 +158,11 @@ def largest_batch(spec, peak_mb):
 
     def fits(batch):
         fitting = [b for b, peak in tried.items() if isinstance(peak, float) and peak <= budget]
-        guess = (tried[max(fitting)] * batch / max(fitting) if fitting
-                 else reference_need_mb(spec, batch, spec["T"]))
+        guess = (
+            tried[max(fitting)] * batch / max(fitting)
+            if fitting
+            else reference_need_mb(spec, batch, spec["T"])
+        )
         if guess is not None and guess > 2 * budget:
             tried[batch] = f"not run: estimate {guess:.0f} MB"
             return False
@@ -171,8 +199,7 @@ def measure(script, spec):
     case where it would not fit in memory. The small model's variants: the time only."""
     if spec.get("variant"):
         return common.run_worker(script, dict(spec, measure="time"))
-    skipped = common.memory_shortfall(reference_need_mb(spec, spec["B"], spec["T"]),
-                                      spec["device"])
+    skipped = common.memory_shortfall(reference_need_mb(spec, spec["B"], spec["T"]), spec["device"])
     if not skipped:
         return common.measure(script, spec)
     search = common.run_worker(script, dict(spec, B=1, measure="memory"), env=MEMORY_ENV)
@@ -206,24 +233,54 @@ def large_table(records, budget_mb):
     for r in records:
         fused = r["impl"] == "fused"
         in_budget = f"{r.get('max_batch', '-')} ({common.fmt_num(r.get('max_batch_peak_mb'))} MB)"
-        rows.append([r["case"], f"B={r['B']} T={r['T']}", r["impl"],
-                     common.fmt_num(r.get("step_ms")), common.fmt_num(r.get("tokens_per_s")),
-                     "" if fused else common.fmt_ratio(r["fused_speedup"]),
-                     common.fmt_num(r.get("peak_mb")),
-                     "" if fused else common.fmt_num(r["fused_mem_fraction"]),
-                     in_budget, notes(r)])
+        rows.append(
+            [
+                r["case"],
+                f"B={r['B']} T={r['T']}",
+                r["impl"],
+                common.fmt_num(r.get("step_ms")),
+                common.fmt_num(r.get("tokens_per_s")),
+                "" if fused else common.fmt_ratio(r["fused_speedup"]),
+                common.fmt_num(r.get("peak_mb")),
+                "" if fused else common.fmt_num(r["fused_mem_fraction"]),
+                in_budget,
+                notes(r),
+            ]
+        )
     return common.markdown_table(
-        ["case", "sizes", "impl", "step ms", "tokens/s", "fused speedup", "peak MB",
-         "fused mem fraction", f"largest batch in {budget_mb:g} MB", "notes"], rows)
+        [
+            "case",
+            "sizes",
+            "impl",
+            "step ms",
+            "tokens/s",
+            "fused speedup",
+            "peak MB",
+            "fused mem fraction",
+            f"largest batch in {budget_mb:g} MB",
+            "notes",
+        ],
+        rows,
+    )
 
 
 def small_table(records):
-    rows = [[r["case"], f"B={r['B']} T={r['T']} N={r.get('nhid', '-')}", r["variant"], r["impl"],
-             common.fmt_num(r.get("step_ms")), common.fmt_num(r.get("tokens_per_s")),
-             common.fmt_num(r["x_baseline"]), notes(r)] for r in records]
+    rows = [
+        [
+            r["case"],
+            f"B={r['B']} T={r['T']} N={r.get('nhid', '-')}",
+            r["variant"],
+            r["impl"],
+            common.fmt_num(r.get("step_ms")),
+            common.fmt_num(r.get("tokens_per_s")),
+            common.fmt_num(r["x_baseline"]),
+            notes(r),
+        ]
+        for r in records
+    ]
     return common.markdown_table(
-        ["case", "sizes", "variant", "impl", "step ms", "tokens/s", f"x {BASELINE}", "notes"],
-        rows)
+        ["case", "sizes", "variant", "impl", "step ms", "tokens/s", f"x {BASELINE}", "notes"], rows
+    )
 
 
 def target_checks(records):
@@ -235,14 +292,30 @@ def target_checks(records):
         if ref is None or (case, "fused") not in by:
             continue
         targets += [
-            (case, f"fused tokens/s >= {TARGET_SPEEDUP:g}x reference", ref["fused_speedup"],
-             lambda v: v >= TARGET_SPEEDUP),
-            (case, f"fused peak memory <= {TARGET_MEMORY:g} x reference",
-             ref["fused_mem_fraction"], lambda v: v <= TARGET_MEMORY)]
+            (
+                case,
+                f"fused tokens/s >= {TARGET_SPEEDUP:g}x reference",
+                ref["fused_speedup"],
+                lambda v: v >= TARGET_SPEEDUP,
+            ),
+            (
+                case,
+                f"fused peak memory <= {TARGET_MEMORY:g} x reference",
+                ref["fused_mem_fraction"],
+                lambda v: v <= TARGET_MEMORY,
+            ),
+        ]
     if any(r.get("variant") == BASELINE for r in records):
-        targets += [(r["case"], f"{r['variant']} tokens/s >= {TARGET_PLASTIC:g}x {BASELINE}",
-                     r["x_baseline"], lambda v: v >= TARGET_PLASTIC)
-                    for r in records if r.get("variant") not in (None, BASELINE)]
+        targets += [
+            (
+                r["case"],
+                f"{r['variant']} tokens/s >= {TARGET_PLASTIC:g}x {BASELINE}",
+                r["x_baseline"],
+                lambda v: v >= TARGET_PLASTIC,
+            )
+            for r in records
+            if r.get("variant") not in (None, BASELINE)
+        ]
     return targets
 
 
@@ -251,8 +324,9 @@ def tables(records, budget_mb):
     table, and the targets as dicts for the JSON."""
     large = [r for r in records if not r.get("variant")]
     small = [r for r in records if r.get("variant")]
-    parts = ([large_table(large, budget_mb)] if large else []) + ([small_table(small)] if small
-                                                                  else [])
+    parts = ([large_table(large, budget_mb)] if large else []) + (
+        [small_table(small)] if small else []
+    )
     checks, target_rows = [], []
     for case, label, value, ok in target_checks(records):
         status = "n/a" if value is None else "met" if ok(value) else "NOT met"
@@ -273,9 +347,11 @@ def plot(records, path):
     axes = list(axes[0])
     if large:
         cases = list(dict.fromkeys(r["case"] for r in large))
-        for ax, key, label in zip(axes, ("tokens_per_s", "peak_mb", "max_batch"),
-                                  ("training tokens/s", "peak memory of a step (MB)",
-                                   "largest batch in the budget")):
+        for ax, key, label in zip(
+            axes,
+            ("tokens_per_s", "peak_mb", "max_batch"),
+            ("training tokens/s", "peak memory of a step (MB)", "largest batch in the budget"),
+        ):
             values = {c: {r["impl"]: r.get(key) for r in large if r["case"] == c} for c in cases}
             common.grouped_bars(ax, cases, IMPLS, values, ylabel=label)
             ax.set_title(label)
@@ -283,8 +359,15 @@ def plot(records, path):
         ax = axes[-1]
         speeds = {r["variant"]: r.get("tokens_per_s") for r in small}
         line = speeds.get(BASELINE) and TARGET_PLASTIC * speeds[BASELINE]
-        common.grouped_bars(ax, [SMALL], list(speeds), {SMALL: speeds}, log=False,
-                            ylabel="training tokens/s", markers={SMALL: line})
+        common.grouped_bars(
+            ax,
+            [SMALL],
+            list(speeds),
+            {SMALL: speeds},
+            log=False,
+            ylabel="training tokens/s",
+            markers={SMALL: line},
+        )
         ax.margins(y=0.15)  # room for the bar labels
         ax.set_title(f"small model, {SMALL_IMPL} (dashed: {TARGET_PLASTIC:g}x {BASELINE})")
     fig.tight_layout()
@@ -294,12 +377,19 @@ def plot(records, path):
 
 def parse_args():
     p = common.benchmark_parser(__doc__, CASES, IMPLS, repeats=3, budget=60.0)
-    p.add_argument("--budget-mb", type=float, default=8192.0,
-                   help="memory budget of the largest-batch search (quick: 16)")
+    p.add_argument(
+        "--budget-mb",
+        type=float,
+        default=8192.0,
+        help="memory budget of the largest-batch search (quick: 16)",
+    )
     p.add_argument("--max-batch", type=int, default=1024, help="search no further (quick: 16)")
-    p.add_argument("--variants", default=",".join(VARIANTS),
-                   help=f"comma list of {list(VARIANTS)}: the small model's variants of case "
-                        f"{SMALL!r}, each run on {SMALL_IMPL} (--impls: the large model's)")
+    p.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"comma list of {list(VARIANTS)}: the small model's variants of case "
+        f"{SMALL!r}, each run on {SMALL_IMPL} (--impls: the large model's)",
+    )
     args = p.parse_args()
     if args.quick:
         args.budget_mb, args.max_batch = min(args.budget_mb, 16.0), min(args.max_batch, 16)
@@ -308,8 +398,10 @@ def parse_args():
     if unknown:
         p.error(f"--variants: unknown {sorted(unknown)}; choose from {list(VARIANTS)}")
     if not any(runs(args)):
-        p.error(f"nothing to measure: --cases {args.cases!r} with --impls {args.impls!r} and "
-                f"--variants {args.variants!r}")
+        p.error(
+            f"nothing to measure: --cases {args.cases!r} with --impls {args.impls!r} and "
+            f"--variants {args.variants!r}"
+        )
     return args
 
 
@@ -329,8 +421,9 @@ def models(args, records):
     if any(not r["variant"] for r in records):
         names.append("tiny large model (emsize 16, nhid 32)" if args.quick else "the large model")
     if any(r["variant"] for r in records):
-        names.append("tiny small model (emsize = nhid = 16)" if args.quick
-                     else "the small model (Table 1)")
+        names.append(
+            "tiny small model (emsize = nhid = 16)" if args.quick else "the small model (Table 1)"
+        )
     return " and ".join(names)
 
 
@@ -344,29 +437,57 @@ def main():
     sizes = QUICK_CASES if args.quick else CASES
     start, load_start = time.time(), os.getloadavg()[0]
     info = common.machine_info(args.device)
-    info["cpu_peak_memory_method"] = (common.cpu_memory_method() if args.device == "cpu"
-                                      else "torch.cuda.max_memory_allocated")
+    info["cpu_peak_memory_method"] = (
+        common.cpu_memory_method() if args.device == "cpu" else "torch.cuda.max_memory_allocated"
+    )
     records = []
     for case, impl, variant in runs(args):
         t0 = time.time()
-        spec = dict(case=case, impl=impl, variant=variant, **sizes[case], device=args.device,
-                    quick=args.quick, repeats=args.repeats, budget=args.budget,
-                    budget_mb=args.budget_mb, max_batch=args.max_batch)
+        spec = dict(
+            case=case,
+            impl=impl,
+            variant=variant,
+            **sizes[case],
+            device=args.device,
+            quick=args.quick,
+            repeats=args.repeats,
+            budget=args.budget,
+            budget_mb=args.budget_mb,
+            max_batch=args.max_batch,
+        )
         result = measure(script, spec)
-        records.append(dict(case=case, impl=impl, variant=variant, **sizes[case], **result,
-                            budget_mb=args.budget_mb, loadavg=os.getloadavg()[0]))
-        memory = ("" if variant else f", {common.fmt_num(result.get('peak_mb'))} MB, largest "
-                                     f"batch {result.get('max_batch')}")
-        print(f"[{time.time() - start:6.0f} s] {case} {variant or impl}: "
-              f"{common.fmt_num(result.get('tokens_per_s'))} tokens/s{memory} "
-              f"({time.time() - t0:.0f} s) {result.get('skipped', result.get('error', ''))}",
-              file=sys.stderr, flush=True)
+        records.append(
+            dict(
+                case=case,
+                impl=impl,
+                variant=variant,
+                **sizes[case],
+                **result,
+                budget_mb=args.budget_mb,
+                loadavg=os.getloadavg()[0],
+            )
+        )
+        memory = (
+            ""
+            if variant
+            else f", {common.fmt_num(result.get('peak_mb'))} MB, largest "
+            f"batch {result.get('max_batch')}"
+        )
+        print(
+            f"[{time.time() - start:6.0f} s] {case} {variant or impl}: "
+            f"{common.fmt_num(result.get('tokens_per_s'))} tokens/s{memory} "
+            f"({time.time() - t0:.0f} s) {result.get('skipped', result.get('error', ''))}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     add_ratios(records)
     table, target_table, checks = tables(records, args.budget_mb)
-    machine = (f"{info.get('gpu', info['cpu'])}, {info['torch_threads']} threads, torch "
-               f"{info['torch']}, {args.device}, float32; 1-min load average {load_start:.1f} at "
-               f"start, {os.getloadavg()[0]:.1f} at end")
+    machine = (
+        f"{info.get('gpu', info['cpu'])}, {info['torch_threads']} threads, torch "
+        f"{info['torch']}, {args.device}, float32; 1-min load average {load_start:.1f} at "
+        f"start, {os.getloadavg()[0]:.1f} at end"
+    )
     large_notes = [
         "- Peak MB: peak resident memory of a fresh worker during one step above its resident "
         "size just before (model, gradients and data excluded; MALLOC_MMAP_THRESHOLD_=65536); on "
@@ -374,34 +495,50 @@ def main():
         f"- Largest batch: by doubling, then bisection, up to {args.max_batch}, each size "
         "measured as the peak MB, in the memory worker after the case itself; sizes whose linear "
         "estimate exceeds twice the budget or 70 % of the available memory are not run (the JSON "
-        "lists every size tried)."]
+        "lists every size tried).",
+    ]
     small_notes = [
         f"- Case {SMALL}: main.py --preset small --variant V --impl {SMALL_IMPL} (2 layers, "
         "untied, no dropout or AR/TAR, time-sum loss), each variant at its own hidden size N "
         + ("(--quick: 16)" if args.quick else "(matched to ~4.8 M parameters)")
         + f"; timed only (no memory); x {BASELINE}: the variant's tokens/s over the "
         f"non-plastic {BASELINE}'s in this run, each measured in its own worker, one after the "
-        "other."]
-    report = "\n".join([
-        f"## bench_ptb ({models(args, records)})", "", machine, "", table, "",
-        "Targets" + (" (they apply to the full sizes, not to --quick)" if args.quick else "")
-        + ":", "", target_table, "",
-        "- A training step: main.py's train_step (forward with the model's dropout, "
-        "cross-entropy with AR/TAR where set, backward, clip, SGD) on a (T, B) segment of random "
-        f"tokens from zero states; median of up to {args.repeats} steps after a warm-up step; "
-        "tokens/s = B * T / that time.",
-        *(large_notes if any(not r["variant"] for r in records) else []),
-        *(small_notes if any(r["variant"] for r in records) else []),
-        "", f"Whole run: {time.time() - start:.0f} s.",
-    ])
+        "other."
+    ]
+    report = "\n".join(
+        [
+            f"## bench_ptb ({models(args, records)})",
+            "",
+            machine,
+            "",
+            table,
+            "",
+            "Targets"
+            + (" (they apply to the full sizes, not to --quick)" if args.quick else "")
+            + ":",
+            "",
+            target_table,
+            "",
+            "- A training step: main.py's train_step (forward with the model's dropout, "
+            "cross-entropy with AR/TAR where set, backward, clip, SGD) on a (T, B) segment of "
+            f"random tokens from zero states; median of up to {args.repeats} steps after a warm-up "
+            "step; tokens/s = B * T / that time.",
+            *(large_notes if any(not r["variant"] for r in records) else []),
+            *(small_notes if any(r["variant"] for r in records) else []),
+            "",
+            f"Whole run: {time.time() - start:.0f} s.",
+        ]
+    )
     print(report)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    common.write_csv(out / "bench_ptb.csv",
-                     [{k: v for k, v in r.items() if k not in ("search", "all_ms")}
-                      for r in records])
-    common.write_json(out / "bench_ptb.json", dict(machine=info, args=vars(args),
-                                                   results=records, targets=checks))
+    common.write_csv(
+        out / "bench_ptb.csv",
+        [{k: v for k, v in r.items() if k not in ("search", "all_ms")} for r in records],
+    )
+    common.write_json(
+        out / "bench_ptb.json", dict(machine=info, args=vars(args), results=records, targets=checks)
+    )
     plot(records, out / "bench_ptb.png")
     print(f"\nwrote {out / 'bench_ptb'}.csv, .json, .png", file=sys.stderr)
 

@@ -17,6 +17,7 @@ benchmarks/results/bench_rl.{csv,json,png}.
     PYTHONPATH=. python benchmarks/bench_rl.py              # a few minutes on 2 cores
     PYTHONPATH=. python benchmarks/bench_rl.py --threads 1 --out benchmarks/results/threads1
 """
+
 import json
 import os
 import statistics
@@ -36,8 +37,10 @@ import common  # noqa: E402
 
 TASKS = {"maze": maze, "cue-reward": cue_reward}
 CASES = {"maze": ["--hidden", "100", "--size", "11"], "cue-reward": ["--hidden", "200"]}
-QUICK_CASES = {"maze": ["--hidden", "8", "--size", "7", "--episode-length", "20"],
-               "cue-reward": ["--hidden", "8", "--episode-length", "20"]}
+QUICK_CASES = {
+    "maze": ["--hidden", "8", "--size", "7", "--episode-length", "20"],
+    "cue-reward": ["--hidden", "8", "--episode-length", "20"],
+}
 IMPLS = ("fused", "fused-stepwise", "reference")
 NETWORK_TYPE = "retroactive"
 TARGET_SPEEDUP = 10.0
@@ -46,10 +49,16 @@ TARGET_SPEEDUP = 10.0
 def task_args(spec):
     task = TASKS[spec["case"]]
     flags = (QUICK_CASES if spec["quick"] else CASES)[spec["case"]]
-    impl = {"fused": ["--impl", "fused"], "fused-stepwise": ["--impl", "fused", "--stepwise"],
-            "reference": ["--impl", "reference"]}[spec["impl"]]
-    return a2c.parse_args(task.make_parser(), task.PRESETS,
-                          [*flags, "--preset", "paper", *impl, "--device", spec["device"]])
+    impl = {
+        "fused": ["--impl", "fused"],
+        "fused-stepwise": ["--impl", "fused", "--stepwise"],
+        "reference": ["--impl", "reference"],
+    }[spec["impl"]]
+    return a2c.parse_args(
+        task.make_parser(),
+        task.PRESETS,
+        [*flags, "--preset", "paper", *impl, "--device", spec["device"]],
+    )
 
 
 def worker(spec):
@@ -60,14 +69,25 @@ def worker(spec):
         args = task_args(spec)
         torch.manual_seed(0)
         env = TASKS[spec["case"]].make_env(args, torch.Generator(args.device).manual_seed(0))
-        agent = Agent(env.obs_size, env.n_actions, NETWORK_TYPE, args.hidden,
-                      impl=args.impl).to(args.device)
+        agent = Agent(env.obs_size, env.n_actions, NETWORK_TYPE, args.hidden, impl=args.impl).to(
+            args.device
+        )
         optimizer = torch.optim.Adam(agent.parameters(), lr=args.lr, eps=args.eps)
-        timing = common.time_fn(lambda: a2c.train_iteration(agent, optimizer, env, args),
-                                args.device, spec["repeats"], spec["budget"])
-        return {"iteration_ms": timing["ms"], "runs": timing["runs"], "all_ms": timing["all_ms"],
-                "iterations_per_s": 1e3 / timing["ms"], "hidden": args.hidden,
-                "batch": args.batch_size, "steps": env.episode_length}
+        timing = common.time_fn(
+            lambda: a2c.train_iteration(agent, optimizer, env, args),
+            args.device,
+            spec["repeats"],
+            spec["budget"],
+        )
+        return {
+            "iteration_ms": timing["ms"],
+            "runs": timing["runs"],
+            "all_ms": timing["all_ms"],
+            "iterations_per_s": 1e3 / timing["ms"],
+            "hidden": args.hidden,
+            "batch": args.batch_size,
+            "steps": env.episode_length,
+        }
     except Exception as err:
         return {"error": common.short_error(err)}
 
@@ -80,18 +100,28 @@ def merge_rounds(results):
         return failed[0]
     all_ms = [ms for r in results for ms in r["all_ms"]]
     ms = statistics.median(all_ms)
-    return dict(results[0], iteration_ms=ms, iterations_per_s=1e3 / ms, runs=len(all_ms),
-                all_ms=all_ms, rounds=len(results),
-                loadavg=max(r["loadavg"] for r in results))
+    return dict(
+        results[0],
+        iteration_ms=ms,
+        iterations_per_s=1e3 / ms,
+        runs=len(all_ms),
+        all_ms=all_ms,
+        rounds=len(results),
+        loadavg=max(r["loadavg"] for r in results),
+    )
 
 
 def main():
     parser = common.benchmark_parser(__doc__, CASES, IMPLS, repeats=5, budget=15.0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="worker processes per measurement, interleaved: round k runs every "
-                             "case and implementation once, so that a slow spell of a shared "
-                             "machine falls on all of them (the median is over every round's runs)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="worker processes per measurement, interleaved: round k runs every "
+        "case and implementation once, so that a slow spell of a shared "
+        "machine falls on all of them (the median is over every round's runs)",
+    )
     args = parser.parse_args()
     common.check_selection(parser, args, CASES, IMPLS)
     if args.rounds < 1:
@@ -106,26 +136,45 @@ def main():
     runs = {(case, impl): [] for case in args.cases.split(",") for impl in args.impls.split(",")}
     for round_ in range(1, args.rounds + 1):
         for (case, impl), results in runs.items():
-            spec = dict(case=case, impl=impl, device=args.device, quick=args.quick,
-                        repeats=args.repeats, budget=args.budget, threads=args.threads)
+            spec = dict(
+                case=case,
+                impl=impl,
+                device=args.device,
+                quick=args.quick,
+                repeats=args.repeats,
+                budget=args.budget,
+                threads=args.threads,
+            )
             results.append(dict(common.run_worker(script, spec), loadavg=os.getloadavg()[0]))
-            print(f"[{time.time() - start:6.0f} s] round {round_}: {case} {impl}: "
-                  f"{common.fmt_num(results[-1].get('iterations_per_s'))} iterations/s "
-                  f"{results[-1].get('error', '')}", file=sys.stderr, flush=True)
-    records = [dict(case=case, impl=impl, **merge_rounds(results))
-               for (case, impl), results in runs.items()]
+            print(
+                f"[{time.time() - start:6.0f} s] round {round_}: {case} {impl}: "
+                f"{common.fmt_num(results[-1].get('iterations_per_s'))} iterations/s "
+                f"{results[-1].get('error', '')}",
+                file=sys.stderr,
+                flush=True,
+            )
+    records = [
+        dict(case=case, impl=impl, **merge_rounds(results))
+        for (case, impl), results in runs.items()
+    ]
 
     fused = {r["case"]: r for r in records if r["impl"] == "fused"}
     rows, target_rows, checks = [], [], []
     for r in records:
-        r["fused_speedup"] = common.ratio(fused.get(r["case"], {}).get("iterations_per_s"),
-                                          r.get("iterations_per_s"))
-        rows.append([r["case"], f"B={r.get('batch', '-')} T={r.get('steps', '-')} "
-                                f"N={r.get('hidden', '-')}", r["impl"],
-                     common.fmt_num(r.get("iteration_ms")),
-                     common.fmt_num(r.get("iterations_per_s")),
-                     "" if r["impl"] == "fused" else common.fmt_ratio(r["fused_speedup"]),
-                     r.get("error", "")])
+        r["fused_speedup"] = common.ratio(
+            fused.get(r["case"], {}).get("iterations_per_s"), r.get("iterations_per_s")
+        )
+        rows.append(
+            [
+                r["case"],
+                f"B={r.get('batch', '-')} T={r.get('steps', '-')} N={r.get('hidden', '-')}",
+                r["impl"],
+                common.fmt_num(r.get("iteration_ms")),
+                common.fmt_num(r.get("iterations_per_s")),
+                "" if r["impl"] == "fused" else common.fmt_ratio(r["fused_speedup"]),
+                r.get("error", ""),
+            ]
+        )
         if r["impl"] == "reference":
             value = r["fused_speedup"]
             status = "n/a" if value is None else "met" if value >= TARGET_SPEEDUP else "NOT met"
@@ -133,32 +182,49 @@ def main():
             target_rows.append([r["case"], label, common.fmt_num(value), status])
             checks.append(dict(case=r["case"], target=label, value=value, status=status))
     threads = args.threads or info["torch_threads"]
-    machine = (f"{info.get('gpu', info['cpu'])}, {threads} threads, torch "
-               f"{info['torch']}, {args.device}, float32; 1-min load average {load_start:.1f} at "
-               f"start, {os.getloadavg()[0]:.1f} at end")
-    report = "\n".join([
-        f"## bench_rl ({'tiny sizes' if args.quick else 'the papers’ sizes'}, "
-        f"{NETWORK_TYPE} agents)", "", machine, "",
-        common.markdown_table(["case", "sizes", "impl", "iteration ms", "iterations/s",
-                               "fused speedup", "notes"], rows), "",
-        "Target:", "", common.markdown_table(["case", "target", "measured", "status"],
-                                             target_rows), "",
-        f"- An iteration: a2c.train_iteration (B episodes of T steps, loss, backward, clip, "
-        f"Adam); median over {args.rounds} interleaved rounds of a fresh worker process each, "
-        f"up to {args.repeats} timed iterations per worker after a warm-up iteration.",
-        "", f"Whole run: {time.time() - start:.0f} s."])
+    machine = (
+        f"{info.get('gpu', info['cpu'])}, {threads} threads, torch "
+        f"{info['torch']}, {args.device}, float32; 1-min load average {load_start:.1f} at "
+        f"start, {os.getloadavg()[0]:.1f} at end"
+    )
+    report = "\n".join(
+        [
+            f"## bench_rl ({'tiny sizes' if args.quick else 'the papers’ sizes'}, "
+            f"{NETWORK_TYPE} agents)",
+            "",
+            machine,
+            "",
+            common.markdown_table(
+                ["case", "sizes", "impl", "iteration ms", "iterations/s", "fused speedup", "notes"],
+                rows,
+            ),
+            "",
+            "Target:",
+            "",
+            common.markdown_table(["case", "target", "measured", "status"], target_rows),
+            "",
+            f"- An iteration: a2c.train_iteration (B episodes of T steps, loss, backward, clip, "
+            f"Adam); median over {args.rounds} interleaved rounds of a fresh worker process each, "
+            f"up to {args.repeats} timed iterations per worker after a warm-up iteration.",
+            "",
+            f"Whole run: {time.time() - start:.0f} s.",
+        ]
+    )
     print(report)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    common.write_csv(out / "bench_rl.csv", [{k: v for k, v in r.items() if k != "all_ms"}
-                                            for r in records])
-    common.write_json(out / "bench_rl.json", dict(machine=info, args=vars(args),
-                                                  results=records, targets=checks))
+    common.write_csv(
+        out / "bench_rl.csv", [{k: v for k, v in r.items() if k != "all_ms"} for r in records]
+    )
+    common.write_json(
+        out / "bench_rl.json", dict(machine=info, args=vars(args), results=records, targets=checks)
+    )
     plt = common.pyplot("bench")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     cases = list(dict.fromkeys(r["case"] for r in records))
-    values = {c: {r["impl"]: r.get("iterations_per_s") for r in records if r["case"] == c}
-              for c in cases}
+    values = {
+        c: {r["impl"]: r.get("iterations_per_s") for r in records if r["case"] == c} for c in cases
+    }
     common.grouped_bars(ax, cases, IMPLS, values, ylabel="A2C iterations/s")
     ax.set_title("bench_rl: training iterations per second")
     fig.tight_layout()

@@ -23,6 +23,7 @@ for times (see common.measure), so implementations share no allocator state.
 Timings on a shared machine suffer from other processes (OpenMP waits for its slowest thread): the
 1-min load average is printed and stored per row, and the JSON keeps every run and the minimum.
 """
+
 import math
 import sys
 from pathlib import Path
@@ -35,9 +36,9 @@ import common  # noqa: E402
 
 # Sizes of the papers' models. All use modulation "fanout" with K = 1 and rule clip.
 CASES = {
-    "maze": dict(B=30, N=100, T=200, alpha="full"),      # Backpropamine simple maze
-    "cue": dict(B=30, N=200, T=120, alpha="full"),       # Backpropamine cue-reward association
-    "ptb": dict(B=6, N=1149, T=35, alpha="neuron"),      # large PTB model, one layer, short BPTT
+    "maze": dict(B=30, N=100, T=200, alpha="full"),  # Backpropamine simple maze
+    "cue": dict(B=30, N=200, T=120, alpha="full"),  # Backpropamine cue-reward association
+    "ptb": dict(B=6, N=1149, T=35, alpha="neuron"),  # large PTB model, one layer, short BPTT
     "ptb-mem": dict(B=6, N=1149, T=70, alpha="neuron"),  # same, the paper's BPTT length
 }
 QUICK_CASES = {
@@ -87,10 +88,16 @@ def make_inputs(cfg, device, dtype):
     randn, zeros = common.tensor_makers(device, dtype)
     alpha_shape = (N, N) if cfg["alpha"] == "full" else (N,)
     return dict(
-        x=randn(T, B, N), h0=zeros(B, N), hebb0=zeros(B, N, N),
-        w=randn(N, N, scale=1 / math.sqrt(N)), alpha=randn(*alpha_shape, scale=0.1),
-        h2mod_weight=randn(K, N, scale=1 / math.sqrt(N)), h2mod_bias=zeros(K),
-        fanout_weight=randn(N, K, scale=0.5), fanout_bias=zeros(N))
+        x=randn(T, B, N),
+        h0=zeros(B, N),
+        hebb0=zeros(B, N, N),
+        w=randn(N, N, scale=1 / math.sqrt(N)),
+        alpha=randn(*alpha_shape, scale=0.1),
+        h2mod_weight=randn(K, N, scale=1 / math.sqrt(N)),
+        h2mod_bias=zeros(K),
+        fanout_weight=randn(N, K, scale=0.5),
+        fanout_bias=zeros(N),
+    )
 
 
 def compiled_sequence():
@@ -122,9 +129,22 @@ def setup(cfg, impl, device, dtype):
     seq = sequence_fn(impl)
 
     def call(x):
-        return seq(x, inp["h0"], inp["hebb0"], None, inp["w"], inp["alpha"], None, None,
-                   inp["h2mod_weight"], inp["h2mod_bias"], inp["fanout_weight"],
-                   inp["fanout_bias"], rule=RULE, clip=CLIP)
+        return seq(
+            x,
+            inp["h0"],
+            inp["hebb0"],
+            None,
+            inp["w"],
+            inp["alpha"],
+            None,
+            None,
+            inp["h2mod_weight"],
+            inp["h2mod_bias"],
+            inp["fanout_weight"],
+            inp["fanout_bias"],
+            rule=RULE,
+            clip=CLIP,
+        )
 
     def loss(outputs):
         out, hebb_T, _, _ = outputs
@@ -142,9 +162,18 @@ NOTES = [
 
 
 def main():
-    common.run_benchmark("bench_rnn", __doc__, Path(__file__).resolve(), cases=CASES,
-                         quick_cases=QUICK_CASES, impls=IMPLS, targets=TARGETS, setup=setup,
-                         floor_bytes=floor_bytes, notes=NOTES)
+    common.run_benchmark(
+        "bench_rnn",
+        __doc__,
+        Path(__file__).resolve(),
+        cases=CASES,
+        quick_cases=QUICK_CASES,
+        impls=IMPLS,
+        targets=TARGETS,
+        setup=setup,
+        floor_bytes=floor_bytes,
+        notes=NOTES,
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ which parses the command line common to both scripts, measures and writes the re
 Each (case, implementation) pair runs in fresh worker subprocesses (`measure`), so that the
 implementations do not share allocator caches, compiled-kernel caches or a peak-memory counter.
 """
+
 import argparse
 import csv
 import importlib
@@ -95,8 +96,10 @@ def memory_shortfall(need_mb, device):
     avail = available_mb(device)
     if need_mb is None or avail is None or need_mb <= MEMORY_FRACTION * avail:
         return None
-    return (f"skipped: needs ~{need_mb / 2**10:.1f} GB (estimate), more than "
-            f"{MEMORY_FRACTION:.0%} of the {avail / 2**10:.1f} GB available")
+    return (
+        f"skipped: needs ~{need_mb / 2**10:.1f} GB (estimate), more than "
+        f"{MEMORY_FRACTION:.0%} of the {avail / 2**10:.1f} GB available"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,8 +112,13 @@ def run_worker(script, spec, env=None, timeout_s=3600):
     crashes (e.g. killed for memory) or times out."""
     cmd = [sys.executable, str(script), "--worker", json.dumps(spec)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
-                              env={**os.environ, **(env or {})})
+        proc = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            env={**os.environ, **(env or {})},
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"worker timed out after {timeout_s} s"}
     lines = proc.stdout.strip().splitlines()
@@ -220,8 +228,7 @@ def measure(script, spec):
     # keeps freed heap pages resident, so peak RSS would include allocator history. A fixed small
     # threshold gives every tensor its own mapping, returned on free: peak RSS ~ live memory.
     # Timing runs use the default allocator behaviour, as users get it.
-    mem = run_worker(script, dict(spec, measure="memory"),
-                     env={"MALLOC_MMAP_THRESHOLD_": "65536"})
+    mem = run_worker(script, dict(spec, measure="memory"), env={"MALLOC_MMAP_THRESHOLD_": "65536"})
     tim = run_worker(script, dict(spec, measure="time"))
     merged = {**mem, **tim}
     for key in ("error", "fwd_error", "fwdbwd_error"):
@@ -250,7 +257,7 @@ def fmt_num(x, digits=3):
         return "-"
     if x == 0:
         return "0"
-    return f"{x:.{digits}g}" if abs(x) < 10 ** digits else f"{x:.0f}"
+    return f"{x:.{digits}g}" if abs(x) < 10**digits else f"{x:.0f}"
 
 
 def fmt_ratio(x):
@@ -316,39 +323,70 @@ def results_table(records, light=None):
     def pair(r, key):  # "fwd / fwd+bwd" of a ratio
         return f"{fmt_ratio(r[key.format('fwd')])} / {fmt_ratio(r[key.format('fwdbwd')])}"
 
-    headers = ["case", "sizes", "impl", "fwd ms", "fwd+bwd ms", "fused speedup fwd / fwd+bwd",
-               "peak MB fwd / fwd+bwd", "fused mem fraction", "fused / floor fwd / fwd+bwd",
-               *([f"fused / ({light} + floor) fwd / fwd+bwd"] if light else []), "runs", "notes"]
+    headers = [
+        "case",
+        "sizes",
+        "impl",
+        "fwd ms",
+        "fwd+bwd ms",
+        "fused speedup fwd / fwd+bwd",
+        "peak MB fwd / fwd+bwd",
+        "fused mem fraction",
+        "fused / floor fwd / fwd+bwd",
+        *([f"fused / ({light} + floor) fwd / fwd+bwd"] if light else []),
+        "runs",
+        "notes",
+    ]
     rows = []
     for r in records:
         is_fused = r["impl"] == "fused"
-        notes = [f"{m}: {r[m + '_' + what]}" for m in ("fwd", "fwdbwd")
-                 for what in ("error", "skipped") if r.get(m + "_" + what)]
+        notes = [
+            f"{m}: {r[m + '_' + what]}"
+            for m in ("fwd", "fwdbwd")
+            for what in ("error", "skipped")
+            if r.get(m + "_" + what)
+        ]
         if r.get("error"):
             notes.append(r["error"])
         if r["impl"] == "compiled" and r.get("fwdbwd_warmup_s"):
             notes.append(f"compile+warm-up {r.get('fwd_warmup_s', 0) + r['fwdbwd_warmup_s']:.0f} s")
-        rows.append([
-            r["case"], r["sizes"], r["impl"],
-            fmt_num(r.get("fwd_ms")), fmt_num(r.get("fwdbwd_ms")),
-            "" if is_fused else pair(r, "fused_speedup_{}"),
-            f"{fmt_num(r.get('fwd_peak_mb'))} / {fmt_num(r.get('fwdbwd_peak_mb'))}",
-            "" if is_fused else fmt_num(r["fused_mem_fraction"]),
-            pair(r, "x_floor_{}") if is_fused else "",
-            *([pair(r, "x_ref_{}") if is_fused else ""] if light else []),
-            f"{r.get('fwd_runs', '-')} / {r.get('fwdbwd_runs', '-')}",
-            "; ".join(notes),
-        ])
+        rows.append(
+            [
+                r["case"],
+                r["sizes"],
+                r["impl"],
+                fmt_num(r.get("fwd_ms")),
+                fmt_num(r.get("fwdbwd_ms")),
+                "" if is_fused else pair(r, "fused_speedup_{}"),
+                f"{fmt_num(r.get('fwd_peak_mb'))} / {fmt_num(r.get('fwdbwd_peak_mb'))}",
+                "" if is_fused else fmt_num(r["fused_mem_fraction"]),
+                pair(r, "x_floor_{}") if is_fused else "",
+                *([pair(r, "x_ref_{}") if is_fused else ""] if light else []),
+                f"{r.get('fwd_runs', '-')} / {r.get('fwdbwd_runs', '-')}",
+                "; ".join(notes),
+            ]
+        )
     return markdown_table(headers, rows)
 
 
 def contention_table(records):
-    headers = ["case", "impl", "idle fwd / fwd+bwd ms", "busy fwd / fwd+bwd ms",
-               "busy / idle fwd / fwd+bwd"]
-    rows = [[r["case"], r["impl"], f"{fmt_num(r.get('fwd_ms'))} / {fmt_num(r.get('fwdbwd_ms'))}",
-             f"{fmt_num(r.get('busy_fwd_ms'))} / {fmt_num(r.get('busy_fwdbwd_ms'))}",
-             f"{fmt_ratio(r.get('busy_x_idle_fwd'))} / {fmt_ratio(r.get('busy_x_idle_fwdbwd'))}"]
-            for r in records]
+    headers = [
+        "case",
+        "impl",
+        "idle fwd / fwd+bwd ms",
+        "busy fwd / fwd+bwd ms",
+        "busy / idle fwd / fwd+bwd",
+    ]
+    rows = [
+        [
+            r["case"],
+            r["impl"],
+            f"{fmt_num(r.get('fwd_ms'))} / {fmt_num(r.get('fwdbwd_ms'))}",
+            f"{fmt_num(r.get('busy_fwd_ms'))} / {fmt_num(r.get('busy_fwdbwd_ms'))}",
+            f"{fmt_ratio(r.get('busy_x_idle_fwd'))} / {fmt_ratio(r.get('busy_x_idle_fwdbwd'))}",
+        ]
+        for r in records
+    ]
     return markdown_table(headers, rows)
 
 
@@ -397,8 +435,7 @@ def plot(records, path, impls):
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     times = {c: {i: by[c].get(i, {}).get("fwdbwd_ms") for i in impls} for c in cases}
     floors = {c: next(iter(by[c].values()))["floor_fwdbwd_ms"] for c in cases}
-    grouped_bars(axes[0], cases, impls, times, ylabel="forward+backward time (ms)",
-                 markers=floors)
+    grouped_bars(axes[0], cases, impls, times, ylabel="forward+backward time (ms)", markers=floors)
     axes[0].set_title("fwd+bwd time (dashed: bandwidth floor)")
     mems = {c: {i: by[c].get(i, {}).get("fwdbwd_peak_mb") for i in impls} for c in cases}
     grouped_bars(axes[1], cases, impls, mems, ylabel="peak memory (MB)")
@@ -417,16 +454,27 @@ def benchmark_parser(doc, cases, impls, *, repeats, budget):
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--cases", default=",".join(cases), help=f"comma list of {list(cases)}")
     p.add_argument("--impls", default=",".join(impls), help=f"comma list of {list(impls)}")
-    p.add_argument("--repeats", type=int, default=repeats,
-                   help="timed runs per measurement (median)")
-    p.add_argument("--budget", type=float, default=budget,
-                   help="stop repeating a measurement once its runs took this long (>= 1 run)")
+    p.add_argument(
+        "--repeats", type=int, default=repeats, help="timed runs per measurement (median)"
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=budget,
+        help="stop repeating a measurement once its runs took this long (>= 1 run)",
+    )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"),
-                   help="folder for CSV/JSON/PNG")
+    p.add_argument(
+        "--out",
+        default=str(Path(__file__).resolve().parent / "results"),
+        help="folder for CSV/JSON/PNG",
+    )
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in seconds")
-    p.add_argument("--contention", action="store_true",
-                   help="time every measurement again beside a busy single-threaded process")
+    p.add_argument(
+        "--contention",
+        action="store_true",
+        help="time every measurement again beside a busy single-threaded process",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: JSON spec of one measurement
     return p
 
@@ -445,8 +493,12 @@ def parse_args(doc, cases, impls):
     p = benchmark_parser(doc, cases, impls, repeats=5, budget=20.0)
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--bw-mb", type=int, default=1024,
-                   help="MB per array of the bandwidth measurement (well above the LLC)")
+    p.add_argument(
+        "--bw-mb",
+        type=int,
+        default=1024,
+        help="MB per array of the bandwidth measurement (well above the LLC)",
+    )
     args = p.parse_args()
     check_selection(p, args, cases, impls)
     return args
@@ -454,12 +506,27 @@ def parse_args(doc, cases, impls):
 
 def describe(cfg):
     """'B=6 N=1149 T=70 alpha=neuron' for a table cell; lists as '400-1149-400'."""
-    return " ".join(f"{k}={'-'.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
-                    for k, v in cfg.items())
+    return " ".join(
+        f"{k}={'-'.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+        for k, v in cfg.items()
+    )
 
 
-def run_benchmark(name, doc, script, *, cases, quick_cases, impls, targets, setup, floor_bytes,
-                  notes, need_mb=None, light=None):
+def run_benchmark(
+    name,
+    doc,
+    script,
+    *,
+    cases,
+    quick_cases,
+    impls,
+    targets,
+    setup,
+    floor_bytes,
+    notes,
+    need_mb=None,
+    light=None,
+):
     """The whole benchmark script `script` (named `name`, documented by `doc`): parses its
     command line, then either is a worker (see `worker`) or measures every selected (case, impl)
     in workers, prints the table and targets and writes name.csv / .json / .png.
@@ -479,42 +546,69 @@ def run_benchmark(name, doc, script, *, cases, quick_cases, impls, targets, setu
         torch.set_num_threads(args.threads)
     start = time.time()
     info = machine_info(args.device)
-    info["cpu_peak_memory_method"] = (cpu_memory_method() if args.device == "cpu"
-                                      else "torch.cuda.max_memory_allocated")
+    info["cpu_peak_memory_method"] = (
+        cpu_memory_method() if args.device == "cpu" else "torch.cuda.max_memory_allocated"
+    )
     load_start = os.getloadavg()[0]
     bw_mb = min(args.bw_mb, 64) if args.quick else args.bw_mb
     bw = measure_bandwidth(args.device, bw_mb)
-    print(f"memory bandwidth: {bw['gbs']:.1f} GB/s (add {bw['add_gbs']:.1f}, "
-          f"copy {bw['copy_gbs']:.1f}, in place {bw['inplace_gbs']:.1f}; {bw_mb} MB arrays)",
-          file=sys.stderr, flush=True)
+    print(
+        f"memory bandwidth: {bw['gbs']:.1f} GB/s (add {bw['add_gbs']:.1f}, "
+        f"copy {bw['copy_gbs']:.1f}, in place {bw['inplace_gbs']:.1f}; {bw_mb} MB arrays)",
+        file=sys.stderr,
+        flush=True,
+    )
 
-    records = measure_cases(args, script, quick_cases if args.quick else cases, floor_bytes,
-                            need_mb, bw["gbs"], start)
+    records = measure_cases(
+        args, script, quick_cases if args.quick else cases, floor_bytes, need_mb, bw["gbs"], start
+    )
     summarize(records, light)
     total_s = time.time() - start
     table = results_table(records, light)
     if args.contention:
-        table += "\n\nBeside one busy single-threaded process (--contention):\n\n" + \
-            contention_table(records)
+        table += (
+            "\n\nBeside one busy single-threaded process (--contention):\n\n"
+            + contention_table(records)
+        )
     target_table, checks = check_targets(records, targets)
     # Other processes competing for the cores distort timings (OpenMP waits for every thread).
     info["loadavg_1min_start_end"] = (load_start, os.getloadavg()[0])
-    report = "\n".join([
-        f"## {name} ({'quick sizes' if args.quick else 'full sizes'})", "",
-        machine_line(args, info, bw, bw_mb), "",
-        table, "", "Targets" + (" (they apply to the full sizes, not to --quick)"
-                                if args.quick else "") + ":", "", target_table, "",
-        *[f"- {f}" for f in footnotes(args, notes, light)], "", f"Whole run: {total_s:.0f} s.",
-    ])
+    report = "\n".join(
+        [
+            f"## {name} ({'quick sizes' if args.quick else 'full sizes'})",
+            "",
+            machine_line(args, info, bw, bw_mb),
+            "",
+            table,
+            "",
+            "Targets"
+            + (" (they apply to the full sizes, not to --quick)" if args.quick else "")
+            + ":",
+            "",
+            target_table,
+            "",
+            *[f"- {f}" for f in footnotes(args, notes, light)],
+            "",
+            f"Whole run: {total_s:.0f} s.",
+        ]
+    )
     print(report)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     flat = [{k: v for k, v in r.items() if not k.endswith("_all_ms")} for r in records]
     write_csv(out / f"{name}.csv", flat)
-    write_json(out / f"{name}.json", dict(
-        machine=info, bandwidth=bw, args=vars(args), total_s=total_s, results=records,
-        targets=checks))
+    write_json(
+        out / f"{name}.json",
+        dict(
+            machine=info,
+            bandwidth=bw,
+            args=vars(args),
+            total_s=total_s,
+            results=records,
+            targets=checks,
+        ),
+    )
     plot(records, out / f"{name}.png", [i for i in args.impls.split(",") if i])
     print(f"\nwrote {out / name}.csv, .json, .png", file=sys.stderr)
 
@@ -530,9 +624,17 @@ def measure_cases(args, script, sizes, floor_bytes, need_mb, gbs, start):
         floor_fwd, floor_fwdbwd = (b / (gbs * 1e9) * 1e3 for b in floor_bytes(cfg, itemsize))
         for impl in [i for i in args.impls.split(",") if i]:
             t0 = time.time()
-            spec = dict(case=case, cfg=cfg, impl=impl, device=args.device, dtype=args.dtype,
-                        repeats=args.repeats, budget=args.budget, threads=args.threads,
-                        need_mb=need_mb(cfg, impl, itemsize) if need_mb else {})
+            spec = dict(
+                case=case,
+                cfg=cfg,
+                impl=impl,
+                device=args.device,
+                dtype=args.dtype,
+                repeats=args.repeats,
+                budget=args.budget,
+                threads=args.threads,
+                need_mb=need_mb(cfg, impl, itemsize) if need_mb else {},
+            )
             res = measure(script, spec)
             if args.contention and "error" not in res:
                 with BusyProcess():
@@ -541,17 +643,33 @@ def measure_cases(args, script, sizes, floor_bytes, need_mb, gbs, start):
                     res[f"busy_{m}_ms"] = busy.get(f"{m}_ms")
                     res[f"busy_x_idle_{m}"] = ratio(busy.get(f"{m}_ms"), res.get(f"{m}_ms"))
             # 1-min load average after the worker: ~threads when nothing else ran meanwhile
-            records.append(dict(case=case, impl=impl, sizes=describe(cfg), **cfg, **res,
-                                loadavg=os.getloadavg()[0], floor_fwd_ms=floor_fwd,
-                                floor_fwdbwd_ms=floor_fwdbwd))
+            records.append(
+                dict(
+                    case=case,
+                    impl=impl,
+                    sizes=describe(cfg),
+                    **cfg,
+                    **res,
+                    loadavg=os.getloadavg()[0],
+                    floor_fwd_ms=floor_fwd,
+                    floor_fwdbwd_ms=floor_fwdbwd,
+                )
+            )
             trouble = [res[k] for k in ("error", "fwd_skipped", "fwdbwd_skipped") if k in res]
-            busy_note = (f", beside a busy process {fmt_num(res.get('busy_fwd_ms'))} / "
-                         f"{fmt_num(res.get('busy_fwdbwd_ms'))} ms" if args.contention else "")
-            print(f"[{time.time() - start:6.0f} s] {case:8s} {impl:9s} "
-                  f"fwd {fmt_num(res.get('fwd_ms'))} ms, "
-                  f"fwd+bwd {fmt_num(res.get('fwdbwd_ms'))} ms{busy_note} "
-                  f"({time.time() - t0:.0f} s)" + "".join(f"  {t}" for t in trouble),
-                  file=sys.stderr, flush=True)
+            busy_note = (
+                f", beside a busy process {fmt_num(res.get('busy_fwd_ms'))} / "
+                f"{fmt_num(res.get('busy_fwdbwd_ms'))} ms"
+                if args.contention
+                else ""
+            )
+            print(
+                f"[{time.time() - start:6.0f} s] {case:8s} {impl:9s} "
+                f"fwd {fmt_num(res.get('fwd_ms'))} ms, "
+                f"fwd+bwd {fmt_num(res.get('fwdbwd_ms'))} ms{busy_note} "
+                f"({time.time() - t0:.0f} s)" + "".join(f"  {t}" for t in trouble),
+                file=sys.stderr,
+                flush=True,
+            )
     return records
 
 
@@ -559,10 +677,12 @@ def machine_line(args, info, bw, bw_mb):
     """The report's line on the machine: processor, threads, versions, measured bandwidth,
     caches and the load average at the start and end (info["loadavg_1min_start_end"])."""
     threads = args.threads or info["torch_threads"]
-    line = (f"{info.get('gpu', info['cpu'])}, {threads} threads, torch {info['torch']}, "
-            f"{args.device}, {args.dtype}; measured memory bandwidth {bw['gbs']:.1f} GB/s "
-            f"(add {bw['add_gbs']:.1f}, copy {bw['copy_gbs']:.1f}, in place "
-            f"{bw['inplace_gbs']:.1f} GB/s on {bw_mb} MB arrays)")
+    line = (
+        f"{info.get('gpu', info['cpu'])}, {threads} threads, torch {info['torch']}, "
+        f"{args.device}, {args.dtype}; measured memory bandwidth {bw['gbs']:.1f} GB/s "
+        f"(add {bw['add_gbs']:.1f}, copy {bw['copy_gbs']:.1f}, in place "
+        f"{bw['inplace_gbs']:.1f} GB/s on {bw_mb} MB arrays)"
+    )
     if "cache_L3" in info:
         line += f"; L2 {info.get('cache_L2', '?')}, L3 {info['cache_L3']}"
     load_start, load_end = info["loadavg_1min_start_end"]
@@ -578,18 +698,28 @@ def footnotes(args, notes, light):
         *notes,
         "Speedup and mem fraction are relative to fused on the same row's case: "
         "speedup = impl time / fused time, mem fraction = fused peak / impl peak.",
-        "Peak memory: " + ("torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus "
-                           "memory allocated before the call." if args.device == "cuda" else
-                           "peak resident set size of a fresh worker process during the first "
-                           "full-size call, minus its resident size just before (peak reset via "
-                           "/proc/self/clear_refs). That worker runs with MALLOC_MMAP_THRESHOLD_="
-                           "65536 so that freed tensors leave no resident heap behind: the figure "
-                           "is the memory live at the peak; inputs excluded, outputs and "
-                           "gradients included. Timings come from a second worker with default "
-                           "malloc settings."),
+        "Peak memory: "
+        + (
+            "torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus "
+            "memory allocated before the call."
+            if args.device == "cuda"
+            else "peak resident set size of a fresh worker process during the first "
+            "full-size call, minus its resident size just before (peak reset via "
+            "/proc/self/clear_refs). That worker runs with MALLOC_MMAP_THRESHOLD_="
+            "65536 so that freed tensors leave no resident heap behind: the figure "
+            "is the memory live at the peak; inputs excluded, outputs and "
+            "gradients included. Timings come from a second worker with default "
+            "malloc settings."
+        ),
         "Bandwidth floor = bytes the fused op must move / measured bandwidth; bytes = T x "
         "(2 fwd, 7 fwd+bwd) x B*N*N*itemsize for the trace plus the per-step vectors "
         "(common.trace_floor_bytes). A ratio < 1 means the trace stayed in cache.",
-        *([f"Reference time = {light} time + bandwidth floor: a non-plastic layer plus the "
-           "trace traffic that plasticity cannot avoid."] if light else []),
+        *(
+            [
+                f"Reference time = {light} time + bandwidth floor: a non-plastic layer plus the "
+                "trace traffic that plasticity cannot avoid."
+            ]
+            if light
+            else []
+        ),
     ]

@@ -16,8 +16,10 @@ Rule parse_rule(const char* op, const std::string& rule) {
   if (rule == "decay") return Rule::Decay;
   if (rule == "oja") return Rule::Oja;
   if (rule == "retroactive") return Rule::Retroactive;
-  TORCH_CHECK_VALUE(false, op, ": rule must be one of 'clip', 'softclip', 'decay', 'oja', "
-                    "'retroactive', got '", rule, "'");
+  TORCH_CHECK_VALUE(false, op,
+                    ": rule must be one of 'clip', 'softclip', 'decay', 'oja', "
+                    "'retroactive', got '",
+                    rule, "'");
 }
 
 void check_clip(const char* op, double clip) {
@@ -31,9 +33,8 @@ void check_tensor(const char* op, const char* name, const at::Tensor& t, const a
               like.scalar_type(), " (the dtype of the first argument), got ", t.scalar_type());
   TORCH_CHECK(t.device() == like.device(), op, ": expected ", name, " on device ", like.device(),
               " (the device of the first argument), got ", t.device());
-  TORCH_CHECK(t.is_contiguous(), op, ": expected ", name,
-              " to be contiguous, got strides ", t.strides(), " for shape ", t.sizes(),
-              " (call .contiguous())");
+  TORCH_CHECK(t.is_contiguous(), op, ": expected ", name, " to be contiguous, got strides ",
+              t.strides(), " for shape ", t.sizes(), " (call .contiguous())");
 }
 
 void check_shape(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape,
@@ -60,8 +61,10 @@ AlphaMode check_alpha(const char* op, const at::Tensor& alpha, int64_t P, int64_
     check_shape(op, "alpha", alpha, {N}, "(N,) for alpha 'neuron'");
     return AlphaMode::Neuron;
   }
-  TORCH_CHECK(alpha.dim() == 0, op, ": expected alpha of shape (P, N) ('full'), (N,) ('neuron') "
-              "or () ('scalar') with P, N = ", P, ", ", N, ", got ", alpha.sizes());
+  TORCH_CHECK(alpha.dim() == 0, op,
+              ": expected alpha of shape (P, N) ('full'), (N,) ('neuron') "
+              "or () ('scalar') with P, N = ",
+              P, ", ", N, ", got ", alpha.sizes());
   return AlphaMode::Scalar;
 }
 
@@ -72,9 +75,12 @@ void check_elig(const char* op, Rule rule, const OptTensor& elig, const OptTenso
                       ": elig and elig_rate are only used by rule 'retroactive'; pass None");
     return;
   }
-  TORCH_CHECK_VALUE(elig.has_value(), op, ": rule 'retroactive' needs the eligibility trace elig "
-                    "of shape ", trace_shape, ", got None");
-  TORCH_CHECK_VALUE(elig_rate.has_value(), op, ": rule 'retroactive' needs elig_rate of shape (), "
+  TORCH_CHECK_VALUE(elig.has_value(), op,
+                    ": rule 'retroactive' needs the eligibility trace elig "
+                    "of shape ",
+                    trace_shape, ", got None");
+  TORCH_CHECK_VALUE(elig_rate.has_value(), op,
+                    ": rule 'retroactive' needs elig_rate of shape (), "
                     "got None");
   check_tensor(op, "elig", *elig, like);
   check_shape(op, "elig", *elig, trace_shape, "(same as hebb)");
@@ -89,15 +95,17 @@ struct XSizes {
 XSizes check_x(const char* op, const char* name, const at::Tensor& x, int64_t width,
                bool sequence) {
   check_first(op, name, x);
-  const char* layout = sequence ? (width == 1 ? "(T, B, N)" : "(T, B, 4N)")
-                                : (width == 1 ? "(B, N)" : "(B, 4N)");
+  const char* layout =
+      sequence ? (width == 1 ? "(T, B, N)" : "(T, B, 4N)") : (width == 1 ? "(B, N)" : "(B, 4N)");
   const int64_t want_dim = sequence ? 3 : 2;
   TORCH_CHECK(x.dim() == want_dim, op, ": expected ", name, " of shape ", layout, ", got ",
               x.sizes());
   const int64_t cols = x.size(want_dim - 1);
   XSizes s{sequence ? x.size(0) : 1, x.size(want_dim - 2), cols / width};
-  TORCH_CHECK(s.T >= 1 && s.B >= 1 && cols >= 1, op, ": expected ", name, " with at least one "
-              "time step, sample and neuron, got shape ", x.sizes());
+  TORCH_CHECK(s.T >= 1 && s.B >= 1 && cols >= 1, op, ": expected ", name,
+              " with at least one "
+              "time step, sample and neuron, got shape ",
+              x.sizes());
   TORCH_CHECK(cols == width * s.N, op, ": expected ", name, " of shape ", layout,
               " (the four gates' inputs), got ", x.sizes());
   return s;
@@ -132,8 +140,7 @@ void check_saved(const char* op, const char* name, const at::Tensor& t, at::IntA
 }
 
 PlasticConfig check_plastic_inputs(const char* op, const at::Tensor& x, const XSizes& sizes,
-                                   const PlasticInputs& in, const std::string& rule,
-                                   double clip) {
+                                   const PlasticInputs& in, const std::string& rule, double clip) {
   PlasticConfig cfg{};
   cfg.modes.rule = parse_rule(op, rule);
   check_clip(op, clip);
@@ -152,11 +159,12 @@ PlasticConfig check_plastic_inputs(const char* op, const at::Tensor& x, const XS
   cfg.modes.eta = EtaMode::PerPost;
   if (!in.h2mod_weight.has_value()) {
     cfg.modulation = Modulation::None;
-    TORCH_CHECK_VALUE(in.eta.has_value(), op, ": without modulation (h2mod_weight None) the "
+    TORCH_CHECK_VALUE(in.eta.has_value(), op,
+                      ": without modulation (h2mod_weight None) the "
                       "learned rate eta is required, got None");
-    TORCH_CHECK_VALUE(!in.fanout_weight.has_value() && !in.h2mod_bias.has_value() &&
-                          !in.fanout_bias.has_value(),
-                      op, ": fanout_weight, h2mod_bias and fanout_bias need h2mod_weight");
+    TORCH_CHECK_VALUE(
+        !in.fanout_weight.has_value() && !in.h2mod_bias.has_value() && !in.fanout_bias.has_value(),
+        op, ": fanout_weight, h2mod_bias and fanout_bias need h2mod_weight");
     check_tensor(op, "eta", *in.eta, x);
     TORCH_CHECK(in.eta->dim() == 0 || in.eta->sizes() == at::IntArrayRef({N, N}), op,
                 ": expected eta of shape () ('scalar') or (N, N) ('full') with N = ", N, ", got ",
@@ -166,7 +174,8 @@ PlasticConfig check_plastic_inputs(const char* op, const at::Tensor& x, const XS
                       ": rule 'retroactive' needs modulation 'simple' or 'fanout' (pass "
                       "h2mod_weight), got modulation 'none'");
   } else {
-    TORCH_CHECK_VALUE(!in.eta.has_value(), op, ": pass either eta (modulation 'none') or "
+    TORCH_CHECK_VALUE(!in.eta.has_value(), op,
+                      ": pass either eta (modulation 'none') or "
                       "h2mod_weight (modulation 'simple'/'fanout'), not both");
     const at::Tensor& hw = *in.h2mod_weight;
     check_tensor(op, "h2mod_weight", hw, x);
@@ -188,8 +197,10 @@ PlasticConfig check_plastic_inputs(const char* op, const at::Tensor& x, const XS
     } else {
       cfg.modulation = Modulation::Simple;
       TORCH_CHECK_VALUE(!in.fanout_bias.has_value(), op, ": fanout_bias needs fanout_weight");
-      TORCH_CHECK_VALUE(cfg.K == 1, op, ": modulation 'simple' takes one modulator (h2mod_weight "
-                        "of shape (1, N)), got K = ", cfg.K, "; use 'fanout' for K > 1");
+      TORCH_CHECK_VALUE(cfg.K == 1, op,
+                        ": modulation 'simple' takes one modulator (h2mod_weight "
+                        "of shape (1, N)), got K = ",
+                        cfg.K, "; use 'fanout' for K > 1");
     }
   }
   check_elig(op, cfg.modes.rule, in.elig, in.elig_rate, {B, N, N}, x);
@@ -208,8 +219,7 @@ PlasticConfig check_rnn_inputs(const char* op, const at::Tensor& x, const at::Te
 }
 
 LstmConfig check_lstm_inputs(const char* op, const at::Tensor& x, int64_t x_width,
-                             const at::Tensor& h,
-                             const at::Tensor& c, const at::Tensor& h2g_weight,
+                             const at::Tensor& h, const at::Tensor& c, const at::Tensor& h2g_weight,
                              const at::Tensor& h2g_bias, const PlasticInputs& in,
                              const std::string& rule, double clip,
                              const std::string& modulator_input, bool sequence,
@@ -250,7 +260,8 @@ void check_trace_outputs(const char* op, const OptTensor& hebb_out, const OptTen
                          const at::Tensor& hebb, const OptTensor& elig,
                          const std::vector<NamedTensor>& others) {
   if (!hebb_out.has_value()) {
-    TORCH_CHECK_VALUE(!elig_out.has_value(), op, ": elig_out needs hebb_out (pass both or "
+    TORCH_CHECK_VALUE(!elig_out.has_value(), op,
+                      ": elig_out needs hebb_out (pass both or "
                       "neither)");
     return;
   }
@@ -301,8 +312,7 @@ void check_recurrent_backward(const char* op, const PlasticConfig& c, const at::
   auto layout = [&](const char* dims) {
     return std::string(a.sequence ? "(T, " : "(") + dims + ")";
   };
-  for (const auto& [name, grad] : a.step_grads)
-    check_grad(op, name, grad, per_step({B, N}), like);
+  for (const auto& [name, grad] : a.step_grads) check_grad(op, name, grad, per_step({B, N}), like);
   check_grad(op, "grad_hebb", a.grad_hebb, {B, N, N}, like);
   check_elig_grad(op, "grad_elig", a.grad_elig, retro, {B, N, N}, like);
   check_grad(op, "grad_m", a.grad_m, per_step({B, K}), like);
@@ -372,8 +382,10 @@ PassModes check_hebb_update_inputs(const char* op, const at::Tensor& hebb, const
   if (eta.sizes() == at::IntArrayRef({B, 1, N})) {
     modes.eta = EtaMode::PerPost;
   } else {
-    TORCH_CHECK(eta.sizes() == at::IntArrayRef({1, P, N}), op, ": expected eta of shape (B, 1, N) "
-                "= ", at::IntArrayRef({B, 1, N}), " or (1, P, N) = ", at::IntArrayRef({1, P, N}),
+    TORCH_CHECK(eta.sizes() == at::IntArrayRef({1, P, N}), op,
+                ": expected eta of shape (B, 1, N) "
+                "= ",
+                at::IntArrayRef({B, 1, N}), " or (1, P, N) = ", at::IntArrayRef({1, P, N}),
                 ", got ", eta.sizes());
     modes.eta = EtaMode::PerConnection;
   }
@@ -382,16 +394,16 @@ PassModes check_hebb_update_inputs(const char* op, const at::Tensor& hebb, const
 }
 
 PassModes check_hebb_update_backward_inputs(const char* op, const OptTensor& grad_hebb_new,
-                                            const OptTensor& grad_elig_new,
-                                            const at::Tensor& hebb, const at::Tensor& pre,
-                                            const at::Tensor& post, const at::Tensor& eta,
-                                            const OptTensor& elig, const OptTensor& elig_rate,
-                                            const std::string& rule, double clip) {
+                                            const OptTensor& grad_elig_new, const at::Tensor& hebb,
+                                            const at::Tensor& pre, const at::Tensor& post,
+                                            const at::Tensor& eta, const OptTensor& elig,
+                                            const OptTensor& elig_rate, const std::string& rule,
+                                            double clip) {
   const PassModes modes =
       check_hebb_update_inputs(op, hebb, pre, post, eta, elig, elig_rate, rule, clip);
   check_grad(op, "grad_hebb_new", grad_hebb_new, hebb.sizes(), hebb);
-  check_elig_grad(op, "grad_elig_new", grad_elig_new, modes.rule == Rule::Retroactive,
-                  hebb.sizes(), hebb);
+  check_elig_grad(op, "grad_elig_new", grad_elig_new, modes.rule == Rule::Retroactive, hebb.sizes(),
+                  hebb);
   return modes;
 }
 

@@ -51,8 +51,7 @@ struct LstmConfig {
 // backward ops, the output (T, B, N) or (B, N) (x_width 1, named x_name); h, c (B, N);
 // h2g_weight (3N, N), h2g_bias (3N,).
 LstmConfig check_lstm_inputs(const char* op, const at::Tensor& x, int64_t x_width,
-                             const at::Tensor& h,
-                             const at::Tensor& c, const at::Tensor& h2g_weight,
+                             const at::Tensor& h, const at::Tensor& c, const at::Tensor& h2g_weight,
                              const at::Tensor& h2g_bias, const PlasticInputs& in,
                              const std::string& rule, double clip,
                              const std::string& modulator_input, bool sequence,
@@ -123,10 +122,10 @@ PassModes check_hebb_update_inputs(const char* op, const at::Tensor& hebb, const
 // hebb_update's backward: the forward's inputs and the gradients of its outputs, each optional
 // (grad_elig_new for rule "retroactive" only).
 PassModes check_hebb_update_backward_inputs(const char* op, const OptTensor& grad_hebb_new,
-                                            const OptTensor& grad_elig_new,
-                                            const at::Tensor& hebb, const at::Tensor& pre,
-                                            const at::Tensor& post, const at::Tensor& eta,
-                                            const OptTensor& elig, const OptTensor& elig_rate,
-                                            const std::string& rule, double clip);
+                                            const OptTensor& grad_elig_new, const at::Tensor& hebb,
+                                            const at::Tensor& pre, const at::Tensor& post,
+                                            const at::Tensor& eta, const OptTensor& elig,
+                                            const OptTensor& elig_rate, const std::string& rule,
+                                            double clip);
 
 }  // namespace bp

@@ -10,16 +10,21 @@ namespace bp {
 
 template <Rule R, AlphaMode AM, typename F>
 void dispatch_eta(EtaMode eta, F&& f) {
-  if (eta == EtaMode::PerPost) f.template operator()<R, AM, EtaMode::PerPost>();
-  else f.template operator()<R, AM, EtaMode::PerConnection>();
+  if (eta == EtaMode::PerPost)
+    f.template operator()<R, AM, EtaMode::PerPost>();
+  else
+    f.template operator()<R, AM, EtaMode::PerConnection>();
 }
 
 template <Rule R, typename F>
 void dispatch_alpha(const PassModes& m, F&& f) {
   switch (m.alpha) {
-    case AlphaMode::Full: return dispatch_eta<R, AlphaMode::Full>(m.eta, f);
-    case AlphaMode::Neuron: return dispatch_eta<R, AlphaMode::Neuron>(m.eta, f);
-    case AlphaMode::Scalar: return dispatch_eta<R, AlphaMode::Scalar>(m.eta, f);
+    case AlphaMode::Full:
+      return dispatch_eta<R, AlphaMode::Full>(m.eta, f);
+    case AlphaMode::Neuron:
+      return dispatch_eta<R, AlphaMode::Neuron>(m.eta, f);
+    case AlphaMode::Scalar:
+      return dispatch_eta<R, AlphaMode::Scalar>(m.eta, f);
   }
 }
 
@@ -27,11 +32,16 @@ void dispatch_alpha(const PassModes& m, F&& f) {
 template <typename F>
 void dispatch_modes(const PassModes& m, F&& f) {
   switch (m.rule) {
-    case Rule::Clip: return dispatch_alpha<Rule::Clip>(m, f);
-    case Rule::SoftClip: return dispatch_alpha<Rule::SoftClip>(m, f);
-    case Rule::Decay: return dispatch_alpha<Rule::Decay>(m, f);
-    case Rule::Oja: return dispatch_alpha<Rule::Oja>(m, f);
-    case Rule::Retroactive: return dispatch_alpha<Rule::Retroactive>(m, f);
+    case Rule::Clip:
+      return dispatch_alpha<Rule::Clip>(m, f);
+    case Rule::SoftClip:
+      return dispatch_alpha<Rule::SoftClip>(m, f);
+    case Rule::Decay:
+      return dispatch_alpha<Rule::Decay>(m, f);
+    case Rule::Oja:
+      return dispatch_alpha<Rule::Oja>(m, f);
+    case Rule::Retroactive:
+      return dispatch_alpha<Rule::Retroactive>(m, f);
   }
 }
 

@@ -13,8 +13,8 @@
 // Importing backpropamine_cuda._C registers the ops; the module itself is empty.
 extern "C" {
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr,
-                                          nullptr, nullptr, nullptr, nullptr};
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr, nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&module_def);
 }
 }
@@ -24,13 +24,14 @@ TORCH_LIBRARY(backpropamine, m) {
   // The instruction set of the CPU kernels in use: "default", "avx2" or "avx512".
   m.def("cpu_isa() -> str", [] { return std::string(bp::cpu_isa_name(bp::cpu_isa())); });
   // The path the CPU RNN (or LSTM) sequence op takes at these sizes: "whole" or "steps".
-  m.def("cpu_sequence_path(int batch, int hidden, bool retroactive, int itemsize, "
-        "bool lstm=False) -> str",
-        [](int64_t batch, int64_t hidden, bool retroactive, int64_t itemsize, bool lstm) {
-          const bp::Cell cell = lstm ? bp::Cell::Lstm : bp::Cell::Tanh;
-          return std::string(bp::use_whole_sequence(cell, batch, hidden, retroactive, itemsize)
-                                 ? "whole" : "steps");
-        });
+  m.def(
+      "cpu_sequence_path(int batch, int hidden, bool retroactive, int itemsize, "
+      "bool lstm=False) -> str",
+      [](int64_t batch, int64_t hidden, bool retroactive, int64_t itemsize, bool lstm) {
+        const bp::Cell cell = lstm ? bp::Cell::Lstm : bp::Cell::Tanh;
+        return std::string(
+            bp::use_whole_sequence(cell, batch, hidden, retroactive, itemsize) ? "whole" : "steps");
+      });
 }
 
 TORCH_LIBRARY_IMPL(backpropamine, CPU, m) { bp::impl_ops<bp::CpuBackend>(m); }

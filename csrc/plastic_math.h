@@ -40,8 +40,8 @@ struct RuleConsts {
 
 // New trace values. hebb/elig: H_{t-1}, E_{t-1}; pre p_i, post q_j, rate eta.
 template <Rule R, typename T>
-BP_HOST_DEVICE void rule_forward(T hebb, T elig, T pre, T post, T eta, RuleConsts<T> k,
-                                 T& hebb_out, T& elig_out) {
+BP_HOST_DEVICE void rule_forward(T hebb, T elig, T pre, T post, T eta, RuleConsts<T> k, T& hebb_out,
+                                 T& elig_out) {
   const T prod = pre * post;
   if constexpr (R == Rule::Clip) {
     hebb_out = clamp_sym(hebb + eta * prod, k.clip);
@@ -67,8 +67,8 @@ struct RuleGrads {
 };
 
 template <Rule R, typename T>
-BP_HOST_DEVICE RuleGrads<T> rule_backward(T g_hebb_out, T g_elig_out, T hebb, T elig, T pre,
-                                          T post, T eta, RuleConsts<T> k) {
+BP_HOST_DEVICE RuleGrads<T> rule_backward(T g_hebb_out, T g_elig_out, T hebb, T elig, T pre, T post,
+                                          T eta, RuleConsts<T> k) {
   RuleGrads<T> g{T(0), T(0), T(0), T(0), T(0), T(0)};
   const T prod = pre * post;
   if constexpr (R == Rule::Clip) {

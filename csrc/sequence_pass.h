@@ -1,11 +1,11 @@
 // The whole-sequence path of the plastic RNN and LSTM sequence ops, for small networks
 // (docs/design.md, "The sequence ops: two paths"). The per-step path (ops/trace_sequence.h) runs
-// one parallel trace pass per step and the cell and modulator as ATen ops between them: at N = 100 the step is a few microseconds of
-// work, and the barrier of every pass and the ATen calls dominate. Samples are independent (each
-// sample's trace, h and modulator depend only on its own past and the shared weights), so here a
-// task owns a group of samples and runs all T steps, the trace passes, the cell and the modulator
-// in one loop: one parallel region per call, groups handed out dynamically so that a descheduled
-// thread delays only the group it holds.
+// one parallel trace pass per step and the cell and modulator as ATen ops between them: at N = 100
+// the step is a few microseconds of work, and the barrier of every pass and the ATen calls
+// dominate. Samples are independent (each sample's trace, h and modulator depend only on its own
+// past and the shared weights), so here a task owns a group of samples and runs all T steps, the
+// trace passes, the cell and the modulator in one loop: one parallel region per call, groups handed
+// out dynamically so that a descheduled thread delays only the group it holds.
 //
 // Both paths compute the same quantities, store the same checkpoints (every L steps) and use the
 // same per-task loops of the trace passes (cpu/trace_tasks.h), so either one's backward accepts
@@ -36,82 +36,82 @@ struct SequenceInputs {
   PassModes modes;
   Modulation modulation;
   Cell cell;
-  bool modulate_c;         // LSTM: the modulator reads c_t, else h_t
+  bool modulate_c;  // LSTM: the modulator reads c_t, else h_t
   T clip;
-  const T* elig_rate;      // (), retroactive only: read where the kernels run (no host sync)
-  const T* x;              // (T, B, N); LSTM (T, B, 4N), gates i, f, g, o
-  const bool* clamp;       // (T, B, N), or null
-  const T* h0;             // (B, N)
-  const T* hebb0;          // (B, N, N)
-  const T* elig0;          // (B, N, N), retroactive only
-  const T* w;              // (N, N)
-  const T* alpha;          // (N, N), (N,) or ()
-  const T* eta_fixed;      // without modulation: (B, N) (EtaMode::PerPost) or (N, N)
-  const T* h2mod_w;        // (K, N)
-  const T* h2mod_b;        // (K,)
-  const T* fanout_w;       // (N, K), modulation "fanout"
-  const T* fanout_b;       // (N,)
-  const T* c0;             // (B, N), LSTM
-  const T* h2g_w;          // (3N, N), LSTM: gates i, f, o
-  const T* h2g_b;          // (3N,), LSTM
+  const T* elig_rate;  // (), retroactive only: read where the kernels run (no host sync)
+  const T* x;          // (T, B, N); LSTM (T, B, 4N), gates i, f, g, o
+  const bool* clamp;   // (T, B, N), or null
+  const T* h0;         // (B, N)
+  const T* hebb0;      // (B, N, N)
+  const T* elig0;      // (B, N, N), retroactive only
+  const T* w;          // (N, N)
+  const T* alpha;      // (N, N), (N,) or ()
+  const T* eta_fixed;  // without modulation: (B, N) (EtaMode::PerPost) or (N, N)
+  const T* h2mod_w;    // (K, N)
+  const T* h2mod_b;    // (K,)
+  const T* fanout_w;   // (N, K), modulation "fanout"
+  const T* fanout_b;   // (N,)
+  const T* c0;         // (B, N), LSTM
+  const T* h2g_w;      // (3N, N), LSTM: gates i, f, o
+  const T* h2g_b;      // (3N,), LSTM
 };
 
 template <typename T>
 struct SequenceForwardParams {
   SequenceInputs<T> in;
-  T* out;          // (T, B, N)
-  T* m;            // (T, B, K)
-  T* eta_seq;      // (T, B, N), modulated only
-  T* hebb_T;       // (B, N, N)
-  T* elig_T;       // (B, N, N), retroactive only
-  T* ckpt_h;       // (num_checkpoints(T, L), B, N, N): the trace after steps L, 2L, ...
-  T* ckpt_e;       // the same for the eligibility trace, retroactive only
-  T* work_h;       // (B, N, N) scratch: the traces between checkpoints
-  T* work_e;       // (B, N, N) scratch, retroactive only
-  T* u;            // (B, N) scratch: the recurrent drive
-  T* c_seq;        // (T, B, N), LSTM
-  T* gates;        // (T, 4, B, N), LSTM (LstmGate)
+  T* out;      // (T, B, N)
+  T* m;        // (T, B, K)
+  T* eta_seq;  // (T, B, N), modulated only
+  T* hebb_T;   // (B, N, N)
+  T* elig_T;   // (B, N, N), retroactive only
+  T* ckpt_h;   // (num_checkpoints(T, L), B, N, N): the trace after steps L, 2L, ...
+  T* ckpt_e;   // the same for the eligibility trace, retroactive only
+  T* work_h;   // (B, N, N) scratch: the traces between checkpoints
+  T* work_e;   // (B, N, N) scratch, retroactive only
+  T* u;        // (B, N) scratch: the recurrent drive
+  T* c_seq;    // (T, B, N), LSTM
+  T* gates;    // (T, 4, B, N), LSTM (LstmGate)
 };
 
 template <typename T>
 struct SequenceBackwardParams {
   SequenceInputs<T> in;
   // The forward's outputs and the gradients of the sequence op's outputs (each may be null).
-  const T* out;       // (T, B, N)
-  const T* m;         // (T, B, K)
-  const T* eta_seq;   // (T, B, N), modulated only
-  const T* ckpt_h;    // as SequenceForwardParams
+  const T* out;      // (T, B, N)
+  const T* m;        // (T, B, K)
+  const T* eta_seq;  // (T, B, N), modulated only
+  const T* ckpt_h;   // as SequenceForwardParams
   const T* ckpt_e;
   const T* grad_out;  // (T, B, N)
   const T* grad_m;    // (T, B, K)
   const T* c_seq;     // LSTM: as SequenceForwardParams
   const T* gates;
-  const T* grad_c;    // (T, B, N), LSTM, may be null
+  const T* grad_c;  // (T, B, N), LSTM, may be null
   // Gradients. g_hebb and g_elig hold dL/dH_T, dL/dE_T on entry (zero where not given) and
   // dL/dH_0, dL/dE_0 on return.
-  T* g_hebb;          // (B, N, N)
-  T* g_elig;          // (B, N, N), retroactive only
-  T* g_u;             // (T, B, N): dL/du_t (for dL/dw, as a GEMM by the caller)
-  T* g_x;             // (T, B, N): dL/dx_t; g_u itself without clamp
-  T* g_h0;            // (B, N)
-  T* g_z;             // (T, B, K): dL/d(pre-activation of m_t), modulated only
-  T* g_eta_seq;       // (T, B, N): dL/deta_t, modulation "fanout" only
-  T* g_eta_post;      // (B, N): dL/deta summed over steps, scalar eta without modulation
-  T* g_ifo;           // (T, B, 3N), LSTM: dL/d(pre-activations of gates i, f, o)
-  T* g_c0;            // (B, N), LSTM
+  T* g_hebb;      // (B, N, N)
+  T* g_elig;      // (B, N, N), retroactive only
+  T* g_u;         // (T, B, N): dL/du_t (for dL/dw, as a GEMM by the caller)
+  T* g_x;         // (T, B, N): dL/dx_t; g_u itself without clamp
+  T* g_h0;        // (B, N)
+  T* g_z;         // (T, B, K): dL/d(pre-activation of m_t), modulated only
+  T* g_eta_seq;   // (T, B, N): dL/deta_t, modulation "fanout" only
+  T* g_eta_post;  // (B, N): dL/deta summed over steps, scalar eta without modulation
+  T* g_ifo;       // (T, B, 3N), LSTM: dL/d(pre-activations of gates i, f, o)
+  T* g_c0;        // (B, N), LSTM
   // Per-group accumulators (zeroed by the caller), summed over groups by the caller.
-  T* g_alpha_acc;     // alpha_acc_size(mode, groups, N, N)
-  T* g_eta_conn;      // (groups, N, N): eta of shape (N, N) without modulation
-  T* g_rate_acc;      // (groups,): elig_rate
+  T* g_alpha_acc;  // alpha_acc_size(mode, groups, N, N)
+  T* g_eta_conn;   // (groups, N, N): eta of shape (N, N) without modulation
+  T* g_rate_acc;   // (groups,): elig_rate
   // Scratch, (B, N) each unless said: the step vectors of the backward.
-  T* seg_h;           // (min(L, T) - 1, B, N, N): one segment's recomputed traces
-  T* seg_e;           // the same, retroactive only
-  T* g_in;            // dL/dh_{t-1} through the matvec of step t
-  T* g_pre_a, *g_pre_b;  // dL/dh_{s-1} through the rule of step s, double-buffered
-  T* g_h;             // the sum of both: dL/dh through step s + 1
-  T* g_post;          // dL/dpost_s through the rule of step s
-  T* g_eta;           // dL/deta_s (EtaMode::PerPost)
-  T* g_c;             // LSTM: dL/dc_s, carried down to step s - 1
+  T* seg_h;              // (min(L, T) - 1, B, N, N): one segment's recomputed traces
+  T* seg_e;              // the same, retroactive only
+  T* g_in;               // dL/dh_{t-1} through the matvec of step t
+  T *g_pre_a, *g_pre_b;  // dL/dh_{s-1} through the rule of step s, double-buffered
+  T* g_h;                // the sum of both: dL/dh through step s + 1
+  T* g_post;             // dL/dpost_s through the rule of step s
+  T* g_eta;              // dL/deta_s (EtaMode::PerPost)
+  T* g_c;                // LSTM: dL/dc_s, carried down to step s - 1
 };
 
 // Samples per group and number of groups of the CPU whole-sequence path's forward or backward
@@ -152,8 +152,8 @@ namespace {
 // Where step t's new trace goes in the forward: the final trace (t = T), checkpoint t / L - 1
 // (the start of segment t / L), or the scratch trace between checkpoints.
 template <typename T>
-inline T* trace_destination(int64_t t, int64_t T_, int64_t L, T* last, T* checkpoints,
-                                   T* work, int64_t trace_size) {
+inline T* trace_destination(int64_t t, int64_t T_, int64_t L, T* last, T* checkpoints, T* work,
+                            int64_t trace_size) {
   if (t == T_) return last;
   if (t % L == 0) return checkpoints + (t / L - 1) * trace_size;
   return work;

@@ -62,13 +62,13 @@ struct ForwardPassParams {
   int64_t B, P, N;
   bool update, matvec;
   // update: hebb_out (and elig_out) may alias hebb (elig); every element is read, then written.
-  const T* hebb;       // (B, P, N)  H_{t-1}
-  const T* elig;       // (B, P, N)  E_{t-1}, retroactive only
-  T* hebb_out;         // (B, P, N)  H_t
-  T* elig_out;         // (B, P, N)  E_t
-  const T* pre;        // (B, P)
-  const T* post;       // (B, N)
-  const T* eta;        // (B, N) or (P, N), see EtaMode
+  const T* hebb;  // (B, P, N)  H_{t-1}
+  const T* elig;  // (B, P, N)  E_{t-1}, retroactive only
+  T* hebb_out;    // (B, P, N)  H_t
+  T* elig_out;    // (B, P, N)  E_t
+  const T* pre;   // (B, P)
+  const T* post;  // (B, N)
+  const T* eta;   // (B, N) or (P, N), see EtaMode
   RuleArgs<T> rule_args;
   // matvec
   const T* matvec_in;  // (B, P)  x
@@ -87,23 +87,23 @@ struct BackwardPassParams {
   T* g_hebb;
   T* g_elig;
   // Part B: adjoint of the matvec of step t.
-  const T* g_u;        // (B, N)   dL/du_t
-  const T* b_in;       // (B, P)   x of the matvec
-  const T* b_hebb;     // (B, P, N) H_{t-1}
+  const T* g_u;     // (B, N)   dL/du_t
+  const T* b_in;    // (B, P)   x of the matvec
+  const T* b_hebb;  // (B, P, N) H_{t-1}
   const T* w;
   const T* alpha;
-  T* g_in_partial;     // (num_tiles, B, P) partial sums over each tile's columns of dL/dx
-  T* g_alpha_acc;      // (num_chunks, P, N) | (num_chunks, N) | (num_chunks, num_tiles), accumulated
+  T* g_in_partial;  // (num_tiles, B, P) partial sums over each tile's columns of dL/dx
+  T* g_alpha_acc;   // (num_chunks, P, N) | (num_chunks, N) | (num_chunks, num_tiles), accumulated
   // Part A: adjoint of the update of step s.
-  const T* a_hebb;     // (B, P, N) H_{s-1}
-  const T* a_elig;     // (B, P, N) E_{s-1}
-  const T* a_pre;      // (B, P)
-  const T* a_post;     // (B, N)
-  const T* a_eta;      // (B, N) or (P, N)
+  const T* a_hebb;  // (B, P, N) H_{s-1}
+  const T* a_elig;  // (B, P, N) E_{s-1}
+  const T* a_pre;   // (B, P)
+  const T* a_post;  // (B, N)
+  const T* a_eta;   // (B, N) or (P, N)
   RuleArgs<T> rule_args;
-  T* g_pre_partial;    // (num_tiles, B, P) partial sums over columns of dL/dpre_s
-  T* g_post;           // (B, N)   dL/dpost_s (overwritten)
-  T* g_eta;            // EtaMode::PerPost: (B, N) overwritten; PerConnection: (num_chunks, P, N) accumulated
+  T* g_pre_partial;  // (num_tiles, B, P) partial sums over columns of dL/dpre_s
+  T* g_post;         // (B, N)   dL/dpost_s (overwritten)
+  T* g_eta;  // EtaMode::PerPost: (B, N) overwritten; PerConnection: (num_chunks, P, N) accumulated
   T* g_elig_rate_acc;  // (num_chunks, num_tiles), accumulated
 };
 

@@ -11,6 +11,7 @@ sys.path, then imports this module and its own folder's modules as packages
 (experiments.ptb.data); the tests have the root there from pytest's `pythonpath`
 (pyproject.toml) and import the scripts the same way (from experiments.ptb import main).
 """
+
 import argparse
 import csv
 import importlib
@@ -41,8 +42,10 @@ def optional_import(module, extra="experiments"):
     try:
         return importlib.import_module(module)
     except ImportError as error:
-        raise SystemExit(f"{EXTRA_USERS[extra]} need {module.split('.')[0]}: pip install "
-                         f"{' '.join(EXTRAS[extra])} (the package's [{extra}] extra)") from error
+        raise SystemExit(
+            f"{EXTRA_USERS[extra]} need {module.split('.')[0]}: pip install "
+            f"{' '.join(EXTRAS[extra])} (the package's [{extra}] extra)"
+        ) from error
 
 
 def require_extras(extra="experiments"):
@@ -80,8 +83,9 @@ def write_atomically(path, write, mode="wb", **open_args):
     except OSError as error:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise SystemExit(f"cannot write {path}: {error.strerror or error} (the file there, if "
-                         "any, is unchanged)") from error
+        raise SystemExit(
+            f"cannot write {path}: {error.strerror or error} (the file there, if any, is unchanged)"
+        ) from error
 
 
 def atomic_save(obj, path):
@@ -94,9 +98,12 @@ def rng_states():
     """Python's, NumPy's (its key array as a tensor: weights_only loading accepts tensors, not
     arrays), torch's and CUDA's random generator states."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return dict(python=random.getstate(), torch=torch.get_rng_state(),
-                numpy=(kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    return dict(
+        python=random.getstate(),
+        torch=torch.get_rng_state(),
+        numpy=(kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+        cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    )
 
 
 def set_rng_states(states):
@@ -120,10 +127,12 @@ def read_csv_rows(path):
 def write_csv(path, fields, rows):
     """Writes the CSV file at `path` (header and rows) through write_atomically, so that a kill
     while writing leaves the old file."""
+
     def write(f):
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
+
     write_atomically(path, write, "w", newline="")
 
 
@@ -166,8 +175,10 @@ def read_checkpoint(path, keys):
         raise SystemExit(f"--resume: cannot read the checkpoint {path}: {error}") from error
     missing = [k for k in keys if k not in saved] if isinstance(saved, dict) else list(keys)
     if missing:
-        raise SystemExit(f"--resume: cannot read the checkpoint {path}: not a checkpoint of this "
-                         f"script (no {', '.join(missing)})")
+        raise SystemExit(
+            f"--resume: cannot read the checkpoint {path}: not a checkpoint of this "
+            f"script (no {', '.join(missing)})"
+        )
     return saved
 
 
@@ -183,9 +194,11 @@ def load_checkpoint(path, args, may_change, keys=(), flags=None):
     here."""
     saved = read_checkpoint(path, (*(k for k in ("args", "rng") if k not in keys), *keys))
     flags = flags or {}
-    differ = [f"{flags.get(k, '--' + k.replace('_', '-'))} {v} there, "
-              f"{getattr(args, k, None)} here" for k, v in saved["args"].items()
-              if k not in may_change and v != getattr(args, k, None)]
+    differ = [
+        f"{flags.get(k, '--' + k.replace('_', '-'))} {v} there, {getattr(args, k, None)} here"
+        for k, v in saved["args"].items()
+        if k not in may_change and v != getattr(args, k, None)
+    ]
     if differ:
         raise SystemExit(f"--resume: {path} was written with other options: " + "; ".join(differ))
     set_rng_states(saved["rng"])
@@ -207,20 +220,34 @@ class RunCheckpoint:
         self.model, self.optimizer, self.generator = model, optimizer, generator
 
     def save(self, iteration):
-        atomic_save(dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
-                         generator=self.generator.get_state(), rng=rng_states(),
-                         iteration=iteration, args=vars(self.args)), self.path)
+        atomic_save(
+            dict(
+                model=self.model.state_dict(),
+                optimizer=self.optimizer.state_dict(),
+                generator=self.generator.get_state(),
+                rng=rng_states(),
+                iteration=iteration,
+                args=vars(self.args),
+            ),
+            self.path,
+        )
 
     def resume(self):
         """Restores the run from the checkpoint (load_checkpoint's option check) and returns its
         iteration; 0 when there is no checkpoint yet. A checkpoint past --iterations exits."""
         if not self.path.is_file():
             return 0
-        saved = load_checkpoint(self.path, self.args, self.may_change,
-                                keys=("model", "optimizer", "generator", "iteration"))
+        saved = load_checkpoint(
+            self.path,
+            self.args,
+            self.may_change,
+            keys=("model", "optimizer", "generator", "iteration"),
+        )
         if saved["iteration"] > self.args.iterations:
-            raise SystemExit(f"--resume: {self.path} is at iteration {saved['iteration']}, past "
-                             f"--iterations {self.args.iterations}")
+            raise SystemExit(
+                f"--resume: {self.path} is at iteration {saved['iteration']}, past "
+                f"--iterations {self.args.iterations}"
+            )
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.generator.set_state(saved["generator"])
@@ -237,12 +264,19 @@ def preset_parser(description, presets):
     """An ArgumentParser (defaults shown in --help) with --preset: the name of one of `presets`
     ({name: {dest: value}}, the first the default), whose values parse_with_preset makes the
     defaults of the other flags."""
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--preset", choices=tuple(presets), default=next(iter(presets)),
-                        help="defaults of the flags below: " + "; ".join(
-                            f"{name}: " + ", ".join(f"{k}={v}" for k, v in values.items())
-                            for name, values in presets.items()))
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--preset",
+        choices=tuple(presets),
+        default=next(iter(presets)),
+        help="defaults of the flags below: "
+        + "; ".join(
+            f"{name}: " + ", ".join(f"{k}={v}" for k, v in values.items())
+            for name, values in presets.items()
+        ),
+    )
     return parser
 
 
@@ -253,26 +287,34 @@ def parse_with_preset(parser, presets, argv=None):
     args = parser.parse_args(argv)
     parser.set_defaults(**presets[args.preset])
     args = parser.parse_args(argv)
-    if hasattr(args, "save_every") and hasattr(args, "log_every") and (
-            args.save_every % args.log_every):  # a checkpoint must not cut a CSV row in two
-        parser.error(f"--save-every must be a multiple of --log-every ({args.log_every}), got "
-                     f"{args.save_every}")
+    if (
+        hasattr(args, "save_every")
+        and hasattr(args, "log_every")
+        and (args.save_every % args.log_every)
+    ):  # a checkpoint must not cut a CSV row in two
+        parser.error(
+            f"--save-every must be a multiple of --log-every ({args.log_every}), got "
+            f"{args.save_every}"
+        )
     return args
 
 
 def number(kind, minimum=None, strict=False, maximum=None):
     """An argparse type: a finite `kind` (int or float) that is >= minimum (> minimum when
     strict) and <= maximum, where given."""
+
     def parse(text):
         value = kind(text)
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if minimum is not None and (value < minimum or (strict and value == minimum)):
             raise argparse.ArgumentTypeError(
-                f"must be {'>' if strict else '>='} {minimum}, got {text}")
+                f"must be {'>' if strict else '>='} {minimum}, got {text}"
+            )
         if maximum is not None and value > maximum:
             raise argparse.ArgumentTypeError(f"must be <= {maximum}, got {text}")
         return value
+
     parse.__name__ = kind.__name__  # argparse names it in "invalid int value"
     return parse
 
@@ -291,12 +333,16 @@ def add_training_flags(parser, out, eval_help):
     add("--log-every", type=number(int, 1), default=10, help="iterations per CSV row")
     add("--save-every", type=number(int, 1), default=100, help="iterations between checkpoints")
     add("--eval-episodes", type=number(int, 1), default=1000, help=eval_help)
-    add("--resume", action="store_true",
-        help="continue every run from its checkpoint in --out (finished runs are only evaluated)")
+    add(
+        "--resume",
+        action="store_true",
+        help="continue every run from its checkpoint in --out (finished runs are only evaluated)",
+    )
 
 
-def train_iterations(args, name, checkpoint, done, log, fields, train_step, after=None,
-                     bar_position=0):
+def train_iterations(
+    args, name, checkpoint, done, log, fields, train_step, after=None, bar_position=0
+):
     """The training loop of the experiments: iterations done + 1 .. args.iterations of
     `train_step(iteration)`, which returns {metric: number}. Every --log-every iterations the
     metrics' means go to the CSV `log` as a row of `fields` (iteration, episodes, the metrics,
@@ -304,14 +350,29 @@ def train_iterations(args, name, checkpoint, done, log, fields, train_step, afte
     `bar_position`); `after(iteration, bar)`, if given, runs next (e.g. an evaluation); a
     checkpoint every --save-every iterations and at the end (after the row: see resume_csv)."""
     results, start = [], time.time()
-    bar = progress(range(done + 1, args.iterations + 1), desc=name, initial=done,
-                   total=args.iterations, position=bar_position)
+    bar = progress(
+        range(done + 1, args.iterations + 1),
+        desc=name,
+        initial=done,
+        total=args.iterations,
+        position=bar_position,
+    )
     for iteration in bar:
         results.append(train_step(iteration))
         if iteration % args.log_every == 0 or iteration == args.iterations:
             means = {k: sum(r[k] for r in results) / len(results) for k in results[0]}
-            append_csv(log, fields, [dict(iteration=iteration, episodes=iteration * args.batch_size,
-                                          **means, seconds=time.time() - start)])
+            append_csv(
+                log,
+                fields,
+                [
+                    dict(
+                        iteration=iteration,
+                        episodes=iteration * args.batch_size,
+                        **means,
+                        seconds=time.time() - start,
+                    )
+                ],
+            )
             bar.set_postfix({k: f"{v:.4g}" for k, v in list(means.items())[:2]})
             results = []
         if after is not None:
@@ -321,8 +382,9 @@ def train_iterations(args, name, checkpoint, done, log, fields, train_step, afte
     bar.close()
 
 
-def train_run(args, name, out, model, may_change, fields, step, optimizer=None, generator=None,
-              bar_position=0):
+def train_run(
+    args, name, out, model, may_change, fields, step, optimizer=None, generator=None, bar_position=0
+):
     """One training run: `model` trained for --iterations of step(model, optimizer, generator)
     -> {metric: number}, with `optimizer` (default Adam with --lr) and `generator`, which draws
     the episodes (default a CPU generator seeded with --seed); resumed from
@@ -333,13 +395,21 @@ def train_run(args, name, out, model, may_change, fields, step, optimizer=None, 
         generator = torch.Generator().manual_seed(args.seed)
     if optimizer is None:
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    checkpoint = RunCheckpoint(out / f"{name}.checkpoint.pt", args, may_change, model, optimizer,
-                               generator)
+    checkpoint = RunCheckpoint(
+        out / f"{name}.checkpoint.pt", args, may_change, model, optimizer, generator
+    )
     done = checkpoint.resume() if args.resume else 0
     resume_csv(log, fields, "iteration", done)
-    train_iterations(args, name, checkpoint, done, log, fields,
-                     lambda iteration: step(model, optimizer, generator),
-                     bar_position=bar_position)
+    train_iterations(
+        args,
+        name,
+        checkpoint,
+        done,
+        log,
+        fields,
+        lambda iteration: step(model, optimizer, generator),
+        bar_position=bar_position,
+    )
     return model
 
 
@@ -362,24 +432,34 @@ def manifest(started=None):
     BACKPROPAMINE_SEQUENCE_PATH), the commit (and whether tracked files differed from it), the
     versions, the machine, the date and, given the time.time() the work `started` at, its wall
     time in seconds."""
+
     def git(*command):
         try:
-            return subprocess.run(["git", *command], capture_output=True, text=True, timeout=10,
-                                  cwd=Path(__file__).resolve().parent).stdout.strip()
+            return subprocess.run(
+                ["git", *command],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                cwd=Path(__file__).resolve().parent,
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
 
     commit = git("rev-parse", "HEAD")
     environment = {k: v for k, v in os.environ.items() if k.startswith("BACKPROPAMINE_")}
     # dirty: tracked files differed from the commit when the file was written.
-    record = dict(command=[sys.executable, *sys.argv], environment=environment,
-                  commit=commit or None,
-                  dirty=bool(git("status", "--porcelain", "--untracked-files=no")) if commit
-                  else None, torch=torch.__version__,
-                  python=platform.python_version(),
-                  machine=dict(cpu=cpu_model(), cpu_count=os.cpu_count(),
-                               torch_threads=torch.get_num_threads()),
-                  date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    record = dict(
+        command=[sys.executable, *sys.argv],
+        environment=environment,
+        commit=commit or None,
+        dirty=bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None,
+        torch=torch.__version__,
+        python=platform.python_version(),
+        machine=dict(
+            cpu=cpu_model(), cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads()
+        ),
+        date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
     if started is not None:
         record["wall_seconds"] = round(time.time() - started, 1)
     return record
@@ -398,19 +478,44 @@ def write_json(path, obj, started=None):
 PROGRESS_SECONDS = 30.0  # between two progress lines when stderr is not a terminal
 
 
-def progress(iterable=None, *, desc, total=None, initial=0, unit="it", unit_scale=1, position=0,
-             disable=False, every_s=PROGRESS_SECONDS):
+def progress(
+    iterable=None,
+    *,
+    desc,
+    total=None,
+    initial=0,
+    unit="it",
+    unit_scale=1,
+    position=0,
+    disable=False,
+    every_s=PROGRESS_SECONDS,
+):
     """The progress display of a loop over `iterable` (or, without one, advanced by update(n)):
     tqdm's bar when stderr is a terminal; otherwise (a log file, nohup, CI, a cluster job) a
     plain line every `every_s` seconds and a last one at close() if any was printed, without
     the carriage returns of a bar that fill a log. Either has update(n), set_postfix(dict or
     keywords), write(text) (a line on stdout) and close(); `disable`: shows nothing."""
     if disable or not sys.stderr.isatty():
-        return PlainProgress(iterable, desc=desc, total=total, initial=initial, unit=unit,
-                             unit_scale=unit_scale, every_s=math.inf if disable else every_s)
+        return PlainProgress(
+            iterable,
+            desc=desc,
+            total=total,
+            initial=initial,
+            unit=unit,
+            unit_scale=unit_scale,
+            every_s=math.inf if disable else every_s,
+        )
     tqdm = optional_import("tqdm").tqdm
-    return tqdm(iterable, desc=desc, total=total, initial=initial, unit=unit,
-                unit_scale=unit_scale, position=position, leave=False)
+    return tqdm(
+        iterable,
+        desc=desc,
+        total=total,
+        initial=initial,
+        unit=unit,
+        unit_scale=unit_scale,
+        position=position,
+        leave=False,
+    )
 
 
 class PlainProgress:
@@ -418,8 +523,17 @@ class PlainProgress:
     "[   60 s] maze rnn-seed0: 1,200/20,000 it (6%), 20.1 it/s, about 936 s left; reward=3.5"
     on stderr, one every `every_s` seconds."""
 
-    def __init__(self, iterable=None, *, desc, total=None, initial=0, unit="it", unit_scale=1,
-                 every_s=PROGRESS_SECONDS):
+    def __init__(
+        self,
+        iterable=None,
+        *,
+        desc,
+        total=None,
+        initial=0,
+        unit="it",
+        unit_scale=1,
+        every_s=PROGRESS_SECONDS,
+    ):
         self.iterable, self.desc, self.total, self.unit = iterable, desc, total, unit
         self.unit_scale, self.every_s = unit_scale, every_s
         self.n = self.start_n = initial
@@ -472,6 +586,7 @@ def sigterm_as_interrupt():
     """Inside (in the main thread), SIGTERM raises KeyboardInterrupt as SIGINT does, so that
     `kill` (a cluster's scheduler, a CI timeout) stops a run the way Ctrl-C does: the code that
     cleans up (e.g. stops worker processes) runs."""
+
     def interrupt(signum, frame):
         raise KeyboardInterrupt(signal.Signals(signum).name)
 

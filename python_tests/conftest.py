@@ -31,6 +31,7 @@ def sequence_path(request, monkeypatch):
 def fused_cpu():
     """The fused implementation (building the extension on first use)."""
     from backpropamine_cuda import fused as module
+
     return module
 
 

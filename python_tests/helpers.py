@@ -9,6 +9,7 @@ given, see backpropamine_cuda/reference.py):
   "fanout1" (K = 1), "fanout3" (K = 3).
 * rule: "clip", "softclip", "decay", "oja", "retroactive" (needs a modulation).
 """
+
 import csv
 import itertools
 import math
@@ -73,8 +74,19 @@ def n_modulators(modulation):
     return {"simple": 1, "fanout1": 1, "fanout3": 3}.get(modulation, 0)
 
 
-def rnn_inputs(alpha, modulation, rule, *, B, N, T=None, dtype=torch.float64, seed=0,
-               hebb_scale=1.0, eta_scale=0.5):
+def rnn_inputs(
+    alpha,
+    modulation,
+    rule,
+    *,
+    B,
+    N,
+    T=None,
+    dtype=torch.float64,
+    seed=0,
+    hebb_scale=1.0,
+    eta_scale=0.5,
+):
     """Random inputs of plastic_rnn_sequence (T given) or plastic_rnn_step (T None), as a dict
     keyed by argument name (absent options are None).
 
@@ -91,8 +103,11 @@ def rnn_inputs(alpha, modulation, rule, *, B, N, T=None, dtype=torch.float64, se
     d["h"] = torch.tanh(randn(B, N))
     d["hebb"] = randn(B, N, N, scale=hebb_scale)
     d["w"] = randn(N, N, scale=0.5 / math.sqrt(N))
-    d["alpha"] = {"full": lambda: randn(N, N, scale=0.5), "neuron": lambda: randn(N, scale=0.5),
-                  "scalar": lambda: randn(scale=0.5)}[alpha]()
+    d["alpha"] = {
+        "full": lambda: randn(N, N, scale=0.5),
+        "neuron": lambda: randn(N, scale=0.5),
+        "scalar": lambda: randn(scale=0.5),
+    }[alpha]()
     if modulation == "none_scalar":
         d["eta"] = randn(scale=eta_scale)
     elif modulation == "none_full":
@@ -109,19 +124,44 @@ def rnn_inputs(alpha, modulation, rule, *, B, N, T=None, dtype=torch.float64, se
     return d
 
 
-def lstm_inputs(alpha, modulation, rule, *, B, N, T=None, dtype=torch.float64, seed=0,
-                hebb_scale=1.0, eta_scale=0.5):
+def lstm_inputs(
+    alpha,
+    modulation,
+    rule,
+    *,
+    B,
+    N,
+    T=None,
+    dtype=torch.float64,
+    seed=0,
+    hebb_scale=1.0,
+    eta_scale=0.5,
+):
     """Random inputs of plastic_lstm_sequence (T given) or plastic_lstm_step (T None): those of
     rnn_inputs for the plastic part, plus x (.., B, 4N), c and the h2g Linear."""
-    rnn = rnn_inputs(alpha, modulation, rule, B=B, N=N, T=T, dtype=dtype, seed=seed,
-                     hebb_scale=hebb_scale, eta_scale=eta_scale)
+    rnn = rnn_inputs(
+        alpha,
+        modulation,
+        rule,
+        B=B,
+        N=N,
+        T=T,
+        dtype=dtype,
+        seed=seed,
+        hebb_scale=hebb_scale,
+        eta_scale=eta_scale,
+    )
     gen = torch.Generator().manual_seed(seed + 7919)
 
     def randn(*shape, scale=1.0):
         return scale * torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
 
-    extra = dict(x=randn(*rnn["x"].shape[:-1], 4 * N), c=randn(B, N),
-                 h2g_weight=randn(3 * N, N, scale=1 / math.sqrt(N)), h2g_bias=randn(3 * N))
+    extra = dict(
+        x=randn(*rnn["x"].shape[:-1], 4 * N),
+        c=randn(B, N),
+        h2g_weight=randn(3 * N, N, scale=1 / math.sqrt(N)),
+        h2g_bias=randn(3 * N),
+    )
     return {k: extra[k] if k in extra else rnn[k] for k in LSTM_INPUTS}
 
 
@@ -142,9 +182,10 @@ def loss_weights(outputs, seed=1234):
     """Fixed random weights, one tensor per non-None output (same for every implementation)."""
     gen = torch.Generator().manual_seed(seed)
     # float32 values, exactly representable in float64: float32 and float64 runs see the same loss
-    return [None if o is None else
-            torch.randn(o.shape, generator=gen, dtype=torch.float32).to(o.dtype)
-            for o in outputs]
+    return [
+        None if o is None else torch.randn(o.shape, generator=gen, dtype=torch.float32).to(o.dtype)
+        for o in outputs
+    ]
 
 
 def run_forward_backward(fn, inputs, *, use=None, requires_grad=True, seed=1234, **kwargs):
@@ -162,8 +203,11 @@ def run_forward_backward(fn, inputs, *, use=None, requires_grad=True, seed=1234,
     terms = [(outputs[k] * weights[k]).sum() for k in used if outputs[k] is not None]
     assert terms, "the loss uses no output"
     sum(terms).backward()
-    grads = {k: (torch.zeros_like(v) if v.grad is None else v.grad)
-             for k, v in leaves.items() if v is not None and v.requires_grad}
+    grads = {
+        k: (torch.zeros_like(v) if v.grad is None else v.grad)
+        for k, v in leaves.items()
+        if v is not None and v.requires_grad
+    }
     return tuple(None if o is None else o.detach() for o in outputs), grads
 
 
@@ -200,7 +244,8 @@ def assert_tensor_close(actual, expected, name, dtype, baseline=None):
     assert err <= bound, (
         f"{name}: norm-wise relative error {err:.3g} against the float64 reference exceeds "
         f"{bound:.3g} = {LOWP_FACTOR} x max(the {dtype} reference's own error {reference_err:.3g}, "
-        f"{LOWP_FLOOR_ROUNDOFFS} unit roundoffs {floor:.3g})")
+        f"{LOWP_FLOOR_ROUNDOFFS} unit roundoffs {floor:.3g})"
+    )
 
 
 def assert_results_close(expected, actual, dtype, names=None, baseline=None):
@@ -212,14 +257,16 @@ def assert_results_close(expected, actual, dtype, names=None, baseline=None):
     assert len(out_e) == len(out_a)
     for k, (e, a) in enumerate(zip(out_e, out_a)):
         name = names[k] if names else f"output {k}"
-        assert (e is None) == (a is None), \
+        assert (e is None) == (a is None), (
             f"{name}: expected {'None' if e is None else 'a tensor'}, got {type(a).__name__}"
+        )
         if e is not None:
             assert_tensor_close(a, e, name, dtype, None if out_b is None else out_b[k])
     assert grad_e.keys() == grad_a.keys()
     for k in grad_e:
-        assert_tensor_close(grad_a[k], grad_e[k], f"grad of {k}", dtype,
-                            None if grad_b is None else grad_b[k])
+        assert_tensor_close(
+            grad_a[k], grad_e[k], f"grad of {k}", dtype, None if grad_b is None else grad_b[k]
+        )
 
 
 def compare_with_reference(ref_fn, fn, inputs, *, names=None, fused_options=None, **options):
@@ -240,9 +287,10 @@ def assert_results_equal(expected, actual, keys=None):
     for k, (e, a) in enumerate(zip(out_e, out_a)):
         assert (e is None) == (a is None)
         assert e is None or torch.equal(e, a), f"output {k} differs bitwise"
-    for k in (grad_e.keys() if keys is None else [k for k in keys if k in grad_e]):
-        assert torch.equal(grad_e[k], grad_a[k]), \
+    for k in grad_e.keys() if keys is None else [k for k in keys if k in grad_e]:
+        assert torch.equal(grad_e[k], grad_a[k]), (
             f"grad of {k} differs bitwise (max diff {(grad_e[k] - grad_a[k]).abs().max()})"
+        )
 
 
 def clamp_engaged(hebb, clip):
@@ -357,13 +405,18 @@ class OnCuda:
                 for original, copy, version in moved:
                     if copy._version != version:
                         original.copy_(copy)
-            return tuple(o.cpu() if isinstance(o, torch.Tensor) else o for o in out) \
-                if isinstance(out, tuple) else out.cpu()
+            return (
+                tuple(o.cpu() if isinstance(o, torch.Tensor) else o for o in out)
+                if isinstance(out, tuple)
+                else out.cpu()
+            )
+
         return on_cuda
 
 
 # Argument validation (test_validation_*.py): c10's way of printing sizes, inputs that break one
 # requirement, and the ops that come as a sequence op and a step op.
+
 
 def shape_str(shape):
     """How c10 prints sizes: [2, 5]."""

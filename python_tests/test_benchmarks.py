@@ -1,5 +1,6 @@
 """Smoke tests of the benchmark scripts at tiny sizes (their numbers are not checked here: targets
 live in the benchmarks, not in timed tests)."""
+
 import csv
 import importlib.util
 import subprocess
@@ -20,9 +21,24 @@ def run_quick(name, impls, tmp_path, *flags):
         pytest.skip("benchmarks/ is not next to the tests")
     pytest.importorskip("matplotlib")
     result = subprocess.run(
-        [sys.executable, str(script), "--quick", "--impls", ",".join(impls), "--repeats", "1",
-         "--out", str(tmp_path), *flags],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path, env=subprocess_env())
+        [
+            sys.executable,
+            str(script),
+            "--quick",
+            "--impls",
+            ",".join(impls),
+            "--repeats",
+            "1",
+            "--out",
+            str(tmp_path),
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env=subprocess_env(),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     with open(tmp_path / f"{name}.csv") as f:
         rows = list(csv.DictReader(f))
@@ -33,14 +49,14 @@ def run_quick(name, impls, tmp_path, *flags):
 def test_bench_rnn_quick(tmp_path):
     stdout, rows = run_quick("bench_rnn", ("fused", "eager"), tmp_path)
     assert {(r["case"], r["impl"]) for r in rows} == {
-        (case, impl) for case in ("maze", "cue", "ptb", "ptb-mem") for impl in ("fused", "eager")}
+        (case, impl) for case in ("maze", "cue", "ptb", "ptb-mem") for impl in ("fused", "eager")
+    }
     assert "| maze" in stdout
 
 
 def test_bench_rnn_contention_quick(tmp_path):
     """--contention times each measurement again beside a busy process and reports the ratio."""
-    stdout, rows = run_quick("bench_rnn", ("fused",), tmp_path, "--cases", "maze",
-                             "--contention")
+    stdout, rows = run_quick("bench_rnn", ("fused",), tmp_path, "--cases", "maze", "--contention")
     (row,) = rows
     assert float(row["busy_fwdbwd_ms"]) > 0 and float(row["busy_x_idle_fwdbwd"]) > 0
     assert "Beside one busy single-threaded process" in stdout
@@ -51,7 +67,8 @@ def test_bench_lstm_quick(tmp_path):
     impls = ("fused", "eager", "nnlstm")
     stdout, rows = run_quick("bench_lstm", impls, tmp_path)
     assert {(r["case"], r["impl"]) for r in rows} == {
-        (case, impl) for case in ("layer", "stack", "stack-t35") for impl in impls}
+        (case, impl) for case in ("layer", "stack", "stack-t35") for impl in impls
+    }
     assert all(r["fwdbwd_ms"] for r in rows), "an implementation failed or was skipped"
     # fused is compared with the reference time, nnlstm's time + the bandwidth floor
     assert all(r["x_ref_fwdbwd"] for r in rows if r["impl"] == "fused")
@@ -62,7 +79,8 @@ def test_bench_rl_quick(tmp_path):
     impls = ("fused", "fused-stepwise", "reference")
     stdout, rows = run_quick("bench_rl", impls, tmp_path, "--rounds", "2")
     assert {(r["case"], r["impl"]) for r in rows} == {
-        (case, impl) for case in ("maze", "cue-reward") for impl in impls}
+        (case, impl) for case in ("maze", "cue-reward") for impl in impls
+    }
     assert all((r["rounds"], r["runs"]) == ("2", "2") for r in rows)  # one run per round
     assert all(float(r["iterations_per_s"]) > 0 for r in rows), "an implementation failed"
     assert all(r["fused_speedup"] for r in rows if r["impl"] == "reference")

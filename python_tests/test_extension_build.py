@@ -4,6 +4,7 @@ prebuilt extension: what an interrupted earlier build leaves behind, and a faili
 Each case runs `_extension.load()` in a fresh Python process on a tiny stand-in source (compiled in
 a second, instead of the real ops' minutes), with the prebuilt `_C` hidden and TORCH_EXTENSIONS_DIR
 in a temporary directory, under a timeout: before the fix, a stale lock made it wait forever."""
+
 import json
 import re
 import subprocess
@@ -53,9 +54,14 @@ def run_first_use(tmp_path, source_text, stale_lock=False, timeout=120):
     try:
         proc = subprocess.run(
             [sys.executable, "-c", LOAD_SCRIPT, str(source), "stale" if stale_lock else "fresh"],
-            capture_output=True, text=True, timeout=timeout, cwd=tmp_path,
-            env=subprocess_env(TORCH_EXTENSIONS_DIR=str(tmp_path / "extensions"),
-                               BACKPROPAMINE_BUILD_CUDA="0"))
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=tmp_path,
+            env=subprocess_env(
+                TORCH_EXTENSIONS_DIR=str(tmp_path / "extensions"), BACKPROPAMINE_BUILD_CUDA="0"
+            ),
+        )
     except subprocess.TimeoutExpired:
         pytest.fail(f"the first-use build did not finish within {timeout} s (hangs on a lock?)")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -64,14 +70,14 @@ def run_first_use(tmp_path, source_text, stale_lock=False, timeout=120):
 
 def test_first_use_build_clears_a_stale_lock(tmp_path):
     report, stderr = run_first_use(
-        tmp_path, 'extern "C" int backpropamine_stand_in() { return 1; }\n', stale_lock=True)
+        tmp_path, 'extern "C" int backpropamine_stand_in() { return 1; }\n', stale_lock=True
+    )
     assert [c.get("result") for c in report["calls"]] == ["built at first use"] * 2, report
     assert "left by an interrupted build" in stderr
 
 
 def test_failed_build_shows_the_compiler_output_and_is_not_retried(tmp_path):
-    report, _ = run_first_use(
-        tmp_path, "int stand_in( { return missing_name_in_stand_in; }\n")
+    report, _ = run_first_use(tmp_path, "int stand_in( { return missing_name_in_stand_in; }\n")
     first, second = report["calls"]
     assert first["error"] == "BuildError", report
     # the compiler's own diagnostic, not only "see the output above"
@@ -101,8 +107,12 @@ HOLD_SCRIPT = textwrap.dedent("""
 def test_a_live_build_is_waited_for_and_the_timeout_names_the_directory(tmp_path):
     build_dir = tmp_path / "build"
     build_dir.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_SCRIPT, str(build_dir)],
-                              stdout=subprocess.PIPE, text=True, env=subprocess_env())
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_SCRIPT, str(build_dir)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+    )
     try:
         assert holder.stdout.readline().strip() == "holding"
         start = time.monotonic()

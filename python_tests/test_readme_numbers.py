@@ -1,5 +1,6 @@
 """tools/check_readme_numbers.py: the numbers of the experiment READMEs come from the results files
 they cite; a number that does not, or a citation of a missing file, is reported and fails."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -24,8 +25,7 @@ def test_experiment_readme_numbers_come_from_their_files(readme):
 
 
 def test_every_tracked_markdown_file():
-    run = subprocess.run([sys.executable, str(CHECKER)], capture_output=True, text=True,
-                         cwd=ROOT)
+    run = subprocess.run([sys.executable, str(CHECKER)], capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0, run.stdout + run.stderr
 
 
@@ -64,12 +64,14 @@ def test_a_wrong_number_fails(tmp_path):
     assert len(problems) == 1
     assert f"{readme}:8: 45.5% is not in results/evaluation.csv" in problems[0]
     assert "nearest 44.476" in problems[0]
-    run = subprocess.run([sys.executable, str(CHECKER), str(readme)], capture_output=True,
-                         text=True)
+    run = subprocess.run(
+        [sys.executable, str(CHECKER), str(readme)], capture_output=True, text=True
+    )
     assert run.returncode == 1 and "45.5%" in run.stdout
 
 
 def test_a_missing_file_fails(tmp_path):
     readme = write_fragment(tmp_path, log="missing.csv")
     assert check_readme_numbers.check_file(readme)[1] == [
-        f"{readme}:10: cited file not found: results/missing.csv"]
+        f"{readme}:10: cited file not found: results/missing.csv"
+    ]

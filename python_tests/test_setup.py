@@ -1,5 +1,6 @@
 """The README's two commands (Makefile: `make bench`, `make test`) and the set-up they share,
 checked with `make -n` (what would run) in a copy of the build's inputs, without installing."""
+
 import os
 import re
 import shutil
@@ -36,8 +37,14 @@ def make_dry_run(checkout_dir, *targets, **env):
     given in env, and nothing of a `make` this may run under (as in `make test`)."""
     inherited = ("VIRTUAL_ENV", "VENV", "MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")
     base = {k: v for k, v in os.environ.items() if k not in inherited}
-    result = subprocess.run(["make", "-n", "--no-print-directory", *targets], cwd=checkout_dir,
-                            capture_output=True, text=True, timeout=60, env={**base, **env})
+    result = subprocess.run(
+        ["make", "-n", "--no-print-directory", *targets],
+        cwd=checkout_dir,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**base, **env},
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -52,8 +59,11 @@ def test_setup_uses_the_active_virtualenv(checkout):
     assert "-m venv" not in out
     torch_install, tools, package = install_commands(out)
     # torch only when the environment has none, and then pinned
-    assert re.search(rf"{venv}/bin/python -c 'import torch' .*\|\| {venv}/bin/python -m pip "
-                     r"install torch==\d+\.\d+\.\d+$", torch_install), torch_install
+    assert re.search(
+        rf"{venv}/bin/python -c 'import torch' .*\|\| {venv}/bin/python -m pip "
+        r"install torch==\d+\.\d+\.\d+$",
+        torch_install,
+    ), torch_install
     assert "ninja" in tools and "setuptools" in tools
     assert package.endswith('pip install --no-build-isolation -e ".[test,experiments,bench]"')
 
@@ -99,7 +109,9 @@ def test_readme_and_ci_use_the_make_commands():
     readme = (ROOT / "README.md").read_text()
     first_block = readme.split("```bash\n", 1)[1].split("```", 1)[0]
     assert [line.split("#")[0].strip() for line in first_block.splitlines()] == [
-        "make bench", "make test"]
+        "make bench",
+        "make test",
+    ]
     ci = (ROOT / ".ci" / "run").read_text()
     assert re.search(r"^make test\b", ci, re.M), "CI must run the README's test command"
 
@@ -110,10 +122,15 @@ def test_the_package_ships_the_sources_of_the_first_use_build(tmp_path):
     pytest.importorskip("setuptools")
     result = subprocess.run(
         [sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     shipped = tmp_path / "backpropamine_cuda"
     assert (shipped / "csrc" / "ops.cpp").is_file()
     assert {p.name for p in (ROOT / "csrc").rglob("*.h")} <= {
-        p.name for p in (shipped / "csrc").rglob("*.h")}
+        p.name for p in (shipped / "csrc").rglob("*.h")
+    }
     assert (shipped / "_extension.py").is_file()

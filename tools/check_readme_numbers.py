@@ -56,10 +56,22 @@ UNIT = re.compile(r"\s*(%|ms|min|minutes?|h|hours?|s|seconds?)(?![\w])")
 MINUTES_SECONDS = re.compile(r"(?<![\w.])(\d+) min (\d+) s(?![\w])")
 NOT_TEXT = re.compile(r"<!--.*?-->|`[^`]*`|\]\([^)]*\)|<https?://[^>]*>")
 # value in a file -> the quantity shown with this unit
-SCALES = {"%": (100.0,), "ms": (1000.0,), "min": (1 / 60,), "h": (1 / 3600,), "s": (1.0,),
-          None: (1.0,)}
-UNIT_NAMES = {"minute": "min", "minutes": "min", "hour": "h", "hours": "h", "second": "s",
-              "seconds": "s"}
+SCALES = {
+    "%": (100.0,),
+    "ms": (1000.0,),
+    "min": (1 / 60,),
+    "h": (1 / 3600,),
+    "s": (1.0,),
+    None: (1.0,),
+}
+UNIT_NAMES = {
+    "minute": "min",
+    "minutes": "min",
+    "hour": "h",
+    "hours": "h",
+    "second": "s",
+    "seconds": "s",
+}
 
 
 class Shown:
@@ -81,7 +93,7 @@ def is_name(text, start, end):
     """Whether the number at text[start:end] is part of a word or a path (seed0, x16, a-12)."""
     before = text[start - 1] if start else " "
     after = text[end] if end < len(text) else " "
-    if after.isalnum() or after == "_" or (after == "." and text[end + 1:end + 2].isalnum()):
+    if after.isalnum() or after == "_" or (after == "." and text[end + 1 : end + 2].isalnum()):
         return not UNIT.match(text, end)
     if text[start] == "-":  # a minus sign or a range's dash (1-2%), unless after a word (a-12)
         return before.isalpha() or before in "_./"
@@ -107,8 +119,14 @@ def numbers_in(text, exempt):
         written = number + ("%" if unit == "%" else "")
         if number in exempt or written in exempt:
             continue
-        found.append(Shown(written if unit == "%" else number + (f" {unit}" if unit else ""),
-                           float(number.replace(",", "")), unit, half_last_digit(number)))
+        found.append(
+            Shown(
+                written if unit == "%" else number + (f" {unit}" if unit else ""),
+                float(number.replace(",", "")),
+                unit,
+                half_last_digit(number),
+            )
+        )
     return found
 
 
@@ -184,8 +202,13 @@ def check_file(markdown):
         where = f"{markdown}:{marker_line}"
         cited, _, exempt = body.partition("except:")
         patterns, exempt = cited.split(), set(exempt.split())
-        paths = sorted({Path(p) for pattern in patterns
-                        for p in glob.glob(str(Path(markdown).parent / pattern))})
+        paths = sorted(
+            {
+                Path(p)
+                for pattern in patterns
+                for p in glob.glob(str(Path(markdown).parent / pattern))
+            }
+        )
         missing = [p for p in patterns if not glob.glob(str(Path(markdown).parent / p))]
         if not patterns or missing:
             problems.append(f"{where}: cited file not found: {' '.join(missing) or '(none)'}")
@@ -203,15 +226,17 @@ def check_file(markdown):
                     nearest = min(candidates, key=lambda c: abs(c - shown.value), default=None)
                     problems.append(
                         f"{markdown}:{line_number}: {shown.text} is not in {names} within "
-                        f"±{shown.tolerance:g}" +
-                        (f" (nearest {nearest:.6g})" if nearest is not None else ""))
+                        f"±{shown.tolerance:g}"
+                        + (f" (nearest {nearest:.6g})" if nearest is not None else "")
+                    )
     return checked, problems
 
 
 def tracked_markdown():
     root = Path(__file__).resolve().parent.parent
-    listed = subprocess.run(["git", "ls-files", "*.md"], cwd=root, capture_output=True,
-                            text=True).stdout.split()
+    listed = subprocess.run(
+        ["git", "ls-files", "*.md"], cwd=root, capture_output=True, text=True
+    ).stdout.split()
     return [str(root / name) for name in listed]
 
 
@@ -225,8 +250,10 @@ def main(argv=None):
         total, problems = total + checked, problems + found
     for problem in problems:
         print(problem)
-    print(f"{total} numbers checked in {len(files)} files: "
-          f"{len(problems) or 'no'} problem{'' if len(problems) == 1 else 's'}")
+    print(
+        f"{total} numbers checked in {len(files)} files: "
+        f"{len(problems) or 'no'} problem{'' if len(problems) == 1 else 's'}"
+    )
     return 1 if problems else 0
 
 

@@ -39,8 +39,7 @@ struct CpuBackend {
   bool whole_sequence(Cell cell, int64_t B, int64_t N, bool retro, int64_t itemsize) const {
     return use_whole_sequence(cell, B, N, retro, itemsize);
   }
-  Tiling sequence_groups(int64_t B, int64_t N, bool retro, int64_t itemsize,
-                         bool backward) const {
+  Tiling sequence_groups(int64_t B, int64_t N, bool retro, int64_t itemsize, bool backward) const {
     return bp::sequence_groups(B, N, retro, itemsize, backward);
   }
   template <typename T>

@@ -20,8 +20,13 @@ inline float exp_of(float v) {
   const float r = (e - n * 0.693359375f) - n * -2.12194440e-4f;
   const float r2 = r * r;
   const float exp_r = (((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r +
-                         4.1665795894e-2f) * r + 1.6666665459e-1f) * r + 5.0000001201e-1f) *
-                          r2 + r + 1.f;
+                         4.1665795894e-2f) *
+                            r +
+                        1.6666665459e-1f) *
+                           r +
+                       5.0000001201e-1f) *
+                          r2 +
+                      r + 1.f;
   return exp_r * __builtin_bit_cast(float, (static_cast<int>(n) + 127) << 23);
 }
 
@@ -30,8 +35,13 @@ inline float exp_of(float v) {
 inline float tanh_of(float v) {
   const float a = v < 0.f ? -v : v;
   const float z2 = v * v;
-  const float small = ((((-5.70498872745e-3f * z2 + 2.06390887954e-2f) * z2 - 5.37397155531e-2f) *
-                            z2 + 1.33314422036e-1f) * z2 - 3.33332819422e-1f) * z2 * v + v;
+  const float small =
+      ((((-5.70498872745e-3f * z2 + 2.06390887954e-2f) * z2 - 5.37397155531e-2f) * z2 +
+        1.33314422036e-1f) *
+           z2 -
+       3.33332819422e-1f) *
+          z2 * v +
+      v;
   const float large = 1.f - 2.f / (exp_of(2.f * a) + 1.f);
   return a > 0.625f ? (v < 0.f ? -large : large) : small;
 }
@@ -72,7 +82,7 @@ void matvec_bias(const T* W, const T* bias, const T* v, int64_t G, int64_t rows,
     const T b = bias != nullptr ? bias[r] : T(0);
     int64_t g = 0;
     for (; g + 4 <= G; g += 4) {
-      const T* v0 = v + g * n, *v1 = v0 + n, *v2 = v1 + n, *v3 = v2 + n;
+      const T *v0 = v + g * n, *v1 = v0 + n, *v2 = v1 + n, *v3 = v2 + n;
       T l0[kLanes<T>] = {}, l1[kLanes<T>] = {}, l2[kLanes<T>] = {}, l3[kLanes<T>] = {};
       int64_t k = 0;
       for (; k + kLanes<T> <= n; k += kLanes<T>) {
@@ -148,7 +158,7 @@ void lstm_cells(const SequenceForwardParams<T>& p, int64_t t, int64_t b0, int64_
     const T* c_prev = t == 1 ? in.c0 + b * N : p.c_seq + row - BN;
     const T* u = p.u + b * N;
     T* i = p.gates + 4 * (t - 1) * BN + b * N;
-    T* f = i + BN, *g = i + 2 * BN, *o = i + 3 * BN;
+    T *f = i + BN, *g = i + 2 * BN, *o = i + 3 * BN;
     T* c = p.c_seq + row;
     T* h = p.out + row;
 #pragma omp simd
@@ -187,8 +197,13 @@ void sequence_forward_group(const SequenceForwardParams<T>& p, const Tiling& tl,
   const bool modulated = in.modulation != Modulation::None;
   const TaskRange r = task_range(tl, B, N, group);
   ForwardPassParams<T> fp{};
-  fp.B = B; fp.P = N; fp.N = N;
-  fp.w = in.w; fp.alpha = in.alpha; fp.rule_args = rule_args_of(in); fp.u = p.u;
+  fp.B = B;
+  fp.P = N;
+  fp.N = N;
+  fp.w = in.w;
+  fp.alpha = in.alpha;
+  fp.rule_args = rule_args_of(in);
+  fp.u = p.u;
   fp.hebb = in.hebb0;
   fp.matvec_in = in.h0;
   forward_task<T, R, AM, EM, false, true>(fp, r, acc, N);  // u_1
@@ -206,8 +221,10 @@ void sequence_forward_group(const SequenceForwardParams<T>& p, const Tiling& tl,
     fp.post = post_at(in, p.out, p.gates, t);
     fp.eta = modulated ? p.eta_seq + (t - 1) * BN : in.eta_fixed;
     fp.matvec_in = p.out + (t - 1) * BN;  // h_t
-    if (t < T_) forward_task<T, R, AM, EM, true, true>(fp, r, acc, N);
-    else forward_task<T, R, AM, EM, true, false>(fp, r, acc, N);
+    if (t < T_)
+      forward_task<T, R, AM, EM, true, true>(fp, r, acc, N);
+    else
+      forward_task<T, R, AM, EM, true, false>(fp, r, acc, N);
     fp.hebb = fp.hebb_out;
     fp.elig = fp.elig_out;
   }
@@ -222,9 +239,9 @@ struct GroupBackward {
   const Tiling& tl;
   int64_t group;
   TaskRange r;
-  T* scratch;        // backward_task's (2 * chunk_size * N)
-  T* g_mod_in;       // (N,): dL/d(the modulator's input) of a sample's step
-  T* g_h_sum;        // (chunk_size, N): LSTM: dL/dh of the group's samples' step, every path
+  T* scratch;   // backward_task's (2 * chunk_size * N)
+  T* g_mod_in;  // (N,): dL/d(the modulator's input) of a sample's step
+  T* g_h_sum;   // (chunk_size, N): LSTM: dL/dh of the group's samples' step, every path
   int64_t BN, BNN;
   bool modulated;
   SegmentTraces<T> hebb, elig;
@@ -232,16 +249,29 @@ struct GroupBackward {
   const T* g_pre_pending;  // dL/dh_{s} through the rule of step s + 1 (last rule adjoint)
 
   GroupBackward(const SequenceBackwardParams<T>& p_, const Tiling& tl_, int64_t g, T* scr)
-      : p(p_), in(p_.in), tl(tl_), group(g), r(task_range(tl_, in.B, in.N, g)), scratch(scr),
-        g_mod_in(scr + 2 * tl_.chunk_size * in.N), g_h_sum(g_mod_in + in.N), BN(in.B * in.N),
+      : p(p_),
+        in(p_.in),
+        tl(tl_),
+        group(g),
+        r(task_range(tl_, in.B, in.N, g)),
+        scratch(scr),
+        g_mod_in(scr + 2 * tl_.chunk_size * in.N),
+        g_h_sum(g_mod_in + in.N),
+        BN(in.B * in.N),
         BNN(BN * in.N),
         modulated(in.modulation != Modulation::None),
         hebb{in.hebb0, p_.ckpt_h, p_.seg_h, BNN, in.L},
         elig{in.elig0, p_.ckpt_e, p_.seg_e, BNN, in.L},
-        bp{}, g_pre_pending(p_.g_pre_a) {
-    bp.B = in.B; bp.P = in.N; bp.N = in.N;
-    bp.w = in.w; bp.alpha = in.alpha; bp.rule_args = rule_args_of(in);
-    bp.g_hebb = p.g_hebb; bp.g_elig = p.g_elig;
+        bp{},
+        g_pre_pending(p_.g_pre_a) {
+    bp.B = in.B;
+    bp.P = in.N;
+    bp.N = in.N;
+    bp.w = in.w;
+    bp.alpha = in.alpha;
+    bp.rule_args = rule_args_of(in);
+    bp.g_hebb = p.g_hebb;
+    bp.g_elig = p.g_elig;
     bp.g_in_partial = p.g_in;  // one column tile: the partial sums are the sums
     bp.g_alpha_acc = p.g_alpha_acc;
     bp.g_pre_partial = p.g_pre_a;
@@ -254,21 +284,27 @@ struct GroupBackward {
 
   const T* h_at(int64_t t) const { return t == 0 ? in.h0 : p.out + (t - 1) * BN; }
   const T* post_of(int64_t t) const { return post_at(in, p.out, p.gates, t); }
-  const T* eta_at(int64_t t) const {
-    return modulated ? p.eta_seq + (t - 1) * BN : in.eta_fixed;
-  }
+  const T* eta_at(int64_t t) const { return modulated ? p.eta_seq + (t - 1) * BN : in.eta_fixed; }
 
   void load_segment(int64_t k) {
     hebb.select(k);
     elig.select(k);
     const int64_t end = hebb.start + in.L < in.steps ? hebb.start + in.L : in.steps;
     ForwardPassParams<T> fp{};
-    fp.B = in.B; fp.P = in.N; fp.N = in.N;
+    fp.B = in.B;
+    fp.P = in.N;
+    fp.N = in.N;
     fp.rule_args = bp.rule_args;
     for (int64_t t = hebb.start + 1; t < end; ++t) {
-      fp.hebb = hebb.at(t - 1); fp.hebb_out = hebb.slot(t);
-      if constexpr (has_elig<R>()) { fp.elig = elig.at(t - 1); fp.elig_out = elig.slot(t); }
-      fp.pre = h_at(t - 1); fp.post = post_of(t); fp.eta = eta_at(t);
+      fp.hebb = hebb.at(t - 1);
+      fp.hebb_out = hebb.slot(t);
+      if constexpr (has_elig<R>()) {
+        fp.elig = elig.at(t - 1);
+        fp.elig_out = elig.slot(t);
+      }
+      fp.pre = h_at(t - 1);
+      fp.post = post_of(t);
+      fp.eta = eta_at(t);
       forward_task<T, R, AM, EM, true, false>(fp, r, nullptr, in.N);
     }
   }
@@ -288,9 +324,12 @@ struct GroupBackward {
       bp.a_post = post_of(s);
       bp.a_eta = eta_at(s);
     }
-    if (t > 0 && s > 0) backward_task<T, R, AM, EM, true, true>(bp, tl, r, group, scratch);
-    else if (t > 0) backward_task<T, R, AM, EM, true, false>(bp, tl, r, group, scratch);
-    else backward_task<T, R, AM, EM, false, true>(bp, tl, r, group, scratch);
+    if (t > 0 && s > 0)
+      backward_task<T, R, AM, EM, true, true>(bp, tl, r, group, scratch);
+    else if (t > 0)
+      backward_task<T, R, AM, EM, true, false>(bp, tl, r, group, scratch);
+    else
+      backward_task<T, R, AM, EM, false, true>(bp, tl, r, group, scratch);
   }
 
   // g_h = dL/dh_{t-1} through step t: its matvec (g_in) and its rule (pending).
@@ -305,8 +344,10 @@ struct GroupBackward {
     if (in.cell == Cell::Lstm) recurrent_gate_grads(s);
     for (int64_t b = r.b0; b < r.b1; ++b) {
       modulator_backward(s, b);
-      if (in.cell == Cell::Lstm) lstm_cell_backward(s, b);
-      else tanh_cell_backward(s, b);
+      if (in.cell == Cell::Lstm)
+        lstm_cell_backward(s, b);
+      else
+        tanh_cell_backward(s, b);
     }
     g_pre_pending = bp.g_pre_partial;
   }
@@ -388,7 +429,7 @@ struct GroupBackward {
     const int64_t N = in.N, B = in.B, row = ((s - 1) * B + b) * N;
     const bool last = s == in.steps;
     const T* gate = p.gates + 4 * (s - 1) * BN + b * N;
-    const T* i = gate + kGateI * BN, *f = gate + kGateF * BN, *g = gate + kGateG * BN,
+    const T *i = gate + kGateI * BN, *f = gate + kGateF * BN, *g = gate + kGateG * BN,
             *o = gate + kGateO * BN;
     const T* c = p.c_seq + row;
     const T* c_prev = s == 1 ? in.c0 + b * N : p.c_seq + row - BN;
@@ -435,8 +476,8 @@ void sequence_backward_group(const SequenceBackwardParams<T>& p, const Tiling& t
 
 // Runs group `group` of the forward; scratch holds chunk_size * N values.
 template <typename T>
-void sequence_forward_group_any(const SequenceForwardParams<T>& p, const Tiling& tl,
-                                int64_t group, T* scratch) {
+void sequence_forward_group_any(const SequenceForwardParams<T>& p, const Tiling& tl, int64_t group,
+                                T* scratch) {
   dispatch_modes(p.in.modes, [&]<Rule R, AlphaMode AM, EtaMode EM>() {
     sequence_forward_group<T, R, AM, EM>(p, tl, group, scratch);
   });
@@ -458,12 +499,12 @@ void rows_product_task(const T* w, const T* bias, const T* v, int64_t B, int64_t
   matvec_bias(w + r0 * K, bias != nullptr ? bias + r0 : nullptr, v, B, rows, K, M, out + r0);
 }
 
-template void rows_product_task<float>(const float*, const float*, const float*, int64_t,
-                                       int64_t, int64_t, int64_t, int64_t, float*);
+template void rows_product_task<float>(const float*, const float*, const float*, int64_t, int64_t,
+                                       int64_t, int64_t, int64_t, float*);
 template void rows_product_task<double>(const double*, const double*, const double*, int64_t,
                                         int64_t, int64_t, int64_t, int64_t, double*);
-template void sequence_forward_group_any<float>(const SequenceForwardParams<float>&,
-                                                const Tiling&, int64_t, float*);
+template void sequence_forward_group_any<float>(const SequenceForwardParams<float>&, const Tiling&,
+                                                int64_t, float*);
 template void sequence_forward_group_any<double>(const SequenceForwardParams<double>&,
                                                  const Tiling&, int64_t, double*);
 template void sequence_backward_group_any<float>(const SequenceBackwardParams<float>&,

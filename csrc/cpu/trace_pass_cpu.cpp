@@ -25,22 +25,21 @@ constexpr int64_t kTargetTasks = 8;
 constexpr int64_t kMinElemsPerThread = 1 << 15;
 }  // namespace
 
-#define BP_DECLARE_TASKS(isa)                                                                  \
-  namespace isa {                                                                              \
-  template <typename T>                                                                        \
-  void forward_tasks(const ForwardPassParams<T>&, const PassModes&, const Tiling&, int64_t,    \
-                     int64_t, T*);                                                             \
-  template <typename T>                                                                        \
-  void backward_tasks(const BackwardPassParams<T>&, const PassModes&, const Tiling&, int64_t,  \
-                      int64_t, T*);                                                            \
-  template <typename T>                                                                        \
-  void sequence_forward_group_any(const SequenceForwardParams<T>&, const Tiling&, int64_t, T*); \
-  template <typename T>                                                                        \
-  void sequence_backward_group_any(const SequenceBackwardParams<T>&, const Tiling&, int64_t,   \
-                                   T*);                                                        \
-  template <typename T>                                                                        \
-  void rows_product_task(const T*, const T*, const T*, int64_t, int64_t, int64_t, int64_t,     \
-                         int64_t, T*);                                                         \
+#define BP_DECLARE_TASKS(isa)                                                                     \
+  namespace isa {                                                                                 \
+  template <typename T>                                                                           \
+  void forward_tasks(const ForwardPassParams<T>&, const PassModes&, const Tiling&, int64_t,       \
+                     int64_t, T*);                                                                \
+  template <typename T>                                                                           \
+  void backward_tasks(const BackwardPassParams<T>&, const PassModes&, const Tiling&, int64_t,     \
+                      int64_t, T*);                                                               \
+  template <typename T>                                                                           \
+  void sequence_forward_group_any(const SequenceForwardParams<T>&, const Tiling&, int64_t, T*);   \
+  template <typename T>                                                                           \
+  void sequence_backward_group_any(const SequenceBackwardParams<T>&, const Tiling&, int64_t, T*); \
+  template <typename T>                                                                           \
+  void rows_product_task(const T*, const T*, const T*, int64_t, int64_t, int64_t, int64_t,        \
+                         int64_t, T*);                                                            \
   }
 BP_DECLARE_TASKS(isa_default)
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -69,12 +68,14 @@ CpuIsa detect_cpu_isa() {
   const char* cap = std::getenv("BACKPROPAMINE_CPU_ISA");
   if (cap == nullptr || *cap == '\0') return amd ? std::min(widest, CpuIsa::Avx2) : widest;
   const std::string want(cap);
-  const CpuIsa asked = want == "default" ? CpuIsa::Default
-                       : want == "avx2"  ? CpuIsa::Avx2
+  const CpuIsa asked = want == "default"  ? CpuIsa::Default
+                       : want == "avx2"   ? CpuIsa::Avx2
                        : want == "avx512" ? CpuIsa::Avx512
                                           : CpuIsa::Invalid;
-  TORCH_CHECK_VALUE(asked != CpuIsa::Invalid, "BACKPROPAMINE_CPU_ISA must be one of default, "
-                    "avx2, avx512, got '", want, "'");
+  TORCH_CHECK_VALUE(asked != CpuIsa::Invalid,
+                    "BACKPROPAMINE_CPU_ISA must be one of default, "
+                    "avx2, avx512, got '",
+                    want, "'");
   return std::min(asked, widest);
 }
 
@@ -122,25 +123,23 @@ int64_t hot_traces_per_sample(bool retro, bool backward) {
 }
 
 template <typename T>
-using ForwardTasks = void (*)(const ForwardPassParams<T>&, const PassModes&, const Tiling&,
-                              int64_t, int64_t, T*);
+using ForwardTasks = void (*)(const ForwardPassParams<T>&, const PassModes&, const Tiling&, int64_t,
+                              int64_t, T*);
 template <typename T>
 using BackwardTasks = void (*)(const BackwardPassParams<T>&, const PassModes&, const Tiling&,
                                int64_t, int64_t, T*);
 
 template <typename T>
-using RowsProductTasks = void (*)(const T*, const T*, const T*, int64_t, int64_t, int64_t,
-                                  int64_t, int64_t, T*);
+using RowsProductTasks = void (*)(const T*, const T*, const T*, int64_t, int64_t, int64_t, int64_t,
+                                  int64_t, T*);
 template <typename T>
-using SequenceForwardGroups = void (*)(const SequenceForwardParams<T>&, const Tiling&, int64_t,
-                                       T*);
+using SequenceForwardGroups = void (*)(const SequenceForwardParams<T>&, const Tiling&, int64_t, T*);
 template <typename T>
 using SequenceBackwardGroups = void (*)(const SequenceBackwardParams<T>&, const Tiling&, int64_t,
                                         T*);
 
 #if defined(__x86_64__) && defined(__GNUC__)
-#define BP_TASK_TABLE(kind, T) \
-  {isa_default::kind<T>, isa_avx2::kind<T>, isa_avx512::kind<T>}
+#define BP_TASK_TABLE(kind, T) {isa_default::kind<T>, isa_avx2::kind<T>, isa_avx512::kind<T>}
 #else
 #define BP_TASK_TABLE(kind, T) {isa_default::kind<T>, isa_default::kind<T>, isa_default::kind<T>}
 #endif
@@ -193,9 +192,12 @@ bool use_whole_sequence(Cell cell, int64_t B, int64_t N, bool retro, int64_t ite
 
 int64_t alpha_acc_size(AlphaMode mode, const Tiling& tl, int64_t P, int64_t N) {
   switch (mode) {
-    case AlphaMode::Full: return tl.num_chunks * P * N;
-    case AlphaMode::Neuron: return tl.num_chunks * N;
-    default: return tl.num_chunks * tl.num_tiles;
+    case AlphaMode::Full:
+      return tl.num_chunks * P * N;
+    case AlphaMode::Neuron:
+      return tl.num_chunks * N;
+    default:
+      return tl.num_chunks * tl.num_tiles;
   }
 }
 
@@ -206,9 +208,12 @@ CpuIsa cpu_isa() {
 
 const char* cpu_isa_name(CpuIsa isa) {
   switch (isa) {
-    case CpuIsa::Avx2: return "avx2";
-    case CpuIsa::Avx512: return "avx512";
-    default: return "default";
+    case CpuIsa::Avx2:
+      return "avx2";
+    case CpuIsa::Avx512:
+      return "avx512";
+    default:
+      return "default";
   }
 }
 
@@ -244,9 +249,8 @@ void rows_product_cpu(const T* w, const T* bias, const T* v, int64_t B, int64_t 
   // Blocks of rows of about kMinElemsPerThread elements of w; each output element is one dot
   // product in a fixed order, so the split does not change the result.
   const int64_t grain = std::max<int64_t>(1, kMinElemsPerThread / std::max<int64_t>(1, K));
-  at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
-    fn(w, bias, v, B, M, K, r0, r1 - r0, out);
-  });
+  at::parallel_for(0, M, grain,
+                   [&](int64_t r0, int64_t r1) { fn(w, bias, v, B, M, K, r0, r1 - r0, out); });
 }
 
 template void rows_product_cpu<float>(const float*, const float*, const float*, int64_t, int64_t,
@@ -266,7 +270,6 @@ template void backward_pass_cpu<double>(const BackwardPassParams<double>&, const
 template void sequence_forward_cpu<float>(const SequenceForwardParams<float>&, const Tiling&);
 template void sequence_forward_cpu<double>(const SequenceForwardParams<double>&, const Tiling&);
 template void sequence_backward_cpu<float>(const SequenceBackwardParams<float>&, const Tiling&);
-template void sequence_backward_cpu<double>(const SequenceBackwardParams<double>&,
-                                            const Tiling&);
+template void sequence_backward_cpu<double>(const SequenceBackwardParams<double>&, const Tiling&);
 
 }  // namespace bp

@@ -127,16 +127,16 @@ void backward_task(const BackwardPassParams<T>& p, const Tiling& tl, const TaskR
   T* g_eta_acc = scratch + rows;  // per (b, j), summed over i (EtaMode::PerPost)
   if constexpr (DO_A) fill_zero(scratch, 2 * rows);
   T g_alpha_scalar = 0, g_rate = 0;
-  T* g_alpha_row_acc = nullptr;   // AlphaMode::Neuron: this chunk's (N,) accumulator
+  T* g_alpha_row_acc = nullptr;  // AlphaMode::Neuron: this chunk's (N,) accumulator
   if constexpr (DO_B && AM == AlphaMode::Neuron) g_alpha_row_acc = p.g_alpha_acc + chunk * N + r.j0;
 
   for (int64_t i = 0; i < P; ++i) {
     const T* w_row = DO_B ? p.w + i * N + r.j0 : nullptr;
     const T* a_row = DO_B ? alpha_row<AM>(p.alpha, i, N, r.j0) : nullptr;
-    T* g_alpha_full = (DO_B && AM == AlphaMode::Full) ? p.g_alpha_acc + (chunk * P + i) * N + r.j0
-                                                      : nullptr;
-    T* g_eta_conn = (DO_A && EM == EtaMode::PerConnection)
-                        ? p.g_eta + (chunk * P + i) * N + r.j0 : nullptr;
+    T* g_alpha_full =
+        (DO_B && AM == AlphaMode::Full) ? p.g_alpha_acc + (chunk * P + i) * N + r.j0 : nullptr;
+    T* g_eta_conn =
+        (DO_A && EM == EtaMode::PerConnection) ? p.g_eta + (chunk * P + i) * N + r.j0 : nullptr;
     for (int64_t b = r.b0; b < r.b1; ++b) {
       const int64_t off = (b * P + i) * N + r.j0;
       T* g_hebb = p.g_hebb + off;
@@ -165,16 +165,18 @@ void backward_task(const BackwardPassParams<T>& p, const Tiling& tl, const TaskR
         }
         if constexpr (DO_A) {
           const T g_elig_out = has_elig<R>() ? g_elig[j] : T(0);
-          const RuleGrads<T> rg = rule_backward<R>(g, g_elig_out, hebb_a[j], elig_a[j], pre,
-                                                   post[j], eta[j], consts);
+          const RuleGrads<T> rg =
+              rule_backward<R>(g, g_elig_out, hebb_a[j], elig_a[j], pre, post[j], eta[j], consts);
           g = rg.hebb;
           if constexpr (has_elig<R>()) {
             g_elig[j] = rg.elig;
             g_r += rg.elig_rate;
           }
           g_post_b[j] += rg.post;
-          if constexpr (EM == EtaMode::PerPost) g_eta_b[j] += rg.eta;
-          else g_eta_conn[j] += rg.eta;
+          if constexpr (EM == EtaMode::PerPost)
+            g_eta_b[j] += rg.eta;
+          else
+            g_eta_conn[j] += rg.eta;
           g_pre += rg.pre;
         }
         g_hebb[j] = g;
@@ -221,9 +223,12 @@ void forward_tasks(const ForwardPassParams<T>& p, const PassModes& modes, const 
       for (int64_t t = begin; t < end; ++t)
         task_fn(p, task_range(tl, p.B, p.N, t), scratch, tl.tile_cols);
     };
-    if (p.update && p.matvec) run(forward_task<T, R, AM, EM, true, true>);
-    else if (p.update) run(forward_task<T, R, AM, EM, true, false>);
-    else if (p.matvec) run(forward_task<T, R, AM, EM, false, true>);
+    if (p.update && p.matvec)
+      run(forward_task<T, R, AM, EM, true, true>);
+    else if (p.update)
+      run(forward_task<T, R, AM, EM, true, false>);
+    else if (p.matvec)
+      run(forward_task<T, R, AM, EM, false, true>);
   });
 }
 
@@ -233,17 +238,19 @@ void backward_tasks(const BackwardPassParams<T>& p, const PassModes& modes, cons
                     int64_t begin, int64_t end, T* scratch) {
   dispatch_modes(modes, [&]<Rule R, AlphaMode AM, EtaMode EM>() {
     auto run = [&](auto task_fn) {
-      for (int64_t t = begin; t < end; ++t)
-        task_fn(p, tl, task_range(tl, p.B, p.N, t), t, scratch);
+      for (int64_t t = begin; t < end; ++t) task_fn(p, tl, task_range(tl, p.B, p.N, t), t, scratch);
     };
-    if (p.do_b && p.do_a) run(backward_task<T, R, AM, EM, true, true>);
-    else if (p.do_b) run(backward_task<T, R, AM, EM, true, false>);
-    else if (p.do_a) run(backward_task<T, R, AM, EM, false, true>);
+    if (p.do_b && p.do_a)
+      run(backward_task<T, R, AM, EM, true, true>);
+    else if (p.do_b)
+      run(backward_task<T, R, AM, EM, true, false>);
+    else if (p.do_a)
+      run(backward_task<T, R, AM, EM, false, true>);
   });
 }
 
-template void forward_tasks<float>(const ForwardPassParams<float>&, const PassModes&,
-                                   const Tiling&, int64_t, int64_t, float*);
+template void forward_tasks<float>(const ForwardPassParams<float>&, const PassModes&, const Tiling&,
+                                   int64_t, int64_t, float*);
 template void forward_tasks<double>(const ForwardPassParams<double>&, const PassModes&,
                                     const Tiling&, int64_t, int64_t, double*);
 template void backward_tasks<float>(const BackwardPassParams<float>&, const PassModes&,

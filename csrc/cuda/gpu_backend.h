@@ -27,9 +27,12 @@ struct GpuBackend {
   int64_t column_tiles(const Tiling& tl) const { return tl.num_tiles; }
   int64_t alpha_acc_size(AlphaMode mode, const Tiling& tl, int64_t P, int64_t N) const {
     switch (mode) {
-      case AlphaMode::Full: return tl.num_chunks * P * N;
-      case AlphaMode::Neuron: return tl.num_chunks * tl.num_row_blocks * N;
-      default: return tl.blocks();
+      case AlphaMode::Full:
+        return tl.num_chunks * P * N;
+      case AlphaMode::Neuron:
+        return tl.num_chunks * tl.num_row_blocks * N;
+      default:
+        return tl.blocks();
     }
   }
   // The whole-sequence path (sequence_kernels.h): one launch per sequence forward, one backward,
@@ -49,9 +52,9 @@ struct GpuBackend {
     return kern::sequence_slices(N, retro, sizeof(T), Launch::max_shared_bytes(), backward);
   }
   bool whole_sequence(Cell cell, int64_t /*B*/, int64_t N, bool retro, int64_t itemsize) const {
-    return cell == Cell::Tanh && gpu_whole_sequence(N, retro,
-                                                    whole_sequence_shared_bytes(N, retro, itemsize),
-                                                    Launch::max_shared_bytes());
+    return cell == Cell::Tanh &&
+           gpu_whole_sequence(N, retro, whole_sequence_shared_bytes(N, retro, itemsize),
+                              Launch::max_shared_bytes());
   }
   // One group (block) per sample: accumulators per sample, summed in sample order.
   Tiling sequence_groups(int64_t B, int64_t N, bool, int64_t, bool) const {
@@ -69,8 +72,10 @@ struct GpuBackend {
   template <typename T>
   void rows_product(const at::Tensor& v, const at::Tensor& w, const at::Tensor& bias,
                     at::Tensor out) const {
-    if (bias.defined()) at::addmm_out(out, bias, v, w.t());
-    else at::mm_out(out, v, w.t());
+    if (bias.defined())
+      at::addmm_out(out, bias, v, w.t());
+    else
+      at::mm_out(out, v, w.t());
   }
 
   template <typename T>
@@ -145,7 +150,11 @@ struct GpuBackend {
     dispatch_modes(m, [&]<Rule R, AlphaMode AM, EtaMode EM>() {
       auto run = [&]<bool UPDATE, bool MATVEC>() {
         kern::ForwardKernel<T, R, AM, EM, UPDATE, MATVEC> k{};
-        k.B = B; k.P = P; k.N = N; k.tl = tl; k.clip = p.rule_args.clip;
+        k.B = B;
+        k.P = P;
+        k.N = N;
+        k.tl = tl;
+        k.clip = p.rule_args.clip;
         k.elig_rate = {p.rule_args.elig_rate, p.rule_args.elig_rate ? 1 : 0};
         k.hebb = {p.hebb, BPN};
         if constexpr (UPDATE) {
@@ -166,9 +175,12 @@ struct GpuBackend {
         }
         Launch{}(k);
       };
-      if (p.update && p.matvec) run.template operator()<true, true>();
-      else if (p.update) run.template operator()<true, false>();
-      else if (p.matvec) run.template operator()<false, true>();
+      if (p.update && p.matvec)
+        run.template operator()<true, true>();
+      else if (p.update)
+        run.template operator()<true, false>();
+      else if (p.matvec)
+        run.template operator()<false, true>();
     });
     if (p.matvec) sum_rows(u_partial.data_ptr<T>(), tl.num_row_blocks, B * N, p.u);
   }
@@ -182,7 +194,11 @@ struct GpuBackend {
     dispatch_modes(m, [&]<Rule R, AlphaMode AM, EtaMode EM>() {
       auto run = [&]<bool DO_B, bool DO_A>() {
         kern::BackwardKernel<T, R, AM, EM, DO_B, DO_A> k{};
-        k.B = B; k.P = P; k.N = N; k.tl = tl; k.clip = p.rule_args.clip;
+        k.B = B;
+        k.P = P;
+        k.N = N;
+        k.tl = tl;
+        k.clip = p.rule_args.clip;
         k.elig_rate = {p.rule_args.elig_rate, p.rule_args.elig_rate ? 1 : 0};
         k.g_hebb = {p.g_hebb, BPN};
         if constexpr (DO_B) {
@@ -213,9 +229,12 @@ struct GpuBackend {
         }
         Launch{}(k);
       };
-      if (p.do_b && p.do_a) run.template operator()<true, true>();
-      else if (p.do_b) run.template operator()<true, false>();
-      else if (p.do_a) run.template operator()<false, true>();
+      if (p.do_b && p.do_a)
+        run.template operator()<true, true>();
+      else if (p.do_b)
+        run.template operator()<true, false>();
+      else if (p.do_a)
+        run.template operator()<false, true>();
     });
     if (p.do_a) {
       sum_rows(post_partial.data_ptr<T>(), rows, B * N, p.g_post);
@@ -237,8 +256,13 @@ struct GpuBackend {
   template <class K, typename T>
   static void set_inputs(K& k, const SequenceInputs<T>& in) {
     const int64_t B = in.B, N = in.N, K_ = in.K, NN = N * N;
-    k.steps = in.steps; k.B = B; k.N = N; k.K = K_; k.L = in.L;
-    k.modulation = in.modulation; k.clip = in.clip;
+    k.steps = in.steps;
+    k.B = B;
+    k.N = N;
+    k.K = K_;
+    k.L = in.L;
+    k.modulation = in.modulation;
+    k.clip = in.clip;
     k.clamp = {in.clamp, in.clamp != nullptr ? in.steps * B * N : 0};
     const bool retro = in.modes.rule == Rule::Retroactive;
     const Modulation mod = in.modulation;

@@ -44,15 +44,16 @@ void launch(const K& k) {
               " threads per block exceed the ", K::kMaxThreads, " the kernel is compiled for");
   constexpr size_t kDefaultShared = 48 << 10;  // more needs the kernel's opt-in
   if (shared > kDefaultShared) {
-    TORCH_CHECK(static_cast<int64_t>(shared) <= max_shared_bytes_per_block(), "bp kernel launch: ",
-                shared, " bytes of shared memory per block exceed the device's limit of ",
+    TORCH_CHECK(static_cast<int64_t>(shared) <= max_shared_bytes_per_block(),
+                "bp kernel launch: ", shared,
+                " bytes of shared memory per block exceed the device's limit of ",
                 max_shared_bytes_per_block());
-    C10_CUDA_CHECK(cudaFuncSetAttribute(phased_kernel<K>,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(shared)));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(
+        phased_kernel<K>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)));
   }
-  phased_kernel<K><<<static_cast<unsigned>(k.grid()), k.block(), shared,
-                     c10::cuda::getCurrentCUDAStream()>>>(k);
+  phased_kernel<K>
+      <<<static_cast<unsigned>(k.grid()), k.block(), shared, c10::cuda::getCurrentCUDAStream()>>>(
+          k);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

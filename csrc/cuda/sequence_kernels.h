@@ -32,15 +32,15 @@ namespace bp::kern {
 
 template <typename T>
 BP_KERNEL T tanh_of(T v) {
-  if constexpr (sizeof(T) == sizeof(float)) return tanhf(v);
-  else return tanh(v);
+  if constexpr (sizeof(T) == sizeof(float))
+    return tanhf(v);
+  else
+    return tanh(v);
 }
 
 // Quotient of non-negative values that fit in 32 bits: the per-phase decoding of the kernels
 // divides by runtime values, and a 64-bit division is a long instruction sequence on a GPU.
-BP_KERNEL int64_t div32(int64_t a, int64_t b) {
-  return static_cast<int>(a) / static_cast<int>(b);
-}
+BP_KERNEL int64_t div32(int64_t a, int64_t b) { return static_cast<int>(a) / static_cast<int>(b); }
 // Step t's segment of checkpoint interval L: t / L for a step t (< 2^31) and any L >= 1 (an
 // interval may be as large as int64 allows).
 BP_KERNEL int64_t segment_of(int64_t t, int64_t L) { return L > t ? 0 : div32(t, L); }
@@ -68,8 +68,8 @@ BP_KERNEL int64_t sequence_backward_shared(int64_t N, bool retro, int64_t slices
 inline int64_t sequence_slices(int64_t N, bool retro, int64_t itemsize, int64_t limit,
                                bool backward) {
   for (int64_t s = kMaxSlices; s > 1; s /= 2) {
-    const int64_t shared = backward ? sequence_backward_shared(N, retro, s)
-                                    : sequence_forward_shared(N, retro, s);
+    const int64_t shared =
+        backward ? sequence_backward_shared(N, retro, s) : sequence_forward_shared(N, retro, s);
     if (s * sequence_columns(N) <= kSequenceMaxThreads && shared * itemsize <= limit) return s;
   }
   return 1;
@@ -131,7 +131,7 @@ struct SequenceForwardKernel {
     const Span<T> hebb = smem.sub(0, NN);
     const Span<T> elig = has_elig<R>() ? smem.sub(NN, NN) : Span<T>{};
     int64_t at = (has_elig<R>() ? 2 : 1) * NN;
-    const Span<T> hbuf = smem.sub(at, 2 * N);  // h_t at (t % 2) N
+    const Span<T> hbuf = smem.sub(at, 2 * N);                       // h_t at (t % 2) N
     const Span<T> u_part = smem.sub(at + 2 * N, slices * columns);  // per slice, per column
     if (phase == 0) {
       if (j >= N) return;
@@ -191,9 +191,13 @@ struct SequenceForwardKernel {
     int64_t dest = -1;
     Span<T> dest_h, dest_e;
     if (t == steps) {
-      dest = b * NN; dest_h = hebb_T; dest_e = elig_T;
+      dest = b * NN;
+      dest_h = hebb_T;
+      dest_e = elig_T;
     } else if (t - segment_of(t, L) * L == 0) {
-      dest = (segment_of(t, L) - 1) * BNN + b * NN; dest_h = ckpt_h; dest_e = ckpt_e;
+      dest = (segment_of(t, L) - 1) * BNN + b * NN;
+      dest_h = ckpt_h;
+      dest_e = ckpt_e;
     }
     const RuleConsts<T> consts = rule_consts<R>(clip, elig_rate);
     const T post = h_now[j];
@@ -203,8 +207,8 @@ struct SequenceForwardKernel {
       const int64_t e_at = i * N + j;
       const T eta = EM == EtaMode::PerPost ? eta_j : eta_fixed[e_at];
       T h_new, e_new = T(0);
-      rule_forward<R>(hebb[e_at], has_elig<R>() ? elig[e_at] : T(0), h_before[i], post, eta,
-                      consts, h_new, e_new);
+      rule_forward<R>(hebb[e_at], has_elig<R>() ? elig[e_at] : T(0), h_before[i], post, eta, consts,
+                      h_new, e_new);
       hebb[e_at] = h_new;
       if constexpr (has_elig<R>()) elig[e_at] = e_new;
       if (dest >= 0) {
@@ -243,9 +247,9 @@ struct SequenceBackwardKernel {
   static constexpr int64_t kRows = kSequenceRows;
   static constexpr int64_t kWidth = 2 * kRows;  // staged values per segment sum
   struct Regs {
-    T pending;     // dL/dh_s through the rule of step s + 1 (the last sweep's row sums)
-    T g_h;         // dL/dh_s through step s + 1, between D1 and D3
-    T post;        // dL/dpost_s of the column, between D1 and D3
+    T pending;            // dL/dh_s through the rule of step s + 1 (the last sweep's row sums)
+    T g_h;                // dL/dh_s through step s + 1, between D1 and D3
+    T post;               // dL/dpost_s of the column, between D1 and D3
     T post_acc, eta_acc;  // the slice's part of dL/dpost_s, dL/deta_s of the column
     T alpha_neuron, alpha_scalar, rate;  // the thread's part, accumulated over all steps
   };
@@ -285,15 +289,26 @@ struct SequenceBackwardKernel {
     const int64_t NN = N * N, C = columns(), staged = sums() * (C + 1);
     Shared s;
     int64_t at = 0;
-    s.g_hebb = smem.sub(at, NN); at += NN;
-    if constexpr (has_elig<R>()) { s.g_elig = smem.sub(at, NN); at += NN; }
-    s.staged = smem.sub(at, staged); at += staged;
-    s.segments = smem.sub(at, slices * C); at += slices * C;
-    s.col_post = smem.sub(at, slices * C); at += slices * C;
-    s.col_eta = smem.sub(at, slices * C); at += slices * C;
-    s.g_in = smem.sub(at, N); at += N;
-    s.g_pre = smem.sub(at, N); at += N;
-    s.g_eta = smem.sub(at, N); at += N;
+    s.g_hebb = smem.sub(at, NN);
+    at += NN;
+    if constexpr (has_elig<R>()) {
+      s.g_elig = smem.sub(at, NN);
+      at += NN;
+    }
+    s.staged = smem.sub(at, staged);
+    at += staged;
+    s.segments = smem.sub(at, slices * C);
+    at += slices * C;
+    s.col_post = smem.sub(at, slices * C);
+    at += slices * C;
+    s.col_eta = smem.sub(at, slices * C);
+    at += slices * C;
+    s.g_in = smem.sub(at, N);
+    at += N;
+    s.g_pre = smem.sub(at, N);
+    at += N;
+    s.g_eta = smem.sub(at, N);
+    at += N;
     s.g_u = smem.sub(at, N);
     return s;
   }
@@ -387,7 +402,7 @@ struct SequenceBackwardKernel {
     }
     const int64_t d = sub - sweep_phases();
     const int64_t row = (s - 1) * B + b;  // (step s, sample) row of the (T, B, .) sequences
-    if (d == 0) {  // matvec_done(t) and the first half of rule_done(s)
+    if (d == 0) {                         // matvec_done(t) and the first half of rule_done(s)
       if (j >= N || sr.r != 0) return;
       const T g_h = sh.g_in[j] + reg.pending;
       reg.pending = sh.g_pre[j];
@@ -463,8 +478,8 @@ struct SequenceBackwardKernel {
       T e = has_elig<R>() ? e_start[at] : T(0);
       for (int64_t t = start + 1; t < end; ++t) {
         T h_new, e_new = T(0);
-        rule_forward<R>(h, e, h_at(t - 1, b, i), h_at(t, b, j), eta_at(t, b, i, j), consts,
-                        h_new, e_new);
+        rule_forward<R>(h, e, h_at(t - 1, b, i), h_at(t, b, j), eta_at(t, b, i, j), consts, h_new,
+                        e_new);
         h = h_new;
         e = e_new;
         const int64_t slot = ((t - start - 1) * B + b) * NN + at;
@@ -482,12 +497,10 @@ struct SequenceBackwardKernel {
     const bool do_b = t <= steps, do_a = s >= 1;
     const int64_t j = sr.j, C = columns(), NN = N * N;
     const T g_u_j = do_b && j < N ? sh.g_u[j] : T(0);
-    const Span<const T> b_hebb = do_b ? trace_of(hebb0, ckpt_h, seg_h, t - 1, b)
-                                      : Span<const T>{};
-    const Span<const T> a_hebb = do_a ? trace_of(hebb0, ckpt_h, seg_h, s - 1, b)
-                                      : Span<const T>{};
-    const Span<const T> a_elig = do_a && has_elig<R>() ? trace_of(elig0, ckpt_e, seg_e, s - 1, b)
-                                                       : Span<const T>{};
+    const Span<const T> b_hebb = do_b ? trace_of(hebb0, ckpt_h, seg_h, t - 1, b) : Span<const T>{};
+    const Span<const T> a_hebb = do_a ? trace_of(hebb0, ckpt_h, seg_h, s - 1, b) : Span<const T>{};
+    const Span<const T> a_elig =
+        do_a && has_elig<R>() ? trace_of(elig0, ckpt_e, seg_e, s - 1, b) : Span<const T>{};
     for (int64_t r = 0; r < kRows; ++r) {
       const int64_t i = sr.i0 + c * kRows + r;
       T g_x = T(0), g_pre = T(0);
@@ -515,8 +528,10 @@ struct SequenceBackwardKernel {
             reg.rate += rg.elig_rate;
           }
           reg.post_acc += rg.post;
-          if constexpr (EM == EtaMode::PerPost) reg.eta_acc += rg.eta;
-          else g_eta_conn[b * NN + at] += rg.eta;
+          if constexpr (EM == EtaMode::PerPost)
+            reg.eta_acc += rg.eta;
+          else
+            g_eta_conn[b * NN + at] += rg.eta;
           g_pre = rg.pre;
         }
         sh.g_hebb[at] = g;

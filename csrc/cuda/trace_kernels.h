@@ -18,16 +18,16 @@
 
 namespace bp::kern {
 
-constexpr int kThreads = 128;       // threads per block = columns per tile
-constexpr int64_t kMaxChunk = 8;    // samples per batch chunk (per-thread register arrays)
-constexpr int64_t kStagePairs = 8;  // (row, sample) pairs whose row sums are staged at once
+constexpr int kThreads = 128;           // threads per block = columns per tile
+constexpr int64_t kMaxChunk = 8;        // samples per batch chunk (per-thread register arrays)
+constexpr int64_t kStagePairs = 8;      // (row, sample) pairs whose row sums are staged at once
 constexpr int64_t kTargetBlocks = 264;  // two waves on a 132-SM H100
 
 struct GpuTiling {
-  int64_t chunk_size, num_chunks;   // batch chunks
-  int64_t num_tiles;                // column tiles of kThreads columns
+  int64_t chunk_size, num_chunks;  // batch chunks
+  int64_t num_tiles;               // column tiles of kThreads columns
   int64_t block_rows, num_row_blocks;
-  int64_t stage_rows;               // rows per stage of the row sums
+  int64_t stage_rows;  // rows per stage of the row sums
 
   BP_KERNEL int64_t blocks() const { return num_chunks * num_tiles * num_row_blocks; }
 };
@@ -261,31 +261,32 @@ struct BackwardKernel {
 
   // Phase 0 of a stage: rows [row0, row0 + stage_rows) x the chunk's samples. Staged layout:
   // (kind: 0 = dL/dx of the matvec, 1 = dL/dpre of the rule) x (row, sample) x thread.
-  BP_KERNEL void compute_stage(const BlockRange& r, int64_t j, int tid, int64_t row0,
-                               int64_t pairs, Regs& reg, const Span<T>& staged) const {
+  BP_KERNEL void compute_stage(const BlockRange& r, int64_t j, int tid, int64_t row0, int64_t pairs,
+                               Regs& reg, const Span<T>& staged) const {
     for (int64_t k = 0; k < tl.stage_rows; ++k) {
       const int64_t i = row0 + k;
       const bool row_ok = i < r.i1 && j < N;
       T g_alpha_ij = T(0), g_eta_ij = T(0);
       BP_UNROLL  // the constant bound keeps reg's per-sample arrays in registers
-      for (int bb = 0; bb < kMaxChunk; ++bb) {
+          for (int bb = 0; bb < kMaxChunk; ++bb) {
         if (bb >= tl.chunk_size) continue;
         T g_x = T(0), g_pre = T(0);
-        if (row_ok && bb < r.nb) element(r.b0 + bb, i, j, bb, reg, g_x, g_pre, g_alpha_ij,
-                                         g_eta_ij);
+        if (row_ok && bb < r.nb)
+          element(r.b0 + bb, i, j, bb, reg, g_x, g_pre, g_alpha_ij, g_eta_ij);
         const int64_t pair = k * tl.chunk_size + bb;
         staged[pair * kStagedStride + tid] = g_x;
         staged[(pairs + pair) * kStagedStride + tid] = g_pre;
       }
       if (!row_ok) continue;
-      if constexpr (DO_B && AM == AlphaMode::Full) g_alpha_acc[(r.chunk * P + i) * N + j] += g_alpha_ij;
+      if constexpr (DO_B && AM == AlphaMode::Full)
+        g_alpha_acc[(r.chunk * P + i) * N + j] += g_alpha_ij;
       if constexpr (DO_A && EM == EtaMode::PerConnection)
         g_eta_conn[(r.chunk * P + i) * N + j] += g_eta_ij;
     }
   }
 
-  BP_KERNEL void element(int64_t b, int64_t i, int64_t j, int64_t bb, Regs& reg, T& g_x,
-                         T& g_pre, T& g_alpha_ij, T& g_eta_ij) const {
+  BP_KERNEL void element(int64_t b, int64_t i, int64_t j, int64_t bb, Regs& reg, T& g_x, T& g_pre,
+                         T& g_alpha_ij, T& g_eta_ij) const {
     const int64_t off = (b * P + i) * N + j;
     T g = g_hebb[off];
     if constexpr (DO_B) {
@@ -301,17 +302,19 @@ struct BackwardKernel {
     if constexpr (DO_A) {
       const T g_elig_out = has_elig<R>() ? g_elig[off] : T(0);
       const T e = has_elig<R>() ? a_elig[off] : T(0);
-      const RuleGrads<T> rg = rule_backward<R>(g, g_elig_out, a_hebb[off], e, a_pre[b * P + i],
-                                               a_post[b * N + j], eta_of<EM>(a_eta, b, i, j, N),
-                                               rule_consts<R>(clip, elig_rate));
+      const RuleGrads<T> rg =
+          rule_backward<R>(g, g_elig_out, a_hebb[off], e, a_pre[b * P + i], a_post[b * N + j],
+                           eta_of<EM>(a_eta, b, i, j, N), rule_consts<R>(clip, elig_rate));
       g = rg.hebb;
       if constexpr (has_elig<R>()) {
         g_elig[off] = rg.elig;
         reg.rate += rg.elig_rate;
       }
       reg.post_acc[bb] += rg.post;
-      if constexpr (EM == EtaMode::PerPost) reg.eta_acc[bb] += rg.eta;
-      else g_eta_ij += rg.eta;
+      if constexpr (EM == EtaMode::PerPost)
+        reg.eta_acc[bb] += rg.eta;
+      else
+        g_eta_ij += rg.eta;
       g_pre = rg.pre;
     }
     g_hebb[off] = g;

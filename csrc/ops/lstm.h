@@ -108,9 +108,8 @@ Tensors<15> sequence_backward(const Backend& be, const LstmConfig& lc, const Pla
       const WholeBackward w = whole_sequence_backward<T>(be, c, in, grad_out, saved, h0, seq.out,
                                                          std::nullopt, &cell, &cell_saved, L);
       const TraceBackward& r = w.r;
-      auto [g_x, g_h0, g_h2g_w, g_h2g_b] =
-          gate_grads(h0, seq.out, lw, w.g_u, w.g_ifo, r.g_h0, be);
-      return {g_x,       g_h0,    w.g_c0,   r.g_hebb,    r.g_elig,    g_h2g_w,   g_h2g_b, r.g_w,
+      auto [g_x, g_h0, g_h2g_w, g_h2g_b] = gate_grads(h0, seq.out, lw, w.g_u, w.g_ifo, r.g_h0, be);
+      return {g_x,       g_h0,    w.g_c0,   r.g_hebb,    r.g_elig,    g_h2g_w,   g_h2g_b,  r.g_w,
               r.g_alpha, r.g_eta, r.g_rate, r.g_h2mod_w, r.g_h2mod_b, r.g_fan_w, r.g_fan_b};
     }
   }
@@ -124,7 +123,7 @@ Tensors<15> sequence_backward(const Backend& be, const LstmConfig& lc, const Pla
   // h2g^T, made contiguous once.
   const Tensor h2g_w_t = T_ > 1 ? lw.h2g_weight.t().contiguous() : Tensor();
   Tensor g_h_gates = at::empty({T_ > 1 ? B : 0, N}, opts);
-  Tensor g_c;                                      // dL/dc_s, carried down to step s - 1
+  Tensor g_c;  // dL/dc_s, carried down to step s - 1
 
   auto finish = [&](int64_t s, const StepGrads& g) {
     const bool last = s == T_;
@@ -160,24 +159,25 @@ Tensors<15> sequence_backward(const Backend& be, const LstmConfig& lc, const Pla
   // c_0 feeds step 1's cell.
   Tensor g_c0 = g_c * seq.gates.select(0, 0).select(0, kGateF);
   auto [g_x, g_h0, g_h2g_w, g_h2g_b] = gate_grads(h0, seq.out, lw, g_u, g_ifo, r.g_h0, be);
-  return {g_x,     g_h0,    g_c0,     r.g_hebb, r.g_elig,    g_h2g_w,     g_h2g_b,   r.g_w,
+  return {g_x,       g_h0,    g_c0,     r.g_hebb,    r.g_elig,    g_h2g_w,   g_h2g_b,  r.g_w,
           r.g_alpha, r.g_eta, r.g_rate, r.g_h2mod_w, r.g_h2mod_b, r.g_fan_w, r.g_fan_b};
 }
 
 }  // namespace lstm_detail
 
 template <class Backend>
-Tensors<9> plastic_lstm_sequence(
-    const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& hebb0,
-    const OptTensor& elig0, const Tensor& h2g_weight, const Tensor& h2g_bias, const Tensor& w,
-    const Tensor& alpha, const OptTensor& eta, const OptTensor& elig_rate,
-    const OptTensor& h2mod_weight, const OptTensor& h2mod_bias, const OptTensor& fanout_weight,
-    const OptTensor& fanout_bias, const std::string& rule, double clip,
-    const std::string& modulator_input, int64_t checkpoint_every) {
+Tensors<9> plastic_lstm_sequence(const Tensor& x, const Tensor& h0, const Tensor& c0,
+                                 const Tensor& hebb0, const OptTensor& elig0,
+                                 const Tensor& h2g_weight, const Tensor& h2g_bias, const Tensor& w,
+                                 const Tensor& alpha, const OptTensor& eta,
+                                 const OptTensor& elig_rate, const OptTensor& h2mod_weight,
+                                 const OptTensor& h2mod_bias, const OptTensor& fanout_weight,
+                                 const OptTensor& fanout_bias, const std::string& rule, double clip,
+                                 const std::string& modulator_input, int64_t checkpoint_every) {
   const char* op = "plastic_lstm_sequence";
   const c10::DeviceGuard guard(x.device());
-  const PlasticInputs in{hebb0, elig0, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
-                         fanout_weight, fanout_bias};
+  const PlasticInputs in{hebb0,     elig0,        w,          alpha,         eta,
+                         elig_rate, h2mod_weight, h2mod_bias, fanout_weight, fanout_bias};
   const LstmConfig lc = check_lstm_inputs(op, x, 4, h0, c0, h2g_weight, h2g_bias, in, rule, clip,
                                           modulator_input, true);
   check_checkpoint_every(op, checkpoint_every);
@@ -202,18 +202,26 @@ Tensors<15> plastic_lstm_sequence_backward(
     const Tensor& elig_checkpoints, int64_t checkpoint_every) {
   const char* op = "plastic_lstm_sequence_backward";
   const c10::DeviceGuard guard(h0.device());
-  const PlasticInputs in{hebb0, elig0, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
-                         fanout_weight, fanout_bias};
-  const LstmConfig lc = check_lstm_inputs(op, out, 1, h0, c0, h2g_weight, h2g_bias, in, rule,
-                                          clip, modulator_input, true, "out");
+  const PlasticInputs in{hebb0,     elig0,        w,          alpha,         eta,
+                         elig_rate, h2mod_weight, h2mod_bias, fanout_weight, fanout_bias};
+  const LstmConfig lc = check_lstm_inputs(op, out, 1, h0, c0, h2g_weight, h2g_bias, in, rule, clip,
+                                          modulator_input, true, "out");
   const PlasticConfig& c = lc.plastic;
   check_recurrent_backward(op, c, out,
-                           {true, {{"grad_out", grad_out}, {"grad_c", grad_c}}, grad_hebb,
-                            grad_elig, grad_m, {{"c_seq", c_seq}}, &gates, {"m", m},
-                            {"eta_seq", eta_seq}, &hebb_checkpoints, &elig_checkpoints,
+                           {true,
+                            {{"grad_out", grad_out}, {"grad_c", grad_c}},
+                            grad_hebb,
+                            grad_elig,
+                            grad_m,
+                            {{"c_seq", c_seq}},
+                            &gates,
+                            {"m", m},
+                            {"eta_seq", eta_seq},
+                            &hebb_checkpoints,
+                            &elig_checkpoints,
                             checkpoint_every});
-  const TraceSaved saved{m, eta_seq, hebb_checkpoints, elig_checkpoints,
-                         grad_hebb, grad_elig, grad_m};
+  const TraceSaved saved{m,         eta_seq, hebb_checkpoints, elig_checkpoints, grad_hebb,
+                         grad_elig, grad_m};
   const Backend be(out.options());
   const bool whole = takes_whole_sequence(be, Cell::Lstm, c, out);
   return dispatch_float(out, op, [&]<typename T>() {
@@ -224,29 +232,31 @@ Tensors<15> plastic_lstm_sequence_backward(
 }
 
 template <class Backend>
-Tensors<7> plastic_lstm_step(
-    const Tensor& x, const Tensor& h, const Tensor& c, const Tensor& hebb, const OptTensor& elig,
-    const Tensor& h2g_weight, const Tensor& h2g_bias, const Tensor& w, const Tensor& alpha,
-    const OptTensor& eta, const OptTensor& elig_rate, const OptTensor& h2mod_weight,
-    const OptTensor& h2mod_bias, const OptTensor& fanout_weight, const OptTensor& fanout_bias,
-    const std::string& rule, double clip, const std::string& modulator_input) {
+Tensors<7> plastic_lstm_step(const Tensor& x, const Tensor& h, const Tensor& c, const Tensor& hebb,
+                             const OptTensor& elig, const Tensor& h2g_weight,
+                             const Tensor& h2g_bias, const Tensor& w, const Tensor& alpha,
+                             const OptTensor& eta, const OptTensor& elig_rate,
+                             const OptTensor& h2mod_weight, const OptTensor& h2mod_bias,
+                             const OptTensor& fanout_weight, const OptTensor& fanout_bias,
+                             const std::string& rule, double clip,
+                             const std::string& modulator_input) {
   const char* op = "plastic_lstm_step";
   const c10::DeviceGuard guard(x.device());
-  const PlasticInputs in{hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
-                         fanout_weight, fanout_bias};
+  const PlasticInputs in{hebb,      elig,         w,          alpha,         eta,
+                         elig_rate, h2mod_weight, h2mod_bias, fanout_weight, fanout_bias};
   const LstmConfig lc = check_lstm_inputs(op, x, 4, h, c, h2g_weight, h2g_bias, in, rule, clip,
                                           modulator_input, false);
   const Backend be(x.options());
   const bool whole = takes_whole_sequence(be, Cell::Lstm, lc.plastic, x);
   auto [out, c_seq, hebb_new, elig_new, m, eta_seq, gates, ckpt_h, ckpt_e] =
       dispatch_float(x, op, [&]<typename T>() {
-    return lstm_detail::sequence_forward<T>(be, lc, in, x.unsqueeze(0), h, c,
-                                            {h2g_weight, h2g_bias}, 1, whole);
-  });
+        return lstm_detail::sequence_forward<T>(be, lc, in, x.unsqueeze(0), h, c,
+                                                {h2g_weight, h2g_bias}, 1, whole);
+      });
   // eta_t (B, N) is kept for the backward only when the rate is computed by the modulator.
   Tensor eta_t = eta_seq.numel() > 0 ? eta_seq.squeeze(0) : at::empty({0}, x.options());
-  return {out.squeeze(0), c_seq.squeeze(0), hebb_new, elig_new, m.squeeze(0), eta_t,
-          gates.squeeze(0)};
+  return {out.squeeze(0), c_seq.squeeze(0), hebb_new, elig_new, m.squeeze(0),
+          eta_t,          gates.squeeze(0)};
 }
 
 template <class Backend>
@@ -257,23 +267,32 @@ Tensors<15> plastic_lstm_step_backward(
     const Tensor& w, const Tensor& alpha, const OptTensor& eta, const OptTensor& elig_rate,
     const OptTensor& h2mod_weight, const OptTensor& h2mod_bias, const OptTensor& fanout_weight,
     const OptTensor& fanout_bias, const std::string& rule, double clip,
-    const std::string& modulator_input, const Tensor& h_new, const Tensor& c_new,
-    const Tensor& m, const Tensor& eta_t, const Tensor& gates) {
+    const std::string& modulator_input, const Tensor& h_new, const Tensor& c_new, const Tensor& m,
+    const Tensor& eta_t, const Tensor& gates) {
   const char* op = "plastic_lstm_step_backward";
   const c10::DeviceGuard guard(h.device());
-  const PlasticInputs in{hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
-                         fanout_weight, fanout_bias};
-  const LstmConfig lc = check_lstm_inputs(op, h_new, 1, h, c, h2g_weight, h2g_bias, in, rule,
-                                          clip, modulator_input, false, "h_new");
+  const PlasticInputs in{hebb,      elig,         w,          alpha,         eta,
+                         elig_rate, h2mod_weight, h2mod_bias, fanout_weight, fanout_bias};
+  const LstmConfig lc = check_lstm_inputs(op, h_new, 1, h, c, h2g_weight, h2g_bias, in, rule, clip,
+                                          modulator_input, false, "h_new");
   const PlasticConfig& pc = lc.plastic;
   check_recurrent_backward(op, pc, h_new,
-                           {false, {{"grad_h_new", grad_h_new}, {"grad_c_new", grad_c_new}},
-                            grad_hebb, grad_elig, grad_m, {{"c_new", c_new}}, &gates, {"m", m},
-                            {"eta_t", eta_t}, nullptr, nullptr, 0});
+                           {false,
+                            {{"grad_h_new", grad_h_new}, {"grad_c_new", grad_c_new}},
+                            grad_hebb,
+                            grad_elig,
+                            grad_m,
+                            {{"c_new", c_new}},
+                            &gates,
+                            {"m", m},
+                            {"eta_t", eta_t},
+                            nullptr,
+                            nullptr,
+                            0});
   const Tensor out = h_new.unsqueeze(0), c_seq = c_new.unsqueeze(0), m_seq = m.unsqueeze(0);
   const Tensor gates_seq = gates.unsqueeze(0);
-  const OptTensor g_out = unsqueeze0(grad_h_new),
-                  g_c = unsqueeze0(grad_c_new), g_m = unsqueeze0(grad_m);
+  const OptTensor g_out = unsqueeze0(grad_h_new), g_c = unsqueeze0(grad_c_new),
+                  g_m = unsqueeze0(grad_m);
   const Tensor no_ckpt = at::empty({0, pc.B, pc.N, pc.N}, h_new.options());
   const Tensor eta_seq = eta_t.numel() > 0 ? eta_t.unsqueeze(0) : eta_t;
   const TraceSaved saved{m_seq, eta_seq, no_ckpt, no_ckpt, grad_hebb, grad_elig, g_m};

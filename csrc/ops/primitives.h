@@ -14,8 +14,7 @@
 namespace bp {
 
 template <class Backend>
-Tensor plastic_matvec(const Tensor& x, const Tensor& w, const Tensor& alpha,
-                          const Tensor& hebb) {
+Tensor plastic_matvec(const Tensor& x, const Tensor& w, const Tensor& alpha, const Tensor& hebb) {
   const char* op = "plastic_matvec";
   const c10::DeviceGuard guard(x.device());
   const AlphaMode am = check_matvec_inputs(op, x, w, alpha, hebb);
@@ -24,7 +23,9 @@ Tensor plastic_matvec(const Tensor& x, const Tensor& w, const Tensor& alpha,
   const Backend be(x.options());
   dispatch_float(x, op, [&]<typename T>() {
     ForwardPassParams<T> fp{};
-    fp.B = B; fp.P = P; fp.N = N;
+    fp.B = B;
+    fp.P = P;
+    fp.N = N;
     fp.matvec = true;
     fp.hebb = hebb.data_ptr<T>();
     fp.matvec_in = x.data_ptr<T>();
@@ -37,9 +38,8 @@ Tensor plastic_matvec(const Tensor& x, const Tensor& w, const Tensor& alpha,
 }
 
 template <class Backend>
-Tensors<4> plastic_matvec_backward(const Tensor& grad_u, const Tensor& x,
-                                                const Tensor& w, const Tensor& alpha,
-                                                const Tensor& hebb) {
+Tensors<4> plastic_matvec_backward(const Tensor& grad_u, const Tensor& x, const Tensor& w,
+                                   const Tensor& alpha, const Tensor& hebb) {
   const char* op = "plastic_matvec_backward";
   const c10::DeviceGuard guard(x.device());
   const AlphaMode am = check_matvec_backward_inputs(op, grad_u, x, w, alpha, hebb);
@@ -53,7 +53,9 @@ Tensors<4> plastic_matvec_backward(const Tensor& grad_u, const Tensor& x,
   Tensor g_alpha = at::empty(alpha.sizes(), x.options());
   dispatch_float(x, op, [&]<typename T>() {
     BackwardPassParams<T> p{};
-    p.B = B; p.P = P; p.N = N;
+    p.B = B;
+    p.P = P;
+    p.N = N;
     p.do_b = true;
     p.g_hebb = g_hebb.data_ptr<T>();
     p.g_u = grad_u.data_ptr<T>();
@@ -71,10 +73,9 @@ Tensors<4> plastic_matvec_backward(const Tensor& grad_u, const Tensor& x,
 }
 
 template <class Backend>
-Tensors<2> hebb_update(const Tensor& hebb, const Tensor& pre, const Tensor& post,
-                                    const Tensor& eta, const OptTensor& elig,
-                                    const OptTensor& elig_rate, const std::string& rule,
-                                    double clip) {
+Tensors<2> hebb_update(const Tensor& hebb, const Tensor& pre, const Tensor& post, const Tensor& eta,
+                       const OptTensor& elig, const OptTensor& elig_rate, const std::string& rule,
+                       double clip) {
   const char* op = "hebb_update";
   const c10::DeviceGuard guard(hebb.device());
   const PassModes modes =
@@ -84,7 +85,9 @@ Tensors<2> hebb_update(const Tensor& hebb, const Tensor& pre, const Tensor& post
   Tensor elig_new = retro ? at::empty_like(hebb) : at::empty({0}, hebb.options());
   dispatch_float(hebb, op, [&]<typename T>() {
     ForwardPassParams<T> fp{};
-    fp.B = hebb.size(0); fp.P = hebb.size(1); fp.N = hebb.size(2);
+    fp.B = hebb.size(0);
+    fp.P = hebb.size(1);
+    fp.N = hebb.size(2);
     fp.update = true;
     fp.hebb = hebb.data_ptr<T>();
     fp.hebb_out = hebb_new.data_ptr<T>();
@@ -101,12 +104,10 @@ Tensors<2> hebb_update(const Tensor& hebb, const Tensor& pre, const Tensor& post
 }
 
 template <class Backend>
-Tensors<6> hebb_update_backward(const OptTensor& grad_hebb_new,
-                                             const OptTensor& grad_elig_new, const Tensor& hebb,
-                                             const Tensor& pre, const Tensor& post,
-                                             const Tensor& eta, const OptTensor& elig,
-                                             const OptTensor& elig_rate, const std::string& rule,
-                                             double clip) {
+Tensors<6> hebb_update_backward(const OptTensor& grad_hebb_new, const OptTensor& grad_elig_new,
+                                const Tensor& hebb, const Tensor& pre, const Tensor& post,
+                                const Tensor& eta, const OptTensor& elig,
+                                const OptTensor& elig_rate, const std::string& rule, double clip) {
   const char* op = "hebb_update_backward";
   const c10::DeviceGuard guard(hebb.device());
   const PassModes modes = check_hebb_update_backward_inputs(
@@ -118,19 +119,22 @@ Tensors<6> hebb_update_backward(const OptTensor& grad_hebb_new,
   const auto tl = be.tiling(B, P, N);
   const auto opts = hebb.options();
   Tensor g_hebb = grad_hebb_new.has_value() ? grad_hebb_new->clone() : at::zeros_like(hebb);
-  Tensor g_elig = !retro ? at::empty({0}, opts)
-                  : grad_elig_new.has_value() ? grad_elig_new->clone() : at::zeros_like(hebb);
+  Tensor g_elig = !retro                      ? at::empty({0}, opts)
+                  : grad_elig_new.has_value() ? grad_elig_new->clone()
+                                              : at::zeros_like(hebb);
   Tensor g_pre_part = at::empty({be.column_tiles(tl), B, P}, opts);
   Tensor g_post = at::empty({B, N}, opts);
-  Tensor g_eta_acc = eta_conn ? at::zeros({be.eta_acc_rows(tl), P, N}, opts)
-                              : at::empty({B, N}, opts);
+  Tensor g_eta_acc =
+      eta_conn ? at::zeros({be.eta_acc_rows(tl), P, N}, opts) : at::empty({B, N}, opts);
   Tensor g_rate_acc = at::zeros({be.rate_acc_size(tl)}, opts);
   Tensor g_pre = at::empty({B, P}, opts);
   Tensor g_eta = eta_conn ? at::empty({1, P, N}, opts) : g_eta_acc.view({B, 1, N});
   Tensor g_rate = retro ? at::empty({}, opts) : at::empty({0}, opts);
   dispatch_float(hebb, op, [&]<typename T>() {
     BackwardPassParams<T> p{};
-    p.B = B; p.P = P; p.N = N;
+    p.B = B;
+    p.P = P;
+    p.N = N;
     p.do_a = true;
     p.g_hebb = g_hebb.data_ptr<T>();
     p.g_elig = retro ? g_elig.data_ptr<T>() : nullptr;

@@ -28,8 +28,8 @@ inline void cell_forward(Tensor& h, const Tensor& x, const Tensor& u, const OptT
 
 template <typename T, class Backend>
 Tensors<7> sequence_forward(const Backend& be, const PlasticConfig& c, const PlasticInputs& in,
-                            const Tensor& x, const Tensor& h0, const OptTensor& clamp,
-                            int64_t L, bool whole) {
+                            const Tensor& x, const Tensor& h0, const OptTensor& clamp, int64_t L,
+                            bool whole) {
   if constexpr (Backend::kWholeSequence) {
     if (whole) {
       WholeForward f = whole_sequence_forward<T>(be, c, in, x, h0, clamp, nullptr, L);
@@ -47,15 +47,13 @@ Tensors<7> sequence_forward(const Backend& be, const PlasticConfig& c, const Pla
 }
 
 template <typename T, class Backend>
-Tensors<12> sequence_backward(const Backend& be, const PlasticConfig& c,
-                              const PlasticInputs& in, const OptTensor& grad_out,
-                              const TraceSaved& saved, const Tensor& h0, const Tensor& out,
-                              const OptTensor& clamp, int64_t L, bool whole) {
+Tensors<12> sequence_backward(const Backend& be, const PlasticConfig& c, const PlasticInputs& in,
+                              const OptTensor& grad_out, const TraceSaved& saved, const Tensor& h0,
+                              const Tensor& out, const OptTensor& clamp, int64_t L, bool whole) {
   if constexpr (Backend::kWholeSequence) {
     if (whole) {
-      const WholeBackward w =
-          whole_sequence_backward<T>(be, c, in, grad_out, saved, h0, out, clamp, nullptr, nullptr,
-                                     L);
+      const WholeBackward w = whole_sequence_backward<T>(be, c, in, grad_out, saved, h0, out, clamp,
+                                                         nullptr, nullptr, L);
       const TraceBackward& r = w.r;
       return {w.g_x,   r.g_h0,   r.g_hebb,    r.g_elig,    r.g_w,     r.g_alpha,
               r.g_eta, r.g_rate, r.g_h2mod_w, r.g_h2mod_b, r.g_fan_w, r.g_fan_b};
@@ -98,13 +96,19 @@ Tensors<3> rollout_step(const Backend& be, const PlasticConfig& c, const Plastic
   const auto opts = x.options();
   const auto tl = be.tiling(B, N, N);
   ForwardPassParams<T> fp{};
-  fp.B = B; fp.P = N; fp.N = N;
-  fp.w = p.w; fp.alpha = p.alpha; fp.rule_args = p.rule_args;
+  fp.B = B;
+  fp.P = N;
+  fp.N = N;
+  fp.w = p.w;
+  fp.alpha = p.alpha;
+  fp.rule_args = p.rule_args;
   fp.hebb = a.hebb.data_ptr<T>();
   Tensor u_t = u.has_value() ? *u : at::empty({B, N}, opts);
   if (!u.has_value()) {
-    fp.update = false; fp.matvec = true;
-    fp.matvec_in = h.data_ptr<T>(); fp.u = u_t.data_ptr<T>();
+    fp.update = false;
+    fp.matvec = true;
+    fp.matvec_in = h.data_ptr<T>();
+    fp.u = u_t.data_ptr<T>();
     be.forward(fp, c.modes, tl);
   }
   Tensor h_new = at::empty({B, N}, opts);
@@ -116,14 +120,18 @@ Tensors<3> rollout_step(const Backend& be, const PlasticConfig& c, const Plastic
     modulate(c, a, h_new, m, eta_t);
   }
   Tensor u_next = at::empty({B, N}, opts);
-  fp.update = true; fp.matvec = true;
+  fp.update = true;
+  fp.matvec = true;
   // In place or not, the pass reads each element before it writes it.
   fp.hebb_out = (hebb_out.has_value() ? *hebb_out : a.hebb).data_ptr<T>();
   const OptTensor& new_elig = elig_out.has_value() ? elig_out : a.elig;
   fp.elig = a.elig.has_value() ? a.elig->data_ptr<T>() : nullptr;
   fp.elig_out = new_elig.has_value() ? new_elig->data_ptr<T>() : nullptr;
-  fp.pre = h.data_ptr<T>(); fp.post = h_new.data_ptr<T>(); fp.eta = eta_t.data_ptr<T>();
-  fp.matvec_in = h_new.data_ptr<T>(); fp.u = u_next.data_ptr<T>();
+  fp.pre = h.data_ptr<T>();
+  fp.post = h_new.data_ptr<T>();
+  fp.eta = eta_t.data_ptr<T>();
+  fp.matvec_in = h_new.data_ptr<T>();
+  fp.u = u_next.data_ptr<T>();
   be.forward(fp, c.modes, tl);
   return {h_new, u_next, m};
 }
@@ -131,16 +139,17 @@ Tensors<3> rollout_step(const Backend& be, const PlasticConfig& c, const Plastic
 }  // namespace rnn_detail
 
 template <class Backend>
-Tensors<7> plastic_rnn_sequence(
-    const Tensor& x, const Tensor& h0, const Tensor& hebb0, const OptTensor& elig0,
-    const Tensor& w, const Tensor& alpha, const OptTensor& eta, const OptTensor& elig_rate,
-    const OptTensor& h2mod_weight, const OptTensor& h2mod_bias, const OptTensor& fanout_weight,
-    const OptTensor& fanout_bias, const std::string& rule, double clip, int64_t checkpoint_every,
-    const OptTensor& clamp) {
+Tensors<7> plastic_rnn_sequence(const Tensor& x, const Tensor& h0, const Tensor& hebb0,
+                                const OptTensor& elig0, const Tensor& w, const Tensor& alpha,
+                                const OptTensor& eta, const OptTensor& elig_rate,
+                                const OptTensor& h2mod_weight, const OptTensor& h2mod_bias,
+                                const OptTensor& fanout_weight, const OptTensor& fanout_bias,
+                                const std::string& rule, double clip, int64_t checkpoint_every,
+                                const OptTensor& clamp) {
   const char* op = "plastic_rnn_sequence";
   const c10::DeviceGuard guard(x.device());
-  const PlasticInputs in{hebb0, elig0, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
-                         fanout_weight, fanout_bias};
+  const PlasticInputs in{hebb0,     elig0,        w,          alpha,         eta,
+                         elig_rate, h2mod_weight, h2mod_bias, fanout_weight, fanout_bias};
   const PlasticConfig c = check_rnn_inputs(op, x, h0, in, rule, clip, true);
   check_checkpoint_every(op, checkpoint_every);
   check_clamp(op, clamp, x);
@@ -162,16 +171,25 @@ Tensors<12> plastic_rnn_sequence_backward(
     const Tensor& elig_checkpoints, int64_t checkpoint_every, const OptTensor& clamp) {
   const char* op = "plastic_rnn_sequence_backward";
   const c10::DeviceGuard guard(h0.device());
-  const PlasticInputs in{hebb0, elig0, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
-                         fanout_weight, fanout_bias};
+  const PlasticInputs in{hebb0,     elig0,        w,          alpha,         eta,
+                         elig_rate, h2mod_weight, h2mod_bias, fanout_weight, fanout_bias};
   const PlasticConfig c = check_rnn_inputs(op, out, h0, in, rule, clip, true, "out");
   check_clamp(op, clamp, out);
   check_recurrent_backward(op, c, out,
-                           {true, {{"grad_out", grad_out}}, grad_hebb, grad_elig, grad_m, {},
-                            nullptr, {"m", m}, {"eta_seq", eta_seq}, &hebb_checkpoints,
-                            &elig_checkpoints, checkpoint_every});
-  const TraceSaved saved{m, eta_seq, hebb_checkpoints, elig_checkpoints,
-                         grad_hebb, grad_elig, grad_m};
+                           {true,
+                            {{"grad_out", grad_out}},
+                            grad_hebb,
+                            grad_elig,
+                            grad_m,
+                            {},
+                            nullptr,
+                            {"m", m},
+                            {"eta_seq", eta_seq},
+                            &hebb_checkpoints,
+                            &elig_checkpoints,
+                            checkpoint_every});
+  const TraceSaved saved{m,         eta_seq, hebb_checkpoints, elig_checkpoints, grad_hebb,
+                         grad_elig, grad_m};
   const Backend be(out.options());
   const bool whole = takes_whole_sequence(be, Cell::Tanh, c, out);
   return dispatch_float(out, op, [&]<typename T>() {
@@ -181,46 +199,59 @@ Tensors<12> plastic_rnn_sequence_backward(
 }
 
 template <class Backend>
-Tensors<5> plastic_rnn_step(
-    const Tensor& x, const Tensor& h, const Tensor& hebb, const OptTensor& elig, const Tensor& w,
-    const Tensor& alpha, const OptTensor& eta, const OptTensor& elig_rate,
-    const OptTensor& h2mod_weight, const OptTensor& h2mod_bias, const OptTensor& fanout_weight,
-    const OptTensor& fanout_bias, const std::string& rule, double clip, const OptTensor& clamp) {
+Tensors<5> plastic_rnn_step(const Tensor& x, const Tensor& h, const Tensor& hebb,
+                            const OptTensor& elig, const Tensor& w, const Tensor& alpha,
+                            const OptTensor& eta, const OptTensor& elig_rate,
+                            const OptTensor& h2mod_weight, const OptTensor& h2mod_bias,
+                            const OptTensor& fanout_weight, const OptTensor& fanout_bias,
+                            const std::string& rule, double clip, const OptTensor& clamp) {
   const char* op = "plastic_rnn_step";
   const c10::DeviceGuard guard(x.device());
-  const PlasticInputs in{hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
-                         fanout_weight, fanout_bias};
+  const PlasticInputs in{hebb,      elig,         w,          alpha,         eta,
+                         elig_rate, h2mod_weight, h2mod_bias, fanout_weight, fanout_bias};
   const PlasticConfig c = check_rnn_inputs(op, x, h, in, rule, clip, false);
   check_clamp(op, clamp, x);
   const Backend be(x.options());
   const bool whole = takes_whole_sequence(be, Cell::Tanh, c, x);
   auto [out, hebb_new, elig_new, m, eta_seq, ckpt_h, ckpt_e] =
       dispatch_float(x, op, [&]<typename T>() {
-    return rnn_detail::sequence_forward<T>(be, c, in, x.unsqueeze(0), h, unsqueeze0(clamp), 1,
-                                           whole);
-  });
+        return rnn_detail::sequence_forward<T>(be, c, in, x.unsqueeze(0), h, unsqueeze0(clamp), 1,
+                                               whole);
+      });
   // eta_t (B, N) is kept for the backward only when the rate is computed by the modulator.
   Tensor eta_t = eta_seq.numel() > 0 ? eta_seq.squeeze(0) : at::empty({0}, x.options());
   return {out.squeeze(0), hebb_new, elig_new, m.squeeze(0), eta_t};
 }
 
 template <class Backend>
-Tensors<12> plastic_rnn_step_backward(
-    const OptTensor& grad_h_new, const OptTensor& grad_hebb, const OptTensor& grad_elig,
-    const OptTensor& grad_m, const Tensor& h, const Tensor& hebb, const OptTensor& elig,
-    const Tensor& w, const Tensor& alpha, const OptTensor& eta, const OptTensor& elig_rate,
-    const OptTensor& h2mod_weight, const OptTensor& h2mod_bias, const OptTensor& fanout_weight,
-    const OptTensor& fanout_bias, const std::string& rule, double clip, const Tensor& h_new,
-    const Tensor& m, const Tensor& eta_t, const OptTensor& clamp) {
+Tensors<12> plastic_rnn_step_backward(const OptTensor& grad_h_new, const OptTensor& grad_hebb,
+                                      const OptTensor& grad_elig, const OptTensor& grad_m,
+                                      const Tensor& h, const Tensor& hebb, const OptTensor& elig,
+                                      const Tensor& w, const Tensor& alpha, const OptTensor& eta,
+                                      const OptTensor& elig_rate, const OptTensor& h2mod_weight,
+                                      const OptTensor& h2mod_bias, const OptTensor& fanout_weight,
+                                      const OptTensor& fanout_bias, const std::string& rule,
+                                      double clip, const Tensor& h_new, const Tensor& m,
+                                      const Tensor& eta_t, const OptTensor& clamp) {
   const char* op = "plastic_rnn_step_backward";
   const c10::DeviceGuard guard(h.device());
-  const PlasticInputs in{hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
-                         fanout_weight, fanout_bias};
+  const PlasticInputs in{hebb,      elig,         w,          alpha,         eta,
+                         elig_rate, h2mod_weight, h2mod_bias, fanout_weight, fanout_bias};
   const PlasticConfig c = check_rnn_inputs(op, h_new, h, in, rule, clip, false, "h_new");
   check_clamp(op, clamp, h_new);
   check_recurrent_backward(op, c, h_new,
-                           {false, {{"grad_h_new", grad_h_new}}, grad_hebb, grad_elig, grad_m, {},
-                            nullptr, {"m", m}, {"eta_t", eta_t}, nullptr, nullptr, 0});
+                           {false,
+                            {{"grad_h_new", grad_h_new}},
+                            grad_hebb,
+                            grad_elig,
+                            grad_m,
+                            {},
+                            nullptr,
+                            {"m", m},
+                            {"eta_t", eta_t},
+                            nullptr,
+                            nullptr,
+                            0});
   const int64_t B = c.B, N = c.N;
   const Tensor no_ckpt = at::empty({0, B, N, N}, h_new.options());
   const Tensor eta_seq = eta_t.numel() > 0 ? eta_t.unsqueeze(0) : eta_t;
@@ -243,24 +274,26 @@ Tensors<12> plastic_rnn_step_backward(
 // trace once per step, as the sequence op does (the step op sweeps it twice and allocates new
 // traces). No autograd.
 template <class Backend>
-Tensors<3> plastic_rnn_rollout_step(
-    const Tensor& x, const OptTensor& u, const Tensor& h, const Tensor& hebb,
-    const OptTensor& elig, const Tensor& w, const Tensor& alpha, const OptTensor& eta,
-    const OptTensor& elig_rate, const OptTensor& h2mod_weight, const OptTensor& h2mod_bias,
-    const OptTensor& fanout_weight, const OptTensor& fanout_bias, const std::string& rule,
-    double clip, const OptTensor& clamp, const OptTensor& hebb_out, const OptTensor& elig_out) {
+Tensors<3> plastic_rnn_rollout_step(const Tensor& x, const OptTensor& u, const Tensor& h,
+                                    const Tensor& hebb, const OptTensor& elig, const Tensor& w,
+                                    const Tensor& alpha, const OptTensor& eta,
+                                    const OptTensor& elig_rate, const OptTensor& h2mod_weight,
+                                    const OptTensor& h2mod_bias, const OptTensor& fanout_weight,
+                                    const OptTensor& fanout_bias, const std::string& rule,
+                                    double clip, const OptTensor& clamp, const OptTensor& hebb_out,
+                                    const OptTensor& elig_out) {
   const char* op = "plastic_rnn_rollout_step";
   const c10::DeviceGuard guard(x.device());
-  const PlasticInputs in{hebb, elig, w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias,
-                         fanout_weight, fanout_bias};
+  const PlasticInputs in{hebb,      elig,         w,          alpha,         eta,
+                         elig_rate, h2mod_weight, h2mod_bias, fanout_weight, fanout_bias};
   const PlasticConfig c = check_rnn_inputs(op, x, h, in, rule, clip, false);
   check_clamp(op, clamp, x);
   check_drive(op, u, x);
   check_trace_outputs(op, hebb_out, elig_out, hebb, elig,
                       {{"x", x}, {"h", h}, {"w", w}, {"alpha", alpha}});
   return dispatch_float(x, op, [&]<typename T>() {
-    return rnn_detail::rollout_step<T>(Backend(x.options()), c, PlasticParams<T>(c, in), x, u,
-                                       h, clamp, hebb_out, elig_out);
+    return rnn_detail::rollout_step<T>(Backend(x.options()), c, PlasticParams<T>(c, in), x, u, h,
+                                       clamp, hebb_out, elig_out);
   });
 }
 

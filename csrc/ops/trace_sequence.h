@@ -83,8 +83,10 @@ inline void modulate(const PlasticConfig& c, const PlasticInputs& a, const at::T
                      at::Tensor& m_t, at::Tensor& eta_t) {
   at::addmm_out(m_t, *a.h2mod_bias, mod_in_t, a.h2mod_weight->t());
   m_t.tanh_();
-  if (c.modulation == Modulation::Simple) eta_t.copy_(m_t.expand({c.B, c.N}));
-  else at::addmm_out(eta_t, *a.fanout_bias, m_t, a.fanout_weight->t());
+  if (c.modulation == Modulation::Simple)
+    eta_t.copy_(m_t.expand({c.B, c.N}));
+  else
+    at::addmm_out(eta_t, *a.fanout_bias, m_t, a.fanout_weight->t());
 }
 
 // The per-step sequences of a cell: h (T, B, N), the trace's post-synaptic terms and the
@@ -127,9 +129,15 @@ TraceForward trace_forward(const Backend& be, const PlasticConfig& c, const Plas
   const PlasticInputs& a = p.in;
 
   ForwardPassParams<T> fp{};
-  fp.B = B; fp.P = N; fp.N = N;
-  fp.w = p.w; fp.alpha = p.alpha; fp.rule_args = p.rule_args; fp.u = u.data_ptr<T>();
-  fp.update = false; fp.matvec = true;
+  fp.B = B;
+  fp.P = N;
+  fp.N = N;
+  fp.w = p.w;
+  fp.alpha = p.alpha;
+  fp.rule_args = p.rule_args;
+  fp.u = u.data_ptr<T>();
+  fp.update = false;
+  fp.matvec = true;
   fp.hebb = a.hebb.data_ptr<T>();
   fp.matvec_in = seq.h0.data_ptr<T>();
   be.forward(fp, c.modes, tl);
@@ -150,8 +158,10 @@ TraceForward trace_forward(const Backend& be, const PlasticConfig& c, const Plas
     T* h_t = step_ptr<T>(seq.out, t);
     fp.update = true;
     fp.matvec = t < T_;
-    fp.hebb = hebb_in; fp.hebb_out = hebb_out;
-    fp.elig = elig_in; fp.elig_out = elig_out;
+    fp.hebb = hebb_in;
+    fp.hebb_out = hebb_out;
+    fp.elig = elig_in;
+    fp.elig_out = elig_out;
     fp.pre = t == 1 ? seq.h0.data_ptr<T>() : step_ptr<T>(seq.out, t - 1);
     fp.post = step_ptr<T>(seq.post, t);
     fp.eta = modulated ? step_ptr<T>(r.eta_seq, t) : eta_fixed.data_ptr<T>();
@@ -204,8 +214,10 @@ void parameter_grads(const Backend& be, const PlasticConfig& c, const PlasticInp
   r.g_eta = at::empty({0}, opts);
   if (!modulated) {
     r.g_eta = at::empty(a.eta->sizes(), opts);
-    if (c.modes.eta == EtaMode::PerConnection) sum_all_rows(be, g.g_eta_conn, r.g_eta);
-    else sum_all_rows(be, g.g_eta_sum, r.g_eta);
+    if (c.modes.eta == EtaMode::PerConnection)
+      sum_all_rows(be, g.g_eta_conn, r.g_eta);
+    else
+      sum_all_rows(be, g.g_eta_sum, r.g_eta);
   }
   r.g_rate = at::empty({0}, opts);
   if (c.modes.rule == Rule::Retroactive) {
@@ -250,12 +262,21 @@ class TraceBackwardSweep {
   TraceBackwardSweep(const Backend& be, const PlasticConfig& c, const PlasticParams<T>& p,
                      const CellSequences& seq, const TraceSaved& saved, int64_t L,
                      const at::Tensor& g_u, Finish& finish)
-      : be_(be), c_(c), p_(p), a_(p.in), seq_(seq), saved_(saved), L_(L), g_u_(g_u),
-        finish_(finish), tl_(be.tiling(c.B, c.N, c.N)), tiles_(be.column_tiles(tl_)) {
+      : be_(be),
+        c_(c),
+        p_(p),
+        a_(p.in),
+        seq_(seq),
+        saved_(saved),
+        L_(L),
+        g_u_(g_u),
+        finish_(finish),
+        tl_(be.tiling(c.B, c.N, c.N)),
+        tiles_(be.column_tiles(tl_)) {
     const int64_t T_ = c.T, B = c.B, N = c.N;
     const auto opts = seq.out.options();
     g_hebb_ = saved.grad_hebb.has_value() ? saved.grad_hebb->clone() : at::zeros({B, N, N}, opts);
-    g_elig_ = !retro() ? at::empty({0}, opts)
+    g_elig_ = !retro()                      ? at::empty({0}, opts)
               : saved.grad_elig.has_value() ? saved.grad_elig->clone()
                                             : at::zeros({B, N, N}, opts);
     // One segment's recomputed traces; no segment is longer than the sequence, whatever L.
@@ -276,14 +297,17 @@ class TraceBackwardSweep {
     g_eta_seq_ = at::empty({c.modulation == Modulation::Fanout ? T_ : 0, B, N}, opts);
     g_eta_sum_ = at::zeros({B, N}, opts);
     eta_fixed_ = fixed_rate(c, a_.eta);
-    hebb_ = {a_.hebb.data_ptr<T>(), saved.ckpt_h.data_ptr<T>(), seg_h_.data_ptr<T>(), B * N * N,
-             L};
+    hebb_ = {a_.hebb.data_ptr<T>(), saved.ckpt_h.data_ptr<T>(), seg_h_.data_ptr<T>(), B * N * N, L};
     elig_ = {retro() ? a_.elig->data_ptr<T>() : nullptr, saved.ckpt_e.data_ptr<T>(),
              seg_e_.data_ptr<T>(), B * N * N, L};
-    bp_.B = B; bp_.P = N; bp_.N = N;
+    bp_.B = B;
+    bp_.P = N;
+    bp_.N = N;
     bp_.g_hebb = g_hebb_.data_ptr<T>();
     bp_.g_elig = retro() ? g_elig_.data_ptr<T>() : nullptr;
-    bp_.w = p.w; bp_.alpha = p.alpha; bp_.rule_args = p.rule_args;
+    bp_.w = p.w;
+    bp_.alpha = p.alpha;
+    bp_.rule_args = p.rule_args;
     bp_.g_in_partial = g_in_part_.data_ptr<T>();
     bp_.g_alpha_acc = g_alpha_acc_.data_ptr<T>();
     bp_.g_pre_partial = g_pre_part_.data_ptr<T>();
@@ -298,12 +322,22 @@ class TraceBackwardSweep {
     elig_.select(k);
     const int64_t end = std::min(hebb_.start + L_, c_.T);
     ForwardPassParams<T> fp{};
-    fp.B = c_.B; fp.P = c_.N; fp.N = c_.N;
-    fp.update = true; fp.matvec = false; fp.rule_args = p_.rule_args;
+    fp.B = c_.B;
+    fp.P = c_.N;
+    fp.N = c_.N;
+    fp.update = true;
+    fp.matvec = false;
+    fp.rule_args = p_.rule_args;
     for (int64_t t = hebb_.start + 1; t < end; ++t) {
-      fp.hebb = hebb_.at(t - 1); fp.hebb_out = hebb_.slot(t);
-      if (retro()) { fp.elig = elig_.at(t - 1); fp.elig_out = elig_.slot(t); }
-      fp.pre = h_at(t - 1); fp.post = step_ptr<T>(seq_.post, t); fp.eta = eta_at(t);
+      fp.hebb = hebb_.at(t - 1);
+      fp.hebb_out = hebb_.slot(t);
+      if (retro()) {
+        fp.elig = elig_.at(t - 1);
+        fp.elig_out = elig_.slot(t);
+      }
+      fp.pre = h_at(t - 1);
+      fp.post = step_ptr<T>(seq_.post, t);
+      fp.eta = eta_at(t);
       be_.forward(fp, c_.modes, tl_);
     }
   }
@@ -359,8 +393,9 @@ class TraceBackwardSweep {
     r.g_h0 = g_h_;
     r.g_hebb = g_hebb_;
     r.g_elig = g_elig_;
-    parameter_grads(be_, c_, a_, seq_, {saved_.m, g_u_, g_z_, g_eta_seq_, g_eta_sum_,
-                                        g_alpha_acc_, g_eta_conn_, g_rate_acc_}, r);
+    parameter_grads(
+        be_, c_, a_, seq_,
+        {saved_.m, g_u_, g_z_, g_eta_seq_, g_eta_sum_, g_alpha_acc_, g_eta_conn_, g_rate_acc_}, r);
     return r;
   }
 
@@ -386,20 +421,20 @@ class TraceBackwardSweep {
   Finish& finish_;
   const typename Backend::Tiling tl_;
   const int64_t tiles_;
-  Tensor g_hebb_, g_elig_;                   // dL/d(the traces at the current step)
-  Tensor seg_h_, seg_e_;                     // the segment's recomputed traces
-  SegmentTraces<T> hebb_{}, elig_{};         // the segment in memory (its checkpoint first)
+  Tensor g_hebb_, g_elig_;                        // dL/d(the traces at the current step)
+  Tensor seg_h_, seg_e_;                          // the segment's recomputed traces
+  SegmentTraces<T> hebb_{}, elig_{};              // the segment in memory (its checkpoint first)
   Tensor g_alpha_acc_, g_eta_conn_, g_rate_acc_;  // the passes' parameter accumulators
-  Tensor g_in_part_, g_pre_part_;            // per column tile, summed by sum_rows
-  Tensor g_post_, g_eta_bj_;                 // the rule adjoint's dL/dpost and dL/deta of a step
-  Tensor g_in_;                              // dL/d(pre of step t) through B(t)
-  Tensor g_pre_pending_;                     // dL/d(pre of step s+1) through A(s+1)
-  Tensor g_h_;                               // their sum, StepGrads::h
-  Tensor g_mod_in_;                          // dL/d(modulator input) of one step
-  Tensor g_z_;                               // dL/d(pre-activation of m), all steps
-  Tensor g_eta_seq_;                         // fanout: dL/deta_t, all steps
-  Tensor g_eta_sum_;                         // scalar eta: dL/deta_t summed over steps
-  Tensor eta_fixed_;                         // the unmodulated rate, as the passes read it
+  Tensor g_in_part_, g_pre_part_;                 // per column tile, summed by sum_rows
+  Tensor g_post_, g_eta_bj_;  // the rule adjoint's dL/dpost and dL/deta of a step
+  Tensor g_in_;               // dL/d(pre of step t) through B(t)
+  Tensor g_pre_pending_;      // dL/d(pre of step s+1) through A(s+1)
+  Tensor g_h_;                // their sum, StepGrads::h
+  Tensor g_mod_in_;           // dL/d(modulator input) of one step
+  Tensor g_z_;                // dL/d(pre-activation of m), all steps
+  Tensor g_eta_seq_;          // fanout: dL/deta_t, all steps
+  Tensor g_eta_sum_;          // scalar eta: dL/deta_t summed over steps
+  Tensor eta_fixed_;          // the unmodulated rate, as the passes read it
   BackwardPassParams<T> bp_{};
 };
 

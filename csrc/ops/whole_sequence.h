@@ -55,16 +55,20 @@ struct WholeBackward {
 
 // x may be undefined (backward).
 template <typename T>
-SequenceInputs<T> sequence_inputs(const PlasticConfig& c, const PlasticInputs& a,
-                                  const Tensor& x, const OptTensor& clamp, const Tensor& h0,
-                                  const Tensor& eta_fixed, const LstmCellInputs* lstm,
-                                  int64_t L) {
+SequenceInputs<T> sequence_inputs(const PlasticConfig& c, const PlasticInputs& a, const Tensor& x,
+                                  const OptTensor& clamp, const Tensor& h0, const Tensor& eta_fixed,
+                                  const LstmCellInputs* lstm, int64_t L) {
   auto ptr = [](const OptTensor& t) -> const T* {
     return t.has_value() ? t->data_ptr<T>() : nullptr;
   };
   SequenceInputs<T> in{};
-  in.steps = c.T; in.B = c.B; in.N = c.N; in.K = c.K; in.L = L;
-  in.modes = c.modes; in.modulation = c.modulation;
+  in.steps = c.T;
+  in.B = c.B;
+  in.N = c.N;
+  in.K = c.K;
+  in.L = L;
+  in.modes = c.modes;
+  in.modulation = c.modulation;
   in.cell = lstm != nullptr ? Cell::Lstm : Cell::Tanh;
   in.clip = static_cast<T>(c.clip);
   in.elig_rate = ptr(a.elig_rate);
@@ -92,8 +96,7 @@ SequenceInputs<T> sequence_inputs(const PlasticConfig& c, const PlasticInputs& a
 template <typename T, class Backend>
 WholeForward whole_sequence_forward(const Backend& be, const PlasticConfig& c,
                                     const PlasticInputs& a, const Tensor& x, const Tensor& h0,
-                                    const OptTensor& clamp, const LstmCellInputs* lstm,
-                                    int64_t L) {
+                                    const OptTensor& clamp, const LstmCellInputs* lstm, int64_t L) {
   const int64_t T_ = c.T, B = c.B, N = c.N, K = c.K;
   const bool retro = c.modes.rule == Rule::Retroactive;
   const bool modulated = c.modulation != Modulation::None;
@@ -115,12 +118,18 @@ WholeForward whole_sequence_forward(const Backend& be, const PlasticConfig& c,
   const Tensor eta_fixed = fixed_rate(c, a.eta);
   SequenceForwardParams<T> p{};
   p.in = sequence_inputs<T>(c, a, x, clamp, h0, eta_fixed, lstm, L);
-  p.out = f.out.data_ptr<T>(); p.m = f.m.data_ptr<T>(); p.eta_seq = f.eta_seq.data_ptr<T>();
-  p.hebb_T = f.hebb_T.data_ptr<T>(); p.elig_T = f.elig_T.data_ptr<T>();
-  p.ckpt_h = f.ckpt_h.data_ptr<T>(); p.ckpt_e = f.ckpt_e.data_ptr<T>();
-  p.work_h = work_h.data_ptr<T>(); p.work_e = work_e.data_ptr<T>();
+  p.out = f.out.data_ptr<T>();
+  p.m = f.m.data_ptr<T>();
+  p.eta_seq = f.eta_seq.data_ptr<T>();
+  p.hebb_T = f.hebb_T.data_ptr<T>();
+  p.elig_T = f.elig_T.data_ptr<T>();
+  p.ckpt_h = f.ckpt_h.data_ptr<T>();
+  p.ckpt_e = f.ckpt_e.data_ptr<T>();
+  p.work_h = work_h.data_ptr<T>();
+  p.work_e = work_e.data_ptr<T>();
   p.u = u.data_ptr<T>();
-  p.c_seq = f.c_seq.data_ptr<T>(); p.gates = f.gates.data_ptr<T>();
+  p.c_seq = f.c_seq.data_ptr<T>();
+  p.gates = f.gates.data_ptr<T>();
   be.sequence_forward(p, be.sequence_groups(B, N, retro, sizeof(T), false));
   return f;
 }
@@ -128,10 +137,9 @@ WholeForward whole_sequence_forward(const Backend& be, const PlasticConfig& c,
 template <typename T, class Backend>
 WholeBackward whole_sequence_backward(const Backend& be, const PlasticConfig& c,
                                       const PlasticInputs& a, const OptTensor& grad_out,
-                                      const TraceSaved& saved, const Tensor& h0,
-                                      const Tensor& out, const OptTensor& clamp,
-                                      const LstmCellInputs* lstm, const LstmCellSaved* lstm_saved,
-                                      int64_t L) {
+                                      const TraceSaved& saved, const Tensor& h0, const Tensor& out,
+                                      const OptTensor& clamp, const LstmCellInputs* lstm,
+                                      const LstmCellSaved* lstm_saved, int64_t L) {
   const int64_t T_ = c.T, B = c.B, N = c.N, K = c.K;
   const bool retro = c.modes.rule == Rule::Retroactive;
   const bool eta_conn = c.modes.eta == EtaMode::PerConnection;
@@ -168,25 +176,41 @@ WholeBackward whole_sequence_backward(const Backend& be, const PlasticConfig& c,
 
   SequenceBackwardParams<T> p{};
   p.in = sequence_inputs<T>(c, a, Tensor(), clamp, h0, eta_fixed, lstm, L);
-  p.out = out.data_ptr<T>(); p.m = saved.m.data_ptr<T>(); p.eta_seq = saved.eta_seq.data_ptr<T>();
-  p.ckpt_h = saved.ckpt_h.data_ptr<T>(); p.ckpt_e = saved.ckpt_e.data_ptr<T>();
-  p.grad_out = ptr(grad_out_c); p.grad_m = ptr(grad_m_c); p.grad_c = ptr(grad_c_c);
+  p.out = out.data_ptr<T>();
+  p.m = saved.m.data_ptr<T>();
+  p.eta_seq = saved.eta_seq.data_ptr<T>();
+  p.ckpt_h = saved.ckpt_h.data_ptr<T>();
+  p.ckpt_e = saved.ckpt_e.data_ptr<T>();
+  p.grad_out = ptr(grad_out_c);
+  p.grad_m = ptr(grad_m_c);
+  p.grad_c = ptr(grad_c_c);
   if (lstm_saved != nullptr) {
     p.c_seq = lstm_saved->c_seq.data_ptr<T>();
     p.gates = lstm_saved->gates.data_ptr<T>();
   }
-  p.g_hebb = g_hebb.data_ptr<T>(); p.g_elig = ptr(g_elig);
-  p.g_u = w.g_u.data_ptr<T>(); p.g_x = w.g_x.data_ptr<T>(); p.g_h0 = g_h0.data_ptr<T>();
-  p.g_z = g_z.data_ptr<T>(); p.g_eta_seq = g_eta_seq.data_ptr<T>();
+  p.g_hebb = g_hebb.data_ptr<T>();
+  p.g_elig = ptr(g_elig);
+  p.g_u = w.g_u.data_ptr<T>();
+  p.g_x = w.g_x.data_ptr<T>();
+  p.g_h0 = g_h0.data_ptr<T>();
+  p.g_z = g_z.data_ptr<T>();
+  p.g_eta_seq = g_eta_seq.data_ptr<T>();
   p.g_eta_post = g_eta_sum.data_ptr<T>();
-  p.g_ifo = w.g_ifo.data_ptr<T>(); p.g_c0 = w.g_c0.data_ptr<T>();
-  p.g_alpha_acc = g_alpha_acc.data_ptr<T>(); p.g_eta_conn = g_eta_conn.data_ptr<T>();
+  p.g_ifo = w.g_ifo.data_ptr<T>();
+  p.g_c0 = w.g_c0.data_ptr<T>();
+  p.g_alpha_acc = g_alpha_acc.data_ptr<T>();
+  p.g_eta_conn = g_eta_conn.data_ptr<T>();
   p.g_rate_acc = g_rate_acc.data_ptr<T>();
-  p.seg_h = seg_h.data_ptr<T>(); p.seg_e = seg_e.data_ptr<T>();
+  p.seg_h = seg_h.data_ptr<T>();
+  p.seg_e = seg_e.data_ptr<T>();
   T* step = steps.data_ptr<T>();
   const int64_t BN = B * N;
-  p.g_in = step; p.g_pre_a = step + BN; p.g_pre_b = step + 2 * BN; p.g_h = step + 3 * BN;
-  p.g_post = step + 4 * BN; p.g_eta = step + 5 * BN;
+  p.g_in = step;
+  p.g_pre_a = step + BN;
+  p.g_pre_b = step + 2 * BN;
+  p.g_h = step + 3 * BN;
+  p.g_post = step + 4 * BN;
+  p.g_eta = step + 5 * BN;
   if (lstm != nullptr) p.g_c = step + 6 * BN;
   be.sequence_backward(p, groups);
 
@@ -196,8 +220,7 @@ WholeBackward whole_sequence_backward(const Backend& be, const PlasticConfig& c,
   const Tensor post = lstm_saved != nullptr ? lstm_saved->gates.select(1, kGateG) : out;
   const Tensor mod_in = lstm != nullptr && lstm->modulate_c ? lstm_saved->c_seq : out;
   parameter_grads(be, c, a, {h0, out, post, mod_in},
-                  {saved.m, w.g_u, g_z, g_eta_seq, g_eta_sum, g_alpha_acc, g_eta_conn,
-                   g_rate_acc},
+                  {saved.m, w.g_u, g_z, g_eta_seq, g_eta_sum, g_alpha_acc, g_eta_conn, g_rate_acc},
                   w.r);
   return w;
 }

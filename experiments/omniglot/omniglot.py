@@ -15,6 +15,7 @@ characters never overlap (--split).
 
 See experiments/omniglot/README.md.
 """
+
 import argparse
 import math
 import os
@@ -53,17 +54,41 @@ SPLITS = ("background-evaluation", "paper-1200")
 PAPER_TRAIN_CHARACTERS = 1200
 OJA_CLIP = 2.0  # hebb_update takes a bound; Oja's rule does not use it
 PRESETS = {
-    "quick": dict(split="background-evaluation", iterations=2000, batch_size=16, lr=1e-3,
-                  lr_step=0, eval_every=250, out="runs/omniglot"),
-    "paper": dict(split="paper-1200", iterations=500_000, batch_size=10, lr=3e-5,
-                  lr_step=100_000, lr_gamma=0.666, eval_every=10_000, out="runs/omniglot-paper"),
+    "quick": dict(
+        split="background-evaluation",
+        iterations=2000,
+        batch_size=16,
+        lr=1e-3,
+        lr_step=0,
+        eval_every=250,
+        out="runs/omniglot",
+    ),
+    "paper": dict(
+        split="paper-1200",
+        iterations=500_000,
+        batch_size=10,
+        lr=3e-5,
+        lr_step=100_000,
+        lr_gamma=0.666,
+        eval_every=10_000,
+        out="runs/omniglot-paper",
+    ),
 }
 LOG_FIELDS = ("iteration", "episodes", "loss", "accuracy", "lr", "seconds")
 EVAL_FIELDS = ("iteration", "episodes", "loss", "accuracy", "ci_low", "ci_high")
 EVAL_SEED = 1_000_003  # every evaluation of every run draws the same test episodes
 # Flags a resumed run may change; all others must be those of the run that wrote the checkpoint.
-RESUME_MAY_CHANGE = ("preset", "data", "iterations", "impl", "device", "out", "save_every",
-                     "test_episodes", "resume")
+RESUME_MAY_CHANGE = (
+    "preset",
+    "data",
+    "iterations",
+    "impl",
+    "device",
+    "out",
+    "save_every",
+    "test_episodes",
+    "resume",
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -73,9 +98,10 @@ RESUME_MAY_CHANGE = ("preset", "data", "iterations", "impl", "device", "out", "s
 class Omniglot(NamedTuple):
     """The characters in the order of omniglot.npz: images_background, then images_evaluation,
     each by alphabet then character name."""
+
     images: torch.Tensor  # (characters, drawings, 31, 31) float32: fraction of ink per pixel
-    split: torch.Tensor   # (characters,) int8: 0 images_background, 1 images_evaluation
-    names: list           # "alphabet/character" per character
+    split: torch.Tensor  # (characters,) int8: 0 images_background, 1 images_evaluation
+    names: list  # "alphabet/character" per character
 
 
 def downscale(ink):
@@ -92,19 +118,27 @@ def load_npz(path, chunk=64):
     with reading(path), np.load(path) as data:
         missing = {"ink", "shape", "alphabet", "character", "split"} - set(data.files)
         if missing:
-            raise DataError(f"{path}: expected the arrays ink, shape, alphabet, character, "
-                            f"split; missing {sorted(missing)}")
+            raise DataError(
+                f"{path}: expected the arrays ink, shape, alphabet, character, "
+                f"split; missing {sorted(missing)}"
+            )
         shape, ink = tuple(int(n) for n in data["shape"]), data["ink"]
         if len(shape) != 4 or ink.shape != (*shape[:3], -(-shape[3] // 8)):
-            raise DataError(f"{path}: ink of shape (characters, drawings, height, ceil(width / "
-                            f"8)) expected for shape {shape}, got {ink.shape}")
-        images = torch.cat([
-            downscale(np.unpackbits(ink[start:start + chunk], axis=-1)[..., :shape[3]]
-                      .reshape(-1, shape[2], shape[3]))
-            .reshape(-1, shape[1], IMAGE_SIZE, IMAGE_SIZE)
-            for start in range(0, shape[0], chunk)])
-        names = [f"{a}/{c}"
-                 for a, c in zip(data["alphabet"].tolist(), data["character"].tolist())]
+            raise DataError(
+                f"{path}: ink of shape (characters, drawings, height, ceil(width / "
+                f"8)) expected for shape {shape}, got {ink.shape}"
+            )
+        images = torch.cat(
+            [
+                downscale(
+                    np.unpackbits(ink[start : start + chunk], axis=-1)[..., : shape[3]].reshape(
+                        -1, shape[2], shape[3]
+                    )
+                ).reshape(-1, shape[1], IMAGE_SIZE, IMAGE_SIZE)
+                for start in range(0, shape[0], chunk)
+            ]
+        )
+        names = [f"{a}/{c}" for a, c in zip(data["alphabet"].tolist(), data["character"].tolist())]
         return Omniglot(images, torch.from_numpy(data["split"].astype(np.int8)), names)
 
 
@@ -130,8 +164,9 @@ def load_folders(root):
             names.append(f"{character.parent.name}/{character.name}")
     counts = {len(d) for d in images}
     if len(counts) != 1:
-        raise DataError(f"every character needs the same number of drawings, got "
-                        f"{sorted(counts)} in {root}")
+        raise DataError(
+            f"every character needs the same number of drawings, got {sorted(counts)} in {root}"
+        )
     return Omniglot(torch.stack(images), torch.tensor(split, dtype=torch.int8), names)
 
 
@@ -139,8 +174,10 @@ def find_data(data):
     """The file or folder that --data (or, without it, $BACKPROPAMINE_DATA) designates."""
     if data is None:
         if "BACKPROPAMINE_DATA" not in os.environ:
-            raise SystemExit("--data: give the Omniglot folder or omniglot.npz, or set "
-                             "BACKPROPAMINE_DATA to a folder holding omniglot/omniglot.npz")
+            raise SystemExit(
+                "--data: give the Omniglot folder or omniglot.npz, or set "
+                "BACKPROPAMINE_DATA to a folder holding omniglot/omniglot.npz"
+            )
         data = Path(os.environ["BACKPROPAMINE_DATA"]) / "omniglot" / "omniglot.npz"
     path = Path(data)
     for candidate in (path, path / "omniglot.npz", path / "omniglot" / "omniglot.npz"):
@@ -148,9 +185,11 @@ def find_data(data):
             return candidate
     if (path / "images_background").is_dir():
         return path
-    raise SystemExit(f"--data: expected omniglot.npz, a folder holding it (or omniglot/"
-                     f"omniglot.npz), or a folder with images_background and images_evaluation; "
-                     f"got {path}")
+    raise SystemExit(
+        f"--data: expected omniglot.npz, a folder holding it (or omniglot/"
+        f"omniglot.npz), or a folder with images_background and images_evaluation; "
+        f"got {path}"
+    )
 
 
 def load_omniglot(data):
@@ -170,8 +209,10 @@ def split_characters(dataset, split):
     the other 423 for test, as the paper's 1200 / 423 (the first 1200 in the order above: all of
     images_background and 236 characters of images_evaluation)."""
     if split == "background-evaluation":
-        return (torch.nonzero(dataset.split == 0).squeeze(1),
-                torch.nonzero(dataset.split == 1).squeeze(1))
+        return (
+            torch.nonzero(dataset.split == 0).squeeze(1),
+            torch.nonzero(dataset.split == 1).squeeze(1),
+        )
     if split == "paper-1200":
         order = torch.arange(len(dataset.names))
         return order[:PAPER_TRAIN_CHARACTERS], order[PAPER_TRAIN_CHARACTERS:]
@@ -185,12 +226,13 @@ def split_characters(dataset, split):
 class Episodes(NamedTuple):
     """A batch of B episodes of T = ways + 1 steps: one image of each class with its label, in a
     random order, then the test image."""
-    images: torch.Tensor        # (B, T, 31, 31)
+
+    images: torch.Tensor  # (B, T, 31, 31)
     label_inputs: torch.Tensor  # (B, T, ways): one-hot label at the presentation steps, 0 at test
-    classes: torch.Tensor       # (B, T): the class shown at each step; the last is the target
-    characters: torch.Tensor    # (B, ways): the character of each class
+    classes: torch.Tensor  # (B, T): the class shown at each step; the last is the target
+    characters: torch.Tensor  # (B, ways): the character of each class
     quarter_turns: torch.Tensor  # (B, ways): the rotation of each class (counter-clockwise)
-    drawings: torch.Tensor      # (B, T): the drawing shown at each step
+    drawings: torch.Tensor  # (B, T): the drawing shown at each step
 
     @property
     def target(self):
@@ -198,8 +240,7 @@ class Episodes(NamedTuple):
 
     def to(self, device, dtype=None):
         """Moved to `device`, the float tensors converted to `dtype` (if given)."""
-        return Episodes(*(t.to(device, dtype if t.is_floating_point() else t.dtype)
-                          for t in self))
+        return Episodes(*(t.to(device, dtype if t.is_floating_point() else t.dtype) for t in self))
 
 
 def rotate(images, quarter_turns):
@@ -227,8 +268,14 @@ def make_episodes(images, characters, batch_size, generator, ways=5, rotations=T
     drawings = torch.cat([pair[..., 0].gather(1, order), pair[..., 1].gather(1, target)], 1)
     shown = images[chosen.gather(1, classes), drawings]
     label_inputs = torch.cat([F.one_hot(order, ways).float(), torch.zeros(B, 1, ways)], 1)
-    return Episodes(rotate(shown, quarter_turns.gather(1, classes)), label_inputs, classes,
-                    chosen, quarter_turns, drawings)
+    return Episodes(
+        rotate(shown, quarter_turns.gather(1, classes)),
+        label_inputs,
+        classes,
+        chosen,
+        quarter_turns,
+        drawings,
+    )
 
 
 def episode_options(args):
@@ -260,8 +307,9 @@ class OmniglotNet(nn.Module):
             layers += [conv, nn.Tanh()]
         self.features = nn.Sequential(*layers)
         self.w = nn.Parameter(0.01 * torch.randn(channels, ways))
-        self.alpha = nn.Parameter(0.01 * torch.randn(channels, ways) if alpha == "full"
-                                  else torch.tensor(0.01))
+        self.alpha = nn.Parameter(
+            0.01 * torch.randn(channels, ways) if alpha == "full" else torch.tensor(0.01)
+        )
         self.eta = nn.Parameter(torch.tensor(0.01))
         self.label_scale, self.impl = label_scale, impl
 
@@ -338,15 +386,20 @@ def evaluate(model, images, characters, args, n_episodes, seed=EVAL_SEED):
     loss_sum, correct, done = 0.0, 0, 0
     while done < n_episodes:
         size = min(args.batch_size, n_episodes - done)
-        episodes = make_episodes(images, characters, size, generator,
-                                 **episode_options(args)).to(args.device)
+        episodes = make_episodes(images, characters, size, generator, **episode_options(args)).to(
+            args.device
+        )
         loss, right = test_step_loss(model(episodes.images, episodes.label_inputs), episodes)
         loss_sum += size * loss.item()
         correct += right
         done += size
-    return dict(loss=loss_sum / n_episodes, accuracy=correct / n_episodes,
-                **dict(zip(("ci_low", "ci_high"), wilson_interval(correct, n_episodes))),
-                correct=correct, episodes=n_episodes)
+    return dict(
+        loss=loss_sum / n_episodes,
+        accuracy=correct / n_episodes,
+        **dict(zip(("ci_low", "ci_high"), wilson_interval(correct, n_episodes))),
+        correct=correct,
+        episodes=n_episodes,
+    )
 
 
 def train(args, dataset, train_characters, test_characters, out):
@@ -357,8 +410,9 @@ def train(args, dataset, train_characters, test_characters, out):
     generator = torch.Generator().manual_seed(args.seed)
     model = make_model(args).to(args.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    checkpoint = RunCheckpoint(out / "checkpoint.pt", args, RESUME_MAY_CHANGE, model, optimizer,
-                               generator)
+    checkpoint = RunCheckpoint(
+        out / "checkpoint.pt", args, RESUME_MAY_CHANGE, model, optimizer, generator
+    )
     done = checkpoint.resume() if args.resume else 0
     # the rows up to the checkpoint; none without one (the run starts afresh, from iteration 0)
     resume_csv(out / "train.csv", LOG_FIELDS, "iteration", done)
@@ -366,28 +420,41 @@ def train(args, dataset, train_characters, test_characters, out):
 
     def log_evaluation(iteration):
         result = evaluate(model, dataset.images, test_characters, args, args.eval_episodes)
-        append_csv(out / "eval.csv", EVAL_FIELDS, [dict(
-            iteration=iteration, episodes=iteration * args.batch_size,
-            **{k: result[k] for k in EVAL_FIELDS[2:]})])
+        append_csv(
+            out / "eval.csv",
+            EVAL_FIELDS,
+            [
+                dict(
+                    iteration=iteration,
+                    episodes=iteration * args.batch_size,
+                    **{k: result[k] for k in EVAL_FIELDS[2:]},
+                )
+            ],
+        )
         return result
 
     if args.eval_every and done == 0:
         log_evaluation(0)  # the untrained network: chance level
 
     def step(iteration):
-        episodes = make_episodes(dataset.images, train_characters, args.batch_size, generator,
-                                 **episode_options(args))
-        return train_step(model, optimizer, episodes.to(args.device),
-                          learning_rate(args, iteration))
+        episodes = make_episodes(
+            dataset.images, train_characters, args.batch_size, generator, **episode_options(args)
+        )
+        return train_step(
+            model, optimizer, episodes.to(args.device), learning_rate(args, iteration)
+        )
 
     def evaluate_every(iteration, bar):
         if args.eval_every and iteration % args.eval_every == 0:
-            bar.write(f"iteration {iteration}: test accuracy "
-                      f"{log_evaluation(iteration)['accuracy']:.3f} on {args.eval_episodes} "
-                      f"episodes")
+            bar.write(
+                f"iteration {iteration}: test accuracy "
+                f"{log_evaluation(iteration)['accuracy']:.3f} on {args.eval_episodes} "
+                f"episodes"
+            )
 
-    train_iterations(args, "omniglot", checkpoint, done, out / "train.csv", LOG_FIELDS, step,
-                     evaluate_every)
+    train_iterations(
+        args, "omniglot", checkpoint, done, out / "train.csv", LOG_FIELDS, step, evaluate_every
+    )
     return model
 
 
@@ -398,42 +465,84 @@ def train(args, dataset, train_characters, test_characters, out):
 def make_parser():
     p = preset_parser(__doc__.split("\n\n")[0], PRESETS)
     add = p.add_argument
-    add("--data", default=None,
+    add(
+        "--data",
+        default=None,
         help="omniglot.npz, a folder holding it, or the folder of the original images_background "
-             "and images_evaluation; default $BACKPROPAMINE_DATA/omniglot/omniglot.npz")
-    add("--split", choices=SPLITS, default="background-evaluation",
+        "and images_evaluation; default $BACKPROPAMINE_DATA/omniglot/omniglot.npz",
+    )
+    add(
+        "--split",
+        choices=SPLITS,
+        default="background-evaluation",
         help="training / test characters: the official background / evaluation sets, or the "
-             "paper's first 1200 characters / the other 423")
+        "paper's first 1200 characters / the other 423",
+    )
     add("--seed", type=int, default=0, help="seed of the initialisation and the episodes")
     add("--ways", type=number(int, 2), default=5, help="classes per episode")
-    add("--rotations", action=argparse.BooleanOptionalAction, default=True,
+    add(
+        "--rotations",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="turn each class by a random multiple of 90 degrees (a new class), in training and "
-             "test episodes")
+        "test episodes",
+    )
     add("--channels", type=number(int, 1), default=64, help="channels of each convolution")
-    add("--alpha", choices=("full", "scalar"), default="full",
-        help="plasticity coefficients: one per connection, or one for the layer (the ablation)")
-    add("--label-scale", type=number(float, 0, strict=True), default=1000.0,
-        help="factor of the one-hot label added to the plastic layer's output while shown")
+    add(
+        "--alpha",
+        choices=("full", "scalar"),
+        default="full",
+        help="plasticity coefficients: one per connection, or one for the layer (the ablation)",
+    )
+    add(
+        "--label-scale",
+        type=number(float, 0, strict=True),
+        default=1000.0,
+        help="factor of the one-hot label added to the plastic layer's output while shown",
+    )
     add("--iterations", type=number(int, 1), default=2000, help="batches of episodes to train on")
     add("--batch-size", type=number(int, 1), default=16, help="episodes per iteration")
     add("--lr", type=number(float, 0, strict=True), default=1e-3, help="Adam learning rate")
-    add("--lr-step", type=number(int, 0), default=0,
-        help="multiply the learning rate by --lr-gamma every this many iterations (0: never)")
+    add(
+        "--lr-step",
+        type=number(int, 0),
+        default=0,
+        help="multiply the learning rate by --lr-gamma every this many iterations (0: never)",
+    )
     add("--lr-gamma", type=number(float, 0, strict=True), default=0.666, help="see --lr-step")
-    add("--impl", choices=("fused", "reference"), default="fused",
-        help="the plastic layer's ops: fused kernels, or the pure-PyTorch reference")
+    add(
+        "--impl",
+        choices=("fused", "reference"),
+        default="fused",
+        help="the plastic layer's ops: fused kernels, or the pure-PyTorch reference",
+    )
     add("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     add("--out", default="runs/omniglot", help="folder of the logs, checkpoint and plots")
     add("--log-every", type=number(int, 1), default=10, help="iterations per train.csv row")
     add("--save-every", type=number(int, 1), default=100, help="iterations between checkpoints")
-    add("--eval-every", type=number(int, 0), default=250,
-        help="iterations between evaluations on --eval-episodes test episodes (0: none)")
-    add("--eval-episodes", type=number(int, 1), default=200,
-        help="test episodes of each evaluation during training")
-    add("--test-episodes", type=number(int, 1), default=1000,
-        help="test episodes of the final evaluation (test.json)")
-    add("--resume", action="store_true",
-        help="continue from the checkpoint in --out (a finished run is only evaluated)")
+    add(
+        "--eval-every",
+        type=number(int, 0),
+        default=250,
+        help="iterations between evaluations on --eval-episodes test episodes (0: none)",
+    )
+    add(
+        "--eval-episodes",
+        type=number(int, 1),
+        default=200,
+        help="test episodes of each evaluation during training",
+    )
+    add(
+        "--test-episodes",
+        type=number(int, 1),
+        default=1000,
+        help="test episodes of the final evaluation (test.json)",
+    )
+    add(
+        "--resume",
+        action="store_true",
+        help="continue from the checkpoint in --out (a finished run is only evaluated)",
+    )
     return p
 
 
@@ -447,11 +556,15 @@ def check_dataset(dataset, characters, args):
     train_characters, test_characters = characters
     for role, chosen in (("training", train_characters), ("test", test_characters)):
         if len(chosen) < args.ways:
-            raise SystemExit(f"--ways {args.ways}: the {args.split} split has only "
-                             f"{len(chosen)} {role} characters")
+            raise SystemExit(
+                f"--ways {args.ways}: the {args.split} split has only "
+                f"{len(chosen)} {role} characters"
+            )
     if dataset.images.shape[1] < 2:
-        raise SystemExit(f"--data: each character needs 2 drawings (one shown, one tested), "
-                         f"got {dataset.images.shape[1]}")
+        raise SystemExit(
+            f"--data: each character needs 2 drawings (one shown, one tested), "
+            f"got {dataset.images.shape[1]}"
+        )
 
 
 def main(argv=None):
@@ -465,22 +578,33 @@ def main(argv=None):
     dataset = load_omniglot(args.data)
     train_characters, test_characters = split_characters(dataset, args.split)
     check_dataset(dataset, (train_characters, test_characters), args)
-    print(f"{len(train_characters)} training and {len(test_characters)} test characters "
-          f"({args.split}), {dataset.images.shape[1]} drawings each; "
-          f"{count_parameters(make_model(args)):,} parameters", flush=True)
+    print(
+        f"{len(train_characters)} training and {len(test_characters)} test characters "
+        f"({args.split}), {dataset.images.shape[1]} drawings each; "
+        f"{count_parameters(make_model(args)):,} parameters",
+        flush=True,
+    )
     started = time.time()
     model = train(args, dataset, train_characters, test_characters, out)
     result = evaluate(model, dataset.images, test_characters, args, args.test_episodes)
-    result.update(interval="95% Wilson score", split=args.split,
-                  test_characters=len(test_characters), iterations=args.iterations,
-                  training_episodes=args.iterations * args.batch_size, seed=args.seed,
-                  alpha=args.alpha, impl=args.impl)
+    result.update(
+        interval="95% Wilson score",
+        split=args.split,
+        test_characters=len(test_characters),
+        iterations=args.iterations,
+        training_episodes=args.iterations * args.batch_size,
+        seed=args.seed,
+        alpha=args.alpha,
+        impl=args.impl,
+    )
     write_json(out / "test.json", dict(result, options=vars(args)), started=started)
     plot_curves(out, args, out / "curves.png")
     plot_episode(model, dataset.images, test_characters, args, out / "episode.png")
-    print(f"test accuracy on {args.test_episodes} episodes of the {len(test_characters)} test "
-          f"characters: {100 * result['accuracy']:.1f}% (95% CI {100 * result['ci_low']:.1f} to "
-          f"{100 * result['ci_high']:.1f}); chance {100 / args.ways:.0f}%")
+    print(
+        f"test accuracy on {args.test_episodes} episodes of the {len(test_characters)} test "
+        f"characters: {100 * result['accuracy']:.1f}% (95% CI {100 * result['ci_low']:.1f} to "
+        f"{100 * result['ci_high']:.1f}); chance {100 / args.ways:.0f}%"
+    )
     return result
 
 
@@ -497,17 +621,30 @@ def plot_curves(out, args, path):
     top.plot(train_log["iteration"], train_log["loss"], label="training episodes")
     bottom.plot(train_log["iteration"], train_log["accuracy"], label="training episodes")
     if eval_log:
-        top.plot(eval_log["iteration"], eval_log["loss"], "o-",
-                 label=f"test characters ({args.eval_episodes} episodes)")
+        top.plot(
+            eval_log["iteration"],
+            eval_log["loss"],
+            "o-",
+            label=f"test characters ({args.eval_episodes} episodes)",
+        )
         low, high = eval_log["ci_low"], eval_log["ci_high"]
-        bottom.errorbar(eval_log["iteration"], eval_log["accuracy"], fmt="o-", capsize=3,
-                        yerr=[[a - lo for a, lo in zip(eval_log["accuracy"], low)],
-                              [hi - a for a, hi in zip(eval_log["accuracy"], high)]],
-                        label=f"test characters ({args.eval_episodes} episodes, 95% CI)")
+        bottom.errorbar(
+            eval_log["iteration"],
+            eval_log["accuracy"],
+            fmt="o-",
+            capsize=3,
+            yerr=[
+                [a - lo for a, lo in zip(eval_log["accuracy"], low)],
+                [hi - a for a, hi in zip(eval_log["accuracy"], high)],
+            ],
+            label=f"test characters ({args.eval_episodes} episodes, 95% CI)",
+        )
     bottom.axhline(1 / args.ways, color="grey", lw=0.8, ls="--", label="chance")
-    top.set(ylabel="loss (cross-entropy)",
-            title=f"Omniglot {args.ways}-way 1-shot ({args.split} split, seed {args.seed})\n"
-                  f"{args.batch_size} episodes per iteration")
+    top.set(
+        ylabel="loss (cross-entropy)",
+        title=f"Omniglot {args.ways}-way 1-shot ({args.split} split, seed {args.seed})\n"
+        f"{args.batch_size} episodes per iteration",
+    )
     bottom.set(xlabel="iteration", ylabel="accuracy", ylim=(0, 1))
     top.legend()
     bottom.legend(loc="lower right")
@@ -520,24 +657,28 @@ def plot_curves(out, args, path):
 def plot_episode(model, images, characters, args, path):
     """One test episode: the labelled images in the order shown, the test image, and the
     network's output (softmax) at the test step."""
-    episodes = make_episodes(images, characters, 1, torch.Generator().manual_seed(EVAL_SEED),
-                             **episode_options(args))
+    episodes = make_episodes(
+        images, characters, 1, torch.Generator().manual_seed(EVAL_SEED), **episode_options(args)
+    )
     shown = episodes.to(args.device)
     outputs = model(shown.images, shown.label_inputs).cpu()
     probabilities = F.softmax(outputs[0, -1], 0)
     classes, T = episodes.classes[0].tolist(), len(episodes.classes[0])
     plt = pyplot()
-    fig, axes = plt.subplots(1, T + 1, figsize=(1.6 * (T + 2), 2.2),
-                             width_ratios=[1] * T + [2])
+    fig, axes = plt.subplots(1, T + 1, figsize=(1.6 * (T + 2), 2.2), width_ratios=[1] * T + [2])
     for t, ax in enumerate(axes[:T]):
         ax.imshow(episodes.images[0, t].numpy(), cmap="gray_r", vmin=0, vmax=1)
         ax.set_title(f"label {classes[t]}" if t < T - 1 else "test image", fontsize=9)
         ax.set(xticks=[], yticks=[])
     target = classes[-1]
-    axes[T].bar(range(args.ways), probabilities.numpy(),
-                color=["tab:green" if k == target else "tab:grey" for k in range(args.ways)])
-    axes[T].set(xticks=range(args.ways), ylim=(0, 1), xlabel="class",
-                title=f"output (true class {target})")
+    axes[T].bar(
+        range(args.ways),
+        probabilities.numpy(),
+        color=["tab:green" if k == target else "tab:grey" for k in range(args.ways)],
+    )
+    axes[T].set(
+        xticks=range(args.ways), ylim=(0, 1), xlabel="class", title=f"output (true class {target})"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -16,6 +16,7 @@ backward (BOHP needed O(N^4) memory for hand-derived gradients of this network).
 
 See experiments/patterns/README.md.
 """
+
 import sys
 import time
 from pathlib import Path
@@ -45,21 +46,53 @@ from experiments.common import (  # noqa: E402
 
 TYPES = ("plastic", "rnn", "lstm")
 PRESETS = {
-    "quick": dict(types=list(TYPES), bits=50, patterns=2, rnn_hidden=200, lstm_hidden=200,
-                  iterations=2000, lr=1e-3, out="runs/patterns"),
-    "paper": dict(types=["plastic"], bits=1000, patterns=5, iterations=1000, lr=3e-4,
-                  out="runs/patterns-paper"),
-    "comparison": dict(types=list(TYPES), bits=50, patterns=2, rnn_hidden=2051, lstm_hidden=2000,
-                       iterations=3000, lr=3e-4, out="runs/patterns-comparison"),
-    "bohp": dict(types=["plastic"], bits=28, patterns=3, iterations=5000, lr=3e-4,
-                 out="runs/patterns-bohp"),
+    "quick": dict(
+        types=list(TYPES),
+        bits=50,
+        patterns=2,
+        rnn_hidden=200,
+        lstm_hidden=200,
+        iterations=2000,
+        lr=1e-3,
+        out="runs/patterns",
+    ),
+    "paper": dict(
+        types=["plastic"],
+        bits=1000,
+        patterns=5,
+        iterations=1000,
+        lr=3e-4,
+        out="runs/patterns-paper",
+    ),
+    "comparison": dict(
+        types=list(TYPES),
+        bits=50,
+        patterns=2,
+        rnn_hidden=2051,
+        lstm_hidden=2000,
+        iterations=3000,
+        lr=3e-4,
+        out="runs/patterns-comparison",
+    ),
+    "bohp": dict(
+        types=["plastic"], bits=28, patterns=3, iterations=5000, lr=3e-4, out="runs/patterns-bohp"
+    ),
 }
 LOG_FIELDS = ("iteration", "episodes", "loss", "error_zeroed", "error_all", "seconds")
 EVAL_FIELDS = ("type", "seed", "iterations", "episodes", "loss", "error_zeroed", "error_all")
 EVAL_SEED = 1_000_003  # every type and seed is evaluated on the same fresh episodes
 # Flags a resumed run may change; all others must be those of the run that wrote the checkpoint.
-RESUME_MAY_CHANGE = ("preset", "types", "iterations", "impl", "device", "out", "save_every",
-                     "eval_episodes", "resume")
+RESUME_MAY_CHANGE = (
+    "preset",
+    "types",
+    "iterations",
+    "impl",
+    "device",
+    "out",
+    "save_every",
+    "eval_episodes",
+    "resume",
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -68,35 +101,42 @@ RESUME_MAY_CHANGE = ("preset", "types", "iterations", "impl", "device", "out", "
 
 class Episodes(NamedTuple):
     """A batch of B episodes of T steps."""
-    inputs: torch.Tensor      # (T, B, bits): the patterns, blank gaps (zeros), the test input
-    patterns: torch.Tensor    # (B, n_patterns, bits): the +-1 patterns shown
+
+    inputs: torch.Tensor  # (T, B, bits): the patterns, blank gaps (zeros), the test input
+    patterns: torch.Tensor  # (B, n_patterns, bits): the +-1 patterns shown
     test_index: torch.Tensor  # (B,): which pattern is tested
-    target: torch.Tensor      # (B, bits): the whole test pattern
-    zeroed: torch.Tensor      # (B, bits), bool: the bits zeroed in the test input
+    target: torch.Tensor  # (B, bits): the whole test pattern
+    zeroed: torch.Tensor  # (B, bits), bool: the bits zeroed in the test input
 
     def to(self, device, dtype=None):
         """Moved to `device`, the float tensors converted to `dtype` (if given)."""
-        return Episodes(*(t.to(device, dtype if t.is_floating_point() else t.dtype)
-                          for t in self))
+        return Episodes(*(t.to(device, dtype if t.is_floating_point() else t.dtype) for t in self))
 
 
-def make_episodes(batch_size, generator, bits, patterns, presentations, presentation_steps,
-                  gap_steps, test_steps):
+def make_episodes(
+    batch_size, generator, bits, patterns, presentations, presentation_steps, gap_steps, test_steps
+):
     """B episodes: `patterns` random +-1 patterns of `bits` bits, shown `presentations` times
     each (each round in a new random order), each time for `presentation_steps` steps followed
     by `gap_steps` blank steps; then one of them, with bits // 2 of its bits (at random) set to
     zero, for `test_steps` steps. Drawn on the CPU from `generator`."""
     B, g = batch_size, generator
     shown = torch.randint(0, 2, (B, patterns, bits), generator=g).float() * 2 - 1
-    order = torch.cat([torch.rand(B, patterns, generator=g).argsort(1)
-                       for _ in range(presentations)], 1)
+    order = torch.cat(
+        [torch.rand(B, patterns, generator=g).argsort(1) for _ in range(presentations)], 1
+    )
     sequence = shown.gather(1, order.unsqueeze(2).expand(-1, -1, bits))  # (B, K, bits)
     K = sequence.shape[1]
-    presented = torch.cat([sequence.unsqueeze(2).expand(-1, -1, presentation_steps, -1),
-                           sequence.new_zeros(B, K, gap_steps, bits)], 2)
+    presented = torch.cat(
+        [
+            sequence.unsqueeze(2).expand(-1, -1, presentation_steps, -1),
+            sequence.new_zeros(B, K, gap_steps, bits),
+        ],
+        2,
+    )
     test_index = torch.randint(0, patterns, (B,), generator=g)
     target = shown[torch.arange(B), test_index]
-    zeroed_bits = torch.rand(B, bits, generator=g).argsort(1)[:, :bits // 2]
+    zeroed_bits = torch.rand(B, bits, generator=g).argsort(1)[:, : bits // 2]
     zeroed = torch.zeros(B, bits, dtype=torch.bool).scatter_(1, zeroed_bits, True)
     test = (target * ~zeroed).unsqueeze(1).expand(-1, test_steps, -1)
     inputs = torch.cat([presented.reshape(B, -1, bits), test], 1).transpose(0, 1).contiguous()
@@ -105,9 +145,14 @@ def make_episodes(batch_size, generator, bits, patterns, presentations, presenta
 
 def episode_options(args):
     """make_episodes' keyword arguments from the command line."""
-    return dict(bits=args.bits, patterns=args.patterns, presentations=args.presentations,
-                presentation_steps=args.presentation_steps, gap_steps=args.gap_steps,
-                test_steps=args.test_steps)
+    return dict(
+        bits=args.bits,
+        patterns=args.patterns,
+        presentations=args.presentations,
+        presentation_steps=args.presentation_steps,
+        gap_steps=args.gap_steps,
+        test_steps=args.test_steps,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,10 +179,22 @@ class PlasticNet(nn.Module):
         x = self.input_scale * torch.cat([inputs, inputs.new_ones(T, B, 1)], 2)
         N = x.shape[2]
         ops = bp.fused if self.impl == "fused" else bp.reference
-        out, *_ = ops.plastic_rnn_sequence(x, x.new_zeros(B, N), x.new_zeros(B, N, N), None,
-                                           self.w, self.alpha, self.eta, None, None, None, None,
-                                           None, rule="decay")
-        return out[:, :, :self.bits]
+        out, *_ = ops.plastic_rnn_sequence(
+            x,
+            x.new_zeros(B, N),
+            x.new_zeros(B, N, N),
+            None,
+            self.w,
+            self.alpha,
+            self.eta,
+            None,
+            None,
+            None,
+            None,
+            None,
+            rule="decay",
+        )
+        return out[:, :, : self.bits]
 
 
 class BaselineNet(nn.Module):
@@ -206,8 +263,10 @@ def evaluate(model, args, n_episodes, seed=EVAL_SEED):
         size = min(args.batch_size, n_episodes - done)
         episodes = make_episodes(size, generator, **episode_options(args)).to(args.device)
         outputs = model(episodes.inputs)
-        totals += size * torch.tensor([completion_loss(outputs, episodes.target).item(),
-                                       *bit_error_rates(outputs, episodes)], dtype=torch.float64)
+        totals += size * torch.tensor(
+            [completion_loss(outputs, episodes.target).item(), *bit_error_rates(outputs, episodes)],
+            dtype=torch.float64,
+        )
         done += size
     return tuple((totals / n_episodes).tolist())
 
@@ -226,8 +285,9 @@ def train_network(args, network_type, out):
         episodes = make_episodes(args.batch_size, generator, **episode_options(args))
         return train_step(model, optimizer, episodes.to(args.device), args.clip_grad)
 
-    return train_run(args, run_name(network_type, args.seed), out, model, RESUME_MAY_CHANGE,
-                     LOG_FIELDS, step)
+    return train_run(
+        args, run_name(network_type, args.seed), out, model, RESUME_MAY_CHANGE, LOG_FIELDS, step
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,17 +304,30 @@ def make_parser():
     add("--presentations", type=number(int, 1), default=2, help="times each pattern is shown")
     add("--presentation-steps", type=number(int, 1), default=6, help="steps per presentation")
     add("--gap-steps", type=number(int, 0), default=4, help="blank steps after each presentation")
-    add("--test-steps", type=number(int, 1), default=3,
-        help="steps of the degraded test pattern at the end")
-    add("--input-scale", type=number(float, 0, strict=True), default=20.0,
-        help="plastic network: factor of the inputs added to the recurrent drive")
+    add(
+        "--test-steps",
+        type=number(int, 1),
+        default=3,
+        help="steps of the degraded test pattern at the end",
+    )
+    add(
+        "--input-scale",
+        type=number(float, 0, strict=True),
+        default=20.0,
+        help="plastic network: factor of the inputs added to the recurrent drive",
+    )
     add("--rnn-hidden", type=number(int, 1), default=2051, help="neurons of the rnn baseline")
     add("--lstm-hidden", type=number(int, 1), default=2000, help="units of the lstm baseline")
-    add("--impl", choices=("fused", "reference"), default="fused",
+    add(
+        "--impl",
+        choices=("fused", "reference"),
+        default="fused",
         help="plastic network and rnn: the fused ops, or the pure-PyTorch reference (the lstm "
-             "is torch.nn.LSTM either way)")
-    add_training_flags(p, "runs/patterns", "fresh episodes on which each trained network is "
-                       "evaluated")
+        "is torch.nn.LSTM either way)",
+    )
+    add_training_flags(
+        p, "runs/patterns", "fresh episodes on which each trained network is evaluated"
+    )
     return p
 
 
@@ -272,32 +345,64 @@ def main(argv=None):
     require_extras()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"{args.bits} bits, {args.patterns} patterns; parameters: " + ", ".join(
-        f"{t} {count_parameters(make_network(t, args)):,}" for t in args.types), flush=True)
+    print(
+        f"{args.bits} bits, {args.patterns} patterns; parameters: "
+        + ", ".join(f"{t} {count_parameters(make_network(t, args)):,}" for t in args.types),
+        flush=True,
+    )
     summary = {}
     for network_type in args.types:
         started = time.time()
         model = train_network(args, network_type, out)
-        summary[network_type] = loss, error_zeroed, error_all = evaluate(model, args,
-                                                                         args.eval_episodes)
-        write_json(out / f"{run_name(network_type, args.seed)}.json", dict(
-            type=network_type, seed=args.seed, parameters=count_parameters(model),
-            iterations=args.iterations, episodes=args.iterations * args.batch_size,
-            eval_episodes=args.eval_episodes, loss=loss, error_zeroed=error_zeroed,
-            error_all=error_all, options=vars(args)), started=started)
+        summary[network_type] = loss, error_zeroed, error_all = evaluate(
+            model, args, args.eval_episodes
+        )
+        write_json(
+            out / f"{run_name(network_type, args.seed)}.json",
+            dict(
+                type=network_type,
+                seed=args.seed,
+                parameters=count_parameters(model),
+                iterations=args.iterations,
+                episodes=args.iterations * args.batch_size,
+                eval_episodes=args.eval_episodes,
+                loss=loss,
+                error_zeroed=error_zeroed,
+                error_all=error_all,
+                options=vars(args),
+            ),
+            started=started,
+        )
         plot_episode(model, args, network_type, out / f"episode-{network_type}.png")
     evaluation, this_seed = out / "evaluation.csv", str(args.seed)
-    start_csv(evaluation, EVAL_FIELDS,  # keeps the rows of other runs sharing --out
-              keep=lambda row: row["seed"] != this_seed or row["type"] not in args.types)
-    append_csv(evaluation, EVAL_FIELDS, [
-        dict(type=t, seed=args.seed, iterations=args.iterations,
-             episodes=args.iterations * args.batch_size, loss=loss, error_zeroed=error_zeroed,
-             error_all=error_all) for t, (loss, error_zeroed, error_all) in summary.items()])
+    start_csv(
+        evaluation,
+        EVAL_FIELDS,  # keeps the rows of other runs sharing --out
+        keep=lambda row: row["seed"] != this_seed or row["type"] not in args.types,
+    )
+    append_csv(
+        evaluation,
+        EVAL_FIELDS,
+        [
+            dict(
+                type=t,
+                seed=args.seed,
+                iterations=args.iterations,
+                episodes=args.iterations * args.batch_size,
+                loss=loss,
+                error_zeroed=error_zeroed,
+                error_all=error_all,
+            )
+            for t, (loss, error_zeroed, error_all) in summary.items()
+        ],
+    )
     plot_curves(out, args, out / "curves.png")
     for network_type, (loss, error_zeroed, error_all) in summary.items():
-        print(f"{network_type:8s} on {args.eval_episodes} fresh episodes: bit error rate "
-              f"{100 * error_zeroed:.2f}% of the zeroed bits, {100 * error_all:.2f}% of all bits; "
-              f"loss {loss:.4f}")
+        print(
+            f"{network_type:8s} on {args.eval_episodes} fresh episodes: bit error rate "
+            f"{100 * error_zeroed:.2f}% of the zeroed bits, {100 * error_all:.2f}% of all bits; "
+            f"loss {loss:.4f}"
+        )
     return summary
 
 
@@ -313,9 +418,11 @@ def plot_curves(out, args, path):
         log = read_csv_columns(out / f"{run_name(network_type, args.seed)}.csv")
         top.plot(log["iteration"], log["error_zeroed"], label=network_type)
         bottom.plot(log["iteration"], log["loss"], label=network_type)
-    top.set(ylabel="bit error rate (zeroed bits)",
-            title=f"{args.bits} bits, {args.patterns} patterns, {args.batch_size} episodes per "
-                  f"iteration (seed {args.seed})")
+    top.set(
+        ylabel="bit error rate (zeroed bits)",
+        title=f"{args.bits} bits, {args.patterns} patterns, {args.batch_size} episodes per "
+        f"iteration (seed {args.seed})",
+    )
     bottom.set(xlabel="iteration", ylabel="loss (MSE, last step)", yscale="log")
     top.legend()
     fig.tight_layout()
@@ -327,26 +434,33 @@ def plot_curves(out, args, path):
 def plot_episode(model, args, network_type, path):
     """One fresh test episode: the input and the output over time, then the stored patterns, the
     degraded test input, the output at the last step and the target side by side."""
-    episodes = make_episodes(1, torch.Generator().manual_seed(EVAL_SEED),
-                             **episode_options(args))
+    episodes = make_episodes(1, torch.Generator().manual_seed(EVAL_SEED), **episode_options(args))
     outputs = model(episodes.to(args.device).inputs).cpu()
     final = outputs[-1, 0]
-    rows = torch.cat([episodes.patterns[0], episodes.inputs[-1], final[None],
-                      episodes.target]).float()
+    rows = torch.cat(
+        [episodes.patterns[0], episodes.inputs[-1], final[None], episodes.target]
+    ).float()
     labels = [f"pattern {k}" for k in range(args.patterns)] + ["test input", "output", "target"]
     plt = pyplot()
     fig, axes = plt.subplots(3, 1, figsize=(9, 8), height_ratios=[2, 2, 1.2])
-    for ax, data, title in ((axes[0], episodes.inputs[:, 0], "input (blue -1, grey 0, red +1)"),
-                            (axes[1], outputs[:, 0], "output")):
-        ax.imshow(data.T.numpy(), aspect="auto", cmap="coolwarm", vmin=-1, vmax=1,
-                  interpolation="none")
+    for ax, data, title in (
+        (axes[0], episodes.inputs[:, 0], "input (blue -1, grey 0, red +1)"),
+        (axes[1], outputs[:, 0], "output"),
+    ):
+        ax.imshow(
+            data.T.numpy(), aspect="auto", cmap="coolwarm", vmin=-1, vmax=1, interpolation="none"
+        )
         ax.set(xlabel="step", ylabel="bit", title=title)
-    axes[2].imshow(rows.numpy(), aspect="auto", cmap="coolwarm", vmin=-1, vmax=1,
-                   interpolation="none")
+    axes[2].imshow(
+        rows.numpy(), aspect="auto", cmap="coolwarm", vmin=-1, vmax=1, interpolation="none"
+    )
     axes[2].set_yticks(range(len(labels)), labels)
     wrong = (torch.sign(final) != episodes.target[0]).sum().item()
-    axes[2].set(xlabel="bit", title=f"{network_type}: {wrong} of {args.bits} bits wrong "
-                                    f"(pattern {episodes.test_index[0].item()} tested)")
+    axes[2].set(
+        xlabel="bit",
+        title=f"{network_type}: {wrong} of {args.bits} bits wrong "
+        f"(pattern {episodes.test_index[0].item()} tested)",
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -1,6 +1,7 @@
 """Penn Treebank (or any corpus in its format): a folder with train.txt, valid.txt and test.txt,
 one sentence per line, words separated by spaces. Each line ends with an `<eos>` token (as
 awd-lstm-lm's data.py), and the vocabulary covers the three files."""
+
 from pathlib import Path
 
 import torch
@@ -22,7 +23,8 @@ class Corpus:
             raise FileNotFoundError(
                 f"--data {folder}: missing {', '.join(missing)}. --data must be a folder with "
                 "train.txt, valid.txt and test.txt (one sentence per line); "
-                "experiments/ptb/getdata.sh downloads Penn Treebank into one.")
+                "experiments/ptb/getdata.sh downloads Penn Treebank into one."
+            )
         self.words, self.ids = [], {}
         for split, path in paths.items():
             setattr(self, split, self._tokenize(path))
@@ -47,11 +49,11 @@ def batchify(tokens, batch_size):
     """(n, batch_size): the corpus cut into batch_size contiguous streams, one per column (the
     tail that does not fill a row is dropped)."""
     rows = tokens.numel() // batch_size
-    return tokens[:rows * batch_size].view(batch_size, rows).t().contiguous()
+    return tokens[: rows * batch_size].view(batch_size, rows).t().contiguous()
 
 
 def get_batch(source, i, seq_len):
     """Inputs source[i:i+seq_len] (T, B) and their next words flattened (T * B), T shortened at
     the end of the data."""
     seq_len = min(seq_len, source.size(0) - 1 - i)
-    return source[i:i + seq_len], source[i + 1:i + 1 + seq_len].reshape(-1)
+    return source[i : i + seq_len], source[i + 1 : i + 1 + seq_len].reshape(-1)

@@ -11,6 +11,7 @@ included, and what produced them). See experiments/ptb/README.md.
     python main.py --data data/penn --preset small --variant retroactive
     torchrun --nproc_per_node 2 main.py ...        # data parallel, each process its own streams
 """
+
 import argparse
 import math
 import os
@@ -51,33 +52,101 @@ from experiments.ptb.model import LanguageModel, detach_state  # noqa: E402
 EVAL_BATCH_SIZE, TEST_BATCH_SIZE = 10, 1  # as awd-lstm-lm
 LOG_FIELDS = ("epoch", "train_ppl", "valid_ppl", "lr", "seconds", "tokens_per_s")
 # What a checkpoint taken at the end of an epoch relies on to resume exactly.
-HIDDEN_STATE_POLICY = ("hidden states and traces reset at the start of every training epoch and "
-                       "evaluation, carried detached across BPTT segments")
+HIDDEN_STATE_POLICY = (
+    "hidden states and traces reset at the start of every training epoch and "
+    "evaluation, carried detached across BPTT segments"
+)
 # Options a resumed run may change; all others (the model, --batch_size, --bptt, --seed, the
 # preset and variant) must be those of the run that wrote the checkpoint.
-RESUME_MAY_CHANGE = ("data", "init_range", "dropout", "dropouth", "dropouti", "dropoute", "wdrop",
-                     "impl", "lr", "loss", "clip", "epochs", "variable_bptt", "alpha", "beta",
-                     "wdecay", "lr_decay", "lr_decay_start", "asgdtime", "nonmono", "agdiv",
-                     "when", "device", "cuda", "numgpu", "save", "log", "log_interval", "resume",
-                     "max_batches", "time_limit", "proplstm")
+RESUME_MAY_CHANGE = (
+    "data",
+    "init_range",
+    "dropout",
+    "dropouth",
+    "dropouti",
+    "dropoute",
+    "wdrop",
+    "impl",
+    "lr",
+    "loss",
+    "clip",
+    "epochs",
+    "variable_bptt",
+    "alpha",
+    "beta",
+    "wdecay",
+    "lr_decay",
+    "lr_decay_start",
+    "asgdtime",
+    "nonmono",
+    "agdiv",
+    "when",
+    "device",
+    "cuda",
+    "numgpu",
+    "save",
+    "log",
+    "log_interval",
+    "resume",
+    "max_batches",
+    "time_limit",
+    "proplstm",
+)
 FLAGS = {"batch_size": "--batch_size"}  # awd-lstm-lm's spelling; the other flags use hyphens
 
 # The paper's small model (Table 1): defaults of --preset small, and its four variants, each a
 # set of the model flags. Every variant gets the hidden size (embedding = hidden) that brings it
 # closest to SMALL_TARGET_PARAMS parameters on the Penn Treebank vocabulary.
 SMALL_PRESET = dict(
-    emsize=None, nhid=None, nlayers=2, tied=False, init_range=0.1, dropout=0.0, dropouth=0.0,
-    dropouti=0.0, dropoute=0.0, wdrop=0.0, alpha=0.0, beta=0.0, batch_size=20, bptt=20,
-    variable_bptt=False, loss="time-sum", lr=1.0, clip=5.0, epochs=13, wdecay=1e-5, lr_decay=0.4,
-    lr_decay_start=6, asgdtime=0, clipval=1.0)
+    emsize=None,
+    nhid=None,
+    nlayers=2,
+    tied=False,
+    init_range=0.1,
+    dropout=0.0,
+    dropouth=0.0,
+    dropouti=0.0,
+    dropoute=0.0,
+    wdrop=0.0,
+    alpha=0.0,
+    beta=0.0,
+    batch_size=20,
+    bptt=20,
+    variable_bptt=False,
+    loss="time-sum",
+    lr=1.0,
+    clip=5.0,
+    epochs=13,
+    wdecay=1e-5,
+    lr_decay=0.4,
+    lr_decay_start=6,
+    asgdtime=0,
+    clipval=1.0,
+)
 SMALL_VARIANTS = {
     "baseline": dict(model="MYLSTM"),
-    "plastic": dict(model="PLASTICLSTM", modultype="none", modulout="none", alphatype="full",
-                    etatype="full", cliptype="clip"),
-    "simple": dict(model="PLASTICLSTM", modultype="modplasth2mod", modulout="single",
-                   alphatype="full", cliptype="clip"),
-    "retroactive": dict(model="PLASTICLSTM", modultype="modplasth2mod", modulout="single",
-                        alphatype="full", cliptype="retroactive"),
+    "plastic": dict(
+        model="PLASTICLSTM",
+        modultype="none",
+        modulout="none",
+        alphatype="full",
+        etatype="full",
+        cliptype="clip",
+    ),
+    "simple": dict(
+        model="PLASTICLSTM",
+        modultype="modplasth2mod",
+        modulout="single",
+        alphatype="full",
+        cliptype="clip",
+    ),
+    "retroactive": dict(
+        model="PLASTICLSTM",
+        modultype="modplasth2mod",
+        modulout="single",
+        alphatype="full",
+        cliptype="retroactive",
+    ),
 }
 SMALL_TARGET_PARAMS, PTB_VOCABULARY = 4_800_000, 10_000
 ALPHA_SHAPES = {"full": "full", "perneuron": "neuron", "single": "scalar"}
@@ -91,118 +160,258 @@ NOT_IMPLEMENTED = {"hebboutput": ("h2co", "cell", "hidden"), "cliptype": ("adity
 
 
 def make_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     add = p.add_argument
     add("--data", default="data/penn", help="folder with train.txt, valid.txt, test.txt")
-    add("--preset", choices=("large", "small"), default="large",
-        help="large: awd-lstm-lm defaults; small: the paper's Table 1 model (see README)")
-    add("--variant", choices=tuple(SMALL_VARIANTS),
-        help="--preset small only: which Table 1 model (default baseline); sets the model flags")
+    add(
+        "--preset",
+        choices=("large", "small"),
+        default="large",
+        help="large: awd-lstm-lm defaults; small: the paper's Table 1 model (see README)",
+    )
+    add(
+        "--variant",
+        choices=tuple(SMALL_VARIANTS),
+        help="--preset small only: which Table 1 model (default baseline); sets the model flags",
+    )
     # model
-    add("--model", choices=("PLASTICLSTM", "MYLSTM"), default="PLASTICLSTM",
-        help="MYLSTM: the non-plastic LSTM baseline")
-    add("--modultype", choices=("none", "modplasth2mod", "modplastc2mod"),
+    add(
+        "--model",
+        choices=("PLASTICLSTM", "MYLSTM"),
+        default="PLASTICLSTM",
+        help="MYLSTM: the non-plastic LSTM baseline",
+    )
+    add(
+        "--modultype",
+        choices=("none", "modplasth2mod", "modplastc2mod"),
         default="modplasth2mod",
         help="none: learned plasticity rate eta; modplasth2mod / modplastc2mod: neuromodulation "
-             "computed from h_t / c_t")
-    add("--modulout", choices=("none", "single", "fanout"), default="fanout",
+        "computed from h_t / c_t",
+    )
+    add(
+        "--modulout",
+        choices=("none", "single", "fanout"),
+        default="fanout",
         help="single: one rate per sample; fanout: one per post-synaptic neuron (ignored with "
-             "--modultype none, as in the original)")
-    add("--alphatype", choices=tuple(ALPHA_SHAPES), default="perneuron",
-        help="plasticity coefficients: one per connection, per post-synaptic neuron, or one")
-    add("--etatype", choices=("scalar", "full"), default="scalar",
-        help="shape of the learned eta with --modultype none")
-    add("--cliptype", choices=SUPPORTED["cliptype"] + NOT_IMPLEMENTED["cliptype"],
+        "--modultype none, as in the original)",
+    )
+    add(
+        "--alphatype",
+        choices=tuple(ALPHA_SHAPES),
+        default="perneuron",
+        help="plasticity coefficients: one per connection, per post-synaptic neuron, or one",
+    )
+    add(
+        "--etatype",
+        choices=("scalar", "full"),
+        default="scalar",
+        help="shape of the learned eta with --modultype none",
+    )
+    add(
+        "--cliptype",
+        choices=SUPPORTED["cliptype"] + NOT_IMPLEMENTED["cliptype"],
         default="clip",
         help="plasticity rule, bp.PlasticLSTM's `rule` (retroactive: eligibility traces, needs "
-             "neuromodulation); the original's aditya (clip only where the trace enters the "
-             "product) is not implemented")
-    add("--clipval", type=number(float, 0, strict=True), default=2.0,
-        help="bound of the Hebbian traces (small preset: 1)")
-    add("--hebboutput", choices=SUPPORTED["hebboutput"] + NOT_IMPLEMENTED["hebboutput"],
+        "neuromodulation); the original's aditya (clip only where the trace enters the "
+        "product) is not implemented",
+    )
+    add(
+        "--clipval",
+        type=number(float, 0, strict=True),
+        default=2.0,
+        help="bound of the Hebbian traces (small preset: 1)",
+    )
+    add(
+        "--hebboutput",
+        choices=SUPPORTED["hebboutput"] + NOT_IMPLEMENTED["hebboutput"],
         default="i2c",
         help="post-synaptic term of the Hebbian product: i2c, the cell candidate g_t, is the "
-             "one implemented (h2co, cell and hidden, the original's others, are not)")
-    add("--proplstm", type=float, default=0.5,
+        "one implemented (h2co, cell and hidden, the original's others, are not)",
+    )
+    add(
+        "--proplstm",
+        type=float,
+        default=0.5,
         help="the original's share of LSTM cells in its split-LSTM models, which are not part "
-             "of this package: accepted, no effect")
+        "of this package: accepted, no effect",
+    )
     add("--emsize", type=number(int, 1), default=400, help="embedding size (small preset: = nhid)")
-    add("--nhid", type=number(int, 1), default=1150,
-        help="units per layer (small preset: the variant's matched size)")
+    add(
+        "--nhid",
+        type=number(int, 1),
+        default=1150,
+        help="units per layer (small preset: the variant's matched size)",
+    )
     add("--nlayers", type=number(int, 1), default=3)
-    add("--tied", action=argparse.BooleanOptionalAction, default=True,
-        help="decoder weight = embedding table")
-    add("--init-range", type=number(float, 0), default=0.0,
-        help="> 0: all but plastic parameters uniform in +-this; 0: awd-lstm-lm's init")
-    add("--dropout", type=number(float, 0, maximum=1), default=0.4,
-        help="locked dropout on the last layer's output")
-    add("--dropouth", type=number(float, 0, maximum=1), default=0.3,
-        help="locked dropout between layers")
-    add("--dropouti", type=number(float, 0, maximum=1), default=0.65,
-        help="locked dropout on the embeddings")
-    add("--dropoute", type=number(float, 0, maximum=1), default=0.1,
-        help="dropout of whole word embeddings")
-    add("--wdrop", type=number(float, 0, maximum=1), default=0.5,
-        help="DropConnect on the recurrent weights")
-    add("--impl", choices=("fused", "reference"), default="fused",
-        help="plastic LSTM implementation: fused kernels or the pure-PyTorch reference")
+    add(
+        "--tied",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="decoder weight = embedding table",
+    )
+    add(
+        "--init-range",
+        type=number(float, 0),
+        default=0.0,
+        help="> 0: all but plastic parameters uniform in +-this; 0: awd-lstm-lm's init",
+    )
+    add(
+        "--dropout",
+        type=number(float, 0, maximum=1),
+        default=0.4,
+        help="locked dropout on the last layer's output",
+    )
+    add(
+        "--dropouth",
+        type=number(float, 0, maximum=1),
+        default=0.3,
+        help="locked dropout between layers",
+    )
+    add(
+        "--dropouti",
+        type=number(float, 0, maximum=1),
+        default=0.65,
+        help="locked dropout on the embeddings",
+    )
+    add(
+        "--dropoute",
+        type=number(float, 0, maximum=1),
+        default=0.1,
+        help="dropout of whole word embeddings",
+    )
+    add(
+        "--wdrop",
+        type=number(float, 0, maximum=1),
+        default=0.5,
+        help="DropConnect on the recurrent weights",
+    )
+    add(
+        "--impl",
+        choices=("fused", "reference"),
+        default="fused",
+        help="plastic LSTM implementation: fused kernels or the pure-PyTorch reference",
+    )
     # training
     add("--lr", type=number(float, 0, strict=True), default=30.0)
-    add("--loss", choices=("mean", "time-sum"), default="mean",
+    add(
+        "--loss",
+        choices=("mean", "time-sum"),
+        default="mean",
         help="what the gradient step sees: the cross-entropy averaged over the segment's tokens "
-             "(awd-lstm-lm), or summed over its time steps and averaged over the streams "
-             "(Zaremba et al. 2014, for whom lr 1 and clip 5 were tuned); perplexities are per "
-             "token either way")
+        "(awd-lstm-lm), or summed over its time steps and averaged over the streams "
+        "(Zaremba et al. 2014, for whom lr 1 and clip 5 were tuned); perplexities are per "
+        "token either way",
+    )
     add("--clip", type=number(float, 0), default=0.25, help="gradient norm clip (0: none)")
     add("--epochs", type=number(int, 1), default=8000)
-    add("--batch_size", type=number(int, 1), default=80,
-        help="training streams, over all processes")
+    add(
+        "--batch_size", type=number(int, 1), default=80, help="training streams, over all processes"
+    )
     add("--bptt", type=number(int, 1), default=70, help="truncated backpropagation length")
-    add("--variable-bptt", action=argparse.BooleanOptionalAction, default=True,
-        help="awd-lstm-lm's random BPTT lengths, the learning rate scaled by length / bptt")
+    add(
+        "--variable-bptt",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="awd-lstm-lm's random BPTT lengths, the learning rate scaled by length / bptt",
+    )
     add("--alpha", type=number(float, 0), default=2.0, help="activation regularisation (AR) weight")
-    add("--beta", type=number(float, 0), default=1.0,
-        help="temporal activation regularisation (TAR)")
+    add(
+        "--beta",
+        type=number(float, 0),
+        default=1.0,
+        help="temporal activation regularisation (TAR)",
+    )
     add("--wdecay", type=number(float, 0), default=1.2e-6, help="L2 penalty (SGD weight decay)")
-    add("--lr-decay", type=number(float, 0, strict=True), default=1.0,
-        help="learning rate factor per epoch ...")
+    add(
+        "--lr-decay",
+        type=number(float, 0, strict=True),
+        default=1.0,
+        help="learning rate factor per epoch ...",
+    )
     add("--lr-decay-start", type=int, default=1, help="... from this epoch on")
-    add("--optimizer", choices=("sgd", "adam"), default="sgd",
-        help="adam: torch's Adam with --lr and --wdecay, never switching to averaged SGD")
-    add("--asgdtime", type=int, default=-1,
+    add(
+        "--optimizer",
+        choices=("sgd", "adam"),
+        default="sgd",
+        help="adam: torch's Adam with --lr and --wdecay, never switching to averaged SGD",
+    )
+    add(
+        "--asgdtime",
+        type=int,
+        default=-1,
         help="< 0: switch to averaged SGD when validation stops improving (--nonmono); > 0: at "
-             "the end of epoch asgdtime + 1; 0: never (--optimizer sgd only)")
+        "the end of epoch asgdtime + 1; 0: never (--optimizer sgd only)",
+    )
     add("--nonmono", type=number(int, 1), default=5, help="epochs of the non-monotone ASGD trigger")
-    add("--when", type=int, nargs="+", default=[-1], metavar="EPOCH",
+    add(
+        "--when",
+        type=int,
+        nargs="+",
+        default=[-1],
+        metavar="EPOCH",
         help="divide the learning rate by 10 at the end of these epochs, first saving the model "
-             "to <--save>.e<epoch>; only before the switch to averaged SGD, which restarts at "
-             "--lr, as in the original (-1: never)")
-    add("--agdiv", type=number(float, 0, strict=True), default=1.0,
-        help="divide the gradients of alpha by this with --alphatype perneuron or single")
+        "to <--save>.e<epoch>; only before the switch to averaged SGD, which restarts at "
+        "--lr, as in the original (-1: never)",
+    )
+    add(
+        "--agdiv",
+        type=number(float, 0, strict=True),
+        default=1.0,
+        help="divide the gradients of alpha by this with --alphatype perneuron or single",
+    )
     add("--seed", type=int, default=1111)
     # running
     add("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    add("--cuda", action="store_false",
+    add(
+        "--cuda",
+        action="store_false",
         help="the original's switch, with its meaning: given, it turns CUDA OFF (the run uses "
-             "the CPU, as --device cpu; with another --device it is an error)")
-    add("--numgpu", type=number(int, 0), metavar="N",
+        "the CPU, as --device cpu; with another --device it is an error)",
+    )
+    add(
+        "--numgpu",
+        type=number(int, 0),
+        metavar="N",
         help="the original's GPU index: cuda:N when the run uses CUDA (no effect on the CPU; "
-             "under torchrun each process uses the GPU of its local rank)")
-    add("--save", default="PTB.pt", help="best model (by validation); the last checkpoint goes "
-                                         "to <save stem>.checkpoint.pt")
+        "under torchrun each process uses the GPU of its local rank)",
+    )
+    add(
+        "--save",
+        default="PTB.pt",
+        help="best model (by validation); the last checkpoint goes to <save stem>.checkpoint.pt",
+    )
     add("--log", help="CSV of the epochs (default <save stem>.csv), plotted to the same name .png")
-    add("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+    add(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="CHECKPOINT",
         help="continue from the last checkpoint (<save stem>.checkpoint.pt, or the one given; "
-             "'', the original's default: start afresh)")
-    add("--log-interval", type=int, default=200,
+        "'', the original's default: start afresh)",
+    )
+    add(
+        "--log-interval",
+        type=int,
+        default=200,
         help="the original's report interval in batches: accepted, no effect (the progress "
-             "display shows the running perplexity)")
-    add("--max-batches", type=number(int, 0), default=0,
-        help="> 0: end every epoch and evaluation after this many batches (quick runs)")
-    add("--time-limit", type=number(float, 0), default=0.0,
+        "display shows the running perplexity)",
+    )
+    add(
+        "--max-batches",
+        type=number(int, 0),
+        default=0,
+        help="> 0: end every epoch and evaluation after this many batches (quick runs)",
+    )
+    add(
+        "--time-limit",
+        type=number(float, 0),
+        default=0.0,
         help="> 0: stop training after this many seconds; --resume continues from the last "
-             "completed epoch")
+        "completed epoch",
+    )
     return p
 
 
@@ -221,20 +430,29 @@ def parse_args(argv=None):
         args.emsize = args.nhid
     for flag, values in NOT_IMPLEMENTED.items():
         if getattr(args, flag) in values:
-            parser.error(f"--{flag} {getattr(args, flag)}: not implemented by bp.PlasticLSTM; "
-                         f"supported: {', '.join(SUPPORTED[flag])}")
+            parser.error(
+                f"--{flag} {getattr(args, flag)}: not implemented by bp.PlasticLSTM; "
+                f"supported: {', '.join(SUPPORTED[flag])}"
+            )
     if not args.cuda and args.device not in ("auto", "cpu"):
         parser.error(f"--cuda (the original's switch: CUDA off) contradicts --device {args.device}")
-    if (args.numgpu is not None and args.device.startswith("cuda:")
-            and torch.device(args.device).index != args.numgpu):
+    if (
+        args.numgpu is not None
+        and args.device.startswith("cuda:")
+        and torch.device(args.device).index != args.numgpu
+    ):
         parser.error(f"--numgpu {args.numgpu} contradicts --device {args.device}")
     if args.model == "PLASTICLSTM":
         if args.modultype != "none" and args.modulout == "none":
-            parser.error(f"--modultype {args.modultype} with --modulout none: neuromodulation "
-                         "needs --modulout single or fanout")
+            parser.error(
+                f"--modultype {args.modultype} with --modulout none: neuromodulation "
+                "needs --modulout single or fanout"
+            )
         if args.cliptype == "retroactive" and args.modultype == "none":
-            parser.error("--cliptype retroactive needs neuromodulation (--modultype "
-                         "modplasth2mod or modplastc2mod)")
+            parser.error(
+                "--cliptype retroactive needs neuromodulation (--modultype "
+                "modplasth2mod or modplastc2mod)"
+            )
     return args
 
 
@@ -242,26 +460,48 @@ def layer_options(args):
     """bp.PlasticLSTM options of the Backpropamine flags."""
     if args.model == "MYLSTM":
         return dict(plastic=False, impl=args.impl)
-    modulation = ("none" if args.modultype == "none" else
-                  {"single": "simple", "fanout": "fanout"}[args.modulout])
-    return dict(alpha=ALPHA_SHAPES[args.alphatype], modulation=modulation,
-                modulator_input="c" if args.modultype == "modplastc2mod" else "h",
-                rule=args.cliptype, clip=args.clipval, eta_shape=args.etatype, impl=args.impl)
+    modulation = (
+        "none"
+        if args.modultype == "none"
+        else {"single": "simple", "fanout": "fanout"}[args.modulout]
+    )
+    return dict(
+        alpha=ALPHA_SHAPES[args.alphatype],
+        modulation=modulation,
+        modulator_input="c" if args.modultype == "modplastc2mod" else "h",
+        rule=args.cliptype,
+        clip=args.clipval,
+        eta_shape=args.etatype,
+        impl=args.impl,
+    )
 
 
 def build_model(args, ntokens, shard=(0, 1)):
-    return LanguageModel(ntokens, args.emsize, args.nhid, args.nlayers, layer_options(args),
-                         tied=args.tied, dropout=args.dropout, dropouth=args.dropouth,
-                         dropouti=args.dropouti, dropoute=args.dropoute, wdrop=args.wdrop,
-                         init_range=args.init_range, shard=shard)
+    return LanguageModel(
+        ntokens,
+        args.emsize,
+        args.nhid,
+        args.nlayers,
+        layer_options(args),
+        tied=args.tied,
+        dropout=args.dropout,
+        dropouth=args.dropouth,
+        dropouti=args.dropouti,
+        dropoute=args.dropoute,
+        wdrop=args.wdrop,
+        init_range=args.init_range,
+        shard=shard,
+    )
 
 
 def small_hidden_sizes(args):
     """{variant: (hidden size, parameters)}: for each small variant the size (embedding = hidden)
     whose parameter count on the PTB vocabulary is closest to SMALL_TARGET_PARAMS."""
+
     def count(variant, n):
-        options = argparse.Namespace(**{**vars(args), **SMALL_VARIANTS[variant],
-                                        "nhid": n, "emsize": n})
+        options = argparse.Namespace(
+            **{**vars(args), **SMALL_VARIANTS[variant], "nhid": n, "emsize": n}
+        )
         with torch.device("meta"):  # shapes only, no memory
             return count_parameters(build_model(options, PTB_VOCABULARY))
 
@@ -294,7 +534,7 @@ def epoch_lr(args, epoch, switched_after=None):
         divisions = sum(1 for e in set(args.when) if 0 < e < epoch)
     else:
         divisions = int(switched_after in args.when)
-    return args.lr * args.lr_decay ** max(0, epoch - args.lr_decay_start + 1) * 0.1 ** divisions
+    return args.lr * args.lr_decay ** max(0, epoch - args.lr_decay_start + 1) * 0.1**divisions
 
 
 def divided_alphas(model, args):
@@ -346,15 +586,21 @@ def train_epoch(model, module, optimizer, train_data, lr, args, deadline, world,
     loss_sum = torch.zeros((), device=train_data.device)
     tokens = batches = i = 0
     complete = True
-    bar = progress(total=train_data.size(0) - 1, unit="tok", unit_scale=args.batch_size,
-                   desc="train", disable=not show)
+    bar = progress(
+        total=train_data.size(0) - 1,
+        unit="tok",
+        unit_scale=args.batch_size,
+        desc="train",
+        disable=not show,
+    )
     while i < train_data.size(0) - 2:
         seq_len = bptt_length(args)
         for group in optimizer.param_groups:  # a short segment makes a small step
             group["lr"] = lr * seq_len / args.bptt
         data, targets = get_batch(train_data, i, seq_len)
-        raw_loss, hidden = train_step(model, optimizer, data, targets, detach_state(hidden),
-                                      args, alphas)
+        raw_loss, hidden = train_step(
+            model, optimizer, data, targets, detach_state(hidden), args, alphas
+        )
         for rnn in module.rnns:  # a rate outside [0, 1] makes the eligibility trace diverge
             rnn.clamp_elig_rate_()
         loss_sum += raw_loss * targets.numel()
@@ -378,7 +624,7 @@ def evaluate(model, source, args, show, desc):
     model.eval()
     hidden = [None] * len(model.rnns)
     loss_sum, tokens = 0.0, 0
-    starts = range(0, source.size(0) - 1, args.bptt)[:args.max_batches or None]
+    starts = range(0, source.size(0) - 1, args.bptt)[: args.max_batches or None]
     for i in progress(starts, desc=desc, disable=not show):
         data, targets = get_batch(source, i, args.bptt)
         logits, hidden, _, _ = model(data, hidden)
@@ -415,7 +661,7 @@ def averaging_starts(args, epoch, valid_loss, history):
         return False
     if args.asgdtime > 0:
         return args.asgdtime < epoch
-    return len(history) > args.nonmono and valid_loss > min(history[:-args.nonmono])
+    return len(history) > args.nonmono and valid_loss > min(history[: -args.nonmono])
 
 
 def make_optimizer(model, args):
@@ -427,8 +673,9 @@ def make_optimizer(model, args):
 def averaged_sgd(model, args):
     # As awd-lstm-lm: averaging from the first step on, no decay. torch's ASGD applies the rate
     # it stored at the previous step, so the BPTT length scaling lags by one step (as there).
-    return torch.optim.ASGD(model.parameters(), lr=args.lr, t0=0, lambd=0.0,
-                            weight_decay=args.wdecay)
+    return torch.optim.ASGD(
+        model.parameters(), lr=args.lr, t0=0, lambd=0.0, weight_decay=args.wdecay
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -443,24 +690,41 @@ def output_paths(args):
     for flag, path in (("--save", save), ("--log", log)):
         if not path.parent.is_dir():
             raise SystemExit(f"{flag} {path}: the folder {path.parent} does not exist")
-    return dict(save=save, checkpoint=save.with_name(save.stem + ".checkpoint.pt"), log=log,
-                plot=log.with_suffix(".png"), results=log.with_suffix(".json"))
+    return dict(
+        save=save,
+        checkpoint=save.with_name(save.stem + ".checkpoint.pt"),
+        log=log,
+        plot=log.with_suffix(".png"),
+        results=log.with_suffix(".json"),
+    )
 
 
-CHECKPOINT_KEYS = ("model", "optimizer", "asgd", "epoch", "best_valid", "valid_history", "rng",
-                   "args", "hidden_state_policy")
+CHECKPOINT_KEYS = (
+    "model",
+    "optimizer",
+    "asgd",
+    "epoch",
+    "best_valid",
+    "valid_history",
+    "rng",
+    "args",
+    "hidden_state_policy",
+)
 
 
 def resume_checkpoint(path, args, model):
     """Restores the model and the random states from the checkpoint at `path` (common's
     load_checkpoint: options outside RESUME_MAY_CHANGE must match); returns the checkpoint."""
     if not path.is_file():
-        raise SystemExit(f"--resume: no checkpoint at {path} (it is written at the end of every "
-                         "epoch, next to --save)")
+        raise SystemExit(
+            f"--resume: no checkpoint at {path} (it is written at the end of every "
+            "epoch, next to --save)"
+        )
     ckpt = load_checkpoint(path, args, RESUME_MAY_CHANGE, CHECKPOINT_KEYS, FLAGS)
     if ckpt["hidden_state_policy"] != HIDDEN_STATE_POLICY:
-        raise SystemExit(f"--resume: {path} assumes another hidden-state policy: "
-                         f"{ckpt['hidden_state_policy']!r}")
+        raise SystemExit(
+            f"--resume: {path} assumes another hidden-state policy: {ckpt['hidden_state_policy']!r}"
+        )
     model.load_state_dict(ckpt["model"])
     return ckpt
 
@@ -493,8 +757,9 @@ def select_device(args):
     the GPU cuda:N (parse_args refuses the contradictory combinations)."""
     if not args.cuda:
         return torch.device("cpu")
-    device = torch.device(args.device if args.device != "auto" else
-                          "cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(
+        args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    )
     if device.type == "cuda" and args.numgpu is not None:
         return torch.device("cuda", args.numgpu)
     return device
@@ -509,8 +774,7 @@ def init_distributed(args):
         return 0, 1, device
     if device.type == "cuda":
         if args.numgpu is not None:
-            raise SystemExit("--numgpu: under torchrun each process uses the GPU of its local "
-                             "rank")
+            raise SystemExit("--numgpu: under torchrun each process uses the GPU of its local rank")
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -520,14 +784,18 @@ def init_distributed(args):
 def check_lengths(corpus, args):
     """Exits naming the file when a split is too short to give a batch: training needs 3 rows
     of --batch_size streams (a segment and its next words), evaluation 2 rows of its streams."""
-    for split, streams, rows in (("train", args.batch_size, 3), ("valid", EVAL_BATCH_SIZE, 2),
-                                 ("test", TEST_BATCH_SIZE, 2)):
+    for split, streams, rows in (
+        ("train", args.batch_size, 3),
+        ("valid", EVAL_BATCH_SIZE, 2),
+        ("test", TEST_BATCH_SIZE, 2),
+    ):
         tokens = getattr(corpus, split).numel()
         if tokens < rows * streams:
             raise SystemExit(
                 f"--data: {Path(args.data) / f'{split}.txt'} has {tokens} tokens (words and "
                 f"<eos>), too few for {'training' if split == 'train' else 'evaluation'} in "
-                f"{streams} streams: at least {rows * streams} needed")
+                f"{streams} streams: at least {rows * streams} needed"
+            )
 
 
 def main(argv=None):
@@ -545,6 +813,7 @@ def main(argv=None):
 class Run:
     """One run's parts, and what the epoch loop carries from one epoch to the next (the state
     a checkpoint restores)."""
+
     args: argparse.Namespace
     paths: dict
     data: dict  # train (this process's streams), valid, test
@@ -579,28 +848,38 @@ def set_up(args, rank, world, device):
     """Checks the outputs, seeds, loads the data, builds the model and its optimizer, and
     resumes from the checkpoint with --resume."""
     if args.batch_size % world:
-        raise SystemExit(f"--batch_size {args.batch_size} must be divisible by the number of "
-                         f"processes, {world}: each process trains on an equal slice of streams")
+        raise SystemExit(
+            f"--batch_size {args.batch_size} must be divisible by the number of "
+            f"processes, {world}: each process trains on an equal slice of streams"
+        )
     paths = output_paths(args)
     show = rank == 0
     if show:
         print("args:", " ".join(f"{k}={v}" for k, v in vars(args).items()))
         if args.preset == "small":
-            print("small preset: hidden size matched to", f"{SMALL_TARGET_PARAMS:,}",
-                  "parameters:", ", ".join(f"{v} {n} ({c:,})"
-                                           for v, (n, c) in small_hidden_sizes(args).items()))
+            print(
+                "small preset: hidden size matched to",
+                f"{SMALL_TARGET_PARAMS:,}",
+                "parameters:",
+                ", ".join(f"{v} {n} ({c:,})" for v, (n, c) in small_hidden_sizes(args).items()),
+            )
     # The same seed everywhere: every process draws the same BPTT lengths and dropout masks.
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     corpus, data = load_data(args, rank, world, device)
     model = build_model(args, len(corpus), shard=(rank, world)).to(device)
-    trained = model if world == 1 else DistributedDataParallel(
-        model, device_ids=[device] if device.type == "cuda" else None)
+    trained = (
+        model
+        if world == 1
+        else DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    )
     r = Run(args, paths, data, model, trained, make_optimizer(model, args), world, device, show)
-    r.say(f"vocabulary {len(corpus):,}, train {corpus.train.numel():,}, valid "
-          f"{corpus.valid.numel():,}, test {corpus.test.numel():,} tokens; "
-          f"{count_parameters(model):,} parameters; {world} process(es) on {device}")
+    r.say(
+        f"vocabulary {len(corpus):,}, train {corpus.train.numel():,}, valid "
+        f"{corpus.valid.numel():,}, test {corpus.test.numel():,} tokens; "
+        f"{count_parameters(model):,} parameters; {world} process(es) on {device}"
+    )
     if args.resume:
         restore(r)
     if show:  # a resumed run keeps the rows of the epochs it resumes after
@@ -617,10 +896,12 @@ def load_data(args, rank, world, device):
         raise SystemExit(f"--data: {err}" if isinstance(err, DataError) else str(err)) from err
     check_lengths(corpus, args)
     streams = args.batch_size // world
-    train_data = batchify(corpus.train, args.batch_size)[:, rank * streams:(rank + 1) * streams]
-    return corpus, dict(train=train_data.to(device),
-                        valid=batchify(corpus.valid, EVAL_BATCH_SIZE).to(device),
-                        test=batchify(corpus.test, TEST_BATCH_SIZE).to(device))
+    train_data = batchify(corpus.train, args.batch_size)[:, rank * streams : (rank + 1) * streams]
+    return corpus, dict(
+        train=train_data.to(device),
+        valid=batchify(corpus.valid, EVAL_BATCH_SIZE).to(device),
+        test=batchify(corpus.test, TEST_BATCH_SIZE).to(device),
+    )
 
 
 def restore(r):
@@ -645,11 +926,14 @@ def train(r):
         start = time.time()
         averaging = isinstance(r.optimizer, torch.optim.ASGD)
         lr = epoch_lr(args, epoch, len(r.valid_history) if averaging else None)
-        loss_sum, tokens, complete = train_epoch(r.trained, r.model, r.optimizer, r.data["train"],
-                                                 lr, args, deadline, r.world, r.show)
+        loss_sum, tokens, complete = train_epoch(
+            r.trained, r.model, r.optimizer, r.data["train"], lr, args, deadline, r.world, r.show
+        )
         if not complete:
-            r.say(f"time limit: stopped during epoch {epoch}; --resume restarts it from the "
-                  f"checkpoint of epoch {epoch - 1}")
+            r.say(
+                f"time limit: stopped during epoch {epoch}; --resume restarts it from the "
+                f"checkpoint of epoch {epoch - 1}"
+            )
             r.stopped_by = "time limit"
             break
         train_seconds = time.time() - start
@@ -661,12 +945,19 @@ def train(r):
         if not averaging:
             r.valid_history.append(valid_loss)
         loss_total, token_total = totals.tolist()
-        row = dict(epoch=epoch, train_ppl=math.exp(loss_total / token_total),
-                   valid_ppl=math.exp(valid_loss), lr=lr, seconds=time.time() - start,
-                   tokens_per_s=token_total / train_seconds)
-        r.say(f"| epoch {epoch:3d} | {row['seconds']:6.0f} s | {row['tokens_per_s']:7.0f} tok/s "
-              f"| lr {lr:.3g} | train ppl {row['train_ppl']:8.2f} | valid ppl "
-              f"{row['valid_ppl']:8.2f}" + (" (averaged weights)" if averaging else ""))
+        row = dict(
+            epoch=epoch,
+            train_ppl=math.exp(loss_total / token_total),
+            valid_ppl=math.exp(valid_loss),
+            lr=lr,
+            seconds=time.time() - start,
+            tokens_per_s=token_total / train_seconds,
+        )
+        r.say(
+            f"| epoch {epoch:3d} | {row['seconds']:6.0f} s | {row['tokens_per_s']:7.0f} tok/s "
+            f"| lr {lr:.3g} | train ppl {row['train_ppl']:8.2f} | valid ppl "
+            f"{row['valid_ppl']:8.2f}" + (" (averaged weights)" if averaging else "")
+        )
         if switch:
             r.say("switching to averaged SGD")
             r.optimizer = averaged_sgd(r.model, args)
@@ -690,25 +981,34 @@ def validate(r):
         if valid_loss < r.best_valid:
             r.best_valid = valid_loss
             if r.show:
-                atomic_save(dict(model=r.model.state_dict(), args=vars(r.args)),
-                            r.paths["save"])
+                atomic_save(dict(model=r.model.state_dict(), args=vars(r.args)), r.paths["save"])
     return valid_loss
 
 
 def save_checkpoint(r, epoch):
-    atomic_save(dict(model=r.model.state_dict(), optimizer=r.optimizer.state_dict(),
-                     asgd=isinstance(r.optimizer, torch.optim.ASGD), epoch=epoch,
-                     best_valid=r.best_valid, valid_history=r.valid_history, rng=rng_states(),
-                     args=vars(r.args), hidden_state_policy=HIDDEN_STATE_POLICY),
-                r.paths["checkpoint"])
+    atomic_save(
+        dict(
+            model=r.model.state_dict(),
+            optimizer=r.optimizer.state_dict(),
+            asgd=isinstance(r.optimizer, torch.optim.ASGD),
+            epoch=epoch,
+            best_valid=r.best_valid,
+            valid_history=r.valid_history,
+            rng=rng_states(),
+            args=vars(r.args),
+            hidden_state_policy=HIDDEN_STATE_POLICY,
+        ),
+        r.paths["checkpoint"],
+    )
 
 
 def report(r, started):
     """Tests the best model (the last weights when no epoch completed), prints its perplexity
     and writes the results file beside the CSV log; returns the results."""
     if r.best_valid < math.inf:
-        r.model.load_state_dict(torch.load(r.paths["save"], map_location=r.device,
-                                           weights_only=True)["model"])
+        r.model.load_state_dict(
+            torch.load(r.paths["save"], map_location=r.device, weights_only=True)["model"]
+        )
         which = f"best model ({r.paths['save']})"
     else:
         which = "last weights (no epoch completed)"
@@ -718,12 +1018,17 @@ def report(r, started):
     valid = [float(row["valid_ppl"]) for row in rows]
     speeds = [float(row["tokens_per_s"]) for row in rows]
     results = dict(
-        test_ppl=test_ppl, tested=which, best_valid_ppl=min(valid, default=None),
+        test_ppl=test_ppl,
+        tested=which,
+        best_valid_ppl=min(valid, default=None),
         best_epoch=int(rows[valid.index(min(valid))]["epoch"]) if rows else None,
         final_valid_ppl=valid[-1] if rows else None,
-        epochs_run=int(rows[-1]["epoch"]) if rows else 0, stopped_by=r.stopped_by,
+        epochs_run=int(rows[-1]["epoch"]) if rows else 0,
+        stopped_by=r.stopped_by,
         train_tokens_per_s=sum(speeds) / len(speeds) if rows else None,
-        log=str(r.paths["log"]), args=vars(r.args))
+        log=str(r.paths["log"]),
+        args=vars(r.args),
+    )
     write_json(r.paths["results"], results, started=started)
     r.say(f"results: {r.paths['results']}")
     return results

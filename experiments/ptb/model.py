@@ -7,6 +7,7 @@ Regularisation, all off in evaluation mode: embedding dropout (whole word vector
 the recurrent weights (`wdrop`). The fused ops take the weights as tensors, so DropConnect is a
 functional call of the layer with dropped weights, which Backpropamine's custom cells could not do.
 """
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,7 +40,7 @@ def locked_dropout(x, p, shard):
     index, count = shard
     batch = x.size(1)
     mask = x.new_empty(1, batch * count, x.size(2)).bernoulli_(1 - p) / (1 - p)
-    return x * mask[:, index * batch:(index + 1) * batch]
+    return x * mask[:, index * batch : (index + 1) * batch]
 
 
 class LanguageModel(nn.Module):
@@ -56,19 +57,38 @@ class LanguageModel(nn.Module):
     bp.PlasticLSTMState (or None: zeros) per layer.
     """
 
-    def __init__(self, ntokens, emsize, nhid, nlayers, layer_options, tied=True, dropout=0.0,
-                 dropouth=0.0, dropouti=0.0, dropoute=0.0, wdrop=0.0, init_range=0.0,
-                 shard=(0, 1)):
+    def __init__(
+        self,
+        ntokens,
+        emsize,
+        nhid,
+        nlayers,
+        layer_options,
+        tied=True,
+        dropout=0.0,
+        dropouth=0.0,
+        dropouti=0.0,
+        dropoute=0.0,
+        wdrop=0.0,
+        init_range=0.0,
+        shard=(0, 1),
+    ):
         super().__init__()
         self.encoder = nn.Embedding(ntokens, emsize)
         widths = [emsize] + [nhid] * (nlayers - 1) + [emsize if tied else nhid]
-        self.rnns = nn.ModuleList(bp.PlasticLSTM(n_in, n_out, **layer_options)
-                                  for n_in, n_out in zip(widths[:-1], widths[1:]))
+        self.rnns = nn.ModuleList(
+            bp.PlasticLSTM(n_in, n_out, **layer_options)
+            for n_in, n_out in zip(widths[:-1], widths[1:])
+        )
         self.decoder = nn.Linear(widths[-1], ntokens)
         if tied:
             self.decoder.weight = self.encoder.weight
         self.dropout, self.dropouth, self.dropouti, self.dropoute = (
-            dropout, dropouth, dropouti, dropoute)
+            dropout,
+            dropouth,
+            dropouti,
+            dropoute,
+        )
         self.wdrop, self.shard = wdrop, shard
         self._initialise(init_range)
 
@@ -87,8 +107,9 @@ class LanguageModel(nn.Module):
     def _layer(self, rnn, x, state):
         if not (self.training and self.wdrop):
             return rnn(x, state)
-        dropped = {name: F.dropout(rnn.get_parameter(name), self.wdrop)
-                   for name in RECURRENT_WEIGHTS}
+        dropped = {
+            name: F.dropout(rnn.get_parameter(name), self.wdrop) for name in RECURRENT_WEIGHTS
+        }
         return functional_call(rnn, dropped, (x, state))
 
     def forward(self, words, hidden):
@@ -110,6 +131,7 @@ class LanguageModel(nn.Module):
 def detach_state(hidden):
     """The hidden states cut from the graph that produced them (None stays None): traces carry
     over to the next BPTT segment, gradients do not."""
-    return [None if s is None else type(s)(*(None if t is None else t.detach() for t in s))
-            for s in hidden]
-
+    return [
+        None if s is None else type(s)(*(None if t is None else t.detach() for t in s))
+        for s in hidden
+    ]

@@ -20,6 +20,7 @@ running the network again (`rollout_and_replay`). The papers' way, a
 per-step loop that builds the autograd graph while acting (`play(..., grad=True)`), is what
 --impl reference runs and what the tests compare the replay with.
 """
+
 import math
 import multiprocessing
 import multiprocessing.connection
@@ -56,6 +57,7 @@ class Episode(NamedTuple):
     """A batch of episodes: observations (T, B, obs_size), actions and rewards (T, B); logits
     (T, B, A), values (T, B) and modulation (T, B, K) as computed while acting (with gradients
     when played with grad=True)."""
+
     observations: torch.Tensor
     actions: torch.Tensor
     rewards: torch.Tensor
@@ -80,9 +82,14 @@ def play(agent, env, grad=False, state=None):
             modulation.append(m)
             obs, reward = env.step(action)
             rewards.append(reward)
-    return Episode(torch.stack(observations), torch.stack(actions), torch.stack(rewards),
-                   torch.stack(logits), torch.stack(values),
-                   None if modulation[0] is None else torch.stack(modulation))
+    return Episode(
+        torch.stack(observations),
+        torch.stack(actions),
+        torch.stack(rewards),
+        torch.stack(logits),
+        torch.stack(values),
+        None if modulation[0] is None else torch.stack(modulation),
+    )
 
 
 def sample_actions(logits):
@@ -119,8 +126,11 @@ def a2c_loss(episode, gamma, value_coef, entropy_coef, legacy_baseline=False):
     advantage = R - values
     log_probs = F.log_softmax(episode.logits, -1)
     chosen = log_probs.gather(-1, episode.actions.unsqueeze(-1)).squeeze(-1)
-    per_step = (-chosen * advantage.detach() + value_coef * advantage.pow(2)
-                + entropy_coef * log_probs.exp().pow(2).sum(-1))
+    per_step = (
+        -chosen * advantage.detach()
+        + value_coef * advantage.pow(2)
+        + entropy_coef * log_probs.exp().pow(2).sum(-1)
+    )
     return per_step.sum(0).mean() / episode.rewards.size(0)
 
 
@@ -135,50 +145,103 @@ def make_parser(description, types, presets):
     add = p.add_argument
     add("--types", nargs="+", choices=types, default=list(types), help="network types to train")
     add("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per type and seed")
-    add("--hidden", type=number(int, 1), default=100,
+    add(
+        "--hidden",
+        type=number(int, 1),
+        default=100,
         help="neurons of the modulated types; the others get the size that matches their "
-             "parameter count")
-    add("--iterations", type=number(int, 1), default=1000,
-        help="training iterations (batches of episodes)")
+        "parameter count",
+    )
+    add(
+        "--iterations",
+        type=number(int, 1),
+        default=1000,
+        help="training iterations (batches of episodes)",
+    )
     add("--batch-size", type=number(int, 1), default=30, help="episodes per iteration")
     add("--lr", type=number(float, 0, strict=True), default=1e-4, help="Adam learning rate")
     add("--eps", type=number(float, 0, strict=True), default=1e-4, help="Adam epsilon")
-    add("--gamma", type=number(float, 0, maximum=1), default=0.9,
-        help="discount of the Monte-Carlo returns")
-    add("--value-coef", type=number(float, 0), default=0.1,
-        help="weight of the critic's squared error")
-    add("--entropy-coef", type=number(float, 0), default=0.03,
-        help="weight of the sum(p^2) penalty")
+    add(
+        "--gamma",
+        type=number(float, 0, maximum=1),
+        default=0.9,
+        help="discount of the Monte-Carlo returns",
+    )
+    add(
+        "--value-coef",
+        type=number(float, 0),
+        default=0.1,
+        help="weight of the critic's squared error",
+    )
+    add(
+        "--entropy-coef", type=number(float, 0), default=0.03, help="weight of the sum(p^2) penalty"
+    )
     add("--clip-grad", type=number(float, 0), default=4.0, help="gradient norm clip (0: none)")
-    add("--legacy-baseline", action="store_true",
-        help="the original code's baseline: batch element 0's value for every element")
-    add("--burn-in", type=number(int, 0), default=0,
+    add(
+        "--legacy-baseline",
+        action="store_true",
+        help="the original code's baseline: batch element 0's value for every element",
+    )
+    add(
+        "--burn-in",
+        type=number(int, 0),
+        default=0,
         help="the first iterations take no optimizer step (the original code: 101, its "
-             "'iteration > 100' counting from 0)")
-    add("--weight-init", type=number(float, 0, strict=True), default=None,
-        help="w and alpha drawn from U[0, x) (default: the layer's own, U[0, 0.001))")
-    add("--eta-init", type=number(float), default=0.01,
-        help="initial learned plasticity rate (types plastic, oja, oja-scalar)")
-    add("--elig-rate-init", type=number(float, 0, maximum=1), default=0.1,
-        help="initial learned eligibility-trace rate (type retroactive)")
-    add("--impl", choices=("fused", "reference"), default="fused",
+        "'iteration > 100' counting from 0)",
+    )
+    add(
+        "--weight-init",
+        type=number(float, 0, strict=True),
+        default=None,
+        help="w and alpha drawn from U[0, x) (default: the layer's own, U[0, 0.001))",
+    )
+    add(
+        "--eta-init",
+        type=number(float),
+        default=0.01,
+        help="initial learned plasticity rate (types plastic, oja, oja-scalar)",
+    )
+    add(
+        "--elig-rate-init",
+        type=number(float, 0, maximum=1),
+        default=0.1,
+        help="initial learned eligibility-trace rate (type retroactive)",
+    )
+    add(
+        "--impl",
+        choices=("fused", "reference"),
+        default="fused",
         help="fused: roll out without gradients, replay through the fused sequence op; "
-             "reference: the papers' per-step autograd loop on the pure-PyTorch reference")
-    add("--stepwise", action="store_true",
-        help="with --impl fused: build the autograd graph while acting, as the papers' loop")
+        "reference: the papers' per-step autograd loop on the pure-PyTorch reference",
+    )
+    add(
+        "--stepwise",
+        action="store_true",
+        help="with --impl fused: build the autograd graph while acting, as the papers' loop",
+    )
     add("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    add("--jobs", type=number(int, 1), default=None,
+    add(
+        "--jobs",
+        type=number(int, 1),
+        default=None,
         help="runs trained at once, each in its own process with one thread (default: one per "
-             "CPU core, at most one per run, on the CPU; 1 on CUDA)")
+        "CPU core, at most one per run, on the CPU; 1 on CUDA)",
+    )
     add("--out", default="runs", help="folder of the CSV logs, checkpoints and plots")
-    add("--log-every", type=number(int, 1), default=10,
-        help="iterations per CSV row (mean reward)")
+    add("--log-every", type=number(int, 1), default=10, help="iterations per CSV row (mean reward)")
     add("--save-every", type=number(int, 1), default=100, help="iterations between checkpoints")
-    add("--resume", action="store_true",
-        help="continue every run from its checkpoint in --out (finished runs are skipped)")
-    add("--time-limit", type=number(float, 0), default=0.0,
+    add(
+        "--resume",
+        action="store_true",
+        help="continue every run from its checkpoint in --out (finished runs are skipped)",
+    )
+    add(
+        "--time-limit",
+        type=number(float, 0),
+        default=0.0,
         help="seconds; past them every run stops at its next checkpoint, for --resume to "
-             "continue (0: no limit)")
+        "continue (0: no limit)",
+    )
     return p
 
 
@@ -189,17 +252,26 @@ def parse_args(parser, presets, argv=None):
 
 def make_agent(args, obs_size, n_actions, network_type, hidden):
     """The agent of one run, initialised as args says."""
-    return Agent(obs_size, n_actions, network_type, hidden, impl=args.impl,
-                 weight_init=args.weight_init, eta_init=args.eta_init,
-                 elig_rate_init=args.elig_rate_init)
+    return Agent(
+        obs_size,
+        n_actions,
+        network_type,
+        hidden,
+        impl=args.impl,
+        weight_init=args.weight_init,
+        eta_init=args.eta_init,
+        elig_rate_init=args.elig_rate_init,
+    )
 
 
 def hidden_sizes(args, obs_size, n_actions):
     """{type: hidden size}: the modulated types get --hidden, the others the size with the
     closest parameter count."""
     target = count_parameters(Agent(obs_size, n_actions, "simple", args.hidden, impl="reference"))
-    return {t: args.hidden if t in MODULATED else matched_size(t, target, obs_size, n_actions)
-            for t in args.types}
+    return {
+        t: args.hidden if t in MODULATED else matched_size(t, target, obs_size, n_actions)
+        for t in args.types
+    }
 
 
 def run_name(network_type, seed):
@@ -227,8 +299,20 @@ def train_iteration(agent, optimizer, env, args, update=True):
 
 # Flags a resumed run may change; all others (the task, the network, the hyperparameters, the
 # logging interval) must be those of the run that wrote the checkpoint.
-RESUME_MAY_CHANGE = ("preset", "types", "seeds", "iterations", "impl", "stepwise", "device", "jobs",
-                     "out", "save_every", "resume", "time_limit")
+RESUME_MAY_CHANGE = (
+    "preset",
+    "types",
+    "seeds",
+    "iterations",
+    "impl",
+    "stepwise",
+    "device",
+    "jobs",
+    "out",
+    "save_every",
+    "resume",
+    "time_limit",
+)
 
 
 class TimeLimitReached(Exception):
@@ -247,8 +331,9 @@ def train_agent(args, make_env, network_type, hidden, seed, out, deadline=None, 
     env = make_env(args, generator)
     agent = make_agent(args, env.obs_size, env.n_actions, network_type, hidden).to(args.device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.lr, eps=args.eps)
-    checkpoint = RunCheckpoint(out / f"{name}.checkpoint.pt", args, RESUME_MAY_CHANGE, agent,
-                               optimizer, generator)
+    checkpoint = RunCheckpoint(
+        out / f"{name}.checkpoint.pt", args, RESUME_MAY_CHANGE, agent, optimizer, generator
+    )
     done = checkpoint.resume() if args.resume else 0
     log = out / f"{name}.csv"
     resume_csv(log, LOG_FIELDS, "iteration", done)
@@ -256,35 +341,48 @@ def train_agent(args, make_env, network_type, hidden, seed, out, deadline=None, 
 
     def step(iteration):  # the env draws from `generator`
         nonlocal reached
-        if (deadline is not None and time.time() >= deadline
-                and (iteration - 1) % args.save_every == 0):  # iteration - 1 is checkpointed
+        if (
+            deadline is not None
+            and time.time() >= deadline
+            and (iteration - 1) % args.save_every == 0
+        ):  # iteration - 1 is checkpointed
             raise TimeLimitReached
-        reward, loss = train_iteration(agent, optimizer, env, args,
-                                       update=iteration > args.burn_in)
+        reward, loss = train_iteration(agent, optimizer, env, args, update=iteration > args.burn_in)
         reached = iteration
         return dict(reward=reward, loss=loss)
 
     try:
-        train_iterations(args, name, checkpoint, done, log, LOG_FIELDS, step,
-                         bar_position=bar_position)
+        train_iterations(
+            args, name, checkpoint, done, log, LOG_FIELDS, step, bar_position=bar_position
+        )
     except TimeLimitReached:
         pass
     finished = reached == args.iterations
-    write_json(out / f"{name}.json", dict(
-        type=network_type, seed=seed, hidden=hidden, parameters=count_parameters(agent),
-        iterations=reached, episodes=reached * args.batch_size, finished=finished,
-        final_reward=final_reward(log) if reached else None,
-        final_reward_is="mean reward per episode over the last 10% of the log's rows",
-        options=vars(args)), started=started)
+    write_json(
+        out / f"{name}.json",
+        dict(
+            type=network_type,
+            seed=seed,
+            hidden=hidden,
+            parameters=count_parameters(agent),
+            iterations=reached,
+            episodes=reached * args.batch_size,
+            finished=finished,
+            final_reward=final_reward(log) if reached else None,
+            final_reward_is="mean reward per episode over the last 10% of the log's rows",
+            options=vars(args),
+        ),
+        started=started,
+    )
     return agent, finished
 
 
-def train_and_plot(args, make_env, network_type, hidden, seed, out, deadline=None,
-                   bar_position=0):
+def train_and_plot(args, make_env, network_type, hidden, seed, out, deadline=None, bar_position=0):
     """train_agent, then for the first seed of a finished run the plot of one episode
     (episode-<type>.png). Returns whether the run finished."""
-    agent, finished = train_agent(args, make_env, network_type, hidden, seed, out, deadline,
-                                  bar_position)
+    agent, finished = train_agent(
+        args, make_env, network_type, hidden, seed, out, deadline, bar_position
+    )
     if finished and seed == args.seeds[0]:
         env = make_env(args, torch.Generator(args.device).manual_seed(10_000 + seed))
         plot_episode(agent, env, out / f"episode-{network_type}.png")
@@ -337,8 +435,9 @@ def run_all(runs, jobs):
     free_lines, stop = context.Queue(), context.Event()
     for line in range(jobs):
         free_lines.put(line)
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker,
-                             initargs=(free_lines, stop)) as pool:
+    with ProcessPoolExecutor(
+        jobs, mp_context=context, initializer=_start_worker, initargs=(free_lines, stop)
+    ) as pool:
         futures = [pool.submit(_train_and_plot_in_worker, *run) for run in runs]
         try:
             return all([future.result() for future in futures])  # a failed run raises here
@@ -362,36 +461,67 @@ def main(args, make_env):
     out.mkdir(parents=True, exist_ok=True)
     probe = make_env(args, torch.Generator(args.device).manual_seed(0))
     sizes = hidden_sizes(args, probe.obs_size, probe.n_actions)
-    print("network sizes (parameters matched):", ", ".join(
-        f"{t} {n} ({count_parameters(Agent(probe.obs_size, probe.n_actions, t, n, 'reference')):,})"
-        for t, n in sizes.items()), flush=True)
-    runs = [(args, make_env, t, sizes[t], seed, out, deadline) for t in args.types
-            for seed in args.seeds]
+    counts = {
+        t: count_parameters(Agent(probe.obs_size, probe.n_actions, t, n, "reference"))
+        for t, n in sizes.items()
+    }
+    print(
+        "network sizes (parameters matched):",
+        ", ".join(f"{t} {n} ({counts[t]:,})" for t, n in sizes.items()),
+        flush=True,
+    )
+    runs = [
+        (args, make_env, t, sizes[t], seed, out, deadline)
+        for t in args.types
+        for seed in args.seeds
+    ]
     jobs = args.jobs or (1 if torch.device(args.device).type != "cpu" else usable_cores())
     try:
         with sigterm_as_interrupt():
             finished = run_all(runs, min(jobs, len(runs)))
     except KeyboardInterrupt as interrupt:
         reason = str(interrupt) or "SIGINT"
-        raise SystemExit(f"stopped ({reason}): every run has its last checkpoint in {out}; "
-                         "--resume continues from there") from None
+        raise SystemExit(
+            f"stopped ({reason}): every run has its last checkpoint in {out}; "
+            "--resume continues from there"
+        ) from None
     if not finished:
-        print(f"time limit ({args.time_limit:g} s): the runs stopped at their last checkpoints "
-              f"in {out} (see <type>-seed<k>.json); --resume continues from there", flush=True)
+        print(
+            f"time limit ({args.time_limit:g} s): the runs stopped at their last checkpoints "
+            f"in {out} (see <type>-seed<k>.json); --resume continues from there",
+            flush=True,
+        )
         return None
     plot_curves(out, args.types, args.seeds, out / "curves.png")
     summary = final_rewards(out, args.types, args.seeds)
     for network_type, (median, low, high) in summary.items():
-        print(f"{network_type:12s} reward over the last 10% of training: median {median:.2f} "
-              f"(IQR {low:.2f} to {high:.2f})")
-    write_json(out / "results.json", dict(
-        final_reward_is="reward per episode, mean over the last 10% of each run's log rows; "
-                        "median and quartiles over the seeds",
-        final_reward={t: dict(median=m, q25=low, q75=high, per_seed={
-            seed: final_reward(out / f"{run_name(t, seed)}.csv") for seed in args.seeds})
-            for t, (m, low, high) in summary.items()},
-        sizes=sizes, iterations=args.iterations, episodes=args.iterations * args.batch_size,
-        options=vars(args)), started=started)
+        print(
+            f"{network_type:12s} reward over the last 10% of training: median {median:.2f} "
+            f"(IQR {low:.2f} to {high:.2f})"
+        )
+    write_json(
+        out / "results.json",
+        dict(
+            final_reward_is="reward per episode, mean over the last 10% of each run's log rows; "
+            "median and quartiles over the seeds",
+            final_reward={
+                t: dict(
+                    median=m,
+                    q25=low,
+                    q75=high,
+                    per_seed={
+                        seed: final_reward(out / f"{run_name(t, seed)}.csv") for seed in args.seeds
+                    },
+                )
+                for t, (m, low, high) in summary.items()
+            },
+            sizes=sizes,
+            iterations=args.iterations,
+            episodes=args.iterations * args.batch_size,
+            options=vars(args),
+        ),
+        started=started,
+    )
     return summary
 
 
@@ -407,7 +537,7 @@ def load_curve(path):
 
 def mean_of_last(values, fraction=0.1):
     """The mean of the last `fraction` of `values` (at least the last one)."""
-    tail = values[-max(1, math.ceil(len(values) * fraction)):]
+    tail = values[-max(1, math.ceil(len(values) * fraction)) :]
     return sum(tail) / len(tail)
 
 
@@ -421,8 +551,9 @@ def final_rewards(out, types, seeds, fraction=0.1):
     `fraction` of each run's log}."""
     result = {}
     for network_type in types:
-        finals = [final_reward(out / f"{run_name(network_type, seed)}.csv", fraction)
-                  for seed in seeds]
+        finals = [
+            final_reward(out / f"{run_name(network_type, seed)}.csv", fraction) for seed in seeds
+        ]
         q = torch.tensor(finals).quantile(torch.tensor([0.5, 0.25, 0.75])).tolist()
         result[network_type] = tuple(q)
     return result
@@ -455,8 +586,7 @@ def plot_episode(agent, env, path):
     episode = play(agent, env)
     steps = torch.arange(env.episode_length)
     panels = 2 if episode.modulation is not None else 1
-    fig, axes = plt.subplots(panels, 1, figsize=(8, 2.2 * panels + 0.6), sharex=True,
-                             squeeze=False)
+    fig, axes = plt.subplots(panels, 1, figsize=(8, 2.2 * panels + 0.6), sharex=True, squeeze=False)
     axes[0, 0].bar(steps.tolist(), episode.rewards[:, 0].tolist(), color="tab:green")
     axes[0, 0].set(ylabel="reward", title=f"{agent.network_type}: one episode, sample 0")
     if episode.modulation is not None:

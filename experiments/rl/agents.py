@@ -21,6 +21,7 @@ with `weight_init` w and alpha uniform in [0, weight_init) (0.01 in the original
 cue-reward code); `eta_init` and `elig_rate_init` start the learned plasticity rate (type
 `plastic`, `oja`, `oja-scalar`) and eligibility rate (`retroactive`).
 """
+
 import torch
 from torch import nn
 
@@ -36,8 +37,9 @@ NETWORK_TYPES = {
     "oja": dict(alpha="full", modulation="none", rule="oja"),
     "oja-scalar": dict(alpha="scalar", modulation="none", rule="oja"),
 }
-MODULATED = tuple(t for t, options in NETWORK_TYPES.items()
-                  if options.get("modulation", "none") != "none")
+MODULATED = tuple(
+    t for t, options in NETWORK_TYPES.items() if options.get("modulation", "none") != "none"
+)
 
 
 class Agent(nn.Module):
@@ -45,15 +47,31 @@ class Agent(nn.Module):
     (`step`), and runs a recorded episode's observations in one call of the fused sequence op
     for the loss (`forward`): both go through the same layer and parameters."""
 
-    def __init__(self, obs_size, n_actions, network_type, hidden_size, impl="auto",
-                 weight_init=None, eta_init=0.01, elig_rate_init=0.1):
+    def __init__(
+        self,
+        obs_size,
+        n_actions,
+        network_type,
+        hidden_size,
+        impl="auto",
+        weight_init=None,
+        eta_init=0.01,
+        elig_rate_init=0.1,
+    ):
         super().__init__()
         if network_type not in NETWORK_TYPES:
-            raise ValueError(f"network_type must be one of {tuple(NETWORK_TYPES)}, got "
-                             f"{network_type!r}")
+            raise ValueError(
+                f"network_type must be one of {tuple(NETWORK_TYPES)}, got {network_type!r}"
+            )
         self.network_type = network_type
-        self.rnn = bp.PlasticRNN(obs_size, hidden_size, impl=impl, eta_init=eta_init,
-                                 elig_rate_init=elig_rate_init, **NETWORK_TYPES[network_type])
+        self.rnn = bp.PlasticRNN(
+            obs_size,
+            hidden_size,
+            impl=impl,
+            eta_init=eta_init,
+            elig_rate_init=elig_rate_init,
+            **NETWORK_TYPES[network_type],
+        )
         if weight_init is not None:
             with torch.no_grad():
                 for name in ("w", "alpha"):
@@ -91,8 +109,9 @@ class Agent(nn.Module):
         """A bp.RecordedRollout of the recurrent layer: pass it as `state` to `step` for a whole
         episode, then to `replay`. It takes over the buffers of the previous one, whose replay
         must be done with (training replays each rollout once, before the next)."""
-        self._rollout = self.rnn.recorded_rollout(batch_size, steps, self.policy.weight,
-                                                  reuse=self._rollout)
+        self._rollout = self.rnn.recorded_rollout(
+            batch_size, steps, self.policy.weight, reuse=self._rollout
+        )
         return self._rollout
 
     def replay(self, observations, rollout):
@@ -104,6 +123,7 @@ class Agent(nn.Module):
 
 def matched_size(network_type, target, obs_size, n_actions):
     """The hidden size whose agent's parameter count is closest to `target`."""
+
     def count(n):
         with torch.device("meta"):  # shapes only
             return count_parameters(Agent(obs_size, n_actions, network_type, n, impl="reference"))

@@ -22,6 +22,7 @@ block), so code that reads, say, the previous reward works with either task.
 All randomness comes from `generator` (on the env's device), so a training script that saves
 generator.get_state() with its checkpoint resumes on exactly the same episodes.
 """
+
 import numbers
 
 import torch
@@ -42,8 +43,14 @@ def _check_int(name, value, minimum):
 
 
 def _check_real(name, value):
-    _check(isinstance(value, numbers.Real) and not isinstance(value, bool)
-           and abs(value) < float("inf"), name, "a finite real number", value)
+    _check(
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and abs(value) < float("inf"),
+        name,
+        "a finite real number",
+        value,
+    )
 
 
 class _BatchedEpisodes:
@@ -63,8 +70,12 @@ class _BatchedEpisodes:
         if generator is None:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(torch.randint(2**62, ()).item())
-        _check(isinstance(generator, torch.Generator) and generator.device.type == self.device.type,
-               "generator", f"a torch.Generator on device {self.device}", generator)
+        _check(
+            isinstance(generator, torch.Generator) and generator.device.type == self.device.type,
+            "generator",
+            f"a torch.Generator on device {self.device}",
+            generator,
+        )
         self.generator = generator
         self.t = None  # steps taken in the current episode; None until the first reset()
         self._bias = torch.ones(self.batch_size, 1, device=self.device)
@@ -91,31 +102,53 @@ class _BatchedEpisodes:
         if self.t is None:
             raise ValueError("step() called before reset(): call reset() to start an episode")
         if self.t == self.episode_length:
-            raise ValueError(f"step() called after the episode ended (episode_length="
-                             f"{self.episode_length} steps taken): call reset() to start a new one")
+            raise ValueError(
+                f"step() called after the episode ended (episode_length="
+                f"{self.episode_length} steps taken): call reset() to start a new one"
+            )
         expected_shape = (self.batch_size,)
-        _check(isinstance(action, torch.Tensor), "action", f"a torch.Tensor of shape "
-               f"{expected_shape}", type(action))
-        _check(tuple(action.shape) == expected_shape, "action", f"of shape {expected_shape}",
-               tuple(action.shape))
-        _check(not (action.dtype.is_floating_point or action.dtype.is_complex
-                    or action.dtype == torch.bool), "action", "of an integer dtype", action.dtype)
+        _check(
+            isinstance(action, torch.Tensor),
+            "action",
+            f"a torch.Tensor of shape {expected_shape}",
+            type(action),
+        )
+        _check(
+            tuple(action.shape) == expected_shape,
+            "action",
+            f"of shape {expected_shape}",
+            tuple(action.shape),
+        )
+        _check(
+            not (
+                action.dtype.is_floating_point
+                or action.dtype.is_complex
+                or action.dtype == torch.bool
+            ),
+            "action",
+            "of an integer dtype",
+            action.dtype,
+        )
         action = action.to(self.device, torch.long)
         low, high = (v.item() for v in torch.aminmax(action))
         if low < 0 or high >= self.n_actions:
-            raise ValueError(f"action values must be in [0, {self.n_actions}), got values from "
-                             f"{low} to {high}")
+            raise ValueError(
+                f"action values must be in [0, {self.n_actions}), got values from {low} to {high}"
+            )
         return action
 
     def _observation(self):
         rows = self.batch_size
-        return torch.cat([
-            self._stimulus(),
-            self._bias,
-            torch.full((rows, 1), self.t / self.episode_length, device=self.device),
-            self._previous_reward[:, None],
-            self._previous_action,
-        ], 1)
+        return torch.cat(
+            [
+                self._stimulus(),
+                self._bias,
+                torch.full((rows, 1), self.t / self.episode_length, device=self.device),
+                self._previous_reward[:, None],
+                self._previous_action,
+            ],
+            1,
+        )
 
 
 class GridMaze(_BatchedEpisodes):
@@ -150,12 +183,19 @@ class GridMaze(_BatchedEpisodes):
     obs_size = 16
     n_actions = 4
 
-    def __init__(self, batch_size, size=11, reward=10.0, wall_penalty=0.0, episode_length=200,
-                 device="cpu", generator=None):
+    def __init__(
+        self,
+        batch_size,
+        size=11,
+        reward=10.0,
+        wall_penalty=0.0,
+        episode_length=200,
+        device="cpu",
+        generator=None,
+    ):
         super().__init__(batch_size, episode_length, device, generator)
         # Below 5 no free cell is left for the reward besides the centre.
-        _check(_is_int(size) and size >= 5 and size % 2 == 1, "size", "an odd integer >= 5",
-               size)
+        _check(_is_int(size) and size >= 5 and size % 2 == 1, "size", "an odd integer >= 5", size)
         _check_real("reward", reward)
         _check_real("wall_penalty", wall_penalty)
         self.size, self.reward, self.wall_penalty = int(size), float(reward), float(wall_penalty)
@@ -172,16 +212,20 @@ class GridMaze(_BatchedEpisodes):
         self._free_cells = (~is_wall).nonzero().squeeze(1)  # (F,), row-major
         # Each free cell's place in _free_cells, to exclude one cell per sample when drawing.
         self._free_cell_index = torch.full_like(is_wall, -1, dtype=torch.long)
-        self._free_cell_index[self._free_cells] = torch.arange(len(self._free_cells),
-                                                               device=self.device)
+        self._free_cell_index[self._free_cells] = torch.arange(
+            len(self._free_cells), device=self.device
+        )
         self._is_wall = is_wall
         self._moves = torch.tensor([-self.size, self.size, -1, 1], device=self.device)
         # The 3x3 wall neighbourhood of every free cell, looked up once per step.
-        offsets = (torch.arange(-1, 2, device=self.device)[:, None] * self.size
-                   + torch.arange(-1, 2, device=self.device)).flatten()
-        self._neighbourhoods = torch.zeros(self.size ** 2, 9, device=self.device)
-        self._neighbourhoods[self._free_cells] = is_wall[self._free_cells[:, None]
-                                                         + offsets].float()
+        offsets = (
+            torch.arange(-1, 2, device=self.device)[:, None] * self.size
+            + torch.arange(-1, 2, device=self.device)
+        ).flatten()
+        self._neighbourhoods = torch.zeros(self.size**2, 9, device=self.device)
+        self._neighbourhoods[self._free_cells] = is_wall[
+            self._free_cells[:, None] + offsets
+        ].float()
 
     @property
     def position(self):
@@ -210,8 +254,12 @@ class GridMaze(_BatchedEpisodes):
 
     def _random_free_cells(self, excluded):
         """One cell per sample, uniform among the free cells other than `excluded` (B,)."""
-        index = torch.randint(len(self._free_cells) - 1, (self.batch_size,),
-                              generator=self.generator, device=self.device)
+        index = torch.randint(
+            len(self._free_cells) - 1,
+            (self.batch_size,),
+            generator=self.generator,
+            device=self.device,
+        )
         return self._free_cells[index + (index >= self._free_cell_index[excluded])]
 
     def _start_episode(self):
@@ -281,12 +329,26 @@ class CueReward(_BatchedEpisodes):
     obs_size = 26
     n_actions = 2
 
-    def __init__(self, batch_size, trial_min=5, trial_max=8, reward=1.0, penalty=-1.0,
-                 episode_length=120, fixed_cues=False, blank_first_step=False, device="cpu",
-                 generator=None):
+    def __init__(
+        self,
+        batch_size,
+        trial_min=5,
+        trial_max=8,
+        reward=1.0,
+        penalty=-1.0,
+        episode_length=120,
+        fixed_cues=False,
+        blank_first_step=False,
+        device="cpu",
+        generator=None,
+    ):
         super().__init__(batch_size, episode_length, device, generator)
-        _check(isinstance(blank_first_step, bool), "blank_first_step", "True or False",
-               blank_first_step)
+        _check(
+            isinstance(blank_first_step, bool),
+            "blank_first_step",
+            "True or False",
+            blank_first_step,
+        )
         self.blank_first_step = blank_first_step
         # Two cue steps, GO and the step after it (and the blank first step) need 4 (5) steps.
         _check_int("trial_min", trial_min, 5 if blank_first_step else 4)
@@ -297,8 +359,9 @@ class CueReward(_BatchedEpisodes):
         self.reward, self.penalty = float(reward), float(penalty)
         _check(isinstance(fixed_cues, bool), "fixed_cues", "True or False", fixed_cues)
         # The control task: the same cues, and so the same rewarded one, in every episode.
-        self._fixed_cues = (self._draw_cues(1).expand(self.batch_size, -1, -1) if fixed_cues
-                            else None)
+        self._fixed_cues = (
+            self._draw_cues(1).expand(self.batch_size, -1, -1) if fixed_cues else None
+        )
 
     @property
     def is_go(self):
@@ -314,16 +377,18 @@ class CueReward(_BatchedEpisodes):
         """Draws a new trial for every sample where `starting` is True, from its step 0. All
         samples draw, so the generator advances the same whoever starts a trial."""
         rows, device, generator = self.batch_size, self.device, self.generator
-        length = torch.randint(self.trial_min, self.trial_max + 1, (rows,), generator=generator,
-                               device=device)
+        length = torch.randint(
+            self.trial_min, self.trial_max + 1, (rows,), generator=generator, device=device
+        )
         # Two distinct uniform steps among 0 (or 1) .. length-3: the first two of a random order
         # in which the steps outside that range are sent to the end.
         steps = torch.arange(self.trial_max - 2, device=device)
         keys = torch.rand(rows, len(steps), generator=generator, device=device)
         excluded = (steps >= (length - 2)[:, None]) | (self.blank_first_step & (steps == 0))
         cue_steps = keys.masked_fill(excluded, 2.0).argsort(1)[:, :2]
-        shown_cues = torch.rand(rows, self.N_CUES, generator=generator,
-                                device=device).argsort(1)[:, :2]
+        shown_cues = torch.rand(rows, self.N_CUES, generator=generator, device=device).argsort(1)[
+            :, :2
+        ]
         self.trial_length = torch.where(starting, length, self.trial_length)
         self.trial_step = torch.where(starting, 0, self.trial_step)
         self.cue_steps = torch.where(starting[:, None], cue_steps, self.cue_steps)
@@ -331,8 +396,9 @@ class CueReward(_BatchedEpisodes):
 
     def _draw_cues(self, rows=None):
         rows = self.batch_size if rows is None else rows
-        bits = torch.randint(2, (rows, self.N_CUES, self.CUE_BITS), generator=self.generator,
-                             device=self.device)
+        bits = torch.randint(
+            2, (rows, self.N_CUES, self.CUE_BITS), generator=self.generator, device=self.device
+        )
         return bits.float() * 2 - 1
 
     def _start_episode(self):

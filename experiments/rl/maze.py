@@ -8,6 +8,7 @@ must remember where it was to come back fast within the episode. A2C on plastic 
 
 See experiments/rl/README.md.
 """
+
 import sys
 from pathlib import Path
 
@@ -18,19 +19,48 @@ from experiments.rl.envs import GridMaze  # noqa: E402
 
 TYPES = ("rnn", "plastic", "simple", "retroactive", "fanout", "oja", "oja-scalar")
 PRESETS = {
-    "quick": dict(types=["rnn", "plastic", "simple", "retroactive"], seeds=[0, 1], size=9,
-                  hidden=50, iterations=700, lr=1e-3, out="runs/maze"),
+    "quick": dict(
+        types=["rnn", "plastic", "simple", "retroactive"],
+        seeds=[0, 1],
+        size=9,
+        hidden=50,
+        iterations=700,
+        lr=1e-3,
+        out="runs/maze",
+    ),
     # The original code's runs (maze/batch.py and its job files): a 13 x 13 grid with its
     # border (11 x 11 inside), w and alpha from U[0, 0.01), eta and the eligibility rate 0.01,
     # no optimizer step in the first 101 iterations, 200,000 iterations of 30 episodes.
-    "paper": dict(types=["rnn", "plastic", "simple", "retroactive"], size=13, hidden=100,
-                  iterations=200_000, lr=1e-4, weight_init=0.01, eta_init=0.01,
-                  elig_rate_init=0.01, burn_in=101, out="runs/maze-paper"),
+    "paper": dict(
+        types=["rnn", "plastic", "simple", "retroactive"],
+        size=13,
+        hidden=100,
+        iterations=200_000,
+        lr=1e-4,
+        weight_init=0.01,
+        eta_init=0.01,
+        elig_rate_init=0.01,
+        burn_in=101,
+        out="runs/maze-paper",
+    ),
     # simplemaze/maze.py: 11 x 11 with the border, the layer's own U[0, 0.001), the same burn-in.
-    "simplemaze": dict(types=["fanout", "rnn"], size=11, hidden=100, iterations=20_000, lr=1e-4,
-                       burn_in=101, out="runs/simplemaze"),
-    "diffplast": dict(types=["oja", "oja-scalar", "rnn"], size=9, hidden=200, iterations=20_000,
-                      lr=1e-4, out="runs/maze-diffplast"),
+    "simplemaze": dict(
+        types=["fanout", "rnn"],
+        size=11,
+        hidden=100,
+        iterations=20_000,
+        lr=1e-4,
+        burn_in=101,
+        out="runs/simplemaze",
+    ),
+    "diffplast": dict(
+        types=["oja", "oja-scalar", "rnn"],
+        size=9,
+        hidden=200,
+        iterations=20_000,
+        lr=1e-4,
+        out="runs/maze-diffplast",
+    ),
 }
 
 
@@ -46,8 +76,15 @@ def make_parser():
 
 
 def make_env(args, generator):
-    return GridMaze(args.batch_size, size=args.size, reward=args.rew, wall_penalty=args.wp,
-                    episode_length=args.episode_length, device=args.device, generator=generator)
+    return GridMaze(
+        args.batch_size,
+        size=args.size,
+        reward=args.rew,
+        wall_penalty=args.wp,
+        episode_length=args.episode_length,
+        device=args.device,
+        generator=generator,
+    )
 
 
 def main(argv=None):

@@ -9,6 +9,7 @@ episodes).
     python experiments/rl/summarize.py experiments/rl/results/cue-reward-standard --threshold 5 \\
         --episodes 200000
 """
+
 import argparse
 import re
 import sys
@@ -38,19 +39,23 @@ def summarize(folder, threshold=None, episodes=None, fraction=0.1):
         match = RUN_LOG.fullmatch(log.name)
         columns = read_csv_columns(log)
         keep = [i for i, e in enumerate(columns["episodes"]) if episodes is None or e <= episodes]
-        run = dict(final_reward=mean_of_last([columns["reward"][i] for i in keep], fraction),
-                   episodes=int(columns["episodes"][keep[-1]]),
-                   training_seconds=training_seconds(columns["seconds"][:keep[-1] + 1]))
+        run = dict(
+            final_reward=mean_of_last([columns["reward"][i] for i in keep], fraction),
+            episodes=int(columns["episodes"][keep[-1]]),
+            training_seconds=training_seconds(columns["seconds"][: keep[-1] + 1]),
+        )
         if threshold is not None:
             run["first_episodes_above"] = next(
                 (int(columns["episodes"][i]) for i in keep if columns["reward"][i] > threshold),
-                None)
+                None,
+            )
         runs.setdefault(match["type"], {})[int(match["seed"])] = run
     summary = {}
     for network_type, seeds in runs.items():
         finals = torch.tensor([run["final_reward"] for run in seeds.values()], dtype=torch.float64)
-        median, q25, q75 = finals.quantile(torch.tensor([0.5, 0.25, 0.75],
-                                                        dtype=torch.float64)).tolist()
+        median, q25, q75 = finals.quantile(
+            torch.tensor([0.5, 0.25, 0.75], dtype=torch.float64)
+        ).tolist()
         summary[network_type] = dict(median=median, q25=q25, q75=q75, seeds=seeds)
     return summary
 
@@ -58,24 +63,38 @@ def summarize(folder, threshold=None, episodes=None, fraction=0.1):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", help="a results folder of <type>-seed<k>.csv logs")
-    parser.add_argument("--threshold", type=number(float), default=None,
-                        help="also report when each seed's logged reward first exceeded this")
-    parser.add_argument("--episodes", type=number(int, 1), default=None,
-                        help="cut the logs at this many episodes")
+    parser.add_argument(
+        "--threshold",
+        type=number(float),
+        default=None,
+        help="also report when each seed's logged reward first exceeded this",
+    )
+    parser.add_argument(
+        "--episodes", type=number(int, 1), default=None, help="cut the logs at this many episodes"
+    )
     args = parser.parse_args(argv)
     started = time.time()
     summary = summarize(args.folder, args.threshold, args.episodes)
     if not summary:
         raise SystemExit(f"no <type>-seed<k>.csv log in {args.folder}")
     name = "summary.json" if args.episodes is None else f"summary-{args.episodes}-episodes.json"
-    write_json(Path(args.folder) / name, dict(
-        final_reward_is="reward per episode, mean over the last 10% of each run's log rows"
-                        + ("" if args.episodes is None else
-                           f" up to {args.episodes} episodes") + "; median and quartiles over "
-                        "the seeds", threshold=args.threshold, types=summary), started=started)
+    write_json(
+        Path(args.folder) / name,
+        dict(
+            final_reward_is="reward per episode, mean over the last 10% of each run's log rows"
+            + ("" if args.episodes is None else f" up to {args.episodes} episodes")
+            + "; median and quartiles over "
+            "the seeds",
+            threshold=args.threshold,
+            types=summary,
+        ),
+        started=started,
+    )
     for network_type, result in summary.items():
-        print(f"{network_type:12s} {result['median']:8.2f} ({result['q25']:.2f} to "
-              f"{result['q75']:.2f}) over {len(result['seeds'])} seeds")
+        print(
+            f"{network_type:12s} {result['median']:8.2f} ({result['q25']:.2f} to "
+            f"{result['q75']:.2f}) over {len(result['seeds'])} seeds"
+        )
     return summary
 
 

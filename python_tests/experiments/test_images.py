@@ -2,6 +2,7 @@
 images: the episode generator and its clamp mask, data loading (npz and CIFAR-10 pickles), the
 clamped networks, fused against reference, learning on a tiny setting, exact resume, the script
 end to end with its plots, and flag validation."""
+
 import csv
 import json
 import pickle
@@ -62,10 +63,32 @@ def write_pickles(folder, rgb):
 
 # A small, fast setting of the flags (16 pixels + the bias neuron, 2 x 2 x 3 + 2 = 14 steps).
 def tiny_flags(npz_file):
-    return ["--data", str(npz_file), "--size", "4", "--images", "2", "--presentations", "2",
-            "--presentation-steps", "2", "--gap-steps", "1", "--test-steps", "2",
-            "--batch-size", "4", "--log-every", "2", "--save-every", "4", "--eval-episodes", "6",
-            "--impl", "reference"]
+    return [
+        "--data",
+        str(npz_file),
+        "--size",
+        "4",
+        "--images",
+        "2",
+        "--presentations",
+        "2",
+        "--presentation-steps",
+        "2",
+        "--gap-steps",
+        "1",
+        "--test-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--log-every",
+        "2",
+        "--save-every",
+        "4",
+        "--eval-episodes",
+        "6",
+        "--impl",
+        "reference",
+    ]
 
 
 @pytest.fixture
@@ -74,8 +97,9 @@ def tiny(npz_file):
 
 
 def make_episodes(pool=None, batch_size=5, seed=0, **options):
-    options = dict(dict(images=3, presentations=2, presentation_steps=3, gap_steps=2,
-                        test_steps=2), **options)
+    options = dict(
+        dict(images=3, presentations=2, presentation_steps=3, gap_steps=2, test_steps=2), **options
+    )
     if pool is None:
         pool = torch.randn(20, 4, 4, generator=torch.Generator().manual_seed(7))
     return images.make_episodes(pool, batch_size, torch.Generator().manual_seed(seed), **options)
@@ -104,11 +128,10 @@ def test_episodes():
         assert torch.equal(episodes.images[b], pool.reshape(20, N)[indices])
         shown = []
         for k in range(2 * 3):
-            block, pinned = inputs[5 * k:5 * k + 5, b], clamp[5 * k:5 * k + 5, b]
+            block, pinned = inputs[5 * k : 5 * k + 5, b], clamp[5 * k : 5 * k + 5, b]
             assert (block[:3] == block[0]).all() and pinned[:3].all()
             assert (block[3:] == 0).all() and not pinned[3:].any()
-            shown.append(next(i for i in range(3) if torch.equal(block[0],
-                                                                 episodes.images[b, i])))
+            shown.append(next(i for i in range(3) if torch.equal(block[0], episodes.images[b, i])))
         assert sorted(shown[:3]) == sorted(shown[3:]) == [0, 1, 2]  # a permutation per round
         assert torch.equal(episodes.target[b], episodes.images[b, episodes.test_index[b]])
         erased = episodes.erased[b]
@@ -123,12 +146,18 @@ def test_episodes():
 
 
 def test_one_image_no_gap_and_the_smallest_size():
-    episodes = make_episodes(torch.randn(3, 2, 2), batch_size=1, images=1, presentations=1,
-                             presentation_steps=1, gap_steps=0, test_steps=1)
+    episodes = make_episodes(
+        torch.randn(3, 2, 2),
+        batch_size=1,
+        images=1,
+        presentations=1,
+        presentation_steps=1,
+        gap_steps=0,
+        test_steps=1,
+    )
     assert episodes.inputs.shape == (2, 1, 5)
     assert episodes.clamp[0].all() and episodes.erased.sum() == 2
-    with pytest.raises(ValueError, match="4 distinct images per episode asked for, the pool "
-                                         "has 3"):
+    with pytest.raises(ValueError, match="4 distinct images per episode asked for, the pool has 3"):
         make_episodes(torch.randn(3, 2, 2), images=4)
 
 
@@ -191,8 +220,11 @@ def test_malformed_data(tmp_path):
     with pytest.raises(ValueError, match=r"missing \['test_images'\]"):
         images.read_npz(path)
     np.savez(path, train_images=random_rgb(2, 0)[:, :16], test_images=random_rgb(2, 0))
-    with pytest.raises(SystemExit, match=r"^--data: .*bad.npz train_images: expected \(n, 32, 32, "
-                                         r"3\) uint8"):
+    with pytest.raises(
+        SystemExit,
+        match=r"^--data: .*bad.npz train_images: expected \(n, 32, 32, "
+        r"3\) uint8",
+    ):
         images.load_images(path, 8)
 
 
@@ -200,10 +232,12 @@ def test_malformed_data(tmp_path):
 def test_damaged_files_exit_naming_them(npz_file, rgb, tmp_path, damage):
     """A damaged npz or pickle gives one line naming it, not numpy's, zipfile's or pickle's
     traceback."""
+
     def damage_file(path):
         content = path.read_bytes()
-        path.write_bytes(b"\x80\x04 garbage" * 50 if damage == "garbage"
-                         else content[:len(content) // 2])
+        path.write_bytes(
+            b"\x80\x04 garbage" * 50 if damage == "garbage" else content[: len(content) // 2]
+        )
 
     npz = tmp_path / images.NPZ_NAME
     npz.write_bytes(npz_file.read_bytes())
@@ -239,8 +273,21 @@ def test_plastic_net_is_the_op_with_clamps():
     net = images.PlasticNet(16, impl="reference")
     episodes = make_episodes(batch_size=2)
     out, *_ = bp.reference.plastic_rnn_sequence(
-        episodes.inputs, torch.zeros(2, 17), torch.zeros(2, 17, 17), None, net.w, net.alpha,
-        net.eta, None, None, None, None, None, rule="decay", clamp=episodes.clamp)
+        episodes.inputs,
+        torch.zeros(2, 17),
+        torch.zeros(2, 17, 17),
+        None,
+        net.w,
+        net.alpha,
+        net.eta,
+        None,
+        None,
+        None,
+        None,
+        None,
+        rule="decay",
+        clamp=episodes.clamp,
+    )
     torch.testing.assert_close(net(episodes.inputs, episodes.clamp), out[:, :, :16])
     assert net.w.shape == net.alpha.shape == (17, 17) and net.eta.shape == ()
 
@@ -251,8 +298,9 @@ def test_rnn_is_the_plastic_net_without_plasticity():
     with torch.no_grad():
         rnn.w.copy_(plastic.w)
         plastic.alpha.zero_()
-    torch.testing.assert_close(rnn(episodes.inputs, episodes.clamp),
-                               plastic(episodes.inputs, episodes.clamp))
+    torch.testing.assert_close(
+        rnn(episodes.inputs, episodes.clamp), plastic(episodes.inputs, episodes.clamp)
+    )
 
 
 def test_fused_and_reference_give_the_same_loss_and_gradients():
@@ -274,8 +322,7 @@ def test_fused_and_reference_give_the_same_loss_and_gradients():
     torch.testing.assert_close(loss_fused, loss_reference, rtol=1e-12, atol=1e-12)
     for name, grad in grads_fused.items():
         assert grad.abs().max() > 0, name
-        torch.testing.assert_close(grad, grads_reference[name], rtol=1e-10, atol=1e-12,
-                                   msg=name)
+        torch.testing.assert_close(grad, grads_reference[name], rtol=1e-10, atol=1e-12, msg=name)
 
 
 def test_unknown_network_type(tiny):
@@ -314,8 +361,9 @@ def test_a_few_dozen_iterations_learn_completion(tiny):
         loss_before, error_before = images.evaluate(net, data.test, args, 40)
         generator = torch.Generator().manual_seed(0)
         for _ in range(40):
-            episodes = images.make_episodes(data.train, args.batch_size, generator,
-                                            **images.episode_options(args))
+            episodes = images.make_episodes(
+                data.train, args.batch_size, generator, **images.episode_options(args)
+            )
             images.train_step(net, optimizer, episodes, args.clip_grad)
         loss_after, errors[network_type] = images.evaluate(net, data.test, args, 40)
         if network_type == "plastic":
@@ -330,16 +378,19 @@ def test_resume_continues_exactly(tiny, tmp_path):
     images.main([*tiny, "--iterations", "8", "--out", str(interrupted), "--resume"])
     for network_type in images.TYPES:
         name = f"{network_type}-seed0"
-        assert log_rows_without_timings(whole / f"{name}.csv") == \
-            log_rows_without_timings(interrupted / f"{name}.csv")
-        a, b = (torch.load(d / f"{name}.checkpoint.pt", weights_only=True)
-                for d in (whole, interrupted))
+        assert log_rows_without_timings(whole / f"{name}.csv") == log_rows_without_timings(
+            interrupted / f"{name}.csv"
+        )
+        a, b = (
+            torch.load(d / f"{name}.checkpoint.pt", weights_only=True) for d in (whole, interrupted)
+        )
         assert a["iteration"] == b["iteration"] == 8
         for key, value in a["model"].items():
             assert torch.equal(value, b["model"][key]), f"{name} {key}"
     with pytest.raises(SystemExit, match="--gap-steps 1 there, 2 here"):
-        images.main([*tiny, "--iterations", "10", "--out", str(interrupted), "--resume",
-                     "--gap-steps", "2"])
+        images.main(
+            [*tiny, "--iterations", "10", "--out", str(interrupted), "--resume", "--gap-steps", "2"]
+        )
     with pytest.raises(SystemExit, match="is at iteration 8, past --iterations 6"):
         images.main([*tiny, "--iterations", "6", "--out", str(interrupted), "--resume"])
 
@@ -347,8 +398,14 @@ def test_resume_continues_exactly(tiny, tmp_path):
 def test_script_end_to_end(tiny, tmp_path, capsys):
     summary = images.main([*tiny, "--iterations", "5", "--seed", "3", "--out", str(tmp_path)])
     assert set(summary) == set(images.TYPES)
-    for name in ("curves.png", "completion-plastic.png", "completion-rnn.png",
-                 "plastic-seed3.checkpoint.pt", "rnn-seed3.csv", "evaluation.csv"):
+    for name in (
+        "curves.png",
+        "completion-plastic.png",
+        "completion-rnn.png",
+        "plastic-seed3.checkpoint.pt",
+        "rnn-seed3.csv",
+        "evaluation.csv",
+    ):
         assert (tmp_path / name).stat().st_size > 0, name
     rows = log_rows_without_timings(tmp_path / "plastic-seed3.csv")
     assert [row["iteration"] for row in rows] == ["2", "4", "5"]
@@ -359,8 +416,9 @@ def test_script_end_to_end(tiny, tmp_path, capsys):
     assert {"commit", "torch", "date", "wall_seconds"} <= set(saved["manifest"])
     assert "mean squared error on the erased half" in capsys.readouterr().out
     # a second run sharing --out replaces its own evaluation rows and keeps the others'
-    images.main([*tiny, "--iterations", "2", "--seed", "3", "--types", "rnn", "--out",
-                 str(tmp_path)])
+    images.main(
+        [*tiny, "--iterations", "2", "--seed", "3", "--types", "rnn", "--out", str(tmp_path)]
+    )
     with open(tmp_path / "evaluation.csv", newline="") as f:
         rows = {row["type"]: row for row in csv.DictReader(f)}
     assert set(rows) == set(images.TYPES)
@@ -377,29 +435,44 @@ def test_too_few_images(tmp_path, tiny):
 
 def test_presets(tiny):
     args = images.parse_args(["--preset", "paper"])
-    assert (args.size, args.images, args.presentations, args.presentation_steps, args.gap_steps,
-            args.test_steps, args.lr, args.out) == (32, 3, 3, 20, 3, 3, 1e-4,
-                                                    "runs/images-paper")
+    assert (
+        args.size,
+        args.images,
+        args.presentations,
+        args.presentation_steps,
+        args.gap_steps,
+        args.test_steps,
+        args.lr,
+        args.out,
+    ) == (32, 3, 3, 20, 3, 3, 1e-4, "runs/images-paper")
     args = images.parse_args([])
     assert (args.preset, args.size, args.types, args.impl, args.out) == (
-        "quick", 16, ["plastic", "rnn"], "fused", "runs/images")
+        "quick",
+        16,
+        ["plastic", "rnn"],
+        "fused",
+        "runs/images",
+    )
     args = images.parse_args(["--preset", "paper", "--size", "8"])
     assert (args.size, args.presentation_steps) == (8, 20)
     assert images.episode_steps(args) == 3 * 3 * (20 + 3) + 3
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--size", "12"], "argument --size: invalid choice: 12"),
-    (["--images", "0"], "argument --images: must be >= 1, got 0"),
-    (["--presentations", "0"], "argument --presentations: must be >= 1, got 0"),
-    (["--gap-steps", "-1"], "argument --gap-steps: must be >= 0, got -1"),
-    (["--test-steps", "0"], "argument --test-steps: must be >= 1, got 0"),
-    (["--lr", "0"], "argument --lr: must be > 0, got 0"),
-    (["--batch-size", "x"], "argument --batch-size: invalid int value: 'x'"),
-    (["--save-every", "3"], "--save-every must be a multiple of --log-every (2), got 3"),
-    (["--types", "lstm"], "argument --types: invalid choice: 'lstm'"),
-    (["--impl", "cuda"], "argument --impl: invalid choice: 'cuda'"),
-    (["--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--size", "12"], "argument --size: invalid choice: 12"),
+        (["--images", "0"], "argument --images: must be >= 1, got 0"),
+        (["--presentations", "0"], "argument --presentations: must be >= 1, got 0"),
+        (["--gap-steps", "-1"], "argument --gap-steps: must be >= 0, got -1"),
+        (["--test-steps", "0"], "argument --test-steps: must be >= 1, got 0"),
+        (["--lr", "0"], "argument --lr: must be > 0, got 0"),
+        (["--batch-size", "x"], "argument --batch-size: invalid int value: 'x'"),
+        (["--save-every", "3"], "--save-every must be a multiple of --log-every (2), got 3"),
+        (["--types", "lstm"], "argument --types: invalid choice: 'lstm'"),
+        (["--impl", "cuda"], "argument --impl: invalid choice: 'cuda'"),
+        (["--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
+    ],
+)
 def test_flag_validation(flags, message, tiny, capsys):
     assert_parser_error(lambda flags: images.parse_args([*tiny, *flags]), flags, message, capsys)

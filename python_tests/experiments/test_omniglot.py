@@ -3,6 +3,7 @@ format of omniglot.npz and of the original PNG folders: loading, the character s
 generator, the plastic layer against the reference ops, fused against reference, learning, exact
 resume, the script end to end, flag validation; and, when BACKPROPAMINE_DATA holds
 omniglot/omniglot.npz, the real data."""
+
 import json
 import os
 from pathlib import Path
@@ -36,18 +37,24 @@ def synthetic_ink(seed=0):
 
 def synthetic_names():
     """(alphabet, character) per character, in the order of omniglot.npz (sorted per split)."""
-    return ([(f"Alpha_{k // 4}", f"character{k % 4 + 1:02d}") for k in range(BACKGROUND)]
-            + [(f"Omega_{k // 4}", f"character{k % 4 + 1:02d}") for k in range(EVALUATION)])
+    return [(f"Alpha_{k // 4}", f"character{k % 4 + 1:02d}") for k in range(BACKGROUND)] + [
+        (f"Omega_{k // 4}", f"character{k % 4 + 1:02d}") for k in range(EVALUATION)
+    ]
 
 
 def write_npz(path, ink):
     names = synthetic_names()
     np.savez_compressed(
-        path, ink=np.packbits(ink, axis=-1), shape=np.array(ink.shape),
-        alphabet=np.array([a for a, _ in names]), character=np.array([c for _, c in names]),
+        path,
+        ink=np.packbits(ink, axis=-1),
+        shape=np.array(ink.shape),
+        alphabet=np.array([a for a, _ in names]),
+        character=np.array([c for _, c in names]),
         split=np.array([0] * BACKGROUND + [1] * EVALUATION, dtype=np.int8),
-        drawing=np.array([[f"{k:04d}_{d + 1:02d}" for d in range(ink.shape[1])]
-                          for k in range(len(ink))]))
+        drawing=np.array(
+            [[f"{k:04d}_{d + 1:02d}" for d in range(ink.shape[1])] for k in range(len(ink))]
+        ),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +71,24 @@ def dataset(data_file):
 
 def tiny_flags(data_file):
     """A small, fast setting of the flags."""
-    return ["--data", str(data_file), "--channels", "8", "--batch-size", "4", "--log-every", "2",
-            "--save-every", "4", "--eval-every", "4", "--eval-episodes", "6",
-            "--test-episodes", "10"]
+    return [
+        "--data",
+        str(data_file),
+        "--channels",
+        "8",
+        "--batch-size",
+        "4",
+        "--log-every",
+        "2",
+        "--save-every",
+        "4",
+        "--eval-every",
+        "4",
+        "--eval-episodes",
+        "6",
+        "--test-episodes",
+        "10",
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -78,42 +100,66 @@ def test_npz_round_trip(data_file, dataset):
     image downscaled to 31x31 by area averaging."""
     ink = synthetic_ink()
     assert dataset.images.shape == (BACKGROUND + EVALUATION, DRAWINGS, 31, 31)
-    expected = F.interpolate(torch.from_numpy(ink).float().reshape(-1, 1, SIZE, SIZE),
-                             size=(31, 31), mode="area").reshape(dataset.images.shape)
+    expected = F.interpolate(
+        torch.from_numpy(ink).float().reshape(-1, 1, SIZE, SIZE), size=(31, 31), mode="area"
+    ).reshape(dataset.images.shape)
     torch.testing.assert_close(dataset.images, expected)
     assert dataset.split.tolist() == [0] * BACKGROUND + [1] * EVALUATION
     assert dataset.names[0] == "Alpha_0/character01" and dataset.names[-1] == "Omega_1/character03"
     blank = np.zeros((1, 1, SIZE, SIZE), bool)
-    blank[..., :SIZE // 2, :] = True  # ink in the top half
+    blank[..., : SIZE // 2, :] = True  # ink in the top half
     path = data_file.parent / "half.npz"
-    np.savez(path, ink=np.packbits(blank, axis=-1), shape=np.array(blank.shape),
-             alphabet=np.array(["a"]), character=np.array(["c"]), split=np.array([0]))
+    np.savez(
+        path,
+        ink=np.packbits(blank, axis=-1),
+        shape=np.array(blank.shape),
+        alphabet=np.array(["a"]),
+        character=np.array(["c"]),
+        split=np.array([0]),
+    )
     image = omniglot.load_npz(path).images[0, 0]
     assert (image[:10] == 1).all() and (image[-10:] == 0).all()
 
 
 def test_npz_format_errors(tmp_path):
     ink = np.zeros((2, 3, 10, 10), bool)
-    np.savez(tmp_path / "no_split.npz", ink=np.packbits(ink, axis=-1), shape=np.array(ink.shape),
-             alphabet=np.array(["a", "a"]), character=np.array(["b", "c"]))
+    np.savez(
+        tmp_path / "no_split.npz",
+        ink=np.packbits(ink, axis=-1),
+        shape=np.array(ink.shape),
+        alphabet=np.array(["a", "a"]),
+        character=np.array(["b", "c"]),
+    )
     with pytest.raises(ValueError, match=r"missing \['split'\]"):
         omniglot.load_npz(tmp_path / "no_split.npz")
-    np.savez(tmp_path / "wrong.npz", ink=np.packbits(ink, axis=-1), shape=np.array([2, 3, 10, 20]),
-             alphabet=np.array(["a", "a"]), character=np.array(["b", "c"]), split=np.zeros(2))
-    with pytest.raises(ValueError,
-                       match=r"expected for shape \(2, 3, 10, 20\), got \(2, 3, 10, 2\)"):
+    np.savez(
+        tmp_path / "wrong.npz",
+        ink=np.packbits(ink, axis=-1),
+        shape=np.array([2, 3, 10, 20]),
+        alphabet=np.array(["a", "a"]),
+        character=np.array(["b", "c"]),
+        split=np.zeros(2),
+    )
+    with pytest.raises(
+        ValueError, match=r"expected for shape \(2, 3, 10, 20\), got \(2, 3, 10, 2\)"
+    ):
         omniglot.load_npz(tmp_path / "wrong.npz")
 
 
-@pytest.mark.parametrize("damage, message", [
-    ("garbage", "cannot read {path}: "), ("truncated", "cannot read {path}: BadZipFile"),
-    ("missing-array", "{path}: expected the arrays ink, shape, alphabet, character, split")])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("garbage", "cannot read {path}: "),
+        ("truncated", "cannot read {path}: BadZipFile"),
+        ("missing-array", "{path}: expected the arrays ink, shape, alphabet, character, split"),
+    ],
+)
 def test_a_damaged_npz_exits_naming_it(tmp_path, data_file, damage, message):
     path = tmp_path / "omniglot.npz"
     if damage == "garbage":
         path.write_bytes(b"\x93NUMPY garbage" * 100)
     elif damage == "truncated":
-        path.write_bytes(data_file.read_bytes()[:data_file.stat().st_size // 2])
+        path.write_bytes(data_file.read_bytes()[: data_file.stat().st_size // 2])
     else:
         np.savez(path, ink=np.zeros((1, 1, 1, 1), np.uint8))
     with pytest.raises(SystemExit) as exit:
@@ -138,12 +184,21 @@ def test_original_folders_give_the_same_dataset(tmp_path, dataset):
 
     ink = synthetic_ink()
     for k, (alphabet, character) in enumerate(synthetic_names()):
-        folder = (tmp_path / ("images_background" if k < BACKGROUND else "images_evaluation")
-                  / alphabet / character)
+        folder = (
+            tmp_path
+            / ("images_background" if k < BACKGROUND else "images_evaluation")
+            / alphabet
+            / character
+        )
         folder.mkdir(parents=True)
         for d in range(DRAWINGS):
-            imsave(folder / f"{k:04d}_{d + 1:02d}.png", (~ink[k, d]).astype(float), cmap="gray",
-                   vmin=0, vmax=1)
+            imsave(
+                folder / f"{k:04d}_{d + 1:02d}.png",
+                (~ink[k, d]).astype(float),
+                cmap="gray",
+                vmin=0,
+                vmax=1,
+            )
     from_folders = omniglot.load_omniglot(tmp_path)
     torch.testing.assert_close(from_folders.images, dataset.images)
     assert torch.equal(from_folders.split, dataset.split)
@@ -166,9 +221,11 @@ def test_where_the_data_is_found(tmp_path, data_file, monkeypatch):
 
 def test_splits_never_share_a_character():
     C = 1250
-    dataset = omniglot.Omniglot(torch.zeros(C, 2, 31, 31),
-                                torch.tensor([0] * 964 + [1] * (C - 964), dtype=torch.int8),
-                                [f"a/c{k}" for k in range(C)])
+    dataset = omniglot.Omniglot(
+        torch.zeros(C, 2, 31, 31),
+        torch.tensor([0] * 964 + [1] * (C - 964), dtype=torch.int8),
+        [f"a/c{k}" for k in range(C)],
+    )
     for split, n_train in (("background-evaluation", 964), ("paper-1200", 1200)):
         train, test = omniglot.split_characters(dataset, split)
         assert len(train) == n_train and len(test) == C - n_train
@@ -185,8 +242,9 @@ def test_training_never_sees_a_test_character(dataset, data_file, tmp_path):
     poisoned = dataset._replace(images=dataset.images.clone())
     train, test = omniglot.split_characters(poisoned, "background-evaluation")
     poisoned.images[test] = float("nan")
-    args = omniglot.parse_args([*tiny_flags(data_file), "--iterations", "6", "--eval-every", "0",
-                                "--out", str(tmp_path)])
+    args = omniglot.parse_args(
+        [*tiny_flags(data_file), "--iterations", "6", "--eval-every", "0", "--out", str(tmp_path)]
+    )
     model = omniglot.train(args, poisoned, train, test, tmp_path)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -199,8 +257,9 @@ def make_episodes(batch_size=32, seed=0, ways=5, rotations=True):
     images = torch.rand(12, 3, 31, 31, generator=torch.Generator().manual_seed(99))  # not
     # symmetric: rotations show
     characters = torch.tensor([0, 2, 3, 5, 6, 7, 8, 11])
-    episodes = omniglot.make_episodes(images, characters, batch_size,
-                                      torch.Generator().manual_seed(seed), ways, rotations)
+    episodes = omniglot.make_episodes(
+        images, characters, batch_size, torch.Generator().manual_seed(seed), ways, rotations
+    )
     return images, characters, episodes
 
 
@@ -215,15 +274,19 @@ def test_episodes():
         assert len(set(chars)) == 5 and set(chars) <= set(characters.tolist())
         classes = episodes.classes[b].tolist()
         assert sorted(classes[:5]) == list(range(5))  # each class shown once
-        assert torch.equal(episodes.label_inputs[b, :5], F.one_hot(episodes.classes[b, :5], 5)
-                           .float())
+        assert torch.equal(
+            episodes.label_inputs[b, :5], F.one_hot(episodes.classes[b, :5], 5).float()
+        )
         assert (episodes.label_inputs[b, 5] == 0).all()  # no label at the test step
         target = episodes.target[b].item()
         shown_at = classes.index(target)
         assert episodes.drawings[b, 5] != episodes.drawings[b, shown_at]
         for t, k in enumerate(classes):
-            turned = torch.rot90(images[chars[k], episodes.drawings[b, t]],
-                                 episodes.quarter_turns[b, k].item(), dims=(0, 1))
+            turned = torch.rot90(
+                images[chars[k], episodes.drawings[b, t]],
+                episodes.quarter_turns[b, k].item(),
+                dims=(0, 1),
+            )
             assert torch.equal(episodes.images[b, t], turned), (b, t)
     assert set(episodes.quarter_turns.flatten().tolist()) == {0, 1, 2, 3}
     assert set(episodes.target.tolist()) == set(range(5))
@@ -235,8 +298,9 @@ def test_episodes_without_rotations_and_other_ways():
     images, _, episodes = make_episodes(ways=3, rotations=False)
     assert (episodes.quarter_turns == 0).all() and episodes.images.shape[1] == 4
     first = episodes.classes[0, 0]
-    assert torch.equal(episodes.images[0, 0],
-                       images[episodes.characters[0, first], episodes.drawings[0, 0]])
+    assert torch.equal(
+        episodes.images[0, 0], images[episodes.characters[0, first], episodes.drawings[0, 0]]
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -316,8 +380,9 @@ def test_a_few_dozen_iterations_learn(dataset, data_file):
     before = omniglot.evaluate(net, dataset.images, train, args, 64)
     generator = torch.Generator().manual_seed(0)
     for _ in range(50):
-        episodes = omniglot.make_episodes(dataset.images, train, 16, generator,
-                                          **omniglot.episode_options(args))
+        episodes = omniglot.make_episodes(
+            dataset.images, train, 16, generator, **omniglot.episode_options(args)
+        )
         omniglot.train_step(net, optimizer, episodes, 1e-2)
     after = omniglot.evaluate(net, dataset.images, train, args, 64)
     assert after["loss"] < 0.5 * before["loss"]
@@ -339,8 +404,15 @@ def test_wilson_interval():
 
 def test_learning_rate_steps():
     args = omniglot.parse_args(["--lr", "0.1", "--lr-step", "3", "--lr-gamma", "0.5"])
-    assert [omniglot.learning_rate(args, i) for i in range(1, 8)] == \
-        [0.1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.025]
+    assert [omniglot.learning_rate(args, i) for i in range(1, 8)] == [
+        0.1,
+        0.1,
+        0.1,
+        0.05,
+        0.05,
+        0.05,
+        0.025,
+    ]
     assert omniglot.learning_rate(omniglot.parse_args([]), 10_000) == 1e-3
 
 
@@ -351,10 +423,14 @@ def test_resume_continues_exactly(tmp_path, data_file):
     omniglot.main([*flags, "--iterations", "4", "--out", str(interrupted)])
     omniglot.main([*flags, "--iterations", "8", "--out", str(interrupted), "--resume"])
     for log in ("train.csv", "eval.csv"):
-        assert (log_rows_without_timings(whole / log)
-                == log_rows_without_timings(interrupted / log)), log
-    assert ([row["iteration"] for row in log_rows_without_timings(whole / "eval.csv")]
-            == ["0", "4", "8"])
+        assert log_rows_without_timings(whole / log) == log_rows_without_timings(
+            interrupted / log
+        ), log
+    assert [row["iteration"] for row in log_rows_without_timings(whole / "eval.csv")] == [
+        "0",
+        "4",
+        "8",
+    ]
     a, b = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (whole, interrupted))
     assert a["iteration"] == b["iteration"] == 8
     for key, value in a["model"].items():
@@ -364,71 +440,116 @@ def test_resume_continues_exactly(tmp_path, data_file):
         del result["manifest"], result["options"]
     assert results[0] == results[1]
     with pytest.raises(SystemExit, match="--ways 5 there, 4 here"):
-        omniglot.main([*flags, "--iterations", "10", "--out", str(interrupted), "--resume",
-                       "--ways", "4"])
+        omniglot.main(
+            [*flags, "--iterations", "10", "--out", str(interrupted), "--resume", "--ways", "4"]
+        )
     with pytest.raises(SystemExit, match="is at iteration 8, past --iterations 6"):
         omniglot.main([*flags, "--iterations", "6", "--out", str(interrupted), "--resume"])
     # logs without a checkpoint (killed before the first): the run starts afresh
     (interrupted / "checkpoint.pt").unlink()
     omniglot.main([*flags, "--iterations", "8", "--out", str(interrupted), "--resume"])
     for log in ("train.csv", "eval.csv"):
-        assert (log_rows_without_timings(whole / log)
-                == log_rows_without_timings(interrupted / log)), log
+        assert log_rows_without_timings(whole / log) == log_rows_without_timings(
+            interrupted / log
+        ), log
 
 
 def test_script_end_to_end(tmp_path, data_file):
-    result = omniglot.main([*tiny_flags(data_file), "--iterations", "5", "--seed", "2",
-                            "--alpha", "scalar", "--impl", "reference", "--out", str(tmp_path)])
-    for name in ("train.csv", "eval.csv", "test.json", "checkpoint.pt", "curves.png",
-                 "episode.png"):
+    result = omniglot.main(
+        [
+            *tiny_flags(data_file),
+            "--iterations",
+            "5",
+            "--seed",
+            "2",
+            "--alpha",
+            "scalar",
+            "--impl",
+            "reference",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    for name in (
+        "train.csv",
+        "eval.csv",
+        "test.json",
+        "checkpoint.pt",
+        "curves.png",
+        "episode.png",
+    ):
         assert (tmp_path / name).stat().st_size > 0, name
-    assert ([row["iteration"] for row in log_rows_without_timings(tmp_path / "train.csv")]
-            == ["2", "4", "5"])
+    assert [row["iteration"] for row in log_rows_without_timings(tmp_path / "train.csv")] == [
+        "2",
+        "4",
+        "5",
+    ]
     saved = json.loads((tmp_path / "test.json").read_text())
     assert {"commit", "torch", "date", "wall_seconds"} <= set(saved.pop("manifest"))
     assert saved.pop("options")["alpha"] == "scalar"
     assert saved == result
     assert saved["episodes"] == 10 and saved["correct"] == round(10 * saved["accuracy"])
     assert 0 <= saved["ci_low"] <= saved["accuracy"] <= saved["ci_high"] <= 1
-    assert (saved["split"], saved["test_characters"], saved["alpha"]) == \
-        ("background-evaluation", EVALUATION, "scalar")
+    assert (saved["split"], saved["test_characters"], saved["alpha"]) == (
+        "background-evaluation",
+        EVALUATION,
+        "scalar",
+    )
 
 
 def test_presets():
     args = omniglot.parse_args(["--preset", "paper"])
-    assert (args.split, args.lr, args.lr_step, args.lr_gamma, args.ways, args.alpha) == \
-        ("paper-1200", 3e-5, 100_000, 0.666, 5, "full")
+    assert (args.split, args.lr, args.lr_step, args.lr_gamma, args.ways, args.alpha) == (
+        "paper-1200",
+        3e-5,
+        100_000,
+        0.666,
+        5,
+        "full",
+    )
     assert args.iterations * args.batch_size == 5_000_000
     args = omniglot.parse_args(["--preset", "paper", "--split", "background-evaluation"])
     assert args.split == "background-evaluation"
     args = omniglot.parse_args([])
-    assert (args.preset, args.split, args.channels, args.label_scale, args.rotations,
-            args.test_episodes) == ("quick", "background-evaluation", 64, 1000.0, True, 1000)
+    assert (
+        args.preset,
+        args.split,
+        args.channels,
+        args.label_scale,
+        args.rotations,
+        args.test_episodes,
+    ) == ("quick", "background-evaluation", 64, 1000.0, True, 1000)
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--ways", "1"], "argument --ways: must be >= 2, got 1"),
-    (["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
-    (["--eval-every", "-1"], "argument --eval-every: must be >= 0, got -1"),
-    (["--lr", "0"], "argument --lr: must be > 0, got 0"),
-    (["--lr", "nan"], "argument --lr: must be a finite number, got nan"),
-    (["--label-scale", "inf"], "argument --label-scale: must be a finite number, got inf"),
-    (["--lr-gamma", "-0.5"], "argument --lr-gamma: must be > 0, got -0.5"),
-    (["--ways", "x"], "argument --ways: invalid int value: 'x'"),
-    (["--save-every", "3", "--log-every", "2"],
-     "--save-every must be a multiple of --log-every (2), got 3"),
-    (["--split", "random"], "argument --split: invalid choice: 'random'"),
-    (["--alpha", "neuron"], "argument --alpha: invalid choice: 'neuron'"),
-    (["--impl", "cuda"], "argument --impl: invalid choice: 'cuda'"),
-    (["--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--ways", "1"], "argument --ways: must be >= 2, got 1"),
+        (["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+        (["--eval-every", "-1"], "argument --eval-every: must be >= 0, got -1"),
+        (["--lr", "0"], "argument --lr: must be > 0, got 0"),
+        (["--lr", "nan"], "argument --lr: must be a finite number, got nan"),
+        (["--label-scale", "inf"], "argument --label-scale: must be a finite number, got inf"),
+        (["--lr-gamma", "-0.5"], "argument --lr-gamma: must be > 0, got -0.5"),
+        (["--ways", "x"], "argument --ways: invalid int value: 'x'"),
+        (
+            ["--save-every", "3", "--log-every", "2"],
+            "--save-every must be a multiple of --log-every (2), got 3",
+        ),
+        (["--split", "random"], "argument --split: invalid choice: 'random'"),
+        (["--alpha", "neuron"], "argument --alpha: invalid choice: 'neuron'"),
+        (["--impl", "cuda"], "argument --impl: invalid choice: 'cuda'"),
+        (["--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
+    ],
+)
 def test_flag_validation(flags, message, capsys):
     assert_parser_error(lambda flags: omniglot.parse_args(flags), flags, message, capsys)
 
 
 def test_data_that_cannot_make_the_episodes(data_file, tmp_path):
-    with pytest.raises(SystemExit, match="--ways 8: the background-evaluation split has only 7 "
-                                         "test characters"):
+    with pytest.raises(
+        SystemExit, match="--ways 8: the background-evaluation split has only 7 test characters"
+    ):
         omniglot.main([*tiny_flags(data_file), "--ways", "8", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="paper-1200 split has only 0 test characters"):
         omniglot.main([*tiny_flags(data_file), "--split", "paper-1200", "--out", str(tmp_path)])
@@ -444,8 +565,9 @@ def real_data_file():
     return path if path is not None and path.is_file() else None
 
 
-@pytest.mark.skipif(real_data_file() is None,
-                    reason="BACKPROPAMINE_DATA does not hold omniglot/omniglot.npz")
+@pytest.mark.skipif(
+    real_data_file() is None, reason="BACKPROPAMINE_DATA does not hold omniglot/omniglot.npz"
+)
 def test_real_data():
     dataset = omniglot.load_omniglot(real_data_file())
     assert dataset.images.shape == (1623, 20, 31, 31)

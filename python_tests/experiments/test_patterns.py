@@ -1,6 +1,7 @@
 """The pattern memorisation and completion experiment (experiments/patterns): the episode
 generator, the networks and the loss, fused against reference, learning on a tiny setting, exact
 resume, the script end to end with its plots, and flag validation."""
+
 import csv
 import json
 
@@ -16,9 +17,32 @@ if not (ROOT / "experiments" / "patterns").is_dir():
 from experiments.patterns import patterns  # noqa: E402
 
 # A small, fast setting of the flags.
-TINY = ["--bits", "8", "--patterns", "2", "--presentations", "2", "--presentation-steps", "2",
-        "--gap-steps", "1", "--test-steps", "2", "--rnn-hidden", "12", "--lstm-hidden", "10",
-        "--batch-size", "4", "--log-every", "2", "--save-every", "4", "--eval-episodes", "6"]
+TINY = [
+    "--bits",
+    "8",
+    "--patterns",
+    "2",
+    "--presentations",
+    "2",
+    "--presentation-steps",
+    "2",
+    "--gap-steps",
+    "1",
+    "--test-steps",
+    "2",
+    "--rnn-hidden",
+    "12",
+    "--lstm-hidden",
+    "10",
+    "--batch-size",
+    "4",
+    "--log-every",
+    "2",
+    "--save-every",
+    "4",
+    "--eval-episodes",
+    "6",
+]
 
 
 def tiny_args(*flags):
@@ -26,8 +50,10 @@ def tiny_args(*flags):
 
 
 def make_episodes(batch_size=5, seed=0, **options):
-    options = dict(dict(bits=10, patterns=3, presentations=2, presentation_steps=3, gap_steps=2,
-                        test_steps=2), **options)
+    options = dict(
+        dict(bits=10, patterns=3, presentations=2, presentation_steps=3, gap_steps=2, test_steps=2),
+        **options,
+    )
     return patterns.make_episodes(batch_size, torch.Generator().manual_seed(seed), **options)
 
 
@@ -42,10 +68,11 @@ def test_episodes():
     for b in range(5):
         shown = []
         for k in range(2 * 3):
-            block = episodes.inputs[5 * k:5 * k + 5, b]
+            block = episodes.inputs[5 * k : 5 * k + 5, b]
             assert (block[:3] == block[0]).all() and (block[3:] == 0).all()
-            shown.append(next(p for p in range(3) if torch.equal(block[0],
-                                                                 episodes.patterns[b, p])))
+            shown.append(
+                next(p for p in range(3) if torch.equal(block[0], episodes.patterns[b, p]))
+            )
         assert sorted(shown[:3]) == sorted(shown[3:]) == [0, 1, 2]  # a permutation per round
         assert torch.equal(episodes.target[b], episodes.patterns[b, episodes.test_index[b]])
         test = episodes.inputs[-2:, b]
@@ -58,8 +85,15 @@ def test_episodes():
 
 
 def test_odd_sizes_and_no_gap():
-    episodes = make_episodes(batch_size=1, bits=7, patterns=1, presentations=1,
-                             presentation_steps=1, gap_steps=0, test_steps=1)
+    episodes = make_episodes(
+        batch_size=1,
+        bits=7,
+        patterns=1,
+        presentations=1,
+        presentation_steps=1,
+        gap_steps=0,
+        test_steps=1,
+    )
     assert episodes.inputs.shape == (2, 1, 7)
     assert episodes.zeroed.sum() == 3 and (episodes.inputs[0] != 0).all()
 
@@ -90,8 +124,20 @@ def test_plastic_net_is_the_op_with_a_bias_neuron():
     T = inputs.shape[0]
     x = 3.0 * torch.cat([inputs, torch.ones(T, 2, 1)], 2)
     out, *_ = bp.reference.plastic_rnn_sequence(
-        x, torch.zeros(2, 7), torch.zeros(2, 7, 7), None, net.w, net.alpha, net.eta, None, None,
-        None, None, None, rule="decay")
+        x,
+        torch.zeros(2, 7),
+        torch.zeros(2, 7, 7),
+        None,
+        net.w,
+        net.alpha,
+        net.eta,
+        None,
+        None,
+        None,
+        None,
+        None,
+        rule="decay",
+    )
     torch.testing.assert_close(net(inputs), out[:, :, :6])
     assert net.w.shape == net.alpha.shape == (7, 7) and net.eta.shape == ()
 
@@ -119,8 +165,7 @@ def test_fused_and_reference_give_the_same_loss_and_gradients():
     torch.testing.assert_close(loss_fused, loss_reference, rtol=1e-12, atol=1e-12)
     for name, grad in grads_fused.items():
         assert grad.abs().max() > 0, name
-        torch.testing.assert_close(grad, grads_reference[name], rtol=1e-10, atol=1e-12,
-                                   msg=name)
+        torch.testing.assert_close(grad, grads_reference[name], rtol=1e-10, atol=1e-12, msg=name)
 
 
 def test_a_few_dozen_iterations_learn_completion():
@@ -131,8 +176,9 @@ def test_a_few_dozen_iterations_learn_completion():
     loss_before, error_before, _ = patterns.evaluate(net, args, 50)
     generator = torch.Generator().manual_seed(0)
     for _ in range(40):
-        episodes = patterns.make_episodes(args.batch_size, generator,
-                                          **patterns.episode_options(args))
+        episodes = patterns.make_episodes(
+            args.batch_size, generator, **patterns.episode_options(args)
+        )
         patterns.train_step(net, optimizer, episodes, args.clip_grad)
     loss_after, error_after, _ = patterns.evaluate(net, args, 50)
     assert loss_after < 0.5 * loss_before
@@ -146,16 +192,19 @@ def test_resume_continues_exactly(tmp_path):
     patterns.main([*TINY, "--iterations", "8", "--out", str(interrupted), "--resume"])
     for network_type in patterns.TYPES:
         name = f"{network_type}-seed0"
-        assert (log_rows_without_timings(whole / f"{name}.csv")
-                == log_rows_without_timings(interrupted / f"{name}.csv"))
-        a, b = (torch.load(d / f"{name}.checkpoint.pt", weights_only=True)
-                for d in (whole, interrupted))
+        assert log_rows_without_timings(whole / f"{name}.csv") == log_rows_without_timings(
+            interrupted / f"{name}.csv"
+        )
+        a, b = (
+            torch.load(d / f"{name}.checkpoint.pt", weights_only=True) for d in (whole, interrupted)
+        )
         assert a["iteration"] == b["iteration"] == 8
         for key, value in a["model"].items():
             assert torch.equal(value, b["model"][key]), f"{name} {key}"
     with pytest.raises(SystemExit, match="--bits 8 there, 10 here"):
-        patterns.main([*TINY, "--iterations", "10", "--out", str(interrupted), "--resume",
-                       "--bits", "10"])
+        patterns.main(
+            [*TINY, "--iterations", "10", "--out", str(interrupted), "--resume", "--bits", "10"]
+        )
     with pytest.raises(SystemExit, match="is at iteration 8, past --iterations 6"):
         patterns.main([*TINY, "--iterations", "6", "--out", str(interrupted), "--resume"])
 
@@ -163,18 +212,41 @@ def test_resume_continues_exactly(tmp_path):
 def test_script_end_to_end(tmp_path):
     summary = patterns.main([*TINY, "--iterations", "5", "--seed", "3", "--out", str(tmp_path)])
     assert set(summary) == set(patterns.TYPES)
-    for name in ("curves.png", "episode-plastic.png", "episode-rnn.png", "episode-lstm.png",
-                 "plastic-seed3.checkpoint.pt", "lstm-seed3.csv", "evaluation.csv"):
+    for name in (
+        "curves.png",
+        "episode-plastic.png",
+        "episode-rnn.png",
+        "episode-lstm.png",
+        "plastic-seed3.checkpoint.pt",
+        "lstm-seed3.csv",
+        "evaluation.csv",
+    ):
         assert (tmp_path / name).stat().st_size > 0, name
-    assert ([row["iteration"] for row in log_rows_without_timings(tmp_path / "rnn-seed3.csv")]
-            == ["2", "4", "5"])
+    assert [row["iteration"] for row in log_rows_without_timings(tmp_path / "rnn-seed3.csv")] == [
+        "2",
+        "4",
+        "5",
+    ]
     saved = json.loads((tmp_path / "rnn-seed3.json").read_text())
     assert (saved["iterations"], saved["options"]["bits"]) == (5, 8)
     assert (saved["loss"], saved["error_zeroed"], saved["error_all"]) == summary["rnn"]
     assert {"commit", "torch", "date", "wall_seconds"} <= set(saved["manifest"])
     # a second run sharing --out replaces its own evaluation rows and keeps the others'
-    patterns.main([*TINY, "--iterations", "2", "--seed", "3", "--types", "rnn", "--impl",
-                   "reference", "--out", str(tmp_path)])
+    patterns.main(
+        [
+            *TINY,
+            "--iterations",
+            "2",
+            "--seed",
+            "3",
+            "--types",
+            "rnn",
+            "--impl",
+            "reference",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     with open(tmp_path / "evaluation.csv", newline="") as f:
         rows = {row["type"]: row for row in csv.DictReader(f)}
     assert set(rows) == set(patterns.TYPES)
@@ -189,20 +261,29 @@ def test_presets():
     args = patterns.parse_args(["--preset", "bohp"])
     assert args.bits + 1 == 29 and args.patterns == 3
     args = patterns.parse_args([])
-    assert (args.preset, args.presentations, args.presentation_steps, args.gap_steps,
-            args.test_steps, args.input_scale) == ("quick", 2, 6, 4, 3, 20.0)
+    assert (
+        args.preset,
+        args.presentations,
+        args.presentation_steps,
+        args.gap_steps,
+        args.test_steps,
+        args.input_scale,
+    ) == ("quick", 2, 6, 4, 3, 20.0)
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--bits", "1"], "argument --bits: must be >= 2, got 1"),
-    (["--patterns", "0"], "argument --patterns: must be >= 1, got 0"),
-    (["--gap-steps", "-1"], "argument --gap-steps: must be >= 0, got -1"),
-    (["--lr", "0"], "argument --lr: must be > 0, got 0"),
-    (["--input-scale", "x"], "argument --input-scale: invalid float value: 'x'"),
-    (["--save-every", "3"], "--save-every must be a multiple of --log-every (2), got 3"),
-    (["--types", "gru"], "argument --types: invalid choice: 'gru'"),
-    (["--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--bits", "1"], "argument --bits: must be >= 2, got 1"),
+        (["--patterns", "0"], "argument --patterns: must be >= 1, got 0"),
+        (["--gap-steps", "-1"], "argument --gap-steps: must be >= 0, got -1"),
+        (["--lr", "0"], "argument --lr: must be > 0, got 0"),
+        (["--input-scale", "x"], "argument --input-scale: invalid float value: 'x'"),
+        (["--save-every", "3"], "--save-every must be a multiple of --log-every (2), got 3"),
+        (["--types", "gru"], "argument --types: invalid choice: 'gru'"),
+        (["--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
+    ],
+)
 def test_flag_validation(flags, message, capsys):
     assert_parser_error(lambda flags: tiny_args(*flags), flags, message, capsys)
 

@@ -2,6 +2,7 @@
 synthetic corpus for every model type and preset, the Backpropamine README's command lines,
 exact resume, evaluation at batch size 1, data parallelism on 2 processes, the real corpus when
 BACKPROPAMINE_DATA is set, and the benchmark's smoke test."""
+
 import csv
 import json
 import math
@@ -26,39 +27,72 @@ from experiments.ptb import main as ptb_main  # noqa: E402
 # path replaced by the tiny corpus.
 ORIGINAL_COMMANDS = {
     "plastic-fanout": "--batch_size 6 --data DATA --dropouti 0.4 --dropouth 0.25 --epoch 500 "
-                      "--save PTB.pt --wdrop 0 --model PLASTICLSTM --modultype modplasth2mod "
-                      "--modulout fanout --nhid 1149 --alphatype perneuron --asgdtime 125 "
-                      "--agdiv 1149",
+    "--save PTB.pt --wdrop 0 --model PLASTICLSTM --modultype modplasth2mod "
+    "--modulout fanout --nhid 1149 --alphatype perneuron --asgdtime 125 "
+    "--agdiv 1149",
     "plastic-none": "--batch_size 6 --data DATA --dropouti 0.4 --dropouth 0.25 --epoch 500 "
-                    "--save PTB.pt --wdrop 0 --model PLASTICLSTM --modultype none --modulout none "
-                    "--nhid 1149 --alphatype perneuron --asgdtime 125 --agdiv 1149",
+    "--save PTB.pt --wdrop 0 --model PLASTICLSTM --modultype none --modulout none "
+    "--nhid 1149 --alphatype perneuron --asgdtime 125 --agdiv 1149",
     "lstm": "--batch_size 6 --data DATA --dropouti 0.4 --dropouth 0.25 --epoch 500 --save PTB.pt "
-            "--wdrop 0 --model MYLSTM --modultype modplasth2mod --modulout fanout --nhid 1150 "
-            "--alphatype full --asgdtime 125 --agdiv 1150",
+    "--wdrop 0 --model MYLSTM --modultype modplasth2mod --modulout fanout --nhid 1150 "
+    "--alphatype full --asgdtime 125 --agdiv 1150",
 }
 # Their parameter counts on the PTB vocabulary. The plastic model's is the original's; "none"
 # has a learned eta per layer instead of h2mod and fanout; the baseline has 7N gate biases per
 # layer where the original has 8N (see bp.PlasticLSTM): 24,221,600 - (1150 + 1150 + 400).
-ORIGINAL_PARAMETERS = {"plastic-fanout": 24_198_893, "plastic-none": 24_190_799,
-                       "lstm": 24_218_900}
+ORIGINAL_PARAMETERS = {"plastic-fanout": 24_198_893, "plastic-none": 24_190_799, "lstm": 24_218_900}
 # Every flag of the original awd-lstm-lm fork's parser, with its default there (as it would be
 # typed; --save's default there is a name made of the time).
 ORIGINAL_FLAGS = {
-    "--data": "data/penn/", "--model": "PLASTICLSTM", "--alphatype": "full",
-    "--modultype": "none", "--modulout": "single", "--cliptype": "clip", "--hebboutput": "i2c",
-    "--emsize": "400", "--nhid": "1150", "--nlayers": "3", "--clipval": "2.0", "--lr": "30",
-    "--agdiv": "1150.0", "--clip": "0.25", "--epochs": "300", "--batch_size": "80",
-    "--bptt": "70", "--dropout": "0.4", "--dropouth": "0.3", "--dropouti": "0.65",
-    "--dropoute": "0.1", "--proplstm": "0.5", "--wdrop": "0.5", "--seed": "1111",
-    "--asgdtime": "-1", "--nonmono": "5", "--numgpu": "0", "--log-interval": "200",
-    "--save": "1733000000.pt", "--alpha": "2", "--beta": "1", "--wdecay": "1.2e-6",
-    "--resume": "", "--optimizer": "sgd", "--when": "-1",
+    "--data": "data/penn/",
+    "--model": "PLASTICLSTM",
+    "--alphatype": "full",
+    "--modultype": "none",
+    "--modulout": "single",
+    "--cliptype": "clip",
+    "--hebboutput": "i2c",
+    "--emsize": "400",
+    "--nhid": "1150",
+    "--nlayers": "3",
+    "--clipval": "2.0",
+    "--lr": "30",
+    "--agdiv": "1150.0",
+    "--clip": "0.25",
+    "--epochs": "300",
+    "--batch_size": "80",
+    "--bptt": "70",
+    "--dropout": "0.4",
+    "--dropouth": "0.3",
+    "--dropouti": "0.65",
+    "--dropoute": "0.1",
+    "--proplstm": "0.5",
+    "--wdrop": "0.5",
+    "--seed": "1111",
+    "--asgdtime": "-1",
+    "--nonmono": "5",
+    "--numgpu": "0",
+    "--log-interval": "200",
+    "--save": "1733000000.pt",
+    "--alpha": "2",
+    "--beta": "1",
+    "--wdecay": "1.2e-6",
+    "--resume": "",
+    "--optimizer": "sgd",
+    "--when": "-1",
 }  # and --cuda, a switch (store_false: given, CUDA off)
 # The defaults here that differ from the original's: awd-lstm-lm's epochs, the large model's
 # plasticity flags of the Backpropamine README's first command, and a fixed file name.
-DEFAULTS_CHANGED = {"alphatype": "perneuron", "modultype": "modplasth2mod", "modulout": "fanout",
-                    "agdiv": 1.0, "epochs": 8000, "save": "PTB.pt", "numgpu": None,
-                    "resume": False, "data": "data/penn"}  # data: the same folder
+DEFAULTS_CHANGED = {
+    "alphatype": "perneuron",
+    "modultype": "modplasth2mod",
+    "modulout": "fanout",
+    "agdiv": 1.0,
+    "epochs": 8000,
+    "save": "PTB.pt",
+    "numgpu": None,
+    "resume": False,
+    "data": "data/penn",
+}  # data: the same folder
 TINY = ["--emsize", "16", "--nhid", "24", "--batch_size", "4", "--bptt", "10"]
 # The small preset's loss sums over the 10 steps of a TINY segment: lr 0.2 there is lr 2 here.
 SMALL_LR = ["--lr", "0.2"]
@@ -115,7 +149,11 @@ def test_small_preset_variants_have_matched_sizes():
     assert args.nhid == args.emsize == sizes["baseline"][0]
     retro = ptb_main.parse_args(["--preset", "small", "--variant", "retroactive"])
     assert (retro.nhid, retro.cliptype, retro.modulout, retro.alphatype) == (
-        sizes["retroactive"][0], "retroactive", "single", "full")
+        sizes["retroactive"][0],
+        "retroactive",
+        "single",
+        "full",
+    )
     with torch.device("meta"):
         model = ptb_main.build_model(retro, ptb_main.PTB_VOCABULARY)
     assert ptb_main.count_parameters(model) == sizes["retroactive"][1]
@@ -140,8 +178,11 @@ def test_flags_are_checked(corpus, tmp_path):
 
 
 def test_every_flag_of_the_original_parses_with_its_default():
-    flags = [part for flag, value in ORIGINAL_FLAGS.items()
-             for part in (flag, *(value.split() or [value]))]  # --resume '': an empty argument
+    flags = [
+        part
+        for flag, value in ORIGINAL_FLAGS.items()
+        for part in (flag, *(value.split() or [value]))
+    ]  # --resume '': an empty argument
     args = ptb_main.parse_args(flags)
     for flag, value in ORIGINAL_FLAGS.items():
         parsed = getattr(args, flag.lstrip("-").replace("-", "_"))
@@ -167,6 +208,7 @@ def test_every_flag_of_the_original_parses_with_its_default():
 def test_asgdtime_has_the_original_meaning():
     """< 0 (the default): Merity's non-monotone trigger; > 0: after epoch asgdtime + 1; 0: never;
     with --optimizer adam: never."""
+
     def starts(flags, epoch, loss, history):
         return ptb_main.averaging_starts(ptb_main.parse_args(flags), epoch, loss, history)
 
@@ -184,7 +226,8 @@ def test_asgdtime_has_the_original_meaning():
 def test_when_divides_the_learning_rate_after_its_epochs():
     args = ptb_main.parse_args(["--lr", "20", "--when", "2", "4"])
     assert [ptb_main.epoch_lr(args, e) for e in (1, 2, 3, 4, 5)] == pytest.approx(
-        [20, 20, 2, 2, 0.2])
+        [20, 20, 2, 2, 0.2]
+    )
     # averaged SGD restarts at --lr, as the original, divided only when it started at a --when
     assert ptb_main.epoch_lr(args, 5, switched_after=3) == 20
     assert ptb_main.epoch_lr(args, 5, switched_after=4) == pytest.approx(2)
@@ -192,42 +235,73 @@ def test_when_divides_the_learning_rate_after_its_epochs():
 
 
 def test_when_saves_the_model_before_dividing(corpus, tmp_path):
-    _, rows = run(corpus, tmp_path, *TINY, "--lr", "2", "--epochs", "3", "--max-batches", "2",
-                  "--when", "2")
+    _, rows = run(
+        corpus, tmp_path, *TINY, "--lr", "2", "--epochs", "3", "--max-batches", "2", "--when", "2"
+    )
     assert [float(r["lr"]) for r in rows] == pytest.approx([2, 2, 0.2])
     saved = torch.load(tmp_path / "m.pt.e2", weights_only=True)
     assert set(saved) == {"model", "args"} and not (tmp_path / "m.pt.e1").exists()
 
 
 def test_adam_trains_and_never_averages(corpus, tmp_path):
-    result, rows = run(corpus, tmp_path, *TINY, "--optimizer", "adam", "--lr", "0.01",
-                       "--asgdtime", "1", "--epochs", "3", "--max-batches", "4")
+    result, rows = run(
+        corpus,
+        tmp_path,
+        *TINY,
+        "--optimizer",
+        "adam",
+        "--lr",
+        "0.01",
+        "--asgdtime",
+        "1",
+        "--epochs",
+        "3",
+        "--max-batches",
+        "4",
+    )
     checkpoint = torch.load(tmp_path / "m.checkpoint.pt", weights_only=True)
-    assert not checkpoint["asgd"] and "exp_avg" in next(iter(
-        checkpoint["optimizer"]["state"].values()))
+    assert not checkpoint["asgd"] and "exp_avg" in next(
+        iter(checkpoint["optimizer"]["state"].values())
+    )
     assert math.isfinite(result["test_ppl"]) and len(rows) == 3
 
 
-@pytest.mark.parametrize("flags, message", [
-    *[(["--hebboutput", value], f"--hebboutput {value}: not implemented by bp.PlasticLSTM; "
-                                "supported: i2c") for value in ("h2co", "cell", "hidden")],
-    (["--cliptype", "aditya"], "--cliptype aditya: not implemented by bp.PlasticLSTM; supported: "
-                               "clip, softclip, decay, oja, retroactive"),
-    (["--cuda", "--device", "cuda:1"], "--cuda (the original's switch: CUDA off) contradicts "
-                                       "--device cuda:1"),
-    (["--numgpu", "1", "--device", "cuda:0"], "--numgpu 1 contradicts --device cuda:0"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        *[
+            (
+                ["--hebboutput", value],
+                f"--hebboutput {value}: not implemented by bp.PlasticLSTM; supported: i2c",
+            )
+            for value in ("h2co", "cell", "hidden")
+        ],
+        (
+            ["--cliptype", "aditya"],
+            "--cliptype aditya: not implemented by bp.PlasticLSTM; supported: "
+            "clip, softclip, decay, oja, retroactive",
+        ),
+        (
+            ["--cuda", "--device", "cuda:1"],
+            "--cuda (the original's switch: CUDA off) contradicts --device cuda:1",
+        ),
+        (["--numgpu", "1", "--device", "cuda:0"], "--numgpu 1 contradicts --device cuda:0"),
+    ],
+)
 def test_unimplemented_values_and_contradictions_are_errors(flags, message, capsys):
     assert_parser_error(ptb_main.parse_args, flags, message, capsys)
 
 
-@pytest.mark.parametrize("flags, device", [
-    (["--cuda"], "cpu"),  # the original's store_false: CUDA off
-    (["--cuda", "--device", "cpu", "--numgpu", "1"], "cpu"),  # --numgpu: no effect on the CPU
-    (["--device", "cuda", "--numgpu", "1"], "cuda:1"),
-    (["--device", "cuda:1", "--numgpu", "1"], "cuda:1"),
-    (["--device", "cuda:2"], "cuda:2"),
-])
+@pytest.mark.parametrize(
+    "flags, device",
+    [
+        (["--cuda"], "cpu"),  # the original's store_false: CUDA off
+        (["--cuda", "--device", "cpu", "--numgpu", "1"], "cpu"),  # --numgpu: no effect on the CPU
+        (["--device", "cuda", "--numgpu", "1"], "cuda:1"),
+        (["--device", "cuda:1", "--numgpu", "1"], "cuda:1"),
+        (["--device", "cuda:2"], "cuda:2"),
+    ],
+)
 def test_device_flags(flags, device):
     assert ptb_main.select_device(ptb_main.parse_args(flags)) == torch.device(device)
 
@@ -236,21 +310,44 @@ def test_device_flags(flags, device):
 # Training end to end
 
 
-@pytest.mark.parametrize("flags", [
-    [],  # Backpropamine's large model: fanout from h, alpha per neuron, with DropConnect
-    ["--modultype", "modplastc2mod", "--modulout", "single", "--cliptype", "decay",
-     "--alphatype", "single", "--impl", "reference"],
-    ["--modultype", "none", "--modulout", "none"],
-    ["--model", "MYLSTM"],
-    ["--preset", "small", "--variant", "baseline", *SMALL_LR],
-    ["--preset", "small", "--variant", "plastic", *SMALL_LR],
-    ["--preset", "small", "--variant", "simple", *SMALL_LR],
-    ["--preset", "small", "--variant", "retroactive", *SMALL_LR],
-], ids=["fanout-h", "single-c-decay-reference", "none", "lstm", "small-baseline", "small-plastic",
-        "small-simple", "small-retroactive"])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        [],  # Backpropamine's large model: fanout from h, alpha per neuron, with DropConnect
+        [
+            "--modultype",
+            "modplastc2mod",
+            "--modulout",
+            "single",
+            "--cliptype",
+            "decay",
+            "--alphatype",
+            "single",
+            "--impl",
+            "reference",
+        ],
+        ["--modultype", "none", "--modulout", "none"],
+        ["--model", "MYLSTM"],
+        ["--preset", "small", "--variant", "baseline", *SMALL_LR],
+        ["--preset", "small", "--variant", "plastic", *SMALL_LR],
+        ["--preset", "small", "--variant", "simple", *SMALL_LR],
+        ["--preset", "small", "--variant", "retroactive", *SMALL_LR],
+    ],
+    ids=[
+        "fanout-h",
+        "single-c-decay-reference",
+        "none",
+        "lstm",
+        "small-baseline",
+        "small-plastic",
+        "small-simple",
+        "small-retroactive",
+    ],
+)
 def test_training_lowers_the_loss(corpus, tmp_path, flags):
-    result, rows = run(corpus, tmp_path, *TINY, "--lr", "2", "--epochs", "3",
-                       "--max-batches", "15", *flags)
+    result, rows = run(
+        corpus, tmp_path, *TINY, "--lr", "2", "--epochs", "3", "--max-batches", "15", *flags
+    )
     train = [float(r["train_ppl"]) for r in rows]
     valid = [float(r["valid_ppl"]) for r in rows]
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
@@ -281,20 +378,19 @@ def test_resume_continues_exactly(corpus, tmp_path):
     run(corpus, interrupted, *flags, "--epochs", "3")
     _, resumed_rows = run(corpus, interrupted, *flags, "--epochs", "4", "--resume")
     results = ("epoch", "train_ppl", "valid_ppl", "lr")  # all but the timings
-    assert [[r[k] for k in results] for r in resumed_rows] == [[r[k] for k in results]
-                                                               for r in rows]
+    assert [[r[k] for k in results] for r in resumed_rows] == [
+        [r[k] for k in results] for r in rows
+    ]
     a, b = (torch.load(d / "m.checkpoint.pt", weights_only=True) for d in (whole, interrupted))
     assert a["asgd"] and b["asgd"] and a["epoch"] == b["epoch"] == 4
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
-    for state_a, state_b in zip(a["optimizer"]["state"].values(),
-                                b["optimizer"]["state"].values()):
+    for state_a, state_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(state_a["ax"], state_b["ax"])
 
 
 def test_the_results_file_holds_the_numbers_and_what_produced_them(corpus, tmp_path):
-    result, rows = run(corpus, tmp_path, *TINY, "--lr", "2", "--epochs", "2", "--max-batches",
-                       "3")
+    result, rows = run(corpus, tmp_path, *TINY, "--lr", "2", "--epochs", "2", "--max-batches", "3")
     saved = json.loads((tmp_path / "m.json").read_text())
     valid = [float(r["valid_ppl"]) for r in rows]
     assert saved["test_ppl"] == result["test_ppl"] and math.isfinite(saved["test_ppl"])
@@ -302,10 +398,12 @@ def test_the_results_file_holds_the_numbers_and_what_produced_them(corpus, tmp_p
     assert saved["best_epoch"] == valid.index(min(valid)) + 1
     assert (saved["epochs_run"], saved["stopped_by"]) == (2, "epochs")
     assert saved["train_tokens_per_s"] == pytest.approx(
-        sum(float(r["tokens_per_s"]) for r in rows) / 2)
+        sum(float(r["tokens_per_s"]) for r in rows) / 2
+    )
     assert saved["args"]["lr"] == 2 and "best model" in saved["tested"]
     assert {"command", "commit", "torch", "machine", "date", "wall_seconds"} <= set(
-        saved["manifest"])
+        saved["manifest"]
+    )
 
 
 def test_resume_from_a_checkpoint_given_by_path(corpus, tmp_path):
@@ -313,8 +411,9 @@ def test_resume_from_a_checkpoint_given_by_path(corpus, tmp_path):
     first.mkdir(), second.mkdir()
     flags = [*TINY, "--max-batches", "2"]
     run(corpus, first, *flags, "--epochs", "1")
-    _, rows = run(corpus, second, *flags, "--epochs", "2", "--resume",
-                  str(first / "m.checkpoint.pt"))
+    _, rows = run(
+        corpus, second, *flags, "--epochs", "2", "--resume", str(first / "m.checkpoint.pt")
+    )
     assert [int(r["epoch"]) for r in rows] == [2]
     assert json.loads((second / "m.json").read_text())["epochs_run"] == 2
 
@@ -324,15 +423,36 @@ def test_time_sum_loss_scales_the_gradient_by_the_segment_length(corpus):
     segment's time steps: T times the gradient of --loss mean, the same reported loss."""
     grads = {}
     for loss in ("mean", "time-sum"):
-        args = ptb_main.parse_args(["--data", str(corpus), *TINY, "--loss", loss, "--clip", "0",
-                                    "--dropout", "0", "--dropouth", "0", "--dropouti", "0",
-                                    "--dropoute", "0", "--wdrop", "0", "--wdecay", "0"])
+        args = ptb_main.parse_args(
+            [
+                "--data",
+                str(corpus),
+                *TINY,
+                "--loss",
+                loss,
+                "--clip",
+                "0",
+                "--dropout",
+                "0",
+                "--dropouth",
+                "0",
+                "--dropouti",
+                "0",
+                "--dropoute",
+                "0",
+                "--wdrop",
+                "0",
+                "--wdecay",
+                "0",
+            ]
+        )
         torch.manual_seed(0)
         model = ptb_main.build_model(args, 21)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # gradients only
         words = torch.randint(0, 21, (8, 4))
-        raw_loss, _ = ptb_main.train_step(model, optimizer, words[:-1], words[1:].reshape(-1),
-                                          [None] * 3, args, [])
+        raw_loss, _ = ptb_main.train_step(
+            model, optimizer, words[:-1], words[1:].reshape(-1), [None] * 3, args, []
+        )
         grads[loss] = (raw_loss, [p.grad.clone() for p in model.parameters()])
     assert torch.equal(grads["mean"][0], grads["time-sum"][0])
     for mean, summed in zip(grads["mean"][1], grads["time-sum"][1]):
@@ -365,17 +485,32 @@ def test_two_processes_match_one(corpus, tmp_path):
     single.mkdir(), double.mkdir()
     _, rows = run(corpus, single, *flags)
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(PTB / "main.py"), "--data", str(corpus), "--save", str(double / "m.pt"), *flags],
-        capture_output=True, text=True, timeout=300, env=subprocess_env(OMP_NUM_THREADS="1"))
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(PTB / "main.py"),
+            "--data",
+            str(corpus),
+            "--save",
+            str(double / "m.pt"),
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=subprocess_env(OMP_NUM_THREADS="1"),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout
     with open(double / "m.csv") as f:
         ddp_rows = list(csv.DictReader(f))
     for key in ("train_ppl", "valid_ppl"):
         assert float(ddp_rows[0][key]) == pytest.approx(float(rows[0][key]), rel=1e-5)
-    a, b = (torch.load(d / "m.checkpoint.pt", weights_only=True)["model"]
-            for d in (single, double))
+    a, b = (torch.load(d / "m.checkpoint.pt", weights_only=True)["model"] for d in (single, double))
     for key, value in a.items():
         torch.testing.assert_close(b[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
@@ -392,6 +527,7 @@ def test_a_kill_at_the_end_of_an_epoch_loses_no_row(corpus, tmp_path, monkeypatc
             if row["epoch"] == 2:
                 raise KeyboardInterrupt
             log_epoch(paths, row)
+
         monkeypatch.setattr(ptb_main, "log_epoch", killed)
     else:
         save = ptb_main.atomic_save
@@ -400,6 +536,7 @@ def test_a_kill_at_the_end_of_an_epoch_loses_no_row(corpus, tmp_path, monkeypatc
             if path.name == "m.checkpoint.pt" and obj["epoch"] == 2:
                 raise KeyboardInterrupt
             save(obj, path)
+
         monkeypatch.setattr(ptb_main, "atomic_save", killed)
     with pytest.raises(KeyboardInterrupt):
         run(corpus, tmp_path, *flags, "--epochs", "3")
@@ -416,8 +553,11 @@ def test_a_damaged_checkpoint_exits_naming_it(corpus, tmp_path):
         run(corpus, tmp_path, *flags, "--resume")
     run(corpus, tmp_path, *flags)
     checkpoint.write_bytes((tmp_path / "m.pt").read_bytes())  # the best model: no optimizer
-    with pytest.raises(SystemExit, match=r"cannot read the checkpoint .*m.checkpoint.pt: not a "
-                                         r"checkpoint of this script \(no optimizer, asgd"):
+    with pytest.raises(
+        SystemExit,
+        match=r"cannot read the checkpoint .*m.checkpoint.pt: not a "
+        r"checkpoint of this script \(no optimizer, asgd",
+    ):
         run(corpus, tmp_path, *flags, "--resume")
 
 
@@ -432,27 +572,31 @@ def test_resume_refuses_other_model_options_and_accepts_another_schedule(corpus,
     assert [int(r["epoch"]) for r in rows] == [1, 2]
 
 
-@pytest.mark.parametrize("flags", [["--save", "nowhere/m.pt"],
-                                   ["--save", "m.pt", "--log", "nowhere/log.csv"]],
-                         ids=["save", "log"])
-def test_an_output_folder_that_does_not_exist_fails_at_start(corpus, tmp_path, monkeypatch,
-                                                             flags):
+@pytest.mark.parametrize(
+    "flags",
+    [["--save", "nowhere/m.pt"], ["--save", "m.pt", "--log", "nowhere/log.csv"]],
+    ids=["save", "log"],
+)
+def test_an_output_folder_that_does_not_exist_fails_at_start(corpus, tmp_path, monkeypatch, flags):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit, match=f"{flags[-2]} nowhere/.*: the folder nowhere does not "
-                                         "exist"):
-        ptb_main.main(["--data", str(corpus), *TINY, "--max-batches", "2", "--epochs", "1",
-                       *flags])
+    with pytest.raises(
+        SystemExit, match=f"{flags[-2]} nowhere/.*: the folder nowhere does not exist"
+    ):
+        ptb_main.main(["--data", str(corpus), *TINY, "--max-batches", "2", "--epochs", "1", *flags])
     assert not list(tmp_path.iterdir()), "wrote files before the check"
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--lr", "nan"], "argument --lr: must be a finite number, got nan"),
-    (["--clip", "inf"], "argument --clip: must be a finite number, got inf"),
-    (["--dropout", "1.5"], "argument --dropout: must be <= 1, got 1.5"),
-    (["--clipval", "0"], "argument --clipval: must be > 0, got 0"),
-    (["--nhid", "0"], "argument --nhid: must be >= 1, got 0"),
-    (["--agdiv", "0"], "argument --agdiv: must be > 0, got 0"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--lr", "nan"], "argument --lr: must be a finite number, got nan"),
+        (["--clip", "inf"], "argument --clip: must be a finite number, got inf"),
+        (["--dropout", "1.5"], "argument --dropout: must be <= 1, got 1.5"),
+        (["--clipval", "0"], "argument --clipval: must be > 0, got 0"),
+        (["--nhid", "0"], "argument --nhid: must be >= 1, got 0"),
+        (["--agdiv", "0"], "argument --agdiv: must be > 0, got 0"),
+    ],
+)
 def test_numeric_flags_are_finite_and_in_range(flags, message, capsys):
     assert_parser_error(ptb_main.parse_args, flags, message, capsys)
 
@@ -471,23 +615,47 @@ def corpus_with(tmp_path, corpus, **splits):
     return folder
 
 
-@pytest.mark.parametrize("split, content, message", [
-    ("valid", b"", r"valid.txt has 0 tokens .*too few for evaluation in 10 streams: at least 20"),
-    ("valid", b"a b c\n", r"valid.txt has 4 tokens .*evaluation in 10 streams: at least 20"),
-    ("test", b"", r"test.txt has 0 tokens .*too few for evaluation in 1 streams: at least 2"),
-    ("train", b"w1 w2\n", r"train.txt has 3 tokens .*too few for training in 4 streams: at "
-                          r"least 12"),
-], ids=["empty-valid", "short-valid", "empty-test", "short-train"])
+@pytest.mark.parametrize(
+    "split, content, message",
+    [
+        (
+            "valid",
+            b"",
+            r"valid.txt has 0 tokens .*too few for evaluation in 10 streams: at least 20",
+        ),
+        ("valid", b"a b c\n", r"valid.txt has 4 tokens .*evaluation in 10 streams: at least 20"),
+        ("test", b"", r"test.txt has 0 tokens .*too few for evaluation in 1 streams: at least 2"),
+        (
+            "train",
+            b"w1 w2\n",
+            r"train.txt has 3 tokens .*too few for training in 4 streams: at "
+            r"least 12",
+        ),
+    ],
+    ids=["empty-valid", "short-valid", "empty-test", "short-train"],
+)
 def test_a_split_too_short_fails_at_start(corpus, tmp_path, split, content, message):
     data = corpus_with(tmp_path, corpus, **{split: content})
     with pytest.raises(SystemExit, match=f"--data: .*{message}"):
-        ptb_main.main(["--data", str(data), "--save", str(tmp_path / "m.pt"), *TINY,
-                       "--max-batches", "2", "--epochs", "1"])
+        ptb_main.main(
+            [
+                "--data",
+                str(data),
+                "--save",
+                str(tmp_path / "m.pt"),
+                *TINY,
+                "--max-batches",
+                "2",
+                "--epochs",
+                "1",
+            ]
+        )
     assert not (tmp_path / "m.checkpoint.pt").exists(), "trained before the check"
 
 
-@pytest.mark.parametrize("content", [bytes(range(256)), "w1 w2 é".encode()[:-1]],
-                         ids=["binary", "truncated"])
+@pytest.mark.parametrize(
+    "content", [bytes(range(256)), "w1 w2 é".encode()[:-1]], ids=["binary", "truncated"]
+)
 def test_a_file_that_is_not_text_exits_naming_it(corpus, tmp_path, content):
     data = corpus_with(tmp_path, corpus, test=content)
     with pytest.raises(SystemExit, match=r"^--data: cannot read .*test.txt: UnicodeDecodeError"):
@@ -507,7 +675,10 @@ def test_penn_treebank_corpus():
         pytest.skip("set BACKPROPAMINE_DATA to a folder with penn/{train,valid,test}.txt")
     corpus = ptb_data.Corpus(Path(root) / "penn")
     assert (corpus.train.numel(), corpus.valid.numel(), corpus.test.numel()) == (
-        929_589, 73_760, 82_430)
+        929_589,
+        73_760,
+        82_430,
+    )
     assert len(corpus) == 10_000 and corpus.words.count("<eos>") == 1
 
 
@@ -519,9 +690,23 @@ def test_bench_ptb_quick(tmp_path):
     """A large-model case (fused vs reference) and the small model's four variants, one run."""
     pytest.importorskip("matplotlib")
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_ptb.py"), "--quick", "--cases",
-         "b6-t70,small", "--repeats", "1", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=subprocess_env())
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_ptb.py"),
+            "--quick",
+            "--cases",
+            "b6-t70,small",
+            "--repeats",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=subprocess_env(),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(tmp_path / "bench_ptb.csv") as f:
         rows = list(csv.DictReader(f))
@@ -539,8 +724,9 @@ def test_bench_ptb_quick(tmp_path):
         assert float(r["x_baseline"]) == pytest.approx(speed[r["variant"]] / speed["baseline"])
     targets = json.loads((tmp_path / "bench_ptb.json").read_text())["targets"]
     plastic = [t for t in targets if t["case"] == "small"]
-    assert [t["target"] for t in plastic] == [f"{v} tokens/s >= 0.67x baseline"
-                                              for v in ("plastic", "simple", "retroactive")]
+    assert [t["target"] for t in plastic] == [
+        f"{v} tokens/s >= 0.67x baseline" for v in ("plastic", "simple", "retroactive")
+    ]
     for t in plastic:
         variant = t["target"].split()[0]
         assert t["value"] == pytest.approx(speed[variant] / speed["baseline"])
@@ -549,13 +735,20 @@ def test_bench_ptb_quick(tmp_path):
     assert (tmp_path / "bench_ptb.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--variants", "baseline,nope"], "--variants: unknown ['nope']; choose from ['baseline'"),
-    (["--cases", "small", "--variants", ""], "nothing to measure: --cases 'small'"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--variants", "baseline,nope"], "--variants: unknown ['nope']; choose from ['baseline'"),
+        (["--cases", "small", "--variants", ""], "nothing to measure: --cases 'small'"),
+    ],
+)
 def test_bench_ptb_rejects_a_bad_selection(tmp_path, flags, message):
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_ptb.py"), *flags, "--out",
-         str(tmp_path)], capture_output=True, text=True, timeout=120, env=subprocess_env())
+        [sys.executable, str(ROOT / "benchmarks" / "bench_ptb.py"), *flags, "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=subprocess_env(),
+    )
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "bench_ptb.csv").exists()

@@ -3,6 +3,7 @@ against its per-step loop), the agents and their matched sizes, the paper preset
 original code's settings, rollout-then-replay against the papers' per-step autograd loop, one
 training iteration of every network type on both tasks, the burn-in, exact resume, the time
 limit, and the scripts end to end with their plots and results files."""
+
 import json
 import os
 import signal
@@ -24,8 +25,18 @@ from experiments.rl import a2c, agents, cue_reward, envs, maze, summarize  # noq
 
 TASKS = {"maze": maze, "cue_reward": cue_reward}
 # A small, fast setting of either task's flags.
-TINY = ["--hidden", "12", "--batch-size", "4", "--episode-length", "15", "--log-every", "2",
-        "--save-every", "4"]
+TINY = [
+    "--hidden",
+    "12",
+    "--batch-size",
+    "4",
+    "--episode-length",
+    "15",
+    "--log-every",
+    "2",
+    "--save-every",
+    "4",
+]
 
 
 def task_args(task, *flags):
@@ -57,18 +68,20 @@ def test_a2c_loss_by_hand():
     """One step, two actions: every term of the loss against its formula."""
     logits = torch.tensor([[[0.0, 1.0], [2.0, 0.0]]])  # (T=1, B=2, A=2)
     values = torch.tensor([[0.5, -1.0]])
-    episode = a2c.Episode(None, torch.tensor([[1, 0]]), torch.tensor([[2.0, 0.0]]), logits,
-                          values, None)
+    episode = a2c.Episode(
+        None, torch.tensor([[1, 0]]), torch.tensor([[2.0, 0.0]]), logits, values, None
+    )
     p = logits.softmax(-1)
     adv = torch.tensor([2.0 - 0.5, 0.0 + 1.0])
     chosen = torch.stack([p[0, 0, 1], p[0, 1, 0]]).log()
-    expected = (-chosen * adv + 0.1 * adv ** 2 + 0.03 * (p[0] ** 2).sum(-1)).mean()
+    expected = (-chosen * adv + 0.1 * adv**2 + 0.03 * (p[0] ** 2).sum(-1)).mean()
     torch.testing.assert_close(a2c.a2c_loss(episode, 0.9, 0.1, 0.03), expected)
     # the original code's baseline: element 0's value for both
     adv = torch.tensor([2.0 - 0.5, 0.0 - 0.5])
-    expected = (-chosen * adv + 0.1 * adv ** 2 + 0.03 * (p[0] ** 2).sum(-1)).mean()
-    torch.testing.assert_close(a2c.a2c_loss(episode, 0.9, 0.1, 0.03, legacy_baseline=True),
-                               expected)
+    expected = (-chosen * adv + 0.1 * adv**2 + 0.03 * (p[0] ** 2).sum(-1)).mean()
+    torch.testing.assert_close(
+        a2c.a2c_loss(episode, 0.9, 0.1, 0.03, legacy_baseline=True), expected
+    )
 
 
 def original_loss(episode, gamma, value_coef, entropy_coef):
@@ -95,8 +108,9 @@ def test_legacy_baseline_is_the_original_loop():
     logits = torch.randn(steps, batch, n_actions, dtype=torch.float64, requires_grad=True)
     values = torch.randn(steps, batch, dtype=torch.float64, requires_grad=True)
     rewards = torch.randint(0, 3, (steps, batch)).double()
-    episode = a2c.Episode(None, torch.randint(n_actions, (steps, batch)), rewards, logits, values,
-                          None)
+    episode = a2c.Episode(
+        None, torch.randint(n_actions, (steps, batch)), rewards, logits, values, None
+    )
     expected = original_loss(episode, 0.9, 0.1, 0.03)
     expected_grads = torch.autograd.grad(expected, (logits, values))
     legacy = a2c.a2c_loss(episode, 0.9, 0.1, 0.03, legacy_baseline=True)
@@ -112,19 +126,33 @@ def test_paper_presets_follow_the_original_code():
     """The paper presets take the original code's settings (maze/batch.py and its job files,
     sr/srbatch.py and sr/modul.py); the quick presets keep the layer's own initialisation and
     no burn-in."""
+
     def preset(task, name):
         return a2c.parse_args(TASKS[task].make_parser(), TASKS[task].PRESETS, ["--preset", name])
 
     maze_paper = preset("maze", "paper")
     assert (maze_paper.size, maze_paper.hidden, maze_paper.iterations, maze_paper.lr) == (
-        13, 100, 200_000, 1e-4)
-    assert (maze_paper.weight_init, maze_paper.eta_init, maze_paper.elig_rate_init,
-            maze_paper.burn_in) == (0.01, 0.01, 0.01, 101)
+        13,
+        100,
+        200_000,
+        1e-4,
+    )
+    assert (
+        maze_paper.weight_init,
+        maze_paper.eta_init,
+        maze_paper.elig_rate_init,
+        maze_paper.burn_in,
+    ) == (0.01, 0.01, 0.01, 101)
     cue_paper = preset("cue_reward", "paper")
     assert (cue_paper.hidden, cue_paper.iterations, cue_paper.episode_length) == (200, 200_000, 120)
     assert (cue_paper.trial_min, cue_paper.trial_max) == (5, 8)
-    assert (cue_paper.weight_init, cue_paper.eta_init, cue_paper.elig_rate_init,
-            cue_paper.burn_in, cue_paper.blank_first_step) == (0.01, 0.1, 0.1, 101, True)
+    assert (
+        cue_paper.weight_init,
+        cue_paper.eta_init,
+        cue_paper.elig_rate_init,
+        cue_paper.burn_in,
+        cue_paper.blank_first_step,
+    ) == (0.01, 0.1, 0.1, 101, True)
     assert make_env("cue_reward", cue_paper).blank_first_step
     assert preset("maze", "simplemaze").burn_in == 101
     for task in TASKS:
@@ -136,7 +164,8 @@ def test_paper_presets_follow_the_original_code():
     assert agent.rnn.elig_rate.item() == pytest.approx(0.1)
     assert a2c.make_agent(cue_paper, 26, 2, "plastic", 12).rnn.eta.item() == pytest.approx(0.1)
     assert a2c.make_agent(maze_paper, 16, 4, "retroactive", 12).rnn.elig_rate.item() == (
-        pytest.approx(0.01))
+        pytest.approx(0.01)
+    )
 
 
 def test_matched_sizes_of_the_maze():
@@ -161,8 +190,9 @@ def test_replay_equals_the_per_step_autograd_loop(task):
     the gradients of the papers' loop, which builds the graph while acting."""
     args = task_args(task, *(["--size", "5", "--wp", "0.1"] if task == "maze" else []))
     for network_type in ("simple", "retroactive", "plastic"):
-        agent = agents.Agent(make_env(task, args).obs_size, make_env(task, args).n_actions,
-                             network_type, 12).double()
+        agent = agents.Agent(
+            make_env(task, args).obs_size, make_env(task, args).n_actions, network_type, 12
+        ).double()
         with torch.no_grad():
             agent.rnn.alpha.normal_(0, 0.5)  # plasticity that matters
             if hasattr(agent.rnn, "h2mod"):
@@ -174,16 +204,18 @@ def test_replay_equals_the_per_step_autograd_loop(task):
             loss = a2c.a2c_loss(episode, 0.9, 0.1, 0.03)
             agent.zero_grad()
             loss.backward()
-            results.append((episode, loss, {n: p.grad.clone() for n, p in
-                                            agent.named_parameters()}))
+            results.append(
+                (episode, loss, {n: p.grad.clone() for n, p in agent.named_parameters()})
+            )
         (replayed, loss_a, grads_a), (stepped, loss_b, grads_b) = results
         assert torch.equal(replayed.actions, stepped.actions)
         assert replayed.rewards.abs().sum() > 0, "no reward: a weak test"
         torch.testing.assert_close(replayed.logits, stepped.logits, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(loss_a, loss_b, rtol=1e-12, atol=1e-12)
         for name in grads_a:
-            torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-10, atol=1e-12,
-                                       msg=f"{network_type} {name}")
+            torch.testing.assert_close(
+                grads_a[name], grads_b[name], rtol=1e-10, atol=1e-12, msg=f"{network_type} {name}"
+            )
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -211,16 +243,29 @@ def test_resume_continues_exactly(tmp_path, burn_in, interrupted_at):
     maze.main([*TINY, *common, "--iterations", str(interrupted_at), "--out", str(interrupted)])
     maze.main([*TINY, *common, "--iterations", "12", "--out", str(interrupted), "--resume"])
     name = "retroactive-seed1"
-    assert (log_rows_without_timings(whole / f"{name}.csv")
-            == log_rows_without_timings(interrupted / f"{name}.csv"))
-    a, b = (torch.load(d / f"{name}.checkpoint.pt", weights_only=True)
-            for d in (whole, interrupted))
+    assert log_rows_without_timings(whole / f"{name}.csv") == log_rows_without_timings(
+        interrupted / f"{name}.csv"
+    )
+    a, b = (
+        torch.load(d / f"{name}.checkpoint.pt", weights_only=True) for d in (whole, interrupted)
+    )
     assert a["iteration"] == b["iteration"] == 12
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
     with pytest.raises(SystemExit, match="--lr"):
-        maze.main([*TINY, *common, "--iterations", "14", "--out", str(interrupted), "--resume",
-                   "--lr", "0.5"])
+        maze.main(
+            [
+                *TINY,
+                *common,
+                "--iterations",
+                "14",
+                "--out",
+                str(interrupted),
+                "--resume",
+                "--lr",
+                "0.5",
+            ]
+        )
 
 
 def test_burn_in_takes_no_optimizer_step(tmp_path):
@@ -253,8 +298,10 @@ def test_time_limit_stops_at_a_checkpoint_and_resume_finishes(tmp_path, monkeypa
     monkeypatch.setattr(a2c, "time", clock)
     common = [*TINY, "--types", "rnn", "--seeds", "0"]
     limited = tmp_path / "limited"
-    assert maze.main([*common, "--iterations", "100000", "--time-limit", "60",
-                      "--out", str(limited)]) is None
+    assert (
+        maze.main([*common, "--iterations", "100000", "--time-limit", "60", "--out", str(limited)])
+        is None
+    )
     result = json.loads((limited / "rnn-seed0.json").read_text())
     reached = result["iterations"]
     assert not result["finished"] and reached == 8  # the first checkpoint (--save-every 4)
@@ -265,8 +312,9 @@ def test_time_limit_stops_at_a_checkpoint_and_resume_finishes(tmp_path, monkeypa
     target = str(reached + 4)
     maze.main([*common, "--iterations", target, "--out", str(limited), "--resume"])
     maze.main([*common, "--iterations", target, "--out", str(tmp_path / "whole")])
-    assert (log_rows_without_timings(limited / "rnn-seed0.csv")
-            == log_rows_without_timings(tmp_path / "whole" / "rnn-seed0.csv"))
+    assert log_rows_without_timings(limited / "rnn-seed0.csv") == log_rows_without_timings(
+        tmp_path / "whole" / "rnn-seed0.csv"
+    )
     result = json.loads((limited / "rnn-seed0.json").read_text())
     assert result["finished"] and result["iterations"] == reached + 4
 
@@ -285,8 +333,10 @@ def test_parallel_runs_equal_sequential_ones(tmp_path):
     for name in ("rnn-seed0", "rnn-seed1", "simple-seed0", "simple-seed1"):
         a, b = (tmp_path / folder / f"{name}.csv" for folder in ("sequential", "parallel"))
         assert log_rows_without_timings(a) == log_rows_without_timings(b), name
-        a, b = (torch.load(tmp_path / folder / f"{name}.checkpoint.pt", weights_only=True)
-                for folder in ("sequential", "parallel"))
+        a, b = (
+            torch.load(tmp_path / folder / f"{name}.checkpoint.pt", weights_only=True)
+            for folder in ("sequential", "parallel")
+        )
         for key, value in a["model"].items():
             assert torch.equal(value, b["model"][key]), (name, key)
     assert (tmp_path / "parallel" / "episode-simple.png").stat().st_size > 0
@@ -295,18 +345,51 @@ def test_parallel_runs_equal_sequential_ones(tmp_path):
 def test_a_failed_parallel_run_raises_its_error(tmp_path):
     (tmp_path / "rnn-seed1.checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit, match="cannot read the checkpoint .*rnn-seed1.checkpoint.pt"):
-        cue_reward.main([*TINY, "--types", "rnn", "--seeds", "0", "1", "--iterations", "2",
-                         "--jobs", "2", "--resume", "--out", str(tmp_path)])
+        cue_reward.main(
+            [
+                *TINY,
+                "--types",
+                "rnn",
+                "--seeds",
+                "0",
+                "1",
+                "--iterations",
+                "2",
+                "--jobs",
+                "2",
+                "--resume",
+                "--out",
+                str(tmp_path),
+            ]
+        )
 
 
 @pytest.mark.parametrize("task", TASKS)
 def test_script_end_to_end(task, tmp_path):
     """Two types and two seeds: logs, checkpoints, the learning-curve plot and the episode plots."""
-    summary = TASKS[task].main([*TINY, "--types", "rnn", "retroactive", "--seeds", "0", "1",
-                                "--iterations", "4", "--out", str(tmp_path)])
+    summary = TASKS[task].main(
+        [
+            *TINY,
+            "--types",
+            "rnn",
+            "retroactive",
+            "--seeds",
+            "0",
+            "1",
+            "--iterations",
+            "4",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert set(summary) == {"rnn", "retroactive"}
-    for name in ("curves.png", "episode-rnn.png", "episode-retroactive.png",
-                 "rnn-seed1.csv", "retroactive-seed0.checkpoint.pt"):
+    for name in (
+        "curves.png",
+        "episode-rnn.png",
+        "episode-retroactive.png",
+        "rnn-seed1.csv",
+        "retroactive-seed0.checkpoint.pt",
+    ):
         assert (tmp_path / name).stat().st_size > 0, name
     assert len(log_rows_without_timings(tmp_path / "rnn-seed0.csv")) == 2
     run = json.loads((tmp_path / "rnn-seed0.json").read_text())
@@ -326,16 +409,23 @@ def test_summarize_by_hand(tmp_path):
     seconds = [1, 2, 3, 4, 5, 6, 1, 2, 3, 4, 5, 6]  # resumed after the 6th row
     for seed, reward in rewards.items():
         rows = ["iteration,episodes,reward,loss,seconds"] + [
-            f"{i + 1},{(i + 1) * 30},{r},0.5,{seconds[i]}" for i, r in enumerate(reward)]
+            f"{i + 1},{(i + 1) * 30},{r},0.5,{seconds[i]}" for i, r in enumerate(reward)
+        ]
         (tmp_path / f"simple-seed{seed}.csv").write_text("\n".join(rows) + "\n")
     summary = summarize.main([str(tmp_path), "--threshold", "5"])
     seed0 = summary["simple"]["seeds"][0]
     assert seed0["final_reward"] == 15  # the last 2 of 12 rows
     assert (seed0["episodes"], seed0["training_seconds"], seed0["first_episodes_above"]) == (
-        360, 12, 120)
+        360,
+        12,
+        120,
+    )
     assert summary["simple"]["seeds"][1]["first_episodes_above"] is None
     assert (summary["simple"]["median"], summary["simple"]["q25"], summary["simple"]["q75"]) == (
-        3, 2, 9)
+        3,
+        2,
+        9,
+    )
     written = json.loads((tmp_path / "summary.json").read_text())
     assert written["types"]["simple"]["median"] == 3 and "manifest" in written
     cut = summarize.main([str(tmp_path), "--episodes", "150"])["simple"]["seeds"][0]
@@ -369,8 +459,10 @@ def test_readme_tables_quote_their_summary_files(summary, row):
 
 
 def test_cue_reward_task_flags_reach_the_environment():
-    env = make_env("cue_reward", task_args("cue_reward", "--trial-min", "4", "--trial-max", "6",
-                                           "--fixed-cues"))
+    env = make_env(
+        "cue_reward",
+        task_args("cue_reward", "--trial-min", "4", "--trial-max", "6", "--fixed-cues"),
+    )
     assert (env.trial_min, env.trial_max) == (4, 6)
     env.reset()
     first = env.cues.clone()
@@ -393,20 +485,23 @@ def test_flag_validation():
         task_args("maze", "--jobs", "0")
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--gamma", "nan"], "argument --gamma: must be a finite number, got nan"),
-    (["--gamma", "1.5"], "argument --gamma: must be <= 1, got 1.5"),
-    (["--gamma", "-0.1"], "argument --gamma: must be >= 0, got -0.1"),
-    (["--lr", "inf"], "argument --lr: must be a finite number, got inf"),
-    (["--lr", "0"], "argument --lr: must be > 0, got 0"),
-    (["--eps", "-0.5"], "argument --eps: must be > 0, got -0.5"),
-    (["--entropy-coef", "nan"], "argument --entropy-coef: must be a finite number, got nan"),
-    (["--value-coef", "-1"], "argument --value-coef: must be >= 0, got -1"),
-    (["--clip-grad", "inf"], "argument --clip-grad: must be a finite number, got inf"),
-    (["--rew", "nan"], "argument --rew: must be a finite number, got nan"),
-    (["--episode-length", "0"], "argument --episode-length: must be >= 1, got 0"),
-    (["--hidden", "0"], "argument --hidden: must be >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--gamma", "nan"], "argument --gamma: must be a finite number, got nan"),
+        (["--gamma", "1.5"], "argument --gamma: must be <= 1, got 1.5"),
+        (["--gamma", "-0.1"], "argument --gamma: must be >= 0, got -0.1"),
+        (["--lr", "inf"], "argument --lr: must be a finite number, got inf"),
+        (["--lr", "0"], "argument --lr: must be > 0, got 0"),
+        (["--eps", "-0.5"], "argument --eps: must be > 0, got -0.5"),
+        (["--entropy-coef", "nan"], "argument --entropy-coef: must be a finite number, got nan"),
+        (["--value-coef", "-1"], "argument --value-coef: must be >= 0, got -1"),
+        (["--clip-grad", "inf"], "argument --clip-grad: must be a finite number, got inf"),
+        (["--rew", "nan"], "argument --rew: must be a finite number, got nan"),
+        (["--episode-length", "0"], "argument --episode-length: must be >= 1, got 0"),
+        (["--hidden", "0"], "argument --hidden: must be >= 1, got 0"),
+    ],
+)
 def test_numeric_flags_are_finite_and_in_range(flags, message, capsys):
     assert_parser_error(lambda flags: task_args("maze", *flags), flags, message, capsys)
 
@@ -414,8 +509,9 @@ def test_numeric_flags_are_finite_and_in_range(flags, message, capsys):
 # ---------------------------------------------------------------------------------------------
 # --jobs > 1 when the parent process is killed or stopped: no orphaned worker goes on training
 
-needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").is_file(),
-                                reason="reads the process tree from /proc (Linux)")
+needs_proc = pytest.mark.skipif(
+    not Path("/proc/self/stat").is_file(), reason="reads the process tree from /proc (Linux)"
+)
 PARALLEL_RUNS = ("rnn-seed0", "simple-seed0")
 
 
@@ -459,10 +555,28 @@ def start_parallel_run(out, *flags, iterations=100_000):
     checkpoint; returns (process, its worker processes and their helpers)."""
     out.mkdir(exist_ok=True)
     process = subprocess.Popen(
-        [sys.executable, str(RL / "cue_reward.py"), *TINY, "--types", "rnn", "simple", "--seeds",
-         "0", "--iterations", str(iterations), "--jobs", "2", "--out", str(out), *flags],
-        stdout=open(out / "stdout.txt", "w"), stderr=open(out / "stderr.txt", "w"),
-        env=subprocess_env(), cwd=out)
+        [
+            sys.executable,
+            str(RL / "cue_reward.py"),
+            *TINY,
+            "--types",
+            "rnn",
+            "simple",
+            "--seeds",
+            "0",
+            "--iterations",
+            str(iterations),
+            "--jobs",
+            "2",
+            "--out",
+            str(out),
+            *flags,
+        ],
+        stdout=open(out / "stdout.txt", "w"),
+        stderr=open(out / "stderr.txt", "w"),
+        env=subprocess_env(),
+        cwd=out,
+    )
     deadline = time.time() + 180
     while not all((out / f"{name}.checkpoint.pt").is_file() for name in PARALLEL_RUNS):
         assert process.poll() is None, (out / "stderr.txt").read_text()
@@ -521,13 +635,35 @@ def test_a_resume_after_a_kill_logs_every_row_once(tmp_path, started):
     process.kill()
     process.wait()
     wait_until_ended(workers, 5)  # (were they left running, they would append to the logs)
-    reached = max(torch.load(out / f"{name}.checkpoint.pt", weights_only=True)["iteration"]
-                  for name in PARALLEL_RUNS)
+    reached = max(
+        torch.load(out / f"{name}.checkpoint.pt", weights_only=True)["iteration"]
+        for name in PARALLEL_RUNS
+    )
     target = reached + 5
     resumed = subprocess.run(
-        [sys.executable, str(RL / "cue_reward.py"), *TINY, "--types", "rnn", "simple", "--seeds",
-         "0", "--iterations", str(target), "--jobs", "2", "--out", str(out), "--resume"],
-        capture_output=True, text=True, timeout=300, env=subprocess_env(), cwd=out)
+        [
+            sys.executable,
+            str(RL / "cue_reward.py"),
+            *TINY,
+            "--types",
+            "rnn",
+            "simple",
+            "--seeds",
+            "0",
+            "--iterations",
+            str(target),
+            "--jobs",
+            "2",
+            "--out",
+            str(out),
+            "--resume",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=subprocess_env(),
+        cwd=out,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     time.sleep(1)  # time for a left-over worker to append a row
     expected = sorted({*range(2, target + 1, 2), target})  # --log-every 2, and the last

@@ -3,6 +3,7 @@ reward and teleport, and observations at hand-placed positions; the cue-reward t
 schedule checked step by step from the observations over whole episodes, its rewards and its
 statistics; episode-length enforcement and every validation message; determinism from the
 generator, exact resume from its state, and rows that do not depend on each other's actions."""
+
 import re
 from collections import Counter
 
@@ -41,9 +42,16 @@ def actions(*values):
 def expected_walls(size):
     """The wall rule written cell by cell: border, both coordinates even, centre free."""
     centre = size // 2
-    return torch.tensor([[(r in (0, size - 1) or c in (0, size - 1) or (r % 2 == 0 and c % 2 == 0))
-                          and (r, c) != (centre, centre) for c in range(size)]
-                         for r in range(size)])
+    return torch.tensor(
+        [
+            [
+                (r in (0, size - 1) or c in (0, size - 1) or (r % 2 == 0 and c % 2 == 0))
+                and (r, c) != (centre, centre)
+                for c in range(size)
+            ]
+            for r in range(size)
+        ]
+    )
 
 
 def neighbourhood(walls, row, col):
@@ -57,8 +65,11 @@ def place(env, positions, reward_positions):
 
 # ---------------------------------------------------------------------------------- GridMaze
 
-@pytest.mark.parametrize("task, stimulus, obs_size, n_actions", [
-    (envs.GridMaze, ["OBS_WALLS"], 16, 4), (envs.CueReward, ["OBS_CUE", "OBS_GO"], 26, 2)])
+
+@pytest.mark.parametrize(
+    "task, stimulus, obs_size, n_actions",
+    [(envs.GridMaze, ["OBS_WALLS"], 16, 4), (envs.CueReward, ["OBS_CUE", "OBS_GO"], 26, 2)],
+)
 def test_observation_layout_covers_each_input_once(task, stimulus, obs_size, n_actions):
     names = stimulus + ["OBS_BIAS", "OBS_TIME", "OBS_PREVIOUS_REWARD", "OBS_PREVIOUS_ACTION"]
     covered = []
@@ -82,10 +93,13 @@ def test_maze_walls_follow_the_rule(size):
     assert not walls[size // 2, size // 2]
 
 
-@pytest.mark.parametrize("size, around_centre", [
-    (9, [0, 0, 0, 0, 0, 0, 0, 0, 0]),  # the centre (4, 4) is a removed pillar: open all round
-    (11, [1, 0, 1, 0, 0, 0, 1, 0, 1]),  # the centre (5, 5) has pillars on its diagonals
-])
+@pytest.mark.parametrize(
+    "size, around_centre",
+    [
+        (9, [0, 0, 0, 0, 0, 0, 0, 0, 0]),  # the centre (4, 4) is a removed pillar: open all round
+        (11, [1, 0, 1, 0, 0, 0, 1, 0, 1]),  # the centre (5, 5) has pillars on its diagonals
+    ],
+)
 def test_reset_starts_at_the_centre_and_observes_nothing_yet(size, around_centre):
     env = envs.GridMaze(3, size=size, episode_length=50, generator=seeded(0))
     obs = env.reset()
@@ -123,21 +137,28 @@ def test_moves_and_wall_bumps_at_hand_placed_positions():
     assert reward.tolist() == [-0.5, -0.5, 0.0, 0.0, -0.5]
     assert reward.dtype == torch.float32
     walls = env.walls
-    assert obs[:, env.OBS_WALLS].tolist() == [neighbourhood(walls, r, c)
-                                              for r, c in env.position.tolist()]
+    assert obs[:, env.OBS_WALLS].tolist() == [
+        neighbourhood(walls, r, c) for r, c in env.position.tolist()
+    ]
     assert obs[0, env.OBS_WALLS].tolist() == [1, 1, 1, 1, 0, 0, 1, 0, 1]
     assert obs[1, env.OBS_WALLS].tolist() == [1, 1, 1, 0, 0, 0, 0, 1, 0]
     assert obs[2, env.OBS_WALLS].tolist() == [0, 1, 0, 0, 0, 0, 0, 1, 0]
     assert obs[4, env.OBS_WALLS].tolist() == [1, 0, 1, 0, 0, 1, 1, 1, 1]
     assert obs[:, env.OBS_PREVIOUS_REWARD].tolist() == [-0.5, -0.5, 0.0, 0.0, -0.5]
     assert obs[:, env.OBS_PREVIOUS_ACTION].tolist() == [
-        [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1], [0, 1, 0, 0]]
+        [1, 0, 0, 0],
+        [0, 1, 0, 0],
+        [0, 0, 1, 0],
+        [0, 0, 0, 1],
+        [0, 1, 0, 0],
+    ]
 
 
 def test_reaching_the_reward_pays_and_teleports_uniformly_elsewhere():
     rows = 2000
-    env = envs.GridMaze(rows, size=5, reward=10.0, wall_penalty=1.0, episode_length=40,
-                        generator=seeded(3))
+    env = envs.GridMaze(
+        rows, size=5, reward=10.0, wall_penalty=1.0, episode_length=40, generator=seeded(3)
+    )
     env.reset()
     place(env, [[1, 1]] * rows, [[1, 2]] * rows)
     obs, reward = env.step(torch.full((rows,), RIGHT))
@@ -150,8 +171,9 @@ def test_reaching_the_reward_pays_and_teleports_uniformly_elsewhere():
     assert obs[:, env.OBS_PREVIOUS_REWARD].tolist() == [10.0] * rows
     assert obs[:, env.OBS_PREVIOUS_ACTION].tolist() == [[0, 0, 0, 1]] * rows
     assert obs[:, env.OBS_TIME].tolist() == pytest.approx([1 / 40] * rows)
-    assert obs[:8, env.OBS_WALLS].tolist() == [neighbourhood(env.walls, r, c)
-                                               for r, c in env.position[:8].tolist()]
+    assert obs[:8, env.OBS_WALLS].tolist() == [
+        neighbourhood(env.walls, r, c) for r, c in env.position[:8].tolist()
+    ]
 
 
 def test_maze_time_and_previous_step_over_an_episode():
@@ -168,8 +190,9 @@ def test_maze_time_and_previous_step_over_an_episode():
 
 
 def test_random_walk_stays_on_free_cells_and_pays_only_for_the_reward():
-    env = envs.GridMaze(64, size=7, reward=3.0, wall_penalty=0.25, episode_length=100,
-                        generator=seeded(5))
+    env = envs.GridMaze(
+        64, size=7, reward=3.0, wall_penalty=0.25, episode_length=100, generator=seeded(5)
+    )
     env.reset()
     policy, moves = seeded(6), torch.tensor([[-1, 0], [1, 0], [0, -1], [0, 1]])
     paid = 0
@@ -190,6 +213,7 @@ def test_random_walk_stays_on_free_cells_and_pays_only_for_the_reward():
 
 
 # --------------------------------------------------------------------------------- CueReward
+
 
 def play_cue_reward(env, policy_seed):
     """One episode with random actions; per step the observation seen, the action, the reward
@@ -255,8 +279,14 @@ def test_cue_reward_schedule_over_whole_episodes():
 @pytest.mark.parametrize("blank_first_step", [False, True])
 def test_cue_reward_state_matches_the_trial_rules(blank_first_step):
     shortest, first_cue_step = (5, 1) if blank_first_step else (4, 0)
-    env = envs.CueReward(512, trial_min=shortest, trial_max=9, episode_length=60,
-                         blank_first_step=blank_first_step, generator=seeded(9))
+    env = envs.CueReward(
+        512,
+        trial_min=shortest,
+        trial_max=9,
+        episode_length=60,
+        blank_first_step=blank_first_step,
+        generator=seeded(9),
+    )
     env.reset()
     seen_lengths, seen_cue_steps = Counter(), Counter()
     target_shown = target_first = trials = 0
@@ -322,8 +352,10 @@ def test_cue_reward_fixed_cues_repeat_across_episodes(fixed_cues):
 
 # ------------------------------------------------------------------- both tasks: episodes, RNG
 
-TASKS = {"maze": lambda rows, **kw: envs.GridMaze(rows, size=7, episode_length=30, **kw),
-         "cue": lambda rows, **kw: envs.CueReward(rows, episode_length=30, **kw)}
+TASKS = {
+    "maze": lambda rows, **kw: envs.GridMaze(rows, size=7, episode_length=30, **kw),
+    "cue": lambda rows, **kw: envs.CueReward(rows, episode_length=30, **kw),
+}
 
 
 def rollout(env, policy_seed, steps=None):
@@ -343,8 +375,9 @@ def test_episode_length_is_enforced(task):
         env.step(torch.zeros(2, dtype=torch.long))
     rollout(env, policy_seed=0)
     assert env.t == env.episode_length
-    with pytest.raises(ValueError, match=re.escape(
-            "step() called after the episode ended (episode_length=30")):
+    with pytest.raises(
+        ValueError, match=re.escape("step() called after the episode ended (episode_length=30")
+    ):
         env.step(torch.zeros(2, dtype=torch.long))
     env.reset()
     env.step(torch.zeros(2, dtype=torch.long))  # a new episode steps again
@@ -373,8 +406,10 @@ def test_generator_state_resumes_exactly(task):
     expected = rollout(env, policy_seed=3)
     resumed = seeded(99)
     resumed.set_state(state)
-    assert all(torch.equal(a, b) for a, b in
-               zip(expected, rollout(TASKS[task](8, generator=resumed), policy_seed=3)))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(expected, rollout(TASKS[task](8, generator=resumed), policy_seed=3))
+    )
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -397,41 +432,62 @@ def test_a_row_does_not_depend_on_the_other_rows_actions(task):
 MAZE, CUE = envs.GridMaze, envs.CueReward
 
 
-@pytest.mark.parametrize("task, arguments, message", [
-    (MAZE, dict(batch_size=0), "batch_size must be an integer >= 1, got 0"),
-    (MAZE, dict(batch_size=2.0), "batch_size must be an integer >= 1, got 2.0"),
-    (MAZE, dict(batch_size=True), "batch_size must be an integer >= 1, got True"),
-    (MAZE, dict(episode_length=0), "episode_length must be an integer >= 1, got 0"),
-    (MAZE, dict(size=10), "size must be an odd integer >= 5, got 10"),
-    (MAZE, dict(size=3), "size must be an odd integer >= 5, got 3"),
-    (MAZE, dict(size=9.0), "size must be an odd integer >= 5, got 9.0"),
-    (MAZE, dict(reward=float("nan")), "reward must be a finite real number, got nan"),
-    (MAZE, dict(wall_penalty="1"), "wall_penalty must be a finite real number, got '1'"),
-    (MAZE, dict(generator=0), "generator must be a torch.Generator on device cpu, got 0"),
-    (CUE, dict(trial_min=3), "trial_min must be an integer >= 4, got 3"),
-    (CUE, dict(trial_min=6, trial_max=5), "trial_max must be an integer >= 6, got 5"),
-    (CUE, dict(penalty=float("-inf")), "penalty must be a finite real number, got -inf"),
-    (CUE, dict(episode_length=-3), "episode_length must be an integer >= 1, got -3"),
-    (CUE, dict(fixed_cues=1), "fixed_cues must be True or False, got 1"),
-    (CUE, dict(blank_first_step=True, trial_min=4), "trial_min must be an integer >= 5, got 4"),
-    (CUE, dict(blank_first_step=1), "blank_first_step must be True or False, got 1"),
-])
+@pytest.mark.parametrize(
+    "task, arguments, message",
+    [
+        (MAZE, dict(batch_size=0), "batch_size must be an integer >= 1, got 0"),
+        (MAZE, dict(batch_size=2.0), "batch_size must be an integer >= 1, got 2.0"),
+        (MAZE, dict(batch_size=True), "batch_size must be an integer >= 1, got True"),
+        (MAZE, dict(episode_length=0), "episode_length must be an integer >= 1, got 0"),
+        (MAZE, dict(size=10), "size must be an odd integer >= 5, got 10"),
+        (MAZE, dict(size=3), "size must be an odd integer >= 5, got 3"),
+        (MAZE, dict(size=9.0), "size must be an odd integer >= 5, got 9.0"),
+        (MAZE, dict(reward=float("nan")), "reward must be a finite real number, got nan"),
+        (MAZE, dict(wall_penalty="1"), "wall_penalty must be a finite real number, got '1'"),
+        (MAZE, dict(generator=0), "generator must be a torch.Generator on device cpu, got 0"),
+        (CUE, dict(trial_min=3), "trial_min must be an integer >= 4, got 3"),
+        (CUE, dict(trial_min=6, trial_max=5), "trial_max must be an integer >= 6, got 5"),
+        (CUE, dict(penalty=float("-inf")), "penalty must be a finite real number, got -inf"),
+        (CUE, dict(episode_length=-3), "episode_length must be an integer >= 1, got -3"),
+        (CUE, dict(fixed_cues=1), "fixed_cues must be True or False, got 1"),
+        (CUE, dict(blank_first_step=True, trial_min=4), "trial_min must be an integer >= 5, got 4"),
+        (CUE, dict(blank_first_step=1), "blank_first_step must be True or False, got 1"),
+    ],
+)
 def test_constructor_validation(task, arguments, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         task(**{"batch_size": 1, **arguments})
 
 
-@pytest.mark.parametrize("task, action, message", [
-    ("maze", [0, 1, 2], "action must be a torch.Tensor of shape (3,), got <class 'list'>"),
-    ("maze", torch.zeros(3, 1, dtype=torch.long), "action must be of shape (3,), got (3, 1)"),
-    ("maze", torch.zeros(2, dtype=torch.long), "action must be of shape (3,), got (2,)"),
-    ("maze", torch.zeros(3), "action must be of an integer dtype, got torch.float32"),
-    ("cue", torch.zeros(3, dtype=torch.bool), "action must be of an integer dtype, got torch.bool"),
-    ("maze", torch.tensor([0, 4, 1]), "action values must be in [0, 4), got values from 0 to 4"),
-    ("cue", torch.tensor([-1, 0, 1]), "action values must be in [0, 2), got values from -1 to 1"),
-    ("cue", torch.tensor([0, 2, 1], dtype=torch.int32),
-     "action values must be in [0, 2), got values from 0 to 2"),
-])
+@pytest.mark.parametrize(
+    "task, action, message",
+    [
+        ("maze", [0, 1, 2], "action must be a torch.Tensor of shape (3,), got <class 'list'>"),
+        ("maze", torch.zeros(3, 1, dtype=torch.long), "action must be of shape (3,), got (3, 1)"),
+        ("maze", torch.zeros(2, dtype=torch.long), "action must be of shape (3,), got (2,)"),
+        ("maze", torch.zeros(3), "action must be of an integer dtype, got torch.float32"),
+        (
+            "cue",
+            torch.zeros(3, dtype=torch.bool),
+            "action must be of an integer dtype, got torch.bool",
+        ),
+        (
+            "maze",
+            torch.tensor([0, 4, 1]),
+            "action values must be in [0, 4), got values from 0 to 4",
+        ),
+        (
+            "cue",
+            torch.tensor([-1, 0, 1]),
+            "action values must be in [0, 2), got values from -1 to 1",
+        ),
+        (
+            "cue",
+            torch.tensor([0, 2, 1], dtype=torch.int32),
+            "action values must be in [0, 2), got values from 0 to 2",
+        ),
+    ],
+)
 def test_action_validation(task, action, message):
     env = TASKS[task](3, generator=seeded(17))
     env.reset()

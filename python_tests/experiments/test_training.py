@@ -1,6 +1,7 @@
 """What the experiment scripts share (experiments/common.py), under hostile use: a full disk
 while checkpointing, logs of resumed runs, progress in log files, and missing optional
 dependencies, checked on the scripts themselves in subprocesses."""
+
 import csv
 import errno
 import subprocess
@@ -70,8 +71,9 @@ def test_a_resumed_log_keeps_one_row_per_iteration_up_to_the_checkpoint(tmp_path
 def test_progress_off_a_terminal_prints_a_plain_line_every_interval(monkeypatch, capsys):
     clock = iter(range(0, 10_000, 5))  # every call: 5 s later
     monkeypatch.setattr(common.time, "monotonic", lambda: next(clock))
-    bar = common.progress(range(100, 120), desc="maze rnn-seed0", initial=100, total=200,
-                          every_s=30)
+    bar = common.progress(
+        range(100, 120), desc="maze rnn-seed0", initial=100, total=200, every_s=30
+    )
     assert isinstance(bar, common.PlainProgress)  # pytest's stderr is no terminal
     for i in bar:
         bar.set_postfix(reward=f"{i:.1f}")
@@ -82,15 +84,17 @@ def test_progress_off_a_terminal_prints_a_plain_line_every_interval(monkeypatch,
     lines = err.splitlines()
     # 20 updates 5 s apart: one line every 30 s (6 updates), and a last one at close()
     assert len(lines) == 20 // 6 + 1 and "\r" not in err
-    assert lines[0] == ("[    30 s] maze rnn-seed0: 106/200 it (53%), 0.2 it/s, about 470 s "
-                        "left; reward=105.0")
+    assert lines[0] == (
+        "[    30 s] maze rnn-seed0: 106/200 it (53%), 0.2 it/s, about 470 s left; reward=105.0"
+    )
     assert lines[-1].startswith("[   105 s] maze rnn-seed0: 120/200 it (60%)")
 
 
 def test_a_short_or_disabled_loop_prints_nothing(capsys):
     for every_s, disable in ((30, False), (0, True)):
-        bar = common.progress(total=10, desc="train", unit="tok", unit_scale=4,
-                              every_s=every_s, disable=disable)
+        bar = common.progress(
+            total=10, desc="train", unit="tok", unit_scale=4, every_s=every_s, disable=disable
+        )
         bar.update(3)
         bar.close()
     assert capsys.readouterr() == ("", "")
@@ -100,23 +104,73 @@ def run_script(script, *flags, prelude="", timeout=300):
     """`script` (relative to the repository) run as a program in a subprocess, after `prelude`
     (Python code), stdout and stderr to files as in a batch job; returns (exit code, stderr)."""
     path = ROOT / script
-    code = (f"import runpy, sys\n{prelude}\nsys.path.insert(0, {str(path.parent)!r})\n"
-            f"sys.argv = [{str(path)!r}, *{list(flags)!r}]\n"
-            f"runpy.run_path({str(path)!r}, run_name='__main__')\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=timeout, env=subprocess_env())
+    code = (
+        f"import runpy, sys\n{prelude}\nsys.path.insert(0, {str(path.parent)!r})\n"
+        f"sys.argv = [{str(path)!r}, *{list(flags)!r}]\n"
+        f"runpy.run_path({str(path)!r}, run_name='__main__')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=subprocess_env(),
+    )
     return result.returncode, result.stderr
 
 
-@pytest.mark.parametrize("script, flags", [
-    ("experiments/patterns/patterns.py",
-     ["--types", "plastic", "rnn", "--bits", "8", "--rnn-hidden", "8", "--iterations", "30",
-      "--batch-size", "4", "--log-every", "5", "--save-every", "10", "--eval-episodes", "8"]),
-    ("experiments/rl/cue_reward.py",
-     ["--types", "rnn", "simple", "--seeds", "0", "--hidden", "12", "--batch-size", "4",
-      "--episode-length", "15", "--iterations", "30", "--log-every", "5", "--save-every", "10",
-      "--jobs", "2"]),
-], ids=["patterns", "cue_reward-jobs2"])
+@pytest.mark.parametrize(
+    "script, flags",
+    [
+        (
+            "experiments/patterns/patterns.py",
+            [
+                "--types",
+                "plastic",
+                "rnn",
+                "--bits",
+                "8",
+                "--rnn-hidden",
+                "8",
+                "--iterations",
+                "30",
+                "--batch-size",
+                "4",
+                "--log-every",
+                "5",
+                "--save-every",
+                "10",
+                "--eval-episodes",
+                "8",
+            ],
+        ),
+        (
+            "experiments/rl/cue_reward.py",
+            [
+                "--types",
+                "rnn",
+                "simple",
+                "--seeds",
+                "0",
+                "--hidden",
+                "12",
+                "--batch-size",
+                "4",
+                "--episode-length",
+                "15",
+                "--iterations",
+                "30",
+                "--log-every",
+                "5",
+                "--save-every",
+                "10",
+                "--jobs",
+                "2",
+            ],
+        ),
+    ],
+    ids=["patterns", "cue_reward-jobs2"],
+)
 def test_a_log_file_gets_no_progress_bar(tmp_path, script, flags):
     """With stderr redirected to a file (nohup, CI, a cluster job), no carriage-return bar
     updates: these short runs print no progress line at all."""
@@ -137,27 +191,49 @@ SCRIPTS = {  # flags that parse (OUT: a temporary folder); the check comes befor
     "experiments/rl/maze.py": ["--out", "OUT"],
     "experiments/rl/cue_reward.py": ["--out", "OUT"],
 }
-BENCHES = ("benchmarks/bench_rnn.py", "benchmarks/bench_lstm.py", "benchmarks/bench_ptb.py",
-           "benchmarks/bench_rl.py")
+BENCHES = (
+    "benchmarks/bench_rnn.py",
+    "benchmarks/bench_lstm.py",
+    "benchmarks/bench_ptb.py",
+    "benchmarks/bench_rl.py",
+)
 
 
 CASES = [
-    *[(script, module, f"the experiment scripts need {module}: pip install tqdm matplotlib "
-                       "(the package's [experiments] extra)")
-      for script in SCRIPTS for module in ("tqdm", "matplotlib")],
-    *[(script, "matplotlib", "the benchmarks need matplotlib: pip install matplotlib (the "
-                             "package's [bench] extra)") for script in BENCHES],
+    *[
+        (
+            script,
+            module,
+            f"the experiment scripts need {module}: pip install tqdm matplotlib "
+            "(the package's [experiments] extra)",
+        )
+        for script in SCRIPTS
+        for module in ("tqdm", "matplotlib")
+    ],
+    *[
+        (
+            script,
+            "matplotlib",
+            "the benchmarks need matplotlib: pip install matplotlib (the package's [bench] extra)",
+        )
+        for script in BENCHES
+    ],
 ]
 
 
-@pytest.mark.parametrize("script, missing, message", CASES,
-                         ids=[f"{Path(script).stem}-without-{missing}"
-                              for script, missing, _ in CASES])
+@pytest.mark.parametrize(
+    "script, missing, message",
+    CASES,
+    ids=[f"{Path(script).stem}-without-{missing}" for script, missing, _ in CASES],
+)
 def test_a_missing_optional_dependency_gives_one_line(tmp_path, script, missing, message):
     if not (ROOT / script).is_file():
         pytest.skip(f"{script} is not next to the tests")
-    flags = [flag.replace("OUT", str(tmp_path))
-             for flag in SCRIPTS.get(script, ["--quick", "--out", "OUT"])]
-    code, err = run_script(script, *flags,
-                           prelude=f"sys.modules[{missing!r}] = None  # as if not installed")
+    flags = [
+        flag.replace("OUT", str(tmp_path))
+        for flag in SCRIPTS.get(script, ["--quick", "--out", "OUT"])
+    ]
+    code, err = run_script(
+        script, *flags, prelude=f"sys.modules[{missing!r}] = None  # as if not installed"
+    )
     assert code != 0 and err.splitlines() == [message], err[-3000:]

@@ -1,6 +1,7 @@
 """PlasticLSTM and PlasticLSTMCell: parameters per option (and the PTB models' counts),
 initialisation, the non-plastic layer against torch.nn.LSTM, fused vs reference, state handling
 and validation."""
+
 import pytest
 import torch
 from torch import nn
@@ -13,8 +14,14 @@ F64 = TOL[torch.float64]
 # Every rule, alpha, modulation and modulator input at least once.
 COMPARE_OPTIONS = [
     dict(alpha="neuron", modulation="fanout", modulator_input="h", rule="clip"),  # PTB large
-    dict(alpha="full", modulation="fanout", modulator_input="c", rule="clip", clip=0.5,
-         n_modulators=3),
+    dict(
+        alpha="full",
+        modulation="fanout",
+        modulator_input="c",
+        rule="clip",
+        clip=0.5,
+        n_modulators=3,
+    ),
     dict(alpha="full", modulation="none", rule="clip", eta_shape="full"),  # PTB small, Table 1
     dict(alpha="scalar", modulation="simple", modulator_input="c", rule="retroactive"),
     dict(alpha="neuron", modulation="fanout", rule="retroactive", n_modulators=2),
@@ -25,19 +32,32 @@ COMPARE_OPTIONS = [
 IMPLS = ["reference", "fused"]
 
 
-def expected_shapes(alpha="neuron", modulation="fanout", rule="clip", n_modulators=1,
-                    eta_shape="scalar", plastic=True):
+def expected_shapes(
+    alpha="neuron",
+    modulation="fanout",
+    rule="clip",
+    n_modulators=1,
+    eta_shape="scalar",
+    plastic=True,
+):
     """The RNN's parameters with the LSTM's input and recurrent layers instead of i2h."""
     shapes = expected_param_shapes(alpha, modulation, rule, n_modulators, eta_shape, plastic)
     del shapes["i2h.weight"], shapes["i2h.bias"]
-    return {"i2g.weight": (4 * N, I), "i2g.bias": (4 * N,), "h2g.weight": (3 * N, N),
-            "h2g.bias": (3 * N,), **shapes}
+    return {
+        "i2g.weight": (4 * N, I),
+        "i2g.bias": (4 * N,),
+        "h2g.weight": (3 * N, N),
+        "h2g.bias": (3 * N,),
+        **shapes,
+    }
 
 
 def zero_state(batch):
     """The zero state of a retroactive layer, given explicitly."""
-    zeros, trace = torch.zeros(batch, N, dtype=torch.float64), torch.zeros(batch, N, N,
-                                                                           dtype=torch.float64)
+    zeros, trace = (
+        torch.zeros(batch, N, dtype=torch.float64),
+        torch.zeros(batch, N, N, dtype=torch.float64),
+    )
     return bp.PlasticLSTMState(zeros, zeros, trace, trace)
 
 
@@ -52,13 +72,23 @@ def assert_states_close(actual, expected, **tol):
 # ---------------------------------------------------------------------------------------------
 # Parameters and initialisation
 
+
 @pytest.mark.parametrize("cls", [bp.PlasticLSTM, bp.PlasticLSTMCell])
-@pytest.mark.parametrize("options", [
-    dict(alpha="full"), dict(alpha="neuron"), dict(alpha="scalar"),
-    dict(modulation="none"), dict(modulation="none", eta_shape="full"),
-    dict(modulation="simple"), dict(modulation="fanout", n_modulators=3),
-    dict(modulation="simple", rule="retroactive"), dict(plastic=False, rule="retroactive")],
-    ids=opt_id)
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(alpha="full"),
+        dict(alpha="neuron"),
+        dict(alpha="scalar"),
+        dict(modulation="none"),
+        dict(modulation="none", eta_shape="full"),
+        dict(modulation="simple"),
+        dict(modulation="fanout", n_modulators=3),
+        dict(modulation="simple", rule="retroactive"),
+        dict(plastic=False, rule="retroactive"),
+    ],
+    ids=opt_id,
+)
 def test_parameter_names_and_shapes(cls, options):
     module = cls(I, N, **options)
     assert {k: tuple(p.shape) for k, p in module.named_parameters()} == expected_shapes(**options)
@@ -71,15 +101,20 @@ def ptb_model_params(layer_sizes, **options):
         encoder = nn.Embedding(10000, 400)
         decoder = nn.Linear(400, 10000)
         decoder.weight = encoder.weight
-        model = nn.ModuleList([encoder, decoder] + [bp.PlasticLSTM(i, n, **options)
-                                                    for i, n in layer_sizes])
+        model = nn.ModuleList(
+            [encoder, decoder] + [bp.PlasticLSTM(i, n, **options) for i, n in layer_sizes]
+        )
     assert model[2].w.is_meta
     return sum(p.numel() for p in model.parameters() if p.requires_grad)  # counts tied once
 
 
 def test_ptb_parameter_counts():
-    plastic = ptb_model_params([(400, 1149), (1149, 1149), (1149, 400)], alpha="neuron",
-                               modulation="fanout", modulator_input="h")
+    plastic = ptb_model_params(
+        [(400, 1149), (1149, 1149), (1149, 400)],
+        alpha="neuron",
+        modulation="fanout",
+        modulator_input="h",
+    )
     assert plastic == 24_198_893
     baseline = ptb_model_params([(400, 1150), (1150, 1150), (1150, 400)], plastic=False)
     # The original baseline counts 24,221,600 with 8N gate biases per layer (as nn.LSTM's b_ih +
@@ -91,10 +126,19 @@ def test_ptb_parameter_counts():
 def test_initialisation_and_defaults():
     torch.manual_seed(0)
     lstm = bp.PlasticLSTM(I, 40)
-    assert (lstm.alpha_mode, lstm.modulation, lstm.modulator_input, lstm.rule, lstm.clip,
-            lstm.n_modulators, lstm.eta_shape, lstm.plastic, lstm.impl, lstm.batch_first,
-            lstm.checkpoint_every) == (
-        "neuron", "fanout", "h", "clip", 2.0, 1, "scalar", True, "auto", False, None)
+    assert (
+        lstm.alpha_mode,
+        lstm.modulation,
+        lstm.modulator_input,
+        lstm.rule,
+        lstm.clip,
+        lstm.n_modulators,
+        lstm.eta_shape,
+        lstm.plastic,
+        lstm.impl,
+        lstm.batch_first,
+        lstm.checkpoint_every,
+    ) == ("neuron", "fanout", "h", "clip", 2.0, 1, "scalar", True, "auto", False, None)
     assert lstm.w.min() >= -0.01 and lstm.w.max() < 0.01 and lstm.w.min() < -0.005
     for alpha in ("full", "neuron", "scalar"):
         a = bp.PlasticLSTMCell(I, 40, alpha=alpha).alpha
@@ -106,13 +150,14 @@ def test_initialisation_and_defaults():
     retro = bp.PlasticLSTMCell(I, N, rule="retroactive", elig_rate_init=0.25)
     assert torch.equal(retro.elig_rate.detach(), torch.tensor(0.25))
     for layer, fan_in in ((lstm.i2g, I), (lstm.h2g, 40), (lstm.h2mod, 40), (lstm.fanout, 1)):
-        bound = 1 / fan_in ** 0.5  # PyTorch's Linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+        bound = 1 / fan_in**0.5  # PyTorch's Linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
         assert layer.weight.abs().max() <= bound and layer.weight.abs().max() > bound / 2
 
 
 def test_extra_repr_names_the_options():
-    text = repr(bp.PlasticLSTM(I, N, alpha="full", modulation="simple", modulator_input="c",
-                               rule="oja"))
+    text = repr(
+        bp.PlasticLSTM(I, N, alpha="full", modulation="simple", modulator_input="c", rule="oja")
+    )
     for part in ("alpha='full'", "modulation='simple'", "modulator_input='c'", "rule='oja'"):
         assert part in text
     assert "plastic=False" in repr(bp.PlasticLSTMCell(I, N, plastic=False))
@@ -120,6 +165,7 @@ def test_extra_repr_names_the_options():
 
 # ---------------------------------------------------------------------------------------------
 # plastic=False: an ordinary LSTM
+
 
 def load_torch_lstm_weights(module, weight_ih, weight_hh, bias_ih, bias_hh):
     """Copy the weights of an nn.LSTM(Cell): h2g gets the i, f, o rows of weight_hh, w the g rows
@@ -129,8 +175,8 @@ def load_torch_lstm_weights(module, weight_ih, weight_hh, bias_ih, bias_hh):
         module.i2g.weight.copy_(weight_ih)
         module.i2g.bias.copy_(bias_ih)
         module.i2g.bias[g] += bias_hh[g]
-        module.h2g.weight.copy_(torch.cat([weight_hh[:2 * N], weight_hh[3 * N:]]))
-        module.h2g.bias.copy_(torch.cat([bias_hh[:2 * N], bias_hh[3 * N:]]))
+        module.h2g.weight.copy_(torch.cat([weight_hh[: 2 * N], weight_hh[3 * N :]]))
+        module.h2g.bias.copy_(torch.cat([bias_hh[: 2 * N], bias_hh[3 * N :]]))
         module.w.copy_(weight_hh[g].T)
 
 
@@ -138,8 +184,13 @@ def load_torch_lstm_weights(module, weight_ih, weight_hh, bias_ih, bias_hh):
 def test_non_plastic_matches_torch_lstm(impl):
     torch_lstm = nn.LSTM(I, N).double()
     lstm = bp.PlasticLSTM(I, N, plastic=False, impl=impl).double()
-    load_torch_lstm_weights(lstm, torch_lstm.weight_ih_l0, torch_lstm.weight_hh_l0,
-                            torch_lstm.bias_ih_l0, torch_lstm.bias_hh_l0)
+    load_torch_lstm_weights(
+        lstm,
+        torch_lstm.weight_ih_l0,
+        torch_lstm.weight_hh_l0,
+        torch_lstm.bias_ih_l0,
+        torch_lstm.bias_hh_l0,
+    )
     x = torch.randn(5, 3, I, dtype=torch.float64, requires_grad=True)
     h0, c0 = torch.randn(2, 3, N, dtype=torch.float64)
     out, state = lstm(x, bp.PlasticLSTMState(h0, c0))
@@ -152,7 +203,7 @@ def test_non_plastic_matches_torch_lstm(impl):
     torch.testing.assert_close(state.c, c_t[0], **F64)
     assert state.hebb is None and state.elig is None
     torch.testing.assert_close(grad_x, x.grad, **F64)
-    g = torch_lstm.weight_hh_l0.grad[2 * N:3 * N]
+    g = torch_lstm.weight_hh_l0.grad[2 * N : 3 * N]
     torch.testing.assert_close(lstm.w.grad, g.T, **F64)
     torch.testing.assert_close(lstm.i2g.weight.grad, torch_lstm.weight_ih_l0.grad, **F64)
 
@@ -161,8 +212,9 @@ def test_non_plastic_matches_torch_lstm(impl):
 def test_non_plastic_cell_matches_torch_lstm_cell(impl):
     torch_cell = nn.LSTMCell(I, N).double()
     cell = bp.PlasticLSTMCell(I, N, plastic=False, impl=impl).double()
-    load_torch_lstm_weights(cell, torch_cell.weight_ih, torch_cell.weight_hh,
-                            torch_cell.bias_ih, torch_cell.bias_hh)
+    load_torch_lstm_weights(
+        cell, torch_cell.weight_ih, torch_cell.weight_hh, torch_cell.bias_ih, torch_cell.bias_hh
+    )
     x = torch.randn(3, I, dtype=torch.float64, requires_grad=True)
     h0, c0 = torch.randn(2, 3, N, dtype=torch.float64)
     h, state = cell(x, bp.PlasticLSTMState(h0, c0))
@@ -177,6 +229,7 @@ def test_non_plastic_cell_matches_torch_lstm_cell(impl):
 
 # ---------------------------------------------------------------------------------------------
 # Plastic: fused vs reference, cell vs sequence, state handling
+
 
 def run_lstm(lstm, x, impl):
     """Forward and backward of a loss using every output; (out, state, m, param grads)."""
@@ -198,7 +251,8 @@ def test_lstm_fused_matches_reference(options, batch_first):
     lstm = make(bp.PlasticLSTM, options, checkpoint_every=2, batch_first=batch_first)
     x = torch.randn(5, 3, I, dtype=torch.float64)
     (out_r, state_r, m_r, g_r), (out_f, state_f, m_f, g_f) = (
-        run_lstm(lstm, x, impl) for impl in IMPLS)
+        run_lstm(lstm, x, impl) for impl in IMPLS
+    )
     torch.testing.assert_close(out_f, out_r, **F64)
     assert_states_close(state_f, state_r, **F64)
     assert (m_r is None) == (options["modulation"] == "none") and (m_f is None) == (m_r is None)
@@ -269,12 +323,15 @@ def test_batch_first_and_return_modulation(impl):
     assert_states_close(state_bf, state, rtol=0, atol=0)
     assert torch.equal(lstm(x)[0], out)
     assert lstm(x, return_modulation=True)[2] is not None
-    assert make(bp.PlasticLSTM, dict(modulation="none"), impl=impl)(
-        x, return_modulation=True)[2] is None
+    assert (
+        make(bp.PlasticLSTM, dict(modulation="none"), impl=impl)(x, return_modulation=True)[2]
+        is None
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Validation
+
 
 def test_bad_modulator_input():
     with pytest.raises(ValueError, match=r"modulator_input must be one of \('h', 'c'\), got 'x'"):
@@ -288,8 +345,11 @@ def test_state_checks(impl):
     lstm = bp.PlasticLSTM(I, N, rule="retroactive", impl=impl)
     x = torch.zeros(3, 2, I)
     h, hebb = torch.zeros(2, N), torch.zeros(2, N, N)
-    with pytest.raises(ValueError, match=r"state must be a PlasticLSTMState\(h, c, hebb, elig\) "
-                       "or None, got PlasticState"):
+    with pytest.raises(
+        ValueError,
+        match=r"state must be a PlasticLSTMState\(h, c, hebb, elig\) "
+        "or None, got PlasticState",
+    ):
         lstm(x, bp.PlasticState(h, hebb, hebb))
     with pytest.raises(ValueError, match=r"state.h must have shape \(2, 6\), got \(3, 6\)"):
         lstm(x, bp.PlasticLSTMState(torch.zeros(3, N), h, hebb, hebb))
@@ -297,21 +357,31 @@ def test_state_checks(impl):
         lstm(x, bp.PlasticLSTMState(h, None, hebb, hebb))
     with pytest.raises(ValueError, match=r"state.hebb must have shape \(2, 6, 6\), got \(2, 6\)"):
         lstm(x, bp.PlasticLSTMState(h, h, h, hebb))
-    with pytest.raises(ValueError, match=r"state.c must have dtype torch.float32 on cpu like the "
-                       "input, got torch.float64 on cpu"):
+    with pytest.raises(
+        ValueError,
+        match=r"state.c must have dtype torch.float32 on cpu like the "
+        "input, got torch.float64 on cpu",
+    ):
         lstm(x, bp.PlasticLSTMState(h, h.double(), hebb, hebb))
     with pytest.raises(ValueError, match=r"state.c must have shape \(2, 6\), got \(2, 5\)"):
-        bp.PlasticLSTMCell(I, N, plastic=False, impl=impl)(x[0], bp.PlasticLSTMState(
-            h, torch.zeros(2, 5)))
+        bp.PlasticLSTMCell(I, N, plastic=False, impl=impl)(
+            x[0], bp.PlasticLSTMState(h, torch.zeros(2, 5))
+        )
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_input_checks(impl):
-    with pytest.raises(ValueError, match=r"input must have shape \(T, B, input_size\) with "
-                       r"input_size = 4, got \(3, 2, 5\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"input must have shape \(T, B, input_size\) with "
+        r"input_size = 4, got \(3, 2, 5\)",
+    ):
         bp.PlasticLSTM(I, N, impl=impl)(torch.zeros(3, 2, 5))
     with pytest.raises(ValueError, match=r"input must have shape \(B, T, input_size\)"):
         bp.PlasticLSTM(I, N, impl=impl, batch_first=True)(torch.zeros(3, 2, 5))
-    with pytest.raises(ValueError, match=r"input must have shape \(B, input_size\) with "
-                       r"input_size = 4, got \(2, 5\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"input must have shape \(B, input_size\) with "
+        r"input_size = 4, got \(2, 5\)",
+    ):
         bp.PlasticLSTMCell(I, N, impl=impl)(torch.zeros(2, 5))

@@ -1,5 +1,6 @@
 """PlasticRNN and PlasticRNNCell: parameters per option, initialisation, state handling,
 batch_first, return_modulation, fused vs reference, the non-plastic baseline, state_dict."""
+
 import copy
 import itertools
 
@@ -20,12 +21,19 @@ from helpers import (
     opt_id,
 )
 
-OPTION_GRID = [dict(alpha=a, modulation=m, rule=r, n_modulators=k, eta_shape=e)
-               for a, m, r, k, e in itertools.product(
-                   ("full", "neuron", "scalar"), ("none", "simple", "fanout"),
-                   ("clip", "softclip", "decay", "oja", "retroactive"), (1, 3), ("scalar", "full"))
-               if not (r == "retroactive" and m == "none") and not (m == "simple" and k != 1)
-               and not (m != "none" and e == "full")]
+OPTION_GRID = [
+    dict(alpha=a, modulation=m, rule=r, n_modulators=k, eta_shape=e)
+    for a, m, r, k, e in itertools.product(
+        ("full", "neuron", "scalar"),
+        ("none", "simple", "fanout"),
+        ("clip", "softclip", "decay", "oja", "retroactive"),
+        (1, 3),
+        ("scalar", "full"),
+    )
+    if not (r == "retroactive" and m == "none")
+    and not (m == "simple" and k != 1)
+    and not (m != "none" and e == "full")
+]
 # A smaller set for the (slower) forward/backward comparisons: every rule, alpha and modulation.
 COMPARE_OPTIONS = [
     dict(alpha="full", modulation="fanout", rule="clip", n_modulators=3),
@@ -39,6 +47,7 @@ COMPARE_OPTIONS = [
 
 # ---------------------------------------------------------------------------------------------
 # Parameters and initialisation
+
 
 @pytest.mark.parametrize("cls", [bp.PlasticRNN, bp.PlasticRNNCell])
 @pytest.mark.parametrize("options", OPTION_GRID, ids=opt_id)
@@ -57,9 +66,18 @@ def test_non_plastic_parameters(cls):
 
 def test_default_options():
     rnn = bp.PlasticRNN(I, N)
-    assert (rnn.alpha_mode, rnn.modulation, rnn.rule, rnn.clip, rnn.n_modulators,
-            rnn.eta_shape, rnn.plastic, rnn.impl, rnn.batch_first, rnn.checkpoint_every) == (
-        "full", "fanout", "clip", 2.0, 1, "scalar", True, "auto", False, None)
+    assert (
+        rnn.alpha_mode,
+        rnn.modulation,
+        rnn.rule,
+        rnn.clip,
+        rnn.n_modulators,
+        rnn.eta_shape,
+        rnn.plastic,
+        rnn.impl,
+        rnn.batch_first,
+        rnn.checkpoint_every,
+    ) == ("full", "fanout", "clip", 2.0, 1, "scalar", True, "auto", False, None)
 
 
 @pytest.mark.parametrize("alpha", ["full", "neuron", "scalar"])
@@ -80,15 +98,16 @@ def test_linear_layers_keep_pytorch_init():
     torch.manual_seed(0)
     rnn = bp.PlasticRNN(16, 25, modulation="fanout", n_modulators=4)
     for layer, fan_in in ((rnn.i2h, 16), (rnn.h2mod, 25), (rnn.fanout, 4)):
-        bound = 1 / fan_in ** 0.5  # nn.Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+        bound = 1 / fan_in**0.5  # nn.Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
         for p in (layer.weight, layer.bias):
             assert p.abs().max() <= bound and p.abs().max() > bound / 2
 
 
 def test_module_defaults_eta_and_elig_rate():
     assert torch.equal(bp.PlasticRNN(I, N, modulation="none").eta.detach(), torch.tensor(0.01))
-    assert torch.equal(bp.PlasticRNN(I, N, rule="retroactive").elig_rate.detach(),
-                       torch.tensor(0.1))
+    assert torch.equal(
+        bp.PlasticRNN(I, N, rule="retroactive").elig_rate.detach(), torch.tensor(0.1)
+    )
 
 
 def test_clamp_elig_rate_keeps_the_eligibility_trace_an_average():
@@ -110,6 +129,7 @@ def test_clamp_elig_rate_keeps_the_eligibility_trace_an_average():
 
 # ---------------------------------------------------------------------------------------------
 # Forward: state, batch_first, return_modulation
+
 
 @pytest.mark.parametrize("options", COMPARE_OPTIONS, ids=opt_id)
 def test_rnn_fused_matches_reference(options):
@@ -222,15 +242,19 @@ def test_recorded_rollout_replay_equals_forward(options, cls, impl):
         results.append((out, m, grads_of(layer)))
     (out_a, m_a, grads_a), (out_e, m_e, grads_e) = results
     torch.testing.assert_close(out_a, out_e, **TOL[torch.float64])
-    assert (m_a is None) == (m_e is None) == (options.get("modulation", "fanout") == "none"
-                                               or options.get("plastic") is False)
+    assert (
+        (m_a is None)
+        == (m_e is None)
+        == (options.get("modulation", "fanout") == "none" or options.get("plastic") is False)
+    )
     if m_e is not None:
         torch.testing.assert_close(m_a, m_e, **TOL[torch.float64])
     assert_dicts_close(grads_a, grads_e, **TOL[torch.float64])
 
 
-@pytest.mark.parametrize("options", [dict(rule="retroactive"), dict(modulation="none"),
-                                     dict(plastic=False)], ids=opt_id)
+@pytest.mark.parametrize(
+    "options", [dict(rule="retroactive"), dict(modulation="none"), dict(plastic=False)], ids=opt_id
+)
 def test_recorded_rollout_reusing_buffers(options):
     """A rollout that takes over an earlier one's buffers gives the same results as a fresh one,
     shares its memory, and leaves the earlier one unusable."""
@@ -328,9 +352,13 @@ def test_rollout_step_checks_input_and_state():
     with pytest.raises(ValueError, match=r"input must have shape \(B, input_size\)"):
         rnn.rollout_step(torch.randn(3, 2, I, dtype=torch.float64))
     with pytest.raises(ValueError, match="state.hebb must have shape"):
-        rnn.rollout_step(torch.randn(2, I, dtype=torch.float64),
-                         bp.RolloutState(torch.zeros(2, N, dtype=torch.float64),
-                                         torch.zeros(2, N, N + 1, dtype=torch.float64)))
+        rnn.rollout_step(
+            torch.randn(2, I, dtype=torch.float64),
+            bp.RolloutState(
+                torch.zeros(2, N, dtype=torch.float64),
+                torch.zeros(2, N, N + 1, dtype=torch.float64),
+            ),
+        )
 
 
 @pytest.mark.parametrize("impl", ["reference", "fused"])
@@ -339,9 +367,11 @@ def test_state_none_equals_zeros(cls, impl):
     module = make(cls, dict(rule="retroactive", n_modulators=2), impl=impl)
     x = torch.randn(*((3,) if cls is bp.PlasticRNN else ()), 2, I, dtype=torch.float64)
     out_none, state_none = module(x)
-    zeros = bp.PlasticState(torch.zeros(2, N, dtype=torch.float64),
-                            torch.zeros(2, N, N, dtype=torch.float64),
-                            torch.zeros(2, N, N, dtype=torch.float64))
+    zeros = bp.PlasticState(
+        torch.zeros(2, N, dtype=torch.float64),
+        torch.zeros(2, N, N, dtype=torch.float64),
+        torch.zeros(2, N, N, dtype=torch.float64),
+    )
     out_zeros, state_zeros = module(x, zeros)
     assert torch.equal(out_none, out_zeros)
     for a, e in zip(state_none, state_zeros):
@@ -353,8 +383,7 @@ def test_state_none_equals_zeros(cls, impl):
 @pytest.mark.parametrize("plastic", [True, False])
 @pytest.mark.parametrize("impl", ["reference", "fused"])
 def test_state_continues_across_calls(impl, plastic):
-    rnn = make(bp.PlasticRNN, dict(rule="retroactive", n_modulators=2, plastic=plastic),
-               impl=impl)
+    rnn = make(bp.PlasticRNN, dict(rule="retroactive", n_modulators=2, plastic=plastic), impl=impl)
     x = torch.randn(6, 2, I, dtype=torch.float64)
     out, state = rnn(x)
     out1, state1 = rnn(x[:4])
@@ -419,6 +448,7 @@ def test_return_modulation(cls):
 # ---------------------------------------------------------------------------------------------
 # plastic=False: the ordinary tanh RNN
 
+
 def hand_written_rnn(module, x, h):
     outs = []
     for x_t in x:
@@ -450,17 +480,21 @@ def test_non_plastic_cell_matches_hand_written(impl):
     x = torch.randn(3, I, dtype=torch.float64)
     h0 = torch.randn(3, N, dtype=torch.float64)
     h, state = cell(x, bp.PlasticState(h0))
-    torch.testing.assert_close(h, hand_written_rnn(cell, x.unsqueeze(0), h0)[0],
-                               **TOL[torch.float64])
+    torch.testing.assert_close(
+        h, hand_written_rnn(cell, x.unsqueeze(0), h0)[0], **TOL[torch.float64]
+    )
     assert state.hebb is None
 
 
 # ---------------------------------------------------------------------------------------------
 # Dtypes, devices and serialisation
 
-@pytest.mark.parametrize("cls,options", [(bp.PlasticRNN, {}),
-                                         (bp.PlasticLSTM, dict(modulator_input="c"))],
-                         ids=["rnn", "lstm"])
+
+@pytest.mark.parametrize(
+    "cls,options",
+    [(bp.PlasticRNN, {}), (bp.PlasticLSTM, dict(modulator_input="c"))],
+    ids=["rnn", "lstm"],
+)
 def test_float32_module_fused_matches_reference(cls, options):
     torch.manual_seed(0)
     layer = cls(I, N, rule="retroactive", n_modulators=2, impl="fused", **options)
@@ -470,8 +504,9 @@ def test_float32_module_fused_matches_reference(cls, options):
     layer.impl = "reference"
     out_r, state_r = layer(x)  # the baseline of float32 rounding
     out_e, state_e = copy.deepcopy(layer).double()(x.double())
-    for name, a, e, b in zip(("out", *state_f._fields), (out_f, *state_f), (out_e, *state_e),
-                             (out_r, *state_r)):
+    for name, a, e, b in zip(
+        ("out", *state_f._fields), (out_f, *state_f), (out_e, *state_e), (out_r, *state_r)
+    ):
         assert_tensor_close(a, e, name, torch.float32, b)
 
 
@@ -495,13 +530,15 @@ def test_state_dict_round_trip(cls):
     x = torch.randn(*((4,) if cls is bp.PlasticRNN else ()), 2, I, dtype=torch.float64)
     assert not torch.equal(source(x)[0], target(x)[0])
     state = source.state_dict()
-    assert set(state) == set(expected_param_shapes(options["alpha"], options["modulation"],
-                                                   options["rule"], 2, "scalar"))
+    assert set(state) == set(
+        expected_param_shapes(options["alpha"], options["modulation"], options["rule"], 2, "scalar")
+    )
     target.load_state_dict(state)
     assert torch.equal(source(x)[0], target(x)[0])
     with pytest.raises(RuntimeError, match="Missing key"):
         make(cls, dict(options, rule="clip")).load_state_dict(
-            make(cls, dict(options, modulation="none", rule="clip")).state_dict())
+            make(cls, dict(options, modulation="none", rule="clip")).state_dict()
+        )
 
 
 def test_extra_repr_names_the_options():

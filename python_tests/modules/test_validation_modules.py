@@ -3,6 +3,7 @@ options, the impl setter, the input and the state given to forward, and what rea
 parameter left on `meta`, an empty sequence or batch, a dtype without fused kernels). Each is a
 ValueError or RuntimeError with a message that names the argument and what it must be.
 """
+
 import math
 import re
 
@@ -27,31 +28,39 @@ def test_module_sizes(name, value):
 
 
 @pytest.mark.parametrize("cls", [bp.PlasticRNN, bp.PlasticRNNCell])
-@pytest.mark.parametrize("option,value,choices", [
-    ("alpha", "diagonal", ("full", "neuron", "scalar")),
-    ("modulation", "dopamine", ("none", "simple", "fanout")),
-    ("rule", "bcm", ("clip", "softclip", "decay", "oja", "retroactive")),
-    ("eta_shape", "neuron", ("scalar", "full")),
-    ("impl", "cuda", ("auto", "fused", "reference"))])
+@pytest.mark.parametrize(
+    "option,value,choices",
+    [
+        ("alpha", "diagonal", ("full", "neuron", "scalar")),
+        ("modulation", "dopamine", ("none", "simple", "fanout")),
+        ("rule", "bcm", ("clip", "softclip", "decay", "oja", "retroactive")),
+        ("eta_shape", "neuron", ("scalar", "full")),
+        ("impl", "cuda", ("auto", "fused", "reference")),
+    ],
+)
 def test_module_unknown_option(cls, option, value, choices):
-    with pytest.raises(ValueError, match=re.escape(
-            f"{option} must be one of {choices}, got {value!r}")):
+    with pytest.raises(
+        ValueError, match=re.escape(f"{option} must be one of {choices}, got {value!r}")
+    ):
         cls(4, 6, **{option: value})
 
 
 @pytest.mark.parametrize("cls", [bp.PlasticRNN, bp.PlasticRNNCell])
 @pytest.mark.parametrize("clip", [0, -1.0, math.nan, math.inf, "2"], ids=repr)
 def test_module_bad_clip(cls, clip):
-    with pytest.raises(ValueError, match=re.escape(
-            f"clip must be a finite number > 0, got {clip!r}")):
+    with pytest.raises(
+        ValueError, match=re.escape(f"clip must be a finite number > 0, got {clip!r}")
+    ):
         cls(4, 6, clip=clip)
 
 
 @pytest.mark.parametrize("cls", [bp.PlasticRNN, bp.PlasticRNNCell, bp.PlasticLSTM])
 def test_module_impl_checked_when_set(cls):
     layer = cls(4, 6)
-    with pytest.raises(ValueError, match=re.escape(
-            "impl must be one of ('auto', 'fused', 'reference'), got 'fast'")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape("impl must be one of ('auto', 'fused', 'reference'), got 'fast'"),
+    ):
         layer.impl = "fast"
     assert layer.impl == "auto"
     layer.impl = "reference"
@@ -60,46 +69,63 @@ def test_module_impl_checked_when_set(cls):
 
 @pytest.mark.parametrize("cls", [bp.PlasticRNN, bp.PlasticRNNCell])
 def test_module_retroactive_without_modulation(cls):
-    with pytest.raises(ValueError, match="rule 'retroactive' needs modulation 'simple' or "
-                       "'fanout', got 'none'"):
+    with pytest.raises(
+        ValueError, match="rule 'retroactive' needs modulation 'simple' or 'fanout', got 'none'"
+    ):
         cls(4, 6, rule="retroactive", modulation="none")
     cls(4, 6, rule="retroactive", modulation="none", plastic=False)  # no trace: allowed
 
 
 @pytest.mark.parametrize("cls", [bp.PlasticRNN, bp.PlasticRNNCell])
 def test_module_simple_with_several_modulators(cls):
-    with pytest.raises(ValueError, match="modulation 'simple' takes n_modulators=1, got 2; use "
-                       "modulation='fanout' for several modulators"):
+    with pytest.raises(
+        ValueError,
+        match="modulation 'simple' takes n_modulators=1, got 2; use "
+        "modulation='fanout' for several modulators",
+    ):
         cls(4, 6, modulation="simple", n_modulators=2)
 
 
 @pytest.mark.parametrize("value", [0, -1, 1.5, "2"], ids=repr)
 def test_module_bad_checkpoint_every(value):
-    with pytest.raises(ValueError, match=re.escape(
-            f"checkpoint_every must be None or an int >= 1, got {value!r}")):
+    with pytest.raises(
+        ValueError, match=re.escape(f"checkpoint_every must be None or an int >= 1, got {value!r}")
+    ):
         bp.PlasticRNN(4, 6, checkpoint_every=value)
 
 
 @pytest.mark.parametrize("impl", ["reference", "fused"])
 def test_module_input_checks(impl):
     rnn = bp.PlasticRNN(4, 6, impl=impl)
-    with pytest.raises(ValueError, match=re.escape(
-            "input must have shape (T, B, input_size) with input_size = 4, got (3, 2, 5)")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "input must have shape (T, B, input_size) with input_size = 4, got (3, 2, 5)"
+        ),
+    ):
         rnn(torch.zeros(3, 2, 5))
-    with pytest.raises(ValueError, match=re.escape(
-            "input must have shape (T, B, input_size) with input_size = 4, got (2, 4)")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape("input must have shape (T, B, input_size) with input_size = 4, got (2, 4)"),
+    ):
         rnn(torch.zeros(2, 4))
-    with pytest.raises(ValueError, match=re.escape(
-            "input must have shape (T, B, input_size) with input_size = 4, got list")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape("input must have shape (T, B, input_size) with input_size = 4, got list"),
+    ):
         rnn([[0.0] * 4])
-    with pytest.raises(ValueError, match=re.escape(
-            "input must be a floating-point tensor, got torch.int64")):
+    with pytest.raises(
+        ValueError, match=re.escape("input must be a floating-point tensor, got torch.int64")
+    ):
         rnn(torch.zeros(3, 2, 4, dtype=torch.int64))
-    with pytest.raises(ValueError, match=re.escape(
-            "input must have shape (B, T, input_size) with input_size = 4")):
+    with pytest.raises(
+        ValueError, match=re.escape("input must have shape (B, T, input_size) with input_size = 4")
+    ):
         bp.PlasticRNN(4, 6, impl=impl, batch_first=True)(torch.zeros(3, 2, 5))
-    with pytest.raises(ValueError, match=re.escape(
-            "input must have shape (B, input_size) with input_size = 4, got (3, 2, 4)")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape("input must have shape (B, input_size) with input_size = 4, got (3, 2, 4)"),
+    ):
         bp.PlasticRNNCell(4, 6, impl=impl)(torch.zeros(3, 2, 4))
 
 
@@ -108,32 +134,46 @@ def test_module_state_checks(impl):
     rnn = bp.PlasticRNN(4, 6, impl=impl, modulation="simple", rule="retroactive")
     x = torch.zeros(3, 2, 4)
     h, hebb = torch.zeros(2, 6), torch.zeros(2, 6, 6)
-    with pytest.raises(ValueError, match=re.escape(
-            "state must be a PlasticState(h, hebb, elig) or None, got Tensor")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape("state must be a PlasticState(h, hebb, elig) or None, got Tensor"),
+    ):
         rnn(x, h)
-    with pytest.raises(ValueError, match=re.escape(
-            "state must be a PlasticState(h, hebb, elig) or None, got tuple")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape("state must be a PlasticState(h, hebb, elig) or None, got tuple"),
+    ):
         rnn(x, (h, hebb))
     with pytest.raises(ValueError, match=re.escape("state.h must have shape (2, 6), got (3, 6)")):
         rnn(x, bp.PlasticState(torch.zeros(3, 6), hebb, hebb))
-    with pytest.raises(ValueError, match=re.escape(
-            "state.hebb must have shape (2, 6, 6), got (2, 6, 5)")):
+    with pytest.raises(
+        ValueError, match=re.escape("state.hebb must have shape (2, 6, 6), got (2, 6, 5)")
+    ):
         rnn(x, bp.PlasticState(h, torch.zeros(2, 6, 5), hebb))
-    with pytest.raises(ValueError, match=re.escape(
-            "state.elig must have shape (2, 6, 6), got NoneType")):
+    with pytest.raises(
+        ValueError, match=re.escape("state.elig must have shape (2, 6, 6), got NoneType")
+    ):
         rnn(x, bp.PlasticState(h, hebb, None))
-    with pytest.raises(ValueError, match=re.escape(
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
             "state.hebb must have dtype torch.float32 on cpu like the input, got torch.float64 on "
-            "cpu")):
+            "cpu"
+        ),
+    ):
         rnn(x, bp.PlasticState(h, hebb.double(), hebb))
 
 
 def test_module_impl_fused_without_kernels():
     """impl='fused' raises where the fused ops have no kernels (here: float16 on CPU)."""
     rnn = bp.PlasticRNN(4, 6, impl="fused").half()
-    with pytest.raises(RuntimeError, match=re.escape(
+    with pytest.raises(
+        RuntimeError,
+        match=re.escape(
             "impl='fused': no fused kernels for torch.float16 tensors on cpu; use impl='auto' or "
-            "'reference'")):
+            "'reference'"
+        ),
+    ):
         rnn(torch.zeros(3, 2, 4, dtype=torch.float16))
 
 
@@ -152,9 +192,15 @@ def test_module_empty_sequence_or_batch(cls, impl):
             module(torch.zeros(shape))
 
 
-@pytest.mark.parametrize("cls,name", [(bp.PlasticRNN, "alpha"), (bp.PlasticRNNCell, "w"),
-                                      (bp.PlasticLSTM, "h2mod.weight"),
-                                      (bp.PlasticLSTMCell, "fanout.bias")])
+@pytest.mark.parametrize(
+    "cls,name",
+    [
+        (bp.PlasticRNN, "alpha"),
+        (bp.PlasticRNNCell, "w"),
+        (bp.PlasticLSTM, "h2mod.weight"),
+        (bp.PlasticLSTMCell, "fanout.bias"),
+    ],
+)
 def test_module_parameter_left_on_meta(cls, name):
     """A module with one parameter left on `meta` (e.g. a half-done meta-device initialisation)
     raises the op's device message instead of computing on uninitialised memory."""
@@ -163,6 +209,7 @@ def test_module_parameter_left_on_meta(cls, name):
     owner = module.get_submodule(".".join(path)) if path else module
     setattr(owner, leaf, torch.nn.Parameter(torch.empty_like(getattr(owner, leaf), device="meta")))
     x = torch.zeros(3, 2, 4) if cls in (bp.PlasticRNN, bp.PlasticLSTM) else torch.zeros(2, 4)
-    with pytest.raises(RuntimeError, match="on device cpu \\(the device of the first argument\\), "
-                       "got meta"):
+    with pytest.raises(
+        RuntimeError, match="on device cpu \\(the device of the first argument\\), got meta"
+    ):
         module(x)

@@ -1,6 +1,7 @@
 """The CPU kernels are compiled for several instruction sets and one is picked at run time (the
 widest the CPU runs, but AVX2 on AMD). Here each one the CPU runs, forced with
 BACKPROPAMINE_CPU_ISA in a subprocess, runs a sweep of every rule against the reference."""
+
 import subprocess
 import sys
 
@@ -34,10 +35,17 @@ def test_default_choice_is_the_fastest_build():
     script = "import torch, backpropamine_cuda.fused; print(torch.ops.backpropamine.cpu_isa())"
     env = subprocess_env()
     env.pop("BACKPROPAMINE_CPU_ISA", None)
-    result = subprocess.run([sys.executable, "-c", script], env=env,
-                            capture_output=True, text=True, timeout=300, cwd=TESTS)
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=TESTS,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [expected]
+
 
 SCRIPT = """
 import sys, torch
@@ -65,8 +73,14 @@ def test_isa_matches_reference(fused_cpu, isa):
     env = subprocess_env(BACKPROPAMINE_CPU_ISA=isa)
     script = SCRIPT.format(tests=str(TESTS))
     # cwd: not a checkout, whose package `-c` would import instead of the one under test.
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                            text=True, timeout=300, cwd=TESTS)
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=TESTS,
+    )
     assert result.returncode == 0, result.stderr
     used, *lines = result.stdout.split("\n")
     # The request is capped by what the CPU supports.
@@ -81,8 +95,13 @@ def test_isa_matches_reference(fused_cpu, isa):
 
 # The float32 comparisons with the reference: their rounding depends on the instruction set
 # (FMA, vector widths), so each build passes them, not only the suite's own.
-FLOAT32_TEST_FILES = ("ops/test_rnn_ops.py", "ops/test_lstm_ops.py", "ops/test_primitives.py",
-                      "ops/test_cuda_emulation.py", "modules/test_modules.py")
+FLOAT32_TEST_FILES = (
+    "ops/test_rnn_ops.py",
+    "ops/test_lstm_ops.py",
+    "ops/test_primitives.py",
+    "ops/test_cuda_emulation.py",
+    "modules/test_modules.py",
+)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -90,9 +109,22 @@ def test_isa_float32_tests(fused_cpu, isa):
     if ISAS.index(isa) > ISAS.index(widest_supported()):
         pytest.skip(f"this CPU does not run the {isa} build")
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "float32",
-         *(str(TESTS / name) for name in FLOAT32_TEST_FILES)],
-        env=subprocess_env(BACKPROPAMINE_CPU_ISA=isa), capture_output=True, text=True,
-        timeout=600, cwd=TESTS)
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-k",
+            "float32",
+            *(str(TESTS / name) for name in FLOAT32_TEST_FILES),
+        ],
+        env=subprocess_env(BACKPROPAMINE_CPU_ISA=isa),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=TESTS,
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert " passed" in result.stdout.splitlines()[-1], result.stdout[-2000:]

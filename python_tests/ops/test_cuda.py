@@ -4,6 +4,7 @@ The op tests (test_rnn_ops.py, test_lstm_ops.py, test_primitives.py, ...) run on
 through the `fused` fixture of conftest.py. Without CUDA kernels in the build, impl="auto" on
 CUDA runs the reference and impl="fused" raises RuntimeError.
 """
+
 import pytest
 import torch
 
@@ -28,9 +29,11 @@ from helpers import (
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 I, N = 4, 7
-OPTIONS = [dict(alpha="full", modulation="fanout", n_modulators=3, rule="clip"),
-           dict(alpha="neuron", modulation="simple", rule="retroactive"),
-           dict(alpha="scalar", modulation="none", eta_shape="full", rule="oja")]
+OPTIONS = [
+    dict(alpha="full", modulation="fanout", n_modulators=3, rule="clip"),
+    dict(alpha="neuron", modulation="simple", rule="retroactive"),
+    dict(alpha="scalar", modulation="none", eta_shape="full", rule="oja"),
+]
 
 
 def has_cuda_kernels():
@@ -38,7 +41,8 @@ def has_cuda_kernels():
 
 
 requires_cuda_kernels = pytest.mark.skipif(
-    not torch.cuda.is_available() or not has_cuda_kernels(), reason="no CUDA kernels built")
+    not torch.cuda.is_available() or not has_cuda_kernels(), reason="no CUDA kernels built"
+)
 
 
 def forward_backward(module, x):
@@ -46,8 +50,11 @@ def forward_backward(module, x):
     out, state = module(x)
     (out.square().sum() + state.hebb.sin().sum()).backward()
     # Copies: on the CPU .cpu() returns the gradient itself, which module.cuda() then moves.
-    return out.detach().cpu(), state.hebb.detach().cpu(), {
-        k: p.grad.to("cpu", copy=True) for k, p in module.named_parameters()}
+    return (
+        out.detach().cpu(),
+        state.hebb.detach().cpu(),
+        {k: p.grad.to("cpu", copy=True) for k, p in module.named_parameters()},
+    )
 
 
 def assert_same(a, b, dtype):
@@ -57,14 +64,16 @@ def assert_same(a, b, dtype):
     torch.testing.assert_close(hebb_a, hebb_b, **tol)
     assert grads_a.keys() == grads_b.keys()
     for k in grads_a:
-        torch.testing.assert_close(grads_a[k], grads_b[k], **tol,
-                                   msg=lambda message, k=k: f"grad of {k}: {message}")
+        torch.testing.assert_close(
+            grads_a[k], grads_b[k], **tol, msg=lambda message, k=k: f"grad of {k}: {message}"
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(map(str, o.values())))
-@pytest.mark.parametrize("cls", [bp.PlasticRNN, bp.PlasticRNNCell, bp.PlasticLSTM,
-                                 bp.PlasticLSTMCell])
+@pytest.mark.parametrize(
+    "cls", [bp.PlasticRNN, bp.PlasticRNNCell, bp.PlasticLSTM, bp.PlasticLSTMCell]
+)
 def test_module_cuda_matches_cpu(cls, options, dtype):
     torch.manual_seed(0)
     module = cls(I, N, **options).to(dtype)
@@ -94,8 +103,9 @@ def test_fused_on_cuda():
         out, _ = rnn(x)
         assert out.is_cuda
     else:
-        with pytest.raises(RuntimeError, match="impl='fused': no fused kernels for torch.float32 "
-                           "tensors on cuda"):
+        with pytest.raises(
+            RuntimeError, match="impl='fused': no fused kernels for torch.float32 tensors on cuda"
+        ):
             rnn(x)
 
 
@@ -103,8 +113,11 @@ def test_module_state_on_wrong_device():
     rnn = bp.PlasticRNN(I, N, impl="auto").cuda()
     x = torch.randn(5, 3, I, device="cuda")
     state = bp.PlasticState(torch.zeros(3, N), torch.zeros(3, N, N))
-    with pytest.raises(ValueError, match="state.h must have dtype torch.float32 on cuda:0 like the "
-                       "input, got torch.float32 on cpu"):
+    with pytest.raises(
+        ValueError,
+        match="state.h must have dtype torch.float32 on cuda:0 like the "
+        "input, got torch.float32 on cpu",
+    ):
         rnn(x, state)
 
 
@@ -114,8 +127,11 @@ def test_op_device_mismatch(name):
     inputs = rnn_inputs("full", "fanout3", "retroactive", T=3, B=2, N=5)
     inputs = {k: v.cuda() for k, v in inputs.items() if v is not None}
     inputs[name] = inputs[name].cpu()
-    with pytest.raises(RuntimeError, match=f"plastic_rnn_sequence: expected {name} on device "
-                       r"cuda:0 \(the device of the first argument\), got cpu"):
+    with pytest.raises(
+        RuntimeError,
+        match=f"plastic_rnn_sequence: expected {name} on device "
+        r"cuda:0 \(the device of the first argument\), got cpu",
+    ):
         bp.fused.plastic_rnn_sequence(**inputs, eta=None, rule="retroactive", clip=1.0)
 
 
@@ -126,7 +142,8 @@ def test_ops_cuda_match_cpu(rule):
     inputs = rnn_inputs("neuron", modulation, rule, T=4, B=3, N=33)
     cpu = bp.fused.plastic_rnn_sequence(**inputs, rule=rule, clip=0.5)
     cuda = bp.fused.plastic_rnn_sequence(
-        **{k: None if v is None else v.cuda() for k, v in inputs.items()}, rule=rule, clip=0.5)
+        **{k: None if v is None else v.cuda() for k, v in inputs.items()}, rule=rule, clip=0.5
+    )
     for a, e in zip(cuda, cpu):
         assert (a is None) == (e is None)
         if e is not None:
@@ -149,7 +166,8 @@ def assert_as_accurate_as(actual, bars, expected, dtype, factor=10):
         err = relative_error(pick(actual), pick(expected))
         bar = max(relative_error(pick(b), pick(expected)) for b in bars)
         assert err <= factor * max(bar, floor), (
-            f"{name}: norm-wise error {err:.3g} on the GPU, at most {bar:.3g} in the other runs")
+            f"{name}: norm-wise error {err:.3g} on the GPU, at most {bar:.3g} in the other runs"
+        )
 
 
 @requires_cuda_kernels
@@ -167,17 +185,28 @@ def test_rnn_sequence_paths_on_gpu(monkeypatch, rule, path, dtype):
     # At N = 100 a smaller trace and rate than the defaults: with those the float32 reference
     # itself errs by up to 80 % (gradients growing to 1e5 over 9 steps).
     for N, L, scale in ((100, 4, 0.1), (33, 100, 1.0)):
-        inputs = rnn_inputs(alpha, modulation, rule, T=9, B=3, N=N, dtype=dtype, seed=40,
-                            hebb_scale=scale, eta_scale=0.5 * scale)
+        inputs = rnn_inputs(
+            alpha,
+            modulation,
+            rule,
+            T=9,
+            B=3,
+            N=N,
+            dtype=dtype,
+            seed=40,
+            hebb_scale=scale,
+            eta_scale=0.5 * scale,
+        )
         kw = dict(rule=rule, clip=0.5)
         op = OnCuda(bp.fused).plastic_rnn_sequence
         expected = run_forward_backward(reference.plastic_rnn_sequence, upcast(inputs), **kw)
         actual = run_forward_backward(op, inputs, **kw, checkpoint_every=L)
         # The bars: the same op on the CPU, and the reference on the GPU (the GPU's tanh and
         # matrix products round differently from the CPU's, and the steps amplify it).
-        bars = [run_forward_backward(bp.fused.plastic_rnn_sequence, inputs, **kw,
-                                     checkpoint_every=L),
-                run_forward_backward(OnCuda(reference).plastic_rnn_sequence, inputs, **kw)]
+        bars = [
+            run_forward_backward(bp.fused.plastic_rnn_sequence, inputs, **kw, checkpoint_every=L),
+            run_forward_backward(OnCuda(reference).plastic_rnn_sequence, inputs, **kw),
+        ]
         if dtype != torch.float64:
             bars.append(run_forward_backward(reference.plastic_rnn_sequence, inputs, **kw))
         assert_as_accurate_as(actual, bars, expected, dtype)
@@ -194,13 +223,20 @@ def test_whole_sequence_too_large_for_shared_memory():
     assert out.is_cuda
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("BACKPROPAMINE_SEQUENCE_PATH", "whole")
-        with pytest.raises(ValueError, match="BACKPROPAMINE_SEQUENCE_PATH=whole: the "
-                           "whole-sequence kernels at N = 300 need"):
+        with pytest.raises(
+            ValueError,
+            match="BACKPROPAMINE_SEQUENCE_PATH=whole: the whole-sequence kernels at N = 300 need",
+        ):
             bp.fused.plastic_rnn_sequence(**inputs, rule="clip", clip=0.5)
 
 
-SYNC_FREE_OPS = [("rnn", "whole"), ("rnn", "steps"), ("lstm", "steps"), ("rollout", "steps"),
-                 ("hebb_update", "steps")]
+SYNC_FREE_OPS = [
+    ("rnn", "whole"),
+    ("rnn", "steps"),
+    ("lstm", "steps"),
+    ("rollout", "steps"),
+    ("hebb_update", "steps"),
+]
 
 
 @requires_cuda_kernels
@@ -211,8 +247,10 @@ def test_ops_do_not_synchronise(monkeypatch, op, path):
     monkeypatch.setenv("BACKPROPAMINE_SEQUENCE_PATH", path)
     make = lstm_inputs if op == "lstm" else rnn_inputs
     inputs = make("neuron", "fanout1", "retroactive", T=None if op == "rollout" else 5, B=2, N=33)
-    leaves = {k: None if v is None else v.cuda().requires_grad_(op != "rollout")
-              for k, v in inputs.items()}
+    leaves = {
+        k: None if v is None else v.cuda().requires_grad_(op != "rollout")
+        for k, v in inputs.items()
+    }
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -222,8 +260,16 @@ def test_ops_do_not_synchronise(monkeypatch, op, path):
             d = leaves
             pre, post = d["h"], torch.tanh(d["h"])
             eta = 0.1 * torch.ones_like(d["h"]).unsqueeze(1)  # per post-synaptic neuron
-            outputs = bp.fused.hebb_update(d["hebb"], pre, post, eta, "retroactive", 0.5,
-                                           elig=d["elig"], elig_rate=d["elig_rate"])
+            outputs = bp.fused.hebb_update(
+                d["hebb"],
+                pre,
+                post,
+                eta,
+                "retroactive",
+                0.5,
+                elig=d["elig"],
+                elig_rate=d["elig_rate"],
+            )
             sum(o.sum() for o in outputs).backward()
         else:
             fn = bp.fused.plastic_lstm_sequence if op == "lstm" else bp.fused.plastic_rnn_sequence
@@ -239,8 +285,10 @@ def test_ops_do_not_synchronise(monkeypatch, op, path):
 # last one (N % 128 != 0), several row blocks, batch chunks of 8 with a tail (B = 17), and the
 # PTB layer's N = 1149.
 TILED_SIZES = [(129, 1, 5), (257, 17, 3), (1149, 6, 3)]
-TILED_OPS = {"rnn": (rnn_inputs, "plastic_rnn_sequence"),
-             "lstm": (lstm_inputs, "plastic_lstm_sequence")}
+TILED_OPS = {
+    "rnn": (rnn_inputs, "plastic_rnn_sequence"),
+    "lstm": (lstm_inputs, "plastic_lstm_sequence"),
+}
 
 
 @requires_cuda_kernels
@@ -256,8 +304,9 @@ def test_tiled_sizes_match_emulator(monkeypatch, op, path, rule, N, B, T):
     monkeypatch.setenv("BACKPROPAMINE_SEQUENCE_PATH", path)
     make_inputs, name = TILED_OPS[op]
     alpha, modulation = RULE_CONFIG[rule]
-    inputs = make_inputs(alpha, modulation, rule, T=T, B=B, N=N, seed=N + B,
-                         hebb_scale=0.3, eta_scale=0.2)
+    inputs = make_inputs(
+        alpha, modulation, rule, T=T, B=B, N=N, seed=N + B, hebb_scale=0.3, eta_scale=0.2
+    )
     kw = dict(rule=rule, clip=0.5)
     native = run_forward_backward(getattr(OnCuda(bp.fused), name), inputs, **kw)
     emulated = run_forward_backward(getattr(bp.fused.emulated_cuda, name), inputs, **kw)
@@ -304,7 +353,8 @@ def test_sequence_op_captures_in_cuda_graph(monkeypatch, op, path, rule):
         outputs = fn(**leaves, rule=rule, clip=0.5)
         loss = sum(o.sum() for o in outputs if o is not None)
         return [o.detach() for o in outputs if o is not None] + list(
-            torch.autograd.grad(loss, list(given.values())))
+            torch.autograd.grad(loss, list(given.values()))
+        )
 
     eager = [t.clone() for t in step()]
     replayed = capture_and_replay(step)
@@ -322,9 +372,24 @@ def test_rollout_step_captures_in_cuda_graph():
 
     def step():
         outputs = bp.fused.plastic_rnn_rollout_step(
-            d["x"], None, d["h"], d["hebb"], d["elig"], d["w"], d["alpha"], d["eta"],
-            d["elig_rate"], d["h2mod_weight"], d["h2mod_bias"], d["fanout_weight"],
-            d["fanout_bias"], rule="retroactive", clip=0.5, hebb_out=hebb_out, elig_out=elig_out)
+            d["x"],
+            None,
+            d["h"],
+            d["hebb"],
+            d["elig"],
+            d["w"],
+            d["alpha"],
+            d["eta"],
+            d["elig_rate"],
+            d["h2mod_weight"],
+            d["h2mod_bias"],
+            d["fanout_weight"],
+            d["fanout_bias"],
+            rule="retroactive",
+            clip=0.5,
+            hebb_out=hebb_out,
+            elig_out=elig_out,
+        )
         return [o for o in outputs if o is not None] + [hebb_out, elig_out]
 
     eager = [t.clone() for t in step()]
@@ -342,11 +407,14 @@ def test_primitives_forward_bitwise_as_emulated(rule, dtype):
     multiply-adds on either side, `--fmad=false`), so their forward outputs agree bit for bit;
     gradients (some through ATen's products, which differ by device) to the float64 tolerance."""
     from test_primitives import matvec_as_tuple, matvec_inputs, update_inputs
+
     B, P, N = 17, 129, 257
     update = update_inputs(rule, (P, N), B, P, N, dtype=dtype, seed=3)
     kw = dict(rule=rule, clip=0.5)
-    for make, inputs, kwargs in ((lambda ops: ops.hebb_update, update, kw),
-                                 (matvec_as_tuple, matvec_inputs("full", B, P, N, dtype), {})):
+    for make, inputs, kwargs in (
+        (lambda ops: ops.hebb_update, update, kw),
+        (matvec_as_tuple, matvec_inputs("full", B, P, N, dtype), {}),
+    ):
         native = run_forward_backward(make(OnCuda(bp.fused)), inputs, **kwargs)
         emulated = run_forward_backward(make(bp.fused.emulated_cuda), inputs, **kwargs)
         assert_results_equal((native[0], {}), (emulated[0], {}))

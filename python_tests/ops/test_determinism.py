@@ -8,6 +8,7 @@ only the gradients the kernels reduce themselves are compared (KERNEL_GRAD_INPUT
 Sizes are large enough (B = 9, N = 70: 2 column tiles x 8 batch chunks) for the work to be split
 over the threads.
 """
+
 import pytest
 import torch
 
@@ -31,8 +32,9 @@ SIZES = dict(B=9, N=70)
 
 def run_sequence(fused, inputs, rule, threads, checkpoint_every=2):
     torch.set_num_threads(threads)
-    return run_forward_backward(fused.plastic_rnn_sequence, inputs, rule=rule, clip=CLIP,
-                                checkpoint_every=checkpoint_every)
+    return run_forward_backward(
+        fused.plastic_rnn_sequence, inputs, rule=rule, clip=CLIP, checkpoint_every=checkpoint_every
+    )
 
 
 def run_step(fused, inputs, rule, threads):
@@ -40,8 +42,10 @@ def run_step(fused, inputs, rule, threads):
     return run_forward_backward(fused.plastic_rnn_step, inputs, rule=rule, clip=CLIP)
 
 
-CASES = [(*RULE_CONFIG[r], r) for r in RULES] + [("scalar", "none_scalar", "clip"),
-                                                  ("full", "fanout3", "retroactive")]
+CASES = [(*RULE_CONFIG[r], r) for r in RULES] + [
+    ("scalar", "none_scalar", "clip"),
+    ("full", "fanout3", "retroactive"),
+]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
@@ -73,8 +77,9 @@ def test_checkpoint_interval_does_not_change_results(fused, rule):
     forward, so every checkpoint interval gives the same bits."""
     alpha, modulation = RULE_CONFIG[rule]
     inputs = rnn_inputs(alpha, modulation, rule, T=6, B=3, N=7, dtype=torch.float32)
-    results = [run_sequence(fused, inputs, rule, threads=2, checkpoint_every=k)
-               for k in (1, 2, 4, 6, 10)]
+    results = [
+        run_sequence(fused, inputs, rule, threads=2, checkpoint_every=k) for k in (1, 2, 4, 6, 10)
+    ]
     for other in results[1:]:
         assert_results_equal(results[0], other)
 
@@ -82,14 +87,23 @@ def test_checkpoint_interval_does_not_change_results(fused, rule):
 # The LSTM also runs a BLAS GEMM per step (h2g), forward and backward, whose rounding may depend
 # on the thread count: everything downstream of it may then differ across thread counts. Runs
 # with the same thread count must still agree bitwise, and so must checkpoint intervals.
-LSTM_CASES = [("neuron", "fanout1", "clip", "h"), ("full", "fanout3", "retroactive", "c"),
-              ("scalar", "none_full", "softclip", "h")]
+LSTM_CASES = [
+    ("neuron", "fanout1", "clip", "h"),
+    ("full", "fanout3", "retroactive", "c"),
+    ("scalar", "none_full", "softclip", "h"),
+]
 
 
 def run_lstm(fused, inputs, rule, modulator_input, threads, checkpoint_every=2):
     torch.set_num_threads(threads)
-    return run_forward_backward(fused.plastic_lstm_sequence, inputs, rule=rule, clip=CLIP,
-                                modulator_input=modulator_input, checkpoint_every=checkpoint_every)
+    return run_forward_backward(
+        fused.plastic_lstm_sequence,
+        inputs,
+        rule=rule,
+        clip=CLIP,
+        modulator_input=modulator_input,
+        checkpoint_every=checkpoint_every,
+    )
 
 
 @pytest.mark.parametrize("alpha,modulation,rule,modulator_input", LSTM_CASES)
@@ -97,8 +111,9 @@ def test_lstm_repeatable_and_checkpoint_interval(fused, alpha, modulation, rule,
     inputs = lstm_inputs(alpha, modulation, rule, T=5, dtype=torch.float32, **SIZES)
     first = run_lstm(fused, inputs, rule, modulator_input, threads=2)
     for k in (2, 1, 3, 5):
-        assert_results_equal(first, run_lstm(fused, inputs, rule, modulator_input, threads=2,
-                                             checkpoint_every=k))
+        assert_results_equal(
+            first, run_lstm(fused, inputs, rule, modulator_input, threads=2, checkpoint_every=k)
+        )
 
 
 @pytest.mark.parametrize("alpha,modulation,rule,modulator_input", LSTM_CASES)
@@ -106,8 +121,10 @@ def test_lstm_step_repeatable(fused, alpha, modulation, rule, modulator_input):
     inputs = lstm_inputs(alpha, modulation, rule, dtype=torch.float32, **SIZES)
 
     def run():
-        return run_forward_backward(fused.plastic_lstm_step, inputs, rule=rule, clip=CLIP,
-                                    modulator_input=modulator_input)
+        return run_forward_backward(
+            fused.plastic_lstm_step, inputs, rule=rule, clip=CLIP, modulator_input=modulator_input
+        )
+
     assert_results_equal(run(), run())
 
 
@@ -116,9 +133,14 @@ def test_primitives_repeatable_and_thread_count(fused, rule):
     B, P, N = 9, 5, 70
     gen = torch.Generator().manual_seed(0)
     t = lambda *s: torch.randn(s, generator=gen)  # noqa: E731
-    update_inputs = dict(hebb=t(B, P, N), pre=t(B, P), post=t(B, N), eta=t(P, N),
-                         elig=t(B, P, N) if rule == "retroactive" else None,
-                         elig_rate=torch.tensor(0.3) if rule == "retroactive" else None)
+    update_inputs = dict(
+        hebb=t(B, P, N),
+        pre=t(B, P),
+        post=t(B, N),
+        eta=t(P, N),
+        elig=t(B, P, N) if rule == "retroactive" else None,
+        elig_rate=torch.tensor(0.3) if rule == "retroactive" else None,
+    )
     matvec_inputs = dict(x=t(B, P), w=t(P, N), alpha=t(N), hebb=t(B, P, N))
 
     def run(threads):

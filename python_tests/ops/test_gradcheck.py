@@ -10,6 +10,7 @@ Finite differences cannot cross the kink of the clamp (or the z = 0 kink of soft
   For softclip a trace that sits on the bound stays exactly on it under a positive push
   (S - c = (H - c)(1 - z / c)), so its active case uses a single step.
 """
+
 from unittest import mock
 
 import pytest
@@ -32,6 +33,7 @@ def _one_thread():
     fixture restores the thread count."""
     torch.set_num_threads(1)
 
+
 MODULATIONS = ("none_scalar", "none_full", "simple", "fanout3")
 ALPHA_FOR = {"none_scalar": "full", "none_full": "neuron", "simple": "scalar", "fanout3": "full"}
 
@@ -40,8 +42,9 @@ def pre_clamp(hebb, pre, post, eta, elig, rule, clip):
     """(pre-clamp value S of one update, kink distance of softclip's z or inf)."""
     z = eta * (elig if rule == "retroactive" else pre.unsqueeze(2) * post.unsqueeze(1))
     if rule == "softclip":
-        return hebb + torch.where(z > 0, z * (1 - hebb / clip), z * (1 + hebb / clip)), \
-            z.abs().min().item()
+        return hebb + torch.where(
+            z > 0, z * (1 - hebb / clip), z * (1 + hebb / clip)
+        ), z.abs().min().item()
     return hebb + z, float("inf")
 
 
@@ -75,8 +78,16 @@ def kink_free_inputs(modulation, rule, regime, *, T, lstm=False):
     kind = "lstm" if lstm else "rnn"
     op = getattr(reference, f"plastic_{kind}_{'step' if T is None else 'sequence'}")
     for seed in range(20):
-        inputs = make(ALPHA_FOR[modulation], modulation, rule, T=T, B=2, N=3, seed=seed,
-                      hebb_scale=1.0 if regime == "free" else 3.0)
+        inputs = make(
+            ALPHA_FOR[modulation],
+            modulation,
+            rule,
+            T=T,
+            B=2,
+            N=3,
+            seed=seed,
+            hebb_scale=1.0 if regime == "free" else 3.0,
+        )
         margin, beyond, inside = clamp_margin(op, inputs, rule, clip)
         if margin < MARGIN:
             continue
@@ -99,9 +110,13 @@ def gradcheck_op(fn, inputs, **kwargs):
     assert torch.autograd.gradcheck(call, leaves, eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
-CASES = [pytest.param(m, r, regime, id=f"{m}-{r}-{regime}")
-         for r in RULES for m in MODULATIONS if valid_combo(m, r)
-         for regime in (("free", "active") if r in CLIP_RULES else ("free",))]
+CASES = [
+    pytest.param(m, r, regime, id=f"{m}-{r}-{regime}")
+    for r in RULES
+    for m in MODULATIONS
+    if valid_combo(m, r)
+    for regime in (("free", "active") if r in CLIP_RULES else ("free",))
+]
 
 
 @pytest.mark.parametrize("modulation,rule,regime", CASES)
@@ -123,10 +138,12 @@ def test_gradcheck_clamp(fused, rule):
     modulation = "fanout3" if rule == "retroactive" else "none_scalar"
     inputs, clip = kink_free_inputs(modulation, rule, "free", T=3)
     clamp = torch.rand(inputs["x"].shape, generator=torch.Generator().manual_seed(0)) < 0.5
-    gradcheck_op(fused.plastic_rnn_sequence, inputs, rule=rule, clip=clip, checkpoint_every=2,
-                 clamp=clamp)
-    gradcheck_op(fused.plastic_rnn_step, dict(inputs, x=inputs["x"][1]), rule=rule, clip=clip,
-                 clamp=clamp[1])
+    gradcheck_op(
+        fused.plastic_rnn_sequence, inputs, rule=rule, clip=clip, checkpoint_every=2, clamp=clamp
+    )
+    gradcheck_op(
+        fused.plastic_rnn_step, dict(inputs, x=inputs["x"][1]), rule=rule, clip=clip, clamp=clamp[1]
+    )
 
 
 @pytest.mark.parametrize("modulator_input", ["h", "c"])
@@ -134,8 +151,14 @@ def test_gradcheck_clamp(fused, rule):
 def test_gradcheck_lstm_sequence(fused, modulation, rule, regime, modulator_input):
     T = 1 if (rule == "softclip" and regime == "active") else 3
     inputs, clip = kink_free_inputs(modulation, rule, regime, T=T, lstm=True)
-    gradcheck_op(fused.plastic_lstm_sequence, inputs, rule=rule, clip=clip,
-                 modulator_input=modulator_input, checkpoint_every=2)
+    gradcheck_op(
+        fused.plastic_lstm_sequence,
+        inputs,
+        rule=rule,
+        clip=clip,
+        modulator_input=modulator_input,
+        checkpoint_every=2,
+    )
 
 
 @pytest.mark.parametrize("modulation,rule,regime", CASES)
@@ -147,31 +170,38 @@ def test_gradcheck_lstm_step(fused, modulation, rule, regime):
 @pytest.mark.parametrize("alpha_shape", [(3, 4), (4,), ()], ids=["full", "neuron", "scalar"])
 def test_gradcheck_matvec(fused, alpha_shape):
     gen = torch.Generator().manual_seed(0)
-    args = [torch.randn(s, generator=gen, dtype=torch.float64, requires_grad=True)
-            for s in ((2, 3), (3, 4), alpha_shape, (2, 3, 4))]
+    args = [
+        torch.randn(s, generator=gen, dtype=torch.float64, requires_grad=True)
+        for s in ((2, 3), (3, 4), alpha_shape, (2, 3, 4))
+    ]
     assert torch.autograd.gradcheck(fused.plastic_matvec, args)
 
 
 @pytest.mark.parametrize("eta_shape", [(), (2, 1, 4), (3, 4), (2, 1, 1)], ids=str)
-@pytest.mark.parametrize("rule,regime", [(r, g) for r in RULES
-                                         for g in (("free", "active") if r in CLIP_RULES
-                                                   else ("free",))])
+@pytest.mark.parametrize(
+    "rule,regime",
+    [(r, g) for r in RULES for g in (("free", "active") if r in CLIP_RULES else ("free",))],
+)
 def test_gradcheck_hebb_update(fused, rule, regime, eta_shape):
     B, P, N = 2, 3, 4
     clip = 50.0 if regime == "free" else 1.0
     for seed in range(20):
         gen = torch.Generator().manual_seed(seed)
-        inputs = dict(hebb=torch.randn(B, P, N, generator=gen, dtype=torch.float64) *
-                      (1.0 if regime == "free" else 3.0),
-                      pre=torch.randn(B, P, generator=gen, dtype=torch.float64).tanh(),
-                      post=torch.randn(B, N, generator=gen, dtype=torch.float64).tanh(),
-                      eta=torch.randn(eta_shape, generator=gen, dtype=torch.float64),
-                      elig=None, elig_rate=None)
+        inputs = dict(
+            hebb=torch.randn(B, P, N, generator=gen, dtype=torch.float64)
+            * (1.0 if regime == "free" else 3.0),
+            pre=torch.randn(B, P, generator=gen, dtype=torch.float64).tanh(),
+            post=torch.randn(B, N, generator=gen, dtype=torch.float64).tanh(),
+            eta=torch.randn(eta_shape, generator=gen, dtype=torch.float64),
+            elig=None,
+            elig_rate=None,
+        )
         if rule == "retroactive":
             inputs["elig"] = torch.randn(B, P, N, generator=gen, dtype=torch.float64)
             inputs["elig_rate"] = torch.tensor(0.3, dtype=torch.float64)
-        s, z_margin = pre_clamp(inputs["hebb"], inputs["pre"], inputs["post"], inputs["eta"],
-                                inputs["elig"], rule, clip)
+        s, z_margin = pre_clamp(
+            inputs["hebb"], inputs["pre"], inputs["post"], inputs["eta"], inputs["elig"], rule, clip
+        )
         margin = min((s.abs() - clip).abs().min().item(), z_margin)
         saturated = bool((s.abs() > clip).any()) and bool((s.abs() < clip).any())
         if margin >= MARGIN and (regime == "free" or rule not in CLIP_RULES or saturated):

@@ -2,6 +2,7 @@
 and the gradients of every input (x, h, c, the traces, h2g and the plastic parameters), for every
 option combination and modulator input, checkpointing, odd sizes and float32, on both CPU paths
 (whole sequences per group of samples, and step by step: fixture `sequence_path`)."""
+
 import itertools
 
 import pytest
@@ -27,14 +28,23 @@ MODULATOR_INPUTS = reference.MODULATOR_INPUTS
 pytestmark = pytest.mark.usefixtures("sequence_path")
 
 
-def compare(fused, name, inputs, rule, modulator_input, *, use=None, requires_grad=True,
-            **fused_options):
+def compare(
+    fused, name, inputs, rule, modulator_input, *, use=None, requires_grad=True, **fused_options
+):
     """fused.<name> against reference.<name> (helpers.compare_with_reference)."""
     names = SEQ_OUTPUTS if name.endswith("sequence") else STEP_OUTPUTS
-    return compare_with_reference(getattr(reference, name), getattr(fused, name), inputs,
-                                  names=names, fused_options=fused_options, rule=rule, clip=CLIP,
-                                  modulator_input=modulator_input, use=use,
-                                  requires_grad=requires_grad)
+    return compare_with_reference(
+        getattr(reference, name),
+        getattr(fused, name),
+        inputs,
+        names=names,
+        fused_options=fused_options,
+        rule=rule,
+        clip=CLIP,
+        modulator_input=modulator_input,
+        use=use,
+        requires_grad=requires_grad,
+    )
 
 
 def compare_sequence(fused, inputs, rule, modulator_input="h", **kwargs):
@@ -48,12 +58,14 @@ def compare_step(fused, inputs, rule, modulator_input="h", **kwargs):
 # ---------------------------------------------------------------------------------------------
 # Every option combination, both modulator inputs, float64.
 
+
 @pytest.mark.parametrize("modulator_input", MODULATOR_INPUTS)
 @pytest.mark.parametrize("alpha,modulation,rule", all_combos())
 def test_sequence_every_option(fused, alpha, modulation, rule, modulator_input):
     inputs = lstm_inputs(alpha, modulation, rule, T=5, B=3, N=7)
-    (out, c_T, hebb_T, elig_T, m), grads = compare_sequence(fused, inputs, rule, modulator_input,
-                                                            checkpoint_every=2)
+    (out, c_T, hebb_T, elig_T, m), grads = compare_sequence(
+        fused, inputs, rule, modulator_input, checkpoint_every=2
+    )
     assert (m is None) == modulation.startswith("none")
     assert (elig_T is None) == (rule != "retroactive")
     if rule in CLIP_RULES:  # the clamp mask is exercised, not just the interior
@@ -75,8 +87,10 @@ def test_step_every_option(fused, alpha, modulation, rule, modulator_input):
 def test_modulator_input_matters(fused):
     """Modulation from c differs from modulation from h (the option is not ignored)."""
     inputs = lstm_inputs("neuron", "fanout1", "clip", T=4, B=2, N=5)
-    from_h, from_c = (fused.plastic_lstm_sequence(**inputs, rule="clip", clip=CLIP,
-                                                  modulator_input=mi) for mi in ("h", "c"))
+    from_h, from_c = (
+        fused.plastic_lstm_sequence(**inputs, rule="clip", clip=CLIP, modulator_input=mi)
+        for mi in ("h", "c")
+    )
     assert not torch.allclose(from_h[4], from_c[4])
 
 
@@ -84,6 +98,7 @@ def test_modulator_input_matters(fused):
 # Checkpointing (T = 5; 2**40 and 2**63 - 1: intervals far beyond T, which must neither size
 # the backward's buffers nor overflow the count of checkpoints) and odd sizes, including one
 # neuron, one sample and one step.
+
 
 @pytest.mark.parametrize("checkpoint_every", [1, 2, 4, 5, 8, 2**40, 2**63 - 1, None])
 @pytest.mark.parametrize("rule", RULES)
@@ -137,13 +152,20 @@ def test_step_float32(fused, alpha, modulation, rule):
 # ---------------------------------------------------------------------------------------------
 # Only some outputs in the loss, only some inputs requiring grad.
 
+
 def _use_cases(names):
-    configs = [("full", "fanout3", "retroactive"), ("neuron", "none_full", "clip"),
-               ("scalar", "simple", "softclip")]
-    return [pytest.param(a, m, r, k, id=f"{a}-{m}-{r}-{names[k]}") for a, m, r in configs
-            for k in range(len(names))
-            if not (names[k].startswith("elig") and r != "retroactive")
-            and not (names[k] == "m" and m.startswith("none"))]
+    configs = [
+        ("full", "fanout3", "retroactive"),
+        ("neuron", "none_full", "clip"),
+        ("scalar", "simple", "softclip"),
+    ]
+    return [
+        pytest.param(a, m, r, k, id=f"{a}-{m}-{r}-{names[k]}")
+        for a, m, r in configs
+        for k in range(len(names))
+        if not (names[k].startswith("elig") and r != "retroactive")
+        and not (names[k] == "m" and m.startswith("none"))
+    ]
 
 
 @pytest.mark.parametrize("alpha,modulation,rule,used", _use_cases(SEQ_OUTPUTS))
@@ -160,14 +182,23 @@ def test_step_single_output_used(fused, alpha, modulation, rule, used):
     assert any(g.abs().sum() > 0 for g in grads.values())
 
 
-@pytest.mark.parametrize("wanted", [{"x"}, {"c"}, {"h2g_weight", "w"}, {"hebb", "elig", "h"},
-                                    {"alpha", "h2g_bias", "elig_rate", "fanout_weight"}])
+@pytest.mark.parametrize(
+    "wanted",
+    [
+        {"x"},
+        {"c"},
+        {"h2g_weight", "w"},
+        {"hebb", "elig", "h"},
+        {"alpha", "h2g_bias", "elig_rate", "fanout_weight"},
+    ],
+)
 def test_only_some_inputs_require_grad(fused, wanted):
     inputs = lstm_inputs("full", "fanout3", "retroactive", T=4, B=2, N=7, seed=10)
     _, grads = compare_sequence(fused, inputs, "retroactive", requires_grad=wanted)
     assert set(grads) == wanted
-    _, grads = compare_step(fused, dict(inputs, x=inputs["x"][0]), "retroactive",
-                            requires_grad=wanted)
+    _, grads = compare_step(
+        fused, dict(inputs, x=inputs["x"][0]), "retroactive", requires_grad=wanted
+    )
     assert set(grads) == wanted
 
 
@@ -204,7 +235,8 @@ def test_non_plastic_limit_is_an_lstm(fused):
     out, c_T, *_ = fused.plastic_lstm_sequence(**inputs, rule="clip", clip=CLIP)
     h, c = inputs["h"], inputs["c"]
     for t in range(4):
-        h, c = reference.lstm_step(inputs["x"][t], h, c, inputs["h2g_weight"],
-                                   inputs["h2g_bias"], inputs["w"])
+        h, c = reference.lstm_step(
+            inputs["x"][t], h, c, inputs["h2g_weight"], inputs["h2g_bias"], inputs["w"]
+        )
         torch.testing.assert_close(out[t], h, **TOL[torch.float64])
     torch.testing.assert_close(c_T, c, **TOL[torch.float64])

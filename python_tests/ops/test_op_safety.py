@@ -11,6 +11,7 @@ kernels in the CPU emulator, and the GPU when there is one):
 
 Argument validation (shapes, dtypes, devices, contiguity) is in the test_validation_*.py files.
 """
+
 import pytest
 import torch
 
@@ -20,8 +21,10 @@ from backpropamine_cuda import reference
 from helpers import LSTM_INPUTS, RNN_INPUTS, lstm_inputs, make, rnn_inputs, with_grad
 
 IN_PLACE_ERROR = "modified by an inplace operation"
-DOUBLE_BACKWARD_ERROR = ("double backward through the fused ops is not supported",
-                         "impl='reference'")
+DOUBLE_BACKWARD_ERROR = (
+    "double backward through the fused ops is not supported",
+    "impl='reference'",
+)
 
 
 @pytest.fixture(params=["cpu", "emulated_cuda", "cuda"])
@@ -48,6 +51,7 @@ def rollout_inputs(device, rule="retroactive"):
 
 # ---------------------------------------------------------------------------------------------
 # In-place updates of the rollout step
+
 
 @pytest.mark.parametrize("trace", ["hebb", "elig"])
 def test_rollout_step_in_place_is_seen_by_autograd(backend, trace):
@@ -82,8 +86,10 @@ def test_rollout_step_into_other_traces(backend):
     ops, device = backend
     inputs = rollout_inputs(device)
     p = torch.randn(2, 5, 5, dtype=torch.float64, device=device, requires_grad=True)
-    outs = {"hebb_out": torch.zeros_like(inputs["hebb"]),
-            "elig_out": torch.zeros_like(inputs["elig"])}
+    outs = {
+        "hebb_out": torch.zeros_like(inputs["hebb"]),
+        "elig_out": torch.zeros_like(inputs["elig"]),
+    }
     keeps = (inputs["hebb"] * p).sum() + (inputs["elig"] * p).sum()
     raises = {name: (out * p).sum() for name, out in outs.items()}
     with torch.no_grad():
@@ -138,29 +144,36 @@ def test_recorded_rollout_reusing_only_checkpoints_guards_an_unfinished_backward
 # ---------------------------------------------------------------------------------------------
 # Double backward
 
+
 def first_order_grads(fn, inputs, create_graph, **kwargs):
     """Gradients of a fixed weighting of fn's outputs with respect to every input tensor."""
     leaves = with_grad(inputs)
     outputs = fn(**leaves, **kwargs)
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     gen = torch.Generator().manual_seed(7)
-    loss = sum((o * torch.randn(o.shape, generator=gen, dtype=o.dtype).to(o.device)).sum()
-               for o in outputs if o is not None)
+    loss = sum(
+        (o * torch.randn(o.shape, generator=gen, dtype=o.dtype).to(o.device)).sum()
+        for o in outputs
+        if o is not None
+    )
     names = [k for k, v in leaves.items() if v is not None]
-    grads = torch.autograd.grad(loss, [leaves[k] for k in names], create_graph=create_graph,
-                                allow_unused=True)
+    grads = torch.autograd.grad(
+        loss, [leaves[k] for k in names], create_graph=create_graph, allow_unused=True
+    )
     return dict(zip(names, grads)), leaves
 
 
 def rnn_case(op):
-    inputs = rnn_inputs("full", "fanout3", "retroactive", B=2, N=4,
-                        T=3 if op == "sequence" else None)
+    inputs = rnn_inputs(
+        "full", "fanout3", "retroactive", B=2, N=4, T=3 if op == "sequence" else None
+    )
     return inputs, dict(rule="retroactive", clip=0.5)
 
 
 def lstm_case(op):
-    inputs = lstm_inputs("neuron", "fanout1", "retroactive", B=2, N=4,
-                         T=3 if op == "sequence" else None)
+    inputs = lstm_inputs(
+        "neuron", "fanout1", "retroactive", B=2, N=4, T=3 if op == "sequence" else None
+    )
     return inputs, dict(rule="retroactive", clip=0.5, modulator_input="c")
 
 
@@ -173,15 +186,26 @@ def matvec_case(op):
 def update_case(op):
     gen = torch.Generator().manual_seed(4)
     t = lambda *s: torch.randn(s, generator=gen, dtype=torch.float64)  # noqa: E731
-    return (dict(hebb=t(2, 3, 4), pre=t(2, 3), post=t(2, 4), eta=t(2, 1, 4), elig=t(2, 3, 4),
-                 elig_rate=torch.tensor(0.3, dtype=torch.float64)),
-            dict(rule="retroactive", clip=0.5))
+    return (
+        dict(
+            hebb=t(2, 3, 4),
+            pre=t(2, 3),
+            post=t(2, 4),
+            eta=t(2, 1, 4),
+            elig=t(2, 3, 4),
+            elig_rate=torch.tensor(0.3, dtype=torch.float64),
+        ),
+        dict(rule="retroactive", clip=0.5),
+    )
 
 
 DOUBLE_BACKWARD_CASES = {
-    "plastic_rnn_sequence": rnn_case, "plastic_rnn_step": rnn_case,
-    "plastic_lstm_sequence": lstm_case, "plastic_lstm_step": lstm_case,
-    "plastic_matvec": matvec_case, "hebb_update": update_case,
+    "plastic_rnn_sequence": rnn_case,
+    "plastic_rnn_step": rnn_case,
+    "plastic_lstm_sequence": lstm_case,
+    "plastic_lstm_step": lstm_case,
+    "plastic_matvec": matvec_case,
+    "hebb_update": update_case,
 }
 
 
@@ -202,8 +226,9 @@ def test_create_graph_first_order_grads_and_clear_double_backward_error(backend,
             torch.testing.assert_close(graphed[k].detach(), plain[k], rtol=0, atol=0, msg=k)
     penalty = sum(g.square().sum() for g in graphed.values() if g is not None)
     with pytest.raises(RuntimeError) as info:
-        torch.autograd.grad(penalty, [v for v in leaves.values() if v is not None],
-                            allow_unused=True)
+        torch.autograd.grad(
+            penalty, [v for v in leaves.values() if v is not None], allow_unused=True
+        )
     for fragment in DOUBLE_BACKWARD_ERROR:
         assert fragment in str(info.value)
 
@@ -239,8 +264,9 @@ def test_replay_create_graph():
     grads = []
     for create_graph in (False, True):
         out, m = rollout.replay(x)
-        grads.append(torch.autograd.grad(out.square().sum() + m.sum(), params,
-                                         create_graph=create_graph))
+        grads.append(
+            torch.autograd.grad(out.square().sum() + m.sum(), params, create_graph=create_graph)
+        )
     for plain, graphed in zip(*grads):
         torch.testing.assert_close(graphed.detach(), plain, rtol=0, atol=0)
     with pytest.raises(RuntimeError) as info:
@@ -252,16 +278,19 @@ def test_replay_create_graph():
 # ---------------------------------------------------------------------------------------------
 # autocast
 
+
 def autocast_device(device):
     if device == "cuda":
         return torch.autocast("cuda", dtype=torch.float16)
     return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
-AUTOCAST_CASES = [("plastic_rnn_sequence", RNN_INPUTS, rnn_case),
-                  ("plastic_rnn_step", RNN_INPUTS, rnn_case),
-                  ("plastic_lstm_sequence", LSTM_INPUTS, lstm_case),
-                  ("plastic_lstm_step", LSTM_INPUTS, lstm_case)]
+AUTOCAST_CASES = [
+    ("plastic_rnn_sequence", RNN_INPUTS, rnn_case),
+    ("plastic_rnn_step", RNN_INPUTS, rnn_case),
+    ("plastic_lstm_sequence", LSTM_INPUTS, lstm_case),
+    ("plastic_lstm_step", LSTM_INPUTS, lstm_case),
+]
 
 
 @pytest.mark.parametrize("name,names,case", AUTOCAST_CASES, ids=[c[0] for c in AUTOCAST_CASES])
@@ -283,8 +312,12 @@ def test_ops_under_autocast_run_in_float32(backend, name, names, case):
             outputs = fn(**dict(leaves, x=x if autocast else x.float()), **kwargs)
         loss = sum((o.float() * (k + 1)).sum() for k, o in enumerate(outputs) if o is not None)
         loss.backward()
-        results.append(([o for o in outputs if o is not None],
-                        {k: v.grad for k, v in leaves.items() if v is not None}))
+        results.append(
+            (
+                [o for o in outputs if o is not None],
+                {k: v.grad for k, v in leaves.items() if v is not None},
+            )
+        )
     (outs_a, grads_a), (outs_e, grads_e) = results
     for a, e in zip(outs_a, outs_e):
         assert a.dtype == torch.float32
@@ -299,19 +332,18 @@ def test_rollout_step_under_autocast(backend):
     place, exactly as on the upcast x; a trace in the autocast dtype is a clear dtype error (a
     cast copy would drop the update)."""
     ops, device = backend
-    inputs = {k: v.float() if isinstance(v, torch.Tensor) else v
-              for k, v in rollout_inputs(device).items()}
+    inputs = {
+        k: v.float() if isinstance(v, torch.Tensor) else v
+        for k, v in rollout_inputs(device).items()
+    }
     low = torch.float16 if device == "cuda" else torch.bfloat16
     x = inputs["x"].to(low)
-    expected = dict(inputs, x=x.float(), hebb=inputs["hebb"].clone(),
-                    elig=inputs["elig"].clone())
+    expected = dict(inputs, x=x.float(), hebb=inputs["hebb"].clone(), elig=inputs["elig"].clone())
     outs_e = ops.plastic_rnn_rollout_step(**expected)
-    outs_e = (*outs_e, *ops.plastic_rnn_rollout_step(
-        **dict(expected, u=outs_e[1].to(low).float())))
+    outs_e = (*outs_e, *ops.plastic_rnn_rollout_step(**dict(expected, u=outs_e[1].to(low).float())))
     with autocast_device(device):
         outs_a = ops.plastic_rnn_rollout_step(**dict(inputs, x=x))
-        outs_a = (*outs_a, *ops.plastic_rnn_rollout_step(**dict(inputs, x=x,
-                                                                u=outs_a[1].to(low))))
+        outs_a = (*outs_a, *ops.plastic_rnn_rollout_step(**dict(inputs, x=x, u=outs_a[1].to(low))))
         with pytest.raises(RuntimeError, match="expected hebb to have dtype Float"):
             ops.plastic_rnn_rollout_step(**dict(inputs, x=x, hebb=inputs["hebb"].to(low)))
     for name in ("hebb", "elig"):
@@ -341,16 +373,19 @@ def test_modules_under_cpu_autocast(cls):
             out2, state2 = layer(projected, state)
         assert out.dtype == out2.dtype == state2.hebb.dtype == torch.float32
         (out.square().sum() + out2.sum() + state2.hebb.sum()).backward()
-        grads = {k: p.grad.clone() for k, p in [*linear.named_parameters(prefix="linear"),
-                                                 *layer.named_parameters()]}
+        grads = {
+            k: p.grad.clone()
+            for k, p in [*linear.named_parameters(prefix="linear"), *layer.named_parameters()]
+        }
         results.append(((out.detach(), out2.detach(), state2.hebb.detach()), grads))
     (outs_a, grads_a), (outs_e, grads_e) = results
     for a, e in zip(outs_a, outs_e):
         torch.testing.assert_close(a, e, rtol=0.05, atol=0.05 * e.abs().max().item())
     assert grads_a.keys() == grads_e.keys()
     for k in grads_e:
-        torch.testing.assert_close(grads_a[k], grads_e[k], rtol=0.05,
-                                   atol=0.05 * grads_e[k].abs().max().item(), msg=k)
+        torch.testing.assert_close(
+            grads_a[k], grads_e[k], rtol=0.05, atol=0.05 * grads_e[k].abs().max().item(), msg=k
+        )
 
 
 def test_rollout_step_module_under_cpu_autocast():

@@ -1,6 +1,7 @@
 """The feed-forward primitives plastic_matvec and hebb_update (docs/design.md, 'Feed-forward
 primitives'), fused against the reference: forward and the gradients of every input, every
 alpha mode, rule and eta layout, with P != N."""
+
 import pytest
 import torch
 
@@ -27,14 +28,19 @@ def randn(gen, *shape, scale=1.0, dtype=torch.float64):
 def matvec_inputs(alpha, B, P, N, dtype=torch.float64, seed=0):
     gen = torch.Generator().manual_seed(seed)
     alpha_shape = {"full": (P, N), "neuron": (N,), "scalar": ()}[alpha]
-    return dict(x=randn(gen, B, P, dtype=dtype), w=randn(gen, P, N, dtype=dtype),
-                alpha=randn(gen, *alpha_shape, dtype=dtype), hebb=randn(gen, B, P, N, dtype=dtype))
+    return dict(
+        x=randn(gen, B, P, dtype=dtype),
+        w=randn(gen, P, N, dtype=dtype),
+        alpha=randn(gen, *alpha_shape, dtype=dtype),
+        hebb=randn(gen, B, P, N, dtype=dtype),
+    )
 
 
 def compare(fn_name, fused, inputs, use=None, **kwargs):
     """fused.<fn_name> against reference.<fn_name> (helpers.compare_with_reference)."""
-    return compare_with_reference(getattr(reference, fn_name), getattr(fused, fn_name), inputs,
-                                  use=use, **kwargs)
+    return compare_with_reference(
+        getattr(reference, fn_name), getattr(fused, fn_name), inputs, use=use, **kwargs
+    )
 
 
 def matvec_as_tuple(module):
@@ -44,6 +50,7 @@ def matvec_as_tuple(module):
 
 # ---------------------------------------------------------------------------------------------
 # plastic_matvec
+
 
 @pytest.mark.parametrize("sizes", SIZES, ids=str)
 @pytest.mark.parametrize("alpha", ALPHAS)
@@ -65,17 +72,29 @@ def test_matvec_several_tiles(fused):
 # ---------------------------------------------------------------------------------------------
 # hebb_update
 
+
 def eta_layouts(B, P, N):
     """Every accepted eta layout: constant over at least one of the batch and pre dims."""
-    return {"scalar": (), "sample": (B, 1, 1), "sample_post": (B, 1, N), "post": (N,),
-            "post3": (1, 1, N), "connection": (P, N), "connection3": (1, P, N), "pre": (P, 1)}
+    return {
+        "scalar": (),
+        "sample": (B, 1, 1),
+        "sample_post": (B, 1, N),
+        "post": (N,),
+        "post3": (1, 1, N),
+        "connection": (P, N),
+        "connection3": (1, P, N),
+        "pre": (P, 1),
+    }
 
 
 def update_inputs(rule, eta_shape, B, P, N, dtype=torch.float64, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    d = dict(hebb=randn(gen, B, P, N, dtype=dtype), pre=torch.tanh(randn(gen, B, P, dtype=dtype)),
-             post=torch.tanh(randn(gen, B, N, dtype=dtype)),
-             eta=randn(gen, *eta_shape, scale=0.5, dtype=dtype))
+    d = dict(
+        hebb=randn(gen, B, P, N, dtype=dtype),
+        pre=torch.tanh(randn(gen, B, P, dtype=dtype)),
+        post=torch.tanh(randn(gen, B, N, dtype=dtype)),
+        eta=randn(gen, *eta_shape, scale=0.5, dtype=dtype),
+    )
     if rule == "retroactive":
         d["elig"] = randn(gen, B, P, N, dtype=dtype)
         d["elig_rate"] = (0.1 + 0.8 * torch.rand((), generator=gen, dtype=torch.float64)).to(dtype)
@@ -87,8 +106,7 @@ def update_inputs(rule, eta_shape, B, P, N, dtype=torch.float64, seed=0):
 def test_hebb_update_eta_layouts(fused, rule, layout):
     B, P, N = 3, 5, 7
     inputs = update_inputs(rule, eta_layouts(B, P, N)[layout], B, P, N)
-    (new_hebb, new_elig), grads = compare("hebb_update", fused, inputs, rule=rule,
-                                          clip=CLIP)
+    (new_hebb, new_elig), grads = compare("hebb_update", fused, inputs, rule=rule, clip=CLIP)
     assert (new_elig is None) == (rule != "retroactive")
     if rule in CLIP_RULES:
         assert clamp_engaged(new_hebb, CLIP)
@@ -107,16 +125,14 @@ def test_hebb_update_sizes(fused, rule, sizes):
 @pytest.mark.parametrize("rule", RULES)
 def test_hebb_update_float32(fused, rule, layout):
     B, P, N = 3, 33, 7
-    inputs = update_inputs(rule, eta_layouts(B, P, N)[layout], B, P, N, dtype=torch.float32,
-                           seed=2)
+    inputs = update_inputs(rule, eta_layouts(B, P, N)[layout], B, P, N, dtype=torch.float32, seed=2)
     compare("hebb_update", fused, inputs, rule=rule, clip=CLIP)
 
 
 @pytest.mark.parametrize("used", [0, 1], ids=["new_hebb", "new_elig"])
 def test_hebb_update_retroactive_single_output_used(fused, used):
     inputs = update_inputs("retroactive", (3, 1, 7), 3, 5, 7, seed=3)
-    _, grads = compare("hebb_update", fused, inputs, use=[used],
-                       rule="retroactive", clip=CLIP)
+    _, grads = compare("hebb_update", fused, inputs, use=[used], rule="retroactive", clip=CLIP)
     assert grads["elig"].abs().sum() > 0
 
 
@@ -124,8 +140,9 @@ def test_hebb_update_python_numbers(fused):
     """eta and elig_rate may be plain Python numbers."""
     inputs = update_inputs("retroactive", (), 2, 3, 4, seed=4)
     inputs = {k: v for k, v in inputs.items() if k not in ("eta", "elig_rate")}
-    expected = reference.hebb_update(**inputs, eta=0.3, elig_rate=0.2, rule="retroactive",
-                                     clip=CLIP)
+    expected = reference.hebb_update(
+        **inputs, eta=0.3, elig_rate=0.2, rule="retroactive", clip=CLIP
+    )
     actual = fused.hebb_update(**inputs, eta=0.3, elig_rate=0.2, rule="retroactive", clip=CLIP)
     for a, e in zip(actual, expected):
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
@@ -139,7 +156,8 @@ def test_matvec_then_update_matches_rnn_step(fused):
     hebb, w, alpha, eta = randn(gen, B, N, N), randn(gen, N, N), randn(gen, N, N), randn(gen, N, N)
     h_new = torch.tanh(x + fused.plastic_matvec(h, w, alpha, hebb))
     hebb_new, _ = fused.hebb_update(hebb, h, h_new, eta, "softclip", CLIP)
-    step = fused.plastic_rnn_step(x, h, hebb, None, w, alpha, eta, None, None, None, None, None,
-                                  rule="softclip", clip=CLIP)
+    step = fused.plastic_rnn_step(
+        x, h, hebb, None, w, alpha, eta, None, None, None, None, None, rule="softclip", clip=CLIP
+    )
     torch.testing.assert_close(h_new, step[0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(hebb_new, step[1], rtol=1e-12, atol=1e-12)

@@ -1,5 +1,6 @@
 """Fused plastic RNN ops (sequence and step) against the pure-PyTorch reference: forward outputs
 and the gradients of every input, for every option combination, checkpointing and odd sizes."""
+
 import itertools
 
 import pytest
@@ -34,21 +35,45 @@ STEP_OUTPUTS = ("h_new", "hebb_new", "elig_new", "m")
 def compare(fused, name, inputs, rule, names, checkpoint_every=None, **options):
     """fused.<name> against reference.<name> (helpers.compare_with_reference)."""
     fused_options = {} if checkpoint_every is None else dict(checkpoint_every=checkpoint_every)
-    return compare_with_reference(getattr(reference, name), getattr(fused, name), inputs,
-                                  names=names, fused_options=fused_options, rule=rule, clip=CLIP,
-                                  **options)
+    return compare_with_reference(
+        getattr(reference, name),
+        getattr(fused, name),
+        inputs,
+        names=names,
+        fused_options=fused_options,
+        rule=rule,
+        clip=CLIP,
+        **options,
+    )
 
 
-def compare_sequence(fused, inputs, rule, *, checkpoint_every=None, use=None,
-                     requires_grad=True, clamp=None):
-    return compare(fused, "plastic_rnn_sequence", inputs, rule, SEQ_OUTPUTS,
-                   checkpoint_every=checkpoint_every, use=use, requires_grad=requires_grad,
-                   clamp=clamp)
+def compare_sequence(
+    fused, inputs, rule, *, checkpoint_every=None, use=None, requires_grad=True, clamp=None
+):
+    return compare(
+        fused,
+        "plastic_rnn_sequence",
+        inputs,
+        rule,
+        SEQ_OUTPUTS,
+        checkpoint_every=checkpoint_every,
+        use=use,
+        requires_grad=requires_grad,
+        clamp=clamp,
+    )
 
 
 def compare_step(fused, inputs, rule, *, use=None, requires_grad=True, clamp=None):
-    return compare(fused, "plastic_rnn_step", inputs, rule, STEP_OUTPUTS, use=use,
-                   requires_grad=requires_grad, clamp=clamp)
+    return compare(
+        fused,
+        "plastic_rnn_step",
+        inputs,
+        rule,
+        STEP_OUTPUTS,
+        use=use,
+        requires_grad=requires_grad,
+        clamp=clamp,
+    )
 
 
 def size_ids(sizes):
@@ -57,6 +82,7 @@ def size_ids(sizes):
 
 # ---------------------------------------------------------------------------------------------
 # Every option combination, float64.
+
 
 @pytest.mark.parametrize("alpha,modulation,rule", all_combos())
 def test_sequence_every_option(fused, alpha, modulation, rule):
@@ -84,6 +110,7 @@ def test_step_every_option(fused, alpha, modulation, rule):
 # intervals far beyond T, up to the int64 limit: the backward must not size its buffers by
 # them, nor the count of checkpoints overflow), default.
 
+
 @pytest.mark.parametrize("checkpoint_every", [1, 2, 4, 5, 8, 2**40, 2**63 - 1, None])
 @pytest.mark.parametrize("rule", RULES)
 def test_sequence_checkpoint_every(fused, rule, checkpoint_every):
@@ -107,16 +134,22 @@ def test_sequence_sizes(fused, sizes, rule):
 
 
 @pytest.mark.parametrize("rule", RULES)
-@pytest.mark.parametrize("sizes", [dict(B=B, N=N) for B in (1, 3) for N in (1, 7, 33)],
-                         ids=size_ids)
+@pytest.mark.parametrize(
+    "sizes", [dict(B=B, N=N) for B in (1, 3) for N in (1, 7, 33)], ids=size_ids
+)
 def test_step_sizes(fused, sizes, rule):
     alpha, modulation = RULE_CONFIG[rule]
     compare_step(fused, rnn_inputs(alpha, modulation, rule, seed=4, **sizes), rule)
 
 
-@pytest.mark.parametrize("alpha,modulation,rule",
-                         [("full", "fanout3", "retroactive"), ("scalar", "none_full", "oja"),
-                          ("neuron", "simple", "softclip")])
+@pytest.mark.parametrize(
+    "alpha,modulation,rule",
+    [
+        ("full", "fanout3", "retroactive"),
+        ("scalar", "none_full", "oja"),
+        ("neuron", "simple", "softclip"),
+    ],
+)
 def test_sequence_several_column_tiles(fused, alpha, modulation, rule):
     """N > 64 spans several column tiles of the CPU kernels, B = 17 several batch chunks."""
     inputs = rnn_inputs(alpha, modulation, rule, T=3, B=17, N=70, seed=5)
@@ -127,8 +160,12 @@ def test_sequence_several_column_tiles(fused, alpha, modulation, rule):
 # float32: every rule, two configurations each, looser tolerance.
 
 F32_CASES = [(*RULE_CONFIG[r], r) for r in RULES] + [
-    ("scalar", "none_scalar", "clip"), ("full", "none_full", "softclip"),
-    ("neuron", "fanout3", "decay"), ("scalar", "simple", "oja"), ("full", "simple", "retroactive")]
+    ("scalar", "none_scalar", "clip"),
+    ("full", "none_full", "softclip"),
+    ("neuron", "fanout3", "decay"),
+    ("scalar", "simple", "oja"),
+    ("full", "simple", "retroactive"),
+]
 
 
 @pytest.mark.parametrize("alpha,modulation,rule", F32_CASES)
@@ -158,13 +195,15 @@ def test_float32_bound_fails_on_a_real_error(fused):
     for kind, key, t in tensors:
         wrong = t.clone()
         wrong.view(-1)[wrong.numel() // 2] += 1e-3 * t.norm()
-        perturbed = (tuple(wrong if kind == "output" and k == key else o
-                           for k, o in enumerate(outputs)),
-                     {k: wrong if kind == "grad" and k == key else g for k, g in grads.items()})
+        perturbed = (
+            tuple(wrong if kind == "output" and k == key else o for k, o in enumerate(outputs)),
+            {k: wrong if kind == "grad" and k == key else g for k, g in grads.items()},
+        )
         with pytest.raises(AssertionError, match="norm-wise relative error"):
             assert_results_close(expected, perturbed, torch.float32, baseline=baseline)
-    wrong_clip = run_forward_backward(fused.plastic_rnn_sequence, inputs, rule=rule,
-                                      clip=CLIP * 1.001)
+    wrong_clip = run_forward_backward(
+        fused.plastic_rnn_sequence, inputs, rule=rule, clip=CLIP * 1.001
+    )
     with pytest.raises(AssertionError, match="norm-wise relative error"):
         assert_results_close(expected, wrong_clip, torch.float32, baseline=baseline)
 
@@ -172,14 +211,21 @@ def test_float32_bound_fails_on_a_real_error(fused):
 # ---------------------------------------------------------------------------------------------
 # Only some outputs in the loss (the others get no gradient: None in the backward).
 
+
 def _use_cases(names):
     """(alpha, modulation, rule, index of the output in the loss), where that output exists."""
-    configs = [("full", "fanout3", "retroactive"), ("neuron", "none_full", "clip"),
-               ("scalar", "simple", "softclip")]
-    return [pytest.param(a, m, r, k, id=f"{a}-{m}-{r}-{names[k]}") for a, m, r in configs
-            for k in range(4)
-            if not (names[k].startswith("elig") and r != "retroactive")
-            and not (names[k] == "m" and m.startswith("none"))]
+    configs = [
+        ("full", "fanout3", "retroactive"),
+        ("neuron", "none_full", "clip"),
+        ("scalar", "simple", "softclip"),
+    ]
+    return [
+        pytest.param(a, m, r, k, id=f"{a}-{m}-{r}-{names[k]}")
+        for a, m, r in configs
+        for k in range(4)
+        if not (names[k].startswith("elig") and r != "retroactive")
+        and not (names[k] == "m" and m.startswith("none"))
+    ]
 
 
 @pytest.mark.parametrize("alpha,modulation,rule,used", _use_cases(SEQ_OUTPUTS))
@@ -196,8 +242,10 @@ def test_step_single_output_used(fused, alpha, modulation, rule, used):
     assert any(g.abs().sum() > 0 for g in grads.values())
 
 
-@pytest.mark.parametrize("wanted", [{"x"}, {"w", "h2mod_weight"}, {"hebb", "elig", "elig_rate"},
-                                    {"alpha", "fanout_bias", "h"}])
+@pytest.mark.parametrize(
+    "wanted",
+    [{"x"}, {"w", "h2mod_weight"}, {"hebb", "elig", "elig_rate"}, {"alpha", "fanout_bias", "h"}],
+)
 def test_only_some_inputs_require_grad(fused, wanted):
     inputs = rnn_inputs("full", "fanout3", "retroactive", T=4, B=2, N=7, seed=10)
     _, grads = compare_sequence(fused, inputs, "retroactive", requires_grad=wanted)
@@ -225,14 +273,22 @@ def test_sequence_equals_step_loop(fused, clamped):
     rule = "retroactive"
     inputs = rnn_inputs("full", "fanout3", rule, T=5, B=3, N=7, seed=11)
     clamp = random_mask(inputs["x"].shape, seed=11) if clamped else None
-    out, hebb_T, elig_T, m = fused.plastic_rnn_sequence(**inputs, rule=rule, clip=CLIP,
-                                                        checkpoint_every=2, clamp=clamp)
+    out, hebb_T, elig_T, m = fused.plastic_rnn_sequence(
+        **inputs, rule=rule, clip=CLIP, checkpoint_every=2, clamp=clamp
+    )
     h, hebb, elig = inputs["h"], inputs["hebb"], inputs["elig"]
     params = {k: v for k, v in inputs.items() if k not in ("x", "h", "hebb", "elig")}
     for t in range(5):
-        h, hebb, elig, m_t = fused.plastic_rnn_step(inputs["x"][t], h, hebb, elig, **params,
-                                                    rule=rule, clip=CLIP,
-                                                    clamp=None if clamp is None else clamp[t])
+        h, hebb, elig, m_t = fused.plastic_rnn_step(
+            inputs["x"][t],
+            h,
+            hebb,
+            elig,
+            **params,
+            rule=rule,
+            clip=CLIP,
+            clamp=None if clamp is None else clamp[t],
+        )
         torch.testing.assert_close(h, out[t], **TOL[torch.float64])
         torch.testing.assert_close(m_t, m[t], **TOL[torch.float64])
     torch.testing.assert_close(hebb, hebb_T, **TOL[torch.float64])
@@ -241,6 +297,7 @@ def test_sequence_equals_step_loop(fused, clamped):
 
 # ---------------------------------------------------------------------------------------------
 # Clamped neurons: where the bool mask `clamp` is set, h_t = x_t (and dL/dx_t = dL/dh_t).
+
 
 def random_mask(shape, seed, p=0.4):
     return torch.rand(shape, generator=torch.Generator().manual_seed(seed)) < p
@@ -265,13 +322,19 @@ def test_step_clamp(fused, rule):
     assert torch.equal(h_new[clamp], inputs["x"][clamp])
 
 
-@pytest.mark.parametrize("sizes", [dict(T=1, B=1, N=1), dict(T=5, B=1, N=33),
-                                   dict(T=3, B=17, N=70)], ids=size_ids)
+@pytest.mark.parametrize(
+    "sizes", [dict(T=1, B=1, N=1), dict(T=5, B=1, N=33), dict(T=3, B=17, N=70)], ids=size_ids
+)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_sequence_clamp_sizes(fused, sizes, dtype):
     inputs = rnn_inputs("full", "none_scalar", "decay", dtype=dtype, seed=14, **sizes)
-    compare_sequence(fused, inputs, "decay", checkpoint_every=2,
-                     clamp=random_mask(inputs["x"].shape, seed=14, p=0.7))
+    compare_sequence(
+        fused,
+        inputs,
+        "decay",
+        checkpoint_every=2,
+        clamp=random_mask(inputs["x"].shape, seed=14, p=0.7),
+    )
 
 
 @pytest.mark.parametrize("fill", [False, True])
@@ -286,14 +349,16 @@ def test_sequence_clamp_uniform_mask(fused, fill):
         assert torch.equal(out, inputs["x"])
     else:
         plain = run_forward_backward(fused.plastic_rnn_sequence, inputs, rule=rule, clip=CLIP)
-        masked = run_forward_backward(fused.plastic_rnn_sequence, inputs, rule=rule, clip=CLIP,
-                                      clamp=clamp)
+        masked = run_forward_backward(
+            fused.plastic_rnn_sequence, inputs, rule=rule, clip=CLIP, clamp=clamp
+        )
         assert_results_equal(plain, masked)
 
 
 # ---------------------------------------------------------------------------------------------
 # The rollout step (no autograd): a loop of them gives the sequence's outputs and final traces,
 # with the traces updated in place and each step's drive handed to the next.
+
 
 def rollout(impl, inputs, rule, clamp=None):
     """(h per step, m per step, the final u) of a loop of impl.plastic_rnn_rollout_step from the
@@ -303,8 +368,16 @@ def rollout(impl, inputs, rule, clamp=None):
     with torch.no_grad():
         for t in range(inputs["x"].shape[0]):
             h, u, m = impl.plastic_rnn_rollout_step(
-                inputs["x"][t], u, h, inputs["hebb"], inputs["elig"], **params, rule=rule,
-                clip=CLIP, clamp=None if clamp is None else clamp[t])
+                inputs["x"][t],
+                u,
+                h,
+                inputs["hebb"],
+                inputs["elig"],
+                **params,
+                rule=rule,
+                clip=CLIP,
+                clamp=None if clamp is None else clamp[t],
+            )
             hs.append(h)
             ms.append(m)
     return hs, ms, u
@@ -327,8 +400,7 @@ def check_rollout(impl, inputs, rule, clamp=None):
     assert (traces["elig"] is None) == (elig_T is None)
     if elig_T is not None:
         assert_tensor_close(traces["elig"], elig_T, "elig (updated in place)", dtype, elig_b)
-    u_next = reference.plastic_matvec(out[-1], upcast(inputs)["w"], upcast(inputs)["alpha"],
-                                      hebb_T)
+    u_next = reference.plastic_matvec(out[-1], upcast(inputs)["w"], upcast(inputs)["alpha"], hebb_T)
     u_b = reference.plastic_matvec(out_b[-1], inputs["w"], inputs["alpha"], hebb_b)
     assert_tensor_close(u, u_next, "u of the next step", dtype, u_b)
 
@@ -344,8 +416,9 @@ def test_rollout_step_reference(rule):
     check_rollout(reference, rnn_inputs(alpha, modulation, rule, T=4, B=3, N=7, seed=17), rule)
 
 
-@pytest.mark.parametrize("sizes", [dict(T=1, B=1, N=1), dict(T=3, B=1, N=33),
-                                   dict(T=3, B=17, N=70)], ids=size_ids)
+@pytest.mark.parametrize(
+    "sizes", [dict(T=1, B=1, N=1), dict(T=3, B=1, N=33), dict(T=3, B=17, N=70)], ids=size_ids
+)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("rule", ["retroactive", "oja"])
 def test_rollout_step_sizes(fused, sizes, dtype, rule):
@@ -370,16 +443,27 @@ def test_rollout_step_into_other_traces(fused, impl, rule):
     out, hebb_T, elig_T, m = reference.plastic_rnn_sequence(**inputs, rule=rule, clip=CLIP)
     params = {k: v for k, v in inputs.items() if k not in ("x", "h", "hebb", "elig")}
     copy = lambda t: None if t is None else t.clone()  # noqa: E731
-    buffers = [(copy(inputs["hebb"]), copy(inputs["elig"])),
-               (torch.empty_like(inputs["hebb"]), copy(inputs["elig"]))]
+    buffers = [
+        (copy(inputs["hebb"]), copy(inputs["elig"])),
+        (torch.empty_like(inputs["hebb"]), copy(inputs["elig"])),
+    ]
     h, u = inputs["h"], None
     with torch.no_grad():
         for t in range(5):
             (hebb, elig), (hebb_out, elig_out) = buffers[t % 2], buffers[1 - t % 2]
             before = copy(hebb), copy(elig)
             h, u, m_t = module.plastic_rnn_rollout_step(
-                inputs["x"][t], u, h, hebb, elig, **params, rule=rule, clip=CLIP,
-                hebb_out=hebb_out, elig_out=elig_out)
+                inputs["x"][t],
+                u,
+                h,
+                hebb,
+                elig,
+                **params,
+                rule=rule,
+                clip=CLIP,
+                hebb_out=hebb_out,
+                elig_out=elig_out,
+            )
             assert torch.equal(hebb, before[0])
             assert elig is None or torch.equal(elig, before[1])
             assert_tensor_close(h, out[t], f"h at step {t + 1}", torch.float64)
@@ -388,8 +472,12 @@ def test_rollout_step_into_other_traces(fused, impl, rule):
     assert_tensor_close(hebb, hebb_T, "hebb_out", torch.float64)
     if elig_T is not None:
         assert_tensor_close(elig, elig_T, "elig_out", torch.float64)
-    assert_tensor_close(u, reference.plastic_matvec(out[-1], inputs["w"], inputs["alpha"],
-                                                    hebb_T), "u of the next step", torch.float64)
+    assert_tensor_close(
+        u,
+        reference.plastic_matvec(out[-1], inputs["w"], inputs["alpha"], hebb_T),
+        "u of the next step",
+        torch.float64,
+    )
 
 
 @pytest.mark.parametrize("impl", ["fused", "reference"])
@@ -399,17 +487,20 @@ def test_rollout_step_refuses_autograd(fused, impl):
     inputs["w"].requires_grad_()
     params = {k: v for k, v in inputs.items() if k not in ("x", "h", "hebb", "elig")}
     with pytest.raises(RuntimeError, match="plastic_rnn_rollout_step: no autograd"):
-        module.plastic_rnn_rollout_step(inputs["x"], None, inputs["h"], inputs["hebb"], None,
-                                        **params, rule="clip", clip=CLIP)
+        module.plastic_rnn_rollout_step(
+            inputs["x"], None, inputs["h"], inputs["hebb"], None, **params, rule="clip", clip=CLIP
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # Replay of a rollout: the sequence's out, m and every gradient from a record of rollout steps.
 
+
 def record_rollout(fused, inputs, rule, L):
     """A SequenceRecord of a loop of rollout steps from the sequence inputs (their traces are
     copied first)."""
     from backpropamine_cuda.fused import SequenceRecord
+
     x = inputs["x"]
     T, B, N = x.shape
     traces = {k: None if inputs[k] is None else inputs[k].clone() for k in ("hebb", "elig")}
@@ -419,8 +510,9 @@ def record_rollout(fused, inputs, rule, L):
     h, u = inputs["h"], None
     with torch.no_grad():
         for t in range(T):
-            h, u, m = fused.plastic_rnn_rollout_step(x[t], u, h, traces["hebb"], traces["elig"],
-                                                     **params, rule=rule, clip=CLIP)
+            h, u, m = fused.plastic_rnn_rollout_step(
+                x[t], u, h, traces["hebb"], traces["elig"], **params, rule=rule, clip=CLIP
+            )
             outs.append(h)
             mods.append(x.new_empty(B, 0) if m is None else m)
             if (t + 1) % L == 0 and t + 1 < T:
@@ -440,8 +532,13 @@ def reference_out_and_m(**kwargs):
 def compare_replay(fused, inputs, rule, L):
     """The replay of a record of rollout steps against the reference sequence's out and m."""
     expected = run_forward_backward(reference_out_and_m, inputs, rule=rule, clip=CLIP)
-    actual = run_forward_backward(fused.plastic_rnn_sequence_replay, inputs, rule=rule, clip=CLIP,
-                                  record=record_rollout(fused, inputs, rule, L))
+    actual = run_forward_backward(
+        fused.plastic_rnn_sequence_replay,
+        inputs,
+        rule=rule,
+        clip=CLIP,
+        record=record_rollout(fused, inputs, rule, L),
+    )
     assert_results_close(expected, actual, torch.float64, names=("out", "m"))
 
 
@@ -452,5 +549,9 @@ def test_sequence_replay_every_option(fused, alpha, modulation, rule):
 
 @pytest.mark.parametrize("L", [1, 3, 7])
 def test_sequence_replay_checkpoint_every(fused, L):
-    compare_replay(fused, rnn_inputs("full", "fanout3", "retroactive", T=7, B=2, N=5, seed=21),
-                   "retroactive", L)
+    compare_replay(
+        fused,
+        rnn_inputs("full", "fanout3", "retroactive", T=7, B=2, N=5, seed=21),
+        "retroactive",
+        L,
+    )

@@ -4,6 +4,7 @@ test_gradcheck.py and test_determinism.py already runs on both (fixture `sequenc
 file checks the choice between them, sizes that split the batch into several groups (a partial
 last one), a forward on one path with the backward on the other, and float32 at an RL agent's
 width and at the paper's small PTB layer's."""
+
 import pytest
 import torch
 
@@ -70,9 +71,15 @@ def test_several_groups_against_the_reference(monkeypatch, rule, dtype):
     alpha, modulation = RULE_CONFIG[rule]
     inputs = rnn_inputs(alpha, modulation, rule, T=7, B=17, N=33, dtype=dtype, seed=5)
     clamp = torch.rand(7, 17, 33, generator=torch.Generator().manual_seed(6)) < 0.2
-    compare_with_reference(reference.plastic_rnn_sequence, fused.plastic_rnn_sequence, inputs,
-                           fused_options=dict(checkpoint_every=3), rule=rule, clip=CLIP,
-                           clamp=clamp)
+    compare_with_reference(
+        reference.plastic_rnn_sequence,
+        fused.plastic_rnn_sequence,
+        inputs,
+        fused_options=dict(checkpoint_every=3),
+        rule=rule,
+        clip=CLIP,
+        clamp=clamp,
+    )
 
 
 @pytest.mark.parametrize("modulator_input", ["h", "c"])
@@ -83,11 +90,19 @@ def test_lstm_several_groups_against_the_reference(monkeypatch, rule, modulator_
     than the defaults: Oja's rule at the defaults grows gradients of 1e5 here, on both paths."""
     monkeypatch.setenv(ENV, "whole")
     alpha, modulation = RULE_CONFIG[rule]
-    inputs = lstm_inputs(alpha, modulation, rule, T=7, B=17, N=33, seed=5, hebb_scale=0.5,
-                         eta_scale=0.2)
-    compare_with_reference(reference.plastic_lstm_sequence, fused.plastic_lstm_sequence, inputs,
-                           names=LSTM_OUTPUTS, fused_options=dict(checkpoint_every=3), rule=rule,
-                           clip=CLIP, modulator_input=modulator_input)
+    inputs = lstm_inputs(
+        alpha, modulation, rule, T=7, B=17, N=33, seed=5, hebb_scale=0.5, eta_scale=0.2
+    )
+    compare_with_reference(
+        reference.plastic_lstm_sequence,
+        fused.plastic_lstm_sequence,
+        inputs,
+        names=LSTM_OUTPUTS,
+        fused_options=dict(checkpoint_every=3),
+        rule=rule,
+        clip=CLIP,
+        modulator_input=modulator_input,
+    )
 
 
 class Switching:
@@ -107,8 +122,9 @@ class Switching:
 @pytest.mark.parametrize("forward_path,backward_path", [("whole", "steps"), ("steps", "whole")])
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("kind", ["rnn", "lstm"])
-def test_backward_accepts_the_other_paths_forward(monkeypatch, kind, rule, forward_path,
-                                                  backward_path):
+def test_backward_accepts_the_other_paths_forward(
+    monkeypatch, kind, rule, forward_path, backward_path
+):
     """Both paths store the same checkpoints, so either backward runs on either forward."""
     alpha, modulation = RULE_CONFIG[rule]
     make = rnn_inputs if kind == "rnn" else lstm_inputs
@@ -127,10 +143,21 @@ def test_float32_at_an_rl_size(monkeypatch, rule, path):
     norm-wise float32 bound of the float64 reference (helpers.assert_tensor_close)."""
     monkeypatch.setenv(ENV, path)
     alpha, modulation = RULE_CONFIG[rule]
-    inputs = rnn_inputs(alpha, modulation, rule, T=5, B=4, N=200, dtype=torch.float32, seed=8,
-                        hebb_scale=0.1, eta_scale=0.05)
-    compare_with_reference(reference.plastic_rnn_sequence, fused.plastic_rnn_sequence, inputs,
-                           rule=rule, clip=CLIP)
+    inputs = rnn_inputs(
+        alpha,
+        modulation,
+        rule,
+        T=5,
+        B=4,
+        N=200,
+        dtype=torch.float32,
+        seed=8,
+        hebb_scale=0.1,
+        eta_scale=0.05,
+    )
+    compare_with_reference(
+        reference.plastic_rnn_sequence, fused.plastic_rnn_sequence, inputs, rule=rule, clip=CLIP
+    )
 
 
 @pytest.mark.parametrize("path", ["whole", "steps"])
@@ -139,7 +166,23 @@ def test_lstm_float32_at_the_small_ptb_size(monkeypatch, rule, path):
     """Float32 at the width of the paper's small PTB model's layers (N = 200), on each path."""
     monkeypatch.setenv(ENV, path)
     alpha, modulation = RULE_CONFIG[rule]
-    inputs = lstm_inputs(alpha, modulation, rule, T=5, B=4, N=200, dtype=torch.float32, seed=9,
-                         hebb_scale=0.1, eta_scale=0.05)
-    compare_with_reference(reference.plastic_lstm_sequence, fused.plastic_lstm_sequence, inputs,
-                           names=LSTM_OUTPUTS, rule=rule, clip=CLIP)
+    inputs = lstm_inputs(
+        alpha,
+        modulation,
+        rule,
+        T=5,
+        B=4,
+        N=200,
+        dtype=torch.float32,
+        seed=9,
+        hebb_scale=0.1,
+        eta_scale=0.05,
+    )
+    compare_with_reference(
+        reference.plastic_lstm_sequence,
+        fused.plastic_lstm_sequence,
+        inputs,
+        names=LSTM_OUTPUTS,
+        rule=rule,
+        clip=CLIP,
+    )

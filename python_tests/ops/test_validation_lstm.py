@@ -3,6 +3,7 @@ their own inputs (x of width 4N, c, h2g) and options; the plastic part shares th
 (test_validation_rnn.py), of which a sample is here. RuntimeError for shapes, dtypes and
 contiguity, ValueError for option values, with a message that starts with the op's name.
 """
+
 import re
 
 import pytest
@@ -41,13 +42,17 @@ LSTM_SHAPE_CASES = [
 
 
 @SEQUENCE_OR_STEP
-@pytest.mark.parametrize("name,shape,expected", LSTM_SHAPE_CASES,
-                         ids=[f"{c[0]}{c[1]}" for c in LSTM_SHAPE_CASES])
+@pytest.mark.parametrize(
+    "name,shape,expected", LSTM_SHAPE_CASES, ids=[f"{c[0]}{c[1]}" for c in LSTM_SHAPE_CASES]
+)
 def test_lstm_wrong_shape(op, name, shape, expected):
     fn, kwargs = lstm_case(op)
     kwargs[name] = torch.zeros(shape, dtype=torch.float64)
-    pattern = (re.escape(f"plastic_lstm_{op}: expected {name} to have shape {expected}") + ".*"
-               + re.escape(f"got {shape_str(shape)}"))
+    pattern = (
+        re.escape(f"plastic_lstm_{op}: expected {name} to have shape {expected}")
+        + ".*"
+        + re.escape(f"got {shape_str(shape)}")
+    )
     with pytest.raises(RuntimeError, match=pattern):
         fn(**kwargs)
 
@@ -57,8 +62,11 @@ def test_lstm_x_width_not_four_gates(op):
     fn, kwargs = lstm_case(op)
     kwargs["x"] = kwargs["x"][..., :-1].contiguous()
     layout = "(T, B, 4N)" if op == "sequence" else "(B, 4N)"
-    pattern = (re.escape(f"plastic_lstm_{op}: expected x of shape {layout} (the four gates' "
-                         "inputs)") + ".*" + re.escape(f"got {shape_str(kwargs['x'].shape)}"))
+    pattern = (
+        re.escape(f"plastic_lstm_{op}: expected x of shape {layout} (the four gates' inputs)")
+        + ".*"
+        + re.escape(f"got {shape_str(kwargs['x'].shape)}")
+    )
     with pytest.raises(RuntimeError, match=pattern):
         fn(**kwargs)
 
@@ -68,9 +76,11 @@ def test_lstm_x_width_mismatch_with_h(op):
     """x of width 4M with M != N: h (and c, h2g) name the mismatch."""
     fn, kwargs = lstm_case(op)
     kwargs["x"] = torch.cat([kwargs["x"]] * 2, dim=-1)
-    pattern = (re.escape(f"plastic_lstm_{op}: expected h to have shape "
-                         f"{shape_str((B, 2 * N))} (B, N)") + ".*"
-               + re.escape(f"got {shape_str((B, N))}"))
+    pattern = (
+        re.escape(f"plastic_lstm_{op}: expected h to have shape {shape_str((B, 2 * N))} (B, N)")
+        + ".*"
+        + re.escape(f"got {shape_str((B, N))}")
+    )
     with pytest.raises(RuntimeError, match=pattern):
         fn(**kwargs)
 
@@ -80,8 +90,10 @@ def test_lstm_x_width_mismatch_with_h(op):
 def test_lstm_bad_modulator_input(op, modulator_input):
     fn, kwargs = lstm_case(op)
     kwargs["modulator_input"] = modulator_input
-    with pytest.raises(ValueError, match=f"plastic_lstm_{op}: modulator_input must be 'h' or 'c', "
-                       f"got '{modulator_input}'"):
+    with pytest.raises(
+        ValueError,
+        match=f"plastic_lstm_{op}: modulator_input must be 'h' or 'c', got '{modulator_input}'",
+    ):
         fn(**kwargs)
 
 
@@ -91,13 +103,15 @@ def test_lstm_dtype_mismatch_and_non_contiguous(op, name):
     fn, kwargs = lstm_case(op)
     good = kwargs[name]
     kwargs[name] = good.float()
-    with pytest.raises(RuntimeError, match=f"plastic_lstm_{op}: expected {name} to have dtype "
-                       "Double.*got Float"):
+    with pytest.raises(
+        RuntimeError, match=f"plastic_lstm_{op}: expected {name} to have dtype Double.*got Float"
+    ):
         fn(**kwargs)
     if good.dim() == 2:
         kwargs[name] = non_contiguous(good)
-        with pytest.raises(RuntimeError, match=f"plastic_lstm_{op}: expected {name} to be "
-                           "contiguous"):
+        with pytest.raises(
+            RuntimeError, match=f"plastic_lstm_{op}: expected {name} to be contiguous"
+        ):
             fn(**kwargs)
 
 
@@ -105,13 +119,32 @@ def test_lstm_sequence_backward_wrong_grad_shape():
     fn, kwargs = lstm_case("sequence")
     options = (kwargs["rule"], kwargs["clip"], kwargs["modulator_input"])
     tensors = [kwargs[k] for k in LSTM_INPUTS]
-    out, c_seq, hebb_T, elig_T, m, eta_seq, gates, ckpt_h, ckpt_e = \
+    out, c_seq, hebb_T, elig_T, m, eta_seq, gates, ckpt_h, ckpt_e = (
         torch.ops.backpropamine.plastic_lstm_sequence(*tensors, *options, 2)
+    )
     bad = torch.zeros(T, B, N + 1, dtype=torch.float64)
-    pattern = (re.escape("plastic_lstm_sequence_backward: expected grad_c to have shape "
-                         f"{shape_str((T, B, N))}") + ".*"
-               + re.escape(f"got {shape_str(bad.shape)}"))
+    pattern = (
+        re.escape(
+            f"plastic_lstm_sequence_backward: expected grad_c to have shape {shape_str((T, B, N))}"
+        )
+        + ".*"
+        + re.escape(f"got {shape_str(bad.shape)}")
+    )
     with pytest.raises(RuntimeError, match=pattern):
         torch.ops.backpropamine.plastic_lstm_sequence_backward(
-            None, bad, None, None, None, *tensors[1:], *options, out, c_seq, m, eta_seq, gates,
-            ckpt_h, ckpt_e, 2)
+            None,
+            bad,
+            None,
+            None,
+            None,
+            *tensors[1:],
+            *options,
+            out,
+            c_seq,
+            m,
+            eta_seq,
+            gates,
+            ckpt_h,
+            ckpt_e,
+            2,
+        )

@@ -7,6 +7,7 @@ a ValueError.
 
 Device mismatches between the CPU and a GPU are in test_cuda.py.
 """
+
 import re
 import subprocess
 import sys
@@ -35,8 +36,10 @@ pytestmark = pytest.mark.usefixtures("fused_cpu")
 MESSAGE_NAME = {"h0": "h", "hebb0": "hebb", "elig0": "elig", "c0": "c"}
 # Two configurations: modulated (every optional trace argument given) and without modulation
 # (eta given, the saved rates and modulator outputs empty).
-CONFIGS = {"modulated": ("full", "fanout3", "retroactive"),
-           "unmodulated": ("neuron", "none_full", "clip")}
+CONFIGS = {
+    "modulated": ("full", "fanout3", "retroactive"),
+    "unmodulated": ("neuron", "none_full", "clip"),
+}
 
 
 def _recurrent_kwargs(op, config):
@@ -60,9 +63,12 @@ def _recurrent_kwargs(op, config):
     if not lstm:
         kwargs["clamp"] = clamp
     if op.endswith("_rollout_step"):
-        kwargs.update(u=torch.randn_like(inputs["x"]), hebb=kwargs["hebb"].clone(),
-                      hebb_out=torch.empty_like(inputs["hebb"]),
-                      elig_out=None if inputs["elig"] is None else torch.empty_like(inputs["elig"]))
+        kwargs.update(
+            u=torch.randn_like(inputs["x"]),
+            hebb=kwargs["hebb"].clone(),
+            hebb_out=torch.empty_like(inputs["hebb"]),
+            elig_out=None if inputs["elig"] is None else torch.empty_like(inputs["elig"]),
+        )
         return kwargs
     if not op.endswith("_backward"):
         return kwargs
@@ -71,8 +77,15 @@ def _recurrent_kwargs(op, config):
     retro = rule == "retroactive"
     if lstm and sequence:
         out, c_seq, hebb_T, elig_T, m, eta, gates, ckpt_h, ckpt_e = outputs
-        saved = dict(out=out, c_seq=c_seq, m=m, eta_seq=eta, gates=gates, hebb_checkpoints=ckpt_h,
-                     elig_checkpoints=ckpt_e)
+        saved = dict(
+            out=out,
+            c_seq=c_seq,
+            m=m,
+            eta_seq=eta,
+            gates=gates,
+            hebb_checkpoints=ckpt_h,
+            elig_checkpoints=ckpt_e,
+        )
         grads = dict(grad_out=torch.ones_like(out), grad_c=torch.ones_like(c_seq))
     elif lstm:
         h_new, c_new, hebb_T, elig_T, m, eta, gates = outputs
@@ -86,9 +99,11 @@ def _recurrent_kwargs(op, config):
         h_new, hebb_T, elig_T, m, eta = outputs
         saved = dict(h_new=h_new, m=m, eta_t=eta)
         grads = dict(grad_h_new=torch.ones_like(h_new))
-    grads.update(grad_hebb=torch.ones_like(hebb_T),
-                 grad_elig=torch.ones_like(elig_T) if retro else None,
-                 grad_m=torch.ones_like(m) if modulated else None)
+    grads.update(
+        grad_hebb=torch.ones_like(hebb_T),
+        grad_elig=torch.ones_like(elig_T) if retro else None,
+        grad_m=torch.ones_like(m) if modulated else None,
+    )
     kwargs = {k: v for k, v in kwargs.items() if k != "x"}
     return dict(grads, **kwargs, **saved)
 
@@ -102,22 +117,38 @@ def _primitive_kwargs(op, config):
         kwargs = dict(x=t(Bp, P), w=t(P, Np), alpha=alpha, hebb=t(Bp, P, Np))
         return dict(grad_u=t(Bp, Np), **kwargs) if op.endswith("_backward") else kwargs
     retro = config == "modulated"
-    kwargs = dict(hebb=t(Bp, P, Np), pre=t(Bp, P), post=t(Bp, Np),
-                  eta=t(Bp, 1, Np) if retro else t(1, P, Np),
-                  elig=t(Bp, P, Np) if retro else None,
-                  elig_rate=torch.tensor(0.3, dtype=torch.float64) if retro else None,
-                  rule="retroactive" if retro else "clip", clip=1.0)
+    kwargs = dict(
+        hebb=t(Bp, P, Np),
+        pre=t(Bp, P),
+        post=t(Bp, Np),
+        eta=t(Bp, 1, Np) if retro else t(1, P, Np),
+        elig=t(Bp, P, Np) if retro else None,
+        elig_rate=torch.tensor(0.3, dtype=torch.float64) if retro else None,
+        rule="retroactive" if retro else "clip",
+        clip=1.0,
+    )
     if op.endswith("_backward"):
-        kwargs = dict(grad_hebb_new=t(Bp, P, Np), grad_elig_new=t(Bp, P, Np) if retro else None,
-                      **kwargs)
+        kwargs = dict(
+            grad_hebb_new=t(Bp, P, Np), grad_elig_new=t(Bp, P, Np) if retro else None, **kwargs
+        )
     return kwargs
 
 
 REGISTERED_OPS = [
-    "plastic_rnn_sequence", "plastic_rnn_sequence_backward", "plastic_rnn_step",
-    "plastic_rnn_step_backward", "plastic_rnn_rollout_step", "plastic_lstm_sequence",
-    "plastic_lstm_sequence_backward", "plastic_lstm_step", "plastic_lstm_step_backward",
-    "plastic_matvec", "plastic_matvec_backward", "hebb_update", "hebb_update_backward"]
+    "plastic_rnn_sequence",
+    "plastic_rnn_sequence_backward",
+    "plastic_rnn_step",
+    "plastic_rnn_step_backward",
+    "plastic_rnn_rollout_step",
+    "plastic_lstm_sequence",
+    "plastic_lstm_sequence_backward",
+    "plastic_lstm_step",
+    "plastic_lstm_step_backward",
+    "plastic_matvec",
+    "plastic_matvec_backward",
+    "hebb_update",
+    "hebb_update_backward",
+]
 
 
 def op_kwargs(op, config):
@@ -128,8 +159,11 @@ def op_kwargs(op, config):
 
 
 def test_registered_ops_are_all_listed():
-    defined = {name.split("::")[1] for name in torch._C._dispatch_get_all_op_names()
-               if name.startswith("backpropamine::")} - {"cpu_isa", "cpu_sequence_path"}
+    defined = {
+        name.split("::")[1]
+        for name in torch._C._dispatch_get_all_op_names()
+        if name.startswith("backpropamine::")
+    } - {"cpu_isa", "cpu_sequence_path"}
     assert defined == set(REGISTERED_OPS)
 
 
@@ -138,8 +172,11 @@ OP_CONFIGS = [(op, config) for op in REGISTERED_OPS for config in CONFIGS]
 
 def tensor_arguments(op, kwargs):
     """The names of the tensor arguments given in kwargs, in schema order."""
-    return [a.name for a in getattr(OPS, op).default._schema.arguments
-            if isinstance(kwargs.get(a.name), torch.Tensor)]
+    return [
+        a.name
+        for a in getattr(OPS, op).default._schema.arguments
+        if isinstance(kwargs.get(a.name), torch.Tensor)
+    ]
 
 
 def test_every_op_takes_its_valid_arguments():
@@ -155,8 +192,10 @@ def test_every_tensor_argument_is_checked(op, config):
     for name in tensor_arguments(op, op_kwargs(op, config)):
         shown = MESSAGE_NAME.get(name, name)
         good = op_kwargs(op, config)[name]
-        bad = {"wrong shape": (good.unsqueeze(-1), "shape"),
-               "wrong dtype": (good.to(torch.float16), "dtype")}
+        bad = {
+            "wrong shape": (good.unsqueeze(-1), "shape"),
+            "wrong dtype": (good.to(torch.float16), "dtype"),
+        }
         if good.numel() > 0:
             bad["empty"] = (good.new_empty((0,) + tuple(good.shape[1:])), "shape")
         if good.numel() > 1:
@@ -167,10 +206,12 @@ def test_every_tensor_argument_is_checked(op, config):
             with pytest.raises(Exception) as info:
                 fn(**kwargs)
             message = str(info.value)
-            assert type(info.value) is RuntimeError, \
+            assert type(info.value) is RuntimeError, (
                 f"{name}, {what}: raised {type(info.value).__name__}: {message}"
-            assert f"{op}: expected {shown} " in message and fragment in message, \
+            )
+            assert f"{op}: expected {shown} " in message and fragment in message, (
                 f"{name}, {what}: {message!r}"
+            )
 
 
 @pytest.mark.parametrize("op,config", OP_CONFIGS, ids=[f"{o}-{c}" for o, c in OP_CONFIGS])
@@ -182,19 +223,31 @@ def test_every_tensor_argument_on_another_device(op, config):
     for name in names:
         kwargs = op_kwargs(op, config)
         kwargs[name] = kwargs[name].to("meta")
-        expected = (f"{op}: expected {names[1]} on device meta (the device of the first "
-                    "argument), got cpu" if name == names[0] else
-                    f"{op}: expected {name} on device cpu (the device of the first argument), "
-                    "got meta")
+        expected = (
+            f"{op}: expected {names[1]} on device meta (the device of the first argument), got cpu"
+            if name == names[0]
+            else f"{op}: expected {name} on device cpu (the device of the first argument), got meta"
+        )
         with pytest.raises(RuntimeError, match=re.escape(expected)):
             fn(**kwargs)
     # all on meta: the fake kernel's shapes, no error
-    fn(**{k: v.to("meta") if isinstance(v, torch.Tensor) else v
-          for k, v in op_kwargs(op, config).items()})
+    fn(
+        **{
+            k: v.to("meta") if isinstance(v, torch.Tensor) else v
+            for k, v in op_kwargs(op, config).items()
+        }
+    )
 
 
-@pytest.mark.parametrize("op", ["plastic_rnn_sequence_backward", "plastic_rnn_step_backward",
-                                "plastic_lstm_sequence_backward", "plastic_lstm_step_backward"])
+@pytest.mark.parametrize(
+    "op",
+    [
+        "plastic_rnn_sequence_backward",
+        "plastic_rnn_step_backward",
+        "plastic_lstm_sequence_backward",
+        "plastic_lstm_step_backward",
+    ],
+)
 def test_backward_empty_rates_in_a_subprocess(op):
     """The crash these checks guard against, reported as such should it come back: an empty
     eta_seq / eta_t of a modulated backward ended the process (SIGSEGV)."""
@@ -209,8 +262,13 @@ def test_backward_empty_rates_in_a_subprocess(op):
         "except RuntimeError as e:\n"
         "    print(e)\n"
     ) % (str(Path(__file__).parent), str(TESTS), op, op, op)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            env=subprocess_env(), timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=300,
+    )
     assert result.returncode == 0, f"exit code {result.returncode}: {result.stderr[-2000:]}"
     assert f"{op}: expected eta_" in result.stdout
 
@@ -218,11 +276,16 @@ def test_backward_empty_rates_in_a_subprocess(op):
 def test_backward_grad_elig_without_retroactive():
     kwargs = op_kwargs("plastic_rnn_sequence_backward", "unmodulated")
     kwargs["grad_elig"] = torch.ones_like(kwargs["hebb0"])
-    with pytest.raises(ValueError, match="plastic_rnn_sequence_backward: grad_elig is only used by "
-                       "rule 'retroactive'; pass None"):
+    with pytest.raises(
+        ValueError,
+        match="plastic_rnn_sequence_backward: grad_elig is only used by "
+        "rule 'retroactive'; pass None",
+    ):
         OPS.plastic_rnn_sequence_backward(**kwargs)
     kwargs = op_kwargs("hebb_update_backward", "unmodulated")
     kwargs["grad_elig_new"] = torch.ones_like(kwargs["hebb"])
-    with pytest.raises(ValueError, match="hebb_update_backward: grad_elig_new is only used by rule "
-                       "'retroactive'; pass None"):
+    with pytest.raises(
+        ValueError,
+        match="hebb_update_backward: grad_elig_new is only used by rule 'retroactive'; pass None",
+    ):
         OPS.hebb_update_backward(**kwargs)

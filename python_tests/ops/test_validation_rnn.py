@@ -8,6 +8,7 @@ the reference.
 Device mismatches with `meta` are in test_validation_registered_ops.py; between the CPU and a GPU,
 in test_cuda.py.
 """
+
 import math
 import re
 
@@ -35,6 +36,7 @@ pytestmark = pytest.mark.usefixtures("fused_cpu")
 
 # ---------------------------------------------------------------------------------------------
 # The RNN ops (sequence and step share their checks; the message starts with the op's name).
+
 
 def rnn_case(op, modulation="fanout3", rule="retroactive"):
     """(function, valid kwargs) of the fused sequence or step op."""
@@ -70,13 +72,17 @@ RNN_SHAPE_CASES = [
 
 
 @SEQUENCE_OR_STEP
-@pytest.mark.parametrize("name,shape,expected", RNN_SHAPE_CASES,
-                         ids=[f"{c[0]}{c[1]}" for c in RNN_SHAPE_CASES])
+@pytest.mark.parametrize(
+    "name,shape,expected", RNN_SHAPE_CASES, ids=[f"{c[0]}{c[1]}" for c in RNN_SHAPE_CASES]
+)
 def test_rnn_wrong_shape(op, name, shape, expected):
     fn, kwargs = rnn_case(op)
     kwargs[name] = torch.zeros(shape, dtype=torch.float64)
-    pattern = (re.escape(f"{op_name(op)}: expected {name} to have shape {expected}") + ".*"
-               + re.escape(f"got {shape_str(shape)}"))
+    pattern = (
+        re.escape(f"{op_name(op)}: expected {name} to have shape {expected}")
+        + ".*"
+        + re.escape(f"got {shape_str(shape)}")
+    )
     with pytest.raises(RuntimeError, match=pattern):
         fn(**kwargs)
 
@@ -86,9 +92,16 @@ def test_rnn_wrong_shape(op, name, shape, expected):
 def test_rnn_alpha_wrong_rank(op, shape):
     fn, kwargs = rnn_case(op)
     kwargs["alpha"] = torch.zeros(shape, dtype=torch.float64)
-    pattern = (re.escape(f"{op_name(op)}: expected alpha of shape (P, N) ('full'), (N,) "
-                         "('neuron') or () ('scalar')") + ".*"
-               + re.escape(f"P, N = {N}, {N}") + ".*" + re.escape(f"got {shape_str(shape)}"))
+    pattern = (
+        re.escape(
+            f"{op_name(op)}: expected alpha of shape (P, N) ('full'), (N,) "
+            "('neuron') or () ('scalar')"
+        )
+        + ".*"
+        + re.escape(f"P, N = {N}, {N}")
+        + ".*"
+        + re.escape(f"got {shape_str(shape)}")
+    )
     with pytest.raises(RuntimeError, match=pattern):
         fn(**kwargs)
 
@@ -98,8 +111,11 @@ def test_rnn_alpha_wrong_rank(op, shape):
 def test_rnn_h2mod_weight_wrong_shape(op, shape):
     fn, kwargs = rnn_case(op)
     kwargs["h2mod_weight"] = torch.zeros(shape, dtype=torch.float64)
-    pattern = (re.escape(f"{op_name(op)}: expected h2mod_weight of shape (K, N) with K >= 1 "
-                         f"and N = {N}") + ".*" + re.escape(f"got {shape_str(shape)}"))
+    pattern = (
+        re.escape(f"{op_name(op)}: expected h2mod_weight of shape (K, N) with K >= 1 and N = {N}")
+        + ".*"
+        + re.escape(f"got {shape_str(shape)}")
+    )
     with pytest.raises(RuntimeError, match=pattern):
         fn(**kwargs)
 
@@ -109,8 +125,13 @@ def test_rnn_h2mod_weight_wrong_shape(op, shape):
 def test_rnn_eta_wrong_shape(op, shape):
     fn, kwargs = rnn_case(op, modulation="none_full", rule="clip")
     kwargs["eta"] = torch.zeros(shape, dtype=torch.float64)
-    pattern = (re.escape(f"{op_name(op)}: expected eta of shape () ('scalar') or (N, N) "
-                         f"('full') with N = {N}") + ".*" + re.escape(f"got {shape_str(shape)}"))
+    pattern = (
+        re.escape(
+            f"{op_name(op)}: expected eta of shape () ('scalar') or (N, N) ('full') with N = {N}"
+        )
+        + ".*"
+        + re.escape(f"got {shape_str(shape)}")
+    )
     with pytest.raises(RuntimeError, match=pattern):
         fn(**kwargs)
 
@@ -121,8 +142,11 @@ def test_rnn_x_wrong_rank(op):
     bad = kwargs["x"][0] if op == "sequence" else kwargs["x"].unsqueeze(0)
     kwargs["x"] = bad
     layout = "(T, B, N)" if op == "sequence" else "(B, N)"
-    pattern = (re.escape(f"{op_name(op)}: expected x of shape {layout}") + ".*"
-               + re.escape(f"got {shape_str(bad.shape)}"))
+    pattern = (
+        re.escape(f"{op_name(op)}: expected x of shape {layout}")
+        + ".*"
+        + re.escape(f"got {shape_str(bad.shape)}")
+    )
     with pytest.raises(RuntimeError, match=pattern):
         fn(**kwargs)
 
@@ -130,24 +154,37 @@ def test_rnn_x_wrong_rank(op):
 @pytest.mark.parametrize("shape", [(0, B, N), (T, 0, N), (T, B, 0)], ids=str)
 def test_sequence_empty(shape):
     fn, kwargs = rnn_case("sequence", modulation="none_scalar", rule="clip")
-    kwargs.update(x=torch.zeros(shape, dtype=torch.float64),
-                  h=torch.zeros(shape[1:], dtype=torch.float64),
-                  hebb=torch.zeros(shape[1], shape[2], shape[2], dtype=torch.float64),
-                  w=torch.zeros(shape[2], shape[2], dtype=torch.float64),
-                  alpha=torch.zeros((), dtype=torch.float64))
-    with pytest.raises(RuntimeError, match=re.escape(
+    kwargs.update(
+        x=torch.zeros(shape, dtype=torch.float64),
+        h=torch.zeros(shape[1:], dtype=torch.float64),
+        hebb=torch.zeros(shape[1], shape[2], shape[2], dtype=torch.float64),
+        w=torch.zeros(shape[2], shape[2], dtype=torch.float64),
+        alpha=torch.zeros((), dtype=torch.float64),
+    )
+    with pytest.raises(
+        RuntimeError,
+        match=re.escape(
             "plastic_rnn_sequence: expected x with at least one time step, sample and neuron, got "
-            f"shape {shape_str(shape)}")):
+            f"shape {shape_str(shape)}"
+        ),
+    ):
         fn(**kwargs)
 
 
 def test_step_empty_batch():
     fn, kwargs = rnn_case("step", modulation="none_scalar", rule="clip")
-    kwargs.update(x=torch.zeros(0, N, dtype=torch.float64), h=torch.zeros(0, N).double(),
-                  hebb=torch.zeros(0, N, N, dtype=torch.float64))
-    with pytest.raises(RuntimeError, match=re.escape(
+    kwargs.update(
+        x=torch.zeros(0, N, dtype=torch.float64),
+        h=torch.zeros(0, N).double(),
+        hebb=torch.zeros(0, N, N, dtype=torch.float64),
+    )
+    with pytest.raises(
+        RuntimeError,
+        match=re.escape(
             "plastic_rnn_step: expected x with at least one time step, sample and neuron, got "
-            f"shape {shape_str((0, N))}")):
+            f"shape {shape_str((0, N))}"
+        ),
+    ):
         fn(**kwargs)
 
 
@@ -156,32 +193,51 @@ def test_step_empty_batch():
 def test_rnn_dtype_mismatch(op, name):
     fn, kwargs = rnn_case(op)
     kwargs[name] = kwargs[name].float()
-    with pytest.raises(RuntimeError, match=re.escape(
+    with pytest.raises(
+        RuntimeError,
+        match=re.escape(
             f"{op_name(op)}: expected {name} to have dtype Double (the dtype of the first "
-            "argument), got Float")):
+            "argument), got Float"
+        ),
+    ):
         fn(**kwargs)
 
 
 @SEQUENCE_OR_STEP
 def test_rnn_eta_dtype_mismatch(op):
     fn, kwargs = rnn_case(op, modulation="none_full", rule="clip")
-    kwargs = {k: (v.float() if isinstance(v, torch.Tensor) and k != "eta" else v)
-              for k, v in kwargs.items()}
-    with pytest.raises(RuntimeError, match=re.escape(
+    kwargs = {
+        k: (v.float() if isinstance(v, torch.Tensor) and k != "eta" else v)
+        for k, v in kwargs.items()
+    }
+    with pytest.raises(
+        RuntimeError,
+        match=re.escape(
             f"{op_name(op)}: expected eta to have dtype Float (the dtype of the first argument), "
-            "got Double")):
+            "got Double"
+        ),
+    ):
         fn(**kwargs)
 
 
 @SEQUENCE_OR_STEP
-@pytest.mark.parametrize("dtype,printed", [(torch.float16, "Half"), (torch.bfloat16, "BFloat16"),
-                                           (torch.int32, "Int"), (torch.int64, "Long")],
-                         ids=str)
+@pytest.mark.parametrize(
+    "dtype,printed",
+    [
+        (torch.float16, "Half"),
+        (torch.bfloat16, "BFloat16"),
+        (torch.int32, "Int"),
+        (torch.int64, "Long"),
+    ],
+    ids=str,
+)
 def test_rnn_x_unsupported_dtype(op, dtype, printed):
     fn, kwargs = rnn_case(op)
     kwargs["x"] = kwargs["x"].to(dtype)
-    with pytest.raises(RuntimeError, match=f"{op_name(op)}: expected x to have dtype float32 or "
-                       f"float64, got {printed}"):
+    with pytest.raises(
+        RuntimeError,
+        match=f"{op_name(op)}: expected x to have dtype float32 or float64, got {printed}",
+    ):
         fn(**kwargs)
 
 
@@ -191,9 +247,13 @@ def test_rnn_non_contiguous(op, name):
     fn, kwargs = rnn_case(op)
     kwargs[name] = non_contiguous(kwargs[name])
     t = kwargs[name]
-    with pytest.raises(RuntimeError, match=re.escape(
+    with pytest.raises(
+        RuntimeError,
+        match=re.escape(
             f"{op_name(op)}: expected {name} to be contiguous, got strides {shape_str(t.stride())} "
-            f"for shape {shape_str(t.shape)} (call .contiguous())")):
+            f"for shape {shape_str(t.shape)} (call .contiguous())"
+        ),
+    ):
         fn(**kwargs)
 
 
@@ -201,17 +261,22 @@ def test_rnn_non_contiguous(op, name):
 def test_rnn_eta_non_contiguous(op):
     fn, kwargs = rnn_case(op, modulation="none_full", rule="clip")
     kwargs["eta"] = kwargs["eta"].t()
-    with pytest.raises(RuntimeError, match=re.escape(
+    with pytest.raises(
+        RuntimeError,
+        match=re.escape(
             f"{op_name(op)}: expected eta to be contiguous, got strides {shape_str((1, N))} for "
-            f"shape {shape_str((N, N))}")):
+            f"shape {shape_str((N, N))}"
+        ),
+    ):
         fn(**kwargs)
 
 
 @SEQUENCE_OR_STEP
 def test_rnn_clamp_not_bool(op):
     fn, kwargs = rnn_case(op)
-    with pytest.raises(RuntimeError, match=f"{op_name(op)}: expected clamp to have dtype bool, got "
-                       "Double"):
+    with pytest.raises(
+        RuntimeError, match=f"{op_name(op)}: expected clamp to have dtype bool, got Double"
+    ):
         fn(**kwargs, clamp=torch.ones_like(kwargs["x"]))
 
 
@@ -219,9 +284,13 @@ def test_rnn_clamp_not_bool(op):
 def test_rnn_clamp_wrong_shape(op):
     fn, kwargs = rnn_case(op)
     shape = (*kwargs["x"].shape[:-1], N + 1)
-    with pytest.raises(RuntimeError, match=re.escape(
+    with pytest.raises(
+        RuntimeError,
+        match=re.escape(
             f"{op_name(op)}: expected clamp to have shape {shape_str(kwargs['x'].shape)} (the "
-            f"shape of x), got {shape_str(shape)}")):
+            f"shape of x), got {shape_str(shape)}"
+        ),
+    ):
         fn(**kwargs, clamp=torch.ones(shape, dtype=torch.bool))
 
 
@@ -244,17 +313,22 @@ def test_rollout_step_drive_wrong_shape(shape):
     fn, kwargs = rollout_case()
     fn(**kwargs)
     kwargs["u"] = torch.zeros(shape, dtype=torch.float64)
-    with pytest.raises(RuntimeError, match=re.escape(
+    with pytest.raises(
+        RuntimeError,
+        match=re.escape(
             f"plastic_rnn_rollout_step: expected u to have shape {shape_str((B, N))} (B, N), like "
-            f"x, got {shape_str(shape)}")):
+            f"x, got {shape_str(shape)}"
+        ),
+    ):
         fn(**kwargs)
 
 
 def test_rollout_step_drive_wrong_dtype():
     fn, kwargs = rollout_case()
     kwargs["u"] = kwargs["u"].float()
-    with pytest.raises(RuntimeError, match="plastic_rnn_rollout_step: expected u to have dtype "
-                       "Double"):
+    with pytest.raises(
+        RuntimeError, match="plastic_rnn_rollout_step: expected u to have dtype Double"
+    ):
         fn(**kwargs)
 
 
@@ -263,27 +337,38 @@ def test_rollout_step_trace_outputs():
     hebb, elig = kwargs["hebb"], kwargs["elig"]
     fn(**kwargs, hebb_out=torch.empty_like(hebb), elig_out=torch.empty_like(elig))
     fn(**kwargs, hebb_out=hebb, elig_out=elig)  # in place, as without them
-    with pytest.raises(ValueError, match="plastic_rnn_rollout_step: with elig and hebb_out, pass "
-                       "elig_out"):
+    with pytest.raises(
+        ValueError, match="plastic_rnn_rollout_step: with elig and hebb_out, pass elig_out"
+    ):
         fn(**kwargs, hebb_out=torch.empty_like(hebb))
     with pytest.raises(ValueError, match="plastic_rnn_rollout_step: elig_out needs hebb_out"):
         fn(**kwargs, elig_out=torch.empty_like(elig))
-    with pytest.raises(RuntimeError, match="plastic_rnn_rollout_step: expected hebb_out to have "
-                       "shape"):
+    with pytest.raises(
+        RuntimeError, match="plastic_rnn_rollout_step: expected hebb_out to have shape"
+    ):
         fn(**kwargs, hebb_out=hebb.new_empty(B, N, N + 1), elig_out=torch.empty_like(elig))
-    with pytest.raises(RuntimeError, match="plastic_rnn_rollout_step: expected elig_out to have "
-                       "dtype Double"):
+    with pytest.raises(
+        RuntimeError, match="plastic_rnn_rollout_step: expected elig_out to have dtype Double"
+    ):
         fn(**kwargs, hebb_out=torch.empty_like(hebb), elig_out=elig.float())
-    with pytest.raises(RuntimeError, match="plastic_rnn_rollout_step: expected hebb_out to be "
-                       "contiguous"):
-        fn(**kwargs, hebb_out=hebb.new_empty(B, N, N).transpose(1, 2),
-           elig_out=torch.empty_like(elig))
+    with pytest.raises(
+        RuntimeError, match="plastic_rnn_rollout_step: expected hebb_out to be contiguous"
+    ):
+        fn(
+            **kwargs,
+            hebb_out=hebb.new_empty(B, N, N).transpose(1, 2),
+            elig_out=torch.empty_like(elig),
+        )
     both = hebb.new_empty(2 * B * N * N + 1)
-    shifted = both[1:B * N * N + 1].view(B, N, N)
-    with pytest.raises(RuntimeError, match="plastic_rnn_rollout_step: hebb_out overlaps part of "
-                       "hebb"):
-        fn(**dict(kwargs, hebb=both[:B * N * N].view(B, N, N)), hebb_out=shifted,
-           elig_out=torch.empty_like(elig))
+    shifted = both[1 : B * N * N + 1].view(B, N, N)
+    with pytest.raises(
+        RuntimeError, match="plastic_rnn_rollout_step: hebb_out overlaps part of hebb"
+    ):
+        fn(
+            **dict(kwargs, hebb=both[: B * N * N].view(B, N, N)),
+            hebb_out=shifted,
+            elig_out=torch.empty_like(elig),
+        )
     with pytest.raises(RuntimeError, match="plastic_rnn_rollout_step: hebb_out overlaps elig"):
         fn(**kwargs, hebb_out=elig, elig_out=torch.empty_like(elig))
     with pytest.raises(RuntimeError, match="plastic_rnn_rollout_step: elig_out overlaps hebb_out"):
@@ -293,10 +378,14 @@ def test_rollout_step_trace_outputs():
     with pytest.raises(RuntimeError, match="plastic_rnn_rollout_step: hebb_out overlaps w"):
         fn(**dict(kwargs, w=w_sized[0]), hebb_out=w_sized, elig_out=torch.empty_like(elig))
     fn, kwargs = rollout_case_without_elig()
-    with pytest.raises(ValueError, match="plastic_rnn_rollout_step: elig_out is only used with "
-                       "elig"):
-        fn(**kwargs, hebb_out=torch.empty_like(kwargs["hebb"]),
-           elig_out=torch.empty_like(kwargs["hebb"]))
+    with pytest.raises(
+        ValueError, match="plastic_rnn_rollout_step: elig_out is only used with elig"
+    ):
+        fn(
+            **kwargs,
+            hebb_out=torch.empty_like(kwargs["hebb"]),
+            elig_out=torch.empty_like(kwargs["hebb"]),
+        )
     fn(**kwargs, hebb_out=torch.empty_like(kwargs["hebb"]))
 
 
@@ -315,43 +404,60 @@ def test_rollout_step_checks_like_step():
 
 # Option values and missing/extra optional arguments: ValueError.
 
+
 @SEQUENCE_OR_STEP
 @pytest.mark.parametrize("rule", ["hebbian", "", "Clip"])
 def test_rnn_unknown_rule(op, rule):
     fn, kwargs = rnn_case(op, modulation="none_scalar", rule="clip")
     kwargs["rule"] = rule
-    with pytest.raises(ValueError, match=f"{op_name(op)}: rule must be one of 'clip', 'softclip', "
-                       f"'decay', 'oja', 'retroactive', got '{rule}'"):
+    with pytest.raises(
+        ValueError,
+        match=f"{op_name(op)}: rule must be one of 'clip', 'softclip', "
+        f"'decay', 'oja', 'retroactive', got '{rule}'",
+    ):
         fn(**kwargs)
 
 
 @SEQUENCE_OR_STEP
-@pytest.mark.parametrize("clip,printed", [(0.0, "0"), (-1.0, "-1"), (math.nan, "nan"),
-                                          (math.inf, "inf")], ids=str)
+@pytest.mark.parametrize(
+    "clip,printed", [(0.0, "0"), (-1.0, "-1"), (math.nan, "nan"), (math.inf, "inf")], ids=str
+)
 def test_rnn_bad_clip(op, clip, printed):
     fn, kwargs = rnn_case(op)
     kwargs["clip"] = clip
-    with pytest.raises(ValueError, match=f"{op_name(op)}: clip must be a finite number > 0, got "
-                       f"{printed}"):
+    with pytest.raises(
+        ValueError, match=f"{op_name(op)}: clip must be a finite number > 0, got {printed}"
+    ):
         fn(**kwargs)
 
 
 @pytest.mark.parametrize("checkpoint_every", [0, -2])
 def test_sequence_bad_checkpoint_every(checkpoint_every):
     fn, kwargs = rnn_case("sequence")
-    with pytest.raises(ValueError, match="plastic_rnn_sequence: checkpoint_every must be >= 1, got "
-                       f"{checkpoint_every}"):
+    with pytest.raises(
+        ValueError,
+        match=f"plastic_rnn_sequence: checkpoint_every must be >= 1, got {checkpoint_every}",
+    ):
         fn(**kwargs, checkpoint_every=checkpoint_every)
 
 
 @SEQUENCE_OR_STEP
 def test_rnn_retroactive_without_modulation(op):
     fn, kwargs = rnn_case(op)
-    kwargs.update(h2mod_weight=None, h2mod_bias=None, fanout_weight=None, fanout_bias=None,
-                  eta=torch.tensor(0.1, dtype=torch.float64))
-    with pytest.raises(ValueError, match=re.escape(
+    kwargs.update(
+        h2mod_weight=None,
+        h2mod_bias=None,
+        fanout_weight=None,
+        fanout_bias=None,
+        eta=torch.tensor(0.1, dtype=torch.float64),
+    )
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
             f"{op_name(op)}: rule 'retroactive' needs modulation 'simple' or 'fanout' (pass "
-            "h2mod_weight), got modulation 'none'")):
+            "h2mod_weight), got modulation 'none'"
+        ),
+    ):
         fn(**kwargs)
 
 
@@ -359,9 +465,13 @@ def test_rnn_retroactive_without_modulation(op):
 def test_rnn_simple_with_several_modulators(op):
     fn, kwargs = rnn_case(op)
     kwargs.update(fanout_weight=None, fanout_bias=None)
-    with pytest.raises(ValueError, match=re.escape(
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
             f"{op_name(op)}: modulation 'simple' takes one modulator (h2mod_weight of shape (1, "
-            f"N)), got K = {K}; use 'fanout' for K > 1")):
+            f"N)), got K = {K}; use 'fanout' for K > 1"
+        ),
+    ):
         fn(**kwargs)
 
 
@@ -369,9 +479,13 @@ def test_rnn_simple_with_several_modulators(op):
 def test_rnn_eta_and_h2mod(op):
     fn, kwargs = rnn_case(op)
     kwargs["eta"] = torch.tensor(0.1, dtype=torch.float64)
-    with pytest.raises(ValueError, match=re.escape(
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
             f"{op_name(op)}: pass either eta (modulation 'none') or h2mod_weight (modulation "
-            "'simple'/'fanout'), not both")):
+            "'simple'/'fanout'), not both"
+        ),
+    ):
         fn(**kwargs)
 
 
@@ -379,20 +493,27 @@ def test_rnn_eta_and_h2mod(op):
 def test_rnn_no_eta_no_h2mod(op):
     fn, kwargs = rnn_case(op, modulation="none_scalar", rule="clip")
     kwargs["eta"] = None
-    with pytest.raises(ValueError, match=re.escape(
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
             f"{op_name(op)}: without modulation (h2mod_weight None) the learned rate eta is "
-            "required, got None")):
+            "required, got None"
+        ),
+    ):
         fn(**kwargs)
 
 
 @SEQUENCE_OR_STEP
-@pytest.mark.parametrize("name,shape", [("fanout_weight", (N, 1)), ("h2mod_bias", (1,)),
-                                        ("fanout_bias", (N,))])
+@pytest.mark.parametrize(
+    "name,shape", [("fanout_weight", (N, 1)), ("h2mod_bias", (1,)), ("fanout_bias", (N,))]
+)
 def test_rnn_modulation_parts_without_h2mod_weight(op, name, shape):
     fn, kwargs = rnn_case(op, modulation="none_scalar", rule="clip")
     kwargs[name] = torch.zeros(shape, dtype=torch.float64)
-    with pytest.raises(ValueError, match=f"{op_name(op)}: fanout_weight, h2mod_bias and "
-                       "fanout_bias need h2mod_weight"):
+    with pytest.raises(
+        ValueError,
+        match=f"{op_name(op)}: fanout_weight, h2mod_bias and fanout_bias need h2mod_weight",
+    ):
         fn(**kwargs)
 
 
@@ -400,8 +521,9 @@ def test_rnn_modulation_parts_without_h2mod_weight(op, name, shape):
 def test_rnn_h2mod_bias_missing(op):
     fn, kwargs = rnn_case(op)
     kwargs["h2mod_bias"] = None
-    with pytest.raises(ValueError, match=f"{op_name(op)}: h2mod_bias is required with "
-                       "h2mod_weight"):
+    with pytest.raises(
+        ValueError, match=f"{op_name(op)}: h2mod_bias is required with h2mod_weight"
+    ):
         fn(**kwargs)
 
 
@@ -409,8 +531,9 @@ def test_rnn_h2mod_bias_missing(op):
 def test_rnn_fanout_bias_missing(op):
     fn, kwargs = rnn_case(op)
     kwargs["fanout_bias"] = None
-    with pytest.raises(ValueError, match=f"{op_name(op)}: fanout_bias is required with "
-                       "fanout_weight"):
+    with pytest.raises(
+        ValueError, match=f"{op_name(op)}: fanout_bias is required with fanout_weight"
+    ):
         fn(**kwargs)
 
 
@@ -427,10 +550,14 @@ def test_rnn_fanout_bias_without_fanout_weight(op):
 def test_rnn_retroactive_missing_elig(op, missing):
     fn, kwargs = rnn_case(op)
     kwargs[missing] = None
-    expected = (f"needs the eligibility trace elig of shape {shape_str((B, N, N))}, got None"
-                if missing == "elig" else "needs elig_rate of shape (), got None")
-    with pytest.raises(ValueError, match=re.escape(
-            f"{op_name(op)}: rule 'retroactive' {expected}")):
+    expected = (
+        f"needs the eligibility trace elig of shape {shape_str((B, N, N))}, got None"
+        if missing == "elig"
+        else "needs elig_rate of shape (), got None"
+    )
+    with pytest.raises(
+        ValueError, match=re.escape(f"{op_name(op)}: rule 'retroactive' {expected}")
+    ):
         fn(**kwargs)
 
 
@@ -440,73 +567,134 @@ def test_rnn_elig_without_retroactive(op, given):
     fn, kwargs = rnn_case(op)
     kwargs["rule"] = "clip"
     kwargs["elig" if given == "elig_rate" else "elig_rate"] = None
-    with pytest.raises(ValueError, match=f"{op_name(op)}: elig and elig_rate are only used by rule "
-                       "'retroactive'; pass None"):
+    with pytest.raises(
+        ValueError,
+        match=f"{op_name(op)}: elig and elig_rate are only used by rule 'retroactive'; pass None",
+    ):
         fn(**kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
 # Gradients handed to the backward ops (check_grad).
 
+
 def sequence_backward_args(**grads):
     inputs = rnn_inputs("full", "fanout3", "retroactive", T=T, B=B, N=N)
     fwd = OPS.plastic_rnn_sequence(*[inputs[k] for k in RNN_INPUTS], "retroactive", 1.0, 2)
     out, hebb_T, elig_T, m, eta_seq, ckpt_h, ckpt_e = fwd
-    g = dict(grad_out=torch.ones_like(out), grad_hebb=torch.ones_like(hebb_T),
-             grad_elig=torch.ones_like(elig_T), grad_m=torch.ones_like(m),
-             hebb_checkpoints=ckpt_h)
+    g = dict(
+        grad_out=torch.ones_like(out),
+        grad_hebb=torch.ones_like(hebb_T),
+        grad_elig=torch.ones_like(elig_T),
+        grad_m=torch.ones_like(m),
+        hebb_checkpoints=ckpt_h,
+    )
     g.update(grads)
-    return [g["grad_out"], g["grad_hebb"], g["grad_elig"], g["grad_m"],
-            *[inputs[k] for k in RNN_INPUTS[1:]], "retroactive", 1.0, out, m, eta_seq,
-            g["hebb_checkpoints"], ckpt_e, 2]
+    return [
+        g["grad_out"],
+        g["grad_hebb"],
+        g["grad_elig"],
+        g["grad_m"],
+        *[inputs[k] for k in RNN_INPUTS[1:]],
+        "retroactive",
+        1.0,
+        out,
+        m,
+        eta_seq,
+        g["hebb_checkpoints"],
+        ckpt_e,
+        2,
+    ]
 
 
-@pytest.mark.parametrize("name,shape", [("grad_out", (T, B, N + 1)), ("grad_hebb", (B, N, 1)),
-                                        ("grad_elig", (1, N, N)), ("grad_m", (T, B, K + 1)),
-                                        ("hebb_checkpoints", (2, B, N, N))])
+@pytest.mark.parametrize(
+    "name,shape",
+    [
+        ("grad_out", (T, B, N + 1)),
+        ("grad_hebb", (B, N, 1)),
+        ("grad_elig", (1, N, N)),
+        ("grad_m", (T, B, K + 1)),
+        ("hebb_checkpoints", (2, B, N, N)),
+    ],
+)
 def test_sequence_backward_wrong_grad_shape(name, shape):
     args = sequence_backward_args(**{name: torch.zeros(shape, dtype=torch.float64)})
-    expected = {"grad_out": (T, B, N), "grad_hebb": (B, N, N), "grad_elig": (B, N, N),
-                "grad_m": (T, B, K), "hebb_checkpoints": (1, B, N, N)}[name]
-    meaning = ("(ceil(T / checkpoint_every) - 1, B, N, N)" if name == "hebb_checkpoints"
-               else "(the shape of the forward output it is the gradient of)")
-    with pytest.raises(RuntimeError, match=re.escape(
+    expected = {
+        "grad_out": (T, B, N),
+        "grad_hebb": (B, N, N),
+        "grad_elig": (B, N, N),
+        "grad_m": (T, B, K),
+        "hebb_checkpoints": (1, B, N, N),
+    }[name]
+    meaning = (
+        "(ceil(T / checkpoint_every) - 1, B, N, N)"
+        if name == "hebb_checkpoints"
+        else "(the shape of the forward output it is the gradient of)"
+    )
+    with pytest.raises(
+        RuntimeError,
+        match=re.escape(
             f"plastic_rnn_sequence_backward: expected {name} to have shape {shape_str(expected)} "
-            f"{meaning}, got {shape_str(shape)}")):
+            f"{meaning}, got {shape_str(shape)}"
+        ),
+    ):
         OPS.plastic_rnn_sequence_backward(*args)
 
 
 def test_sequence_backward_grad_dtype_and_contiguity():
     args = sequence_backward_args(grad_out=torch.zeros(T, B, N))
-    with pytest.raises(RuntimeError, match=re.escape(
+    with pytest.raises(
+        RuntimeError,
+        match=re.escape(
             "plastic_rnn_sequence_backward: expected grad_out to have dtype Double (the dtype of "
-            "the first argument), got Float")):
+            "the first argument), got Float"
+        ),
+    ):
         OPS.plastic_rnn_sequence_backward(*args)
     args = sequence_backward_args(grad_hebb=non_contiguous(torch.zeros(B, N, N).double()))
-    with pytest.raises(RuntimeError, match="plastic_rnn_sequence_backward: expected grad_hebb to "
-                       "be contiguous"):
+    with pytest.raises(
+        RuntimeError, match="plastic_rnn_sequence_backward: expected grad_hebb to be contiguous"
+    ):
         OPS.plastic_rnn_sequence_backward(*args)
 
 
-@pytest.mark.parametrize("name,shape", [("grad_h_new", (B, N + 1)), ("grad_hebb", (B, N, 1)),
-                                        ("grad_elig", (1, N, N)), ("grad_m", (B, K + 1))])
+@pytest.mark.parametrize(
+    "name,shape",
+    [
+        ("grad_h_new", (B, N + 1)),
+        ("grad_hebb", (B, N, 1)),
+        ("grad_elig", (1, N, N)),
+        ("grad_m", (B, K + 1)),
+    ],
+)
 def test_step_backward_wrong_grad_shape(name, shape):
     inputs = rnn_inputs("full", "fanout3", "retroactive", B=B, N=N)
     h_new, hebb_new, elig_new, m, eta_t = OPS.plastic_rnn_step(
-        *[inputs[k] for k in RNN_INPUTS], "retroactive", 1.0)
+        *[inputs[k] for k in RNN_INPUTS], "retroactive", 1.0
+    )
     g = dict(grad_h_new=None, grad_hebb=None, grad_elig=None, grad_m=None)
     g[name] = torch.zeros(shape, dtype=torch.float64)
-    expected = {"grad_h_new": (B, N), "grad_hebb": (B, N, N), "grad_elig": (B, N, N),
-                "grad_m": (B, K)}[name]
-    with pytest.raises(RuntimeError, match=re.escape(
+    expected = {
+        "grad_h_new": (B, N),
+        "grad_hebb": (B, N, N),
+        "grad_elig": (B, N, N),
+        "grad_m": (B, K),
+    }[name]
+    with pytest.raises(
+        RuntimeError,
+        match=re.escape(
             f"plastic_rnn_step_backward: expected {name} to have shape {shape_str(expected)} (the "
-            f"shape of the forward output it is the gradient of), got {shape_str(shape)}")):
-        OPS.plastic_rnn_step_backward(*g.values(), *[inputs[k] for k in RNN_INPUTS[1:]],
-                                      "retroactive", 1.0, h_new, m, eta_t)
+            f"shape of the forward output it is the gradient of), got {shape_str(shape)}"
+        ),
+    ):
+        OPS.plastic_rnn_step_backward(
+            *g.values(), *[inputs[k] for k in RNN_INPUTS[1:]], "retroactive", 1.0, h_new, m, eta_t
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # Non-finite inputs
+
 
 @pytest.mark.parametrize("rule", ["clip", "softclip", "decay", "oja", "retroactive"])
 def test_non_finite_inputs_propagate_like_the_reference(fused, rule):
