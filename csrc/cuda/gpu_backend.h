@@ -141,6 +141,18 @@ struct GpuBackend {
     });
   }
 
+  // What a trace kernel (forward or backward) takes from its pass's parameters besides the
+  // tensors: the sizes, the tiling and the rule's constants.
+  template <class Kernel, class PassParams>
+  static void set_pass_constants(Kernel& k, const PassParams& p, const Tiling& tl) {
+    k.B = p.B;
+    k.P = p.P;
+    k.N = p.N;
+    k.tl = tl;
+    k.clip = p.rule_args.clip;
+    k.elig_rate = {p.rule_args.elig_rate, p.rule_args.elig_rate ? 1 : 0};
+  }
+
   int64_t eta_acc_rows(const Tiling& tl) const { return tl.num_chunks; }
   int64_t rate_acc_size(const Tiling& tl) const { return tl.blocks(); }
   template <typename T>
@@ -150,12 +162,7 @@ struct GpuBackend {
     dispatch_modes(m, [&]<Rule R, AlphaMode AM, EtaMode EM>() {
       auto run = [&]<bool UPDATE, bool MATVEC>() {
         kern::ForwardKernel<T, R, AM, EM, UPDATE, MATVEC> k{};
-        k.B = B;
-        k.P = P;
-        k.N = N;
-        k.tl = tl;
-        k.clip = p.rule_args.clip;
-        k.elig_rate = {p.rule_args.elig_rate, p.rule_args.elig_rate ? 1 : 0};
+        set_pass_constants(k, p, tl);
         k.hebb = {p.hebb, BPN};
         if constexpr (UPDATE) {
           k.hebb_out = {p.hebb_out, BPN};
@@ -194,12 +201,7 @@ struct GpuBackend {
     dispatch_modes(m, [&]<Rule R, AlphaMode AM, EtaMode EM>() {
       auto run = [&]<bool DO_B, bool DO_A>() {
         kern::BackwardKernel<T, R, AM, EM, DO_B, DO_A> k{};
-        k.B = B;
-        k.P = P;
-        k.N = N;
-        k.tl = tl;
-        k.clip = p.rule_args.clip;
-        k.elig_rate = {p.rule_args.elig_rate, p.rule_args.elig_rate ? 1 : 0};
+        set_pass_constants(k, p, tl);
         k.g_hebb = {p.g_hebb, BPN};
         if constexpr (DO_B) {
           k.g_u = {p.g_u, B * N};
