@@ -107,6 +107,19 @@ struct BackwardPassParams {
   T* g_elig_rate_acc;  // (num_chunks, num_tiles), accumulated
 };
 
+// The part of a recurrent layer's pass (P == N) that is the same at every step: the sizes, the
+// weights and the rule's arguments, for a ForwardPassParams or a BackwardPassParams.
+template <class PassParams, typename T>
+void set_recurrent_layer(PassParams& pass, int64_t B, int64_t N, const T* w, const T* alpha,
+                         const RuleArgs<T>& rule_args) {
+  pass.B = B;
+  pass.P = N;
+  pass.N = N;
+  pass.w = w;
+  pass.alpha = alpha;
+  pass.rule_args = rule_args;
+}
+
 // Size of the g_alpha accumulator for a mode.
 int64_t alpha_acc_size(AlphaMode mode, const Tiling& tiling, int64_t P, int64_t N);
 

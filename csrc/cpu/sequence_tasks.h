@@ -197,12 +197,7 @@ void sequence_forward_group(const SequenceForwardParams<T>& p, const Tiling& tl,
   const bool modulated = in.modulation != Modulation::None;
   const TaskRange r = task_range(tl, B, N, group);
   ForwardPassParams<T> fp{};
-  fp.B = B;
-  fp.P = N;
-  fp.N = N;
-  fp.w = in.w;
-  fp.alpha = in.alpha;
-  fp.rule_args = rule_args_of(in);
+  set_recurrent_layer(fp, B, N, in.w, in.alpha, rule_args_of(in));
   fp.u = p.u;
   fp.hebb = in.hebb0;
   fp.matvec_in = in.h0;
@@ -264,12 +259,7 @@ struct GroupBackward {
         elig{in.elig0, p_.ckpt_e, p_.seg_e, BNN, in.L},
         bp{},
         g_pre_pending(p_.g_pre_a) {
-    bp.B = in.B;
-    bp.P = in.N;
-    bp.N = in.N;
-    bp.w = in.w;
-    bp.alpha = in.alpha;
-    bp.rule_args = rule_args_of(in);
+    set_recurrent_layer(bp, in.B, in.N, in.w, in.alpha, rule_args_of(in));
     bp.g_hebb = p.g_hebb;
     bp.g_elig = p.g_elig;
     bp.g_in_partial = p.g_in;  // one column tile: the partial sums are the sums
@@ -291,10 +281,7 @@ struct GroupBackward {
     elig.select(k);
     const int64_t end = hebb.start + in.L < in.steps ? hebb.start + in.L : in.steps;
     ForwardPassParams<T> fp{};
-    fp.B = in.B;
-    fp.P = in.N;
-    fp.N = in.N;
-    fp.rule_args = bp.rule_args;
+    set_recurrent_layer(fp, in.B, in.N, in.w, in.alpha, bp.rule_args);
     for (int64_t t = hebb.start + 1; t < end; ++t) {
       fp.hebb = hebb.at(t - 1);
       fp.hebb_out = hebb.slot(t);

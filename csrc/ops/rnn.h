@@ -96,12 +96,7 @@ Tensors<3> rollout_step(const Backend& be, const PlasticConfig& c, const Plastic
   const auto opts = x.options();
   const auto tl = be.tiling(B, N, N);
   ForwardPassParams<T> fp{};
-  fp.B = B;
-  fp.P = N;
-  fp.N = N;
-  fp.w = p.w;
-  fp.alpha = p.alpha;
-  fp.rule_args = p.rule_args;
+  set_recurrent_layer(fp, B, N, p.w, p.alpha, p.rule_args);
   fp.hebb = a.hebb.data_ptr<T>();
   Tensor u_t = u.has_value() ? *u : at::empty({B, N}, opts);
   if (!u.has_value()) {

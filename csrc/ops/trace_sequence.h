@@ -129,12 +129,7 @@ TraceForward trace_forward(const Backend& be, const PlasticConfig& c, const Plas
   const PlasticInputs& a = p.in;
 
   ForwardPassParams<T> fp{};
-  fp.B = B;
-  fp.P = N;
-  fp.N = N;
-  fp.w = p.w;
-  fp.alpha = p.alpha;
-  fp.rule_args = p.rule_args;
+  set_recurrent_layer(fp, B, N, p.w, p.alpha, p.rule_args);
   fp.u = u.data_ptr<T>();
   fp.update = false;
   fp.matvec = true;
@@ -300,14 +295,9 @@ class TraceBackwardSweep {
     hebb_ = {a_.hebb.data_ptr<T>(), saved.ckpt_h.data_ptr<T>(), seg_h_.data_ptr<T>(), B * N * N, L};
     elig_ = {retro() ? a_.elig->data_ptr<T>() : nullptr, saved.ckpt_e.data_ptr<T>(),
              seg_e_.data_ptr<T>(), B * N * N, L};
-    bp_.B = B;
-    bp_.P = N;
-    bp_.N = N;
+    set_recurrent_layer(bp_, B, N, p.w, p.alpha, p.rule_args);
     bp_.g_hebb = g_hebb_.data_ptr<T>();
     bp_.g_elig = retro() ? g_elig_.data_ptr<T>() : nullptr;
-    bp_.w = p.w;
-    bp_.alpha = p.alpha;
-    bp_.rule_args = p.rule_args;
     bp_.g_in_partial = g_in_part_.data_ptr<T>();
     bp_.g_alpha_acc = g_alpha_acc_.data_ptr<T>();
     bp_.g_pre_partial = g_pre_part_.data_ptr<T>();
@@ -322,12 +312,9 @@ class TraceBackwardSweep {
     elig_.select(k);
     const int64_t end = std::min(hebb_.start + L_, c_.T);
     ForwardPassParams<T> fp{};
-    fp.B = c_.B;
-    fp.P = c_.N;
-    fp.N = c_.N;
+    set_recurrent_layer(fp, c_.B, c_.N, p_.w, p_.alpha, p_.rule_args);
     fp.update = true;
     fp.matvec = false;
-    fp.rule_args = p_.rule_args;
     for (int64_t t = hebb_.start + 1; t < end; ++t) {
       fp.hebb = hebb_.at(t - 1);
       fp.hebb_out = hebb_.slot(t);
