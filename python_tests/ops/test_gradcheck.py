@@ -169,9 +169,11 @@ def test_gradcheck_lstm_step(fused, modulation, rule, regime):
 
 
 # Every pair of post_input and modulator_input, each with one of modulations none, simple and
-# fanout (with the retroactive rule), the clamp active where the rule has one.
+# fanout (with the retroactive rule, its clamp active). The clip rule's active regime over three
+# steps finds no inputs with post_input "u": u_t is small, so a trace clamped at the bound in one
+# step stays within MARGIN of it in the next.
 LSTM_OPTION_CONFIGS = (
-    ("none_full", "clip", "active"),
+    ("none_full", "clip", "free"),
     ("simple", "oja", "free"),
     ("fanout3", "retroactive", "active"),
 )

@@ -82,11 +82,25 @@ def test_several_groups_against_the_reference(monkeypatch, rule, dtype):
     )
 
 
-@pytest.mark.parametrize(
-    "modulator_input,post_input",
-    [("h", "g"), ("c", "u"), ("h_prev", "g"), ("h_prev", "c"), ("c", "h"), ("h_prev", "u")],
-)
-@pytest.mark.parametrize("rule", RULES)
+# Every modulator input and post-synaptic term with every rule, but Oja's rule with u_t: with the
+# unbounded u_t as its post-synaptic term and a negative rate, the trace grows to inf here (in
+# the reference too).
+LSTM_OPTION_CASES = [
+    pytest.param(rule, mi, pi, id=f"{rule}-{mi}-{pi}")
+    for rule in RULES
+    for mi, pi in (
+        ("h", "g"),
+        ("c", "u"),
+        ("h_prev", "g"),
+        ("h_prev", "c"),
+        ("c", "h"),
+        ("h_prev", "u"),
+    )
+    if not (rule == "oja" and pi == "u")
+]
+
+
+@pytest.mark.parametrize("rule,modulator_input,post_input", LSTM_OPTION_CASES)
 def test_lstm_several_groups_against_the_reference(monkeypatch, rule, modulator_input, post_input):
     """The LSTM's whole-sequence path as the RNN's above: B = 17 in several groups, odd N, T not
     a multiple of the checkpoint interval; every modulator input and Hebbian post-synaptic term.

@@ -121,8 +121,10 @@ def sequence_backward_kwargs(post_input):
     saved = ("out", "c_seq", None, None, "m", "eta_seq", "gates", "hebb_checkpoints")
     saved += ("elig_checkpoints",)
     del tensors["x"]
+    grads = ("grad_out", "grad_c", "grad_hebb", "grad_elig", "grad_m")
     return dict(
-        tensors,
+        dict.fromkeys(grads),
+        **tensors,
         **options,
         **{name: t for name, t in zip(saved, outputs) if name},
         checkpoint_every=2,
