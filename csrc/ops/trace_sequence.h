@@ -58,7 +58,7 @@ void sum_all_rows(const Backend& be, const at::Tensor& src, const at::Tensor& ds
 }
 
 // Step t's slice (B, N) of a per-step sequence (T, B, N) whose steps may be strided, as the
-// candidate gate inside the LSTM's (T, 4, B, N) gates.
+// candidate gate inside the LSTM's (T, S, B, N) gates.
 template <typename T>
 T* step_ptr(const at::Tensor& seq, int64_t t) {
   return seq.data_ptr<T>() + (t - 1) * seq.stride(0);

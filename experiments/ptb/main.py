@@ -199,7 +199,8 @@ def make_parser():
         choices=bp.reference.MODULATOR_INPUTS,
         help="what the neuromodulator of step t reads, bp.PlasticLSTM's modulator_input: h (h_t), "
         "c (c_t, --modultype modplastc2mod's) or h_prev (h_{t-1}, the paper's small models'); "
-        "default c with --modultype modplastc2mod, h_prev with --preset small, else h",
+        "default c with --modultype modplastc2mod, h_prev in --preset small's modulated "
+        "variants, else h",
     )
     add(
         "--modulout",
