@@ -22,6 +22,22 @@ Rule parse_rule(const char* op, const std::string& rule) {
                     rule, "'");
 }
 
+ModulatorInput parse_modulator_input(const char* op, const std::string& input) {
+  if (input == "h") return ModulatorInput::H;
+  if (input == "c") return ModulatorInput::C;
+  if (input == "h_prev") return ModulatorInput::HPrev;
+  TORCH_CHECK_VALUE(false, op, ": modulator_input must be one of 'h', 'c', 'h_prev', got '", input,
+                    "'");
+}
+
+PostInput parse_post_input(const char* op, const std::string& input) {
+  if (input == "g") return PostInput::G;
+  if (input == "u") return PostInput::U;
+  if (input == "c") return PostInput::C;
+  if (input == "h") return PostInput::H;
+  TORCH_CHECK_VALUE(false, op, ": post_input must be one of 'g', 'u', 'c', 'h', got '", input, "'");
+}
+
 void check_clip(const char* op, double clip) {
   TORCH_CHECK_VALUE(clip > 0 && clip < INFINITY, op, ": clip must be a finite number > 0, got ",
                     clip);
@@ -224,24 +240,8 @@ LstmConfig check_lstm_inputs(const char* op, const at::Tensor& x, int64_t x_widt
                              const std::string& rule, double clip,
                              const std::string& modulator_input, const std::string& post_input,
                              bool sequence, const char* x_name) {
-  LstmOptions options;
-  if (modulator_input == "c")
-    options.modulator = ModulatorInput::C;
-  else if (modulator_input == "h_prev")
-    options.modulator = ModulatorInput::HPrev;
-  else
-    TORCH_CHECK_VALUE(modulator_input == "h", op,
-                      ": modulator_input must be one of 'h', 'c', 'h_prev', got '", modulator_input,
-                      "'");
-  if (post_input == "u")
-    options.post = PostInput::U;
-  else if (post_input == "c")
-    options.post = PostInput::C;
-  else if (post_input == "h")
-    options.post = PostInput::H;
-  else
-    TORCH_CHECK_VALUE(post_input == "g", op,
-                      ": post_input must be one of 'g', 'u', 'c', 'h', got '", post_input, "'");
+  const LstmOptions options{parse_post_input(op, post_input),
+                            parse_modulator_input(op, modulator_input)};
   const XSizes sizes = check_x(op, x_name, x, x_width, sequence);
   const int64_t B = sizes.B, N = sizes.N;
   check_tensor(op, "h", h, x);
