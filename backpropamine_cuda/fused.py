@@ -193,6 +193,12 @@ def _(a):
     return new(B, N), new(B, N), new(B, _n_modulators(a.h2mod_weight))
 
 
+def _gate_slots(post_input):
+    """Slots per step of the LSTM ops' saved gates: i, f, g, o, and the plastic drive u_t where
+    it is the trace's post-synaptic term (csrc/sequence_pass.h, lstm_gate_slots)."""
+    return 5 if post_input == "u" else 4
+
+
 @_register_fake("plastic_lstm_sequence")
 def _(a):
     T, B, N = a.x.shape[0], a.x.shape[1], a.x.shape[2] // 4
@@ -200,7 +206,8 @@ def _(a):
         a.x.new_empty, T, B, N, _n_modulators(a.h2mod_weight), a.rule, a.checkpoint_every
     )
     new = a.x.new_empty
-    return (new(T, B, N), new(T, B, N), hebb_t, elig_t, m, eta_seq, new(T, 4, B, N), ckpt_h, ckpt_e)
+    gates = new(T, _gate_slots(a.post_input), B, N)
+    return (new(T, B, N), new(T, B, N), hebb_t, elig_t, m, eta_seq, gates, ckpt_h, ckpt_e)
 
 
 @_register_fake("plastic_lstm_step")
@@ -211,7 +218,7 @@ def _(a):
         new(B, N),
         new(B, N),
         *_step_trace_fakes(new, B, N, _n_modulators(a.h2mod_weight), a.rule),
-        new(4, B, N),
+        new(_gate_slots(a.post_input), B, N),
     )
 
 
@@ -767,6 +774,7 @@ class FusedOps:
         clip=2.0,
         modulator_input="h",
         checkpoint_every=None,
+        post_input="g",
     ):
         """Fused plastic LSTM sequence op; see reference.plastic_lstm_sequence.
         ``checkpoint_every`` defaults to ceil(sqrt(T))."""
@@ -780,6 +788,7 @@ class FusedOps:
             float(clip),
             modulator_input,
             _sequence_checkpoint_every(x, checkpoint_every, tensors),
+            post_input,
         )
         return (out, c_seq[-1], hebb_t, _none_if_empty(elig_t), _modulation_output(m, h2mod_weight))
 
@@ -803,13 +812,25 @@ class FusedOps:
         rule="clip",
         clip=2.0,
         modulator_input="h",
+        post_input="g",
     ):
         """Fused plastic LSTM step op; see reference.plastic_lstm_step."""
         params = PlasticParams(
             w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fanout_weight, fanout_bias
         )
         h_new, c_new, hebb_new, elig_new, m, *_ = self._ops.plastic_lstm_step(
-            x, h, c, hebb, elig, h2g_weight, h2g_bias, *params, rule, float(clip), modulator_input
+            x,
+            h,
+            c,
+            hebb,
+            elig,
+            h2g_weight,
+            h2g_bias,
+            *params,
+            rule,
+            float(clip),
+            modulator_input,
+            post_input,
         )
         return (
             h_new,

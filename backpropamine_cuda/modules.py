@@ -550,8 +550,9 @@ class _PlasticLSTMLayer(_PlasticLayer):
         impl,
         eta_init,
         elig_rate_init,
+        post_input,
     ):
-        _check_choice("modulator_input", modulator_input, reference.MODULATOR_INPUTS)
+        reference.check_lstm_options(modulator_input, post_input)
         super().__init__(
             input_size,
             hidden_size,
@@ -565,6 +566,7 @@ class _PlasticLSTMLayer(_PlasticLayer):
             impl,
         )
         self.modulator_input = modulator_input
+        self.post_input = post_input
         N = hidden_size
         self.i2g = nn.Linear(input_size, 4 * N)  # gates i, f, g, o
         self.h2g = nn.Linear(N, 3 * N)  # gates i, f, o; the h -> g weight is w
@@ -573,7 +575,7 @@ class _PlasticLSTMLayer(_PlasticLayer):
 
     def _options(self):
         options = super()._options()
-        options.insert(2, ("modulator_input", self.modulator_input))
+        options[2:2] = [("modulator_input", self.modulator_input), ("post_input", self.post_input)]
         return options
 
     def _torch_lstm_weights(self):
@@ -605,8 +607,12 @@ class PlasticLSTM(_PlasticLSTMLayer):
 
     ``PlasticLSTM(input_size, hidden_size, alpha="neuron", modulation="fanout",
     modulator_input="h", rule="clip", clip=2.0, n_modulators=1, eta_shape="scalar",
-    plastic=True, impl="auto", eta_init=0.01, elig_rate_init=0.1, *, batch_first=False,
-    checkpoint_every=None)``. ``modulator_input`` ("h" or "c") is what the neuromodulator reads.
+    plastic=True, impl="auto", eta_init=0.01, elig_rate_init=0.1, post_input="g", *,
+    batch_first=False, checkpoint_every=None)``. ``modulator_input`` is what the neuromodulator
+    of step t reads: "h" (h_t), "c" (the cell state c_t) or "h_prev" (h_{t-1}); ``post_input``
+    the post-synaptic term of the Hebbian product h_{t-1}[i] * post_t[j]: "g" (the cell
+    candidate g_t), "u" (the plastic path's drive u_t, before x's part is added), "c" (c_t) or
+    "h" (h_t).
 
     ``out, state = lstm(x, state=None)`` with x (T, B, I) (or (B, T, I) when ``batch_first``) and
     state a ``PlasticLSTMState(h, c, hebb, elig)``; ``out, state, m = lstm(x, state,
@@ -639,6 +645,7 @@ class PlasticLSTM(_PlasticLSTMLayer):
         impl="auto",
         eta_init=0.01,
         elig_rate_init=0.1,
+        post_input="g",
         *,
         batch_first=False,
         checkpoint_every=None,
@@ -657,6 +664,7 @@ class PlasticLSTM(_PlasticLSTMLayer):
             impl,
             eta_init,
             elig_rate_init,
+            post_input,
         )
         self._set_sequence_options(batch_first, checkpoint_every)
 
@@ -676,6 +684,7 @@ class PlasticLSTM(_PlasticLSTMLayer):
                 clip=self.clip,
                 modulator_input=self.modulator_input,
                 checkpoint_every=self.checkpoint_every,
+                post_input=self.post_input,
             )
             state = PlasticLSTMState(out[-1], c, hebb, elig)
         else:
@@ -721,6 +730,7 @@ class PlasticLSTMCell(_PlasticLSTMLayer):
         impl="auto",
         eta_init=0.01,
         elig_rate_init=0.1,
+        post_input="g",
     ):
         super().__init__(
             input_size,
@@ -736,6 +746,7 @@ class PlasticLSTMCell(_PlasticLSTMLayer):
             impl,
             eta_init,
             elig_rate_init,
+            post_input,
         )
 
     def forward(self, x, state=None, return_modulation=False):
@@ -753,6 +764,7 @@ class PlasticLSTMCell(_PlasticLSTMLayer):
                 rule=self.rule,
                 clip=self.clip,
                 modulator_input=self.modulator_input,
+                post_input=self.post_input,
             )
             state = PlasticLSTMState(h, c, hebb, elig)
         else:

@@ -18,9 +18,12 @@ Parameter shapes select the options:
 
 The plastic LSTM (docs/design.md, 'The plastic LSTM') takes ``x = i2g(input)`` of width 4N
 (gates i, f, g, o), ``h2g`` (weight (3N, N), bias (3N,), gates i, f, o) and makes only the h -> g
-path plastic: ``w``, ``alpha`` and the trace belong to it, the Hebbian product is
-``h_{t-1}[i] * g_t[j]``, and the modulator reads ``h_t`` (``modulator_input="h"``) or the cell
-state ``c_t`` (``"c"``).
+path plastic: ``w``, ``alpha`` and the trace belong to it. The Hebbian product is
+``h_{t-1}[i] * post_t[j]`` with ``post_t`` the cell candidate ``g_t = tanh(x_g + u_t)``
+(``post_input="g"``), the plastic path's drive ``u_t = h_{t-1} @ (w + alpha * hebb_{t-1})``
+(``"u"``), the cell state ``c_t`` (``"c"``) or ``h_t`` (``"h"``); the modulator of step t reads
+``h_t`` (``modulator_input="h"``), the cell state ``c_t`` (``"c"``) or ``h_{t-1}``
+(``"h_prev"``, ``h_0`` at the first step).
 """
 
 import torch
@@ -29,7 +32,8 @@ import torch.nn.functional as F
 from .params import PlasticParams
 
 RULES = ("clip", "softclip", "decay", "oja", "retroactive")
-MODULATOR_INPUTS = ("h", "c")
+MODULATOR_INPUTS = ("h", "c", "h_prev")
+POST_INPUTS = ("g", "u", "c", "h")
 
 
 def plastic_matvec(x, w, alpha, hebb):
@@ -269,9 +273,10 @@ def plastic_lstm_step(
     rule="clip",
     clip=2.0,
     modulator_input="h",
+    post_input="g",
 ):
     """One step of the plastic LSTM (docs/design.md, 'The plastic LSTM'). ``x`` is the projected
-    input ``i2g(input_t)``.
+    input ``i2g(input_t)``; ``post_input`` and ``modulator_input`` as in the module docstring.
 
     Returns ``(h_new, c_new, hebb_new, elig_new, m)``; ``m`` (B, K) is None without modulation.
     """
@@ -279,22 +284,32 @@ def plastic_lstm_step(
         w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fanout_weight, fanout_bias
     )
     return _lstm_step(
-        x, h, c, hebb, elig, h2g_weight, h2g_bias, params, rule, clip, modulator_input
+        x, h, c, hebb, elig, h2g_weight, h2g_bias, params, rule, clip, modulator_input, post_input
     )
 
 
-def _lstm_step(x, h, c, hebb, elig, h2g_weight, h2g_bias, params, rule, clip, modulator_input):
-    if modulator_input not in MODULATOR_INPUTS:
-        raise ValueError(
-            f"modulator_input must be one of {MODULATOR_INPUTS}, got {modulator_input!r}"
-        )
-    i, f, g, o = lstm_gates(
-        x, h, h2g_weight, h2g_bias, plastic_matvec(h, params.w, params.alpha, hebb)
-    )
+def check_lstm_options(modulator_input, post_input):
+    """Raises ValueError for an unknown ``modulator_input`` or ``post_input``."""
+    for name, value, allowed in (
+        ("modulator_input", modulator_input, MODULATOR_INPUTS),
+        ("post_input", post_input, POST_INPUTS),
+    ):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def _lstm_step(
+    x, h, c, hebb, elig, h2g_weight, h2g_bias, params, rule, clip, modulator_input, post_input
+):
+    check_lstm_options(modulator_input, post_input)
+    u = plastic_matvec(h, params.w, params.alpha, hebb)
+    i, f, g, o = lstm_gates(x, h, h2g_weight, h2g_bias, u)
     c_new = f * c + i * g
     h_new = o * torch.tanh(c_new)
-    eta_t, m = plasticity_rate(h_new if modulator_input == "h" else c_new, params)
-    hebb_new, elig_new = hebb_update(hebb, h, g, eta_t, rule, clip, elig, params.elig_rate)
+    mod_in = {"h": h_new, "c": c_new, "h_prev": h}[modulator_input]
+    eta_t, m = plasticity_rate(mod_in, params)
+    post = {"g": g, "u": u, "c": c_new, "h": h_new}[post_input]
+    hebb_new, elig_new = hebb_update(hebb, h, post, eta_t, rule, clip, elig, params.elig_rate)
     return h_new, c_new, hebb_new, elig_new, m
 
 
@@ -318,6 +333,7 @@ def plastic_lstm_sequence(
     clip=2.0,
     modulator_input="h",
     checkpoint_every=None,
+    post_input="g",
 ):
     """All T steps: ``x`` (T, B, 4N) -> ``(out (T, B, N), c_T, hebb_T, elig_T, m (T, B, K) or
     None)``. ``checkpoint_every`` only affects the fused op's memory use."""
@@ -327,7 +343,18 @@ def plastic_lstm_sequence(
     outs, mods = [], []
     for x_t in x.unbind(0):
         h, c, hebb, elig, m = _lstm_step(
-            x_t, h, c, hebb, elig, h2g_weight, h2g_bias, params, rule, clip, modulator_input
+            x_t,
+            h,
+            c,
+            hebb,
+            elig,
+            h2g_weight,
+            h2g_bias,
+            params,
+            rule,
+            clip,
+            modulator_input,
+            post_input,
         )
         outs.append(h)
         mods.append(m)

@@ -22,6 +22,22 @@ Rule parse_rule(const char* op, const std::string& rule) {
                     rule, "'");
 }
 
+ModulatorInput parse_modulator_input(const char* op, const std::string& input) {
+  if (input == "h") return ModulatorInput::H;
+  if (input == "c") return ModulatorInput::C;
+  if (input == "h_prev") return ModulatorInput::HPrev;
+  TORCH_CHECK_VALUE(false, op, ": modulator_input must be one of 'h', 'c', 'h_prev', got '", input,
+                    "'");
+}
+
+PostInput parse_post_input(const char* op, const std::string& input) {
+  if (input == "g") return PostInput::G;
+  if (input == "u") return PostInput::U;
+  if (input == "c") return PostInput::C;
+  if (input == "h") return PostInput::H;
+  TORCH_CHECK_VALUE(false, op, ": post_input must be one of 'g', 'u', 'c', 'h', got '", input, "'");
+}
+
 void check_clip(const char* op, double clip) {
   TORCH_CHECK_VALUE(clip > 0 && clip < INFINITY, op, ": clip must be a finite number > 0, got ",
                     clip);
@@ -222,10 +238,10 @@ LstmConfig check_lstm_inputs(const char* op, const at::Tensor& x, int64_t x_widt
                              const at::Tensor& h, const at::Tensor& c, const at::Tensor& h2g_weight,
                              const at::Tensor& h2g_bias, const PlasticInputs& in,
                              const std::string& rule, double clip,
-                             const std::string& modulator_input, bool sequence,
-                             const char* x_name) {
-  TORCH_CHECK_VALUE(modulator_input == "h" || modulator_input == "c", op,
-                    ": modulator_input must be 'h' or 'c', got '", modulator_input, "'");
+                             const std::string& modulator_input, const std::string& post_input,
+                             bool sequence, const char* x_name) {
+  const LstmOptions options{parse_post_input(op, post_input),
+                            parse_modulator_input(op, modulator_input)};
   const XSizes sizes = check_x(op, x_name, x, x_width, sequence);
   const int64_t B = sizes.B, N = sizes.N;
   check_tensor(op, "h", h, x);
@@ -236,7 +252,7 @@ LstmConfig check_lstm_inputs(const char* op, const at::Tensor& x, int64_t x_widt
   check_shape(op, "h2g_weight", h2g_weight, {3 * N, N}, "(3N, N)");
   check_tensor(op, "h2g_bias", h2g_bias, x);
   check_shape(op, "h2g_bias", h2g_bias, {3 * N}, "(3N,)");
-  return {check_plastic_inputs(op, x, sizes, in, rule, clip), modulator_input == "c"};
+  return {check_plastic_inputs(op, x, sizes, in, rule, clip), options};
 }
 
 void check_clamp(const char* op, const OptTensor& clamp, const at::Tensor& x) {
@@ -318,8 +334,13 @@ void check_recurrent_backward(const char* op, const PlasticConfig& c, const at::
   check_grad(op, "grad_m", a.grad_m, per_step({B, K}), like);
   for (const auto& [name, t] : a.step_saved)
     check_saved(op, name, t, per_step({B, N}), layout("B, N"), like);
-  if (a.gates != nullptr)
-    check_saved(op, "gates", *a.gates, per_step({4, B, N}), layout("4, B, N"), like);
+  if (a.gates != nullptr) {
+    const std::string slots = std::to_string(a.gate_slots);
+    check_saved(
+        op, "gates", *a.gates, per_step({a.gate_slots, B, N}),
+        layout((slots + ", B, N").c_str()) + (a.gate_slots == 5 ? " with post_input 'u'" : ""),
+        like);
+  }
   check_saved(op, a.m.first, a.m.second, per_step({B, K}), layout("B, K"), like);
   if (c.modulation != Modulation::None) {
     check_saved(op, a.eta.first, a.eta.second, per_step({B, N}), layout("B, N") + ", the rates",

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "ops.h"
+#include "sequence_pass.h"
 #include "trace_pass.h"
 
 namespace bp {
@@ -44,18 +45,19 @@ PlasticConfig check_rnn_inputs(const char* op, const at::Tensor& x, const at::Te
 
 struct LstmConfig {
   PlasticConfig plastic;
-  bool modulate_c;  // the modulator reads c_t (modulator_input "c"), else h_t
+  LstmOptions options;  // modulator_input and post_input
 };
 
 // x: the gates' inputs (T, B, 4N) for sequences, (B, 4N) for a step (x_width 4), or, for the
 // backward ops, the output (T, B, N) or (B, N) (x_width 1, named x_name); h, c (B, N);
-// h2g_weight (3N, N), h2g_bias (3N,).
+// h2g_weight (3N, N), h2g_bias (3N,); modulator_input "h", "c" or "h_prev"; post_input "g",
+// "u", "c" or "h".
 LstmConfig check_lstm_inputs(const char* op, const at::Tensor& x, int64_t x_width,
                              const at::Tensor& h, const at::Tensor& c, const at::Tensor& h2g_weight,
                              const at::Tensor& h2g_bias, const PlasticInputs& in,
                              const std::string& rule, double clip,
-                             const std::string& modulator_input, bool sequence,
-                             const char* x_name = "x");
+                             const std::string& modulator_input, const std::string& post_input,
+                             bool sequence, const char* x_name = "x");
 
 // The RNN's optional clamp mask: bool, on x's device, x's shape ((T, B, N) or (B, N)).
 void check_clamp(const char* op, const OptTensor& clamp, const at::Tensor& x);
@@ -79,7 +81,8 @@ struct RecurrentBackwardArgs {
   const OptTensor& grad_elig;              // (B, N, N), rule "retroactive" only
   const OptTensor& grad_m;                 // (T, B, K)
   std::vector<NamedTensor> step_saved;     // (T, B, N) each: the LSTM's c_seq
-  const at::Tensor* gates;                 // the LSTM's (T, 4, B, N), else nullptr
+  const at::Tensor* gates;                 // the LSTM's (T, S, B, N), else nullptr
+  int64_t gate_slots;                      // S (lstm_gate_slots), with gates
   NamedTensor m;                           // (T, B, K); K = 0 without modulation
   NamedTensor eta;                         // the rates (T, B, N); without modulation (0, B, N),
                                            // for a step (0,)

@@ -20,12 +20,30 @@
 namespace bp {
 
 // The cell around the plastic drive u_t: the tanh RNN's h_t = tanh(x_t + u_t), or the LSTM's
-// gates (plastic_lstm_sequence), whose g gate is the trace's post-synaptic term.
+// gates (plastic_lstm_sequence).
 enum class Cell { Tanh, Lstm };
 
-// The LSTM's gates in its (T, 4, B, N) gate sequence, each step's gates after their
-// nonlinearities, gate-major so that each is a contiguous (B, N) block.
-enum LstmGate : int64_t { kGateI = 0, kGateF = 1, kGateG = 2, kGateO = 3 };
+// The LSTM's gates in its (T, S, B, N) gate sequence, each step's gates after their
+// nonlinearities, gate-major so that each is a contiguous (B, N) block; with post_input "u" a
+// fifth slot (S = 5) keeps the plastic drive u_t, the trace's post-synaptic term.
+enum LstmGate : int64_t { kGateI = 0, kGateF = 1, kGateG = 2, kGateO = 3, kSlotU = 4 };
+
+// The LSTM's options (docs/design.md, 'The plastic LSTM'): the post-synaptic term of the Hebbian
+// product (post_input "g": g_t, "u": u_t, "c": c_t, "h": h_t) and what the modulator of step t
+// reads (modulator_input "h": h_t, "c": c_t, "h_prev": h_{t-1}).
+enum class PostInput { G, U, C, H };
+enum class ModulatorInput { H, C, HPrev };
+struct LstmOptions {
+  PostInput post = PostInput::G;
+  ModulatorInput modulator = ModulatorInput::H;
+};
+
+// Slots per step of the gate sequence: i, f, g, o, and u_t where it is the post-synaptic term.
+// In an unnamed namespace, as the templates below: no copy compiled for another instruction set
+// may be shared through the linker.
+namespace {
+inline int64_t lstm_gate_slots(const LstmOptions& o) { return o.post == PostInput::U ? 5 : 4; }
+}  // namespace
 
 // The fixed inputs of a sequence: x, the initial state and the parameters. Shapes as in
 // plastic_rnn_sequence and plastic_lstm_sequence: P = N; K modulators (0 without modulation).
@@ -36,7 +54,7 @@ struct SequenceInputs {
   PassModes modes;
   Modulation modulation;
   Cell cell;
-  bool modulate_c;  // LSTM: the modulator reads c_t, else h_t
+  LstmOptions lstm;  // LSTM: the trace's post-synaptic term and the modulator's input
   T clip;
   const T* elig_rate;  // (), retroactive only: read where the kernels run (no host sync)
   const T* x;          // (T, B, N); LSTM (T, B, 4N), gates i, f, g, o
@@ -70,7 +88,7 @@ struct SequenceForwardParams {
   T* work_e;   // (B, N, N) scratch, retroactive only
   T* u;        // (B, N) scratch: the recurrent drive
   T* c_seq;    // (T, B, N), LSTM
-  T* gates;    // (T, 4, B, N), LSTM (LstmGate)
+  T* gates;    // (T, S, B, N), LSTM (LstmGate, lstm_gate_slots)
 };
 
 template <typename T>
@@ -92,7 +110,8 @@ struct SequenceBackwardParams {
   T* g_hebb;      // (B, N, N)
   T* g_elig;      // (B, N, N), retroactive only
   T* g_u;         // (T, B, N): dL/du_t (for dL/dw, as a GEMM by the caller)
-  T* g_x;         // (T, B, N): dL/dx_t; g_u itself without clamp
+  T* g_x;         // (T, B, N): dL/dx_t (LSTM: dL/dx_g,t); g_u itself without clamp (or, for
+                  // the LSTM, without post_input "u")
   T* g_h0;        // (B, N)
   T* g_z;         // (T, B, K): dL/d(pre-activation of m_t), modulated only
   T* g_eta_seq;   // (T, B, N): dL/deta_t, modulation "fanout" only

@@ -111,16 +111,43 @@ void matvec_bias(const T* W, const T* bias, const T* v, int64_t G, int64_t rows,
   }
 }
 
-// Where step t's trace update reads its post-synaptic term (h_t, or the LSTM's g_t) and the
-// modulator its input (h_t, or the LSTM's c_t), as (B, N) blocks.
+// Step t's gates (and slot u) of the LSTM's gate sequence, (S, B, N); G is T or const T.
+template <typename T, typename G>
+G* gates_at(const SequenceInputs<T>& in, G* gates, int64_t t) {
+  return gates + lstm_gate_slots(in.lstm) * (t - 1) * in.B * in.N;
+}
+
+// Where step t's trace update reads its post-synaptic term (h_t; the LSTM's post_input: g_t,
+// u_t, c_t or h_t) and the modulator its input (h_t; the LSTM's modulator_input: h_t, c_t or
+// h_{t-1}), as (B, N) blocks.
 template <typename T>
-const T* post_at(const SequenceInputs<T>& in, const T* out, const T* gates, int64_t t) {
+const T* post_at(const SequenceInputs<T>& in, const T* out, const T* c_seq, const T* gates,
+                 int64_t t) {
   const int64_t BN = in.B * in.N;
-  return in.cell == Cell::Lstm ? gates + (4 * (t - 1) + kGateG) * BN : out + (t - 1) * BN;
+  if (in.cell == Cell::Tanh) return out + (t - 1) * BN;
+  switch (in.lstm.post) {
+    case PostInput::G:
+      return gates_at(in, gates, t) + kGateG * BN;
+    case PostInput::U:
+      return gates_at(in, gates, t) + kSlotU * BN;
+    case PostInput::C:
+      return c_seq + (t - 1) * BN;
+    default:
+      return out + (t - 1) * BN;
+  }
 }
 template <typename T>
 const T* mod_in_at(const SequenceInputs<T>& in, const T* out, const T* c_seq, int64_t t) {
-  return (in.modulate_c ? c_seq : out) + (t - 1) * in.B * in.N;
+  const int64_t BN = in.B * in.N;
+  if (in.cell == Cell::Tanh) return out + (t - 1) * BN;
+  switch (in.lstm.modulator) {
+    case ModulatorInput::C:
+      return c_seq + (t - 1) * BN;
+    case ModulatorInput::HPrev:
+      return t == 1 ? in.h0 : out + (t - 2) * BN;
+    default:
+      return out + (t - 1) * BN;
+  }
 }
 
 // Step t's tanh cell for sample b: h_t = tanh(x_t + u_t) (x_t where clamped).
@@ -140,12 +167,13 @@ void tanh_cell(const SequenceForwardParams<T>& p, int64_t t, int64_t b) {
 }
 
 // Step t's LSTM cell for samples [b0, b1) (reference.lstm_gates): gates i, f, o from x_t and
-// h2g(h_{t-1}), g = tanh(x_g + u_t), c_t = f c_{t-1} + i g, h_t = o tanh(c_t).
+// h2g(h_{t-1}), g = tanh(x_g + u_t), c_t = f c_{t-1} + i g, h_t = o tanh(c_t); u_t kept in
+// slot u where it is the trace's post-synaptic term.
 template <typename T>
 void lstm_cells(const SequenceForwardParams<T>& p, int64_t t, int64_t b0, int64_t b1) {
   const SequenceInputs<T>& in = p.in;
   const int64_t N = in.N, BN = in.B * N, G = b1 - b0;
-  T* gate = p.gates + 4 * (t - 1) * BN + b0 * N;
+  T* gate = gates_at(in, p.gates, t) + b0 * N;
   // h2g(h_{t-1}): the recurrent parts of the pre-activations of i, f, o.
   const T* h_prev = (t == 1 ? in.h0 : p.out + (t - 2) * BN) + b0 * N;
   for (int64_t k : {kGateI, kGateF, kGateO}) {
@@ -157,8 +185,8 @@ void lstm_cells(const SequenceForwardParams<T>& p, int64_t t, int64_t b0, int64_
     const T* x = in.x + 4 * row;
     const T* c_prev = t == 1 ? in.c0 + b * N : p.c_seq + row - BN;
     const T* u = p.u + b * N;
-    T* i = p.gates + 4 * (t - 1) * BN + b * N;
-    T *f = i + BN, *g = i + 2 * BN, *o = i + 3 * BN;
+    T* i = gates_at(in, p.gates, t) + b * N;
+    T *f = i + kGateF * BN, *g = i + kGateG * BN, *o = i + kGateO * BN;
     T* c = p.c_seq + row;
     T* h = p.out + row;
 #pragma omp simd
@@ -169,6 +197,10 @@ void lstm_cells(const SequenceForwardParams<T>& p, int64_t t, int64_t b0, int64_
       o[j] = sigmoid_of(x[3 * N + j] + o[j]);
       c[j] = f[j] * c_prev[j] + i[j] * g[j];
       h[j] = o[j] * tanh_of(c[j]);
+    }
+    if (in.lstm.post == PostInput::U) {
+      T* u_kept = i + kSlotU * BN;
+      for (int64_t j = 0; j < N; ++j) u_kept[j] = u[j];
     }
   }
 }
@@ -213,7 +245,7 @@ void sequence_forward_group(const SequenceForwardParams<T>& p, const Tiling& tl,
     if constexpr (has_elig<R>())
       fp.elig_out = trace_destination(t, T_, in.L, p.elig_T, p.ckpt_e, p.work_e, BNN);
     fp.pre = t == 1 ? in.h0 : p.out + (t - 2) * BN;
-    fp.post = post_at(in, p.out, p.gates, t);
+    fp.post = post_at(in, p.out, p.c_seq, p.gates, t);
     fp.eta = modulated ? p.eta_seq + (t - 1) * BN : in.eta_fixed;
     fp.matvec_in = p.out + (t - 1) * BN;  // h_t
     if (t < T_)
@@ -234,9 +266,12 @@ struct GroupBackward {
   const Tiling& tl;
   int64_t group;
   TaskRange r;
-  T* scratch;   // backward_task's (2 * chunk_size * N)
-  T* g_mod_in;  // (N,): dL/d(the modulator's input) of a sample's step
-  T* g_h_sum;   // (chunk_size, N): LSTM: dL/dh of the group's samples' step, every path
+  T* scratch;     // backward_task's (2 * chunk_size * N)
+  T* g_mod_in;    // (N,): dL/d(the modulator's input) of a sample's step
+  T* g_h_sum;     // (chunk_size, N): LSTM: dL/dh of the group's samples' step, every path
+  T* g_h_prev;    // (chunk_size, N): modulator_input "h_prev": dL/dh_{s-1} through step s's
+                  // modulator, from rule_done(s) to matvec_done(s)
+  bool mod_prev;  // the modulator reads h_{t-1}
   int64_t BN, BNN;
   bool modulated;
   SegmentTraces<T> hebb, elig;
@@ -252,6 +287,9 @@ struct GroupBackward {
         scratch(scr),
         g_mod_in(scr + 2 * tl_.chunk_size * in.N),
         g_h_sum(g_mod_in + in.N),
+        g_h_prev(g_h_sum + tl_.chunk_size * in.N),
+        mod_prev(in.cell == Cell::Lstm && in.lstm.modulator == ModulatorInput::HPrev &&
+                 in.modulation != Modulation::None),
         BN(in.B * in.N),
         BNN(BN * in.N),
         modulated(in.modulation != Modulation::None),
@@ -273,7 +311,7 @@ struct GroupBackward {
   }
 
   const T* h_at(int64_t t) const { return t == 0 ? in.h0 : p.out + (t - 1) * BN; }
-  const T* post_of(int64_t t) const { return post_at(in, p.out, p.gates, t); }
+  const T* post_of(int64_t t) const { return post_at(in, p.out, p.c_seq, p.gates, t); }
   const T* eta_at(int64_t t) const { return modulated ? p.eta_seq + (t - 1) * BN : in.eta_fixed; }
 
   void load_segment(int64_t k) {
@@ -319,10 +357,15 @@ struct GroupBackward {
       backward_task<T, R, AM, EM, false, true>(bp, tl, r, group, scratch);
   }
 
-  // g_h = dL/dh_{t-1} through step t: its matvec (g_in) and its rule (pending).
+  // g_h = dL/dh_{t-1} through step t: its matvec (g_in), its rule (pending) and, for
+  // modulator_input "h_prev", its modulator.
   void matvec_done(int64_t t) {
     T* g_h = t == 1 ? p.g_h0 : p.g_h;
     for (int64_t j = r.b0 * in.N; j < r.b1 * in.N; ++j) g_h[j] = p.g_in[j] + g_pre_pending[j];
+    if (mod_prev) {
+      const T* g_mod = g_h_prev - r.b0 * in.N;
+      for (int64_t j = r.b0 * in.N; j < r.b1 * in.N; ++j) g_h[j] += g_mod[j];
+    }
   }
 
   // The rule adjoint of step s has run (rate and post gradients): the modulator's and the cell's
@@ -409,18 +452,21 @@ struct GroupBackward {
   }
 
   // The LSTM cell's backward of step s (as lstm.h's per-step path): dL/dh_s from the gates i, f,
-  // o of step s + 1 (recurrent_gate_grads), the trace, the output and the modulator; dL/dc_s
-  // from h_s, c_{s+1}, the output c and the modulator; then the gates' pre-activation gradients
-  // (g's is dL/du_s).
+  // o of step s + 1 (recurrent_gate_grads), the trace, the output, the modulator and the rule
+  // (post_input "h"); dL/dc_s from h_s, c_{s+1}, the output c, the modulator and the rule ("c");
+  // then the gates' pre-activation gradients (g's is dL/du_s, which the rule's post gradient
+  // reaches through tanh' for "g", directly for "u").
   void lstm_cell_backward(int64_t s, int64_t b) {
     const int64_t N = in.N, B = in.B, row = ((s - 1) * B + b) * N;
     const bool last = s == in.steps;
-    const T* gate = p.gates + 4 * (s - 1) * BN + b * N;
+    const PostInput post = in.lstm.post;
+    const ModulatorInput mod_input = in.lstm.modulator;
+    const T* gate = gates_at(in, p.gates, s) + b * N;
     const T *i = gate + kGateI * BN, *f = gate + kGateF * BN, *g = gate + kGateG * BN,
             *o = gate + kGateO * BN;
     const T* c = p.c_seq + row;
     const T* c_prev = s == 1 ? in.c0 + b * N : p.c_seq + row - BN;
-    const T* f_next = last ? nullptr : p.gates + (4 * s + kGateF) * BN + b * N;
+    const T* f_next = last ? nullptr : gates_at(in, p.gates, s + 1) + kGateF * BN + b * N;
     const T* g_post = p.g_post + b * N;
     T* dh = g_h_sum + (b - r.b0) * N;
     const T* g_hs = p.g_h + b * N;
@@ -428,8 +474,11 @@ struct GroupBackward {
     if (p.grad_out != nullptr) {
       for (int64_t j = 0; j < N; ++j) dh[j] += p.grad_out[row + j];
     }
-    if (modulated && !in.modulate_c) {
+    if (modulated && mod_input == ModulatorInput::H) {
       for (int64_t j = 0; j < N; ++j) dh[j] += g_mod_in[j];
+    }
+    if (post == PostInput::H) {
+      for (int64_t j = 0; j < N; ++j) dh[j] += g_post[j];
     }
     T* g_c = p.g_c + b * N;
     T* g_u = p.g_u + row;
@@ -439,8 +488,12 @@ struct GroupBackward {
       T dc = dh[j] * o[j] * (T(1) - tc * tc);
       if (!last) dc += g_c[j] * f_next[j];
       if (p.grad_c != nullptr) dc += p.grad_c[row + j];
-      if (modulated && in.modulate_c) dc += g_mod_in[j];
-      g_u[j] = (g_post[j] + dc * i[j]) * (T(1) - g[j] * g[j]);
+      if (modulated && mod_input == ModulatorInput::C) dc += g_mod_in[j];
+      if (post == PostInput::C) dc += g_post[j];
+      const T g_pre = post == PostInput::G ? g_post[j] + dc * i[j] : dc * i[j];
+      const T g_pre_g = g_pre * (T(1) - g[j] * g[j]);  // x_g's gradient
+      p.g_x[row + j] = g_pre_g;
+      g_u[j] = post == PostInput::U ? g_pre_g + g_post[j] : g_pre_g;
       g_ifo[j] = dc * g[j] * (i[j] * (T(1) - i[j]));
       g_ifo[N + j] = dc * c_prev[j] * (f[j] * (T(1) - f[j]));
       g_ifo[2 * N + j] = dh[j] * tc * (o[j] * (T(1) - o[j]));
@@ -448,6 +501,10 @@ struct GroupBackward {
     }
     if (s == 1) {
       for (int64_t j = 0; j < N; ++j) p.g_c0[b * N + j] = g_c[j] * f[j];
+    }
+    if (mod_prev) {
+      T* g_prev = g_h_prev + (b - r.b0) * N;
+      for (int64_t j = 0; j < N; ++j) g_prev[j] = g_mod_in[j];
     }
   }
 };
@@ -470,7 +527,7 @@ void sequence_forward_group_any(const SequenceForwardParams<T>& p, const Tiling&
   });
 }
 
-// Runs group `group` of the backward; scratch holds (3 * chunk_size + 1) * N values.
+// Runs group `group` of the backward; scratch holds (4 * chunk_size + 1) * N values.
 template <typename T>
 void sequence_backward_group_any(const SequenceBackwardParams<T>& p, const Tiling& tl,
                                  int64_t group, T* scratch) {

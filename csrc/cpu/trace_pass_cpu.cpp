@@ -238,7 +238,7 @@ void sequence_forward_cpu(const SequenceForwardParams<T>& p, const Tiling& tl) {
 template <typename T>
 void sequence_backward_cpu(const SequenceBackwardParams<T>& p, const Tiling& tl) {
   static const SequenceBackwardGroups<T> groups[] = BP_TASK_TABLE(sequence_backward_group_any, T);
-  run_groups<T>(p, tl, (3 * tl.chunk_size + 1) * p.in.N, groups);
+  run_groups<T>(p, tl, (4 * tl.chunk_size + 1) * p.in.N, groups);
 }
 
 template <typename T>

@@ -1,7 +1,8 @@
 // Plastic LSTM ops (reference.plastic_lstm_step), for any Backend: the sequence op and the step
 // op (the sequence op with T = 1). Only the h -> g path is plastic: the trace half computes
-// u_t = h_{t-1} @ (w + A * H_{t-1}) and updates the trace with post = g_t. Small networks run the
-// whole-sequence path (whole_sequence.h, the gates inside the backend's per-sample loop), the
+// u_t = h_{t-1} @ (w + A * H_{t-1}) and updates the trace with post = g_t (or u_t, c_t, h_t: the
+// post_input option; the modulator reads h_t, c_t or h_{t-1}: modulator_input). Small networks run
+// the whole-sequence path (whole_sequence.h, the gates inside the backend's per-sample loop), the
 // others step by step (trace_sequence.h), with the gates around the trace passes: the input
 // projection of all steps arrives precomputed (x = i2g(input), one GEMM), the recurrent products
 // of gates i, f, o are one GEMM per step (h2g, through ATen's BLAS), and the rest is pointwise
@@ -25,7 +26,8 @@ namespace lstm_detail {
 struct LstmSequences {
   const Tensor& out;    // h_t (T, B, N)
   const Tensor& c_seq;  // c_t (T, B, N)
-  const Tensor& gates;  // i, f, g, o after their nonlinearities (T, 4, B, N)
+  const Tensor& gates;  // i, f, g, o after their nonlinearities, and u_t for post_input "u"
+                        // (T, S, B, N), lstm_gate_slots
 };
 
 struct LstmWeights {
@@ -33,19 +35,14 @@ struct LstmWeights {
   const Tensor& h2g_bias;    // (3N,)
 };
 
-inline CellSequences cell_sequences(const LstmConfig& lc, const Tensor& h0,
-                                    const LstmSequences& seq, const Tensor& post) {
-  return {h0, seq.out, post, lc.modulate_c ? seq.c_seq : seq.out};
-}
-
 // Gradients of the gate parameters and of x, and h_0's through step 1's gates i, f, o, from the
-// pre-activation gradients of all steps: g_u (gate g) and g_ifo (gates i, f, o).
+// pre-activation gradients of all steps: g_pre_g (gate g: x_g + u) and g_ifo (gates i, f, o).
 inline Tensors<4> gate_grads(const Tensor& h0, const Tensor& out, const LstmWeights& lw,
-                             const Tensor& g_u, const Tensor& g_ifo, const Tensor& g_h0_trace,
+                             const Tensor& g_pre_g, const Tensor& g_ifo, const Tensor& g_h0_trace,
                              const auto& be) {
   const int64_t T_ = out.size(0), B = out.size(1), N = out.size(2);
   Tensor g_h0 = at::addmm(g_h0_trace, g_ifo.select(0, 0), lw.h2g_weight);
-  Tensor g_x = at::cat({g_ifo.narrow(2, 0, 2 * N), g_u, g_ifo.narrow(2, 2 * N, N)}, 2);
+  Tensor g_x = at::cat({g_ifo.narrow(2, 0, 2 * N), g_pre_g, g_ifo.narrow(2, 2 * N, N)}, 2);
   Tensor g_ifo_flat = g_ifo.reshape({T_ * B, 3 * N});
   Tensor g_h2g_w = at::mm(g_ifo_flat.t(), previous_h(h0, out));
   Tensor g_h2g_b = at::empty({3 * N}, out.options());
@@ -60,7 +57,7 @@ Tensors<9> sequence_forward(const Backend& be, const LstmConfig& lc, const Plast
   const PlasticConfig& c = lc.plastic;
   if constexpr (Backend::kWholeSequence) {
     if (whole) {
-      const LstmCellInputs cell{c0, lw.h2g_weight, lw.h2g_bias, lc.modulate_c};
+      const LstmCellInputs cell{c0, lw.h2g_weight, lw.h2g_bias, lc.options};
       WholeForward f = whole_sequence_forward<T>(be, c, in, x, h0, std::nullopt, &cell, L);
       return {f.out, f.c_seq, f.hebb_T, f.elig_T, f.m, f.eta_seq, f.gates, f.ckpt_h, f.ckpt_e};
     }
@@ -70,8 +67,12 @@ Tensors<9> sequence_forward(const Backend& be, const LstmConfig& lc, const Plast
   const auto opts = x.options();
   Tensor out = at::empty({c.T, c.B, N}, opts);
   Tensor c_seq = at::empty({c.T, c.B, N}, opts);
-  Tensor gates = at::empty({c.T, 4, c.B, N}, opts);
+  Tensor gates = at::empty({c.T, lstm_gate_slots(lc.options), c.B, N}, opts);
   Tensor rec = at::empty({c.B, 3 * N}, opts);  // h2g(h_{t-1}): gates i, f, o
+  // The modulator's inputs; for "h_prev" a copy of h_{t-1} made at each step.
+  const bool mod_prev = lc.options.modulator == ModulatorInput::HPrev;
+  const Tensor mod_in =
+      mod_prev ? at::empty({c.T, c.B, N}, opts) : lstm_modulator_inputs(lc.options, h0, out, c_seq);
   auto step = [&](int64_t t, const Tensor& u) {
     const Tensor h_prev = t == 1 ? h0 : out.select(0, t - 2);
     const Tensor c_prev = t == 1 ? c0 : c_seq.select(0, t - 2);
@@ -87,10 +88,11 @@ Tensors<9> sequence_forward(const Backend& be, const LstmConfig& lc, const Plast
     Tensor c_t = c_seq.select(0, t - 1), h_t = out.select(0, t - 1);
     at::mul_out(c_t, f, c_prev).addcmul_(i, g);
     at::tanh_out(h_t, c_t).mul_(o);
+    if (lc.options.post == PostInput::U) g_t.select(0, kSlotU).copy_(u);
+    if (mod_prev) mod_in.select(0, t - 1).copy_(h_prev);
   };
-  const LstmSequences seq{out, c_seq, gates};
-  TraceForward r =
-      trace_forward<T>(be, c, p, cell_sequences(lc, h0, seq, gates.select(1, kGateG)), L, step);
+  const Tensor post = lstm_post_sequence(lc.options, out, c_seq, gates);
+  TraceForward r = trace_forward<T>(be, c, p, {h0, out, post, mod_in}, L, step);
   return {out, c_seq, r.hebb_T, r.elig_T, r.m, r.eta_seq, gates, r.ckpt_h, r.ckpt_e};
 }
 
@@ -103,12 +105,12 @@ Tensors<15> sequence_backward(const Backend& be, const LstmConfig& lc, const Pla
   const PlasticConfig& c = lc.plastic;
   if constexpr (Backend::kWholeSequence) {
     if (whole) {
-      const LstmCellInputs cell{c0, lw.h2g_weight, lw.h2g_bias, lc.modulate_c};
+      const LstmCellInputs cell{c0, lw.h2g_weight, lw.h2g_bias, lc.options};
       const LstmCellSaved cell_saved{seq.c_seq, seq.gates, grad_c};
       const WholeBackward w = whole_sequence_backward<T>(be, c, in, grad_out, saved, h0, seq.out,
                                                          std::nullopt, &cell, &cell_saved, L);
       const TraceBackward& r = w.r;
-      auto [g_x, g_h0, g_h2g_w, g_h2g_b] = gate_grads(h0, seq.out, lw, w.g_u, w.g_ifo, r.g_h0, be);
+      auto [g_x, g_h0, g_h2g_w, g_h2g_b] = gate_grads(h0, seq.out, lw, w.g_x, w.g_ifo, r.g_h0, be);
       return {g_x,       g_h0,    w.g_c0,   r.g_hebb,    r.g_elig,    g_h2g_w,   g_h2g_b,  r.g_w,
               r.g_alpha, r.g_eta, r.g_rate, r.g_h2mod_w, r.g_h2mod_b, r.g_fan_w, r.g_fan_b};
     }
@@ -117,13 +119,19 @@ Tensors<15> sequence_backward(const Backend& be, const LstmConfig& lc, const Pla
   const int64_t T_ = c.T, B = c.B, N = c.N;
   const auto opts = seq.out.options();
   const Tensor tanh_c = at::tanh(seq.c_seq);
-  Tensor g_u = at::empty({T_, B, N}, opts);        // dL/d(pre-activation of g) == dL/du
+  Tensor g_u = at::empty({T_, B, N}, opts);  // dL/du
+  // dL/d(pre-activation of g), x_g's gradient: dL/du but for post_input "u"'s direct term.
+  const Tensor g_pre_g = lc.options.post == PostInput::U ? at::empty_like(g_u) : g_u;
   Tensor g_ifo = at::empty({T_, B, 3 * N}, opts);  // dL/d(pre-activations of i, f, o)
   // dL/dh_s through step s + 1's gates i, f, o: g_ifo_{s+1} @ h2g, as a product with the rows of
   // h2g^T, made contiguous once.
   const Tensor h2g_w_t = T_ > 1 ? lw.h2g_weight.t().contiguous() : Tensor();
   Tensor g_h_gates = at::empty({T_ > 1 ? B : 0, N}, opts);
   Tensor g_c;  // dL/dc_s, carried down to step s - 1
+  // modulator_input "h_prev": dL/dh_{s-1} through step s's modulator, carried down likewise.
+  Tensor g_h_prev;
+  const PostInput post_input = lc.options.post;
+  const ModulatorInput mod_input = lc.options.modulator;
 
   auto finish = [&](int64_t s, const StepGrads& g) {
     const bool last = s == T_;
@@ -132,18 +140,29 @@ Tensors<15> sequence_backward(const Backend& be, const LstmConfig& lc, const Pla
                  gg = gates.select(0, kGateG), o = gates.select(0, kGateO);
     const Tensor tc = tanh_c.select(0, s - 1);
     const Tensor c_prev = s == 1 ? c0 : seq.c_seq.select(0, s - 2);
-    // dL/dh_s: later steps (trace, and step s + 1's gates i, f, o), the output, the modulator.
+    // dL/dh_s: later steps (trace, step s + 1's gates i, f, o and, for "h_prev", its
+    // modulator), the output, the modulator, the rule (post_input "h").
     if (!last) be.template rows_product<T>(g_ifo.select(0, s), h2g_w_t, Tensor(), g_h_gates);
     Tensor dh = last ? g.h.clone() : g.h + g_h_gates;
     if (grad_out.has_value()) dh.add_(grad_out->select(0, s - 1));
-    if (g.mod_in.defined() && !lc.modulate_c) dh.add_(g.mod_in);
-    // dL/dc_s: through h_s, through c_{s+1}, the output c, the modulator.
+    if (g.mod_in.defined() && mod_input == ModulatorInput::H) dh.add_(g.mod_in);
+    if (g_h_prev.defined()) dh.add_(g_h_prev);
+    if (post_input == PostInput::H) dh.add_(g.post);
+    // dL/dc_s: through h_s, through c_{s+1}, the output c, the modulator, the rule ("c").
     Tensor dc = dh * o * (1 - tc * tc);
     if (!last) dc.addcmul_(g_c, seq.gates.select(0, s).select(0, kGateF));
     if (grad_c.has_value()) dc.add_(grad_c->select(0, s - 1));
-    if (g.mod_in.defined() && lc.modulate_c) dc.add_(g.mod_in);
-    Tensor g_u_s = g_u.select(0, s - 1);
-    at::mul_out(g_u_s, at::addcmul(g.post, dc, i), 1 - gg * gg);
+    if (g.mod_in.defined() && mod_input == ModulatorInput::C) dc.add_(g.mod_in);
+    if (post_input == PostInput::C) dc.add_(g.post);
+    // dL/du_s: through g_s (whose tanh the rule's gradient also passes for "g"), and directly
+    // from the rule for "u".
+    Tensor g_pre_g_s = g_pre_g.select(0, s - 1);
+    at::mul_out(g_pre_g_s, post_input == PostInput::G ? at::addcmul(g.post, dc, i) : dc * i,
+                1 - gg * gg);
+    if (post_input == PostInput::U) {
+      Tensor g_u_s = g_u.select(0, s - 1);
+      at::add_out(g_u_s, g_pre_g_s, g.post);
+    }
     const Tensor g_ifo_s = g_ifo.select(0, s - 1);
     Tensor g_i = g_ifo_s.narrow(1, 0, N), g_f = g_ifo_s.narrow(1, N, N),
            g_o = g_ifo_s.narrow(1, 2 * N, N);
@@ -151,14 +170,16 @@ Tensors<15> sequence_backward(const Backend& be, const LstmConfig& lc, const Pla
     at::mul_out(g_f, dc * c_prev, f * (1 - f));
     at::mul_out(g_o, dh * tc, o * (1 - o));
     g_c = dc;
+    if (mod_input == ModulatorInput::HPrev) g_h_prev = g.mod_in;
   };
-  const Tensor post = seq.gates.select(1, kGateG);
-  TraceBackward r =
-      trace_backward<T>(be, c, p, cell_sequences(lc, h0, seq, post), saved, L, g_u, finish);
+  const Tensor post = lstm_post_sequence(lc.options, seq.out, seq.c_seq, seq.gates);
+  const Tensor mod_in = lstm_modulator_inputs(lc.options, h0, seq.out, seq.c_seq);
+  TraceBackward r = trace_backward<T>(be, c, p, {h0, seq.out, post, mod_in}, saved, L, g_u, finish);
 
-  // c_0 feeds step 1's cell.
+  // c_0 feeds step 1's cell; h_0 also step 1's modulator for "h_prev".
   Tensor g_c0 = g_c * seq.gates.select(0, 0).select(0, kGateF);
-  auto [g_x, g_h0, g_h2g_w, g_h2g_b] = gate_grads(h0, seq.out, lw, g_u, g_ifo, r.g_h0, be);
+  const Tensor g_h0_trace = g_h_prev.defined() ? r.g_h0 + g_h_prev : r.g_h0;
+  auto [g_x, g_h0, g_h2g_w, g_h2g_b] = gate_grads(h0, seq.out, lw, g_pre_g, g_ifo, g_h0_trace, be);
   return {g_x,       g_h0,    g_c0,     r.g_hebb,    r.g_elig,    g_h2g_w,   g_h2g_b,  r.g_w,
           r.g_alpha, r.g_eta, r.g_rate, r.g_h2mod_w, r.g_h2mod_b, r.g_fan_w, r.g_fan_b};
 }
@@ -173,13 +194,14 @@ Tensors<9> plastic_lstm_sequence(const Tensor& x, const Tensor& h0, const Tensor
                                  const OptTensor& elig_rate, const OptTensor& h2mod_weight,
                                  const OptTensor& h2mod_bias, const OptTensor& fanout_weight,
                                  const OptTensor& fanout_bias, const std::string& rule, double clip,
-                                 const std::string& modulator_input, int64_t checkpoint_every) {
+                                 const std::string& modulator_input, int64_t checkpoint_every,
+                                 const std::string& post_input) {
   const char* op = "plastic_lstm_sequence";
   const c10::DeviceGuard guard(x.device());
   const PlasticInputs in{hebb0,     elig0,        w,          alpha,         eta,
                          elig_rate, h2mod_weight, h2mod_bias, fanout_weight, fanout_bias};
   const LstmConfig lc = check_lstm_inputs(op, x, 4, h0, c0, h2g_weight, h2g_bias, in, rule, clip,
-                                          modulator_input, true);
+                                          modulator_input, post_input, true);
   check_checkpoint_every(op, checkpoint_every);
   const Backend be(x.options());
   const bool whole = takes_whole_sequence(be, Cell::Lstm, lc.plastic, x);
@@ -199,13 +221,13 @@ Tensors<15> plastic_lstm_sequence_backward(
     const OptTensor& fanout_bias, const std::string& rule, double clip,
     const std::string& modulator_input, const Tensor& out, const Tensor& c_seq, const Tensor& m,
     const Tensor& eta_seq, const Tensor& gates, const Tensor& hebb_checkpoints,
-    const Tensor& elig_checkpoints, int64_t checkpoint_every) {
+    const Tensor& elig_checkpoints, int64_t checkpoint_every, const std::string& post_input) {
   const char* op = "plastic_lstm_sequence_backward";
   const c10::DeviceGuard guard(h0.device());
   const PlasticInputs in{hebb0,     elig0,        w,          alpha,         eta,
                          elig_rate, h2mod_weight, h2mod_bias, fanout_weight, fanout_bias};
   const LstmConfig lc = check_lstm_inputs(op, out, 1, h0, c0, h2g_weight, h2g_bias, in, rule, clip,
-                                          modulator_input, true, "out");
+                                          modulator_input, post_input, true, "out");
   const PlasticConfig& c = lc.plastic;
   check_recurrent_backward(op, c, out,
                            {true,
@@ -215,6 +237,7 @@ Tensors<15> plastic_lstm_sequence_backward(
                             grad_m,
                             {{"c_seq", c_seq}},
                             &gates,
+                            lstm_gate_slots(lc.options),
                             {"m", m},
                             {"eta_seq", eta_seq},
                             &hebb_checkpoints,
@@ -239,13 +262,13 @@ Tensors<7> plastic_lstm_step(const Tensor& x, const Tensor& h, const Tensor& c, 
                              const OptTensor& h2mod_weight, const OptTensor& h2mod_bias,
                              const OptTensor& fanout_weight, const OptTensor& fanout_bias,
                              const std::string& rule, double clip,
-                             const std::string& modulator_input) {
+                             const std::string& modulator_input, const std::string& post_input) {
   const char* op = "plastic_lstm_step";
   const c10::DeviceGuard guard(x.device());
   const PlasticInputs in{hebb,      elig,         w,          alpha,         eta,
                          elig_rate, h2mod_weight, h2mod_bias, fanout_weight, fanout_bias};
   const LstmConfig lc = check_lstm_inputs(op, x, 4, h, c, h2g_weight, h2g_bias, in, rule, clip,
-                                          modulator_input, false);
+                                          modulator_input, post_input, false);
   const Backend be(x.options());
   const bool whole = takes_whole_sequence(be, Cell::Lstm, lc.plastic, x);
   auto [out, c_seq, hebb_new, elig_new, m, eta_seq, gates, ckpt_h, ckpt_e] =
@@ -268,13 +291,13 @@ Tensors<15> plastic_lstm_step_backward(
     const OptTensor& h2mod_weight, const OptTensor& h2mod_bias, const OptTensor& fanout_weight,
     const OptTensor& fanout_bias, const std::string& rule, double clip,
     const std::string& modulator_input, const Tensor& h_new, const Tensor& c_new, const Tensor& m,
-    const Tensor& eta_t, const Tensor& gates) {
+    const Tensor& eta_t, const Tensor& gates, const std::string& post_input) {
   const char* op = "plastic_lstm_step_backward";
   const c10::DeviceGuard guard(h.device());
   const PlasticInputs in{hebb,      elig,         w,          alpha,         eta,
                          elig_rate, h2mod_weight, h2mod_bias, fanout_weight, fanout_bias};
   const LstmConfig lc = check_lstm_inputs(op, h_new, 1, h, c, h2g_weight, h2g_bias, in, rule, clip,
-                                          modulator_input, false, "h_new");
+                                          modulator_input, post_input, false, "h_new");
   const PlasticConfig& pc = lc.plastic;
   check_recurrent_backward(op, pc, h_new,
                            {false,
@@ -284,6 +307,7 @@ Tensors<15> plastic_lstm_step_backward(
                             grad_m,
                             {{"c_new", c_new}},
                             &gates,
+                            lstm_gate_slots(lc.options),
                             {"m", m},
                             {"eta_t", eta_t},
                             nullptr,

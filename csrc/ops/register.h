@@ -51,7 +51,7 @@ inline void define_ops(torch::Library& m) {
   m.def(returning(
             "plastic_lstm_sequence(Tensor x, Tensor h0, Tensor c0, Tensor hebb0, Tensor? elig0, "
             "Tensor h2g_weight, Tensor h2g_bias, " BP_RNN_PARAMS ", str modulator_input, "
-            "int checkpoint_every)",
+            "int checkpoint_every, str post_input='g')",
             9)
             .c_str());
   m.def(returning(
@@ -59,18 +59,21 @@ inline void define_ops(torch::Library& m) {
             "Tensor? grad_elig, Tensor? grad_m, Tensor h0, Tensor c0, Tensor hebb0, Tensor? elig0, "
             "Tensor h2g_weight, Tensor h2g_bias, " BP_RNN_PARAMS ", str modulator_input, "
             "Tensor out, Tensor c_seq, Tensor m, Tensor eta_seq, Tensor gates, "
-            "Tensor hebb_checkpoints, Tensor elig_checkpoints, int checkpoint_every)",
+            "Tensor hebb_checkpoints, Tensor elig_checkpoints, int checkpoint_every, "
+            "str post_input='g')",
             15)
             .c_str());
   m.def(returning("plastic_lstm_step(Tensor x, Tensor h, Tensor c, Tensor hebb, Tensor? elig, "
-                  "Tensor h2g_weight, Tensor h2g_bias, " BP_RNN_PARAMS ", str modulator_input)",
+                  "Tensor h2g_weight, Tensor h2g_bias, " BP_RNN_PARAMS
+                  ", str modulator_input, str post_input='g')",
                   7)
             .c_str());
   m.def(returning(
             "plastic_lstm_step_backward(Tensor? grad_h_new, Tensor? grad_c_new, Tensor? grad_hebb, "
             "Tensor? grad_elig, Tensor? grad_m, Tensor h, Tensor c, Tensor hebb, Tensor? elig, "
             "Tensor h2g_weight, Tensor h2g_bias, " BP_RNN_PARAMS ", str modulator_input, "
-            "Tensor h_new, Tensor c_new, Tensor m, Tensor eta_t, Tensor gates)",
+            "Tensor h_new, Tensor c_new, Tensor m, Tensor eta_t, Tensor gates, "
+            "str post_input='g')",
             15)
             .c_str());
   m.def("plastic_matvec(Tensor x, Tensor w, Tensor alpha, Tensor hebb) -> Tensor");

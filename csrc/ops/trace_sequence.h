@@ -3,9 +3,9 @@
 // and the gradients of the plastic parameters. The cell supplies the per-step work around it.
 //
 // In the terms of both cells, step t = 1..T reads u_t = h_{t-1} @ (w + A * H_{t-1}) and makes
-// h_t, the trace's post-synaptic term post_t (h_t for the RNN, the candidate g_t for the LSTM) and
-// the modulator's input (h_t, or c_t for an LSTM with modulator_input "c"); the trace update of
-// step t uses pre = h_{t-1}, post_t and eta_t.
+// h_t, the trace's post-synaptic term post_t (h_t for the RNN; for the LSTM g_t, u_t, c_t or h_t
+// by its post_input) and the modulator's input (h_t; for the LSTM h_t, c_t or h_{t-1} by its
+// modulator_input); the trace update of step t uses pre = h_{t-1}, post_t and eta_t.
 //
 // Forward, per step the trace is swept once: update H_t and compute u_{t+1} together. Backward,
 // per step once for the adjoints (matvec of step t and rule of step t-1 together) and once to
@@ -58,7 +58,7 @@ void sum_all_rows(const Backend& be, const at::Tensor& src, const at::Tensor& ds
 }
 
 // Step t's slice (B, N) of a per-step sequence (T, B, N) whose steps may be strided, as the
-// candidate gate inside the LSTM's (T, 4, B, N) gates.
+// candidate gate inside the LSTM's (T, S, B, N) gates.
 template <typename T>
 T* step_ptr(const at::Tensor& seq, int64_t t) {
   return seq.data_ptr<T>() + (t - 1) * seq.stride(0);

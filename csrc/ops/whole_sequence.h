@@ -31,8 +31,38 @@ struct LstmCellInputs {
   const Tensor& c0;          // (B, N)
   const Tensor& h2g_weight;  // (3N, N), gates i, f, o
   const Tensor& h2g_bias;    // (3N,)
-  bool modulate_c;
+  LstmOptions options;
 };
+
+// The LSTM's trace post-synaptic terms post_t (post_input) of a forward's per-step sequences,
+// (T, B, N), possibly strided over steps.
+inline Tensor lstm_post_sequence(const LstmOptions& o, const Tensor& out, const Tensor& c_seq,
+                                 const Tensor& gates) {
+  switch (o.post) {
+    case PostInput::G:
+      return gates.select(1, kGateG);
+    case PostInput::U:
+      return gates.select(1, kSlotU);
+    case PostInput::C:
+      return c_seq;
+    default:
+      return out;
+  }
+}
+
+// The LSTM modulator's inputs of all steps (modulator_input), (T, B, N), once h_1 .. h_T are
+// known (for the forward of "h_prev", lstm.h fills them as it goes).
+inline Tensor lstm_modulator_inputs(const LstmOptions& o, const Tensor& h0, const Tensor& out,
+                                    const Tensor& c_seq) {
+  switch (o.modulator) {
+    case ModulatorInput::C:
+      return c_seq;
+    case ModulatorInput::HPrev:
+      return previous_h(h0, out).view(out.sizes());
+    default:
+      return out;
+  }
+}
 
 // What the LSTM's backward reads beside the RNN's: the forward's c and gates, dL/dc_t.
 struct LstmCellSaved {
@@ -46,8 +76,9 @@ struct WholeForward {
   Tensor out, hebb_T, elig_T, m, eta_seq, ckpt_h, ckpt_e, c_seq, gates;
 };
 
-// The backward's: dL/du_t and dL/dx_t (the RNN's; the LSTM's input gradient is g_u and g_ifo),
-// dL/d(pre-activations of the LSTM's gates i, f, o) and dL/dc_0, and the trace half's gradients.
+// The backward's: dL/du_t and dL/dx_t (the RNN's; for the LSTM dL/dx_g,t, which with g_ifo makes
+// its input gradient), dL/d(pre-activations of the LSTM's gates i, f, o) and dL/dc_0, and the
+// trace half's gradients.
 struct WholeBackward {
   Tensor g_u, g_x, g_ifo, g_c0;
   TraceBackward r;
@@ -85,7 +116,7 @@ SequenceInputs<T> sequence_inputs(const PlasticConfig& c, const PlasticInputs& a
   in.fanout_w = ptr(a.fanout_weight);
   in.fanout_b = ptr(a.fanout_bias);
   if (lstm != nullptr) {
-    in.modulate_c = lstm->modulate_c;
+    in.lstm = lstm->options;
     in.c0 = lstm->c0.data_ptr<T>();
     in.h2g_w = lstm->h2g_weight.data_ptr<T>();
     in.h2g_b = lstm->h2g_bias.data_ptr<T>();
@@ -111,7 +142,8 @@ WholeForward whole_sequence_forward(const Backend& be, const PlasticConfig& c,
   f.ckpt_h = at::empty({n_ckpt, B, N, N}, opts);
   f.ckpt_e = at::empty({retro ? n_ckpt : 0, B, N, N}, opts);
   f.c_seq = at::empty({lstm != nullptr ? T_ : 0, B, N}, opts);
-  f.gates = at::empty({lstm != nullptr ? T_ : 0, 4, B, N}, opts);
+  f.gates = at::empty(
+      {lstm != nullptr ? T_ : 0, lstm != nullptr ? lstm_gate_slots(lstm->options) : 4, B, N}, opts);
   Tensor work_h = at::empty({T_ > 1 ? B : 0, N, N}, opts);
   Tensor work_e = at::empty({retro && T_ > 1 ? B : 0, N, N}, opts);
   Tensor u = at::empty({B, N}, opts);
@@ -152,7 +184,8 @@ WholeBackward whole_sequence_backward(const Backend& be, const PlasticConfig& c,
   Tensor g_hebb = trace_grad(saved.grad_hebb);
   Tensor g_elig = retro ? trace_grad(saved.grad_elig) : at::empty({0}, opts);
   w.g_u = at::empty({T_, B, N}, opts);
-  w.g_x = clamp.has_value() ? at::empty_like(w.g_u) : w.g_u;
+  const bool own_g_x = clamp.has_value() || (lstm != nullptr && lstm->options.post == PostInput::U);
+  w.g_x = own_g_x ? at::empty_like(w.g_u) : w.g_u;
   w.g_ifo = at::empty({lstm != nullptr ? T_ : 0, B, 3 * N}, opts);
   w.g_c0 = at::empty({lstm != nullptr ? B : 0, N}, opts);
   Tensor g_h0 = at::empty({B, N}, opts);
@@ -217,8 +250,11 @@ WholeBackward whole_sequence_backward(const Backend& be, const PlasticConfig& c,
   w.r.g_h0 = g_h0;
   w.r.g_hebb = g_hebb;
   w.r.g_elig = g_elig;
-  const Tensor post = lstm_saved != nullptr ? lstm_saved->gates.select(1, kGateG) : out;
-  const Tensor mod_in = lstm != nullptr && lstm->modulate_c ? lstm_saved->c_seq : out;
+  const Tensor post =
+      lstm != nullptr ? lstm_post_sequence(lstm->options, out, lstm_saved->c_seq, lstm_saved->gates)
+                      : out;
+  const Tensor mod_in =
+      lstm != nullptr ? lstm_modulator_inputs(lstm->options, h0, out, lstm_saved->c_seq) : out;
   parameter_grads(be, c, a, {h0, out, post, mod_in},
                   {saved.m, w.g_u, g_z, g_eta_seq, g_eta_sum, g_alpha_acc, g_eta_conn, g_rate_acc},
                   w.r);

@@ -137,6 +137,7 @@ SMALL_VARIANTS = {
         model="PLASTICLSTM",
         modultype="modplasth2mod",
         modulout="single",
+        modulator_input="h_prev",
         alphatype="full",
         cliptype="clip",
     ),
@@ -144,19 +145,22 @@ SMALL_VARIANTS = {
         model="PLASTICLSTM",
         modultype="modplasth2mod",
         modulout="single",
+        modulator_input="h_prev",
         alphatype="full",
         cliptype="retroactive",
     ),
 }
 SMALL_TARGET_PARAMS, PTB_VOCABULARY = 4_800_000, 10_000
 ALPHA_SHAPES = {"full": "full", "perneuron": "neuron", "single": "scalar"}
-# Values of two of the original's flags that bp.PlasticLSTM implements, and those it does not
+# Values of one of the original's flags that bp.PlasticLSTM implements, and those it does not
 # (yet): the parser lists both, parse_args rejects the second, here only; move a value once the
-# ops have it. --hebboutput is the post-synaptic term of the Hebbian product: i2c, the cell
-# candidate g_t; h2co, the plastic path's pre-activation; cell, c_t; hidden, h_t. --cliptype
-# aditya lets the trace grow and clips it only where it enters the product.
-SUPPORTED = {"hebboutput": ("i2c",), "cliptype": bp.reference.RULES}
-NOT_IMPLEMENTED = {"hebboutput": ("h2co", "cell", "hidden"), "cliptype": ("aditya",)}
+# ops have it. --cliptype aditya lets the trace grow and clips it only where it enters the
+# product.
+SUPPORTED = {"cliptype": bp.reference.RULES}
+NOT_IMPLEMENTED = {"cliptype": ("aditya",)}
+# --hebboutput, the post-synaptic term of the Hebbian product, as bp.PlasticLSTM's post_input:
+# i2c, the cell candidate g_t; h2co, the plastic path's pre-activation u_t; cell, c_t; hidden, h_t.
+HEBB_OUTPUTS = {"i2c": "g", "h2co": "u", "cell": "c", "hidden": "h"}
 
 
 def make_parser():
@@ -188,7 +192,15 @@ def make_parser():
         choices=("none", "modplasth2mod", "modplastc2mod"),
         default="modplasth2mod",
         help="none: learned plasticity rate eta; modplasth2mod / modplastc2mod: neuromodulation "
-        "computed from h_t / c_t",
+        "computed from h / c_t (--modulator-input says which h)",
+    )
+    add(
+        "--modulator-input",
+        choices=bp.reference.MODULATOR_INPUTS,
+        help="what the neuromodulator of step t reads, bp.PlasticLSTM's modulator_input: h (h_t), "
+        "c (c_t, --modultype modplastc2mod's) or h_prev (h_{t-1}, the paper's small models'); "
+        "default c with --modultype modplastc2mod, h_prev in --preset small's modulated "
+        "variants, else h",
     )
     add(
         "--modulout",
@@ -225,10 +237,10 @@ def make_parser():
     )
     add(
         "--hebboutput",
-        choices=SUPPORTED["hebboutput"] + NOT_IMPLEMENTED["hebboutput"],
+        choices=tuple(HEBB_OUTPUTS),
         default="i2c",
-        help="post-synaptic term of the Hebbian product: i2c, the cell candidate g_t, is the "
-        "one implemented (h2co, cell and hidden, the original's others, are not)",
+        help="post-synaptic term of the Hebbian product (bp.PlasticLSTM's post_input): i2c, the "
+        "cell candidate g_t; h2co, the plastic path's pre-activation u_t; cell, c_t; hidden, h_t",
     )
     add(
         "--proplstm",
@@ -421,6 +433,15 @@ def parse_args(argv=None):
     if args.preset == "small":  # the preset's defaults; flags given explicitly still win
         parser.set_defaults(**SMALL_PRESET, **SMALL_VARIANTS[args.variant or "baseline"])
         args = parser.parse_args(argv)
+    from_c = args.modultype == "modplastc2mod"
+    if args.modulator_input is None:
+        args.modulator_input = "c" if from_c else "h"
+    elif from_c != (args.modulator_input == "c") and args.modultype != "none":
+        parser.error(
+            f"--modultype {args.modultype} contradicts --modulator-input {args.modulator_input} "
+            "(modplastc2mod reads c, modplasth2mod h or h_prev)"
+        )
+    if args.preset == "small":
         args.variant = args.variant or "baseline"
         if args.nhid is None:
             args.nhid = small_hidden_sizes(args)[args.variant][0]
@@ -468,7 +489,8 @@ def layer_options(args):
     return dict(
         alpha=ALPHA_SHAPES[args.alphatype],
         modulation=modulation,
-        modulator_input="c" if args.modultype == "modplastc2mod" else "h",
+        modulator_input=args.modulator_input,
+        post_input=HEBB_OUTPUTS[args.hebboutput],
         rule=args.cliptype,
         clip=args.clipval,
         eta_shape=args.etatype,

@@ -269,13 +269,6 @@ def test_adam_trains_and_never_averages(corpus, tmp_path):
 @pytest.mark.parametrize(
     "flags, message",
     [
-        *[
-            (
-                ["--hebboutput", value],
-                f"--hebboutput {value}: not implemented by bp.PlasticLSTM; supported: i2c",
-            )
-            for value in ("h2co", "cell", "hidden")
-        ],
         (
             ["--cliptype", "aditya"],
             "--cliptype aditya: not implemented by bp.PlasticLSTM; supported: "
@@ -286,10 +279,53 @@ def test_adam_trains_and_never_averages(corpus, tmp_path):
             "--cuda (the original's switch: CUDA off) contradicts --device cuda:1",
         ),
         (["--numgpu", "1", "--device", "cuda:0"], "--numgpu 1 contradicts --device cuda:0"),
+        *[
+            (
+                ["--modultype", modultype, "--modulator-input", value],
+                f"--modultype {modultype} contradicts --modulator-input {value} "
+                "(modplastc2mod reads c, modplasth2mod h or h_prev)",
+            )
+            for modultype, value in (
+                ("modplastc2mod", "h"),
+                ("modplastc2mod", "h_prev"),
+                ("modplasth2mod", "c"),
+            )
+        ],
     ],
 )
 def test_unimplemented_values_and_contradictions_are_errors(flags, message, capsys):
     assert_parser_error(ptb_main.parse_args, flags, message, capsys)
+
+
+@pytest.mark.parametrize(
+    "hebboutput, post_input", [("i2c", "g"), ("h2co", "u"), ("cell", "c"), ("hidden", "h")]
+)
+def test_hebboutput_sets_the_post_synaptic_term(hebboutput, post_input):
+    args = ptb_main.parse_args(["--hebboutput", hebboutput])
+    assert ptb_main.layer_options(args)["post_input"] == post_input
+    with torch.device("meta"):
+        model = ptb_main.build_model(args, ptb_main.PTB_VOCABULARY)
+    assert all(layer.post_input == post_input for layer in model.rnns)
+
+
+@pytest.mark.parametrize(
+    "flags, modulator_input",
+    [
+        ([], "h"),
+        (["--modultype", "modplastc2mod"], "c"),
+        (["--modultype", "modplastc2mod", "--modulator-input", "c"], "c"),
+        (["--modulator-input", "h_prev"], "h_prev"),
+        (["--modultype", "none", "--modulout", "none", "--modulator-input", "c"], "c"),
+        # the paper's small models' modulator reads h_{t-1} (its appendix A.1.2)
+        (["--preset", "small", "--variant", "simple"], "h_prev"),
+        (["--preset", "small", "--variant", "retroactive"], "h_prev"),
+        (["--preset", "small", "--variant", "retroactive", "--modulator-input", "h"], "h"),
+        (["--preset", "small", "--variant", "plastic"], "h"),  # no modulator
+    ],
+)
+def test_modulator_input(flags, modulator_input):
+    args = ptb_main.parse_args(flags)
+    assert ptb_main.layer_options(args)["modulator_input"] == modulator_input
 
 
 @pytest.mark.parametrize(
@@ -332,6 +368,7 @@ def test_device_flags(flags, device):
         ["--preset", "small", "--variant", "plastic", *SMALL_LR],
         ["--preset", "small", "--variant", "simple", *SMALL_LR],
         ["--preset", "small", "--variant", "retroactive", *SMALL_LR],
+        ["--hebboutput", "h2co", "--modulator-input", "h_prev"],
     ],
     ids=[
         "fanout-h",
@@ -342,6 +379,7 @@ def test_device_flags(flags, device):
         "small-plastic",
         "small-simple",
         "small-retroactive",
+        "fanout-h_prev-h2co",
     ],
 )
 def test_training_lowers_the_loss(corpus, tmp_path, flags):

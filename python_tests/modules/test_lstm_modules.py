@@ -11,7 +11,7 @@ import backpropamine_cuda as bp
 from helpers import TOL, I, N, assert_dicts_close, expected_param_shapes, grads_of, make, opt_id
 
 F64 = TOL[torch.float64]
-# Every rule, alpha, modulation and modulator input at least once.
+# Every rule, alpha, modulation, modulator input and post-synaptic term at least once.
 COMPARE_OPTIONS = [
     dict(alpha="neuron", modulation="fanout", modulator_input="h", rule="clip"),  # PTB large
     dict(
@@ -27,7 +27,11 @@ COMPARE_OPTIONS = [
     dict(alpha="neuron", modulation="fanout", rule="retroactive", n_modulators=2),
     dict(alpha="full", modulation="simple", rule="softclip", clip=0.5),
     dict(alpha="scalar", modulation="none", rule="decay"),
-    dict(alpha="full", modulation="none", rule="oja"),
+    dict(alpha="full", modulation="none", rule="oja", post_input="u"),
+    # PTB small, simple and retroactive (the modulator reads h_{t-1})
+    dict(alpha="full", modulation="simple", modulator_input="h_prev", rule="retroactive", clip=1.0),
+    dict(alpha="neuron", modulation="fanout", modulator_input="h_prev", post_input="c"),
+    dict(alpha="scalar", modulation="simple", modulator_input="c", post_input="h", rule="decay"),
 ]
 IMPLS = ["reference", "fused"]
 
@@ -130,6 +134,7 @@ def test_initialisation_and_defaults():
         lstm.alpha_mode,
         lstm.modulation,
         lstm.modulator_input,
+        lstm.post_input,
         lstm.rule,
         lstm.clip,
         lstm.n_modulators,
@@ -138,7 +143,7 @@ def test_initialisation_and_defaults():
         lstm.impl,
         lstm.batch_first,
         lstm.checkpoint_every,
-    ) == ("neuron", "fanout", "h", "clip", 2.0, 1, "scalar", True, "auto", False, None)
+    ) == ("neuron", "fanout", "h", "g", "clip", 2.0, 1, "scalar", True, "auto", False, None)
     assert lstm.w.min() >= -0.01 and lstm.w.max() < 0.01 and lstm.w.min() < -0.005
     for alpha in ("full", "neuron", "scalar"):
         a = bp.PlasticLSTMCell(I, 40, alpha=alpha).alpha
@@ -160,6 +165,7 @@ def test_extra_repr_names_the_options():
     )
     for part in ("alpha='full'", "modulation='simple'", "modulator_input='c'", "rule='oja'"):
         assert part in text
+    assert "post_input='u'" in repr(bp.PlasticLSTMCell(I, N, post_input="u"))
     assert "plastic=False" in repr(bp.PlasticLSTMCell(I, N, plastic=False))
 
 
@@ -264,7 +270,7 @@ def test_lstm_fused_matches_reference(options, batch_first):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("options", COMPARE_OPTIONS[:4], ids=opt_id)
+@pytest.mark.parametrize("options", [*COMPARE_OPTIONS[:4], *COMPARE_OPTIONS[-3:]], ids=opt_id)
 def test_cell_loop_equals_sequence(options, impl):
     lstm = make(bp.PlasticLSTM, options, impl=impl)
     cell = bp.PlasticLSTMCell(I, N, impl=impl, **options).double()
@@ -333,11 +339,19 @@ def test_batch_first_and_return_modulation(impl):
 # Validation
 
 
-def test_bad_modulator_input():
-    with pytest.raises(ValueError, match=r"modulator_input must be one of \('h', 'c'\), got 'x'"):
+def test_bad_modulator_input_and_post_input():
+    with pytest.raises(
+        ValueError, match=r"modulator_input must be one of \('h', 'c', 'h_prev'\), got 'x'"
+    ):
         bp.PlasticLSTM(I, N, modulator_input="x")
     with pytest.raises(ValueError, match="modulator_input must be one of"):
         bp.PlasticLSTMCell(I, N, modulator_input="m")
+    with pytest.raises(
+        ValueError, match=r"post_input must be one of \('g', 'u', 'c', 'h'\), got 'i2c'"
+    ):
+        bp.PlasticLSTM(I, N, post_input="i2c")
+    with pytest.raises(ValueError, match="post_input must be one of"):
+        bp.PlasticLSTMCell(I, N, post_input="cell")
 
 
 @pytest.mark.parametrize("impl", IMPLS)

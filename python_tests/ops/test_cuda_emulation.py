@@ -45,8 +45,10 @@ def test_rnn_sequence_several_tiles(emulated, rule):
     assert_results_close(expected, actual, torch.float64)
 
 
-@pytest.mark.parametrize("modulator_input", ["h", "c"])
-def test_lstm_sequence_several_tiles(emulated, sequence_path, modulator_input):
+@pytest.mark.parametrize(
+    "modulator_input,post_input", [("h", "g"), ("c", "u"), ("h_prev", "c"), ("h_prev", "h")]
+)
+def test_lstm_sequence_several_tiles(emulated, sequence_path, modulator_input, post_input):
     """The GPU's whole-sequence kernels run the tanh cell only: the LSTM runs step by step on
     either setting of the path."""
     inputs = lstm_inputs(
@@ -66,6 +68,7 @@ def test_lstm_sequence_several_tiles(emulated, sequence_path, modulator_input):
         rule="retroactive",
         clip=CLIP,
         modulator_input=modulator_input,
+        post_input=post_input,
     )
 
 

@@ -71,8 +71,9 @@ def clamp_margin(op, inputs, rule, clip, **options):
     return margin, beyond, inside
 
 
-def kink_free_inputs(modulation, rule, regime, *, T, lstm=False):
-    """Inputs of the given regime ("free" or "active") whose clamp stays MARGIN from its kinks."""
+def kink_free_inputs(modulation, rule, regime, *, T, lstm=False, **options):
+    """Inputs of the given regime ("free" or "active") whose clamp stays MARGIN from its kinks
+    (`options`: the op's, such as the LSTM's post_input)."""
     clip = 50.0 if regime == "free" else 1.0
     make = lstm_inputs if lstm else rnn_inputs
     kind = "lstm" if lstm else "rnn"
@@ -88,7 +89,7 @@ def kink_free_inputs(modulation, rule, regime, *, T, lstm=False):
             seed=seed,
             hebb_scale=1.0 if regime == "free" else 3.0,
         )
-        margin, beyond, inside = clamp_margin(op, inputs, rule, clip)
+        margin, beyond, inside = clamp_margin(op, inputs, rule, clip, **options)
         if margin < MARGIN:
             continue
         if rule in CLIP_RULES and regime == "active" and not (beyond and inside):
@@ -165,6 +166,36 @@ def test_gradcheck_lstm_sequence(fused, modulation, rule, regime, modulator_inpu
 def test_gradcheck_lstm_step(fused, modulation, rule, regime):
     inputs, clip = kink_free_inputs(modulation, rule, regime, T=None, lstm=True)
     gradcheck_op(fused.plastic_lstm_step, inputs, rule=rule, clip=clip, modulator_input="c")
+
+
+# Every pair of post_input and modulator_input, each with one of modulations none, simple and
+# fanout (with the retroactive rule, its clamp active). The clip rule's active regime over three
+# steps finds no inputs with post_input "u": u_t is small, so a trace clamped at the bound in one
+# step stays within MARGIN of it in the next.
+LSTM_OPTION_CONFIGS = (
+    ("none_full", "clip", "free"),
+    ("simple", "oja", "free"),
+    ("fanout3", "retroactive", "active"),
+)
+LSTM_OPTION_CASES = [
+    pytest.param(
+        *LSTM_OPTION_CONFIGS[k % 3], mi, pi, id=f"{mi}-{pi}-{'-'.join(LSTM_OPTION_CONFIGS[k % 3])}"
+    )
+    for k, (mi, pi) in enumerate(
+        (mi, pi) for mi in reference.MODULATOR_INPUTS for pi in reference.POST_INPUTS
+    )
+]
+
+
+@pytest.mark.parametrize("modulation,rule,regime,modulator_input,post_input", LSTM_OPTION_CASES)
+def test_gradcheck_lstm_options(fused, modulation, rule, regime, modulator_input, post_input):
+    options = dict(modulator_input=modulator_input, post_input=post_input)
+    inputs, clip = kink_free_inputs(modulation, rule, regime, T=3, lstm=True, **options)
+    gradcheck_op(
+        fused.plastic_lstm_sequence, inputs, rule=rule, clip=clip, checkpoint_every=2, **options
+    )
+    inputs, clip = kink_free_inputs(modulation, rule, regime, T=None, lstm=True, **options)
+    gradcheck_op(fused.plastic_lstm_step, inputs, rule=rule, clip=clip, **options)
 
 
 @pytest.mark.parametrize("alpha_shape", [(3, 4), (4,), ()], ids=["full", "neuron", "scalar"])

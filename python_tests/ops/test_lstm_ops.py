@@ -1,7 +1,8 @@
 """Fused plastic LSTM ops (sequence and step) against the pure-PyTorch reference: forward outputs
 and the gradients of every input (x, h, c, the traces, h2g and the plastic parameters), for every
-option combination and modulator input, checkpointing, odd sizes and float32, on both CPU paths
-(whole sequences per group of samples, and step by step: fixture `sequence_path`)."""
+option combination, modulator input and Hebbian post-synaptic term, checkpointing, odd sizes and
+float32, on both CPU paths (whole sequences per group of samples, and step by step: fixture
+`sequence_path`)."""
 
 import itertools
 
@@ -25,11 +26,21 @@ CLIP = 0.5
 SEQ_OUTPUTS = ("out", "c_T", "hebb_T", "elig_T", "m")
 STEP_OUTPUTS = ("h_new", "c_new", "hebb_new", "elig_new", "m")
 MODULATOR_INPUTS = reference.MODULATOR_INPUTS
+POST_INPUTS = reference.POST_INPUTS
 pytestmark = pytest.mark.usefixtures("sequence_path")
 
 
 def compare(
-    fused, name, inputs, rule, modulator_input, *, use=None, requires_grad=True, **fused_options
+    fused,
+    name,
+    inputs,
+    rule,
+    modulator_input,
+    *,
+    post_input="g",
+    use=None,
+    requires_grad=True,
+    **fused_options,
 ):
     """fused.<name> against reference.<name> (helpers.compare_with_reference)."""
     names = SEQ_OUTPUTS if name.endswith("sequence") else STEP_OUTPUTS
@@ -42,6 +53,7 @@ def compare(
         rule=rule,
         clip=CLIP,
         modulator_input=modulator_input,
+        post_input=post_input,
         use=use,
         requires_grad=requires_grad,
     )
@@ -85,13 +97,76 @@ def test_step_every_option(fused, alpha, modulation, rule, modulator_input):
 
 
 def test_modulator_input_matters(fused):
-    """Modulation from c differs from modulation from h (the option is not ignored)."""
+    """Modulation from h_t, c_t and h_{t-1} differ (the option is not ignored)."""
     inputs = lstm_inputs("neuron", "fanout1", "clip", T=4, B=2, N=5)
-    from_h, from_c = (
+    from_h, from_c, from_h_prev = (
         fused.plastic_lstm_sequence(**inputs, rule="clip", clip=CLIP, modulator_input=mi)
-        for mi in ("h", "c")
+        for mi in ("h", "c", "h_prev")
     )
     assert not torch.allclose(from_h[4], from_c[4])
+    assert not torch.allclose(from_h[4], from_h_prev[4])
+    # h_prev: step 1's modulator reads h_0
+    m_1 = torch.tanh(inputs["h"] @ inputs["h2mod_weight"].T + inputs["h2mod_bias"])
+    torch.testing.assert_close(from_h_prev[4][0], m_1, **TOL[torch.float64])
+
+
+def test_post_input_matters(fused):
+    """Each post-synaptic term gives its own trace (the option is not ignored)."""
+    inputs = lstm_inputs("neuron", "fanout1", "decay", T=3, B=2, N=5)
+    traces = [
+        fused.plastic_lstm_sequence(**inputs, rule="decay", clip=CLIP, post_input=pi)[2]
+        for pi in POST_INPUTS
+    ]
+    for k, a in enumerate(traces):
+        for b in traces[k + 1 :]:
+            assert not torch.allclose(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# post_input with every modulator input and every kind of modulation (the retroactive rule with
+# fanout), float64 and float32, odd sizes, checkpointing.
+
+POST_CONFIGS = [
+    ("full", "none_full", "clip"),
+    ("scalar", "simple", "softclip"),
+    ("neuron", "fanout3", "retroactive"),
+]
+
+
+@pytest.mark.parametrize("post_input", POST_INPUTS)
+@pytest.mark.parametrize("modulator_input", MODULATOR_INPUTS)
+@pytest.mark.parametrize("alpha,modulation,rule", POST_CONFIGS)
+def test_sequence_post_input(fused, alpha, modulation, rule, modulator_input, post_input):
+    inputs = lstm_inputs(alpha, modulation, rule, T=5, B=3, N=7, seed=13)
+    (_, _, hebb_T, _, _), grads = compare_sequence(
+        fused, inputs, rule, modulator_input, post_input=post_input, checkpoint_every=2
+    )
+    if rule in CLIP_RULES:
+        assert clamp_engaged(hebb_T, CLIP)
+    assert set(grads) == {k for k, v in inputs.items() if v is not None}
+
+
+@pytest.mark.parametrize("post_input", POST_INPUTS)
+@pytest.mark.parametrize("modulator_input", MODULATOR_INPUTS)
+@pytest.mark.parametrize("alpha,modulation,rule", POST_CONFIGS)
+def test_step_post_input(fused, alpha, modulation, rule, modulator_input, post_input):
+    inputs = lstm_inputs(alpha, modulation, rule, B=3, N=7, seed=14)
+    compare_step(fused, inputs, rule, modulator_input, post_input=post_input)
+
+
+@pytest.mark.parametrize("post_input", POST_INPUTS)
+@pytest.mark.parametrize("modulator_input", MODULATOR_INPUTS)
+@pytest.mark.parametrize(
+    "sizes", [dict(T=1, B=1, N=1), dict(T=6, B=5, N=33)], ids=["T1B1N1", "T6B5N33"]
+)
+def test_sequence_post_input_float32_sizes(fused, sizes, modulator_input, post_input):
+    rule = "retroactive"
+    inputs = lstm_inputs("full", "fanout1", rule, dtype=torch.float32, seed=15, **sizes)
+    compare_sequence(
+        fused, inputs, rule, modulator_input, post_input=post_input, checkpoint_every=4
+    )
+    step_inputs = dict(inputs, x=inputs["x"][0])
+    compare_step(fused, step_inputs, rule, modulator_input, post_input=post_input)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,11 +286,13 @@ def test_no_input_requires_grad(fused):
         torch.testing.assert_close(a, e, **TOL[torch.float64])
 
 
-@pytest.mark.parametrize("modulator_input", MODULATOR_INPUTS)
-def test_sequence_equals_step_loop(fused, modulator_input):
+@pytest.mark.parametrize(
+    "modulator_input,post_input", [(mi, "g") for mi in MODULATOR_INPUTS] + [("h_prev", "u")]
+)
+def test_sequence_equals_step_loop(fused, modulator_input, post_input):
     rule = "retroactive"
     inputs = lstm_inputs("full", "fanout3", rule, T=5, B=3, N=7, seed=11)
-    kw = dict(rule=rule, clip=CLIP, modulator_input=modulator_input)
+    kw = dict(rule=rule, clip=CLIP, modulator_input=modulator_input, post_input=post_input)
     out, c_T, hebb_T, elig_T, m = fused.plastic_lstm_sequence(**inputs, **kw, checkpoint_every=2)
     state = {k: inputs[k] for k in ("h", "c", "hebb", "elig")}
     params = {k: v for k, v in inputs.items() if k not in state and k != "x"}

@@ -147,20 +147,31 @@ def test_opcheck_step_backward(alpha, modulation, rule, dtype):
     )
 
 
-LSTM_CONFIGS = [(*c, mi) for c, mi in zip(RNN_CONFIGS, "hchch")]
-LSTM_IDS = [f"{i}-{c[-1]}" for i, c in zip(RNN_IDS, LSTM_CONFIGS)]
+# Every modulator_input and post_input ("u" saves a fifth gate slot: the fake must agree).
+LSTM_CONFIGS = [
+    (*c, mi, pi)
+    for c, mi, pi in zip(
+        RNN_CONFIGS, ("h", "c", "h_prev", "h_prev", "h"), ("g", "u", "c", "h", "u")
+    )
+]
+LSTM_IDS = [f"{i}-{c[-2]}-{c[-1]}" for i, c in zip(RNN_IDS, LSTM_CONFIGS)]
+LSTM_PARAMS = "alpha,modulation,rule,dtype,modulator_input,post_input"
 
 
-@pytest.mark.parametrize("alpha,modulation,rule,dtype,modulator_input", LSTM_CONFIGS, ids=LSTM_IDS)
-def test_opcheck_lstm_sequence_and_backward(alpha, modulation, rule, dtype, modulator_input):
+@pytest.mark.parametrize(LSTM_PARAMS, LSTM_CONFIGS, ids=LSTM_IDS)
+def test_opcheck_lstm_sequence_and_backward(
+    alpha, modulation, rule, dtype, modulator_input, post_input
+):
     inputs = lstm_inputs(alpha, modulation, rule, T=3, B=2, N=5, dtype=dtype)
     options = (rule, 0.5, modulator_input)
+    forward_options = (*options, 2, post_input)
     torch.library.opcheck(
-        OPS.plastic_lstm_sequence.default, raw_args(inputs, LSTM_INPUTS, (*options, 2))
+        OPS.plastic_lstm_sequence.default, raw_args(inputs, LSTM_INPUTS, forward_options)
     )
     out, c_seq, hebb_T, elig_T, m, eta_seq, gates, ckpt_h, ckpt_e = OPS.plastic_lstm_sequence(
-        *raw_args(inputs, LSTM_INPUTS, (*options, 2), False)
+        *raw_args(inputs, LSTM_INPUTS, forward_options, False)
     )
+    assert gates.shape[1] == (5 if post_input == "u" else 4)
     retro, modulated = rule == "retroactive", not modulation.startswith("none")
     grads = [
         torch.randn_like(out),
@@ -172,14 +183,16 @@ def test_opcheck_lstm_sequence_and_backward(alpha, modulation, rule, dtype, modu
     params = [inputs[k] for k in LSTM_INPUTS[1:]]
     torch.library.opcheck(
         OPS.plastic_lstm_sequence_backward.default,
-        [*grads, *params, *options, out, c_seq, m, eta_seq, gates, ckpt_h, ckpt_e, 2],
+        [*grads, *params, *options, out, c_seq, m, eta_seq, gates, ckpt_h, ckpt_e, 2, post_input],
     )
 
 
-@pytest.mark.parametrize("alpha,modulation,rule,dtype,modulator_input", LSTM_CONFIGS, ids=LSTM_IDS)
-def test_opcheck_lstm_step_and_backward(alpha, modulation, rule, dtype, modulator_input):
+@pytest.mark.parametrize(LSTM_PARAMS, LSTM_CONFIGS, ids=LSTM_IDS)
+def test_opcheck_lstm_step_and_backward(
+    alpha, modulation, rule, dtype, modulator_input, post_input
+):
     inputs = lstm_inputs(alpha, modulation, rule, B=2, N=5, dtype=dtype)
-    options = (rule, 0.5, modulator_input)
+    options = (rule, 0.5, modulator_input, post_input)
     torch.library.opcheck(OPS.plastic_lstm_step.default, raw_args(inputs, LSTM_INPUTS, options))
     h_new, c_new, hebb_new, elig_new, m, eta_t, gates = OPS.plastic_lstm_step(
         *raw_args(inputs, LSTM_INPUTS, options, False)
@@ -195,7 +208,7 @@ def test_opcheck_lstm_step_and_backward(alpha, modulation, rule, dtype, modulato
     params = [inputs[k] for k in LSTM_INPUTS[1:]]
     torch.library.opcheck(
         OPS.plastic_lstm_step_backward.default,
-        [*grads, *params, *options, h_new, c_new, m, eta_t, gates],
+        [*grads, *params, *options[:3], h_new, c_new, m, eta_t, gates, post_input],
     )
 
 
@@ -279,11 +292,17 @@ def test_compile_aot_eager(options):
     assert_same_results(eager, compiled, torch.float64)
 
 
-@pytest.mark.parametrize("modulator_input", ["h", "c"])
-def test_compile_lstm_aot_eager(modulator_input):
+@pytest.mark.parametrize("modulator_input,post_input", [("h", "g"), ("c", "c"), ("h_prev", "u")])
+def test_compile_lstm_aot_eager(modulator_input, post_input):
     torch._dynamo.reset()
     lstm = bp.PlasticLSTM(
-        4, 6, impl="fused", modulator_input=modulator_input, rule="retroactive", checkpoint_every=2
+        4,
+        6,
+        impl="fused",
+        modulator_input=modulator_input,
+        post_input=post_input,
+        rule="retroactive",
+        checkpoint_every=2,
     ).double()
     x = torch.randn(5, 3, 4, dtype=torch.float64)
     eager, compiled = eager_and_compiled(lstm, x, "aot_eager", fullgraph=True)

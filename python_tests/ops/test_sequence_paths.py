@@ -82,12 +82,30 @@ def test_several_groups_against_the_reference(monkeypatch, rule, dtype):
     )
 
 
-@pytest.mark.parametrize("modulator_input", ["h", "c"])
-@pytest.mark.parametrize("rule", RULES)
-def test_lstm_several_groups_against_the_reference(monkeypatch, rule, modulator_input):
+# Every modulator input and post-synaptic term with every rule, but Oja's rule with u_t: with the
+# unbounded u_t as its post-synaptic term and a negative rate, the trace grows to inf here (in
+# the reference too).
+LSTM_OPTION_CASES = [
+    pytest.param(rule, mi, pi, id=f"{rule}-{mi}-{pi}")
+    for rule in RULES
+    for mi, pi in (
+        ("h", "g"),
+        ("c", "u"),
+        ("h_prev", "g"),
+        ("h_prev", "c"),
+        ("c", "h"),
+        ("h_prev", "u"),
+    )
+    if not (rule == "oja" and pi == "u")
+]
+
+
+@pytest.mark.parametrize("rule,modulator_input,post_input", LSTM_OPTION_CASES)
+def test_lstm_several_groups_against_the_reference(monkeypatch, rule, modulator_input, post_input):
     """The LSTM's whole-sequence path as the RNN's above: B = 17 in several groups, odd N, T not
-    a multiple of the checkpoint interval; the modulator reading h or c. Smaller traces and rates
-    than the defaults: Oja's rule at the defaults grows gradients of 1e5 here, on both paths."""
+    a multiple of the checkpoint interval; every modulator input and Hebbian post-synaptic term.
+    Smaller traces and rates than the defaults: Oja's rule at the defaults grows gradients of 1e5
+    here, on both paths."""
     monkeypatch.setenv(ENV, "whole")
     alpha, modulation = RULE_CONFIG[rule]
     inputs = lstm_inputs(
@@ -102,6 +120,7 @@ def test_lstm_several_groups_against_the_reference(monkeypatch, rule, modulator_
         rule=rule,
         clip=CLIP,
         modulator_input=modulator_input,
+        post_input=post_input,
     )
 
 
@@ -160,10 +179,12 @@ def test_float32_at_an_rl_size(monkeypatch, rule, path):
     )
 
 
+@pytest.mark.parametrize("modulator_input", ["h", "h_prev"])
 @pytest.mark.parametrize("path", ["whole", "steps"])
 @pytest.mark.parametrize("rule", RULES)
-def test_lstm_float32_at_the_small_ptb_size(monkeypatch, rule, path):
-    """Float32 at the width of the paper's small PTB model's layers (N = 200), on each path."""
+def test_lstm_float32_at_the_small_ptb_size(monkeypatch, rule, path, modulator_input):
+    """Float32 at the width of the paper's small PTB model's layers (N = 200), on each path; their
+    modulator reads h_{t-1}."""
     monkeypatch.setenv(ENV, path)
     alpha, modulation = RULE_CONFIG[rule]
     inputs = lstm_inputs(
@@ -185,4 +206,5 @@ def test_lstm_float32_at_the_small_ptb_size(monkeypatch, rule, path):
         names=LSTM_OUTPUTS,
         rule=rule,
         clip=CLIP,
+        modulator_input=modulator_input,
     )

@@ -86,15 +86,74 @@ def test_lstm_x_width_mismatch_with_h(op):
 
 
 @SEQUENCE_OR_STEP
-@pytest.mark.parametrize("modulator_input", ["x", "", "H", "cell"])
+@pytest.mark.parametrize("modulator_input", ["x", "", "H", "cell", "h_next"])
 def test_lstm_bad_modulator_input(op, modulator_input):
     fn, kwargs = lstm_case(op)
     kwargs["modulator_input"] = modulator_input
-    with pytest.raises(
-        ValueError,
-        match=f"plastic_lstm_{op}: modulator_input must be 'h' or 'c', got '{modulator_input}'",
-    ):
+    message = (
+        f"plastic_lstm_{op}: modulator_input must be one of 'h', 'c', 'h_prev', "
+        f"got '{modulator_input}'"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
         fn(**kwargs)
+
+
+@SEQUENCE_OR_STEP
+@pytest.mark.parametrize("post_input", ["x", "", "G", "i2c", "hidden"])
+def test_lstm_bad_post_input(op, post_input):
+    fn, kwargs = lstm_case(op)
+    kwargs["post_input"] = post_input
+    message = f"plastic_lstm_{op}: post_input must be one of 'g', 'u', 'c', 'h', got '{post_input}'"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        fn(**kwargs)
+
+
+def sequence_backward_kwargs(post_input):
+    """Valid keyword arguments of plastic_lstm_sequence_backward, from a forward with
+    `post_input` (no incoming gradients)."""
+    _, kwargs = lstm_case("sequence")
+    schema = torch.ops.backpropamine.plastic_lstm_sequence.default._schema
+    tensors = dict(zip((a.name for a in schema.arguments), (kwargs[k] for k in LSTM_INPUTS)))
+    options = dict(rule="retroactive", clip=1.0, modulator_input="c", post_input=post_input)
+    outputs = torch.ops.backpropamine.plastic_lstm_sequence(
+        **tensors, **options, checkpoint_every=2
+    )
+    saved = ("out", "c_seq", None, None, "m", "eta_seq", "gates", "hebb_checkpoints")
+    saved += ("elig_checkpoints",)
+    del tensors["x"]
+    grads = ("grad_out", "grad_c", "grad_hebb", "grad_elig", "grad_m")
+    return dict(
+        dict.fromkeys(grads),
+        **tensors,
+        **options,
+        **{name: t for name, t in zip(saved, outputs) if name},
+        checkpoint_every=2,
+    )
+
+
+@pytest.mark.parametrize("name", ["post_input", "modulator_input"])
+def test_lstm_bad_option_in_backward_op(name):
+    """The backward ops check the options too (their callers may not be the forward's glue)."""
+    kwargs = sequence_backward_kwargs("g")
+    kwargs[name] = "q"
+    with pytest.raises(ValueError, match=f"plastic_lstm_sequence_backward: {name} must be one of"):
+        torch.ops.backpropamine.plastic_lstm_sequence_backward(**kwargs)
+
+
+@pytest.mark.parametrize("forward_post,backward_post", [("g", "u"), ("u", "h")])
+def test_lstm_backward_gates_of_another_post_input(forward_post, backward_post):
+    """post_input "u" saves a fifth gate slot: a backward told another post_input than its
+    forward's names the gates' shape."""
+    kwargs = sequence_backward_kwargs(forward_post)
+    kwargs["post_input"] = backward_post
+    slots = 5 if backward_post == "u" else 4
+    layout = f"(T, {slots}, B, N)" + (" with post_input 'u'" if slots == 5 else "")
+    expected = (
+        f"plastic_lstm_sequence_backward: expected gates to have shape "
+        f"{shape_str((T, slots, B, N))} {layout}, got {shape_str(kwargs['gates'].shape)}"
+    )
+    with pytest.raises(RuntimeError, match=re.escape(expected)):
+        torch.ops.backpropamine.plastic_lstm_sequence_backward(**kwargs)
 
 
 @SEQUENCE_OR_STEP
