@@ -28,6 +28,7 @@ COMPARE_OPTIONS = [
     dict(alpha="full", modulation="simple", rule="softclip", clip=0.5),
     dict(alpha="scalar", modulation="none", rule="decay"),
     dict(alpha="full", modulation="none", rule="oja"),
+    dict(alpha="neuron", modulation="fanout", rule="clip_on_read", clip=0.05),  # PTB "aditya"
 ]
 IMPLS = ["reference", "fused"]
 
