@@ -153,10 +153,12 @@ ALPHA_SHAPES = {"full": "full", "perneuron": "neuron", "single": "scalar"}
 # Values of two of the original's flags that bp.PlasticLSTM implements, and those it does not
 # (yet): the parser lists both, parse_args rejects the second, here only; move a value once the
 # ops have it. --hebboutput is the post-synaptic term of the Hebbian product: i2c, the cell
-# candidate g_t; h2co, the plastic path's pre-activation; cell, c_t; hidden, h_t. --cliptype
-# aditya lets the trace grow and clips it only where it enters the product.
-SUPPORTED = {"hebboutput": ("i2c",), "cliptype": bp.reference.RULES}
-NOT_IMPLEMENTED = {"hebboutput": ("h2co", "cell", "hidden"), "cliptype": ("aditya",)}
+# candidate g_t; h2co, the plastic path's pre-activation; cell, c_t; hidden, h_t.
+# --cliptype takes bp's rules and the original's name of one of them: aditya, the trace grows
+# unclipped and is clipped only where it enters the product (rule clip_on_read).
+CLIPTYPE_RULES = {"aditya": "clip_on_read"}
+SUPPORTED = {"hebboutput": ("i2c",), "cliptype": bp.reference.RULES + tuple(CLIPTYPE_RULES)}
+NOT_IMPLEMENTED = {"hebboutput": ("h2co", "cell", "hidden")}
 
 
 def make_parser():
@@ -211,11 +213,11 @@ def make_parser():
     )
     add(
         "--cliptype",
-        choices=SUPPORTED["cliptype"] + NOT_IMPLEMENTED["cliptype"],
+        choices=SUPPORTED["cliptype"],
         default="clip",
         help="plasticity rule, bp.PlasticLSTM's `rule` (retroactive: eligibility traces, needs "
-        "neuromodulation); the original's aditya (clip only where the trace enters the "
-        "product) is not implemented",
+        "neuromodulation); the original's aditya (the trace clipped only where it enters the "
+        "product) is rule clip_on_read",
     )
     add(
         "--clipval",
@@ -469,7 +471,7 @@ def layer_options(args):
         alpha=ALPHA_SHAPES[args.alphatype],
         modulation=modulation,
         modulator_input="c" if args.modultype == "modplastc2mod" else "h",
-        rule=args.cliptype,
+        rule=CLIPTYPE_RULES.get(args.cliptype, args.cliptype),
         clip=args.clipval,
         eta_shape=args.etatype,
         impl=args.impl,
