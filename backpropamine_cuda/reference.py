@@ -11,7 +11,11 @@ Parameter shapes select the options:
 * ``alpha``: ``(P, N)`` "full", ``(N,)`` "neuron" (one per post-synaptic neuron), ``()`` "scalar".
 * modulation: ``eta`` given (shape ``()`` or ``(P, N)``) means "none"; ``h2mod_weight`` (K, N)
   given without ``fanout_weight`` means "simple" (K == 1); with ``fanout_weight`` (N, K) "fanout".
-* ``rule``: "clip", "softclip", "decay", "oja", "retroactive" (needs ``elig`` and ``elig_rate``).
+* ``rule``: "clip", "softclip", "decay", "oja", "retroactive" (needs ``elig`` and ``elig_rate``),
+  "clip_on_read": the trace grows unclipped, ``H_t = H_{t-1} + eta * pre * post``, and the
+  recurrent steps clamp it to [-clip, clip] only where they read it, ``u = h @ (w + alpha *
+  clamp(H))``. ``hebb_update`` with it is the unclipped update; ``plastic_matvec`` (no rule)
+  reads the trace as given.
 * ``clamp`` (RNN only): a bool mask shaped like ``x``; where it is True the neuron's output is
   ``x`` itself instead of ``tanh(x + u)`` (input neurons pinned to their input, as in the
   differentiable-plasticity image task). Its Hebbian terms and the modulator then read ``x``.
@@ -31,7 +35,7 @@ import torch.nn.functional as F
 
 from .params import PlasticParams
 
-RULES = ("clip", "softclip", "decay", "oja", "retroactive")
+RULES = ("clip", "softclip", "decay", "oja", "retroactive", "clip_on_read")
 MODULATOR_INPUTS = ("h", "c", "h_prev")
 POST_INPUTS = ("g", "u", "c", "h")
 
@@ -40,6 +44,12 @@ def plastic_matvec(x, w, alpha, hebb):
     """``u[b, j] = sum_i x[b, i] * (w[i, j] + alpha[i, j] * hebb[b, i, j])``."""
     # alpha of shape (P, N), (N,) or () broadcasts against hebb (B, P, N) along the right axes.
     return torch.bmm(x.unsqueeze(1), w + alpha * hebb).squeeze(1)
+
+
+def read_trace(hebb, rule, clip):
+    """The trace as a recurrent step's plastic matvec reads it: clamped to [-clip, clip] for rule
+    "clip_on_read", the trace itself for every other rule."""
+    return torch.clamp(hebb, -clip, clip) if rule == "clip_on_read" else hebb
 
 
 def hebb_update(hebb, pre, post, eta, rule, clip, elig=None, elig_rate=None):
@@ -65,6 +75,8 @@ def hebb_update(hebb, pre, post, eta, rule, clip, elig=None, elig_rate=None):
         new_hebb = torch.clamp(hebb + eta * elig, -clip, clip)  # uses E_{t-1}, not this step's D
         new_elig = (1 - elig_rate) * elig + elig_rate * prod
         return new_hebb, new_elig
+    if rule == "clip_on_read":
+        return hebb + eta * prod, None  # clamped where it is read (read_trace)
     raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
 
 
@@ -117,7 +129,8 @@ def plastic_rnn_step(
 
 
 def _rnn_step(x, h, hebb, elig, params, rule, clip, clamp):
-    h_new = rnn_cell(x, plastic_matvec(h, params.w, params.alpha, hebb), clamp)
+    u = plastic_matvec(h, params.w, params.alpha, read_trace(hebb, rule, clip))
+    h_new = rnn_cell(x, u, clamp)
     eta_t, m = plasticity_rate(h_new, params)
     hebb_new, elig_new = hebb_update(hebb, h, h_new, eta_t, rule, clip, elig, params.elig_rate)
     return h_new, hebb_new, elig_new, m
@@ -162,9 +175,9 @@ def plastic_rnn_rollout_step(
     updated in place, or, given ``hebb_out`` and ``elig_out`` (both, or hebb_out alone without
     elig), the new traces are written there and ``hebb`` and ``elig`` are left as they were (a
     recording stores a checkpoint this way without copying it). The next step's drive
-    ``u_next = h_new @ (w + alpha * hebb_new)`` is returned for the next call, which takes it as
-    ``u`` (None: computed from ``h`` and ``hebb``). The fused op thereby sweeps the trace once
-    per step. Returns ``(h_new, u_next, m)``.
+    ``u_next = h_new @ (w + alpha * read_trace(hebb_new))`` is returned for the next call,
+    which takes it as ``u`` (None: computed from ``h`` and ``hebb``). The fused op thereby
+    sweeps the trace once per step. Returns ``(h_new, u_next, m)``.
     """
     params = PlasticParams(
         w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fanout_weight, fanout_bias
@@ -182,14 +195,14 @@ def plastic_rnn_rollout_step(
             )
         )
     if u is None:
-        u = plastic_matvec(h, w, alpha, hebb)
+        u = plastic_matvec(h, w, alpha, read_trace(hebb, rule, clip))
     h_new = rnn_cell(x, u, clamp)
     eta_t, m = plasticity_rate(h_new, params)
     hebb_new, elig_new = hebb_update(hebb, h, h_new, eta_t, rule, clip, elig, elig_rate)
     (hebb if hebb_out is None else hebb_out).copy_(hebb_new)
     if elig is not None:
         (elig if elig_out is None else elig_out).copy_(elig_new)
-    return h_new, plastic_matvec(h_new, w, alpha, hebb_new), m
+    return h_new, plastic_matvec(h_new, w, alpha, read_trace(hebb_new, rule, clip)), m
 
 
 def plastic_rnn_sequence(
@@ -302,7 +315,7 @@ def _lstm_step(
     x, h, c, hebb, elig, h2g_weight, h2g_bias, params, rule, clip, modulator_input, post_input
 ):
     check_lstm_options(modulator_input, post_input)
-    u = plastic_matvec(h, params.w, params.alpha, hebb)
+    u = plastic_matvec(h, params.w, params.alpha, read_trace(hebb, rule, clip))
     i, f, g, o = lstm_gates(x, h, h2g_weight, h2g_bias, u)
     c_new = f * c + i * g
     h_new = o * torch.tanh(c_new)

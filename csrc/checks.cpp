@@ -16,9 +16,10 @@ Rule parse_rule(const char* op, const std::string& rule) {
   if (rule == "decay") return Rule::Decay;
   if (rule == "oja") return Rule::Oja;
   if (rule == "retroactive") return Rule::Retroactive;
+  if (rule == "clip_on_read") return Rule::ClipOnRead;
   TORCH_CHECK_VALUE(false, op,
                     ": rule must be one of 'clip', 'softclip', 'decay', 'oja', "
-                    "'retroactive', got '",
+                    "'retroactive', 'clip_on_read', got '",
                     rule, "'");
 }
 

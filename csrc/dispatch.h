@@ -42,6 +42,8 @@ void dispatch_modes(const PassModes& m, F&& f) {
       return dispatch_alpha<Rule::Oja>(m, f);
     case Rule::Retroactive:
       return dispatch_alpha<Rule::Retroactive>(m, f);
+    case Rule::ClipOnRead:
+      return dispatch_alpha<Rule::ClipOnRead>(m, f);
   }
 }
 

@@ -1,5 +1,5 @@
-// Per-element formulas of the plasticity rules and their derivatives (docs/design.md, 'Trace
-// rules' and 'Gradients of the trace rules').
+// Per-element formulas of the plasticity rules, of the trace as the plastic matvec reads it, and
+// their derivatives (docs/design.md, 'Trace rules' and 'Gradients of the trace rules').
 // Shared by the CPU and CUDA kernels so that the CPU tests exercise the formulas the GPU runs.
 #pragma once
 
@@ -13,7 +13,7 @@
 
 namespace bp {
 
-enum class Rule { Clip, SoftClip, Decay, Oja, Retroactive };
+enum class Rule { Clip, SoftClip, Decay, Oja, Retroactive, ClipOnRead };
 // Shape of alpha: (P, N), (N,) or ().
 enum class AlphaMode { Full, Neuron, Scalar };
 // Shape of the plasticity rate seen by the kernels: (B, N) per sample and post neuron (covers
@@ -34,7 +34,7 @@ BP_HOST_DEVICE T clamp_mask(T s, T c) {
 
 template <typename T>
 struct RuleConsts {
-  T clip;       // bound c of clip, softclip and retroactive
+  T clip;       // bound c of clip, softclip, retroactive and clip_on_read
   T elig_rate;  // learned rate of the eligibility trace (retroactive only)
 };
 
@@ -54,9 +54,12 @@ BP_HOST_DEVICE void rule_forward(T hebb, T elig, T pre, T post, T eta, RuleConst
     hebb_out = (T(1) - eta) * hebb + eta * prod;
   } else if constexpr (R == Rule::Oja) {
     hebb_out = hebb + eta * post * (pre - hebb * post);
-  } else {  // Retroactive: the trace moves along the eligibility trace from *before* this step.
+  } else if constexpr (R == Rule::Retroactive) {
+    // The trace moves along the eligibility trace from *before* this step.
     hebb_out = clamp_sym(hebb + eta * elig, k.clip);
     elig_out = (T(1) - k.elig_rate) * elig + k.elig_rate * prod;
+  } else {  // ClipOnRead: unbounded here, clamped where it is read (trace_read)
+    hebb_out = hebb + eta * prod;
   }
 }
 
@@ -98,7 +101,7 @@ BP_HOST_DEVICE RuleGrads<T> rule_backward(T g_hebb_out, T g_elig_out, T hebb, T 
     g.eta = g_hebb_out * post * (pre - hebb * post);
     g.pre = g_hebb_out * eta * post;
     g.post = g_hebb_out * eta * (pre - T(2) * hebb * post);
-  } else {  // Retroactive
+  } else if constexpr (R == Rule::Retroactive) {
     const T gs = g_hebb_out * clamp_mask(hebb + eta * elig, k.clip);
     const T g_prod = g_elig_out * k.elig_rate;
     g.hebb = gs;
@@ -107,7 +110,29 @@ BP_HOST_DEVICE RuleGrads<T> rule_backward(T g_hebb_out, T g_elig_out, T hebb, T 
     g.elig_rate = g_elig_out * (prod - elig);
     g.pre = g_prod * post;
     g.post = g_prod * pre;
+  } else {  // ClipOnRead
+    const T g_prod = g_hebb_out * eta;
+    g.hebb = g_hebb_out;
+    g.eta = g_hebb_out * prod;
+    g.pre = g_prod * post;
+    g.post = g_prod * pre;
   }
+  return g;
+}
+
+// The trace as the plastic matvec reads it: w + A * trace_read(H). Every rule but clip_on_read
+// reads H itself.
+template <Rule R, typename T>
+BP_HOST_DEVICE T trace_read(T hebb, RuleConsts<T> k) {
+  if constexpr (R == Rule::ClipOnRead) return clamp_sym(hebb, k.clip);
+  return hebb;
+}
+
+// The gradient g of trace_read(H) carried back to H. As torch.clamp's gradient, it is 0 outside
+// the bound, also where g is NaN (a product with the mask would keep the NaN).
+template <Rule R, typename T>
+BP_HOST_DEVICE T trace_read_backward(T g, T hebb, RuleConsts<T> k) {
+  if constexpr (R == Rule::ClipOnRead) return clamp_mask(hebb, k.clip) != T(0) ? g : T(0);
   return g;
 }
 

@@ -7,7 +7,7 @@ given, see backpropamine_cuda/reference.py):
 * alpha: "full" (N, N), "neuron" (N,), "scalar" ().
 * modulation: "none_scalar" (eta ()), "none_full" (eta (N, N)), "simple" (K = 1, no fanout),
   "fanout1" (K = 1), "fanout3" (K = 3).
-* rule: "clip", "softclip", "decay", "oja", "retroactive" (needs a modulation).
+* rule: "clip", "softclip", "decay", "oja", "retroactive" (needs a modulation), "clip_on_read".
 """
 
 import csv
@@ -26,6 +26,7 @@ ALPHAS = ("full", "neuron", "scalar")
 MODULATIONS = ("none_scalar", "none_full", "simple", "fanout1", "fanout3")
 RULES = reference.RULES
 CLIP_RULES = ("clip", "softclip", "retroactive")  # rules whose trace is clamped to [-clip, clip]
+READ_CLAMP_RULES = ("clip_on_read",)  # rules whose trace is clamped where a recurrent step reads it
 
 # This folder (subprocesses put it on sys.path to import helpers) and the repository root.
 TESTS = Path(__file__).resolve().parent
@@ -58,6 +59,7 @@ RULE_CONFIG = {
     "decay": ("scalar", "none_full"),
     "oja": ("full", "none_scalar"),
     "retroactive": ("neuron", "fanout1"),
+    "clip_on_read": ("scalar", "fanout3"),
 }
 
 
@@ -297,6 +299,13 @@ def clamp_engaged(hebb, clip):
     """True when some entries of the trace sit on the bound and some are strictly inside."""
     on_bound = hebb.abs() == clip
     return bool(on_bound.any()) and bool((~on_bound).any())
+
+
+def read_clamp_engaged(hebb, clip):
+    """True when some entries of a trace lie beyond the bound (clamped where a clip_on_read layer
+    reads them) and some strictly inside."""
+    beyond = hebb.abs() > clip
+    return bool(beyond.any()) and bool((hebb.abs() < clip).any())
 
 
 def subprocess_env(**extra):

@@ -101,12 +101,13 @@ void forward_task(const ForwardPassParams<T>& p, const TaskRange& r, T* acc, int
           rule_forward<R>(hebb[j], elig[j], pre, post[j], eta[j], consts, h_new, e_new);
           hebb_out[j] = h_new;
           if constexpr (has_elig<R>()) elig_out[j] = e_new;
-          if constexpr (MATVEC) acc_b[j] += x * (w_row[j] + alpha_at<AM>(a_row, j) * h_new);
+          if constexpr (MATVEC)
+            acc_b[j] += x * (w_row[j] + alpha_at<AM>(a_row, j) * trace_read<R>(h_new, consts));
         }
       } else {
 #pragma omp simd
         for (int64_t j = 0; j < r.nj; ++j)
-          acc_b[j] += x * (w_row[j] + alpha_at<AM>(a_row, j) * hebb[j]);
+          acc_b[j] += x * (w_row[j] + alpha_at<AM>(a_row, j) * trace_read<R>(hebb[j], consts));
       }
     }
   }
@@ -155,13 +156,13 @@ void backward_task(const BackwardPassParams<T>& p, const Tiling& tl, const TaskR
       auto element = [&](int64_t j, T& g_x, T& g_a, T& g_pre, T& g_r) {
         T g = g_hebb[j];
         if constexpr (DO_B) {
-          const T a = alpha_at<AM>(a_row, j);
-          g_x += g_u[j] * (w_row[j] + a * hebb_b[j]);
-          const T g_aij = g_u[j] * x * hebb_b[j];
+          const T a = alpha_at<AM>(a_row, j), h_read = trace_read<R>(hebb_b[j], consts);
+          g_x += g_u[j] * (w_row[j] + a * h_read);
+          const T g_aij = g_u[j] * x * h_read;
           if constexpr (AM == AlphaMode::Full) g_alpha_full[j] += g_aij;
           if constexpr (AM == AlphaMode::Neuron) g_alpha_row_acc[j] += g_aij;
           if constexpr (AM == AlphaMode::Scalar) g_a += g_aij;
-          g += g_u[j] * x * a;
+          g += trace_read_backward<R>(g_u[j] * x * a, hebb_b[j], consts);
         }
         if constexpr (DO_A) {
           const T g_elig_out = has_elig<R>() ? g_elig[j] : T(0);

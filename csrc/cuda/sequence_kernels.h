@@ -144,9 +144,11 @@ struct SequenceForwardKernel {
     }
     if (phase == 1) {
       if (j >= N) return;
+      const RuleConsts<T> consts = rule_consts<R>(clip, elig_rate);
       T acc = T(0);
       for (int64_t i = sr.i0; i < sr.i1; ++i)
-        acc += hbuf[i] * (w[i * N + j] + alpha_of<AM>(alpha, i, j, N) * hebb[i * N + j]);
+        acc += hbuf[i] * (w[i * N + j] +
+                          alpha_of<AM>(alpha, i, j, N) * trace_read<R>(hebb[i * N + j], consts));
       u_part[sr.r * columns + j] = acc;
       if (sr.r == 0) prefetch(1, b, j, reg);
       return;
@@ -215,7 +217,8 @@ struct SequenceForwardKernel {
         dest_h[dest + e_at] = h_new;
         if constexpr (has_elig<R>()) dest_e[dest + e_at] = e_new;
       }
-      if (matvec) acc += h_now[i] * (w[e_at] + alpha_of<AM>(alpha, i, j, N) * h_new);
+      if (matvec)
+        acc += h_now[i] * (w[e_at] + alpha_of<AM>(alpha, i, j, N) * trace_read<R>(h_new, consts));
     }
     if (matvec) u_part[sr.r * columns + j] = acc;
     if (matvec && sr.r == 0) prefetch(t + 1, b, j, reg);
@@ -509,13 +512,13 @@ struct SequenceBackwardKernel {
         T g = sh.g_hebb[at];
         if (do_b) {
           const T a = alpha_of<AM>(alpha, i, j, N), x = h_at(t - 1, b, i);
-          const T h = b_hebb[at];
-          g_x = g_u_j * (w[at] + a * h);
-          const T g_a = g_u_j * x * h;
+          const T h = b_hebb[at], h_read = trace_read<R>(h, consts);
+          g_x = g_u_j * (w[at] + a * h_read);
+          const T g_a = g_u_j * x * h_read;
           if constexpr (AM == AlphaMode::Full) g_alpha_acc[b * NN + at] += g_a;
           if constexpr (AM == AlphaMode::Neuron) reg.alpha_neuron += g_a;
           if constexpr (AM == AlphaMode::Scalar) reg.alpha_scalar += g_a;
-          g += g_u_j * x * a;
+          g += trace_read_backward<R>(g_u_j * x * a, h, consts);
         }
         if (do_a) {
           const T g_e = has_elig<R>() ? sh.g_elig[at] : T(0);

@@ -138,7 +138,8 @@ struct ForwardKernel {
             hebb_out[off] = h[bb];
             if constexpr (has_elig<R>()) elig_out[off] = e_new;
           }
-          if constexpr (MATVEC) reg.acc[bb] += matvec_in[b * P + i] * (w_ij + a_ij * h[bb]);
+          if constexpr (MATVEC)
+            reg.acc[bb] += matvec_in[b * P + i] * (w_ij + a_ij * trace_read<R>(h[bb], consts));
         }
       }
     }
@@ -288,23 +289,24 @@ struct BackwardKernel {
   BP_KERNEL void element(int64_t b, int64_t i, int64_t j, int64_t bb, Regs& reg, T& g_x, T& g_pre,
                          T& g_alpha_ij, T& g_eta_ij) const {
     const int64_t off = (b * P + i) * N + j;
+    const RuleConsts<T> consts = rule_consts<R>(clip, elig_rate);
     T g = g_hebb[off];
     if constexpr (DO_B) {
       const T a = alpha_of<AM>(alpha, i, j, N), gu = g_u[b * N + j], x = b_in[b * P + i];
-      const T h = b_hebb[off];
-      g_x = gu * (w[i * N + j] + a * h);
-      const T g_a = gu * x * h;
+      const T h = b_hebb[off], h_read = trace_read<R>(h, consts);
+      g_x = gu * (w[i * N + j] + a * h_read);
+      const T g_a = gu * x * h_read;
       if constexpr (AM == AlphaMode::Full) g_alpha_ij += g_a;
       if constexpr (AM == AlphaMode::Neuron) reg.alpha_neuron += g_a;
       if constexpr (AM == AlphaMode::Scalar) reg.alpha_scalar += g_a;
-      g += gu * x * a;
+      g += trace_read_backward<R>(gu * x * a, h, consts);
     }
     if constexpr (DO_A) {
       const T g_elig_out = has_elig<R>() ? g_elig[off] : T(0);
       const T e = has_elig<R>() ? a_elig[off] : T(0);
       const RuleGrads<T> rg =
           rule_backward<R>(g, g_elig_out, a_hebb[off], e, a_pre[b * P + i], a_post[b * N + j],
-                           eta_of<EM>(a_eta, b, i, j, N), rule_consts<R>(clip, elig_rate));
+                           eta_of<EM>(a_eta, b, i, j, N), consts);
       g = rg.hebb;
       if constexpr (has_elig<R>()) {
         g_elig[off] = rg.elig;

@@ -152,12 +152,9 @@ SMALL_VARIANTS = {
 }
 SMALL_TARGET_PARAMS, PTB_VOCABULARY = 4_800_000, 10_000
 ALPHA_SHAPES = {"full": "full", "perneuron": "neuron", "single": "scalar"}
-# Values of one of the original's flags that bp.PlasticLSTM implements, and those it does not
-# (yet): the parser lists both, parse_args rejects the second, here only; move a value once the
-# ops have it. --cliptype aditya lets the trace grow and clips it only where it enters the
-# product.
-SUPPORTED = {"cliptype": bp.reference.RULES}
-NOT_IMPLEMENTED = {"cliptype": ("aditya",)}
+# --cliptype takes bp's rules and the original's name of one of them: aditya, the trace grows
+# unclipped and is clipped only where it enters the product (rule clip_on_read).
+CLIPTYPE_RULES = {"aditya": "clip_on_read"}
 # --hebboutput, the post-synaptic term of the Hebbian product, as bp.PlasticLSTM's post_input:
 # i2c, the cell candidate g_t; h2co, the plastic path's pre-activation u_t; cell, c_t; hidden, h_t.
 HEBB_OUTPUTS = {"i2c": "g", "h2co": "u", "cell": "c", "hidden": "h"}
@@ -223,11 +220,11 @@ def make_parser():
     )
     add(
         "--cliptype",
-        choices=SUPPORTED["cliptype"] + NOT_IMPLEMENTED["cliptype"],
+        choices=bp.reference.RULES + tuple(CLIPTYPE_RULES),
         default="clip",
         help="plasticity rule, bp.PlasticLSTM's `rule` (retroactive: eligibility traces, needs "
-        "neuromodulation); the original's aditya (clip only where the trace enters the "
-        "product) is not implemented",
+        "neuromodulation); the original's aditya (the trace clipped only where it enters the "
+        "product) is rule clip_on_read",
     )
     add(
         "--clipval",
@@ -449,12 +446,6 @@ def parse_args(argv=None):
         parser.error("--variant needs --preset small")
     if args.emsize is None:
         args.emsize = args.nhid
-    for flag, values in NOT_IMPLEMENTED.items():
-        if getattr(args, flag) in values:
-            parser.error(
-                f"--{flag} {getattr(args, flag)}: not implemented by bp.PlasticLSTM; "
-                f"supported: {', '.join(SUPPORTED[flag])}"
-            )
     if not args.cuda and args.device not in ("auto", "cpu"):
         parser.error(f"--cuda (the original's switch: CUDA off) contradicts --device {args.device}")
     if (
@@ -491,7 +482,7 @@ def layer_options(args):
         modulation=modulation,
         modulator_input=args.modulator_input,
         post_input=HEBB_OUTPUTS[args.hebboutput],
-        rule=args.cliptype,
+        rule=CLIPTYPE_RULES.get(args.cliptype, args.cliptype),
         clip=args.clipval,
         eta_shape=args.etatype,
         impl=args.impl,

@@ -162,6 +162,19 @@ def test_small_preset_variants_have_matched_sizes():
     assert model.rnns[0].clip == 1.0 and ptb_main.parse_args([]).clipval == 2.0
 
 
+@pytest.mark.parametrize(
+    "cliptype, rule",
+    [("aditya", "clip_on_read"), ("clip_on_read", "clip_on_read"), ("decay", "decay")],
+)
+def test_cliptype_selects_the_rule(cliptype, rule):
+    """The original's --cliptype aditya is rule clip_on_read; bp's rule names pass through."""
+    args = ptb_main.parse_args(["--cliptype", cliptype, "--clipval", "0.5"])
+    assert ptb_main.layer_options(args)["rule"] == rule
+    with torch.device("meta"):
+        model = ptb_main.build_model(args, ptb_main.PTB_VOCABULARY)
+    assert all(rnn.rule == rule and rnn.clip == 0.5 for rnn in model.rnns)
+
+
 def test_flags_are_checked(corpus, tmp_path):
     with pytest.raises(SystemExit):
         ptb_main.parse_args(["--modultype", "modplasth2mod", "--modulout", "none"])
@@ -270,11 +283,6 @@ def test_adam_trains_and_never_averages(corpus, tmp_path):
     "flags, message",
     [
         (
-            ["--cliptype", "aditya"],
-            "--cliptype aditya: not implemented by bp.PlasticLSTM; supported: "
-            "clip, softclip, decay, oja, retroactive",
-        ),
-        (
             ["--cuda", "--device", "cuda:1"],
             "--cuda (the original's switch: CUDA off) contradicts --device cuda:1",
         ),
@@ -363,6 +371,7 @@ def test_device_flags(flags, device):
             "reference",
         ],
         ["--modultype", "none", "--modulout", "none"],
+        ["--cliptype", "aditya", "--clipval", "0.05"],
         ["--model", "MYLSTM"],
         ["--preset", "small", "--variant", "baseline", *SMALL_LR],
         ["--preset", "small", "--variant", "plastic", *SMALL_LR],
@@ -374,6 +383,7 @@ def test_device_flags(flags, device):
         "fanout-h",
         "single-c-decay-reference",
         "none",
+        "aditya",
         "lstm",
         "small-baseline",
         "small-plastic",

@@ -32,6 +32,7 @@ COMPARE_OPTIONS = [
     dict(alpha="full", modulation="simple", modulator_input="h_prev", rule="retroactive", clip=1.0),
     dict(alpha="neuron", modulation="fanout", modulator_input="h_prev", post_input="c"),
     dict(alpha="scalar", modulation="simple", modulator_input="c", post_input="h", rule="decay"),
+    dict(alpha="neuron", modulation="fanout", rule="clip_on_read", clip=0.05),  # PTB "aditya"
 ]
 IMPLS = ["reference", "fused"]
 

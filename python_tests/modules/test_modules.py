@@ -26,7 +26,7 @@ OPTION_GRID = [
     for a, m, r, k, e in itertools.product(
         ("full", "neuron", "scalar"),
         ("none", "simple", "fanout"),
-        ("clip", "softclip", "decay", "oja", "retroactive"),
+        ("clip", "softclip", "decay", "oja", "retroactive", "clip_on_read"),
         (1, 3),
         ("scalar", "full"),
     )
@@ -42,6 +42,7 @@ COMPARE_OPTIONS = [
     dict(alpha="full", modulation="none", rule="oja"),
     dict(alpha="neuron", modulation="fanout", rule="retroactive", n_modulators=2),
     dict(alpha="scalar", modulation="simple", rule="retroactive"),
+    dict(alpha="full", modulation="none", rule="clip_on_read", clip=0.05),  # traces pass 0.05
 ]
 
 

@@ -33,7 +33,7 @@ def test_module_sizes(name, value):
     [
         ("alpha", "diagonal", ("full", "neuron", "scalar")),
         ("modulation", "dopamine", ("none", "simple", "fanout")),
-        ("rule", "bcm", ("clip", "softclip", "decay", "oja", "retroactive")),
+        ("rule", "bcm", ("clip", "softclip", "decay", "oja", "retroactive", "clip_on_read")),
         ("eta_shape", "neuron", ("scalar", "full")),
         ("impl", "cuda", ("auto", "fused", "reference")),
     ],

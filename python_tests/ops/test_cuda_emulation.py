@@ -238,7 +238,7 @@ def test_whole_sequence_fewer_row_slices(emulated, monkeypatch, rule, N, dtype):
 
 
 @pytest.mark.parametrize("forward_path,backward_path", [("whole", "steps"), ("steps", "whole")])
-@pytest.mark.parametrize("rule", ["clip", "retroactive"])
+@pytest.mark.parametrize("rule", ["clip", "retroactive", "clip_on_read"])
 def test_paths_accept_each_others_forward(emulated, monkeypatch, rule, forward_path, backward_path):
     """Both paths store the same checkpoints: the backward of either runs on the forward of the
     other (the variable is read at every call)."""

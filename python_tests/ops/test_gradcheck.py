@@ -1,7 +1,9 @@
 """torch.autograd.gradcheck (float64, tiny sizes) through the fused ops: the hand-written backward
 kernels against finite differences of the fused forward.
 
-Finite differences cannot cross the kink of the clamp (or the z = 0 kink of softclip). Two regimes:
+Finite differences cannot cross the kink of the clamp (or the z = 0 kink of softclip). The clamp
+sees the value of an update (clip, softclip, retroactive) or, for clip_on_read, the trace a step
+reads. Two regimes:
 
 * "free": clip = 50, far above every trace value, so the clamp is inactive;
 * "active": clip = 1 with initial traces ~ N(0, 3^2): many traces saturate. The inputs are
@@ -18,12 +20,13 @@ import torch
 
 from backpropamine_cuda import reference
 
-from helpers import CLIP_RULES, RULES, lstm_inputs, rnn_inputs, valid_combo
+from helpers import CLIP_RULES, READ_CLAMP_RULES, RULES, lstm_inputs, rnn_inputs, valid_combo
 
 # Every test on both paths of the sequence op (conftest.py).
 pytestmark = pytest.mark.usefixtures("sequence_path")
 
 MARGIN = 1e-3
+CLAMPED_RULES = CLIP_RULES + READ_CLAMP_RULES  # the recurrent ops clamp somewhere
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +42,10 @@ ALPHA_FOR = {"none_scalar": "full", "none_full": "neuron", "simple": "scalar", "
 
 
 def pre_clamp(hebb, pre, post, eta, elig, rule, clip):
-    """(pre-clamp value S of one update, kink distance of softclip's z or inf)."""
+    """(pre-clamp value S of one update, kink distance of softclip's z or inf). For clip_on_read S
+    is the trace before the update: the one the step reads."""
+    if rule in READ_CLAMP_RULES:
+        return hebb, float("inf")
     z = eta * (elig if rule == "retroactive" else pre.unsqueeze(2) * post.unsqueeze(1))
     if rule == "softclip":
         return hebb + torch.where(
@@ -62,7 +68,7 @@ def clamp_margin(op, inputs, rule, clip, **options):
     with mock.patch.object(reference, "hebb_update", recording), torch.no_grad():
         op(**inputs, rule=rule, clip=clip, **options)
     margin, beyond, inside = float("inf"), 0, 0
-    if rule in CLIP_RULES:
+    if rule in CLAMPED_RULES:
         for update in updates:
             s, z_margin = pre_clamp(*update, rule, clip)
             margin = min(margin, z_margin, (s.abs() - clip).abs().min().item())
@@ -92,7 +98,7 @@ def kink_free_inputs(modulation, rule, regime, *, T, lstm=False, **options):
         margin, beyond, inside = clamp_margin(op, inputs, rule, clip, **options)
         if margin < MARGIN:
             continue
-        if rule in CLIP_RULES and regime == "active" and not (beyond and inside):
+        if rule in CLAMPED_RULES and regime == "active" and not (beyond and inside):
             continue
         if regime == "free":
             assert beyond == 0
@@ -116,7 +122,7 @@ CASES = [
     for r in RULES
     for m in MODULATIONS
     if valid_combo(m, r)
-    for regime in (("free", "active") if r in CLIP_RULES else ("free",))
+    for regime in (("free", "active") if r in CLAMPED_RULES else ("free",))
 ]
 
 

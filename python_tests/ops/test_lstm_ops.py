@@ -13,6 +13,7 @@ from backpropamine_cuda import reference
 
 from helpers import (
     CLIP_RULES,
+    READ_CLAMP_RULES,
     RULE_CONFIG,
     RULES,
     TOL,
@@ -20,6 +21,8 @@ from helpers import (
     clamp_engaged,
     compare_with_reference,
     lstm_inputs,
+    read_clamp_engaged,
+    run_forward_backward,
 )
 
 CLIP = 0.5
@@ -82,6 +85,8 @@ def test_sequence_every_option(fused, alpha, modulation, rule, modulator_input):
     assert (elig_T is None) == (rule != "retroactive")
     if rule in CLIP_RULES:  # the clamp mask is exercised, not just the interior
         assert clamp_engaged(hebb_T, CLIP)
+    if rule in READ_CLAMP_RULES:  # read clamped beyond the bound, the trace itself unbounded
+        assert read_clamp_engaged(inputs["hebb"], CLIP) and hebb_T.abs().max() > CLIP
     assert set(grads) == {k for k, v in inputs.items() if v is not None}
 
 
@@ -94,6 +99,29 @@ def test_step_every_option(fused, alpha, modulation, rule, modulator_input):
     assert (elig_new is None) == (rule != "retroactive")
     if rule in CLIP_RULES:
         assert clamp_engaged(hebb_new, CLIP)
+    if rule in READ_CLAMP_RULES:
+        assert read_clamp_engaged(inputs["hebb"], CLIP) and hebb_new.abs().max() > CLIP
+
+
+def test_clip_on_read_step_reads_the_clamped_trace(fused):
+    """One step: the outputs are rule clip's from the clamped trace (but for the trace, the
+    unclipped update), and the gradient of h_new reaches the trace only inside the bound."""
+    rule = "clip_on_read"
+    inputs = lstm_inputs("neuron", "fanout3", rule, B=3, N=7, seed=24)
+    hebb = inputs["hebb"]
+    h_new, c_new, hebb_new, _, m = fused.plastic_lstm_step(**inputs, rule=rule, clip=CLIP)
+    h_clip, c_clip, hebb_clip, _, m_clip = fused.plastic_lstm_step(
+        **dict(inputs, hebb=hebb.clamp(-CLIP, CLIP)), rule="clip", clip=CLIP
+    )
+    for a, e in ((h_new, h_clip), (c_new, c_clip), (m, m_clip)):
+        torch.testing.assert_close(a, e, **TOL[torch.float64])
+    assert hebb_new.abs().max() > CLIP and not torch.allclose(hebb_new, hebb_clip)
+    _, grads = run_forward_backward(
+        fused.plastic_lstm_step, inputs, use=[0], requires_grad={"hebb"}, rule=rule, clip=CLIP
+    )
+    beyond = hebb.abs() > CLIP
+    assert beyond.any() and (grads["hebb"][beyond] == 0).all()
+    assert (grads["hebb"][~beyond] != 0).all()
 
 
 def test_modulator_input_matters(fused):
@@ -209,7 +237,10 @@ def test_sequence_several_column_tiles(fused):
 # ---------------------------------------------------------------------------------------------
 # float32
 
-F32_CASES = [(*RULE_CONFIG[r], r) for r in RULES] + [("neuron", "fanout1", "clip")]
+F32_CASES = [(*RULE_CONFIG[r], r) for r in RULES] + [
+    ("neuron", "fanout1", "clip"),
+    ("scalar", "simple", "clip_on_read"),
+]
 
 
 @pytest.mark.parametrize("alpha,modulation,rule", F32_CASES)
@@ -233,6 +264,7 @@ def _use_cases(names):
         ("full", "fanout3", "retroactive"),
         ("neuron", "none_full", "clip"),
         ("scalar", "simple", "softclip"),
+        ("neuron", "fanout1", "clip_on_read"),
     ]
     return [
         pytest.param(a, m, r, k, id=f"{a}-{m}-{r}-{names[k]}")

@@ -36,6 +36,7 @@ RNN_CONFIGS = [
     ("scalar", "none_scalar", "oja", torch.float32),
     ("full", "simple", "softclip", torch.float64),
     ("neuron", "fanout1", "decay", torch.float32),
+    ("scalar", "simple", "clip_on_read", torch.float64),
 ]
 RNN_IDS = ["-".join(str(v).replace("torch.", "") for v in c) for c in RNN_CONFIGS]
 
@@ -89,7 +90,9 @@ def test_opcheck_matvec(alpha_shape):
 
 
 @pytest.mark.parametrize("eta_shape", [(3, 1, 5), (1, 4, 5)], ids=["per_post", "per_connection"])
-@pytest.mark.parametrize("rule", ["clip", "softclip", "decay", "oja", "retroactive"])
+@pytest.mark.parametrize(
+    "rule", ["clip", "softclip", "decay", "oja", "retroactive", "clip_on_read"]
+)
 def test_opcheck_hebb_update(rule, eta_shape):
     B, P, N = 3, 4, 5
     t = lambda *s: torch.randn(s, dtype=torch.float64, requires_grad=True)  # noqa: E731

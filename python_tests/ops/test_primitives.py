@@ -10,6 +10,7 @@ from backpropamine_cuda import reference
 from helpers import (
     ALPHAS,
     CLIP_RULES,
+    READ_CLAMP_RULES,
     RULES,
     assert_results_close,
     clamp_engaged,
@@ -110,6 +111,8 @@ def test_hebb_update_eta_layouts(fused, rule, layout):
     assert (new_elig is None) == (rule != "retroactive")
     if rule in CLIP_RULES:
         assert clamp_engaged(new_hebb, CLIP)
+    if rule in READ_CLAMP_RULES:  # no clamp here: the trace grows past the bound
+        assert new_hebb.abs().max() > CLIP
     assert grads["eta"].shape == inputs["eta"].shape
 
 
@@ -127,6 +130,16 @@ def test_hebb_update_float32(fused, rule, layout):
     B, P, N = 3, 33, 7
     inputs = update_inputs(rule, eta_layouts(B, P, N)[layout], B, P, N, dtype=torch.float32, seed=2)
     compare("hebb_update", fused, inputs, rule=rule, clip=CLIP)
+
+
+def test_hebb_update_clip_on_read_is_unclipped(fused):
+    """hebb_update has no read: with rule clip_on_read it is the plain update H + eta p q."""
+    inputs = update_inputs("clip_on_read", (3, 1, 7), 3, 5, 7, seed=5)
+    new_hebb, new_elig = fused.hebb_update(**inputs, rule="clip_on_read", clip=CLIP)
+    product = inputs["pre"].unsqueeze(2) * inputs["post"].unsqueeze(1)
+    expected = inputs["hebb"] + inputs["eta"] * product
+    assert new_elig is None and expected.abs().max() > CLIP
+    torch.testing.assert_close(new_hebb, expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("used", [0, 1], ids=["new_hebb", "new_elig"])

@@ -2,6 +2,7 @@
 and the gradients of every input, for every option combination, checkpointing and odd sizes."""
 
 import itertools
+from unittest import mock
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from backpropamine_cuda import reference
 
 from helpers import (
     CLIP_RULES,
+    READ_CLAMP_RULES,
     RULE_CONFIG,
     RULES,
     TOL,
@@ -19,6 +21,7 @@ from helpers import (
     assert_tensor_close,
     clamp_engaged,
     compare_with_reference,
+    read_clamp_engaged,
     rnn_inputs,
     run_forward_backward,
     upcast,
@@ -92,6 +95,8 @@ def test_sequence_every_option(fused, alpha, modulation, rule):
     assert (elig_T is None) == (rule != "retroactive")
     if rule in CLIP_RULES:  # the clamp mask is exercised, not just the interior
         assert clamp_engaged(hebb_T, CLIP)
+    if rule in READ_CLAMP_RULES:  # read clamped beyond the bound, the trace itself unbounded
+        assert read_clamp_engaged(inputs["hebb"], CLIP) and hebb_T.abs().max() > CLIP
     assert set(grads) == {k for k, v in inputs.items() if v is not None}
 
 
@@ -103,6 +108,60 @@ def test_step_every_option(fused, alpha, modulation, rule):
     assert (elig_new is None) == (rule != "retroactive")
     if rule in CLIP_RULES:
         assert clamp_engaged(hebb_new, CLIP)
+    if rule in READ_CLAMP_RULES:
+        assert read_clamp_engaged(inputs["hebb"], CLIP) and hebb_new.abs().max() > CLIP
+
+
+# ---------------------------------------------------------------------------------------------
+# Rule clip_on_read: the trace grows unclipped and a step reads it clamped to [-clip, clip].
+
+
+def without_read_clamp(fn):
+    """The reference `fn` with the trace read as it is: clip_on_read without its clamp."""
+
+    def unclamped(**kwargs):
+        with mock.patch.object(reference, "read_trace", lambda hebb, rule, clip: hebb):
+            return fn(**kwargs)
+
+    return unclamped
+
+
+@pytest.mark.parametrize("op", ["sequence", "step"])
+def test_clip_on_read_clamps_the_read(fused, op):
+    """With traces beyond the bound the fused op matches the reference, and differs both from
+    the same rule read unclamped and from rule clip (which clamps the trace where it writes it)."""
+    rule, name = "clip_on_read", f"plastic_rnn_{op}"
+    T = 4 if op == "sequence" else None
+    inputs = rnn_inputs("full", "simple", rule, T=T, B=3, N=7, seed=23)
+    names = SEQ_OUTPUTS if op == "sequence" else STEP_OUTPUTS
+    (out, hebb_T, _, _), _ = compare(fused, name, inputs, rule, names)
+    assert read_clamp_engaged(inputs["hebb"], CLIP) and hebb_T.abs().max() > CLIP
+    kw = dict(rule=rule, clip=CLIP)
+    unclamped, _ = run_forward_backward(without_read_clamp(getattr(reference, name)), inputs, **kw)
+    clipped, _ = run_forward_backward(getattr(fused, name), inputs, rule="clip", clip=CLIP)
+    for other in (unclamped, clipped):
+        assert (out - other[0]).abs().max() > 1e-3
+
+
+def test_clip_on_read_step_reads_the_clamped_trace(fused):
+    """One step: h_new is rule clip's from the clamped trace, the new trace is the unclipped
+    update, and the gradient of h_new reaches the trace only where -clip <= hebb <= clip."""
+    rule = "clip_on_read"
+    inputs = rnn_inputs("full", "none_scalar", rule, B=3, N=7, seed=24)
+    hebb = inputs["hebb"]
+    h_new, hebb_new, _, _ = fused.plastic_rnn_step(**inputs, rule=rule, clip=CLIP)
+    h_clip, *_ = fused.plastic_rnn_step(
+        **dict(inputs, hebb=hebb.clamp(-CLIP, CLIP)), rule="clip", clip=CLIP
+    )
+    torch.testing.assert_close(h_new, h_clip, **TOL[torch.float64])
+    product = inputs["h"].unsqueeze(2) * h_new.unsqueeze(1)
+    torch.testing.assert_close(hebb_new, hebb + inputs["eta"] * product, **TOL[torch.float64])
+    _, grads = run_forward_backward(
+        fused.plastic_rnn_step, inputs, use=[0], requires_grad={"hebb"}, rule=rule, clip=CLIP
+    )
+    beyond = hebb.abs() > CLIP
+    assert beyond.any() and (grads["hebb"][beyond] == 0).all()
+    assert (grads["hebb"][~beyond] != 0).all()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,6 +207,7 @@ def test_step_sizes(fused, sizes, rule):
         ("full", "fanout3", "retroactive"),
         ("scalar", "none_full", "oja"),
         ("neuron", "simple", "softclip"),
+        ("full", "none_full", "clip_on_read"),
     ],
 )
 def test_sequence_several_column_tiles(fused, alpha, modulation, rule):
@@ -165,6 +225,7 @@ F32_CASES = [(*RULE_CONFIG[r], r) for r in RULES] + [
     ("neuron", "fanout3", "decay"),
     ("scalar", "simple", "oja"),
     ("full", "simple", "retroactive"),
+    ("full", "fanout3", "clip_on_read"),
 ]
 
 
@@ -218,6 +279,7 @@ def _use_cases(names):
         ("full", "fanout3", "retroactive"),
         ("neuron", "none_full", "clip"),
         ("scalar", "simple", "softclip"),
+        ("neuron", "fanout1", "clip_on_read"),
     ]
     return [
         pytest.param(a, m, r, k, id=f"{a}-{m}-{r}-{names[k]}")
@@ -400,8 +462,11 @@ def check_rollout(impl, inputs, rule, clamp=None):
     assert (traces["elig"] is None) == (elig_T is None)
     if elig_T is not None:
         assert_tensor_close(traces["elig"], elig_T, "elig (updated in place)", dtype, elig_b)
-    u_next = reference.plastic_matvec(out[-1], upcast(inputs)["w"], upcast(inputs)["alpha"], hebb_T)
-    u_b = reference.plastic_matvec(out_b[-1], inputs["w"], inputs["alpha"], hebb_b)
+    read = lambda hebb: reference.read_trace(hebb, rule, CLIP)  # noqa: E731
+    u_next = reference.plastic_matvec(
+        out[-1], upcast(inputs)["w"], upcast(inputs)["alpha"], read(hebb_T)
+    )
+    u_b = reference.plastic_matvec(out_b[-1], inputs["w"], inputs["alpha"], read(hebb_b))
     assert_tensor_close(u, u_next, "u of the next step", dtype, u_b)
 
 
@@ -420,7 +485,7 @@ def test_rollout_step_reference(rule):
     "sizes", [dict(T=1, B=1, N=1), dict(T=3, B=1, N=33), dict(T=3, B=17, N=70)], ids=size_ids
 )
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("rule", ["retroactive", "oja"])
+@pytest.mark.parametrize("rule", ["retroactive", "oja", "clip_on_read"])
 def test_rollout_step_sizes(fused, sizes, dtype, rule):
     alpha, modulation = RULE_CONFIG[rule]
     inputs = rnn_inputs(alpha, modulation, rule, dtype=dtype, seed=18, **sizes)
@@ -433,7 +498,7 @@ def test_rollout_step_clamp(fused):
 
 
 @pytest.mark.parametrize("impl", ["fused", "reference"])
-@pytest.mark.parametrize("rule", ["retroactive", "clip"])
+@pytest.mark.parametrize("rule", ["retroactive", "clip", "clip_on_read"])
 def test_rollout_step_into_other_traces(fused, impl, rule):
     """With hebb_out and elig_out the new traces go there and the given ones stay as they were:
     steps that alternate between two pairs of buffers give the sequence's outputs and traces."""
@@ -474,7 +539,9 @@ def test_rollout_step_into_other_traces(fused, impl, rule):
         assert_tensor_close(elig, elig_T, "elig_out", torch.float64)
     assert_tensor_close(
         u,
-        reference.plastic_matvec(out[-1], inputs["w"], inputs["alpha"], hebb_T),
+        reference.plastic_matvec(
+            out[-1], inputs["w"], inputs["alpha"], reference.read_trace(hebb_T, rule, CLIP)
+        ),
         "u of the next step",
         torch.float64,
     )

@@ -276,13 +276,14 @@ def test_hebb_update_options():
     with pytest.raises(
         ValueError,
         match="hebb_update: rule must be one of 'clip', 'softclip', "
-        "'decay', 'oja', 'retroactive', got 'bcm'",
+        "'decay', 'oja', 'retroactive', 'clip_on_read', got 'bcm'",
     ):
         bp.fused.hebb_update(**update_args(rule="bcm"))
     with pytest.raises(
         ValueError,
         match=re.escape(
-            "rule must be one of ('clip', 'softclip', 'decay', 'oja', 'retroactive'), got 'bcm'"
+            "rule must be one of ('clip', 'softclip', 'decay', 'oja', 'retroactive', "
+            "'clip_on_read'), got 'bcm'"
         ),
     ):
         reference.hebb_update(**update_args(rule="bcm"))

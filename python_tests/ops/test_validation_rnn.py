@@ -413,7 +413,7 @@ def test_rnn_unknown_rule(op, rule):
     with pytest.raises(
         ValueError,
         match=f"{op_name(op)}: rule must be one of 'clip', 'softclip', "
-        f"'decay', 'oja', 'retroactive', got '{rule}'",
+        f"'decay', 'oja', 'retroactive', 'clip_on_read', got '{rule}'",
     ):
         fn(**kwargs)
 
@@ -696,7 +696,9 @@ def test_step_backward_wrong_grad_shape(name, shape):
 # Non-finite inputs
 
 
-@pytest.mark.parametrize("rule", ["clip", "softclip", "decay", "oja", "retroactive"])
+@pytest.mark.parametrize(
+    "rule", ["clip", "softclip", "decay", "oja", "retroactive", "clip_on_read"]
+)
 def test_non_finite_inputs_propagate_like_the_reference(fused, rule):
     """Non-finite values in x are not rejected (no validation reads the data) and never crash.
 
