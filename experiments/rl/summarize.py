@@ -33,12 +33,19 @@ def training_seconds(seconds):
 
 def summarize(folder, threshold=None, episodes=None, fraction=0.1):
     """{type: {median, q25, q75, seeds: {seed: {final_reward, episodes, training_seconds[,
-    first_episodes_above]}}}} of every <type>-seed<k>.csv in `folder`."""
+    first_episodes_above]}}}} of every <type>-seed<k>.csv in `folder` that has a row."""
     runs = {}
     for log in sorted(Path(folder).glob("*-seed*.csv")):
         match = RUN_LOG.fullmatch(log.name)
         columns = read_csv_columns(log)
-        keep = [i for i, e in enumerate(columns["episodes"]) if episodes is None or e <= episodes]
+        keep = [
+            i
+            for i, e in enumerate(columns.get("episodes", []))
+            if episodes is None or e <= episodes
+        ]
+        if not keep:  # a run that has logged no row yet (or none within --episodes)
+            print(f"left out: {log.name} has no rows", flush=True)
+            continue
         run = dict(
             final_reward=mean_of_last([columns["reward"][i] for i in keep], fraction),
             episodes=int(columns["episodes"][keep[-1]]),

@@ -404,7 +404,7 @@ def test_script_end_to_end(task, tmp_path):
 def test_summarize_by_hand(tmp_path):
     """summarize.py on hand-written logs: the last 10% of the rows (at least one), the
     quartiles over seeds, the training time over two sessions, the first episode count above
-    the threshold, and the logs cut at --episodes."""
+    the threshold, the logs cut at --episodes, and a log without rows left out."""
     rewards = {0: [0, 1, 2, 9, 4, 5, 6, 7, 8, 9, 10, 20], 1: [1] * 12, 2: [3] * 12}
     seconds = [1, 2, 3, 4, 5, 6, 1, 2, 3, 4, 5, 6]  # resumed after the 6th row
     for seed, reward in rewards.items():
@@ -412,7 +412,10 @@ def test_summarize_by_hand(tmp_path):
             f"{i + 1},{(i + 1) * 30},{r},0.5,{seconds[i]}" for i, r in enumerate(reward)
         ]
         (tmp_path / f"simple-seed{seed}.csv").write_text("\n".join(rows) + "\n")
+    # A run that has not logged a row yet (stopped by --time-limit before its first) is left out.
+    (tmp_path / "rnn-seed0.csv").write_text("iteration,episodes,reward,loss,seconds\n")
     summary = summarize.main([str(tmp_path), "--threshold", "5"])
+    assert "rnn" not in summary
     seed0 = summary["simple"]["seeds"][0]
     assert seed0["final_reward"] == 15  # the last 2 of 12 rows
     assert (seed0["episodes"], seed0["training_seconds"], seed0["first_episodes_above"]) == (
