@@ -800,3 +800,44 @@ def test_bench_ptb_rejects_a_bad_selection(tmp_path, flags, message):
     )
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "bench_ptb.csv").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# table1.py: the small preset's variants over seeds
+
+
+def test_table1_trains_skips_finished_resumes_cut_and_summarizes(corpus, tmp_path):
+    from experiments.ptb import table1
+
+    out = tmp_path / "table"
+    flags = ["--data", str(corpus), "--out", str(out), "--variants", "baseline", "simple"]
+    quick = ["--", *TINY, *SMALL_LR, "--max-batches", "2", "--epochs", "2"]
+    # A time limit too short for any run: none starts, the summary has no finished run.
+    table1.main([*flags, "--seeds", "5", "--time-limit", "1", *quick])
+    assert not list(out.glob("*.log"))
+    assert "| baseline | 0/1 | - |" in (out / "summary.md").read_text()
+
+    table1.main([*flags, "--seeds", "5", *quick])
+    first = {v: json.loads((out / f"{v}-seed5.json").read_text()) for v in ("baseline", "simple")}
+    assert all(r["stopped_by"] == "epochs" and r["epochs_run"] == 2 for r in first.values())
+    # Cut a run short: its results say "time limit" and its checkpoint stays; the next call
+    # resumes it and leaves the finished one alone.
+    cut = json.loads((out / "simple-seed5.json").read_text())
+    (out / "simple-seed5.json").write_text(json.dumps(dict(cut, stopped_by="time limit")))
+    baseline_log = (out / "baseline-seed5.log").read_text()
+    table1.main([*flags, "--seeds", "5", "6", *quick])
+    assert (out / "baseline-seed5.log").read_text() == baseline_log
+    simple_log = (out / "simple-seed5.log").read_text()
+    commands = [line for line in simple_log.splitlines() if line.startswith("$ ")]
+    assert len(commands) == 2 and "--resume" in commands[1] and "--resume" not in commands[0]
+    assert "resumed from" in simple_log
+    assert all((out / f"{v}-seed6.json").is_file() for v in ("baseline", "simple"))
+
+    summary = json.loads((out / "summary.json").read_text())
+    rows = {r["variant"]: r for r in summary["variants"]}
+    tests = [json.loads((out / f"baseline-seed{s}.json").read_text())["test_ppl"] for s in (5, 6)]
+    assert rows["baseline"]["seeds_finished"] == [5, 6]
+    assert rows["baseline"]["test_ppl_mean"] == pytest.approx(sum(tests) / 2)
+    assert rows["baseline"]["paper_test_ppl"] == table1.PAPER_TEST_PPL["baseline"]
+    assert summary["manifest"]["command"]
+    assert "| simple | 2/2 |" in (out / "summary.md").read_text()
