@@ -51,7 +51,8 @@ from experiments.ptb.model import LanguageModel, detach_state  # noqa: E402
 
 EVAL_BATCH_SIZE, TEST_BATCH_SIZE = 10, 1  # as awd-lstm-lm
 LOG_FIELDS = ("epoch", "train_ppl", "valid_ppl", "lr", "seconds", "tokens_per_s")
-# What a checkpoint taken at the end of an epoch relies on to resume exactly.
+# What a checkpoint relies on to resume exactly (one taken inside an epoch also holds the
+# hidden states the next segment starts from).
 HIDDEN_STATE_POLICY = (
     "hidden states and traces reset at the start of every training epoch and "
     "evaluation, carried detached across BPTT segments"
@@ -90,6 +91,7 @@ RESUME_MAY_CHANGE = (
     "resume",
     "max_batches",
     "time_limit",
+    "checkpoint_interval",
     "proplstm",
 )
 FLAGS = {"batch_size": "--batch_size"}  # awd-lstm-lm's spelling; the other flags use hyphens
@@ -418,8 +420,16 @@ def make_parser():
         "--time-limit",
         type=number(float, 0),
         default=0.0,
-        help="> 0: stop training after this many seconds; --resume continues from the last "
-        "completed epoch",
+        help="> 0: stop training after this many seconds, checkpointed at the batch where it "
+        "stopped (one process; under torchrun at the last completed epoch); --resume continues "
+        "from there",
+    )
+    add(
+        "--checkpoint-interval",
+        type=number(float, 0),
+        default=0.0,
+        help="> 0: also checkpoint inside an epoch every this many seconds (one process), so "
+        "that a killed run loses at most that much; 0: at the end of every epoch only",
     )
     return p
 
@@ -590,45 +600,92 @@ def time_is_up(deadline, world, device):
     return bool(up)
 
 
-def train_epoch(model, module, optimizer, train_data, lr, args, deadline, world, show):
-    """One pass over this process's streams from fresh hidden states. Returns (summed
-    cross-entropy, tokens) of this process, and False when --time-limit cut the epoch short."""
-    module.train()
+@dataclass
+class EpochPosition:
+    """Where a training epoch stands after a batch (what a checkpoint taken inside an epoch
+    holds): the next segment's first row, batches and target tokens so far, their summed
+    cross-entropy, the hidden states carried to the next segment, and the training seconds
+    spent on the epoch."""
+
+    row: int = 0
+    batches: int = 0
+    tokens: int = 0
+    loss_sum: float = 0.0
+    hidden: list = None
+    seconds: float = 0.0
+
+    def saved(self):
+        """As a checkpoint stores it: plain tuples of tensors for the layers' states."""
+        hidden = [None if s is None else tuple(s) for s in self.hidden]
+        return dict(vars(self), hidden=hidden)
+
+    @classmethod
+    def restored(cls, saved, device):
+        def state(tensors):
+            return bp.PlasticLSTMState(*(t if t is None else t.to(device) for t in tensors))
+
+        hidden = [None if s is None else state(s) for s in saved["hidden"]]
+        return cls(**dict(saved, hidden=hidden))
+
+
+def train_epoch(r, lr, position, deadline, save_position):
+    """The pass over this process's streams that `position` has reached (a fresh one: from
+    fresh hidden states), one segment at a time. Returns the position at its end or where
+    --time-limit cut it, and whether the epoch completed. Calls save_position(position) every
+    --checkpoint-interval seconds and at the cut (one process only: under torchrun each process
+    holds other streams' hidden states)."""
+    args, module, train_data = r.args, r.model, r.data["train"]
+    r.trained.train()
     alphas = divided_alphas(module, args)
-    hidden = [None] * len(module.rnns)
-    loss_sum = torch.zeros((), device=train_data.device)
-    tokens = batches = i = 0
+    if position.hidden is None:
+        position.hidden = [None] * len(module.rnns)
+    loss_sum = torch.tensor(position.loss_sum, device=train_data.device)
+    started = last_saved = time.time()
     complete = True
     bar = progress(
         total=train_data.size(0) - 1,
+        initial=position.row,
         unit="tok",
         unit_scale=args.batch_size,
         desc="train",
-        disable=not show,
+        disable=not r.show,
     )
-    while i < train_data.size(0) - 2:
+
+    def update_position():
+        position.loss_sum = loss_sum.item()
+        position.seconds += time.time() - started
+        return position
+
+    while position.row < train_data.size(0) - 2:
         seq_len = bptt_length(args)
-        for group in optimizer.param_groups:  # a short segment makes a small step
+        for group in r.optimizer.param_groups:  # a short segment makes a small step
             group["lr"] = lr * seq_len / args.bptt
-        data, targets = get_batch(train_data, i, seq_len)
-        raw_loss, hidden = train_step(
-            model, optimizer, data, targets, detach_state(hidden), args, alphas
+        data, targets = get_batch(train_data, position.row, seq_len)
+        raw_loss, position.hidden = train_step(
+            r.trained, r.optimizer, data, targets, detach_state(position.hidden), args, alphas
         )
         for rnn in module.rnns:  # a rate outside [0, 1] makes the eligibility trace diverge
             rnn.clamp_elig_rate_()
         loss_sum += raw_loss * targets.numel()
-        tokens += targets.numel()
-        i, batches = i + seq_len, batches + 1
+        position.tokens += targets.numel()
+        position.row, position.batches = position.row + seq_len, position.batches + 1
         bar.update(data.size(0))
-        if batches % 10 == 1:
-            bar.set_postfix(ppl=f"{math.exp(loss_sum.item() / tokens):.1f}")
-        if batches == args.max_batches:
+        if position.batches % 10 == 1:
+            bar.set_postfix(ppl=f"{math.exp(loss_sum.item() / position.tokens):.1f}")
+        if position.batches == args.max_batches:
             break
-        if time_is_up(deadline, world, train_data.device):
+        if time_is_up(deadline, r.world, train_data.device):
             complete = False
+            if r.world == 1:
+                save_position(update_position())
+                started = time.time()
             break
+        if r.world == 1 and args.checkpoint_interval:
+            if time.time() - last_saved > args.checkpoint_interval:
+                save_position(update_position())
+                started = last_saved = time.time()
     bar.close()
-    return loss_sum, tokens, complete
+    return update_position(), complete
 
 
 @torch.no_grad()
@@ -837,6 +894,7 @@ class Run:
     device: torch.device
     show: bool  # process 0: prints and writes the files
     first_epoch: int = 1
+    first_position: EpochPosition = field(default_factory=EpochPosition)  # of first_epoch
     best_valid: float = math.inf
     valid_history: list = field(default_factory=list)  # validation losses before averaging
     stopped_by: str = "epochs"  # or "time limit"
@@ -927,7 +985,14 @@ def restore(r):
     r.optimizer.load_state_dict(ckpt["optimizer"])
     r.first_epoch, r.best_valid = ckpt["epoch"] + 1, ckpt["best_valid"]
     r.valid_history = ckpt["valid_history"]
-    r.say(f"resumed from {path} after epoch {ckpt['epoch']}")
+    if ckpt.get("position"):  # taken inside epoch first_epoch
+        r.first_position = EpochPosition.restored(ckpt["position"], r.device)
+        r.say(
+            f"resumed from {path} inside epoch {r.first_epoch}, after its "
+            f"{r.first_position.batches} batches"
+        )
+    else:
+        r.say(f"resumed from {path} after epoch {ckpt['epoch']}")
 
 
 def train(r):
@@ -936,23 +1001,29 @@ def train(r):
     args = r.args
     deadline = time.time() + args.time_limit if args.time_limit else None
     for epoch in range(r.first_epoch, args.epochs + 1):
-        start = time.time()
         averaging = isinstance(r.optimizer, torch.optim.ASGD)
         lr = epoch_lr(args, epoch, len(r.valid_history) if averaging else None)
-        loss_sum, tokens, complete = train_epoch(
-            r.trained, r.model, r.optimizer, r.data["train"], lr, args, deadline, r.world, r.show
+        position = r.first_position if epoch == r.first_epoch else EpochPosition()
+        position, complete = train_epoch(
+            r, lr, position, deadline, lambda at: r.show and save_checkpoint(r, epoch - 1, at)
         )
         if not complete:
             r.say(
-                f"time limit: stopped during epoch {epoch}; --resume restarts it from the "
-                f"checkpoint of epoch {epoch - 1}"
+                f"time limit: stopped during epoch {epoch} after its {position.batches} batches; "
+                + (
+                    "--resume continues from there"
+                    if r.world == 1
+                    else f"--resume restarts it from the checkpoint of epoch {epoch - 1}"
+                )
             )
             r.stopped_by = "time limit"
             break
-        train_seconds = time.time() - start
-        totals = torch.tensor([loss_sum.item(), tokens], dtype=torch.float64, device=r.device)
+        totals = torch.tensor(
+            [position.loss_sum, position.tokens], dtype=torch.float64, device=r.device
+        )
         if r.world > 1:
             dist.all_reduce(totals)
+        valid_start = time.time()
         valid_loss = validate(r)
         switch = not averaging and averaging_starts(args, epoch, valid_loss, r.valid_history)
         if not averaging:
@@ -963,8 +1034,8 @@ def train(r):
             train_ppl=math.exp(loss_total / token_total),
             valid_ppl=math.exp(valid_loss),
             lr=lr,
-            seconds=time.time() - start,
-            tokens_per_s=token_total / train_seconds,
+            seconds=position.seconds + time.time() - valid_start,  # training + validation
+            tokens_per_s=token_total / position.seconds,
         )
         r.say(
             f"| epoch {epoch:3d} | {row['seconds']:6.0f} s | {row['tokens_per_s']:7.0f} tok/s "
@@ -998,7 +1069,9 @@ def validate(r):
     return valid_loss
 
 
-def save_checkpoint(r, epoch):
+def save_checkpoint(r, epoch, position=None):
+    """The state after `epoch` completed epochs, and with `position` after its batches in the
+    next one."""
     atomic_save(
         dict(
             model=r.model.state_dict(),
@@ -1010,6 +1083,7 @@ def save_checkpoint(r, epoch):
             rng=rng_states(),
             args=vars(r.args),
             hidden_state_policy=HIDDEN_STATE_POLICY,
+            position=position and position.saved(),
         ),
         r.paths["checkpoint"],
     )

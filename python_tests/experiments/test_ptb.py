@@ -437,6 +437,46 @@ def test_resume_continues_exactly(corpus, tmp_path):
         assert torch.equal(state_a["ax"], state_b["ax"])
 
 
+def test_a_run_cut_inside_an_epoch_resumes_from_that_batch_exactly(corpus, tmp_path, monkeypatch):
+    # --time-limit cuts epoch 2 after its 3rd batch (time_is_up is asked after every batch but
+    # an epoch's last, and at the end of every epoch: its 9th call); the checkpoint then holds
+    # that position, hidden states and traces included, and --resume continues from it.
+    flags = [*TINY, "--lr", "2", "--max-batches", "6", "--epochs", "2", "--time-limit", "1e6"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    whole.mkdir(), cut.mkdir()
+    _, rows = run(corpus, whole, *flags)
+    calls = iter(range(1, 100))
+    monkeypatch.setattr(ptb_main, "time_is_up", lambda *args: next(calls) == 9)
+    result, cut_rows = run(corpus, cut, *flags)
+    assert result["stopped_by"] == "time limit" and [int(r["epoch"]) for r in cut_rows] == [1]
+    saved = torch.load(cut / "m.checkpoint.pt", weights_only=True)
+    assert saved["epoch"] == 1 and saved["position"]["batches"] == 3
+    assert saved["position"]["hidden"][0][2] is not None  # a layer's Hebbian trace
+    monkeypatch.undo()
+    _, resumed_rows = run(corpus, cut, *flags, "--resume")
+    results = ("epoch", "train_ppl", "valid_ppl", "lr")  # all but the timings
+    assert [[r[k] for k in results] for r in resumed_rows] == [
+        [r[k] for k in results] for r in rows
+    ]
+    a, b = (torch.load(d / "m.checkpoint.pt", weights_only=True) for d in (whole, cut))
+    assert a["epoch"] == b["epoch"] == 2 and a["position"] is b["position"] is None
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+
+
+def test_checkpoint_interval_checkpoints_inside_epochs(corpus, tmp_path, monkeypatch):
+    saved = []
+    monkeypatch.setattr(
+        ptb_main,
+        "save_checkpoint",
+        lambda r, epoch, at=None: saved.append((epoch, at and at.batches)),
+    )
+    flags = [*TINY, "--max-batches", "4", "--epochs", "2", "--checkpoint-interval", "1e-9"]
+    run(corpus, tmp_path, *flags)
+    # after every batch but an epoch's last, and at the end of every epoch
+    assert saved == [(0, 1), (0, 2), (0, 3), (1, None), (1, 1), (1, 2), (1, 3), (2, None)]
+
+
 def test_the_results_file_holds_the_numbers_and_what_produced_them(corpus, tmp_path):
     result, rows = run(corpus, tmp_path, *TINY, "--lr", "2", "--epochs", "2", "--max-batches", "3")
     saved = json.loads((tmp_path / "m.json").read_text())
