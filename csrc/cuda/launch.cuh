@@ -12,8 +12,9 @@
 
 namespace bp::kern {
 
+// The phases of one block, a barrier between them.
 template <class K>
-__global__ void __launch_bounds__(K::kMaxThreads) phased_kernel(const K k) {
+__device__ __forceinline__ void run_phases(const K& k) {
   using V = typename K::Value;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   const Span<V> smem{reinterpret_cast<V*>(shared_bytes), k.shared_size()};
@@ -25,6 +26,24 @@ __global__ void __launch_bounds__(K::kMaxThreads) phased_kernel(const K k) {
     if (p > 0) __syncthreads();
     k.run(p, pos, regs, smem);
   }
+}
+
+// A kernel that sets K::kMinBlocksPerSM (phased.h) is compiled for that many blocks an SM; the
+// others with the bound on threads alone: a minimum of 1 block, written out, is not the same
+// to ptxas (it spilled more in SequenceBackwardKernel, csrc/cuda/NOTES.md "Kernel resources").
+template <class K>
+concept SetsMinBlocksPerSM = requires { K::kMinBlocksPerSM; };
+
+template <class K>
+  requires(!SetsMinBlocksPerSM<K>)
+__global__ void __launch_bounds__(K::kMaxThreads) phased_kernel(const K k) {
+  run_phases(k);
+}
+
+template <class K>
+  requires SetsMinBlocksPerSM<K>
+__global__ void __launch_bounds__(K::kMaxThreads, K::kMinBlocksPerSM) phased_kernel(const K k) {
+  run_phases(k);
 }
 
 // The current device's opt-in limit of dynamic shared memory per block, bytes (227 KB on sm_90,

@@ -9,6 +9,9 @@
 //   static constexpr int kMaxThreads;    the most block() may be: launch.cuh compiles the kernel
 //                                        for it (__launch_bounds__), so that its registers never
 //                                        make a launch fail, and checks it at every launch
+//   static constexpr int kMinBlocksPerSM;  optional: the blocks of kMaxThreads that must fit on
+//                                        an SM at once (launch.cuh: the second __launch_bounds__
+//                                        argument, which caps the registers per thread)
 //   BP_KERNEL int64_t shared_size() const;  shared memory, in Values
 //   BP_KERNEL int phases() const;        number of phases
 //   BP_KERNEL void run(int phase, const ThreadPos&, Regs&, Span<Value> shared) const;

@@ -19,9 +19,12 @@
 namespace bp::kern {
 
 constexpr int kThreads = 128;           // threads per block = columns per tile
-constexpr int64_t kMaxChunk = 8;        // samples per batch chunk (per-thread register arrays)
+constexpr int64_t kMaxChunk = 8;        // samples per batch chunk (per-thread arrays)
 constexpr int64_t kStagePairs = 8;      // (row, sample) pairs whose row sums are staged at once
 constexpr int64_t kTargetBlocks = 264;  // two waves on a 132-SM H100
+// Blocks of kThreads that the per-step trace kernels compile for at once on an SM: 16 warps, so
+// at most 128 registers a thread (csrc/cuda/NOTES.md, "Kernel resources").
+constexpr int kTraceBlocksPerSM = 4;
 
 struct GpuTiling {
   int64_t chunk_size, num_chunks;  // batch chunks
@@ -89,6 +92,10 @@ template <typename T, Rule R, AlphaMode AM, EtaMode EM, bool UPDATE, bool MATVEC
 struct ForwardKernel {
   using Value = T;
   static constexpr int kMaxThreads = kThreads;
+  static constexpr int kMinBlocksPerSM = kTraceBlocksPerSM;
+  // Samples whose trace loads are issued together: the whole chunk (8 loads in flight per
+  // thread), or half of it where the retroactive rule's update also loads E (the same 8).
+  static constexpr int kGroup = UPDATE && has_elig<R>() ? kMaxChunk / 2 : kMaxChunk;
   struct Regs {
     T acc[kMaxChunk];
   };
@@ -116,30 +123,34 @@ struct ForwardKernel {
     for (int64_t i = r.i0; i < r.i1; ++i) {
       const T w_ij = MATVEC ? w[i * N + j] : T(0);
       const T a_ij = MATVEC ? alpha_of<AM>(alpha, i, j, N) : T(0);
-      // Every load of the row's chunk first, then the stores: the loads are all in flight at
-      // once (hebb_out may alias hebb, so the compiler may not move a load above a store).
-      T h[kMaxChunk] = {}, e[kMaxChunk] = {};
+      // Every load of a group of the row's samples first, then the stores: the loads are all in
+      // flight at once (hebb_out may alias hebb, so the compiler may not move a load above a
+      // store). kGroup samples' trace values are live at once.
       BP_UNROLL
-      for (int bb = 0; bb < kMaxChunk; ++bb) {
-        if (bb < r.nb) {
-          const int64_t off = ((r.b0 + bb) * P + i) * N + j;
-          h[bb] = hebb[off];
-          if constexpr (UPDATE && has_elig<R>()) e[bb] = elig[off];
-        }
-      }
-      BP_UNROLL
-      for (int bb = 0; bb < kMaxChunk; ++bb) {
-        if (bb < r.nb) {
-          const int64_t b = r.b0 + bb, off = (b * P + i) * N + j;
-          if constexpr (UPDATE) {
-            T e_new = T(0);
-            rule_forward<R>(h[bb], e[bb], pre[b * P + i], post[b * N + j],
-                            eta_of<EM>(eta, b, i, j, N), consts, h[bb], e_new);
-            hebb_out[off] = h[bb];
-            if constexpr (has_elig<R>()) elig_out[off] = e_new;
+      for (int g = 0; g < kMaxChunk; g += kGroup) {
+        T h[kGroup] = {}, e[kGroup] = {};
+        BP_UNROLL
+        for (int k = 0; k < kGroup; ++k) {
+          if (g + k < r.nb) {
+            const int64_t off = ((r.b0 + g + k) * P + i) * N + j;
+            h[k] = hebb[off];
+            if constexpr (UPDATE && has_elig<R>()) e[k] = elig[off];
           }
-          if constexpr (MATVEC)
-            reg.acc[bb] += matvec_in[b * P + i] * (w_ij + a_ij * trace_read<R>(h[bb], consts));
+        }
+        BP_UNROLL
+        for (int k = 0; k < kGroup; ++k) {
+          if (g + k < r.nb) {
+            const int64_t b = r.b0 + g + k, off = (b * P + i) * N + j;
+            if constexpr (UPDATE) {
+              T e_new = T(0);
+              rule_forward<R>(h[k], e[k], pre[b * P + i], post[b * N + j],
+                              eta_of<EM>(eta, b, i, j, N), consts, h[k], e_new);
+              hebb_out[off] = h[k];
+              if constexpr (has_elig<R>()) elig_out[off] = e_new;
+            }
+            if constexpr (MATVEC)
+              reg.acc[g + k] += matvec_in[b * P + i] * (w_ij + a_ij * trace_read<R>(h[k], consts));
+          }
         }
       }
     }
@@ -168,6 +179,7 @@ template <typename T, Rule R, AlphaMode AM, EtaMode EM, bool DO_B, bool DO_A>
 struct BackwardKernel {
   using Value = T;
   static constexpr int kMaxThreads = kThreads;
+  static constexpr int kMinBlocksPerSM = kTraceBlocksPerSM;
   static constexpr int kSegments = 8;  // first level of the row sums: kThreads / 16 values each
   static constexpr int64_t kMaxSums = 2 * kStagePairs;
   // Row strides of the staged values and of the segment sums, padded so that a warp's reads in
@@ -175,8 +187,13 @@ struct BackwardKernel {
   // one bank).
   static constexpr int64_t kStagedStride = kThreads + kSegments;
   static constexpr int64_t kSegmentStride = kSegments + 1;
+  // The rule's per-(sample, column) sums over the rows, dL/dpost and dL/deta (per post neuron),
+  // in shared memory, each thread its own slots: in registers, with the unrolled sample loop
+  // they need, they and the samples' addresses held 200-255 registers a thread
+  // (csrc/cuda/NOTES.md, "Kernel resources").
+  static constexpr int64_t kColumnSumKinds = DO_A ? (EM == EtaMode::PerPost ? 2 : 1) : 0;
+  static constexpr int64_t kColumnSums = kColumnSumKinds * kMaxChunk * kThreads;
   struct Regs {
-    T post_acc[kMaxChunk], eta_acc[kMaxChunk];
     T alpha_neuron, alpha_scalar, rate;
   };
   int64_t B, P, N;
@@ -193,7 +210,7 @@ struct BackwardKernel {
   BP_KERNEL int64_t grid() const { return tl.blocks(); }
   BP_KERNEL int block() const { return kThreads; }
   BP_KERNEL int64_t shared_size() const {
-    return kMaxSums * kStagedStride + kMaxSums * kSegmentStride;
+    return kMaxSums * kStagedStride + kMaxSums * kSegmentStride + kColumnSums;
   }
   BP_KERNEL int phases() const { return static_cast<int>(3 * stages() + 2); }
 
@@ -204,13 +221,21 @@ struct BackwardKernel {
     const int64_t pairs = tl.stage_rows * tl.chunk_size;  // row sums per kind in a stage
     const Span<T> staged = smem.sub(0, kMaxSums * kStagedStride);
     const Span<T> segments = smem.sub(kMaxSums * kStagedStride, kMaxSums * kSegmentStride);
+    const ColumnSums column{smem.sub(kMaxSums * (kStagedStride + kSegmentStride), kColumnSums),
+                            tid};
     const int64_t n_stage = stages();
     if (phase < 3 * n_stage) {
       const int64_t stage = phase / 3;
       const int64_t row0 = r.i0 + stage * tl.stage_rows;
       if (phase % 3 == 0) {
-        if (stage == 0) reg = Regs{};
-        compute_stage(r, j, tid, row0, pairs, reg, staged);
+        if (stage == 0) {
+          reg = Regs{};
+          for (int64_t bb = 0; bb < tl.chunk_size; ++bb) {
+            if constexpr (DO_A) column.post(bb) = T(0);
+            if constexpr (DO_A && EM == EtaMode::PerPost) column.eta(bb) = T(0);
+          }
+        }
+        compute_stage(r, j, tid, row0, pairs, reg, column, staged);
       } else if (phase % 3 == 1) {  // sum 16 staged values per (row sum, segment)
         if (tid < 2 * pairs * kSegments) {
           // Segment seg of row sum q: the values of threads seg, seg + kSegments, ...
@@ -235,12 +260,10 @@ struct BackwardKernel {
     }
     if (phase == 3 * n_stage) {  // per-column results; scalar sums to shared memory
       if (j < N) {
-        BP_UNROLL
-        for (int bb = 0; bb < kMaxChunk; ++bb) {
-          if (bb >= r.nb) continue;
+        for (int64_t bb = 0; bb < r.nb; ++bb) {
           const int64_t at = (r.row_block * B + r.b0 + bb) * N + j;
-          if constexpr (DO_A) g_post_partial[at] = reg.post_acc[bb];
-          if constexpr (DO_A && EM == EtaMode::PerPost) g_eta_partial[at] = reg.eta_acc[bb];
+          if constexpr (DO_A) g_post_partial[at] = column.post(bb);
+          if constexpr (DO_A && EM == EtaMode::PerPost) g_eta_partial[at] = column.eta(bb);
         }
         if constexpr (DO_B && AM == AlphaMode::Neuron)
           g_alpha_acc[(r.chunk * tl.num_row_blocks + r.row_block) * N + j] += reg.alpha_neuron;
@@ -260,20 +283,27 @@ struct BackwardKernel {
     }
   }
 
+  // A thread's slots of the column sums: (kind: 0 = dL/dpost, 1 = dL/deta per post neuron) x
+  // sample x thread.
+  struct ColumnSums {
+    Span<T> sums;
+    int tid;
+    BP_KERNEL T& post(int64_t bb) const { return sums[bb * kThreads + tid]; }
+    BP_KERNEL T& eta(int64_t bb) const { return sums[(kMaxChunk + bb) * kThreads + tid]; }
+  };
+
   // Phase 0 of a stage: rows [row0, row0 + stage_rows) x the chunk's samples. Staged layout:
   // (kind: 0 = dL/dx of the matvec, 1 = dL/dpre of the rule) x (row, sample) x thread.
   BP_KERNEL void compute_stage(const BlockRange& r, int64_t j, int tid, int64_t row0, int64_t pairs,
-                               Regs& reg, const Span<T>& staged) const {
+                               Regs& reg, const ColumnSums& column, const Span<T>& staged) const {
     for (int64_t k = 0; k < tl.stage_rows; ++k) {
       const int64_t i = row0 + k;
       const bool row_ok = i < r.i1 && j < N;
       T g_alpha_ij = T(0), g_eta_ij = T(0);
-      BP_UNROLL  // the constant bound keeps reg's per-sample arrays in registers
-          for (int bb = 0; bb < kMaxChunk; ++bb) {
-        if (bb >= tl.chunk_size) continue;
+      for (int64_t bb = 0; bb < tl.chunk_size; ++bb) {
         T g_x = T(0), g_pre = T(0);
         if (row_ok && bb < r.nb)
-          element(r.b0 + bb, i, j, bb, reg, g_x, g_pre, g_alpha_ij, g_eta_ij);
+          element(r.b0 + bb, i, j, bb, reg, column, g_x, g_pre, g_alpha_ij, g_eta_ij);
         const int64_t pair = k * tl.chunk_size + bb;
         staged[pair * kStagedStride + tid] = g_x;
         staged[(pairs + pair) * kStagedStride + tid] = g_pre;
@@ -286,8 +316,9 @@ struct BackwardKernel {
     }
   }
 
-  BP_KERNEL void element(int64_t b, int64_t i, int64_t j, int64_t bb, Regs& reg, T& g_x, T& g_pre,
-                         T& g_alpha_ij, T& g_eta_ij) const {
+  BP_KERNEL void element(int64_t b, int64_t i, int64_t j, int64_t bb, Regs& reg,
+                         const ColumnSums& column, T& g_x, T& g_pre, T& g_alpha_ij,
+                         T& g_eta_ij) const {
     const int64_t off = (b * P + i) * N + j;
     const RuleConsts<T> consts = rule_consts<R>(clip, elig_rate);
     T g = g_hebb[off];
@@ -312,9 +343,9 @@ struct BackwardKernel {
         g_elig[off] = rg.elig;
         reg.rate += rg.elig_rate;
       }
-      reg.post_acc[bb] += rg.post;
+      column.post(bb) += rg.post;
       if constexpr (EM == EtaMode::PerPost)
-        reg.eta_acc[bb] += rg.eta;
+        column.eta(bb) += rg.eta;
       else
         g_eta_ij += rg.eta;
       g_pre = rg.pre;
