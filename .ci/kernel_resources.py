@@ -37,7 +37,13 @@ def block_sizes():
             r"constexpr int kSequenceMaxThreads = (\d+);", (cuda / "sequence_kernels.h").read_text()
         )[1]
     )
+    cell = int(
+        re.search(
+            r"constexpr int kCellThreads = (\d+);", (cuda / "lstm_cell_kernels.h").read_text()
+        )[1]
+    )
     return {
+        "LstmCellKernel": cell,
         "ForwardKernel": trace,
         "BackwardKernel": trace,
         "ColumnSumKernel": trace,

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 
+#include "../lstm_cell.h"
 #include "../sequence_pass.h"
 #include "../trace_pass.h"
 
@@ -57,6 +58,17 @@ struct CpuBackend {
                     const at::Tensor& out) const {
     rows_product_cpu(w.data_ptr<T>(), bias.defined() ? bias.data_ptr<T>() : nullptr,
                      v.data_ptr<T>(), v.size(0), w.size(0), w.size(1), out.data_ptr<T>());
+  }
+  // The LSTM cell of one step, forward and backward (lstm_cell.h), element by element.
+  template <typename T>
+  void lstm_cell_forward(const LstmCellForwardArgs<T>& a) const {
+    for (int64_t b = 0; b < a.B; ++b)
+      for (int64_t j = 0; j < a.N; ++j) lstm_cell_forward_element(a, b, j);
+  }
+  template <typename T>
+  void lstm_cell_backward(const LstmCellBackwardArgs<T>& a) const {
+    for (int64_t b = 0; b < a.B; ++b)
+      for (int64_t j = 0; j < a.N; ++j) lstm_cell_backward_element(a, b, j);
   }
   // dst[k] = sum over r of src[r * cols + k], in row order: the fixed-order reduction of the
   // passes' partial buffers.

@@ -19,7 +19,13 @@ struct EmulatedLaunch {
                 "bp kernel emulator: ", shared, " bytes of shared memory and ", k.block(),
                 " threads per block exceed the limits of ", kEmulatedSharedBytes, " bytes and ",
                 K::kMaxThreads, " threads");
+    ++launches();
     kern::emulate(k);
+  }
+  // Launches so far, for the tests that count a step's launches.
+  static int64_t& launches() {
+    static int64_t count = 0;
+    return count;
   }
   // The emulator's shared memory per block: that of an sm_90 GPU with the opt-in (227 KB), so
   // that the tests choose the paths an H100 or H200 would.
@@ -47,12 +53,17 @@ at::Tensor emulator_column_sums(const at::Tensor& src, int64_t rows, int64_t col
 // change are a race between threads of one phase.
 void emulator_reverse_thread_order(bool reverse) { bp::kern::reverse_thread_order() = reverse; }
 
+// The number of kernel launches the emulator has run so far (the GPU's launches of our kernels;
+// ATen's own ops launch the rest).
+int64_t emulator_launches() { return bp::EmulatedLaunch::launches(); }
+
 }  // namespace
 
 TORCH_LIBRARY(backpropamine_emulated, m) {
   bp::define_ops(m);
   m.def("emulator_column_sums(Tensor src, int rows, int cols) -> Tensor");
   m.def("emulator_reverse_thread_order(bool reverse) -> ()", &emulator_reverse_thread_order);
+  m.def("emulator_launches() -> int", &emulator_launches);
 }
 
 TORCH_LIBRARY_IMPL(backpropamine_emulated, CPU, m) {

@@ -11,6 +11,7 @@
 #include "../dispatch.h"
 #include "../trace_pass.h"
 #include "../sequence_pass.h"
+#include "lstm_cell_kernels.h"
 #include "sequence_kernels.h"
 #include "trace_kernels.h"
 
@@ -76,6 +77,16 @@ struct GpuBackend {
       at::addmm_out(out, bias, v, w.t());
     else
       at::mm_out(out, v, w.t());
+  }
+
+  // The LSTM cell of one step, forward and backward (lstm_cell.h): one launch each.
+  template <typename T>
+  void lstm_cell_forward(const LstmCellForwardArgs<T>& a) const {
+    Launch{}(kern::LstmCellKernel<T, kern::CellPass::Forward>{a});
+  }
+  template <typename T>
+  void lstm_cell_backward(const LstmCellBackwardArgs<T>& a) const {
+    Launch{}(kern::LstmCellKernel<T, kern::CellPass::Backward>{a});
   }
 
   template <typename T>

@@ -5,8 +5,8 @@
 // the whole-sequence path (whole_sequence.h, the gates inside the backend's per-sample loop), the
 // others step by step (trace_sequence.h), with the gates around the trace passes: the input
 // projection of all steps arrives precomputed (x = i2g(input), one GEMM), the recurrent products
-// of gates i, f, o are one GEMM per step (h2g, through ATen's BLAS), and the rest is pointwise
-// ATen on the tensors' device.
+// of gates i, f, o are one GEMM per step (h2g, through ATen's BLAS), and the cell's pointwise
+// math is one call of the backend per step forward and one backward (lstm_cell.h).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,6 +14,7 @@
 
 #include "../checks.h"
 #include "../dispatch.h"
+#include "../lstm_cell.h"
 #include "../ops.h"
 #include "trace_sequence.h"
 #include "whole_sequence.h"
@@ -21,6 +22,20 @@
 namespace bp {
 
 namespace lstm_detail {
+
+// A contiguous tensor's elements as the cell reads (in_span) or writes (out_span) them; an
+// undefined tensor is an absent (empty) term.
+template <typename T>
+kern::Span<const T> in_span(const Tensor& t) {
+  if (!t.defined()) return {};
+  TORCH_INTERNAL_ASSERT(t.is_contiguous());
+  return {t.data_ptr<T>(), t.numel()};
+}
+template <typename T>
+kern::Span<T> out_span(const Tensor& t) {
+  TORCH_INTERNAL_ASSERT(t.is_contiguous());
+  return {t.data_ptr<T>(), t.numel()};
+}
 
 // The forward's per-step sequences, saved for the backward.
 struct LstmSequences {
@@ -68,28 +83,28 @@ Tensors<9> sequence_forward(const Backend& be, const LstmConfig& lc, const Plast
   Tensor out = at::empty({c.T, c.B, N}, opts);
   Tensor c_seq = at::empty({c.T, c.B, N}, opts);
   Tensor gates = at::empty({c.T, lstm_gate_slots(lc.options), c.B, N}, opts);
-  Tensor rec = at::empty({c.B, 3 * N}, opts);  // h2g(h_{t-1}): gates i, f, o
+  Tensor rec = at::empty({c.B, 3 * N}, opts);  // h_{t-1} @ h2g_weight^T, the bias left to the cell
   // The modulator's inputs; for "h_prev" a copy of h_{t-1} made at each step.
   const bool mod_prev = lc.options.modulator == ModulatorInput::HPrev;
   const Tensor mod_in =
       mod_prev ? at::empty({c.T, c.B, N}, opts) : lstm_modulator_inputs(lc.options, h0, out, c_seq);
   auto step = [&](int64_t t, const Tensor& u) {
     const Tensor h_prev = t == 1 ? h0 : out.select(0, t - 2);
-    const Tensor c_prev = t == 1 ? c0 : c_seq.select(0, t - 2);
-    const Tensor x_t = x.select(0, t - 1);
-    be.template rows_product<T>(h_prev, lw.h2g_weight, lw.h2g_bias, rec);
-    const Tensor g_t = gates.select(0, t - 1);
-    Tensor i = g_t.select(0, kGateI), f = g_t.select(0, kGateF), g = g_t.select(0, kGateG),
-           o = g_t.select(0, kGateO);
-    at::add_out(i, x_t.narrow(1, 0, N), rec.narrow(1, 0, N)).sigmoid_();
-    at::add_out(f, x_t.narrow(1, N, N), rec.narrow(1, N, N)).sigmoid_();
-    at::add_out(g, x_t.narrow(1, 2 * N, N), u).tanh_();
-    at::add_out(o, x_t.narrow(1, 3 * N, N), rec.narrow(1, 2 * N, N)).sigmoid_();
-    Tensor c_t = c_seq.select(0, t - 1), h_t = out.select(0, t - 1);
-    at::mul_out(c_t, f, c_prev).addcmul_(i, g);
-    at::tanh_out(h_t, c_t).mul_(o);
-    if (lc.options.post == PostInput::U) g_t.select(0, kSlotU).copy_(u);
-    if (mod_prev) mod_in.select(0, t - 1).copy_(h_prev);
+    be.template rows_product<T>(h_prev, lw.h2g_weight, Tensor(), rec);
+    be.lstm_cell_forward(LstmCellForwardArgs<T>{
+        .B = c.B,
+        .N = N,
+        .post = lc.options.post,
+        .x = in_span<T>(x.select(0, t - 1)),
+        .rec = in_span<T>(rec),
+        .bias = in_span<T>(lw.h2g_bias),
+        .u = in_span<T>(u),
+        .h_prev = in_span<T>(h_prev),
+        .c_prev = in_span<T>(t == 1 ? c0 : c_seq.select(0, t - 2)),
+        .gates = out_span<T>(gates.select(0, t - 1)),
+        .c = out_span<T>(c_seq.select(0, t - 1)),
+        .h = out_span<T>(out.select(0, t - 1)),
+        .mod_in = mod_prev ? out_span<T>(mod_in.select(0, t - 1)) : kern::Span<T>{}});
   };
   const Tensor post = lstm_post_sequence(lc.options, out, c_seq, gates);
   TraceForward r = trace_forward<T>(be, c, p, {h0, out, post, mod_in}, L, step);
@@ -118,66 +133,52 @@ Tensors<15> sequence_backward(const Backend& be, const LstmConfig& lc, const Pla
   const PlasticParams<T> p(c, in);
   const int64_t T_ = c.T, B = c.B, N = c.N;
   const auto opts = seq.out.options();
-  const Tensor tanh_c = at::tanh(seq.c_seq);
   Tensor g_u = at::empty({T_, B, N}, opts);  // dL/du
   // dL/d(pre-activation of g), x_g's gradient: dL/du but for post_input "u"'s direct term.
-  const Tensor g_pre_g = lc.options.post == PostInput::U ? at::empty_like(g_u) : g_u;
+  const bool post_u = lc.options.post == PostInput::U;
+  const Tensor g_pre_g = post_u ? at::empty_like(g_u) : g_u;
   Tensor g_ifo = at::empty({T_, B, 3 * N}, opts);  // dL/d(pre-activations of i, f, o)
   // dL/dh_s through step s + 1's gates i, f, o: g_ifo_{s+1} @ h2g, as a product with the rows of
   // h2g^T, made contiguous once.
   const Tensor h2g_w_t = T_ > 1 ? lw.h2g_weight.t().contiguous() : Tensor();
   Tensor g_h_gates = at::empty({T_ > 1 ? B : 0, N}, opts);
-  Tensor g_c;  // dL/dc_s, carried down to step s - 1
+  Tensor g_c = at::empty({B, N}, opts);   // dL/dc_s, carried down to step s - 1
+  Tensor g_c0 = at::empty({B, N}, opts);  // dL/dc_0, from step 1's cell
   // modulator_input "h_prev": dL/dh_{s-1} through step s's modulator, carried down likewise.
   Tensor g_h_prev;
-  const PostInput post_input = lc.options.post;
   const ModulatorInput mod_input = lc.options.modulator;
 
   auto finish = [&](int64_t s, const StepGrads& g) {
     const bool last = s == T_;
-    const Tensor gates = seq.gates.select(0, s - 1);
-    const Tensor i = gates.select(0, kGateI), f = gates.select(0, kGateF),
-                 gg = gates.select(0, kGateG), o = gates.select(0, kGateO);
-    const Tensor tc = tanh_c.select(0, s - 1);
-    const Tensor c_prev = s == 1 ? c0 : seq.c_seq.select(0, s - 2);
-    // dL/dh_s: later steps (trace, step s + 1's gates i, f, o and, for "h_prev", its
-    // modulator), the output, the modulator, the rule (post_input "h").
     if (!last) be.template rows_product<T>(g_ifo.select(0, s), h2g_w_t, Tensor(), g_h_gates);
-    Tensor dh = last ? g.h.clone() : g.h + g_h_gates;
-    if (grad_out.has_value()) dh.add_(grad_out->select(0, s - 1));
-    if (g.mod_in.defined() && mod_input == ModulatorInput::H) dh.add_(g.mod_in);
-    if (g_h_prev.defined()) dh.add_(g_h_prev);
-    if (post_input == PostInput::H) dh.add_(g.post);
-    // dL/dc_s: through h_s, through c_{s+1}, the output c, the modulator, the rule ("c").
-    Tensor dc = dh * o * (1 - tc * tc);
-    if (!last) dc.addcmul_(g_c, seq.gates.select(0, s).select(0, kGateF));
-    if (grad_c.has_value()) dc.add_(grad_c->select(0, s - 1));
-    if (g.mod_in.defined() && mod_input == ModulatorInput::C) dc.add_(g.mod_in);
-    if (post_input == PostInput::C) dc.add_(g.post);
-    // dL/du_s: through g_s (whose tanh the rule's gradient also passes for "g"), and directly
-    // from the rule for "u".
-    Tensor g_pre_g_s = g_pre_g.select(0, s - 1);
-    at::mul_out(g_pre_g_s, post_input == PostInput::G ? at::addcmul(g.post, dc, i) : dc * i,
-                1 - gg * gg);
-    if (post_input == PostInput::U) {
-      Tensor g_u_s = g_u.select(0, s - 1);
-      at::add_out(g_u_s, g_pre_g_s, g.post);
-    }
-    const Tensor g_ifo_s = g_ifo.select(0, s - 1);
-    Tensor g_i = g_ifo_s.narrow(1, 0, N), g_f = g_ifo_s.narrow(1, N, N),
-           g_o = g_ifo_s.narrow(1, 2 * N, N);
-    at::mul_out(g_i, dc * gg, i * (1 - i));
-    at::mul_out(g_f, dc * c_prev, f * (1 - f));
-    at::mul_out(g_o, dh * tc, o * (1 - o));
-    g_c = dc;
+    const kern::Span<const T> none{};
+    be.lstm_cell_backward(LstmCellBackwardArgs<T>{
+        .B = B,
+        .N = N,
+        .post = lc.options.post,
+        .gates = in_span<T>(seq.gates.select(0, s - 1)),
+        .f_next = last ? none : in_span<T>(seq.gates.select(0, s).select(0, kGateF)),
+        .c = in_span<T>(seq.c_seq.select(0, s - 1)),
+        .c_prev = in_span<T>(s == 1 ? c0 : seq.c_seq.select(0, s - 2)),
+        .g_h = in_span<T>(g.h),
+        .g_h_gates = last ? none : in_span<T>(g_h_gates),
+        .grad_out = grad_out.has_value() ? in_span<T>(grad_out->select(0, s - 1)) : none,
+        .grad_c = grad_c.has_value() ? in_span<T>(grad_c->select(0, s - 1)) : none,
+        .g_h_mod = in_span<T>(mod_input == ModulatorInput::H ? g.mod_in : g_h_prev),
+        .g_c_mod = in_span<T>(mod_input == ModulatorInput::C ? g.mod_in : Tensor()),
+        .g_post = in_span<T>(g.post),
+        .g_c = out_span<T>(g_c),
+        .g_pre_g = out_span<T>(g_pre_g.select(0, s - 1)),
+        .g_u = post_u ? out_span<T>(g_u.select(0, s - 1)) : kern::Span<T>{},
+        .g_ifo = out_span<T>(g_ifo.select(0, s - 1)),
+        .g_c0 = s == 1 ? out_span<T>(g_c0) : kern::Span<T>{}});
     if (mod_input == ModulatorInput::HPrev) g_h_prev = g.mod_in;
   };
   const Tensor post = lstm_post_sequence(lc.options, seq.out, seq.c_seq, seq.gates);
   const Tensor mod_in = lstm_modulator_inputs(lc.options, h0, seq.out, seq.c_seq);
   TraceBackward r = trace_backward<T>(be, c, p, {h0, seq.out, post, mod_in}, saved, L, g_u, finish);
 
-  // c_0 feeds step 1's cell; h_0 also step 1's modulator for "h_prev".
-  Tensor g_c0 = g_c * seq.gates.select(0, 0).select(0, kGateF);
+  // h_0 also feeds step 1's modulator for "h_prev".
   const Tensor g_h0_trace = g_h_prev.defined() ? r.g_h0 + g_h_prev : r.g_h0;
   auto [g_x, g_h0, g_h2g_w, g_h2g_b] = gate_grads(h0, seq.out, lw, g_pre_g, g_ifo, g_h0_trace, be);
   return {g_x,       g_h0,    g_c0,     r.g_hebb,    r.g_elig,    g_h2g_w,   g_h2g_b,  r.g_w,

@@ -281,12 +281,14 @@ class TraceBackwardSweep {
     g_alpha_acc_ = at::zeros({be.alpha_acc_size(c.modes.alpha, tl_, N, N)}, opts);
     g_eta_conn_ = at::zeros({eta_conn() ? be.eta_acc_rows(tl_) : 0, N, N}, opts);
     g_rate_acc_ = at::zeros({be.rate_acc_size(tl_)}, opts);
-    g_in_part_ = at::empty({tiles_, B, N}, opts);
+    // The matvec adjoint's partials, and after them dL/d(pre of step s+1) through the rule:
+    // one column sum of all rows makes g_h (matvec_done).
+    g_in_part_ = at::empty({tiles_ + 1, B, N}, opts);
+    g_pre_pending_ = g_in_part_.select(0, tiles_);
+    g_pre_pending_.zero_();
     g_pre_part_ = at::empty({tiles_, B, N}, opts);
     g_post_ = at::empty({B, N}, opts);
     g_eta_bj_ = at::empty({B, N}, opts);
-    g_in_ = at::empty({B, N}, opts);
-    g_pre_pending_ = at::zeros({B, N}, opts);
     g_h_ = at::zeros({B, N}, opts);
     g_z_ = at::zeros({T_, B, c.K}, opts);
     g_eta_seq_ = at::empty({c.modulation == Modulation::Fanout ? T_ : 0, B, N}, opts);
@@ -344,14 +346,15 @@ class TraceBackwardSweep {
       bp_.a_pre = h_at(s - 1);
       bp_.a_post = step_ptr<T>(seq_.post, s);
       bp_.a_eta = eta_at(s);
+      if (c_.modulation == Modulation::Fanout) bp_.g_eta = step_ptr<T>(g_eta_seq_, s);
     }
     be_.backward(bp_, c_.modes, tl_);
   }
 
-  // g_h = g_in + g_pre_pending: dL/dh_{t-1} through the matvec and the rule of step t.
+  // g_h = g_in + g_pre_pending: dL/dh_{t-1} through the matvec and the rule of step t, as one
+  // column sum (g_pre_pending is the row after g_in's partials).
   void matvec_done(int64_t) {
-    be_.sum_rows(g_in_part_.data_ptr<T>(), tiles_, c_.B * c_.N, g_in_.data_ptr<T>());
-    at::add_out(g_h_, g_in_, g_pre_pending_);
+    be_.sum_rows(g_in_part_.data_ptr<T>(), tiles_ + 1, c_.B * c_.N, g_h_.data_ptr<T>());
   }
 
   // Once the rule's adjoint of step s has run: the rate's gradient, through the modulator, then
@@ -359,15 +362,15 @@ class TraceBackwardSweep {
   void rule_done(int64_t s) {
     const bool modulated = c_.modulation != Modulation::None;
     if (!modulated && !eta_conn()) g_eta_sum_.add_(g_eta_bj_);
-    if (c_.modulation == Modulation::Fanout) g_eta_seq_.select(0, s - 1).copy_(g_eta_bj_);
     if (modulated) {
-      // dL/dm_s = grad_m + dL/deta_s through eta = m ("simple") or fanout(m).
-      Tensor g_m = c_.modulation == Modulation::Simple ? g_eta_bj_.sum(1, true)
-                                                       : at::mm(g_eta_bj_, *a_.fanout_weight);
+      // dL/dm_s = grad_m + dL/deta_s through eta = m ("simple") or fanout(m) (whose dL/deta_s the
+      // rule's adjoint wrote into g_eta_seq), then through m's tanh.
+      Tensor g_m = c_.modulation == Modulation::Simple
+                       ? g_eta_bj_.sum(1, true)
+                       : at::mm(g_eta_seq_.select(0, s - 1), *a_.fanout_weight);
       if (saved_.grad_m.has_value()) g_m.add_(saved_.grad_m->select(0, s - 1));
-      const Tensor m_s = saved_.m.select(0, s - 1);
       Tensor g_z_s = g_z_.select(0, s - 1);
-      at::mul_out(g_z_s, g_m, 1 - m_s * m_s);
+      at::tanh_backward_out(g_z_s, g_m, saved_.m.select(0, s - 1));
       g_mod_in_ = at::mm(g_z_s, *a_.h2mod_weight);
     }
     finish_(s, StepGrads{g_post_, g_h_, g_mod_in_});
@@ -414,8 +417,7 @@ class TraceBackwardSweep {
   Tensor g_alpha_acc_, g_eta_conn_, g_rate_acc_;  // the passes' parameter accumulators
   Tensor g_in_part_, g_pre_part_;                 // per column tile, summed by sum_rows
   Tensor g_post_, g_eta_bj_;  // the rule adjoint's dL/dpost and dL/deta of a step
-  Tensor g_in_;               // dL/d(pre of step t) through B(t)
-  Tensor g_pre_pending_;      // dL/d(pre of step s+1) through A(s+1)
+  Tensor g_pre_pending_;      // dL/d(pre of step s+1) through A(s+1), g_in_part_'s last row
   Tensor g_h_;                // their sum, StepGrads::h
   Tensor g_mod_in_;           // dL/d(modulator input) of one step
   Tensor g_z_;                // dL/d(pre-activation of m), all steps

@@ -1,0 +1,126 @@
+// The plastic LSTM's cell on the per-step path, one element (sample b, neuron j) at a time: the
+// forward of reference.lstm_gates and the cell update, and its backward (the gradients of
+// reference.plastic_lstm_step's cell). The one copy of this math: the CPU backend runs it in a
+// loop (cpu/cpu_backend.h), the GPU backend as one kernel per step (cuda/lstm_cell_kernels.h),
+// which the CPU emulator also runs. Inputs are contiguous; an empty Span is an absent term.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "cuda/phased.h"
+#include "plastic_math.h"
+#include "sequence_pass.h"
+
+namespace bp {
+
+template <typename T>
+BP_HOST_DEVICE T cell_tanh(T v) {
+  if constexpr (sizeof(T) == sizeof(float))
+    return tanhf(v);
+  else
+    return tanh(v);
+}
+
+template <typename T>
+BP_HOST_DEVICE T cell_sigmoid(T v) {
+  if constexpr (sizeof(T) == sizeof(float))
+    return T(1) / (T(1) + expf(-v));
+  else
+    return T(1) / (T(1) + exp(-v));
+}
+
+// Step t's cell: the gates from x_t, h2g(h_{t-1}) and u_t, c_t and h_t.
+template <typename T>
+struct LstmCellForwardArgs {
+  int64_t B, N;
+  PostInput post;
+  kern::Span<const T> x;       // (B, 4N) x_t: the input parts of gates i, f, g, o
+  kern::Span<const T> rec;     // (B, 3N) h_{t-1} @ h2g_weight^T, without the bias: i, f, o
+  kern::Span<const T> bias;    // (3N,) h2g_bias: i, f, o
+  kern::Span<const T> u;       // (B, N) the plastic drive u_t
+  kern::Span<const T> h_prev;  // (B, N) h_{t-1}
+  kern::Span<const T> c_prev;  // (B, N) c_{t-1}
+  kern::Span<T> gates;         // (S, B, N) step t's gates (LstmGate), and u_t for post_input "u"
+  kern::Span<T> c, h;          // (B, N) c_t, h_t
+  kern::Span<T> mod_in;        // (B, N) a copy of h_{t-1} for modulator_input "h_prev"; or empty
+};
+
+template <typename T>
+BP_HOST_DEVICE void lstm_cell_forward_element(const LstmCellForwardArgs<T>& a, int64_t b,
+                                              int64_t j) {
+  const int64_t N = a.N, BN = a.B * N, k = b * N + j;
+  const int64_t x_row = b * 4 * N + j, rec_row = b * 3 * N + j;
+  const T i = cell_sigmoid(a.x[x_row] + (a.bias[j] + a.rec[rec_row]));
+  const T f = cell_sigmoid(a.x[x_row + N] + (a.bias[N + j] + a.rec[rec_row + N]));
+  const T u = a.u[k];
+  const T g = cell_tanh(a.x[x_row + 2 * N] + u);
+  const T o = cell_sigmoid(a.x[x_row + 3 * N] + (a.bias[2 * N + j] + a.rec[rec_row + 2 * N]));
+  const T c = f * a.c_prev[k] + i * g;
+  a.gates[kGateI * BN + k] = i;
+  a.gates[kGateF * BN + k] = f;
+  a.gates[kGateG * BN + k] = g;
+  a.gates[kGateO * BN + k] = o;
+  if (a.post == PostInput::U) a.gates[kSlotU * BN + k] = u;
+  a.c[k] = c;
+  a.h[k] = cell_tanh(c) * o;
+  if (!a.mod_in.empty()) a.mod_in[k] = a.h_prev[k];
+}
+
+// Step s's cell backward: dL/dh_s and dL/dc_s from every path that reaches them, then the gates'
+// pre-activation gradients; dL/dc_s is carried down to step s - 1 in g_c.
+template <typename T>
+struct LstmCellBackwardArgs {
+  int64_t B, N;
+  PostInput post;
+  kern::Span<const T> gates;      // (S, B, N) step s's gates
+  kern::Span<const T> f_next;     // (B, N) gate f of step s + 1; empty for s = T
+  kern::Span<const T> c, c_prev;  // (B, N) c_s, c_{s-1}
+  kern::Span<const T> g_h;        // (B, N) dL/dh_s through the trace half (StepGrads::h)
+  kern::Span<const T> g_h_gates;  // (B, N) dL/dh_s through step s + 1's gates i, f, o; or empty
+  kern::Span<const T> grad_out;   // (B, N) the gradient of the output h_s; or empty
+  kern::Span<const T> grad_c;     // (B, N) the gradient of the output c_s; or empty
+  // dL/dh_s through a modulator (step s's for modulator_input "h", step s + 1's for "h_prev"),
+  // dL/dc_s through step s's (for "c"); or empty.
+  kern::Span<const T> g_h_mod, g_c_mod;
+  kern::Span<const T> g_post;  // (B, N) dL/dpost_s through the rule of step s
+  kern::Span<T> g_c;           // (B, N) in: dL/dc_{s+1} (read where f_next is given); out: dL/dc_s
+  kern::Span<T> g_pre_g;       // (B, N) dL/d(pre-activation of g), x_g's gradient
+  kern::Span<T> g_u;           // (B, N) dL/du_s for post_input "u" (else it is g_pre_g); or empty
+  kern::Span<T> g_ifo;         // (B, 3N) dL/d(pre-activations of i, f, o)
+  kern::Span<T> g_c0;          // (B, N) dL/dc_0 = dL/dc_1 f_1, for s = 1; or empty
+};
+
+template <typename T>
+BP_HOST_DEVICE void lstm_cell_backward_element(const LstmCellBackwardArgs<T>& a, int64_t b,
+                                               int64_t j) {
+  const int64_t N = a.N, BN = a.B * N, k = b * N + j;
+  const T i = a.gates[kGateI * BN + k], f = a.gates[kGateF * BN + k], g = a.gates[kGateG * BN + k],
+          o = a.gates[kGateO * BN + k];
+  const PostInput post = a.post;
+  // dL/dh_s: the trace half, step s + 1's gates, the output, a modulator, the rule ("h").
+  T dh = a.g_h[k];
+  if (!a.g_h_gates.empty()) dh += a.g_h_gates[k];
+  if (!a.grad_out.empty()) dh += a.grad_out[k];
+  if (!a.g_h_mod.empty()) dh += a.g_h_mod[k];
+  if (post == PostInput::H) dh += a.g_post[k];
+  // dL/dc_s: through h_s, c_{s+1}, the output c, the modulator, the rule ("c").
+  const T tc = cell_tanh(a.c[k]);
+  T dc = dh * o * (T(1) - tc * tc);
+  if (!a.f_next.empty()) dc += a.g_c[k] * a.f_next[k];
+  if (!a.grad_c.empty()) dc += a.grad_c[k];
+  if (!a.g_c_mod.empty()) dc += a.g_c_mod[k];
+  if (post == PostInput::C) dc += a.g_post[k];
+  // Through g_s (whose tanh the rule's gradient also passes for "g"), and for "u" directly.
+  const T g_pre_g = (post == PostInput::G ? a.g_post[k] + dc * i : dc * i) * (T(1) - g * g);
+  a.g_pre_g[k] = g_pre_g;
+  if (post == PostInput::U) a.g_u[k] = g_pre_g + a.g_post[k];
+  const int64_t row = b * 3 * N + j;
+  a.g_ifo[row] = dc * g * (i * (T(1) - i));
+  a.g_ifo[row + N] = dc * a.c_prev[k] * (f * (T(1) - f));
+  a.g_ifo[row + 2 * N] = dh * tc * (o * (T(1) - o));
+  a.g_c[k] = dc;
+  if (!a.g_c0.empty()) a.g_c0[k] = dc * f;
+}
+
+}  // namespace bp
