@@ -1090,17 +1090,22 @@ def save_checkpoint(r, epoch, position=None):
 
 
 def report(r, started):
-    """Tests the best model (the last weights when no epoch completed), prints its perplexity
-    and writes the results file beside the CSV log; returns the results."""
-    if r.best_valid < math.inf:
-        r.model.load_state_dict(
-            torch.load(r.paths["save"], map_location=r.device, weights_only=True)["model"]
-        )
-        which = f"best model ({r.paths['save']})"
+    """Tests the best model (the last weights when no epoch has a finite validation loss),
+    prints its perplexity and writes the results file beside the CSV log; returns the results.
+    A run that --time-limit stopped is not tested (a run continued over several sessions would
+    pay a test pass in each): its results have test_ppl None."""
+    if r.stopped_by == "time limit":
+        test_ppl, which = None, "not tested: stopped by --time-limit, --resume continues it"
     else:
-        which = "last weights (no epoch completed)"
-    test_ppl = math.exp(evaluate(r.model, r.data["test"], r.args, r.show, "test"))
-    r.say(f"| end of training | test ppl {test_ppl:8.2f} | {which}")
+        if r.best_valid < math.inf:
+            r.model.load_state_dict(
+                torch.load(r.paths["save"], map_location=r.device, weights_only=True)["model"]
+            )
+            which = f"best model ({r.paths['save']})"
+        else:
+            which = "last weights (no finite validation loss)"
+        test_ppl = math.exp(evaluate(r.model, r.data["test"], r.args, r.show, "test"))
+        r.say(f"| end of training | test ppl {test_ppl:8.2f} | {which}")
     rows = read_csv_rows(r.paths["log"])  # the epochs of this run and of those it resumed
     valid = [float(row["valid_ppl"]) for row in rows]
     speeds = [float(row["tokens_per_s"]) for row in rows]

@@ -449,6 +449,7 @@ def test_a_run_cut_inside_an_epoch_resumes_from_that_batch_exactly(corpus, tmp_p
     monkeypatch.setattr(ptb_main, "time_is_up", lambda *args: next(calls) == 9)
     result, cut_rows = run(corpus, cut, *flags)
     assert result["stopped_by"] == "time limit" and [int(r["epoch"]) for r in cut_rows] == [1]
+    assert result["test_ppl"] is None and "not tested" in result["tested"]  # not finished
     saved = torch.load(cut / "m.checkpoint.pt", weights_only=True)
     assert saved["epoch"] == 1 and saved["position"]["batches"] == 3
     assert saved["position"]["hidden"][0][2] is not None  # a layer's Hebbian trace
