@@ -35,10 +35,12 @@ template <typename T>
 struct LstmCellForwardArgs {
   int64_t B, N;
   PostInput post;
-  kern::Span<const T> x;       // (B, 4N) x_t: the input parts of gates i, f, g, o
-  kern::Span<const T> rec;     // (B, 3N) h_{t-1} @ h2g_weight^T, without the bias: i, f, o
-  kern::Span<const T> bias;    // (3N,) h2g_bias: i, f, o
-  kern::Span<const T> u;       // (B, N) the plastic drive u_t
+  kern::Span<const T> x;     // (B, 4N) x_t: the input parts of gates i, f, g, o
+  kern::Span<const T> rec;   // (B, 3N) h_{t-1} @ h2g_weight^T, without the bias: i, f, o
+  kern::Span<const T> bias;  // (3N,) h2g_bias: i, f, o
+  // (rows, B, N) the trace pass's partial sums of the plastic drive u_t, which is their column
+  // sum in row order (kern::column_sum; one row, u_t itself, from the CPU pass)
+  kern::Span<const T> u_partial;
   kern::Span<const T> h_prev;  // (B, N) h_{t-1}
   kern::Span<const T> c_prev;  // (B, N) c_{t-1}
   kern::Span<T> gates;         // (S, B, N) step t's gates (LstmGate), and u_t for post_input "u"
@@ -53,7 +55,7 @@ BP_HOST_DEVICE void lstm_cell_forward_element(const LstmCellForwardArgs<T>& a, i
   const int64_t x_row = b * 4 * N + j, rec_row = b * 3 * N + j;
   const T i = cell_sigmoid(a.x[x_row] + (a.bias[j] + a.rec[rec_row]));
   const T f = cell_sigmoid(a.x[x_row + N] + (a.bias[N + j] + a.rec[rec_row + N]));
-  const T u = a.u[k];
+  const T u = kern::column_sum(a.u_partial, a.u_partial.size / BN, BN, k);
   const T g = cell_tanh(a.x[x_row + 2 * N] + u);
   const T o = cell_sigmoid(a.x[x_row + 3 * N] + (a.bias[2 * N + j] + a.rec[rec_row + 2 * N]));
   const T c = f * a.c_prev[k] + i * g;

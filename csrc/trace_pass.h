@@ -74,7 +74,7 @@ struct ForwardPassParams {
   const T* matvec_in;  // (B, P)  x
   const T* w;          // (P, N)
   const T* alpha;      // (P, N), (N,) or ()
-  T* u;                // (B, N)
+  T* u;                // (B, N); for a backend's forward_u_partials, its partial sums of u
 };
 
 template <typename T>

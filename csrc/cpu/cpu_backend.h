@@ -31,6 +31,13 @@ struct CpuBackend {
   void forward(const ForwardPassParams<T>& p, const PassModes& m, const Tiling& tl) const {
     forward_pass_cpu(p, m, tl);
   }
+  // The pass writes u whole: its one row of partial sums (GpuBackend::forward_u_partials).
+  int64_t u_partial_rows(const Tiling&) const { return 1; }
+  template <typename T>
+  void forward_u_partials(const ForwardPassParams<T>& p, const PassModes& m,
+                          const Tiling& tl) const {
+    forward_pass_cpu(p, m, tl);
+  }
   template <typename T>
   void backward(const BackwardPassParams<T>& p, const PassModes& m, const Tiling& tl) const {
     backward_pass_cpu(p, m, tl);

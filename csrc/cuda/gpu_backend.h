@@ -168,8 +168,21 @@ struct GpuBackend {
   int64_t rate_acc_size(const Tiling& tl) const { return tl.blocks(); }
   template <typename T>
   void forward(const ForwardPassParams<T>& p, const PassModes& m, const Tiling& tl) const {
+    at::Tensor u_partial = at::empty({p.matvec ? u_partial_rows(tl) * p.B * p.N : 0}, opts);
+    ForwardPassParams<T> partial = p;
+    partial.u = u_partial.data_ptr<T>();
+    forward_u_partials(partial, m, tl);
+    if (p.matvec) sum_rows(partial.u, u_partial_rows(tl), p.B * p.N, p.u);
+  }
+  // Rows of the matvec's partial sums of u that forward_u_partials leaves: one per row block.
+  int64_t u_partial_rows(const Tiling& tl) const { return tl.num_row_blocks; }
+  // The forward pass, with the matvec's u left as its partial sums: p.u (u_partial_rows(tl), B, N),
+  // whose column sums in row order (sum_rows) are u; for a consumer that sums them itself (the
+  // LSTM cell), one launch fewer.
+  template <typename T>
+  void forward_u_partials(const ForwardPassParams<T>& p, const PassModes& m,
+                          const Tiling& tl) const {
     const int64_t B = p.B, P = p.P, N = p.N, BPN = B * P * N;
-    at::Tensor u_partial = at::empty({p.matvec ? tl.num_row_blocks * B * N : 0}, opts);
     dispatch_modes(m, [&]<Rule R, AlphaMode AM, EtaMode EM>() {
       auto run = [&]<bool UPDATE, bool MATVEC>() {
         kern::ForwardKernel<T, R, AM, EM, UPDATE, MATVEC> k{};
@@ -189,7 +202,7 @@ struct GpuBackend {
           k.matvec_in = {p.matvec_in, B * P};
           k.w = {p.w, P * N};
           k.alpha = {p.alpha, alpha_size(AM, P, N)};
-          k.u_partial = {u_partial.data_ptr<T>(), u_partial.numel()};
+          k.u_partial = {p.u, u_partial_rows(tl) * B * N};
         }
         Launch{}(k);
       };
@@ -200,7 +213,6 @@ struct GpuBackend {
       else if (p.matvec)
         run.template operator()<false, true>();
     });
-    if (p.matvec) sum_rows(u_partial.data_ptr<T>(), tl.num_row_blocks, B * N, p.u);
   }
 
   template <typename T>

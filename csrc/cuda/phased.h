@@ -90,4 +90,13 @@ Span<T> span_of(T* data, int64_t size) {
   return {data, size};
 }
 
+// The sum of column k of src (rows x cols, row-major), from zero in row order: the fixed-order
+// reduction of a kernel's partial sums (ColumnSumKernel; the LSTM cell's u, lstm_cell.h).
+template <typename T>
+BP_KERNEL T column_sum(Span<const T> src, int64_t rows, int64_t cols, int64_t k) {
+  T s = T(0);
+  for (int64_t r = 0; r < rows; ++r) s += src[r * cols + k];
+  return s;
+}
+
 }  // namespace bp::kern

@@ -372,10 +372,7 @@ struct ColumnSumKernel {
 
   BP_KERNEL void run(int, const ThreadPos& pos, Regs&, Span<T>) const {
     const int64_t k = pos.block * kThreads + pos.thread;
-    if (k >= cols) return;
-    T s = T(0);
-    for (int64_t r = 0; r < rows; ++r) s += src[r * cols + k];
-    dst[k] = s;
+    if (k < cols) dst[k] = column_sum(src, rows, cols, k);
   }
 };
 

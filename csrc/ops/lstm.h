@@ -88,7 +88,7 @@ Tensors<9> sequence_forward(const Backend& be, const LstmConfig& lc, const Plast
   const bool mod_prev = lc.options.modulator == ModulatorInput::HPrev;
   const Tensor mod_in =
       mod_prev ? at::empty({c.T, c.B, N}, opts) : lstm_modulator_inputs(lc.options, h0, out, c_seq);
-  auto step = [&](int64_t t, const Tensor& u) {
+  auto step = [&](int64_t t, const Tensor& u_partial) {
     const Tensor h_prev = t == 1 ? h0 : out.select(0, t - 2);
     be.template rows_product<T>(h_prev, lw.h2g_weight, Tensor(), rec);
     be.lstm_cell_forward(LstmCellForwardArgs<T>{
@@ -98,7 +98,7 @@ Tensors<9> sequence_forward(const Backend& be, const LstmConfig& lc, const Plast
         .x = in_span<T>(x.select(0, t - 1)),
         .rec = in_span<T>(rec),
         .bias = in_span<T>(lw.h2g_bias),
-        .u = in_span<T>(u),
+        .u_partial = in_span<T>(u_partial),
         .h_prev = in_span<T>(h_prev),
         .c_prev = in_span<T>(t == 1 ? c0 : c_seq.select(0, t - 2)),
         .gates = out_span<T>(gates.select(0, t - 1)),

@@ -38,11 +38,14 @@ Tensors<7> sequence_forward(const Backend& be, const PlasticConfig& c, const Pla
   }
   const PlasticParams<T> p(c, in);
   Tensor out = at::empty({c.T, c.B, c.N}, x.options());
-  auto r = trace_forward<T>(be, c, p, {h0, out, out, out}, L, [&](int64_t t, const Tensor& u) {
+  Tensor u = at::empty({c.B, c.N}, x.options());
+  auto step = [&](int64_t t, const Tensor& u_partial) {
+    sum_all_rows(be, u_partial, u);
     Tensor h_t = out.select(0, t - 1);
     cell_forward(h_t, x.select(0, t - 1), u,
                  clamp.has_value() ? OptTensor(clamp->select(0, t - 1)) : std::nullopt);
-  });
+  };
+  auto r = trace_forward<T>(be, c, p, {h0, out, out, out}, L, step);
   return {out, r.hebb_T, r.elig_T, r.m, r.eta_seq, r.ckpt_h, r.ckpt_e};
 }
 

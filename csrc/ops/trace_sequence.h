@@ -103,8 +103,10 @@ struct TraceForward {
   at::Tensor m, eta_seq, hebb_T, elig_T, ckpt_h, ckpt_e;
 };
 
-// Runs a whole sequence. `step(t, u)` must fill step t of seq.out, seq.post and seq.mod_in from
-// u = u_t; the modulator and the trace pass of step t follow. The trace is stored every L steps.
+// Runs a whole sequence. `step(t, u_partial)` must fill step t of seq.out, seq.post and
+// seq.mod_in from u_t, as the trace pass leaves it: partial sums (be.u_partial_rows, B, N) whose
+// column sums in row order (sum_rows) are u_t; the modulator and the trace pass of step t follow.
+// The trace is stored every L steps.
 template <typename T, class Backend, typename Step>
 TraceForward trace_forward(const Backend& be, const PlasticConfig& c, const PlasticParams<T>& p,
                            const CellSequences& seq, int64_t L, Step&& step) {
@@ -124,23 +126,23 @@ TraceForward trace_forward(const Backend& be, const PlasticConfig& c, const Plas
   r.ckpt_e = at::empty({retro ? n_ckpt : 0, B, N, N}, opts);
   Tensor work_h = at::empty({T_ > 1 ? B : 0, N, N}, opts);
   Tensor work_e = at::empty({retro && T_ > 1 ? B : 0, N, N}, opts);
-  Tensor u = at::empty({B, N}, opts);
+  Tensor u_partial = at::empty({be.u_partial_rows(tl), B, N}, opts);
   const Tensor eta_fixed = fixed_rate(c, p.in.eta);
   const PlasticInputs& a = p.in;
 
   ForwardPassParams<T> fp{};
   set_recurrent_layer(fp, B, N, p.w, p.alpha, p.rule_args);
-  fp.u = u.data_ptr<T>();
+  fp.u = u_partial.data_ptr<T>();
   fp.update = false;
   fp.matvec = true;
   fp.hebb = a.hebb.data_ptr<T>();
   fp.matvec_in = seq.h0.data_ptr<T>();
-  be.forward(fp, c.modes, tl);
+  be.forward_u_partials(fp, c.modes, tl);
 
   const T* hebb_in = a.hebb.data_ptr<T>();
   const T* elig_in = retro ? a.elig->data_ptr<T>() : nullptr;
   for (int64_t t = 1; t <= T_; ++t) {
-    step(t, u);
+    step(t, u_partial);
     if (modulated) {
       Tensor m_t = r.m.select(0, t - 1), eta_t = r.eta_seq.select(0, t - 1);
       modulate(c, a, seq.mod_in.select(0, t - 1), m_t, eta_t);
@@ -161,7 +163,7 @@ TraceForward trace_forward(const Backend& be, const PlasticConfig& c, const Plas
     fp.post = step_ptr<T>(seq.post, t);
     fp.eta = modulated ? step_ptr<T>(r.eta_seq, t) : eta_fixed.data_ptr<T>();
     fp.matvec_in = h_t;
-    be.forward(fp, c.modes, tl);
+    be.forward_u_partials(fp, c.modes, tl);
     hebb_in = hebb_out;
     elig_in = elig_out;
   }
