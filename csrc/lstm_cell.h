@@ -15,14 +15,6 @@
 namespace bp {
 
 template <typename T>
-BP_HOST_DEVICE T cell_tanh(T v) {
-  if constexpr (sizeof(T) == sizeof(float))
-    return tanhf(v);
-  else
-    return tanh(v);
-}
-
-template <typename T>
 BP_HOST_DEVICE T cell_sigmoid(T v) {
   if constexpr (sizeof(T) == sizeof(float))
     return T(1) / (T(1) + expf(-v));
@@ -56,7 +48,7 @@ BP_HOST_DEVICE void lstm_cell_forward_element(const LstmCellForwardArgs<T>& a, i
   const T i = cell_sigmoid(a.x[x_row] + (a.bias[j] + a.rec[rec_row]));
   const T f = cell_sigmoid(a.x[x_row + N] + (a.bias[N + j] + a.rec[rec_row + N]));
   const T u = kern::column_sum(a.u_partial, a.u_partial.size / BN, BN, k);
-  const T g = cell_tanh(a.x[x_row + 2 * N] + u);
+  const T g = typed_tanh(a.x[x_row + 2 * N] + u);
   const T o = cell_sigmoid(a.x[x_row + 3 * N] + (a.bias[2 * N + j] + a.rec[rec_row + 2 * N]));
   const T c = f * a.c_prev[k] + i * g;
   a.gates[kGateI * BN + k] = i;
@@ -65,7 +57,7 @@ BP_HOST_DEVICE void lstm_cell_forward_element(const LstmCellForwardArgs<T>& a, i
   a.gates[kGateO * BN + k] = o;
   if (a.post == PostInput::U) a.gates[kSlotU * BN + k] = u;
   a.c[k] = c;
-  a.h[k] = cell_tanh(c) * o;
+  a.h[k] = typed_tanh(c) * o;
   if (!a.mod_in.empty()) a.mod_in[k] = a.h_prev[k];
 }
 
@@ -107,7 +99,7 @@ BP_HOST_DEVICE void lstm_cell_backward_element(const LstmCellBackwardArgs<T>& a,
   if (!a.g_h_mod.empty()) dh += a.g_h_mod[k];
   if (post == PostInput::H) dh += a.g_post[k];
   // dL/dc_s: through h_s, c_{s+1}, the output c, the modulator, the rule ("c").
-  const T tc = cell_tanh(a.c[k]);
+  const T tc = typed_tanh(a.c[k]);
   T dc = dh * o * (T(1) - tc * tc);
   if (!a.f_next.empty()) dc += a.g_c[k] * a.f_next[k];
   if (!a.grad_c.empty()) dc += a.grad_c[k];

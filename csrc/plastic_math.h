@@ -3,6 +3,8 @@
 // Shared by the CPU and CUDA kernels so that the CPU tests exercise the formulas the GPU runs.
 #pragma once
 
+#include <cmath>
+
 // `static`: every translation unit gets its own copy, so the CPU kernels compiled for several
 // instruction sets (cpu/trace_tasks_*.cpp) never share one through the linker.
 #if defined(__CUDACC__)
@@ -19,6 +21,16 @@ enum class AlphaMode { Full, Neuron, Scalar };
 // Shape of the plasticity rate seen by the kernels: (B, N) per sample and post neuron (covers
 // scalar eta, "simple" and "fanout"), or (P, N) per connection (eta_shape "full").
 enum class EtaMode { PerPost, PerConnection };
+
+// tanh in T's own precision (tanhf for float): the same call on the host, in the emulator, and on
+// the GPU.
+template <typename T>
+BP_HOST_DEVICE T typed_tanh(T v) {
+  if constexpr (sizeof(T) == sizeof(float))
+    return tanhf(v);
+  else
+    return tanh(v);
+}
 
 // Clamp to [-c, c] that lets NaN through, as torch.clamp does.
 template <typename T>

@@ -30,14 +30,6 @@
 
 namespace bp::kern {
 
-template <typename T>
-BP_KERNEL T tanh_of(T v) {
-  if constexpr (sizeof(T) == sizeof(float))
-    return tanhf(v);
-  else
-    return tanh(v);
-}
-
 // Quotient of non-negative values that fit in 32 bits: the per-phase decoding of the kernels
 // divides by runtime values, and a 64-bit division is a long instruction sequence on a GPU.
 BP_KERNEL int64_t div32(int64_t a, int64_t b) { return static_cast<int>(a) / static_cast<int>(b); }
@@ -161,7 +153,7 @@ struct SequenceForwardKernel {
       if (j >= N || sr.r != 0) return;
       T u = T(0);
       for (int64_t r = 0; r < slices; ++r) u += u_part[r * columns + j];
-      T h = tanh_of(reg.x + u);
+      T h = typed_tanh(reg.x + u);
       if (reg.clamped) h = reg.x;  // clamped: h_t = x_t
       h_now[j] = h;
       out[row * N + j] = h;
@@ -171,7 +163,7 @@ struct SequenceForwardKernel {
       for (int64_t k = pos.thread; k < K; k += pos.block_dim) {
         T s = T(0);
         for (int64_t i = 0; i < N; ++i) s += h2mod_w[k * N + i] * h_now[i];
-        m[row * K + k] = tanh_of(h2mod_b[k] + s);
+        m[row * K + k] = typed_tanh(h2mod_b[k] + s);
       }
       return;
     }
