@@ -640,7 +640,8 @@ def train_epoch(r, lr, position, deadline, save_position):
     if position.hidden is None:
         position.hidden = [None] * len(module.rnns)
     loss_sum = torch.tensor(position.loss_sum, device=train_data.device)
-    started = last_saved = time.time()
+    seconds_before, started = position.seconds, time.time()
+    last_saved = started
     complete = True
     bar = progress(
         total=train_data.size(0) - 1,
@@ -653,7 +654,7 @@ def train_epoch(r, lr, position, deadline, save_position):
 
     def update_position():
         position.loss_sum = loss_sum.item()
-        position.seconds += time.time() - started
+        position.seconds = seconds_before + time.time() - started
         return position
 
     while position.row < train_data.size(0) - 2:
@@ -676,16 +677,16 @@ def train_epoch(r, lr, position, deadline, save_position):
             break
         if time_is_up(deadline, r.world, train_data.device):
             complete = False
-            if r.world == 1:
-                save_position(update_position())
-                started = time.time()
             break
         if r.world == 1 and args.checkpoint_interval:
             if time.time() - last_saved > args.checkpoint_interval:
                 save_position(update_position())
-                started = last_saved = time.time()
+                last_saved = time.time()
     bar.close()
-    return update_position(), complete
+    update_position()
+    if not complete and r.world == 1:
+        save_position(position)
+    return position, complete
 
 
 @torch.no_grad()

@@ -68,8 +68,8 @@ def read_results(out, variant, seed):
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def finished(out, variant, seed):
-    results = read_results(out, variant, seed)
+def finished(results):
+    """Whether a run's results (read_results) are those of a run that trained all its epochs."""
     return results is not None and results.get("stopped_by") == "epochs"
 
 
@@ -102,11 +102,8 @@ def summarize(args, out):
     lines.append("| variant | finished runs | test ppl per seed | mean | sd | paper (test) |")
     lines.append("|---|---|---|---|---|---|")
     for variant in args.variants:
-        done = {
-            seed: read_results(out, variant, seed)
-            for seed in args.seeds
-            if finished(out, variant, seed)
-        }
+        results = {seed: read_results(out, variant, seed) for seed in args.seeds}
+        done = {seed: r for seed, r in results.items() if finished(r)}
         test = [r["test_ppl"] for r in done.values()]
         mean = statistics.mean(test) if test else None
         sd = statistics.stdev(test) if len(test) > 1 else None
@@ -146,7 +143,7 @@ def main(argv=None):
             (variant, seed)
             for seed in args.seeds
             for variant in args.variants
-            if not finished(out, variant, seed)
+            if not finished(read_results(out, variant, seed))
         ]
         with ThreadPoolExecutor(args.jobs) as pool:
             statuses = list(pool.map(lambda run: train(args, out, *run, deadline), runs))
