@@ -1,26 +1,19 @@
 // The plastic LSTM's cell on the per-step path, one element (sample b, neuron j) at a time: the
 // forward of reference.lstm_gates and the cell update, and its backward (the gradients of
-// reference.plastic_lstm_step's cell). The one copy of this math: the CPU backend runs it in a
-// loop (cpu/cpu_backend.h), the GPU backend as one kernel per step (cuda/lstm_cell_kernels.h),
-// which the CPU emulator also runs. Inputs are contiguous; an empty Span is an absent term.
+// reference.plastic_lstm_step's cell), gathering each element's terms for lstm_cell_math.h. The
+// CPU backend runs them in a loop (cpu/cpu_backend.h), the GPU backend as one kernel per step
+// (cuda/lstm_cell_kernels.h), which the CPU emulator also runs. Inputs are contiguous; an empty
+// Span is an absent term.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 
 #include "cuda/phased.h"
-#include "plastic_math.h"
+#include "lstm_cell_math.h"
 #include "sequence_pass.h"
 
 namespace bp {
-
-template <typename T>
-BP_HOST_DEVICE T cell_sigmoid(T v) {
-  if constexpr (sizeof(T) == sizeof(float))
-    return T(1) / (T(1) + expf(-v));
-  else
-    return T(1) / (T(1) + exp(-v));
-}
 
 // Step t's cell: the gates from x_t, h2g(h_{t-1}) and u_t, c_t and h_t.
 template <typename T>
@@ -45,19 +38,18 @@ BP_HOST_DEVICE void lstm_cell_forward_element(const LstmCellForwardArgs<T>& a, i
                                               int64_t j) {
   const int64_t N = a.N, BN = a.B * N, k = b * N + j;
   const int64_t x_row = b * 4 * N + j, rec_row = b * 3 * N + j;
-  const T i = cell_sigmoid(a.x[x_row] + (a.bias[j] + a.rec[rec_row]));
-  const T f = cell_sigmoid(a.x[x_row + N] + (a.bias[N + j] + a.rec[rec_row + N]));
   const T u = kern::column_sum(a.u_partial, a.u_partial.size / BN, BN, k);
-  const T g = typed_tanh(a.x[x_row + 2 * N] + u);
-  const T o = cell_sigmoid(a.x[x_row + 3 * N] + (a.bias[2 * N + j] + a.rec[rec_row + 2 * N]));
-  const T c = f * a.c_prev[k] + i * g;
-  a.gates[kGateI * BN + k] = i;
-  a.gates[kGateF * BN + k] = f;
-  a.gates[kGateG * BN + k] = g;
-  a.gates[kGateO * BN + k] = o;
+  const LstmCellState<T> s = lstm_cell_state<TypedActivations>(
+      a.x[x_row] + (a.bias[j] + a.rec[rec_row]),
+      a.x[x_row + N] + (a.bias[N + j] + a.rec[rec_row + N]), a.x[x_row + 2 * N] + u,
+      a.x[x_row + 3 * N] + (a.bias[2 * N + j] + a.rec[rec_row + 2 * N]), a.c_prev[k]);
+  a.gates[kGateI * BN + k] = s.i;
+  a.gates[kGateF * BN + k] = s.f;
+  a.gates[kGateG * BN + k] = s.g;
+  a.gates[kGateO * BN + k] = s.o;
   if (a.post == PostInput::U) a.gates[kSlotU * BN + k] = u;
-  a.c[k] = c;
-  a.h[k] = typed_tanh(c) * o;
+  a.c[k] = s.c;
+  a.h[k] = s.h;
   if (!a.mod_in.empty()) a.mod_in[k] = a.h_prev[k];
 }
 
@@ -89,32 +81,25 @@ template <typename T>
 BP_HOST_DEVICE void lstm_cell_backward_element(const LstmCellBackwardArgs<T>& a, int64_t b,
                                                int64_t j) {
   const int64_t N = a.N, BN = a.B * N, k = b * N + j;
-  const T i = a.gates[kGateI * BN + k], f = a.gates[kGateF * BN + k], g = a.gates[kGateG * BN + k],
-          o = a.gates[kGateO * BN + k];
-  const PostInput post = a.post;
-  // dL/dh_s: the trace half, step s + 1's gates, the output, a modulator, the rule ("h").
+  // dL/dh_s through the trace half, step s + 1's gates, the output and a modulator.
   T dh = a.g_h[k];
   if (!a.g_h_gates.empty()) dh += a.g_h_gates[k];
   if (!a.grad_out.empty()) dh += a.grad_out[k];
   if (!a.g_h_mod.empty()) dh += a.g_h_mod[k];
-  if (post == PostInput::H) dh += a.g_post[k];
-  // dL/dc_s: through h_s, c_{s+1}, the output c, the modulator, the rule ("c").
-  const T tc = typed_tanh(a.c[k]);
-  T dc = dh * o * (T(1) - tc * tc);
-  if (!a.f_next.empty()) dc += a.g_c[k] * a.f_next[k];
-  if (!a.grad_c.empty()) dc += a.grad_c[k];
-  if (!a.g_c_mod.empty()) dc += a.g_c_mod[k];
-  if (post == PostInput::C) dc += a.g_post[k];
-  // Through g_s (whose tanh the rule's gradient also passes for "g"), and for "u" directly.
-  const T g_pre_g = (post == PostInput::G ? a.g_post[k] + dc * i : dc * i) * (T(1) - g * g);
-  a.g_pre_g[k] = g_pre_g;
-  if (post == PostInput::U) a.g_u[k] = g_pre_g + a.g_post[k];
+  const T f = a.gates[kGateF * BN + k];
+  const LstmCellGrads<T> d = lstm_cell_grads<TypedActivations>(
+      a.gates[kGateI * BN + k], f, a.gates[kGateG * BN + k], a.gates[kGateO * BN + k], a.c[k],
+      a.c_prev[k], dh, a.f_next.empty() ? T(0) : a.g_c[k] * a.f_next[k],
+      a.grad_c.empty() ? T(0) : a.grad_c[k], a.g_c_mod.empty() ? T(0) : a.g_c_mod[k], a.g_post[k],
+      a.post);
+  a.g_pre_g[k] = d.pre_g;
+  if (a.post == PostInput::U) a.g_u[k] = d.u;
   const int64_t row = b * 3 * N + j;
-  a.g_ifo[row] = dc * g * (i * (T(1) - i));
-  a.g_ifo[row + N] = dc * a.c_prev[k] * (f * (T(1) - f));
-  a.g_ifo[row + 2 * N] = dh * tc * (o * (T(1) - o));
-  a.g_c[k] = dc;
-  if (!a.g_c0.empty()) a.g_c0[k] = dc * f;
+  a.g_ifo[row] = d.pre_i;
+  a.g_ifo[row + N] = d.pre_f;
+  a.g_ifo[row + 2 * N] = d.pre_o;
+  a.g_c[k] = d.dc;
+  if (!a.g_c0.empty()) a.g_c0[k] = d.dc * f;
 }
 
 }  // namespace bp

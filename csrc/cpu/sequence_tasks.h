@@ -4,6 +4,7 @@
 //
 // Included after trace_tasks.h by cpu/trace_tasks_<isa>.cpp (same rules: no ATen, nothing inline
 // shared with other translation units).
+#include "../lstm_cell_math.h"
 #include "../sequence_pass.h"
 
 namespace bp {
@@ -49,6 +50,18 @@ inline float sigmoid_of(float v) { return 1.f / (1.f + exp_of(-v)); }
 // libm in double: double is for checks.
 inline double tanh_of(double v) { return __builtin_tanh(v); }
 inline double sigmoid_of(double v) { return 1.0 / (1.0 + __builtin_exp(-v)); }
+
+// The LSTM cell's activations here (lstm_cell_math.h's Act).
+struct VectorActivations {
+  template <typename T>
+  static T sigmoid(T v) {
+    return sigmoid_of(v);
+  }
+  template <typename T>
+  static T tanh(T v) {
+    return tanh_of(v);
+  }
+};
 
 template <typename T>
 RuleArgs<T> rule_args_of(const SequenceInputs<T>& in) {
@@ -191,12 +204,14 @@ void lstm_cells(const SequenceForwardParams<T>& p, int64_t t, int64_t b0, int64_
     T* h = p.out + row;
 #pragma omp simd
     for (int64_t j = 0; j < N; ++j) {
-      i[j] = sigmoid_of(x[j] + i[j]);
-      f[j] = sigmoid_of(x[N + j] + f[j]);
-      g[j] = tanh_of(x[2 * N + j] + u[j]);
-      o[j] = sigmoid_of(x[3 * N + j] + o[j]);
-      c[j] = f[j] * c_prev[j] + i[j] * g[j];
-      h[j] = o[j] * tanh_of(c[j]);
+      const LstmCellState<T> cell = lstm_cell_state<VectorActivations>(
+          x[j] + i[j], x[N + j] + f[j], x[2 * N + j] + u[j], x[3 * N + j] + o[j], c_prev[j]);
+      i[j] = cell.i;
+      f[j] = cell.f;
+      g[j] = cell.g;
+      o[j] = cell.o;
+      c[j] = cell.c;
+      h[j] = cell.h;
     }
     if (in.lstm.post == PostInput::U) {
       T* u_kept = i + kSlotU * BN;
@@ -474,30 +489,22 @@ struct GroupBackward {
     if (p.grad_out != nullptr) {
       for (int64_t j = 0; j < N; ++j) dh[j] += p.grad_out[row + j];
     }
-    if (modulated && mod_input == ModulatorInput::H) {
-      for (int64_t j = 0; j < N; ++j) dh[j] += g_mod_in[j];
-    }
-    if (post == PostInput::H) {
-      for (int64_t j = 0; j < N; ++j) dh[j] += g_post[j];
-    }
+    const bool mod_h = modulated && mod_input == ModulatorInput::H;
+    const bool mod_c = modulated && mod_input == ModulatorInput::C;
     T* g_c = p.g_c + b * N;
     T* g_u = p.g_u + row;
     T* g_ifo = p.g_ifo + ((s - 1) * B + b) * 3 * N;
     for (int64_t j = 0; j < N; ++j) {
-      const T tc = tanh_of(c[j]);
-      T dc = dh[j] * o[j] * (T(1) - tc * tc);
-      if (!last) dc += g_c[j] * f_next[j];
-      if (p.grad_c != nullptr) dc += p.grad_c[row + j];
-      if (modulated && mod_input == ModulatorInput::C) dc += g_mod_in[j];
-      if (post == PostInput::C) dc += g_post[j];
-      const T g_pre = post == PostInput::G ? g_post[j] + dc * i[j] : dc * i[j];
-      const T g_pre_g = g_pre * (T(1) - g[j] * g[j]);  // x_g's gradient
-      p.g_x[row + j] = g_pre_g;
-      g_u[j] = post == PostInput::U ? g_pre_g + g_post[j] : g_pre_g;
-      g_ifo[j] = dc * g[j] * (i[j] * (T(1) - i[j]));
-      g_ifo[N + j] = dc * c_prev[j] * (f[j] * (T(1) - f[j]));
-      g_ifo[2 * N + j] = dh[j] * tc * (o[j] * (T(1) - o[j]));
-      g_c[j] = dc;
+      const LstmCellGrads<T> d = lstm_cell_grads<VectorActivations>(
+          i[j], f[j], g[j], o[j], c[j], c_prev[j], mod_h ? dh[j] + g_mod_in[j] : dh[j],
+          last ? T(0) : g_c[j] * f_next[j], p.grad_c != nullptr ? p.grad_c[row + j] : T(0),
+          mod_c ? g_mod_in[j] : T(0), g_post[j], post);
+      p.g_x[row + j] = d.pre_g;
+      g_u[j] = d.u;
+      g_ifo[j] = d.pre_i;
+      g_ifo[N + j] = d.pre_f;
+      g_ifo[2 * N + j] = d.pre_o;
+      g_c[j] = d.dc;
     }
     if (s == 1) {
       for (int64_t j = 0; j < N; ++j) p.g_c0[b * N + j] = g_c[j] * f[j];
