@@ -3,7 +3,8 @@ retroactive) trained with each seed by main.py, one process per run, several at 
 --jobs, within --time-limit; runs already finished are skipped and cut ones resumed from their
 checkpoint, so the same command continues the table across sessions. Then (or alone, with
 --summarize) the table of test perplexities, mean and spread over seeds beside the paper's, as
-markdown and JSON in --out. See experiments/ptb/README.md, 'The small model'.
+markdown and JSON in --out, and every run's validation curve in curves.png. See
+experiments/ptb/README.md, 'The small model'.
 
     python experiments/ptb/table1.py --data data/penn --out experiments/ptb/results/table1 \
         --jobs 2 --time-limit 10000
@@ -20,7 +21,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.append(str(Path(__file__).resolve().parents[2]))  # the root, for experiments.common
-from experiments.common import number, write_atomically, write_json  # noqa: E402
+from experiments.common import (  # noqa: E402
+    number,
+    pyplot,
+    read_csv_columns,
+    write_atomically,
+    write_json,
+)
 from experiments.ptb.main import SMALL_VARIANTS  # noqa: E402
 
 MAIN = Path(__file__).resolve().parent / "main.py"
@@ -130,6 +137,30 @@ def summarize(args, out):
     text = "\n".join(lines) + "\n"
     write_atomically(out / "summary.md", lambda f: f.write(text), mode="w")
     print(text, end="")
+    plot_curves(args, out, out / "curves.png")
+
+
+def plot_curves(args, out, path):
+    """Validation perplexity per epoch of every run with a log (finished or not): one colour per
+    variant, one line per seed, and the paper's test perplexity as a dotted line."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for colour, variant in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], args.variants):
+        logs = [out / f"{run_name(variant, seed)}.csv" for seed in args.seeds]
+        curves = [c for c in (read_csv_columns(log) for log in logs if log.exists()) if c]
+        for k, curve in enumerate(curves):
+            label = (
+                f"{variant} ({len(curves)} run{'s' if len(curves) > 1 else ''})" if k == 0 else None
+            )
+            ax.plot(curve["epoch"], curve["valid_ppl"], color=colour, marker=".", label=label)
+        ax.axhline(PAPER_TEST_PPL[variant], color=colour, ls=":", lw=1)
+    ax.set(xlabel="epoch", ylabel="validation perplexity")
+    ax.set_title("Table 1 runs (dotted: the paper's test perplexity)")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    fig.tight_layout()
+    write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
 
 
 def main(argv=None):

@@ -882,3 +882,4 @@ def test_table1_trains_skips_finished_resumes_cut_and_summarizes(corpus, tmp_pat
     assert rows["baseline"]["paper_test_ppl"] == table1.PAPER_TEST_PPL["baseline"]
     assert summary["manifest"]["command"]
     assert "| simple | 2/2 |" in (out / "summary.md").read_text()
+    assert (out / "curves.png").read_bytes().startswith(b"\x89PNG")
