@@ -335,6 +335,8 @@ def train_agent(args, make_env, network_type, hidden, seed, out, deadline=None, 
         out / f"{name}.checkpoint.pt", args, RESUME_MAY_CHANGE, agent, optimizer, generator
     )
     done = checkpoint.resume() if args.resume else 0
+    if done == args.iterations and (out / f"{name}.json").exists():
+        return agent, True  # finished before: its results file keeps the manifest of its training
     log = out / f"{name}.csv"
     resume_csv(log, LOG_FIELDS, "iteration", done)
     reached = done

@@ -252,6 +252,11 @@ def test_resume_continues_exactly(tmp_path, burn_in, interrupted_at):
     assert a["iteration"] == b["iteration"] == 12
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
+    # A finished run is skipped: its results file keeps the manifest of the call that trained it.
+    results = (interrupted / f"{name}.json").read_bytes()
+    again = ["--iterations", "12", "--time-limit", "600", "--out", str(interrupted), "--resume"]
+    maze.main([*TINY, *common, *again])
+    assert (interrupted / f"{name}.json").read_bytes() == results
     with pytest.raises(SystemExit, match="--lr"):
         maze.main(
             [
