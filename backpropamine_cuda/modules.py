@@ -228,6 +228,11 @@ class _PlasticLayer(nn.Module):
 
     def _prepare(self, x, state):
         """(the checked state, or zeros for None; the backend) for x (..., B, input_size)."""
+        if x.dtype != self.w.dtype:  # (a device mismatch is the ops' error, which names both)
+            raise ValueError(
+                f"input must have the dtype of the layer's parameters, {self.w.dtype}, "
+                f"got {x.dtype}"
+            )
         batch = x.shape[-2]
         if state is None:
             return self.initial_state(batch, x), self._backend(x)

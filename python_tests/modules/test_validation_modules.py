@@ -164,6 +164,22 @@ def test_module_state_checks(impl):
         rnn(x, bp.PlasticState(h, hebb.double(), hebb))
 
 
+@pytest.mark.parametrize(
+    "cls", [bp.PlasticRNN, bp.PlasticRNNCell, bp.PlasticLSTM, bp.PlasticLSTMCell]
+)
+def test_module_input_dtype_unlike_parameters(cls):
+    """A float64 input to a float32 layer is named as such, not as a matmul's operands."""
+    layer = cls(4, 6)
+    x = torch.zeros((3, 2, 4) if cls in (bp.PlasticRNN, bp.PlasticLSTM) else (2, 4))
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "input must have the dtype of the layer's parameters, torch.float32, got torch.float64"
+        ),
+    ):
+        layer(x.double())
+
+
 def test_module_impl_fused_without_kernels():
     """impl='fused' raises where the fused ops have no kernels (here: float16 on CPU)."""
     rnn = bp.PlasticRNN(4, 6, impl="fused").half()
