@@ -228,7 +228,7 @@ class _PlasticLayer(nn.Module):
 
     def _prepare(self, x, state):
         """(the checked state, or zeros for None; the backend) for x (..., B, input_size)."""
-        if x.dtype != self.w.dtype:  # (a device mismatch is the ops' error, which names both)
+        if x.dtype != self.w.dtype:  # (on a device mismatch the ops' or torch's error names both)
             raise ValueError(
                 f"input must have the dtype of the layer's parameters, {self.w.dtype}, "
                 f"got {x.dtype}"
