@@ -1053,8 +1053,8 @@ def train(r):
         if r.show:  # the row first: a kill before the checkpoint redoes the epoch (resume_csv)
             log_epoch(r.paths, row)
             save_checkpoint(r, epoch)
-        if time_is_up(deadline, r.world, r.device):
-            r.stopped_by = "time limit"
+        if epoch < args.epochs and time_is_up(deadline, r.world, r.device):
+            r.stopped_by = "time limit"  # after the last epoch the run is complete: test it
             break
 
 

@@ -439,7 +439,8 @@ def test_resume_continues_exactly(corpus, tmp_path):
 
 def test_a_run_cut_inside_an_epoch_resumes_from_that_batch_exactly(corpus, tmp_path, monkeypatch):
     # --time-limit cuts epoch 2 after its 3rd batch (time_is_up is asked after every batch but
-    # an epoch's last, and at the end of every epoch: its 9th call); the checkpoint then holds
+    # an epoch's last, and at the end of every epoch but the last: its 9th call); the checkpoint
+    # then holds
     # that position, hidden states and traces included, and --resume continues from it.
     flags = [*TINY, "--lr", "2", "--max-batches", "6", "--epochs", "2", "--time-limit", "1e6"]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
@@ -463,6 +464,21 @@ def test_a_run_cut_inside_an_epoch_resumes_from_that_batch_exactly(corpus, tmp_p
     assert a["epoch"] == b["epoch"] == 2 and a["position"] is b["position"] is None
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
+
+
+def test_a_time_limit_passed_during_the_last_epoch_still_tests_the_run(
+    corpus, tmp_path, monkeypatch
+):
+    # One batch per epoch: time_is_up is asked only between epochs, and always answers yes.
+    monkeypatch.setattr(ptb_main, "time_is_up", lambda *args: True)
+    flags = [*TINY, "--max-batches", "1", "--time-limit", "1e6"]
+    two, one = tmp_path / "two", tmp_path / "one"
+    two.mkdir(), one.mkdir()
+    result, rows = run(corpus, two, *flags, "--epochs", "2")
+    assert result["stopped_by"] == "time limit" and len(rows) == 1  # cut between epochs
+    result, rows = run(corpus, one, *flags, "--epochs", "1")
+    assert result["stopped_by"] == "epochs" and len(rows) == 1  # the whole run trained
+    assert math.isfinite(result["test_ppl"])
 
 
 def test_checkpoint_interval_checkpoints_inside_epochs(corpus, tmp_path, monkeypatch):
