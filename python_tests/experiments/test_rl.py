@@ -558,6 +558,12 @@ def wait_until_ended(pids, timeout_s):
     return running(pids)
 
 
+def sigint_as_from_a_terminal():
+    """SIGINT's default action in the child: a shell without job control starts background
+    commands (pytest under `cmd &`, say) with SIGINT ignored, which Python then keeps."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_parallel_run(out, *flags, iterations=100_000):
     """cue_reward.py with --jobs 2 on two runs in a subprocess, once both have written a
     checkpoint; returns (process, its worker processes and their helpers)."""
@@ -584,6 +590,7 @@ def start_parallel_run(out, *flags, iterations=100_000):
         stderr=open(out / "stderr.txt", "w"),
         env=subprocess_env(),
         cwd=out,
+        preexec_fn=sigint_as_from_a_terminal,
     )
     deadline = time.time() + 180
     while not all((out / f"{name}.checkpoint.pt").is_file() for name in PARALLEL_RUNS):
