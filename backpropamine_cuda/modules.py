@@ -41,6 +41,18 @@ def _check_choice(name, value, choices):
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
+def _is_count(value):
+    """An int >= 1; not a bool, which Python counts as an int."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _factory_kwargs(device, dtype):
+    """The device and dtype a layer creates its parameters with (PyTorch's `factory_kwargs`)."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be None or a floating-point torch.dtype, got {dtype!r}")
+    return dict(device=device, dtype=dtype)
+
+
 def _fused_module(x):
     """The fused implementation when it has kernels for x's device and dtype, else None."""
     if x.device.type not in ("cpu", "cuda") or x.dtype not in (torch.float32, torch.float64):
@@ -83,13 +95,14 @@ class _PlasticLayer(nn.Module):
             ("hidden_size", hidden_size),
             ("n_modulators", n_modulators),
         ):
-            if not isinstance(value, int) or value < 1:
+            if not _is_count(value):
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         _check_choice("alpha", alpha, ALPHA_OPTIONS)
         _check_choice("modulation", modulation, MODULATION_OPTIONS)
         _check_choice("rule", rule, reference.RULES)
         _check_choice("eta_shape", eta_shape, ETA_SHAPES)
-        if not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0):
+        number = isinstance(clip, (int, float)) and not isinstance(clip, bool)
+        if not (number and math.isfinite(clip) and clip > 0):
             raise ValueError(f"clip must be a finite number > 0, got {clip!r}")
         if plastic and rule == "retroactive" and modulation == "none":
             raise ValueError("rule 'retroactive' needs modulation 'simple' or 'fanout', got 'none'")
@@ -108,23 +121,24 @@ class _PlasticLayer(nn.Module):
             impl,
         )
 
-    def _add_plastic_parameters(self, alpha_init, eta_init, elig_rate_init):
+    def _add_plastic_parameters(self, alpha_init, eta_init, elig_rate_init, factory):
         """alpha ~ U[0, alpha_init), eta (modulation "none") = eta_init, elig_rate (rule
-        "retroactive") = elig_rate_init, and the modulator's Linears; none for plastic=False."""
+        "retroactive") = elig_rate_init, and the modulator's Linears, created with `factory`
+        (_factory_kwargs); none for plastic=False."""
         if not self.plastic:
             return
         N = self.hidden_size
         alpha_shape = {"full": (N, N), "neuron": (N,), "scalar": ()}[self.alpha_mode]
-        self.alpha = nn.Parameter(alpha_init * torch.rand(alpha_shape))
+        self.alpha = nn.Parameter(alpha_init * torch.rand(alpha_shape, **factory))
         if self.modulation == "none":
             eta_size = (N, N) if self.eta_shape == "full" else ()
-            self.eta = nn.Parameter(torch.full(eta_size, float(eta_init)))
+            self.eta = nn.Parameter(torch.full(eta_size, float(eta_init), **factory))
         else:
-            self.h2mod = nn.Linear(N, self.n_modulators)
+            self.h2mod = nn.Linear(N, self.n_modulators, **factory)
             if self.modulation == "fanout":
-                self.fanout = nn.Linear(self.n_modulators, N)
+                self.fanout = nn.Linear(self.n_modulators, N, **factory)
         if self.rule == "retroactive":
-            self.elig_rate = nn.Parameter(torch.tensor(float(elig_rate_init)))
+            self.elig_rate = nn.Parameter(torch.tensor(float(elig_rate_init), **factory))
 
     @property
     def impl(self):
@@ -254,9 +268,7 @@ class _PlasticLayer(nn.Module):
     # The sequence layers' (PlasticRNN, PlasticLSTM) options, input and output.
 
     def _set_sequence_options(self, batch_first, checkpoint_every):
-        if checkpoint_every is not None and (
-            not isinstance(checkpoint_every, int) or checkpoint_every < 1
-        ):
+        if checkpoint_every is not None and not _is_count(checkpoint_every):
             raise ValueError(
                 f"checkpoint_every must be None or an int >= 1, got {checkpoint_every!r}"
             )
@@ -316,6 +328,7 @@ class _PlasticRNNLayer(_PlasticLayer):
         impl,
         eta_init,
         elig_rate_init,
+        factory,
     ):
         super().__init__(
             input_size,
@@ -330,9 +343,9 @@ class _PlasticRNNLayer(_PlasticLayer):
             impl,
         )
         N = hidden_size
-        self.i2h = nn.Linear(input_size, N)
-        self.w = nn.Parameter(0.001 * torch.rand(N, N))
-        self._add_plastic_parameters(0.001, eta_init, elig_rate_init)
+        self.i2h = nn.Linear(input_size, N, **factory)
+        self.w = nn.Parameter(0.001 * torch.rand(N, N, **factory))
+        self._add_plastic_parameters(0.001, eta_init, elig_rate_init, factory)
 
     def _fixed_step(self, x, state, backend):
         """The plastic=False cell."""
@@ -432,6 +445,8 @@ class PlasticRNN(_PlasticRNNLayer):
         *,
         batch_first=False,
         checkpoint_every=None,
+        device=None,
+        dtype=None,
     ):
         super().__init__(
             input_size,
@@ -446,6 +461,7 @@ class PlasticRNN(_PlasticRNNLayer):
             impl,
             eta_init,
             elig_rate_init,
+            _factory_kwargs(device, dtype),
         )
         self._set_sequence_options(batch_first, checkpoint_every)
 
@@ -500,6 +516,9 @@ class PlasticRNNCell(_PlasticRNNLayer):
         impl="auto",
         eta_init=0.01,
         elig_rate_init=0.1,
+        *,
+        device=None,
+        dtype=None,
     ):
         super().__init__(
             input_size,
@@ -514,6 +533,7 @@ class PlasticRNNCell(_PlasticRNNLayer):
             impl,
             eta_init,
             elig_rate_init,
+            _factory_kwargs(device, dtype),
         )
 
     def forward(self, x, state=None, return_modulation=False):
@@ -556,6 +576,7 @@ class _PlasticLSTMLayer(_PlasticLayer):
         eta_init,
         elig_rate_init,
         post_input,
+        factory,
     ):
         reference.check_lstm_options(modulator_input, post_input)
         super().__init__(
@@ -573,10 +594,10 @@ class _PlasticLSTMLayer(_PlasticLayer):
         self.modulator_input = modulator_input
         self.post_input = post_input
         N = hidden_size
-        self.i2g = nn.Linear(input_size, 4 * N)  # gates i, f, g, o
-        self.h2g = nn.Linear(N, 3 * N)  # gates i, f, o; the h -> g weight is w
-        self.w = nn.Parameter(0.02 * torch.rand(N, N) - 0.01)
-        self._add_plastic_parameters(0.0001, eta_init, elig_rate_init)
+        self.i2g = nn.Linear(input_size, 4 * N, **factory)  # gates i, f, g, o
+        self.h2g = nn.Linear(N, 3 * N, **factory)  # gates i, f, o; the h -> g weight is w
+        self.w = nn.Parameter(0.02 * torch.rand(N, N, **factory) - 0.01)
+        self._add_plastic_parameters(0.0001, eta_init, elig_rate_init, factory)
 
     def _options(self):
         options = super()._options()
@@ -613,11 +634,12 @@ class PlasticLSTM(_PlasticLSTMLayer):
     ``PlasticLSTM(input_size, hidden_size, alpha="neuron", modulation="fanout",
     modulator_input="h", rule="clip", clip=2.0, n_modulators=1, eta_shape="scalar",
     plastic=True, impl="auto", eta_init=0.01, elig_rate_init=0.1, post_input="g", *,
-    batch_first=False, checkpoint_every=None)``. ``modulator_input`` is what the neuromodulator
-    of step t reads: "h" (h_t), "c" (the cell state c_t) or "h_prev" (h_{t-1}); ``post_input``
-    the post-synaptic term of the Hebbian product h_{t-1}[i] * post_t[j]: "g" (the cell
-    candidate g_t), "u" (the plastic path's drive u_t, before x's part is added), "c" (c_t) or
-    "h" (h_t).
+    batch_first=False, checkpoint_every=None, device=None, dtype=None)``. ``modulator_input`` is
+    what the neuromodulator of step t reads: "h" (h_t), "c" (the cell state c_t) or "h_prev"
+    (h_{t-1}); ``post_input`` the post-synaptic term of the Hebbian product h_{t-1}[i] *
+    post_t[j]: "g" (the cell candidate g_t), "u" (the plastic path's drive u_t, before x's part
+    is added), "c" (c_t) or "h" (h_t). ``device`` and ``dtype``: where and in which
+    floating-point dtype the parameters are created, as in torch.nn.
 
     ``out, state = lstm(x, state=None)`` with x (T, B, I) (or (B, T, I) when ``batch_first``) and
     state a ``PlasticLSTMState(h, c, hebb, elig)``; ``out, state, m = lstm(x, state,
@@ -654,6 +676,8 @@ class PlasticLSTM(_PlasticLSTMLayer):
         *,
         batch_first=False,
         checkpoint_every=None,
+        device=None,
+        dtype=None,
     ):
         super().__init__(
             input_size,
@@ -670,6 +694,7 @@ class PlasticLSTM(_PlasticLSTMLayer):
             eta_init,
             elig_rate_init,
             post_input,
+            _factory_kwargs(device, dtype),
         )
         self._set_sequence_options(batch_first, checkpoint_every)
 
@@ -736,6 +761,9 @@ class PlasticLSTMCell(_PlasticLSTMLayer):
         eta_init=0.01,
         elig_rate_init=0.1,
         post_input="g",
+        *,
+        device=None,
+        dtype=None,
     ):
         super().__init__(
             input_size,
@@ -752,6 +780,7 @@ class PlasticLSTMCell(_PlasticLSTMLayer):
             eta_init,
             elig_rate_init,
             post_input,
+            _factory_kwargs(device, dtype),
         )
 
     def forward(self, x, state=None, return_modulation=False):

@@ -7,7 +7,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import reference
-from .modules import PlasticRNN, PlasticState
+from .modules import PlasticRNN, PlasticState, _is_count
 
 
 class RolloutState(NamedTuple):
@@ -42,7 +42,7 @@ class RecordedRollout:
     """
 
     def __init__(self, layer, batch_size, steps, like, reuse=None):
-        if not isinstance(steps, int) or steps < 1:
+        if not _is_count(steps):
             raise ValueError(f"steps must be an int >= 1, got {steps!r}")
         if reuse is not None and not isinstance(reuse, RecordedRollout):
             raise ValueError(f"reuse must be None or a RecordedRollout, got {type(reuse)}")

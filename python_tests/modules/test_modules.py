@@ -104,6 +104,32 @@ def test_linear_layers_keep_pytorch_init():
             assert p.abs().max() <= bound and p.abs().max() > bound / 2
 
 
+@pytest.mark.parametrize(
+    "cls", [bp.PlasticRNN, bp.PlasticRNNCell, bp.PlasticLSTM, bp.PlasticLSTMCell]
+)
+@pytest.mark.parametrize(
+    "options",
+    [dict(modulation="none", eta_shape="full"), dict(rule="retroactive", n_modulators=2)],
+    ids=opt_id,
+)
+def test_device_and_dtype_create_every_parameter_there(cls, options):
+    """As torch.nn's layers: the parameters the options add (eta, elig_rate, the modulator's
+    Linears) too; a float64 layer then runs on float64 input, fused as the reference."""
+    names = [name for name, _ in cls(I, 5, **options).named_parameters()]
+    meta = cls(I, 5, **options, device="meta")
+    assert [name for name, _ in meta.named_parameters()] == names
+    assert {p.device.type for p in meta.parameters()} == {"meta"}
+    layer = cls(I, 5, **options, dtype=torch.float64)
+    assert {p.dtype for p in layer.parameters()} == {torch.float64}
+    shape = (3, 2, I) if cls in (bp.PlasticRNN, bp.PlasticLSTM) else (2, I)
+    x = torch.randn(shape, dtype=torch.float64)
+    fused, _ = layer(x)
+    layer.impl = "reference"
+    reference, _ = layer(x)
+    assert fused.dtype == torch.float64
+    assert_tensor_close(fused, reference, "out", torch.float64)
+
+
 def test_module_defaults_eta_and_elig_rate():
     assert torch.equal(bp.PlasticRNN(I, N, modulation="none").eta.detach(), torch.tensor(0.01))
     assert torch.equal(
@@ -328,8 +354,9 @@ def test_recorded_rollout_refuses_what_it_did_not_record():
         layer.w.add_(0.1)  # as an optimizer step would
     with pytest.raises(RuntimeError, match="replay: the layer's parameters changed"):
         rollout.replay(x)
-    with pytest.raises(ValueError, match="steps must be an int >= 1"):
-        layer.recorded_rollout(2, 0, x)
+    for steps in (0, True):
+        with pytest.raises(ValueError, match=f"steps must be an int >= 1, got {steps}"):
+            layer.recorded_rollout(2, steps, x)
 
 
 def test_rollout_step_leaves_a_given_state_alone():

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("fused_cpu")
 
 
 @pytest.mark.parametrize("name", ["input_size", "hidden_size", "n_modulators"])
-@pytest.mark.parametrize("value", [0, -1, 2.0, "3"], ids=repr)
+@pytest.mark.parametrize("value", [0, -1, 2.0, "3", True], ids=repr)
 def test_module_sizes(name, value):
     kwargs = dict(input_size=4, hidden_size=6, modulation="fanout")
     kwargs[name] = value
@@ -46,12 +46,24 @@ def test_module_unknown_option(cls, option, value, choices):
 
 
 @pytest.mark.parametrize("cls", [bp.PlasticRNN, bp.PlasticRNNCell])
-@pytest.mark.parametrize("clip", [0, -1.0, math.nan, math.inf, "2"], ids=repr)
+@pytest.mark.parametrize("clip", [0, -1.0, math.nan, math.inf, "2", True], ids=repr)
 def test_module_bad_clip(cls, clip):
     with pytest.raises(
         ValueError, match=re.escape(f"clip must be a finite number > 0, got {clip!r}")
     ):
         cls(4, 6, clip=clip)
+
+
+@pytest.mark.parametrize(
+    "cls", [bp.PlasticRNN, bp.PlasticRNNCell, bp.PlasticLSTM, bp.PlasticLSTMCell]
+)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, "float64"], ids=repr)
+def test_module_bad_dtype(cls, dtype):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(f"dtype must be None or a floating-point torch.dtype, got {dtype!r}"),
+    ):
+        cls(4, 6, dtype=dtype)
 
 
 @pytest.mark.parametrize("cls", [bp.PlasticRNN, bp.PlasticRNNCell, bp.PlasticLSTM])
@@ -86,7 +98,7 @@ def test_module_simple_with_several_modulators(cls):
         cls(4, 6, modulation="simple", n_modulators=2)
 
 
-@pytest.mark.parametrize("value", [0, -1, 1.5, "2"], ids=repr)
+@pytest.mark.parametrize("value", [0, -1, 1.5, "2", True], ids=repr)
 def test_module_bad_checkpoint_every(value):
     with pytest.raises(
         ValueError, match=re.escape(f"checkpoint_every must be None or an int >= 1, got {value!r}")
