@@ -2,6 +2,7 @@
 backpropamine_cuda/reference.py (docs/design.md explains them)."""
 
 import math
+import numbers
 from typing import NamedTuple, Optional
 
 import torch
@@ -44,6 +45,11 @@ def _check_choice(name, value, choices):
 def _is_count(value):
     """An int >= 1; not a bool, which Python counts as an int."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _is_finite_number(value):
+    """A finite real number (Python's or NumPy's); not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _factory_kwargs(device, dtype):
@@ -101,8 +107,7 @@ class _PlasticLayer(nn.Module):
         _check_choice("modulation", modulation, MODULATION_OPTIONS)
         _check_choice("rule", rule, reference.RULES)
         _check_choice("eta_shape", eta_shape, ETA_SHAPES)
-        number = isinstance(clip, (int, float)) and not isinstance(clip, bool)
-        if not (number and math.isfinite(clip) and clip > 0):
+        if not (_is_finite_number(clip) and clip > 0):
             raise ValueError(f"clip must be a finite number > 0, got {clip!r}")
         if plastic and rule == "retroactive" and modulation == "none":
             raise ValueError("rule 'retroactive' needs modulation 'simple' or 'fanout', got 'none'")
@@ -125,6 +130,11 @@ class _PlasticLayer(nn.Module):
         """alpha ~ U[0, alpha_init), eta (modulation "none") = eta_init, elig_rate (rule
         "retroactive") = elig_rate_init, and the modulator's Linears, created with `factory`
         (_factory_kwargs); none for plastic=False."""
+        if not _is_finite_number(eta_init):
+            raise ValueError(f"eta_init must be a finite number, got {eta_init!r}")
+        # Outside [0, 1] the eligibility trace is no longer an average (clamp_elig_rate_).
+        if not (_is_finite_number(elig_rate_init) and 0 <= elig_rate_init <= 1):
+            raise ValueError(f"elig_rate_init must be a number in [0, 1], got {elig_rate_init!r}")
         if not self.plastic:
             return
         N = self.hidden_size
@@ -370,13 +380,15 @@ class _PlasticRNNLayer(_PlasticLayer):
 
         self._check_input(x, 2, "(B, input_size)")
         x = _autocast_input(x)
-        drive = None
+        drive, copy = None, False
         if isinstance(state, RolloutState):
             drive = state.drive
             state = PlasticState(*state[:3])
-        elif state is not None:  # the caller's traces are not to be overwritten
-            state = PlasticState(*(None if t is None else t.clone() for t in state))
+        else:
+            copy = state is not None  # the caller's traces are not to be overwritten
         state, backend = self._prepare(x, state)
+        if copy:
+            state = PlasticState(*(None if t is None else t.clone() for t in state))
         h, new_state, m = self._rollout(x, state, drive, backend)
         return (h, new_state, m) if return_modulation else (h, new_state)
 

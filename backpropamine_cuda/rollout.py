@@ -42,8 +42,15 @@ class RecordedRollout:
     """
 
     def __init__(self, layer, batch_size, steps, like, reuse=None):
+        if not _is_count(batch_size):
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         if not _is_count(steps):
             raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+        if not (isinstance(like, torch.Tensor) and like.is_floating_point()):
+            got = like.dtype if isinstance(like, torch.Tensor) else type(like).__name__
+            raise ValueError(
+                f"like must be a floating-point tensor (the rollout's dtype and device), got {got}"
+            )
         if reuse is not None and not isinstance(reuse, RecordedRollout):
             raise ValueError(f"reuse must be None or a RecordedRollout, got {type(reuse)}")
         self.layer, self.steps, self.t = layer, steps, 0

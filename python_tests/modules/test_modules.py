@@ -357,6 +357,12 @@ def test_recorded_rollout_refuses_what_it_did_not_record():
     for steps in (0, True):
         with pytest.raises(ValueError, match=f"steps must be an int >= 1, got {steps}"):
             layer.recorded_rollout(2, steps, x)
+    for batch_size in (0, True):
+        with pytest.raises(ValueError, match=f"batch_size must be an int >= 1, got {batch_size}"):
+            layer.recorded_rollout(batch_size, 3, x)
+    for like, got in ((None, "NoneType"), (x.long(), "torch.int64")):
+        with pytest.raises(ValueError, match=f"like must be a floating-point tensor .*, got {got}"):
+            layer.recorded_rollout(2, 3, like)
 
 
 def test_rollout_step_leaves_a_given_state_alone():
@@ -387,6 +393,10 @@ def test_rollout_step_checks_input_and_state():
                 torch.zeros(2, N, N + 1, dtype=torch.float64),
             ),
         )
+    h = torch.zeros(2, N, dtype=torch.float64)
+    for state in ("state", bp.PlasticLSTMState(h, h)):
+        with pytest.raises(ValueError, match=r"state must be a PlasticState\(h, hebb, elig\)"):
+            rnn.rollout_step(torch.randn(2, I, dtype=torch.float64), state)
 
 
 @pytest.mark.parametrize("impl", ["reference", "fused"])

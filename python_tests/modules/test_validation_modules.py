@@ -66,6 +66,24 @@ def test_module_bad_dtype(cls, dtype):
         cls(4, 6, dtype=dtype)
 
 
+@pytest.mark.parametrize("cls", [bp.PlasticRNN, bp.PlasticLSTMCell])
+@pytest.mark.parametrize(
+    "name,value,expected",
+    [
+        ("eta_init", math.nan, "a finite number"),
+        ("eta_init", "0.1", "a finite number"),
+        ("eta_init", True, "a finite number"),
+        ("elig_rate_init", -0.1, "a number in [0, 1]"),
+        ("elig_rate_init", 1.5, "a number in [0, 1]"),
+        ("elig_rate_init", math.inf, "a number in [0, 1]"),
+    ],
+    ids=repr,
+)
+def test_module_bad_initial_values(cls, name, value, expected):
+    with pytest.raises(ValueError, match=re.escape(f"{name} must be {expected}, got {value!r}")):
+        cls(4, 6, modulation="simple", rule="retroactive", **{name: value})
+
+
 @pytest.mark.parametrize("cls", [bp.PlasticRNN, bp.PlasticRNNCell, bp.PlasticLSTM])
 def test_module_impl_checked_when_set(cls):
     layer = cls(4, 6)
