@@ -7,6 +7,7 @@ torch.compile and meta tensors) and autograd formulas that call the hand-written
 
 import functools
 import math
+import numbers
 import types
 from typing import NamedTuple
 
@@ -580,9 +581,22 @@ class _ReplayedSequence(torch.autograd.Function):
 # Public functions, with the signatures of backpropamine_cuda.reference.
 
 
-def _sequence_checkpoint_every(x, checkpoint_every, tensors):
+def _clip(op, clip):
+    """clip as the kernels take it, a float (they check its range): not a bool or a string."""
+    if isinstance(clip, bool) or not isinstance(clip, numbers.Real):
+        raise ValueError(f"{op}: clip must be a finite number > 0, got {clip!r}")
+    return float(clip)
+
+
+def _sequence_checkpoint_every(op, x, checkpoint_every, tensors):
     """The checkpoint interval to pass: ceil(sqrt(T)) by default, and no checkpoints (T) when
-    no backward is to come."""
+    no backward is to come (the kernels check its range)."""
+    if checkpoint_every is not None and (
+        isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int)
+    ):
+        raise ValueError(
+            f"{op}: checkpoint_every must be None or an int >= 1, got {checkpoint_every!r}"
+        )
     steps = x.shape[0] if x.dim() == 3 else 1
     if checkpoint_every is None:
         checkpoint_every = default_checkpoint_every(steps)
@@ -656,8 +670,8 @@ class FusedOps:
         out, hebb_t, elig_t, m, *_ = self._ops.plastic_rnn_sequence(
             *tensors,
             rule,
-            float(clip),
-            _sequence_checkpoint_every(x, checkpoint_every, tensors),
+            _clip("plastic_rnn_sequence", clip),
+            _sequence_checkpoint_every("plastic_rnn_sequence", x, checkpoint_every, tensors),
             clamp,
         )
         return out, hebb_t, _none_if_empty(elig_t), _modulation_output(m, h2mod_weight)
@@ -685,7 +699,7 @@ class FusedOps:
             w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fanout_weight, fanout_bias
         )
         h_new, hebb_new, elig_new, m, _ = self._ops.plastic_rnn_step(
-            x, h, hebb, elig, *params, rule, float(clip), clamp
+            x, h, hebb, elig, *params, rule, _clip("plastic_rnn_step", clip), clamp
         )
         return h_new, hebb_new, _none_if_empty(elig_new), _modulation_output(m, h2mod_weight)
 
@@ -717,7 +731,7 @@ class FusedOps:
         tensors = (x, u, h, hebb, elig, *params)
         reference.check_no_grad("plastic_rnn_rollout_step", tensors)
         h_new, u_next, m = self._ops.plastic_rnn_rollout_step(
-            *tensors, rule, float(clip), clamp, hebb_out, elig_out
+            *tensors, rule, _clip("plastic_rnn_rollout_step", clip), clamp, hebb_out, elig_out
         )
         return h_new, u_next, _modulation_output(m, h2mod_weight)
 
@@ -749,7 +763,15 @@ class FusedOps:
             w, alpha, eta, elig_rate, h2mod_weight, h2mod_bias, fanout_weight, fanout_bias
         )
         out, m = _ReplayedSequence.apply(
-            self._ops, record, rule, float(clip), x, h, hebb, elig, *params
+            self._ops,
+            record,
+            rule,
+            _clip("plastic_rnn_sequence_replay", clip),
+            x,
+            h,
+            hebb,
+            elig,
+            *params,
         )
         return out, _modulation_output(m, h2mod_weight)
 
@@ -785,9 +807,9 @@ class FusedOps:
         out, c_seq, hebb_t, elig_t, m, *_ = self._ops.plastic_lstm_sequence(
             *tensors,
             rule,
-            float(clip),
+            _clip("plastic_lstm_sequence", clip),
             modulator_input,
-            _sequence_checkpoint_every(x, checkpoint_every, tensors),
+            _sequence_checkpoint_every("plastic_lstm_sequence", x, checkpoint_every, tensors),
             post_input,
         )
         return (out, c_seq[-1], hebb_t, _none_if_empty(elig_t), _modulation_output(m, h2mod_weight))
@@ -828,7 +850,7 @@ class FusedOps:
             h2g_bias,
             *params,
             rule,
-            float(clip),
+            _clip("plastic_lstm_step", clip),
             modulator_input,
             post_input,
         )
@@ -849,7 +871,14 @@ class FusedOps:
         if elig_rate is not None and not isinstance(elig_rate, torch.Tensor):
             elig_rate = torch.tensor(float(elig_rate), dtype=hebb.dtype, device=hebb.device)
         new_hebb, new_elig = self._ops.hebb_update(
-            hebb, pre, post, _canonical_eta(eta, hebb), elig, elig_rate, rule, float(clip)
+            hebb,
+            pre,
+            post,
+            _canonical_eta(eta, hebb),
+            elig,
+            elig_rate,
+            rule,
+            _clip("hebb_update", clip),
         )
         return new_hebb, (new_elig if elig is not None else None)
 

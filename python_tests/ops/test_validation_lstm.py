@@ -108,6 +108,23 @@ def test_lstm_bad_post_input(op, post_input):
         fn(**kwargs)
 
 
+@SEQUENCE_OR_STEP
+@pytest.mark.parametrize("clip", [True, "2"], ids=repr)
+def test_lstm_clip_not_a_number(op, clip):
+    fn, kwargs = lstm_case(op)
+    kwargs["clip"] = clip
+    message = f"plastic_lstm_{op}: clip must be a finite number > 0, got {clip!r}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        fn(**kwargs)
+
+
+def test_lstm_checkpoint_every_not_an_int():
+    fn, kwargs = lstm_case("sequence")
+    message = "plastic_lstm_sequence: checkpoint_every must be None or an int >= 1, got 1.5"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        fn(**kwargs, checkpoint_every=1.5)
+
+
 def sequence_backward_kwargs(post_input):
     """Valid keyword arguments of plastic_lstm_sequence_backward, from a forward with
     `post_input` (no incoming gradients)."""

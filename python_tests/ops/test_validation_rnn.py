@@ -420,7 +420,9 @@ def test_rnn_unknown_rule(op, rule):
 
 @SEQUENCE_OR_STEP
 @pytest.mark.parametrize(
-    "clip,printed", [(0.0, "0"), (-1.0, "-1"), (math.nan, "nan"), (math.inf, "inf")], ids=str
+    "clip,printed",
+    [(0.0, "0"), (-1.0, "-1"), (math.nan, "nan"), (math.inf, "inf"), (True, "True"), ("2", "'2'")],
+    ids=str,
 )
 def test_rnn_bad_clip(op, clip, printed):
     fn, kwargs = rnn_case(op)
@@ -437,6 +439,22 @@ def test_sequence_bad_checkpoint_every(checkpoint_every):
     with pytest.raises(
         ValueError,
         match=f"plastic_rnn_sequence: checkpoint_every must be >= 1, got {checkpoint_every}",
+    ):
+        fn(**kwargs, checkpoint_every=checkpoint_every)
+
+
+@pytest.mark.parametrize("checkpoint_every", [True, 2.0, "2"], ids=repr)
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_sequence_checkpoint_every_not_an_int(checkpoint_every, grad):
+    # with and without a backward to come: without, the op used to ignore the value
+    fn, kwargs = rnn_case("sequence")
+    kwargs["x"].requires_grad_(grad)
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "plastic_rnn_sequence: checkpoint_every must be None or an int >= 1, "
+            f"got {checkpoint_every!r}"
+        ),
     ):
         fn(**kwargs, checkpoint_every=checkpoint_every)
 
