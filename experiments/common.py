@@ -319,6 +319,10 @@ def number(kind, minimum=None, strict=False, maximum=None):
     return parse
 
 
+# --seed: the range NumPy's seeding takes (torch's is wider), the same in every script.
+SEED = number(int, 0, maximum=2**32 - 1)
+
+
 def add_training_flags(parser, out, eval_help):
     """The flags of a supervised training script (episodes in batches, Adam, logs, checkpoints,
     a final evaluation on fresh episodes): --iterations, --batch-size, --lr, --clip-grad,

@@ -32,6 +32,7 @@ import backpropamine_cuda as bp
 
 sys.path.append(str(Path(__file__).resolve().parents[2]))  # the root, for experiments.common
 from experiments.common import (  # noqa: E402
+    SEED,
     DataError,
     add_training_flags,
     append_csv,
@@ -455,7 +456,7 @@ def make_parser():
         f"default $BACKPROPAMINE_DATA",
     )
     add("--types", nargs="+", choices=TYPES, default=list(TYPES), help="networks to train")
-    add("--seed", type=int, default=0, help="seed of the initialisation and the episodes")
+    add("--seed", type=SEED, default=0, help="seed of the initialisation and the episodes")
     add(
         "--size",
         type=int,

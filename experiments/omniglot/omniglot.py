@@ -33,6 +33,7 @@ import backpropamine_cuda as bp
 
 sys.path.append(str(Path(__file__).resolve().parents[2]))  # the root, for experiments.common
 from experiments.common import (  # noqa: E402
+    SEED,
     DataError,
     RunCheckpoint,
     append_csv,
@@ -478,7 +479,7 @@ def make_parser():
         help="training / test characters: the official background / evaluation sets, or the "
         "paper's first 1200 characters / the other 423",
     )
-    add("--seed", type=int, default=0, help="seed of the initialisation and the episodes")
+    add("--seed", type=SEED, default=0, help="seed of the initialisation and the episodes")
     add("--ways", type=number(int, 2), default=5, help="classes per episode")
     add(
         "--rotations",

@@ -30,6 +30,7 @@ import backpropamine_cuda as bp
 
 sys.path.append(str(Path(__file__).resolve().parents[2]))  # the root, for experiments.common
 from experiments.common import (  # noqa: E402
+    SEED,
     add_training_flags,
     append_csv,
     count_parameters,
@@ -298,7 +299,7 @@ def make_parser():
     p = preset_parser(__doc__.split("\n\n")[0], PRESETS)
     add = p.add_argument
     add("--types", nargs="+", choices=TYPES, default=list(TYPES), help="networks to train")
-    add("--seed", type=int, default=0, help="seed of the initialisation and the episodes")
+    add("--seed", type=SEED, default=0, help="seed of the initialisation and the episodes")
     add("--bits", type=number(int, 2), default=50, help="bits per pattern")
     add("--patterns", type=number(int, 1), default=2, help="patterns per episode")
     add("--presentations", type=number(int, 1), default=2, help="times each pattern is shown")

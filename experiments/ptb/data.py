@@ -12,21 +12,26 @@ SPLITS = ("train", "valid", "test")
 EOS = "<eos>"
 
 
+def split_paths(folder):
+    """{split: its file} of a corpus folder; FileNotFoundError naming the files it lacks."""
+    folder = Path(folder)
+    paths = {split: folder / f"{split}.txt" for split in SPLITS}
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"--data {folder}: missing {', '.join(missing)}. --data must be a folder with "
+            "train.txt, valid.txt and test.txt (one sentence per line); "
+            "experiments/ptb/getdata.sh downloads Penn Treebank into one."
+        )
+    return paths
+
+
 class Corpus:
     """The three splits as 1-D LongTensors of word ids, and the vocabulary (`words`, `ids`)."""
 
     def __init__(self, folder):
-        folder = Path(folder)
-        paths = {split: folder / f"{split}.txt" for split in SPLITS}
-        missing = [str(p) for p in paths.values() if not p.is_file()]
-        if missing:
-            raise FileNotFoundError(
-                f"--data {folder}: missing {', '.join(missing)}. --data must be a folder with "
-                "train.txt, valid.txt and test.txt (one sentence per line); "
-                "experiments/ptb/getdata.sh downloads Penn Treebank into one."
-            )
         self.words, self.ids = [], {}
-        for split, path in paths.items():
+        for split, path in split_paths(folder).items():
             setattr(self, split, self._tokenize(path))
 
     def _tokenize(self, path):

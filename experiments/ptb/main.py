@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 sys.path.append(str(Path(__file__).resolve().parents[2]))  # the root, for experiments.common
 import backpropamine_cuda as bp  # noqa: E402
 from experiments.common import (  # noqa: E402
+    SEED,
     DataError,
     append_csv,
     atomic_save,
@@ -372,7 +373,7 @@ def make_parser():
         default=1.0,
         help="divide the gradients of alpha by this with --alphatype perneuron or single",
     )
-    add("--seed", type=int, default=1111)
+    add("--seed", type=SEED, default=1111)
     # running
     add("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     add(

@@ -22,12 +22,14 @@ from pathlib import Path
 
 sys.path.append(str(Path(__file__).resolve().parents[2]))  # the root, for experiments.common
 from experiments.common import (  # noqa: E402
+    SEED,
     number,
     pyplot,
     read_csv_columns,
     write_atomically,
     write_json,
 )
+from experiments.ptb.data import split_paths  # noqa: E402
 from experiments.ptb.main import SMALL_VARIANTS  # noqa: E402
 
 MAIN = Path(__file__).resolve().parent / "main.py"
@@ -44,7 +46,7 @@ def make_parser():
     add("--data", default="data/penn", help="the PTB folder, passed to main.py")
     add("--out", default="experiments/ptb/results/table1", help="folder of every run's files")
     add("--variants", nargs="+", choices=tuple(SMALL_VARIANTS), default=tuple(SMALL_VARIANTS))
-    add("--seeds", nargs="+", type=int, default=[1111, 1112, 1113])
+    add("--seeds", nargs="+", type=SEED, default=[1111, 1112, 1113])
     add("--jobs", type=number(int, 1), default=1, help="runs at a time, one process each")
     add(
         "--time-limit",
@@ -167,6 +169,7 @@ def main(argv=None):
     args = make_parser().parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    failed = []
     if not args.summarize:
         deadline = time.time() + args.time_limit if args.time_limit else None
         # Seed by seed, so that every variant has a run before any has its second.
@@ -176,12 +179,17 @@ def main(argv=None):
             for variant in args.variants
             if not finished(read_results(out, variant, seed))
         ]
+        if runs:
+            try:
+                split_paths(args.data)  # here, rather than in every run's log
+            except FileNotFoundError as err:
+                raise SystemExit(str(err)) from None
         with ThreadPoolExecutor(args.jobs) as pool:
             statuses = list(pool.map(lambda run: train(args, out, *run, deadline), runs))
         failed = [run_name(*run) for run, s in zip(runs, statuses) if s not in (0, None)]
-        if failed:
-            print(f"failed (see their .log in {out}): {', '.join(failed)}", file=sys.stderr)
     summarize(args, out)
+    if failed:
+        raise SystemExit(f"failed (see their .log in {out}): {', '.join(failed)}")
 
 
 if __name__ == "__main__":

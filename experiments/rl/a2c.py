@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from experiments.common import (
+    SEED,
     RunCheckpoint,
     number,
     parse_with_preset,
@@ -144,7 +145,7 @@ def make_parser(description, types, presets):
     p = preset_parser(description, presets)
     add = p.add_argument
     add("--types", nargs="+", choices=types, default=list(types), help="network types to train")
-    add("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per type and seed")
+    add("--seeds", type=SEED, nargs="+", default=[0, 1, 2], help="one run per type and seed")
     add(
         "--hidden",
         type=number(int, 1),

@@ -463,6 +463,7 @@ def test_presets(tiny):
     [
         (["--size", "12"], "argument --size: invalid choice: 12"),
         (["--images", "0"], "argument --images: must be >= 1, got 0"),
+        (["--seed", "-1"], "argument --seed: must be >= 0, got -1"),
         (["--presentations", "0"], "argument --presentations: must be >= 1, got 0"),
         (["--gap-steps", "-1"], "argument --gap-steps: must be >= 0, got -1"),
         (["--test-steps", "0"], "argument --test-steps: must be >= 1, got 0"),

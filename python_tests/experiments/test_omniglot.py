@@ -526,6 +526,7 @@ def test_presets():
     [
         (["--ways", "1"], "argument --ways: must be >= 2, got 1"),
         (["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+        (["--seed", "-1"], "argument --seed: must be >= 0, got -1"),
         (["--eval-every", "-1"], "argument --eval-every: must be >= 0, got -1"),
         (["--lr", "0"], "argument --lr: must be > 0, got 0"),
         (["--lr", "nan"], "argument --lr: must be a finite number, got nan"),

@@ -276,6 +276,7 @@ def test_presets():
     [
         (["--bits", "1"], "argument --bits: must be >= 2, got 1"),
         (["--patterns", "0"], "argument --patterns: must be >= 1, got 0"),
+        (["--seed", "-1"], "argument --seed: must be >= 0, got -1"),
         (["--gap-steps", "-1"], "argument --gap-steps: must be >= 0, got -1"),
         (["--lr", "0"], "argument --lr: must be > 0, got 0"),
         (["--input-scale", "x"], "argument --input-scale: invalid float value: 'x'"),

@@ -700,6 +700,8 @@ def test_an_output_folder_that_does_not_exist_fails_at_start(corpus, tmp_path, m
         (["--clipval", "0"], "argument --clipval: must be > 0, got 0"),
         (["--nhid", "0"], "argument --nhid: must be >= 1, got 0"),
         (["--agdiv", "0"], "argument --agdiv: must be > 0, got 0"),
+        (["--seed", "-1"], "argument --seed: must be >= 0, got -1"),  # NumPy's range
+        (["--seed", str(2**32)], f"argument --seed: must be <= {2**32 - 1}, got {2**32}"),
     ],
 )
 def test_numeric_flags_are_finite_and_in_range(flags, message, capsys):
@@ -899,3 +901,17 @@ def test_table1_trains_skips_finished_resumes_cut_and_summarizes(corpus, tmp_pat
     assert summary["manifest"]["command"]
     assert "| simple | 2/2 |" in (out / "summary.md").read_text()
     assert (out / "curves.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_table1_exits_with_an_error_when_a_run_fails_or_the_data_is_missing(corpus, tmp_path):
+    from experiments.ptb import table1
+
+    out = tmp_path / "table"
+    flags = ["--out", str(out), "--variants", "baseline", "--seeds", "5"]
+    with pytest.raises(SystemExit, match=f"--data {tmp_path / 'none'}: missing"):
+        table1.main(["--data", str(tmp_path / "none"), *flags])
+    assert not list(out.glob("*.log")), "started a run without its data"
+    # main.py refuses --bptt 0: the run fails, the table is summarized, the exit names the run
+    with pytest.raises(SystemExit, match="failed \\(see their .log in .*\\): baseline-seed5"):
+        table1.main(["--data", str(corpus), *flags, "--", *TINY, "--bptt", "0"])
+    assert "| baseline | 0/1 |" in (out / "summary.md").read_text()

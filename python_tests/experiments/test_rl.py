@@ -497,6 +497,7 @@ def test_flag_validation():
     "flags, message",
     [
         (["--gamma", "nan"], "argument --gamma: must be a finite number, got nan"),
+        (["--seeds", "0", "-1"], "argument --seeds: must be >= 0, got -1"),
         (["--gamma", "1.5"], "argument --gamma: must be <= 1, got 1.5"),
         (["--gamma", "-0.1"], "argument --gamma: must be >= 0, got -0.1"),
         (["--lr", "inf"], "argument --lr: must be a finite number, got inf"),
