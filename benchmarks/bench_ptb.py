@@ -379,11 +379,16 @@ def parse_args():
     p = common.benchmark_parser(__doc__, CASES, IMPLS, repeats=3, budget=60.0)
     p.add_argument(
         "--budget-mb",
-        type=float,
+        type=common.number(float, 0, strict=True),
         default=8192.0,
         help="memory budget of the largest-batch search (quick: 16)",
     )
-    p.add_argument("--max-batch", type=int, default=1024, help="search no further (quick: 16)")
+    p.add_argument(
+        "--max-batch",
+        type=common.number(int, 1),
+        default=1024,
+        help="search no further (quick: 16)",
+    )
     p.add_argument(
         "--variants",
         default=",".join(VARIANTS),

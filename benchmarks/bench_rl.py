@@ -113,10 +113,15 @@ def merge_rounds(results):
 
 def main():
     parser = common.benchmark_parser(__doc__, CASES, IMPLS, repeats=5, budget=15.0)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument(
+        "--threads",
+        type=common.number(int, 0),
+        default=0,
+        help="torch threads (0: torch's default)",
+    )
     parser.add_argument(
         "--rounds",
-        type=int,
+        type=common.number(int, 1),
         default=3,
         help="worker processes per measurement, interleaved: round k runs every "
         "case and implementation once, so that a slow spell of a shared "
@@ -124,8 +129,6 @@ def main():
     )
     args = parser.parse_args()
     common.check_selection(parser, args, CASES, IMPLS)
-    if args.rounds < 1:
-        parser.error(f"--rounds must be >= 1, got {args.rounds}")
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return

@@ -31,7 +31,14 @@ from backpropamine_cuda.measure import (  # noqa: F401  (re-exported for the ben
     time_fn,
     trace_floor_bytes,
 )
-from experiments.common import cpu_model, manifest, pyplot, require_extras, write_json  # noqa: F401  (manifest, write_json: for the bench scripts)
+from experiments.common import (  # noqa: F401  (manifest, write_json: for the bench scripts)
+    cpu_model,
+    manifest,
+    number,
+    pyplot,
+    require_extras,
+    write_json,
+)
 
 # ----------------------------------------------------------------------------------------------
 # Device helpers
@@ -455,11 +462,14 @@ def benchmark_parser(doc, cases, impls, *, repeats, budget):
     p.add_argument("--cases", default=",".join(cases), help=f"comma list of {list(cases)}")
     p.add_argument("--impls", default=",".join(impls), help=f"comma list of {list(impls)}")
     p.add_argument(
-        "--repeats", type=int, default=repeats, help="timed runs per measurement (median)"
+        "--repeats",
+        type=number(int, 1),
+        default=repeats,
+        help="timed runs per measurement (median)",
     )
     p.add_argument(
         "--budget",
-        type=float,
+        type=number(float, 0, strict=True),
         default=budget,
         help="stop repeating a measurement once its runs took this long (>= 1 run)",
     )
@@ -482,9 +492,12 @@ def benchmark_parser(doc, cases, impls, *, repeats, budget):
 def check_selection(parser, args, cases, impls):
     """Exits with a usage error for an unknown case or implementation, or a missing GPU."""
     for name, choices in (("cases", cases), ("impls", impls)):
-        unknown = set(getattr(args, name).split(",")) - set(choices) - {""}
-        if unknown:
-            parser.error(f"--{name}: unknown {sorted(unknown)}; choose from {list(choices)}")
+        given = set(getattr(args, name).split(",")) - {""}
+        if given - set(choices):
+            unknown = sorted(given - set(choices))
+            parser.error(f"--{name}: unknown {unknown}; choose from {list(choices)}")
+        if not given:  # (nothing to measure: the results files would be emptied)
+            parser.error(f"--{name}: none given; choose from {list(choices)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device visible to torch")
 
@@ -492,10 +505,12 @@ def check_selection(parser, args, cases, impls):
 def parse_args(doc, cases, impls):
     p = benchmark_parser(doc, cases, impls, repeats=5, budget=20.0)
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument(
+        "--threads", type=number(int, 0), default=0, help="torch threads (0: torch's default)"
+    )
     p.add_argument(
         "--bw-mb",
-        type=int,
+        type=number(int, 1),
         default=1024,
         help="MB per array of the bandwidth measurement (well above the LLC)",
     )

@@ -87,6 +87,34 @@ def test_bench_rl_quick(tmp_path):
     assert "| maze" in stdout
 
 
+@pytest.mark.parametrize(
+    "name, flags, message",
+    [
+        ("bench_rnn", ["--repeats", "0"], "argument --repeats: must be >= 1, got 0"),
+        ("bench_lstm", ["--budget", "nan"], "argument --budget: must be a finite number, got nan"),
+        ("bench_rnn", ["--threads", "-1"], "argument --threads: must be >= 0, got -1"),
+        ("bench_rl", ["--rounds", "0"], "argument --rounds: must be >= 1, got 0"),
+        ("bench_rl", ["--cases", ""], "--cases: none given; choose from"),
+        ("bench_ptb", ["--max-batch", "0"], "argument --max-batch: must be >= 1, got 0"),
+    ],
+)
+def test_bad_flags_exit_before_measuring(tmp_path, name, flags, message):
+    # --repeats 0 and --budget nan failed after the first measurement; --cases "" measured
+    # nothing and overwrote the results files with empty ones
+    script = BENCHMARKS / f"{name}.py"
+    if not script.is_file():
+        pytest.skip("benchmarks/ is not next to the tests")
+    result = subprocess.run(
+        [sys.executable, str(script), *flags, "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=subprocess_env(),
+    )
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-3000:]
+    assert not list(tmp_path.iterdir())
+
+
 def test_manifest_names_what_produced_a_result(monkeypatch):
     """Every result file's manifest: the command line, the commit, torch, the date and the
     package's environment variables, which choose a path (BACKPROPAMINE_SEQUENCE_PATH)."""
