@@ -26,11 +26,13 @@ def time_fn(fn, device, repeats=5, budget_s=30.0, warmup=True):
     slow baselines are not run 5 times for minutes. `warmup=False` when the caller has just made
     a full-size call (that call is the warm-up). Returns the median, all runs and their count.
     """
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"time_fn: repeats must be an int >= 1, got {repeats!r}")
     if warmup:
         fn()
         sync(device)
     times = []
-    while len(times) < repeats and sum(times) < budget_s * 1e3:
+    while not times or (len(times) < repeats and sum(times) < budget_s * 1e3):
         t0 = time.perf_counter()
         fn()
         sync(device)

@@ -646,6 +646,14 @@ def describe(device):
     return f"CPU, {torch.get_num_threads()} threads"
 
 
+def _at_least_one(text):
+    """--repeats: an int >= 1 (argparse names the flag in its error)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
 def parse_args():
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -670,7 +678,9 @@ def parse_args():
         default="cuda and not emulat",
         help="tests to run (pytest -k expression; default: %(default)r)",
     )
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
+    p.add_argument(
+        "--repeats", type=_at_least_one, default=5, help="timed runs per measurement (median)"
+    )
     return p.parse_args()
 
 

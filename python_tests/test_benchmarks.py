@@ -3,11 +3,13 @@ live in the benchmarks, not in timed tests)."""
 
 import csv
 import importlib.util
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import subprocess_env
 
@@ -113,6 +115,19 @@ def test_bad_flags_exit_before_measuring(tmp_path, name, flags, message):
     )
     assert result.returncode == 2 and message in result.stderr, result.stderr[-3000:]
     assert not list(tmp_path.iterdir())
+
+
+def test_time_fn_makes_at_least_one_run_and_refuses_zero_repeats():
+    from backpropamine_cuda.measure import time_fn
+
+    calls = []
+    for budget_s in (0.0, math.nan):  # a spent or meaningless budget still gives one run
+        result = time_fn(lambda: calls.append(1), torch.device("cpu"), 5, budget_s, warmup=False)
+        assert result["runs"] == 1 and result["ms"] >= 0
+    assert len(calls) == 2
+    for repeats in (0, True):
+        with pytest.raises(ValueError, match=f"repeats must be an int >= 1, got {repeats}"):
+            time_fn(lambda: None, torch.device("cpu"), repeats)
 
 
 def test_manifest_names_what_produced_a_result(monkeypatch):
