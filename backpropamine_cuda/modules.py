@@ -80,7 +80,11 @@ def _autocast_input(x):
 class _PlasticLayer(nn.Module):
     """The options, plastic parameters, state checks and backend choice that every plastic layer
     shares. A layer's __init__ checks and stores the options (this __init__), creates its own
-    weights, then calls _add_plastic_parameters; ``_state_type`` is its state NamedTuple."""
+    weights (``_own_weights``, in that order), then calls _add_plastic_parameters;
+    ``_state_type`` is its state NamedTuple, ``_w_range`` and ``_alpha_high`` the uniform
+    initialisation ranges of w and alpha."""
+
+    _PLASTIC_PARAMETERS = ("alpha", "eta", "h2mod", "fanout", "elig_rate")  # in creation order
 
     def __init__(
         self,
@@ -126,29 +130,53 @@ class _PlasticLayer(nn.Module):
             impl,
         )
 
-    def _add_plastic_parameters(self, alpha_init, eta_init, elig_rate_init, factory):
-        """alpha ~ U[0, alpha_init), eta (modulation "none") = eta_init, elig_rate (rule
-        "retroactive") = elig_rate_init, and the modulator's Linears, created with `factory`
-        (_factory_kwargs); none for plastic=False."""
+    def _add_plastic_parameters(self, eta_init, elig_rate_init, factory):
+        """alpha, eta (modulation "none"), elig_rate (rule "retroactive") and the modulator's
+        Linears, created with `factory` (_factory_kwargs); none for plastic=False."""
         if not _is_finite_number(eta_init):
             raise ValueError(f"eta_init must be a finite number, got {eta_init!r}")
         # Outside [0, 1] the eligibility trace is no longer an average (clamp_elig_rate_).
         if not (_is_finite_number(elig_rate_init) and 0 <= elig_rate_init <= 1):
             raise ValueError(f"elig_rate_init must be a number in [0, 1], got {elig_rate_init!r}")
+        self._eta_init, self._elig_rate_init = float(eta_init), float(elig_rate_init)
         if not self.plastic:
             return
         N = self.hidden_size
-        alpha_shape = {"full": (N, N), "neuron": (N,), "scalar": ()}[self.alpha_mode]
-        self.alpha = nn.Parameter(alpha_init * torch.rand(alpha_shape, **factory))
+        self.alpha = nn.Parameter(self._fresh("alpha", factory))
         if self.modulation == "none":
-            eta_size = (N, N) if self.eta_shape == "full" else ()
-            self.eta = nn.Parameter(torch.full(eta_size, float(eta_init), **factory))
+            self.eta = nn.Parameter(self._fresh("eta", factory))
         else:
             self.h2mod = nn.Linear(N, self.n_modulators, **factory)
             if self.modulation == "fanout":
                 self.fanout = nn.Linear(self.n_modulators, N, **factory)
         if self.rule == "retroactive":
-            self.elig_rate = nn.Parameter(torch.tensor(float(elig_rate_init), **factory))
+            self.elig_rate = nn.Parameter(self._fresh("elig_rate", factory))
+
+    def _fresh(self, name, factory):
+        """An initial value of the parameter `name` (w, alpha, eta or elig_rate): w ~
+        U[_w_range), alpha ~ U[0, _alpha_high), eta = eta_init, elig_rate = elig_rate_init."""
+        N = self.hidden_size
+        if name == "w":
+            low, high = self._w_range
+            return (high - low) * torch.rand(N, N, **factory) + low
+        if name == "alpha":
+            shape = {"full": (N, N), "neuron": (N,), "scalar": ()}[self.alpha_mode]
+            return self._alpha_high * torch.rand(shape, **factory)
+        if name == "eta":
+            return torch.full((N, N) if self.eta_shape == "full" else (), self._eta_init, **factory)
+        return torch.tensor(self._elig_rate_init, **factory)
+
+    def reset_parameters(self):
+        """Draws every parameter anew as the constructor does, in its order: after the same
+        seed, the values of a new layer. E.g. for a layer built with ``device="meta"`` and
+        materialised with ``to_empty``."""
+        with torch.no_grad():
+            for name in (*self._own_weights, *self._PLASTIC_PARAMETERS):
+                part = getattr(self, name, None)
+                if isinstance(part, nn.Linear):
+                    part.reset_parameters()
+                elif part is not None:
+                    part.copy_(self._fresh(name, dict(device=part.device, dtype=part.dtype)))
 
     @property
     def impl(self):
@@ -323,6 +351,8 @@ class _PlasticRNNLayer(_PlasticLayer):
     PlasticRNNCell; initialisation as documented in PlasticRNN."""
 
     _state_type = PlasticState
+    _own_weights = ("i2h", "w")
+    _w_range, _alpha_high = (0.0, 0.001), 0.001
 
     def __init__(
         self,
@@ -354,8 +384,8 @@ class _PlasticRNNLayer(_PlasticLayer):
         )
         N = hidden_size
         self.i2h = nn.Linear(input_size, N, **factory)
-        self.w = nn.Parameter(0.001 * torch.rand(N, N, **factory))
-        self._add_plastic_parameters(0.001, eta_init, elig_rate_init, factory)
+        self.w = nn.Parameter(self._fresh("w", factory))
+        self._add_plastic_parameters(eta_init, elig_rate_init, factory)
 
     def _fixed_step(self, x, state, backend):
         """The plastic=False cell."""
@@ -571,6 +601,8 @@ class _PlasticLSTMLayer(_PlasticLayer):
     initialisation as documented in PlasticLSTM (docs/design.md, 'The plastic LSTM')."""
 
     _state_type = PlasticLSTMState
+    _own_weights = ("i2g", "h2g", "w")
+    _w_range, _alpha_high = (-0.01, 0.01), 0.0001
 
     def __init__(
         self,
@@ -608,8 +640,8 @@ class _PlasticLSTMLayer(_PlasticLayer):
         N = hidden_size
         self.i2g = nn.Linear(input_size, 4 * N, **factory)  # gates i, f, g, o
         self.h2g = nn.Linear(N, 3 * N, **factory)  # gates i, f, o; the h -> g weight is w
-        self.w = nn.Parameter(0.02 * torch.rand(N, N, **factory) - 0.01)
-        self._add_plastic_parameters(0.0001, eta_init, elig_rate_init, factory)
+        self.w = nn.Parameter(self._fresh("w", factory))
+        self._add_plastic_parameters(eta_init, elig_rate_init, factory)
 
     def _options(self):
         options = super()._options()

@@ -130,6 +130,32 @@ def test_device_and_dtype_create_every_parameter_there(cls, options):
     assert_tensor_close(fused, reference, "out", torch.float64)
 
 
+@pytest.mark.parametrize(
+    "cls", [bp.PlasticRNN, bp.PlasticRNNCell, bp.PlasticLSTM, bp.PlasticLSTMCell]
+)
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(modulation="none", eta_shape="full", eta_init=0.03),
+        dict(rule="retroactive", n_modulators=2, elig_rate_init=0.3),
+        dict(plastic=False),
+    ],
+    ids=opt_id,
+)
+def test_reset_parameters_draws_as_the_constructor(cls, options):
+    """Built on meta, materialised with to_empty and reset after the same seed: the parameters of
+    a layer built directly, to the bit (the same draws in the same order)."""
+    torch.manual_seed(3)
+    built = cls(I, 5, **options)
+    layer = cls(I, 5, **options, device="meta").to_empty(device="cpu")
+    torch.manual_seed(3)
+    layer.reset_parameters()
+    expected = dict(built.named_parameters())
+    assert [name for name, _ in layer.named_parameters()] == list(expected)
+    for name, value in layer.named_parameters():
+        assert torch.equal(value, expected[name]), name
+
+
 def test_module_defaults_eta_and_elig_rate():
     assert torch.equal(bp.PlasticRNN(I, N, modulation="none").eta.detach(), torch.tensor(0.01))
     assert torch.equal(
