@@ -149,7 +149,17 @@ def resume_csv(path, fields, column, done):
     logged before the checkpoint that follows them, so the rows past `done` are those the
     resumed run logs again: a kill between a row and the next checkpoint, or two processes
     appending to the same log, leave no duplicate rows. A row cut short by a kill (fields
-    missing) is past every checkpoint and goes too."""
+    missing) is past every checkpoint and goes too. A log with other columns (another script's,
+    or this script's from a version that logged others) exits naming it: its rows would be
+    dropped or would not fit."""
+    if done > 0 and path.is_file():
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != list(fields):
+            raise SystemExit(
+                f"--resume: the log {path} has the columns {header}, where this script logs "
+                f"{list(fields)}; move it away to resume with a new log"
+            )
     kept = {}
     for row in read_csv_rows(path):
         complete = None not in row.values() and None not in row  # no missing or extra fields

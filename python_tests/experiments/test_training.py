@@ -64,6 +64,20 @@ def test_a_resumed_log_keeps_one_row_per_iteration_up_to_the_checkpoint(tmp_path
     assert (tmp_path / "new.csv").read_text().splitlines() == [",".join(FIELDS)]
 
 
+@pytest.mark.parametrize(
+    "header", ["iteration,loss", "iteration,loss,seconds,reward", "garbage", ""], ids=repr
+)
+def test_a_resumed_log_with_other_columns_exits_naming_it(tmp_path, header):
+    log = tmp_path / "run.csv"
+    log.write_text(f"{header}\n2,1.0,1\n" if header else "")
+    before = log.read_text()
+    with pytest.raises(SystemExit, match=f"--resume: the log {log} has the columns"):
+        common.resume_csv(log, FIELDS, "iteration", 4)
+    assert log.read_text() == before  # left as it was
+    common.resume_csv(log, FIELDS, "iteration", 0)  # a fresh run starts it afresh
+    assert log.read_text().splitlines() == [",".join(FIELDS)]
+
+
 # ----------------------------------------------------------------------------------------------
 # Progress in log files
 
