@@ -329,6 +329,37 @@ def number(kind, minimum=None, strict=False, maximum=None):
     return parse
 
 
+def torch_device(text):
+    """An argparse type: a torch device (cpu, cuda, cuda:1, ...), kept as its text;
+    require_device checks that this machine has it."""
+    try:
+        torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(
+            f"not a torch device: {text!r} (cpu, cuda, cuda:1, ...)"
+        ) from None
+    return text
+
+
+def require_device(device):
+    """Exits naming --device when torch cannot use `device` here: a CUDA device without one
+    visible (or with a CPU-only torch), a GPU index past those visible, a device type torch
+    was built without."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) < count:
+            return
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise SystemExit(
+            f"--device {device}: torch {torch.__version__} ({build}) sees {count} CUDA device(s)"
+        )
+    try:
+        torch.empty(0, device=device)
+    except Exception as error:  # torch raises several kinds for a device it lacks
+        raise SystemExit(f"--device {device}: torch cannot use it here: {error}") from None
+
+
 # --seed: the range NumPy's seeding takes (torch's is wider), the same in every script.
 SEED = number(int, 0, maximum=2**32 - 1)
 
@@ -342,7 +373,7 @@ def add_training_flags(parser, out, eval_help):
     add("--batch-size", type=number(int, 1), default=10, help="episodes per iteration")
     add("--lr", type=number(float, 0, strict=True), default=1e-4, help="Adam learning rate")
     add("--clip-grad", type=number(float, 0), default=0.0, help="gradient norm clip (0: none)")
-    add("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    add("--device", type=torch_device, default="cpu", help="cpu, cuda, cuda:1, ...")
     add("--out", default=out, help="folder of the logs, checkpoints and plots")
     add("--log-every", type=number(int, 1), default=10, help="iterations per CSV row")
     add("--save-every", type=number(int, 1), default=100, help="iterations between checkpoints")

@@ -43,6 +43,7 @@ from experiments.common import (  # noqa: E402
     pyplot,
     read_csv_columns,
     reading,
+    require_device,
     require_extras,
     start_csv,
     train_run,
@@ -511,6 +512,7 @@ def main(argv=None):
     {type: (loss, error on the erased half)}."""
     args = parse_args(argv)
     require_extras()
+    require_device(args.device)
     image_set = load_images(args.data, args.size)
     check_images(image_set, args)
     out = Path(args.out)

@@ -44,8 +44,10 @@ from experiments.common import (  # noqa: E402
     pyplot,
     read_csv_columns,
     reading,
+    require_device,
     require_extras,
     resume_csv,
+    torch_device,
     train_iterations,
     write_json,
 )
@@ -517,7 +519,7 @@ def make_parser():
         default="fused",
         help="the plastic layer's ops: fused kernels, or the pure-PyTorch reference",
     )
-    add("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    add("--device", type=torch_device, default="cpu", help="cpu, cuda, cuda:1, ...")
     add("--out", default="runs/omniglot", help="folder of the logs, checkpoint and plots")
     add("--log-every", type=number(int, 1), default=10, help="iterations per train.csv row")
     add("--save-every", type=number(int, 1), default=100, help="iterations between checkpoints")
@@ -574,6 +576,7 @@ def main(argv=None):
     (episode.png); returns the test result."""
     args = parse_args(argv)
     require_extras()
+    require_device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dataset = load_omniglot(args.data)

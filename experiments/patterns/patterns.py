@@ -39,6 +39,7 @@ from experiments.common import (  # noqa: E402
     preset_parser,
     pyplot,
     read_csv_columns,
+    require_device,
     require_extras,
     start_csv,
     train_run,
@@ -344,6 +345,7 @@ def main(argv=None):
     {type: (loss, error on zeroed bits, error on all bits)}."""
     args = parse_args(argv)
     require_extras()
+    require_device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(

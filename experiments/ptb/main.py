@@ -42,9 +42,11 @@ from experiments.common import (  # noqa: E402
     progress,
     pyplot,
     read_csv_rows,
+    require_device,
     require_extras,
     resume_csv,
     rng_states,
+    torch_device,
     write_json,
 )
 from experiments.ptb.data import Corpus, batchify, get_batch  # noqa: E402
@@ -375,7 +377,12 @@ def make_parser():
     )
     add("--seed", type=SEED, default=1111)
     # running
-    add("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    add(
+        "--device",
+        type=lambda text: text if text == "auto" else torch_device(text),
+        default="auto",
+        help="auto (cuda if available), cpu, cuda, cuda:1, ...",
+    )
     add(
         "--cuda",
         action="store_false",
@@ -841,6 +848,7 @@ def init_distributed(args):
     """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) joins the process group:
     nccl on GPUs (one per local rank), gloo on CPUs."""
     device = select_device(args)
+    require_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, device

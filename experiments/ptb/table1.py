@@ -26,6 +26,7 @@ from experiments.common import (  # noqa: E402
     number,
     pyplot,
     read_csv_columns,
+    torch_device,
     write_atomically,
     write_json,
 )
@@ -56,7 +57,7 @@ def make_parser():
         "stops at its end (--resume continues it next time)",
     )
     add("--summarize", action="store_true", help="only write the summary of the runs in --out")
-    add("--device", default="cpu", help="passed to main.py")
+    add("--device", type=torch_device, default="cpu", help="passed to main.py")
     add(
         "main_args",
         nargs="*",

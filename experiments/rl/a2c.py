@@ -43,9 +43,11 @@ from experiments.common import (
     preset_parser,
     pyplot,
     read_csv_columns,
+    require_device,
     require_extras,
     resume_csv,
     sigterm_as_interrupt,
+    torch_device,
     train_iterations,
     write_json,
 )
@@ -220,7 +222,7 @@ def make_parser(description, types, presets):
         action="store_true",
         help="with --impl fused: build the autograd graph while acting, as the papers' loop",
     )
-    add("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    add("--device", type=torch_device, default="cpu", help="cpu, cuda, cuda:1, ...")
     add(
         "--jobs",
         type=number(int, 1),
@@ -460,6 +462,7 @@ def main(args, make_env):
     started = time.time()
     deadline = started + args.time_limit if args.time_limit else None
     require_extras()
+    require_device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     probe = make_env(args, torch.Generator(args.device).manual_seed(0))

@@ -182,6 +182,19 @@ class GridMaze(_BatchedEpisodes):
     OBS_PREVIOUS_ACTION = slice(12, 16)
     obs_size = 16
     n_actions = 4
+    MAX_SIZE = 2001  # the layout's tables take about 50 bytes a cell: 200 MB at this size
+
+    @classmethod
+    def check_size(cls, size):
+        """A ValueError unless `size` is a side the maze can have: odd (walls on the even rows
+        and columns), >= 5 (below, no free cell is left for the reward besides the centre),
+        <= MAX_SIZE."""
+        _check(
+            _is_int(size) and 5 <= size <= cls.MAX_SIZE and size % 2 == 1,
+            "size",
+            f"an odd integer from 5 to {cls.MAX_SIZE}",
+            size,
+        )
 
     def __init__(
         self,
@@ -194,8 +207,7 @@ class GridMaze(_BatchedEpisodes):
         generator=None,
     ):
         super().__init__(batch_size, episode_length, device, generator)
-        # Below 5 no free cell is left for the reward besides the centre.
-        _check(_is_int(size) and size >= 5 and size % 2 == 1, "size", "an odd integer >= 5", size)
+        self.check_size(size)
         _check_real("reward", reward)
         _check_real("wall_penalty", wall_penalty)
         self.size, self.reward, self.wall_penalty = int(size), float(reward), float(wall_penalty)

@@ -9,6 +9,7 @@ must remember where it was to come back fast within the episode. A2C on plastic 
 See experiments/rl/README.md.
 """
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -64,10 +65,20 @@ PRESETS = {
 }
 
 
+def maze_size(text):
+    """--size: a side GridMaze takes (argparse names the flag in the error)."""
+    try:
+        size = int(text)
+        GridMaze.check_size(size)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return size
+
+
 def make_parser():
     parser = a2c.make_parser(__doc__.split("\n\n")[0], TYPES, PRESETS)
     add = parser.add_argument
-    add("--size", type=int, default=11, help="maze side (odd), the border walls included")
+    add("--size", type=maze_size, default=11, help="maze side (odd), the border walls included")
     add("--rew", type=number(float), default=10.0, help="reward for reaching the reward cell")
     add("--wp", type=number(float), default=0.0, help="penalty for bumping into a wall")
     add("--episode-length", type=number(int, 1), default=200)

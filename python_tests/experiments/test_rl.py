@@ -509,6 +509,9 @@ def test_flag_validation():
         (["--rew", "nan"], "argument --rew: must be a finite number, got nan"),
         (["--episode-length", "0"], "argument --episode-length: must be >= 1, got 0"),
         (["--hidden", "0"], "argument --hidden: must be >= 1, got 0"),
+        (["--size", "4"], "argument --size: size must be an odd integer from 5 to 2001, got 4"),
+        (["--size", "2003"], "argument --size: size must be an odd integer from 5 to 2001"),
+        (["--device", "tpu"], "argument --device: not a torch device: 'tpu'"),
     ],
 )
 def test_numeric_flags_are_finite_and_in_range(flags, message, capsys):

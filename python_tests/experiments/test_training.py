@@ -2,6 +2,7 @@
 while checkpointing, logs of resumed runs, progress in log files, and missing optional
 dependencies, checked on the scripts themselves in subprocesses."""
 
+import argparse
 import csv
 import errno
 import subprocess
@@ -36,6 +37,40 @@ def test_a_full_disk_leaves_no_temporary_file_and_names_the_checkpoint(tmp_path,
         common.atomic_save({"iteration": 2}, path)
     assert list(tmp_path.iterdir()) == [path], "a temporary file was left behind"
     assert torch.load(path, weights_only=True) == {"iteration": 1}
+
+
+def test_a_device_torch_cannot_use_here_exits_naming_it():
+    assert common.torch_device("cuda:1") == "cuda:1"  # parsed here, checked at the start
+    with pytest.raises(argparse.ArgumentTypeError, match="not a torch device: 'tpu'"):
+        common.torch_device("tpu")
+    common.require_device("cpu")
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(
+        SystemExit, match=f"--device cuda:{visible}: torch .* sees {visible} CUDA device"
+    ):
+        common.require_device(f"cuda:{visible}")
+
+
+@pytest.mark.parametrize("script", ["patterns", "maze", "ptb"])
+def test_each_script_checks_its_device_before_writing(script, tmp_path, monkeypatch):
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device = ["--device", f"cuda:{visible}"]
+    monkeypatch.chdir(tmp_path)
+    if script == "patterns":
+        from experiments.patterns import patterns as module
+
+        argv = [*device, "--out", str(tmp_path / "out")]
+    elif script == "maze":
+        from experiments.rl import maze as module
+
+        argv = [*device, "--out", str(tmp_path / "out")]
+    else:
+        from experiments.ptb import main as module
+
+        argv = [*device, "--data", str(tmp_path), "--save", str(tmp_path / "m.pt")]
+    with pytest.raises(SystemExit, match=f"--device cuda:{visible}: torch"):
+        module.main(argv)
+    assert not list(tmp_path.iterdir())
 
 
 # ----------------------------------------------------------------------------------------------
