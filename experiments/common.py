@@ -642,6 +642,23 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextmanager
+def out_of_memory_exits(size_flags):
+    """Inside (a script's __main__): running out of memory, on the GPU or the CPU, ends the
+    script with a line that says so and names `size_flags`, the flags that size the run,
+    instead of a traceback. Other errors pass."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
+        message = str(error).strip() or type(error).__name__
+        if isinstance(error, RuntimeError) and not isinstance(error, torch.OutOfMemoryError):
+            if "can't allocate memory" not in message:  # the CPU allocator's words
+                raise
+        raise SystemExit(
+            f"out of memory: {message.splitlines()[0]}\nsmaller {size_flags} need less"
+        ) from None
+
+
 def count_parameters(module):
     """Trainable parameters; a weight shared by two layers (a tied embedding) counts once."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)

@@ -38,6 +38,7 @@ from experiments.common import (  # noqa: E402
     append_csv,
     count_parameters,
     number,
+    out_of_memory_exits,
     parse_with_preset,
     preset_parser,
     pyplot,
@@ -659,4 +660,5 @@ def plot_completions(model, pool, args, network_type, path, n_episodes=FIGURE_EP
 
 
 if __name__ == "__main__":
-    main()
+    with out_of_memory_exits("--batch-size or --size"):
+        main()

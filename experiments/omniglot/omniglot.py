@@ -39,6 +39,7 @@ from experiments.common import (  # noqa: E402
     append_csv,
     count_parameters,
     number,
+    out_of_memory_exits,
     parse_with_preset,
     preset_parser,
     pyplot,
@@ -689,4 +690,5 @@ def plot_episode(model, images, characters, args, path):
 
 
 if __name__ == "__main__":
-    main()
+    with out_of_memory_exits("--batch-size or --channels"):
+        main()

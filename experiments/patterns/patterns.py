@@ -35,6 +35,7 @@ from experiments.common import (  # noqa: E402
     append_csv,
     count_parameters,
     number,
+    out_of_memory_exits,
     parse_with_preset,
     preset_parser,
     pyplot,
@@ -470,4 +471,5 @@ def plot_episode(model, args, network_type, path):
 
 
 if __name__ == "__main__":
-    main()
+    with out_of_memory_exits("--batch-size, --bits, --rnn-hidden or --lstm-hidden"):
+        main()

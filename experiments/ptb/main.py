@@ -39,6 +39,7 @@ from experiments.common import (  # noqa: E402
     count_parameters,
     load_checkpoint,
     number,
+    out_of_memory_exits,
     progress,
     pyplot,
     read_csv_rows,
@@ -1137,4 +1138,5 @@ def report(r, started):
 
 
 if __name__ == "__main__":
-    main()
+    with out_of_memory_exits("--batch_size, --bptt, --nhid or --emsize"):
+        main()

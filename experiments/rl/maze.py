@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.append(str(Path(__file__).resolve().parents[2]))  # the root, for experiments.common
-from experiments.common import number  # noqa: E402
+from experiments.common import number, out_of_memory_exits  # noqa: E402
 from experiments.rl import a2c  # noqa: E402
 from experiments.rl.envs import GridMaze  # noqa: E402
 
@@ -103,4 +103,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with out_of_memory_exits("--batch-size or --hidden"):
+        main()

@@ -73,6 +73,24 @@ def test_each_script_checks_its_device_before_writing(script, tmp_path, monkeypa
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 bytes"),
+        MemoryError(),
+    ],
+    ids=["cuda", "cpu", "python"],
+)
+def test_running_out_of_memory_exits_naming_the_flags_that_size_the_run(error):
+    with pytest.raises(SystemExit, match="^out of memory: .+\nsmaller --batch-size need less$"):
+        with common.out_of_memory_exits("--batch-size"):
+            raise error
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):  # other errors pass
+        with common.out_of_memory_exits("--batch-size"):
+            raise RuntimeError("shapes cannot be multiplied")
+
+
 # ----------------------------------------------------------------------------------------------
 # Logs of resumed runs
 
