@@ -7,13 +7,13 @@ torch.compile and meta tensors) and autograd formulas that call the hand-written
 
 import functools
 import math
-import numbers
 import types
 from typing import NamedTuple
 
 import torch
 
 from . import _extension, reference
+from ._checks import is_int, is_real
 from .params import PlasticParams
 
 _extension.load()
@@ -583,7 +583,7 @@ class _ReplayedSequence(torch.autograd.Function):
 
 def _clip(op, clip):
     """clip as the kernels take it, a float (they check its range): not a bool or a string."""
-    if isinstance(clip, bool) or not isinstance(clip, numbers.Real):
+    if not is_real(clip):
         raise ValueError(f"{op}: clip must be a finite number > 0, got {clip!r}")
     return float(clip)
 
@@ -591,9 +591,7 @@ def _clip(op, clip):
 def _sequence_checkpoint_every(op, x, checkpoint_every, tensors):
     """The checkpoint interval to pass: ceil(sqrt(T)) by default, and no checkpoints (T) when
     no backward is to come (the kernels check its range)."""
-    if checkpoint_every is not None and (
-        isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int)
-    ):
+    if checkpoint_every is not None and not is_int(checkpoint_every):
         raise ValueError(
             f"{op}: checkpoint_every must be None or an int >= 1, got {checkpoint_every!r}"
         )

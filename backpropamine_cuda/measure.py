@@ -9,6 +9,8 @@ import time
 
 import torch
 
+from ._checks import is_int
+
 
 def sync(device):
     if torch.device(device).type == "cuda":
@@ -26,7 +28,7 @@ def time_fn(fn, device, repeats=5, budget_s=30.0, warmup=True):
     slow baselines are not run 5 times for minutes. `warmup=False` when the caller has just made
     a full-size call (that call is the warm-up). Returns the median, all runs and their count.
     """
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+    if not is_int(repeats) or repeats < 1:
         raise ValueError(f"time_fn: repeats must be an int >= 1, got {repeats!r}")
     if warmup:
         fn()

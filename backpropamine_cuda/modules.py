@@ -2,13 +2,13 @@
 backpropamine_cuda/reference.py (docs/design.md explains them)."""
 
 import math
-import numbers
 from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
 
 from . import reference
+from ._checks import is_int, is_real
 from .params import PlasticParams
 
 ALPHA_OPTIONS = ("full", "neuron", "scalar")
@@ -43,13 +43,11 @@ def _check_choice(name, value, choices):
 
 
 def _is_count(value):
-    """An int >= 1; not a bool, which Python counts as an int."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    return is_int(value) and value >= 1
 
 
 def _is_finite_number(value):
-    """A finite real number (Python's or NumPy's); not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    return is_real(value) and math.isfinite(value)
 
 
 def _factory_kwargs(device, dtype):

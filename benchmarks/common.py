@@ -493,8 +493,8 @@ def check_selection(parser, args, cases, impls):
     """Exits with a usage error for an unknown case or implementation, or a missing GPU."""
     for name, choices in (("cases", cases), ("impls", impls)):
         given = set(getattr(args, name).split(",")) - {""}
-        if given - set(choices):
-            unknown = sorted(given - set(choices))
+        unknown = sorted(given - set(choices))
+        if unknown:
             parser.error(f"--{name}: unknown {unknown}; choose from {list(choices)}")
         if not given:  # (nothing to measure: the results files would be emptied)
             parser.error(f"--{name}: none given; choose from {list(choices)}")

@@ -649,11 +649,11 @@ def out_of_memory_exits(size_flags):
     instead of a traceback. Other errors pass."""
     try:
         yield
-    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
+    except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
         message = str(error).strip() or type(error).__name__
-        if isinstance(error, RuntimeError) and not isinstance(error, torch.OutOfMemoryError):
-            if "can't allocate memory" not in message:  # the CPU allocator's words
-                raise
+        cpu = "can't allocate memory" in message  # the CPU allocator's words
+        if not (cpu or isinstance(error, (MemoryError, torch.OutOfMemoryError))):
+            raise
         raise SystemExit(
             f"out of memory: {message.splitlines()[0]}\nsmaller {size_flags} need less"
         ) from None
