@@ -8,6 +8,7 @@ import json
 import math
 import os
 import random
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -898,9 +899,31 @@ def test_table1_trains_skips_finished_resumes_cut_and_summarizes(corpus, tmp_pat
     assert rows["baseline"]["seeds_finished"] == [5, 6]
     assert rows["baseline"]["test_ppl_mean"] == pytest.approx(sum(tests) / 2)
     assert rows["baseline"]["paper_test_ppl"] == table1.PAPER_TEST_PPL["baseline"]
+    # Two runs: the interval is t(0.975, 1 dof) = tan(0.475 pi) standard errors either side.
+    half_width = math.tan(0.475 * math.pi) * abs(tests[0] - tests[1]) / 2
+    assert rows["baseline"]["test_ppl_ci95_half_width"] == pytest.approx(half_width)
+    low, high = rows["baseline"]["test_ppl_ci95"]
+    assert (low + high) / 2 == pytest.approx(sum(tests) / 2)
+    assert (high - low) / 2 == pytest.approx(half_width)
     assert summary["manifest"]["command"]
+    assert f"{sum(tests) / 2:.2f} ± {half_width:.2f}" in (out / "summary.md").read_text()
     assert "| simple | 2/2 |" in (out / "summary.md").read_text()
     assert (out / "curves.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_table1_t_quantile_matches_closed_forms_and_the_normal_limit():
+    from experiments.ptb.table1 import ci95_half_width, t_quantile
+
+    for p in (0.5, 0.9, 0.975, 0.995):
+        # 1 and 2 degrees of freedom have closed-form quantiles: Cauchy, and a (2/(1-a^2))^0.5.
+        assert t_quantile(p, 1) == pytest.approx(math.tan(math.pi * (p - 0.5)), abs=1e-6)
+        a = 2 * p - 1
+        assert t_quantile(p, 2) == pytest.approx(a * math.sqrt(2 / (1 - a * a)), abs=1e-6)
+        assert t_quantile(p, 10**6) == pytest.approx(statistics.NormalDist().inv_cdf(p), abs=1e-4)
+    assert ci95_half_width([3.0]) is None
+    values = [110.66, 112.04, 110.83]
+    sd = statistics.stdev(values)
+    assert ci95_half_width(values) == pytest.approx(t_quantile(0.975, 2) * sd / math.sqrt(3))
 
 
 def test_table1_exits_with_an_error_when_a_run_fails_or_the_data_is_missing(corpus, tmp_path):
