@@ -61,11 +61,11 @@ def t_quantile(p, df):
     return (lo + hi) / 2
 
 
-def ci95_half_width(values):
-    """Half the width of the 95% confidence interval of the mean of values, Student's t with
-    n - 1 degrees of freedom (the seeds as independent draws); None below two values."""
-    n = len(values)
-    return t_quantile(0.975, n - 1) * statistics.stdev(values) / math.sqrt(n) if n > 1 else None
+def ci95_half_width(sd, n):
+    """Half the width of the 95% confidence interval of the mean of n values of standard
+    deviation sd, Student's t with n - 1 degrees of freedom (the seeds as independent draws);
+    None where sd is (below two values)."""
+    return None if sd is None else t_quantile(0.975, n - 1) * sd / math.sqrt(n)
 
 
 def make_parser():
@@ -149,7 +149,7 @@ def summarize(args, out):
         test = [r["test_ppl"] for r in done.values()]
         mean = statistics.mean(test) if test else None
         sd = statistics.stdev(test) if len(test) > 1 else None
-        half_width = ci95_half_width(test)
+        half_width = ci95_half_width(sd, len(test))
         ci95 = None if half_width is None else [mean - half_width, mean + half_width]
         rows.append(
             dict(

@@ -920,10 +920,9 @@ def test_table1_t_quantile_matches_closed_forms_and_the_normal_limit():
         a = 2 * p - 1
         assert t_quantile(p, 2) == pytest.approx(a * math.sqrt(2 / (1 - a * a)), abs=1e-6)
         assert t_quantile(p, 10**6) == pytest.approx(statistics.NormalDist().inv_cdf(p), abs=1e-4)
-    assert ci95_half_width([3.0]) is None
-    values = [110.66, 112.04, 110.83]
-    sd = statistics.stdev(values)
-    assert ci95_half_width(values) == pytest.approx(t_quantile(0.975, 2) * sd / math.sqrt(3))
+    assert ci95_half_width(None, 1) is None
+    sd = statistics.stdev([110.66, 112.04, 110.83])
+    assert ci95_half_width(sd, 3) == pytest.approx(t_quantile(0.975, 2) * sd / math.sqrt(3))
 
 
 def test_table1_exits_with_an_error_when_a_run_fails_or_the_data_is_missing(corpus, tmp_path):
